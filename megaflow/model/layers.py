@@ -1,0 +1,152 @@
+"""Transformer building blocks shared by the VLM stream, the deep flow stream and the shallow flows.
+
+Llama/Qwen2 style: RMSNorm, rotary position embeddings, grouped-query attention (optional q/k/v
+bias), SwiGLU. Leaf parameter names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`,
+`input_layernorm`, ...) so checkpoints map one-to-one.
+
+Shapes are read from the weights, not the config (`view(B, T, -1, head_dim)`), so tensor
+parallelism can swap a projection for a sharded one from outside and the block still works.
+No rank logic lives here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 like HF Llama, then cast back.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+    def init_weights(self):
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
+    """cos/sin tables for positions (B, T) -> each (B, 1, T, head_dim), HF's rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AttnContext:
+    """What every attention layer of one stream needs besides its input.
+
+    `mask` is a boolean (B, 1, Tq, Tk) allow-mask or None for plain causal attention without a cache.
+    `cache` maps a layer's key to its (k, v) of earlier positions; it is updated in place.
+    """
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    cache: Optional[dict] = None
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.cache_key = id(self)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            past = ctx.cache.get(self.cache_key)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, Hkv, Tk, hd)
+            ctx.cache[self.cache_key] = (k, v)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Tk, hd)
+            v = v.repeat_interleave(groups, dim=1)
+        if ctx.mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*hd)
+        return self.o_proj(y)
+
+    def init_weights(self, std: float, out_std: float):
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.o_proj.weight, std=out_std)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def init_weights(self, std: float, out_std: float):
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)). Names as HF Llama."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn_dim: int,
+                 eps: float = 1e-5, qkv_bias: bool = False):
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.self_attn = Attention(dim, n_heads, n_kv_heads, head_dim, qkv_bias)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, ffn_dim)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def init_weights(self, std: float, out_std: float):
+        self.input_layernorm.init_weights()
+        self.post_attention_layernorm.init_weights()
+        self.self_attn.init_weights(std, out_std)
+        self.mlp.init_weights(std, out_std)
+
+
+def attention_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device) -> Optional[torch.Tensor]:
+    """Boolean allow-mask (B|1, 1, q_len, k_len): causal (queries are the LAST q_len of k_len
+    positions), and within one packed document when `doc_ids` (B, k_len) is given.
+    Returns None when plain causal attention without an offset suffices."""
+    if doc_ids is None and q_len == k_len:
+        return None
+    qpos = torch.arange(k_len - q_len, k_len, device=device)
+    kpos = torch.arange(k_len, device=device)
+    allow = (kpos[None, :] <= qpos[:, None])[None, None]  # (1, 1, Tq, Tk)
+    if doc_ids is not None:
+        # Padding (doc -1) attends to padding, so no row is ever fully masked.
+        allow = allow & (doc_ids[:, None, -q_len:, None] == doc_ids[:, None, None, :])  # (B, 1, Tq, Tk)
+    return allow
