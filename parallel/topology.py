@@ -1,0 +1,121 @@
+"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism, created once and handed
+out explicitly. Nothing here is module-global: with two streams, a global "the TP group" would
+silently hand the wrong group to one of them.
+
+Rank order (Megatron's): TP is fastest-varying, then DP, then PP:
+    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+so TP peers are adjacent ranks (one node, fast links) and pipeline stages are farthest apart.
+The flow stream may use a smaller TP degree (`flow_tp`, dividing `tp`): its group is the set of
+`flow_tp` adjacent ranks inside the TP group; the flow stream's weights are then replicated
+`tp // flow_tp` times inside the TP group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel layout. The data-parallel degree is what the world size leaves: dp = world / (tp * pp)."""
+    tp: int = 1  # tensor-parallel degree (VLM stream and shared parts)
+    flow_tp: int = 0  # tensor-parallel degree of the flow stream; 0 = same as tp
+    pp: int = 1  # pipeline-parallel degree (stages)
+    sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
+    backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
+    schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    micro_batches: int = 1  # micro-batches per step (gradient accumulation / pipeline fill)
+    stage_layout: str = ""  # manual split: units per stage, e.g. '3,5' ('' = balanced by cost)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = no ZeRO)
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "virtual_stages", "micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.flow_tp < 0 or (self.flow_tp and self.tp % self.flow_tp):
+            raise ValueError(f"parallel.flow_tp={self.flow_tp} must divide parallel.tp={self.tp} (or be 0)")
+        if self.backend not in ("local", "te"):
+            raise ValueError(f"parallel.backend={self.backend!r} must be 'local' or 'te'")
+        if self.schedule not in ("1f1b", "interleaved"):
+            raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+
+class Topology:
+    """This rank's coordinates and its TP / flow-TP / PP / DP groups.
+
+    Every rank must construct it (it calls `dist.new_group` for every group, in the same order on
+    all ranks, as torch.distributed requires). Without an initialised process group, or with a
+    world of one, all groups are None and every degree is 1.
+    """
+
+    def __init__(self, tp: int = 1, pp: int = 1, flow_tp: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        initialised = dist.is_available() and dist.is_initialized()
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if initialised else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+        flow_tp = flow_tp or tp
+        if self.world_size % (tp * pp):
+            raise ValueError(f"world size {self.world_size} is not divisible by tp * pp = {tp} * {pp}; "
+                             f"launch a multiple of {tp * pp} processes or change parallel.tp / parallel.pp")
+        if tp % flow_tp:
+            raise ValueError(f"flow_tp={flow_tp} must divide tp={tp}")
+        self.tp, self.pp, self.flow_tp = tp, pp, flow_tp
+        self.dp = self.world_size // (tp * pp)
+        r = self.rank
+        self.tp_rank = r % tp
+        self.dp_rank = (r // tp) % self.dp
+        self.pp_rank = r // (tp * self.dp)
+        self.flow_tp_rank = self.tp_rank % flow_tp
+        self.tp_group = self.flow_tp_group = self.pp_group = self.dp_group = None
+        self.tp_ranks = self._tp_ranks(self.pp_rank, self.dp_rank)
+        self.pp_ranks = [p * tp * self.dp + self.dp_rank * tp + self.tp_rank for p in range(pp)]
+        self.dp_ranks = [self.pp_rank * tp * self.dp + d * tp + self.tp_rank for d in range(self.dp)]
+        if self.world_size > 1 and initialised:
+            self._build_groups()
+
+    def _tp_ranks(self, p: int, d: int) -> list:
+        base = p * self.tp * self.dp + d * self.tp
+        return list(range(base, base + self.tp))
+
+    def _build_groups(self):
+        tp, pp, dp = self.tp, self.pp, self.dp
+        for p in range(pp):
+            for d in range(dp):
+                ranks = self._tp_ranks(p, d)
+                g = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.tp_group = g
+                for s in range(0, tp, self.flow_tp):
+                    sub = ranks[s:s + self.flow_tp]
+                    g = dist.new_group(sub)
+                    if self.rank in sub:
+                        self.flow_tp_group = g
+        for d in range(dp):
+            for t in range(tp):
+                ranks = [p * tp * dp + d * tp + t for p in range(pp)]
+                g = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.pp_group = g
+        for p in range(pp):
+            for t in range(tp):
+                ranks = [p * tp * dp + d * tp + t for d in range(dp)]
+                g = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.dp_group = g
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def __repr__(self):
+        return (f"Topology(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp}, "
+                f"flow_tp={self.flow_tp_rank}/{self.flow_tp}, dp={self.dp_rank}/{self.dp}, pp={self.pp_rank}/{self.pp})")
