@@ -45,8 +45,8 @@ def _check(cond: bool, msg: str) -> None:
 class FAEConfig:
     """The image latent space: patchified pixels, or FAE latents of a frozen visual encoder."""
     mode: str = "pixels"  # 'pixels' (latent = patchified image, exact) or 'fae' (learned latents)
-    image_size: int = 16  # side of the square input images, in pixels
-    channels: int = 3  # image channels: 1 (grayscale) or 3 (RGB)
+    image_size: int = 32  # side of the square input images, in pixels
+    channels: int = 1  # image channels: 1 (grayscale) or 3 (RGB)
     patch_size: int = 4  # side of a square patch; one latent token per patch
     latent_channels: int = 8  # C: latent channels per patch in 'fae' mode (32 in the paper)
     encoder: str = "conv"  # 'conv' (small encoder trained by the project) or 'hf:<local checkpoint dir>'

@@ -124,19 +124,21 @@ def sample_token(logits: torch.Tensor, temperature: float, gen: torch.Generator)
 
 
 @torch.no_grad()
-def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float, gen: torch.Generator):
+def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float, gen: torch.Generator,
+                   z: Optional[torch.Tensor] = None):
     """Sample one image's N deep-flow latents, feeding each into the cache. `dec` holds `rows`
-    conditional rows, followed by as many unconditional rows when guidance > 0.
+    conditional rows, followed by as many unconditional rows when guidance > 0. `z` (rows, N, D)
+    gives the noise explicitly (the deep flow's inverse); by default it is drawn from `gen`.
     Returns y (rows, N, D), the deep flow's variable (before the shallow inverse)."""
     cfg = dec.model.cfg
     N, D, image_id = cfg.fae.n_tokens, cfg.fae.latent_dim, cfg.tokens.image_id
     ys = []
-    for _ in range(N):
+    for i in range(N):
         mu, sigma = dec.next_params()  # (R, 1, D)
         if guidance > 0:
             mu, sigma = guided_params(mu[:rows], sigma[:rows], mu[rows:], sigma[rows:], guidance)
-        z = torch.randn(rows, 1, D, generator=gen).to(mu)
-        y = mu + temperature * sigma * z  # (rows, 1, D)
+        zi = z[:, i:i + 1].to(mu) if z is not None else torch.randn(rows, 1, D, generator=gen).to(mu)
+        y = mu + temperature * sigma * zi  # (rows, 1, D)
         ys.append(y)
         both = torch.cat([y, y]) if guidance > 0 else y
         R = both.shape[0]

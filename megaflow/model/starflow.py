@@ -211,6 +211,14 @@ class STARFlow2(nn.Module):
         """(mu, sigma) for the latent at the NEXT position, each (B, T, D)."""
         return gaussian_params(self.gauss_head(self.flow_norm(h_flow)), self.cfg.flow.clip)
 
+    def deep_forward(self, h_flow: torch.Tensor, flow_x: torch.Tensor, image_mask: torch.Tensor):
+        """The deep flow block, data -> noise: z (B, T-1, D) for the latent at positions 1..T-1,
+        log sigma (B, T-1, D), and the mask (B, T-1, 1) of positions that are image slots."""
+        mu, sigma = self.flow_params(h_flow)
+        pred = image_mask[:, 1:, None].to(mu.dtype)  # position p predicts the latent at p+1
+        z = (flow_x[:, 1:] - mu[:, :-1]) / sigma[:, :-1]  # (B, T-1, D)
+        return z * pred, sigma[:, :-1].log(), pred
+
     def loss_terms(self, state: tuple, batch: dict) -> dict:
         """Last-stage work: summed losses and their counts (so micro-batches and data-parallel
         ranks can be normalised by global counts)."""
@@ -219,10 +227,8 @@ class STARFlow2(nn.Module):
         terms = {}
         if self.lm_head is not None:
             terms["text_sum"] = self.text_loss(self.text_logits(h_vlm), batch["targets"])
-        mu, sigma = self.flow_params(h_flow)
-        pred = batch["image_mask"][:, 1:, None].to(mu.dtype)  # (B, T-1, 1): position p predicts p+1
-        z = (flow_x[:, 1:] - mu[:, :-1]) / sigma[:, :-1]  # (B, T-1, D)
-        deep_logdet = -(sigma[:, :-1].log() * pred).sum()
+        z, log_sigma, pred = self.deep_forward(h_flow, flow_x, batch["image_mask"])
+        deep_logdet = -(log_sigma * pred).sum()
         gauss = 0.5 * (z.pow(2) * pred).sum() + 0.5 * math.log(2 * math.pi) * D * pred.sum()
         terms["flow_sum"] = gauss - deep_logdet - flow_aux[:, 0].sum()  # nats, summed over dims
         terms["z_sq_sum"] = 0.5 * (z.pow(2) * pred).sum()
