@@ -72,7 +72,7 @@ class Decoder:
         return self.last
 
     def next_logits(self) -> torch.Tensor:
-        return self.model.text_logits(self.last[0])[:, -1].float()  # (R, V)
+        return self.model.vocab_gather(self.model.text_logits(self.last[0])[:, -1]).float()  # (R, V)
 
     def next_params(self):
         return self.model.flow_params(self.last[1])  # each (R, 1, D)

@@ -37,7 +37,7 @@ class StepContext:
     """Per-forward context shared by all units: attention contexts of both streams and masks."""
     vlm: Optional[AttnContext]
     flow: AttnContext
-    image_mask: torch.Tensor  # (B, T, 1) float, 1 at image slots
+    image_mask: torch.Tensor  # (B, T, 1) float, 1 at image slots of the residual stream's positions (seq_split)
     cond_gate: torch.Tensor  # (B, 1, 1) float, 0 where the condition is dropped (guidance)
 
 
@@ -108,6 +108,11 @@ class STARFlow2(nn.Module):
         self.flow_norm = RMSNorm(f.dim, f.norm_eps)
         self.gauss_head = nn.Linear(f.dim, 2 * D)
         self.text_loss = TextLoss()
+        # Layout hooks, identities here: sequence parallelism (parallel/) swaps in a split that keeps
+        # this rank's slice of T of the residual stream; a vocab-parallel lm_head swaps in a gather
+        # of the logits for sampling (the loss reads sharded logits).
+        self.seq_split = nn.Identity()
+        self.vocab_gather = nn.Identity()
         self.tie_weights()
 
     # ----- build helpers -------------------------------------------------------------------------
@@ -160,7 +165,7 @@ class STARFlow2(nn.Module):
         dtype = self.flow_in.weight.dtype
         vlm_ctx = AttnContext(*rope_tables(pos_q, v.hd, v.rope_theta, dtype), mask, cache) if v is not None else None
         flow_ctx = AttnContext(*rope_tables(pos_q, f.dim // f.n_heads, f.rope_theta, dtype), mask, cache)
-        image_mask = batch["image_mask"][:, T - q_len:, None].to(dtype)
+        image_mask = self.seq_split(batch["image_mask"][:, T - q_len:, None].to(dtype))
         if cond_keep is None:
             cond_keep = torch.ones(tokens.shape[0], device=tokens.device)
         return StepContext(vlm_ctx, flow_ctx, image_mask, cond_keep.to(dtype).view(-1, 1, 1))
@@ -193,7 +198,7 @@ class STARFlow2(nn.Module):
                 y, logdet, sq = self.encode_images(batch["images"], noise)
                 flow_x = flow_x.masked_scatter(batch["image_mask"][..., None], y[valid])  # (B, T, D)
                 flow_aux = torch.stack([(logdet * valid).sum(1), (sq * valid).sum(1)], dim=1)  # (B, 2)
-        image_mask = ctx.image_mask
+        image_mask = batch["image_mask"][..., None].to(flow_x.dtype)  # (B, T, 1)
         start = (tokens == self.cfg.tokens.boi_id)[..., None].to(flow_x.dtype)  # (B, T, 1)
         h_flow = image_mask * self.flow_in(flow_x) + start * self.flow_start  # (B, T, Df)
         if self.embed_tokens is not None:
@@ -202,7 +207,7 @@ class STARFlow2(nn.Module):
             text = 1.0 - image_mask - start
             h_flow = h_flow + ctx.cond_gate * text * self.flow_embed(tokens)
             h_vlm = flow_x.new_zeros(B, T, 0)
-        return h_vlm, h_flow, flow_x, flow_aux
+        return self.seq_split(h_vlm), self.seq_split(h_flow), flow_x, flow_aux
 
     def text_logits(self, h_vlm: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h_vlm))  # (B, T, V)
