@@ -1,0 +1,92 @@
+"""Point-to-point transport of the stage state tuple between pipeline ranks.
+
+One process group per directed link and direction of travel (activations r -> r+1, gradients
+r+1 -> r, and the wrap-around links pp-1 -> 0 / 0 -> pp-1 of the interleaved schedule). On NCCL
+all point-to-point traffic of one group runs on one stream in issue order and is matched by order,
+not by tag; giving every direction its own group means a link only ever carries messages one way,
+in the order the schedule sends them, which parallel/schedules.py checks equals the order the
+receiver asks for them. Sends are asynchronous (kept until `wait_sends`), receives block: with the
+schedules' action order this cannot deadlock (also checked there, by simulation).
+
+Shapes are not exchanged: every rank of a pipeline holds the same micro-batch, so the state's
+shapes (b, T, Dv), (b, T, Df), (b, T, D), (b, 2) follow from the batch and the config. A zero-width
+tensor (h_vlm of a TarFlow-only model) is not sent at all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class PipelineComm:
+    """Every rank must construct it, in the same order (it creates groups for all pipelines)."""
+
+    def __init__(self, topo, interleaved: bool = False):
+        self.topo, self.pending = topo, []
+        self.groups = {}  # (kind, src_pp_rank, dst_pp_rank) -> group of my pipeline
+        pp, tp, dp = topo.pp, topo.tp, topo.dp
+        if pp == 1:
+            return
+        links = [(i, i + 1) for i in range(pp - 1)]
+        if interleaved:
+            links.append((pp - 1, 0))
+        for d in range(dp):
+            for t in range(tp):
+                ranks = [p * tp * dp + d * tp + t for p in range(pp)]
+                for a, b in links:
+                    for kind, src, dst in (("act", a, b), ("grad", b, a)):
+                        g = dist.new_group([ranks[src], ranks[dst]])
+                        if topo.rank in (ranks[src], ranks[dst]):
+                            self.groups[(kind, src, dst)] = g
+        self._warm_up()
+
+    def _warm_up(self):
+        """NCCL creates communicators lazily, blocking both peers; do it now, in one order on all
+        ranks, rather than in the middle of a schedule where the peer may be waiting elsewhere."""
+        dev = _device()
+        for key in sorted(self.groups):
+            dist.all_reduce(torch.zeros(1, device=dev), group=self.groups[key])
+
+    def _peer(self, pp_rank: int) -> int:
+        return self.topo.pp_ranks[pp_rank]
+
+    def send(self, tensors: tuple, kind: str, dst_pp_rank: int) -> None:
+        group = self.groups[(kind, self.topo.pp_rank, dst_pp_rank)]
+        for t in tensors:
+            if t.numel():
+                t = t.detach().contiguous()
+                self.pending.append((dist.isend(t, dst=self._peer(dst_pp_rank), group=group), t))
+
+    def recv(self, shapes: list, dtype, device, kind: str, src_pp_rank: int) -> tuple:
+        group = self.groups[(kind, src_pp_rank, self.topo.pp_rank)]
+        out, works = [], []
+        for shape in shapes:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            if t.numel():
+                works.append(dist.irecv(t, src=self._peer(src_pp_rank), group=group))
+            out.append(t)
+        for w in works:
+            w.wait()
+        return tuple(out)
+
+    def wait_sends(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+def state_shapes(model, batch_size: int, seq_len: int) -> list:
+    """Shapes of the state tuple (h_vlm, h_flow, flow_x, flow_aux) for a micro-batch. Under sequence
+    parallelism (the model's `seq_split` hook holds a tp_group) the two streams carry T / tp rows."""
+    cfg = model.cfg
+    dv = cfg.vlm.dim if cfg.vlm is not None else 0
+    sp_group = getattr(model.seq_split, "tp_group", None)
+    t = seq_len // (dist.get_world_size(sp_group) if sp_group is not None else 1)
+    return [(batch_size, t, dv), (batch_size, t, cfg.flow.dim),
+            (batch_size, seq_len, cfg.fae.latent_dim), (batch_size, 2)]
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,140 @@
+"""Run one training (or evaluation) step of a pipelined STARFlow2: micro-batches through the stages
+in the order parallel/schedules.py gives, with gradient accumulation.
+
+Loss normalisation uses GLOBAL counts: `loss_counts` of the whole step's batch, summed over the
+data-parallel group, computed before any forward. Each micro-batch's loss is
+`combine(terms_of_micro_batch, global_counts)`, which is linear in the summed terms, so the sum over
+micro-batches and data-parallel ranks is exactly the unsplit model's loss on the global batch, and
+backward of each micro-batch loss with gradient 1 accumulates exactly its gradient. No
+1/micro_batches scaling anywhere; the data-parallel reduction is a SUM (parallel/data_parallel.py).
+
+Not here: the data-parallel gradient all-reduce (the caller runs it after `step`, once per step) and
+the optimizer.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megaflow.model.starflow import metrics_from
+from parallel.pipeline_comm import PipelineComm, state_shapes
+from parallel.schedules import check_schedule, rank_actions
+
+TERM_KEYS = ("flow_sum", "z_sq_sum", "penalty_sum", "text_sum")
+
+
+def split_batch(batch: dict, micro_batches: int) -> list:
+    """Split every tensor of the batch along rows into `micro_batches` equal parts."""
+    B = batch["tokens"].shape[0]
+    if B % micro_batches:
+        raise ValueError(f"batch size {B} (per data-parallel rank) is not divisible by parallel.micro_batches="
+                         f"{micro_batches}; choose a micro-batch count that divides it")
+    parts = [dict() for _ in range(micro_batches)]
+    for k, v in batch.items():
+        chunks = v.chunk(micro_batches) if isinstance(v, torch.Tensor) else [v] * micro_batches
+        for p, c in zip(parts, chunks):
+            p[k] = c
+    return parts
+
+
+def global_counts(model, batch: dict, dp_group=None) -> dict:
+    """The loss normalisers of the whole step: this rank's batch, summed over data parallelism."""
+    counts = model.loss_counts(batch)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        keys = sorted(counts)
+        flat = torch.stack([counts[k].to(torch.float64) for k in keys])
+        dist.all_reduce(flat, group=dp_group)
+        counts = {k: flat[i].round().long() for i, k in enumerate(keys)}
+    return counts
+
+
+class PipelineSchedule:
+    """Executes this rank's action list over its stages. Construct on every rank (the transport
+    creates process groups)."""
+
+    def __init__(self, stages: list, topo, schedule: str = "1f1b", micro_batches: int = 1,
+                 comm: Optional[PipelineComm] = None, tied=None):
+        check_schedule(schedule, topo.pp, len(stages), micro_batches)
+        self.stages, self.topo, self.m, self.tied = stages, topo, micro_batches, tied
+        self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
+        self.actions = rank_actions(schedule, topo.pp, topo.pp_rank, micro_batches, len(stages))
+        self.cfg = stages[0].module.cfg
+        self.record = False  # True: keep (action, start, end) of the last step in `timeline` (syncs the GPU)
+        self.timeline = []
+
+    def step(self, batch: dict, noise: Optional[torch.Tensor] = None, cond_keep: Optional[torch.Tensor] = None,
+             forward_only: bool = False):
+        """One step on this rank's share of the batch. Returns (loss, metrics) of the global batch on
+        every rank of the pipeline; gradients are accumulated into the stage parameters."""
+        topo, pp, m = self.topo, self.topo.pp, self.m
+        module0 = self.stages[0].module
+        counts = global_counts(module0, batch, topo.dp_group)
+        mbs = split_batch(batch, m)
+        noises = noise.chunk(m) if noise is not None else [None] * m
+        keeps = cond_keep.chunk(m) if cond_keep is not None else [None] * m
+        b, T = mbs[0]["tokens"].shape
+        shapes = state_shapes(module0, b, T)
+        dtype, device = module0.flow_in.weight.dtype, batch["tokens"].device
+        ctxs, saved = {}, {}
+        totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=device)
+        self.timeline = []
+        for a in (x for x in self.actions if not (forward_only and x.kind == "B")):
+            st, i = self.stages[a.chunk], a.micro_batch
+            start = _now(device) if self.record else 0.0
+            if a.kind == "F":
+                if i not in ctxs:
+                    ctxs[i] = module0.context(mbs[i], keeps[i])
+                ctx = ctxs.pop(i) if a.chunk == len(self.stages) - 1 else ctxs[i]
+                inp = None
+                if not st.is_first:
+                    inp = self.comm.recv(shapes, dtype, device, "act", (st.index - 1) % pp)
+                    if not forward_only:
+                        inp = tuple(t.requires_grad_() for t in inp)
+                with torch.set_grad_enabled(not forward_only):
+                    out = st.forward(mbs[i], ctx, inp, noises[i])
+                    if st.is_last:
+                        terms = st.module.loss_terms(out, mbs[i])
+                        out = st.module.combine(terms, counts)
+                        totals += torch.stack([out.detach().double()] + [
+                            terms[k].detach().double() if k in terms else totals.new_zeros(()) for k in TERM_KEYS])
+                if not st.is_last:
+                    self.comm.send(out, "act", (st.index + 1) % pp)
+                if not forward_only:
+                    saved[(a.chunk, i)] = (inp, out)
+            else:
+                inp, out = saved.pop((a.chunk, i))
+                if st.is_last:
+                    outs, grads = [out], [None]
+                else:
+                    g = self.comm.recv(shapes, dtype, device, "grad", (st.index + 1) % pp)
+                    outs, grads = [o for o in out if o.requires_grad], [gi for o, gi in zip(out, g) if o.requires_grad]
+                if outs and outs[0].requires_grad:
+                    torch.autograd.backward(outs, grads)
+                if not st.is_first:
+                    self.comm.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in inp),
+                                   "grad", (st.index - 1) % pp)
+            if self.record:
+                self.timeline.append((a, start, _now(device)))
+        self.comm.wait_sends()
+        if self.tied is not None and not forward_only:
+            self.tied.all_reduce_grads()
+        return self._reduce(totals, counts)
+
+    def _reduce(self, totals: torch.Tensor, counts: dict):
+        """Sum the last stage's loss and terms over data parallelism and hand them to every stage."""
+        topo = self.topo
+        if topo.is_last_stage and topo.dp_group is not None and topo.dp > 1:
+            dist.all_reduce(totals, group=topo.dp_group)
+        if topo.pp > 1:
+            dist.broadcast(totals, src=topo.pp_ranks[-1], group=topo.pp_group)
+        terms = {k: totals[1 + j] for j, k in enumerate(TERM_KEYS) if k != "text_sum" or self.cfg.vlm is not None}
+        return totals[0].float(), metrics_from(terms, counts, self.cfg)
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
