@@ -1,0 +1,159 @@
+"""Autograd-aware collectives of tensor and sequence parallelism (Megatron's f/g operators).
+
+Every function takes its process group as an argument (never a global one) and is the identity when
+the group is None or has one rank. Each forward collective is paired with the backward collective
+that keeps gradients exact:
+
+    copy_to_tp          fwd: identity              bwd: all-reduce       (enter a column-parallel region)
+    reduce_from_tp      fwd: all-reduce            bwd: identity         (leave a row-parallel region)
+    split_hidden        fwd: keep my slice of dim  bwd: all-gather dim   (feed a row-parallel layer a replicated input)
+    gather_hidden       fwd: all-gather dim        bwd: keep my slice    (replicate a sharded output)
+    split_seq           fwd: keep my slice of T    bwd: all-gather T     (enter sequence parallelism)
+    gather_seq          fwd: all-gather T          bwd: reduce-scatter T (sharded consumers) or keep my slice (replicated consumers)
+    reduce_scatter_seq  fwd: reduce-scatter T      bwd: all-gather T     (leave a row-parallel region into SP)
+
+The sequence dimension is dim 1 of (B, T, ...) tensors. Not here: which layer uses which operator
+(parallel/layers.py) and which group a layer gets (parallel/tensor_parallel.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQ_DIM = 1
+
+# torch >= 2.12 names the tensor collectives *_single; older releases *_into_tensor / *_tensor.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = group_size(group)
+    if x.shape[dim] % n:
+        what = "sequence length" if dim == SEQ_DIM else f"dim {dim}"
+        raise ValueError(f"{what} {x.shape[dim]} is not divisible by the tensor-parallel degree {n}; "
+                         f"pad it to a multiple of {n} (or turn parallel.sequence_parallel off)")
+    return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+
+
+def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = group_size(group)
+    x = x.movedim(dim, 0).contiguous()  # collectives work on dim 0
+    out = x.new_empty((n * x.shape[0],) + x.shape[1:])
+    _all_gather_flat(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    n = group_size(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"sequence length {x.shape[dim]} is not divisible by the tensor-parallel degree {n}")
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((x.shape[0] // n,) + x.shape[1:])
+    _reduce_scatter_flat(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.group, ctx.dim), None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim, reduce_grad):
+        ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
+        return all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.reduce_grad:  # every rank holds a partial gradient of the full tensor
+            return reduce_scatter(g, ctx.group, ctx.dim), None, None, None
+        return _split(g, ctx.group, ctx.dim), None, None, None  # every rank holds the full gradient
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, ctx.group, ctx.dim), None, None
+
+
+def _active(group) -> bool:
+    return group_size(group) > 1
+
+
+def copy_to_tp(x, group):
+    return _CopyToTP.apply(x, group) if _active(group) else x
+
+
+def reduce_from_tp(x, group):
+    return _ReduceFromTP.apply(x, group) if _active(group) else x
+
+
+def split_hidden(x, group, dim: int = -1):
+    return _Split.apply(x, group, dim % x.dim()) if _active(group) else x
+
+
+def gather_hidden(x, group, dim: int = -1):
+    return _Gather.apply(x, group, dim % x.dim(), False) if _active(group) else x
+
+
+def split_seq(x, group):
+    return _Split.apply(x, group, SEQ_DIM) if _active(group) else x
+
+
+def gather_seq(x, group, reduce_grad: bool = True):
+    """All-gather along T. `reduce_grad`: the consumers are tensor-parallel (each rank's gradient is a
+    partial sum, so the backward reduce-scatters); False when the consumers are replicated (each
+    rank already holds the full gradient, so the backward just keeps its slice)."""
+    return _Gather.apply(x, group, SEQ_DIM, reduce_grad) if _active(group) else x
+
+
+def reduce_scatter_seq(x, group):
+    return _ReduceScatter.apply(x, group, SEQ_DIM) if _active(group) else x

@@ -1,0 +1,264 @@
+"""Tensor-parallel layers of the local backend (plain torch.distributed: gloo on CPU, NCCL on GPU).
+
+Each layer takes its process group as an argument and is built from the dense layer it replaces
+(`from_dense`): on the meta device it only takes the shape; on a materialised model it also copies
+this rank's shard, so `apply_tp` works before and after initialisation. A layer names its sharded
+parameters in `tp_shards` ({param name: dim}); parameters not named there are replicated. That map is
+what checkpoint_tp.py reads to load and gather full state dicts; the Transformer Engine layers of
+backend.py carry the same map, so both backends shard (and save) weights identically.
+
+Not here: which layer goes where (tensor_parallel.py), the collectives themselves (comm.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megaflow.model.layers import RMSNorm
+from parallel.comm import (copy_to_tp, gather_hidden, gather_seq, group_rank, group_size, reduce_from_tp,
+                           reduce_scatter_seq, split_hidden, split_seq)
+
+
+def shard(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's contiguous slice of a full tensor along `dim`."""
+    return t.chunk(group_size(group), dim=dim)[group_rank(group)]
+
+
+def _param(shape, like: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=like.device, dtype=like.dtype), requires_grad=requires_grad)
+
+
+@torch.no_grad()
+def copy_shards(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Fill `new`'s parameters from the dense module `old` (slicing the ones in `new.tp_shards`)
+    and carry over requires_grad. On the meta device there is nothing to copy."""
+    shards = getattr(new, "tp_shards", {})
+    for name, p in new.named_parameters(recurse=False):
+        src = getattr(old, name, None)
+        if src is None:  # e.g. an empty bias placeholder of a Transformer Engine layer
+            continue
+        if not src.is_meta:
+            p.copy_(shard(src, new.tp_group, shards[name]) if name in shards else src)
+        p.requires_grad_(src.requires_grad)
+    return new
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with the output features (rows of W, and b) split over the group: each rank
+    returns its slice of the features. `input_comm`: 'none' when a ParallelRMSNorm in front already
+    entered the parallel region, 'copy' for a replicated input (backward all-reduces its gradient)."""
+    tp_shards = {"weight": 0, "bias": 0}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group, input_comm: str = "none",
+                 like: Optional[torch.Tensor] = None):
+        super().__init__()
+        n = group_size(group)
+        assert input_comm in ("none", "copy") and out_features % n == 0
+        like = like if like is not None else torch.empty(0)
+        self.tp_group, self.input_comm = group, input_comm
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _param((out_features // n, in_features), like)
+        self.bias = _param((out_features // n,), like) if bias else None
+
+    @classmethod
+    def from_dense(cls, lin: nn.Linear, group, input_comm: str = "none"):
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, group, input_comm, lin.weight)
+        return copy_shards(new, lin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_comm == "copy":
+            x = copy_to_tp(x, self.tp_group)
+        return F.linear(x, self.weight, self.bias)  # (..., out_features / tp)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}/{group_size(self.tp_group)}, input_comm={self.input_comm}"
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with the input features (columns of W) split over the group; partial outputs
+    are all-reduced, or reduce-scattered along the sequence under sequence parallelism. The bias is
+    replicated and added after the reduction.
+
+    `input_is_parallel=False` takes a replicated input (the Pretzel skips read the other stream's
+    residual): without SP each rank keeps its slice of the features; with SP the input is first
+    all-gathered along the sequence (its residual is sharded along T there)."""
+    tp_shards = {"weight": 1}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group, input_is_parallel: bool = True,
+                 sequence_parallel: bool = False, like: Optional[torch.Tensor] = None):
+        super().__init__()
+        n = group_size(group)
+        assert in_features % n == 0
+        like = like if like is not None else torch.empty(0)
+        self.tp_group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _param((out_features, in_features // n), like)
+        self.bias = _param((out_features,), like) if bias else None
+
+    @classmethod
+    def from_dense(cls, lin: nn.Linear, group, input_is_parallel: bool = True, sequence_parallel: bool = False):
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, group, input_is_parallel,
+                  sequence_parallel, lin.weight)
+        return copy_shards(new, lin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, sp = self.tp_group, self.sequence_parallel
+        if not self.input_is_parallel:
+            if sp:
+                x = gather_seq(x, g)  # (B, T, in); backward reduce-scatters the zero-padded slices below
+                k = x.shape[-1] // group_size(g)
+                x = x[..., group_rank(g) * k:(group_rank(g) + 1) * k]  # (B, T, in / tp)
+            else:
+                x = split_hidden(x, g)  # (B, T, in / tp)
+        y = F.linear(x, self.weight)  # partial sums over the input slices
+        y = reduce_scatter_seq(y, g) if sp else reduce_from_tp(y, g)
+        if self.bias is not None:
+            y = y + (copy_to_tp(self.bias, g) if sp else self.bias)  # SP: each rank sees only its tokens
+        return y
+
+    def extra_repr(self):
+        return (f"{self.in_features}/{group_size(self.tp_group)}, {self.out_features}, "
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+
+
+class ReplicatedKVLinear(nn.Module):
+    """k_proj / v_proj when there are fewer key/value heads than ranks: every rank keeps the full
+    weight (it is small) and uses the one head its query heads read. The weight passes through
+    copy_to_tp, so its gradient is summed over the ranks that share a head and stays replicated."""
+
+    def __init__(self, lin: nn.Linear, group, head_dim: int, kv_index: int, input_comm: str = "none"):
+        super().__init__()
+        assert input_comm in ("none", "copy", "gather")
+        self.tp_group, self.input_comm = group, input_comm
+        self.rows = slice(kv_index * head_dim, (kv_index + 1) * head_dim)
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight, self.bias = lin.weight, lin.bias  # the dense parameters themselves
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_comm == "copy":
+            x = copy_to_tp(x, self.tp_group)
+        elif self.input_comm == "gather":
+            x = gather_seq(x, self.tp_group)
+        w = copy_to_tp(self.weight, self.tp_group)[self.rows]  # (head_dim, in)
+        b = copy_to_tp(self.bias, self.tp_group)[self.rows] if self.bias is not None else None
+        return F.linear(x, w, b)  # (..., head_dim)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features} (replicated), rows={self.rows.start}:{self.rows.stop}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over the group; a rank looks up the tokens in its range, zeros the
+    others, and the all-reduce assembles the full embedding."""
+    tp_shards = {"weight": 0}
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group, like: Optional[torch.Tensor] = None):
+        super().__init__()
+        n = group_size(group)
+        assert num_embeddings % n == 0
+        like = like if like is not None else torch.empty(0)
+        self.tp_group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
+        self.vocab_start = group_rank(group) * (num_embeddings // n)
+        self.weight = _param((num_embeddings // n, embedding_dim), like)
+
+    @classmethod
+    def from_dense(cls, emb: nn.Embedding, group):
+        return copy_shards(cls(emb.num_embeddings, emb.embedding_dim, group, emb.weight), emb)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, D)
+        out = out.masked_fill(outside[..., None], 0.0)
+        return reduce_from_tp(out, self.tp_group)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}/{group_size(self.tp_group)}, {self.embedding_dim}"
+
+
+class VocabParallelTextLoss(nn.Module):
+    """Summed cross-entropy over targets != -100 from vocab-sharded logits (B, T, V / tp), without
+    ever gathering the full vocabulary: a max, a sum of exponentials and the target logit are
+    reduced over the group (Megatron's vocab-parallel cross-entropy). Same value as TextLoss."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.tp_group = group
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        g = self.tp_group
+        logits = logits.flatten(0, 1).float()  # (N, V / tp)
+        targets = targets.flatten()  # (N,)
+        Vl = logits.shape[-1]
+        with torch.no_grad():
+            m = logits.max(dim=-1).values
+            if group_size(g) > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=g)
+        shifted = logits - m[:, None]
+        sum_exp = reduce_from_tp(shifted.exp().sum(dim=-1), g)  # (N,)
+        local = targets - group_rank(g) * Vl
+        mine = (local >= 0) & (local < Vl)
+        target_logit = shifted.gather(1, local.clamp(0, Vl - 1)[:, None]).squeeze(1) * mine  # (N,)
+        target_logit = reduce_from_tp(target_logit, g)
+        loss = sum_exp.log() - target_logit
+        return torch.where(targets != -100, loss, torch.zeros_like(loss)).sum()
+
+
+class ParallelRMSNorm(RMSNorm):
+    """RMSNorm at the entry of a tensor-parallel region, with the collective that enters it:
+    'copy' (replicated input, backward all-reduce), 'gather' (SP: all-gather along T for
+    tensor-parallel consumers), 'gather_replicated' (SP: all-gather for replicated consumers, e.g.
+    the Gaussian head), or None (the consumer's own layer communicates, as Transformer Engine's do).
+    Under sequence parallelism each rank normalises only its tokens, so the weight's gradient is
+    partial: the weight passes through copy_to_tp, which all-reduces it."""
+
+    def __init__(self, dim: int, eps: float, group, entry: Optional[str], sequence_parallel: bool):
+        super().__init__(dim, eps)
+        assert entry in (None, "copy", "gather", "gather_replicated")
+        self.tp_group, self.entry, self.sequence_parallel = group, entry, sequence_parallel
+
+    @classmethod
+    def from_dense(cls, norm: RMSNorm, group, entry: Optional[str], sequence_parallel: bool):
+        with torch.device("meta"):
+            new = cls(norm.weight.shape[0], norm.eps, group, entry, sequence_parallel)
+        new.weight = norm.weight  # the same Parameter: nothing to shard
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = copy_to_tp(self.weight, self.tp_group) if self.sequence_parallel else self.weight
+        y = F.rms_norm(x.float(), (x.shape[-1],), w.float(), self.eps).to(x.dtype)  # as RMSNorm.forward
+        if self.entry == "copy":
+            return copy_to_tp(y, self.tp_group)
+        if self.entry in ("gather", "gather_replicated"):
+            return gather_seq(y, self.tp_group, reduce_grad=self.entry == "gather")  # (B, T, D)
+        return y
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, entry={self.entry}, sequence_parallel={self.sequence_parallel}"
+
+
+class SequenceSplit(nn.Module):
+    """The model's `seq_split` hook under sequence parallelism: keep this rank's slice of T."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.tp_group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_seq(x, self.tp_group)
+
+
+class VocabGather(nn.Module):
+    """The model's `vocab_gather` hook: full-vocabulary logits for sampling (generation only; the
+    training loss reads the sharded logits)."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.tp_group = group
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return gather_hidden(logits, self.tp_group, dim=-1)

@@ -1,0 +1,186 @@
+"""Tensor and sequence parallelism for STARFlow2, applied from outside to a built model.
+
+`apply_tp(model, topo, cfg)` swaps layers of a STARFlow2 (on the meta device before
+materialisation, or on a materialised model, whose weights it then shards). The model code is not
+changed; it only has two identity hooks, `seq_split` and `vocab_gather`, that this file replaces.
+
+What goes where (tp = the VLM group, ftp = the flow group, `Topology.flow_tp_group`):
+  VLM layers (tp)      q/k/v column-parallel by heads (k/v replicated when n_kv_heads < tp), o_proj
+                       row-parallel; gate/up column, down row. Megatron's layout.
+  flow layers (ftp)    the same; shallow-flow layers too (over one image's tokens, never SP).
+  embed_tokens (tp)    vocab-parallel; lm_head column-parallel over the vocabulary and the loss
+                       vocab-parallel (full logits are never gathered for it); `vocab_gather` gathers
+                       them for sampling only. flow_embed (TarFlow-only, ftp) vocab-parallel.
+  adapter (tp)         Linear column-parallel, GELU, Linear row-parallel.
+  Pretzel skips        w_vlm row-parallel over tp, w_d over ftp; each reads the other stream's
+                       replicated residual and splits it itself.
+  replicated           flow_in, flow_start, gauss_head (2 x latent_dim outputs: too few to split),
+                       shallow proj_in / proj_out / norm, the FAE.
+With sequence parallelism the residual streams between layers are sharded along T (`seq_split`
+after `embed`); norms run on local tokens (their weight gradients are all-reduced), the norm in front
+of a parallel region all-gathers T, row-parallel layers reduce-scatter T. The embeddings and the
+heads work on full T. Generation needs sequence_parallel=False (decoding feeds one token at a time).
+
+Weight init after a meta build: `init_tp_weights` draws sharded weights per rank and broadcasts
+replicated ones; to reproduce a single-process model exactly, load its full state dict instead
+(checkpoint_tp.load_full_state_dict). `build_tp_model` is the build order in one function.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megaflow.model.config import ModelConfig
+from megaflow.model.layers import TransformerBlock
+from megaflow.model.starflow import STARFlow2, apply_stage
+from parallel.backend import get_backend
+from parallel.checkpoint_tp import load_full_state_dict, shard_layout
+from parallel.comm import all_gather, group_rank, group_size
+from parallel.layers import (ColumnParallelLinear, ParallelRMSNorm, ReplicatedKVLinear, RowParallelLinear,
+                             SequenceSplit, VocabGather, VocabParallelEmbedding, VocabParallelTextLoss)
+from parallel.topology import ParallelConfig, Topology
+
+
+def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: bool = False) -> None:
+    """Raise ValueError, naming the dimension and the degree, if the model cannot be split."""
+    flow_tp = flow_tp or tp
+    problems = []
+
+    def need(name: str, value: int, degree: int, degree_name: str):
+        if value % degree:
+            problems.append(f"{name}={value} is not divisible by {degree_name}={degree}")
+
+    v, f = cfg.vlm, cfg.flow
+    if v is not None:
+        need("vlm.n_heads (attention heads)", v.n_heads, tp, "parallel.tp")
+        if v.n_kv_heads % tp and tp % v.n_kv_heads:
+            problems.append(f"vlm.n_kv_heads (key/value heads)={v.n_kv_heads} is neither divisible by "
+                            f"parallel.tp={tp} nor a divisor of it (to replicate them)")
+        need("vlm.dim (hidden size)", v.dim, tp, "parallel.tp")
+        need("vlm.ffn_dim (MLP size)", v.ffn_dim, tp, "parallel.tp")
+        need("vlm.vocab_size (vocabulary)", v.vocab_size, tp, "parallel.tp")
+    else:
+        need("flow.n_cond_tokens (vocabulary)", cfg.vocab_size, flow_tp, "flow tp")
+    need("flow.n_heads (attention heads)", f.n_heads, flow_tp, "flow tp")
+    need("flow.dim (hidden size)", f.dim, flow_tp, "flow tp")
+    need("flow.ffn_dim (MLP size)", f.ffn_dim, flow_tp, "flow tp")
+    if f.n_shallow:
+        need("flow.shallow_heads (attention heads)", f.shallow_heads, flow_tp, "flow tp")
+    if sequence_parallel and flow_tp != tp:
+        problems.append(f"sequence parallelism needs one degree for both streams (parallel.flow_tp={flow_tp} "
+                        f"differs from parallel.tp={tp}); set parallel.flow_tp=0 or sequence_parallel=false")
+    if problems:
+        raise ValueError("cannot split the model for tensor parallelism: " + "; ".join(problems)
+                         + ". Choose degrees that divide these sizes.")
+
+
+def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, backend) -> None:
+    """Megatron's split of one pre-norm block: heads for attention, the inner size for the MLP.
+    Head counts are read from the weights (`Attention` does the same)."""
+    n, rank = group_size(group), group_rank(group)
+    attn, mlp, sp = block.self_attn, block.mlp, sequence_parallel
+    n_kv = attn.k_proj.out_features // attn.head_dim
+    block.input_layernorm = backend.entry_norm(block.input_layernorm, group, sp)
+    attn.q_proj = backend.column(attn.q_proj, group, sp)
+    if n_kv % n == 0:
+        attn.k_proj = backend.column(attn.k_proj, group, sp)
+        attn.v_proj = backend.column(attn.v_proj, group, sp)
+    else:  # fewer key/value heads than ranks: rank r's query heads all read kv head r // (n / n_kv)
+        kv_index, comm = rank // (n // n_kv), backend.kv_input_comm(sp)
+        attn.k_proj = ReplicatedKVLinear(attn.k_proj, group, attn.head_dim, kv_index, comm)
+        attn.v_proj = ReplicatedKVLinear(attn.v_proj, group, attn.head_dim, kv_index, comm)
+    attn.o_proj = backend.row(attn.o_proj, group, sp)
+    block.post_attention_layernorm = backend.entry_norm(block.post_attention_layernorm, group, sp)
+    mlp.gate_proj = backend.column(mlp.gate_proj, group, sp)
+    mlp.up_proj = backend.column(mlp.up_proj, group, sp)
+    mlp.down_proj = backend.row(mlp.down_proj, group, sp)
+
+
+def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2:
+    """Swap the layers of `model` for tensor-parallel ones over `topo`'s groups (in place; returns
+    the model). A no-op when both degrees are 1. On a materialised model each rank keeps its shard
+    of the current weights."""
+    if cfg.tp != topo.tp or (cfg.flow_tp or cfg.tp) != topo.flow_tp:
+        raise ValueError(f"parallel config (tp={cfg.tp}, flow_tp={cfg.flow_tp}) does not match the topology {topo}")
+    check_tp(model.cfg, topo.tp, topo.flow_tp, cfg.sequence_parallel)
+    if topo.tp == 1:
+        return model
+    if topo.tp_group is None:
+        raise ValueError(f"apply_tp needs process groups: call torch.distributed.init_process_group before "
+                         f"building the Topology ({topo})")
+    tp_g, sp = topo.tp_group, cfg.sequence_parallel
+    flow_g = tp_g if topo.flow_tp == topo.tp else topo.flow_tp_group  # one communicator when they coincide
+    backend = get_backend(cfg.backend)
+
+    if model.embed_tokens is not None:
+        model.embed_tokens = VocabParallelEmbedding.from_dense(model.embed_tokens, tp_g)
+        model.adapter[0] = ColumnParallelLinear.from_dense(model.adapter[0], tp_g, input_comm="copy")
+        model.adapter[2] = RowParallelLinear.from_dense(model.adapter[2], tp_g)
+        model.norm = ParallelRMSNorm.from_dense(model.norm, tp_g, "gather" if sp else "copy", sp)
+        model.lm_head = ColumnParallelLinear.from_dense(model.lm_head, tp_g)
+        model.text_loss = VocabParallelTextLoss(tp_g)
+        model.vocab_gather = VocabGather(tp_g)
+    if model.flow_embed is not None:
+        model.flow_embed = VocabParallelEmbedding.from_dense(model.flow_embed, flow_g)
+    if sp:
+        model.seq_split = SequenceSplit(tp_g)
+        model.flow_norm = ParallelRMSNorm.from_dense(model.flow_norm, tp_g, "gather_replicated", True)
+    for unit in model.units.values():
+        for layer in unit.vlm_layers:
+            parallelize_block(layer, tp_g, sp, backend)
+        parallelize_block(unit.flow_layer, flow_g, sp, backend)
+        if unit.w_vlm is not None:
+            unit.w_vlm = RowParallelLinear.from_dense(unit.w_vlm, tp_g, input_is_parallel=False, sequence_parallel=sp)
+        if unit.w_d is not None:
+            unit.w_d = RowParallelLinear.from_dense(unit.w_d, flow_g, input_is_parallel=False, sequence_parallel=sp)
+    for block in model.shallow.blocks:
+        for layer in block.layers:
+            parallelize_block(layer, flow_g, False, backend)
+    model.tie_weights()
+    return model
+
+
+@torch.no_grad()
+def init_tp_weights(model: STARFlow2, topo: Topology, seed: int = 0) -> None:
+    """Initialise a materialised tensor-parallel model: `model.init_weights()` with a seed per TP
+    rank, so that shards are independent draws, then make replicated parameters equal across the TP
+    group (broadcast from its first rank) and flow shards equal across the flow group's replicas
+    (when flow_tp < tp). Same distribution as a single-process init, not the same numbers."""
+    torch.manual_seed(seed + 7919 * topo.tp_rank)
+    model.init_weights()
+    if topo.tp == 1:
+        return
+    layout = shard_layout(model)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        if name not in layout:
+            dist.broadcast(t.data, src=topo.tp_ranks[0], group=topo.tp_group)
+        elif layout[name][1] is topo.flow_tp_group and topo.flow_tp < topo.tp:
+            every = all_gather(t.data[None], topo.tp_group, 0)  # (tp, ...)
+            t.data.copy_(every[topo.flow_tp_rank])
+
+
+def build_tp_model(cfg: ModelConfig, topo: Topology, pcfg: ParallelConfig, device="cpu", seed: int = 0,
+                   state_dict: Optional[dict] = None) -> STARFlow2:
+    """The build order in one place: meta build -> apply_tp -> materialise -> init (or load a full
+    state dict) -> curriculum stage."""
+    with torch.device("meta"):
+        model = STARFlow2(cfg)
+    apply_tp(model, topo, pcfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    if state_dict is None:
+        init_tp_weights(model, topo, seed)
+    else:
+        load_full_state_dict(model, state_dict)
+    apply_stage(model, cfg.stage)
+    return model
+
+
+def tp_modules(model: nn.Module) -> dict:
+    """Names of the swapped-in modules and their class names (for logging and tests)."""
+    return {n: type(m).__name__ for n, m in model.named_modules() if hasattr(m, "tp_group")}
