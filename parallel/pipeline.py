@@ -215,16 +215,22 @@ def stage_parameters(stages: list) -> list:
 
 
 # ----- materialise ------------------------------------------------------------------------------------
-def load_stages(stages: list, state_dict: dict, device="cpu") -> None:
+def load_stages(stages: list, state_dict: dict, device="cpu", loader=None) -> None:
     """Materialise each stage on `device` and copy its own entries of a FULL model state dict
-    (names match the unsplit model). Strict: a missing entry is an error."""
+    (names match the unsplit model); a missing entry is an error. `loader(module, state_dict)`
+    replaces the plain copy, e.g. tensor parallelism's
+    `lambda m, sd: checkpoint_tp.load_full_state_dict(m, sd, strict=False)`, which slices shards."""
     for st in stages:
         st.module.to_empty(device=device)
+        st.module.tie_weights()  # to_empty unties; re-tie where one stage holds both ends
         own = st.module.state_dict()
-        missing = [k for k in own if k not in state_dict]
+        missing = [k for k in own if k not in state_dict and not k.endswith("_extra_state")]
         if missing:
             raise KeyError(f"stage {st.index}: the state dict lacks {missing[:5]} (and {max(len(missing) - 5, 0)} more)")
-        st.module.load_state_dict({k: state_dict[k] for k in own}, strict=True)
+        if loader is not None:
+            loader(st.module, state_dict)
+        else:
+            st.module.load_state_dict({k: state_dict[k] for k in own}, strict=True)
 
 
 @torch.no_grad()
