@@ -260,7 +260,7 @@ class PackedBatches(IterableDataset):
         docs, sample_ids, skipped_before = [], [], self.skipped
         try:
             for sample in self.dataset:
-                sample_ids.append(sample["__sample_id__"])
+                sample_ids.append(int(sample["__sample_id__"]))
                 doc = self._document(sample)
                 if doc is not None:
                     docs.append(doc)
