@@ -7,8 +7,9 @@ single-process model's weights gives
 - the same gradients once gathered (each tensor within 1e-5 relative to its largest entry),
 - the same weights after 3 AdamW steps,
 at TP=2 and TP=4, with and without sequence parallelism, for TarFlow-only, tied embeddings and a
-smaller flow degree (flow_tp=1). Each rank also runs the reference, so it compares locally.
-Both build paths are covered: meta build + load_full_state_dict, and apply_tp on a materialised model.
+smaller flow degree (flow_tp=1). Sequence parallelism on a length tp does not divide is a clear
+error. Each rank also runs the reference, so it compares locally. Both build paths are covered:
+meta build + load_full_state_dict, and apply_tp on a materialised model.
 """
 from __future__ import annotations
 
@@ -90,12 +91,28 @@ def run_case(tp: int, sp: bool, tarflow: bool = False, tied: bool = False, flow_
     return out
 
 
+def odd_length_error(tp: int) -> str:
+    """Sequence parallelism on a T that tp does not divide: the error message."""
+    cfg, ref = reference()
+    pcfg = ParallelConfig(tp=tp, sequence_parallel=True)
+    model = build_tp_model(cfg, Topology(tp=tp), pcfg, state_dict=ref.state_dict())
+    batch = make_batch(cfg, batch_size=2, seq_len=47)
+    try:
+        model(batch, make_noise(cfg, batch))
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def _worker(rank, world, cases):
     torch.manual_seed(0)
-    return [run_case(**case) for case in cases]
+    return [run_case(**case) for case in cases], odd_length_error(world)
 
 
 def check(results, cases):
+    for _, odd in results:
+        assert "sequence length 47 is not divisible by the tensor-parallel degree" in odd, odd
+    results = [r for r, _ in results]
     for case, r in zip(cases, results[0]):
         assert r["keys_match"] and r["grad_names_match"] and r["n_grads"] > 50, (case, r)
         assert r["sharded"], (case, "the flow MLP was not split")

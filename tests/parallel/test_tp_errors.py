@@ -1,0 +1,85 @@
+"""Configurations tensor parallelism cannot split fail early with an error a user can act on.
+
+Contract: a degree that does not divide the attention heads, the hidden size, the MLP size or the
+vocabulary (or key/value heads that can be neither split nor replicated) raises ValueError naming
+the dimension, its value and the degree, before any layer is swapped; sequence parallelism with two
+different stream degrees is refused; the 'te' backend on a machine without Transformer Engine
+raises one clear RuntimeError, and nothing imports Transformer Engine under the 'local' backend.
+No processes needed: the checks run before any collective.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from megaflow.model.config import VLMConfig
+from megaflow.model.starflow import build_model
+from parallel.backend import get_backend
+from parallel.tensor_parallel import apply_tp, check_tp
+from parallel.topology import ParallelConfig, Topology
+from tests.helpers import tiny_config
+
+
+def split(cfg, tp, flow_tp=0, sp=False):
+    model = build_model(cfg)
+    before = [type(m) for m in model.modules()]
+    topo = Topology(tp=tp, flow_tp=flow_tp, rank=0, world_size=tp)
+    try:
+        apply_tp(model, topo, ParallelConfig(tp=tp, flow_tp=flow_tp, sequence_parallel=sp))
+    finally:
+        assert [type(m) for m in model.modules()] == before, "a failed apply_tp must not touch the model"
+
+
+def vlm(cfg, **kw):
+    return replace(cfg, vlm=replace(cfg.vlm, **kw))
+
+
+@pytest.mark.parametrize("make_cfg,tp,expect", [
+    (lambda: tiny_config(), 3, ["vlm.n_heads (attention heads)=4", "parallel.tp=3"]),
+    (lambda: vlm(tiny_config(shallow_heads=4), dim=30, head_dim=8), 4, ["vlm.dim (hidden size)=30", "parallel.tp=4"]),
+    (lambda: vlm(tiny_config(shallow_heads=4), ffn_dim=66), 4, ["vlm.ffn_dim (MLP size)=66", "parallel.tp=4"]),
+    (lambda: vlm(tiny_config(shallow_heads=4), vocab_size=66), 4, ["vlm.vocab_size (vocabulary)=66", "parallel.tp=4"]),
+    (lambda: vlm(tiny_config(), n_heads=6, n_kv_heads=3, dim=48), 2, ["vlm.n_kv_heads (key/value heads)=3", "parallel.tp=2"]),
+    (lambda: tiny_config(tarflow_only=True, n_heads=4), 3, ["flow.n_heads (attention heads)=4", "flow tp=3",
+                                                            "flow.n_cond_tokens (vocabulary)=64"]),
+])
+def test_indivisible_degree_names_dimension_and_degree(make_cfg, tp, expect):
+    with pytest.raises(ValueError) as err:
+        split(make_cfg(), tp)
+    for text in expect:
+        assert text in str(err.value), str(err.value)
+
+
+def test_kv_heads_replicated_when_fewer_than_degree():
+    check_tp(tiny_config(shallow_heads=4), 4)  # 2 kv heads, tp=4: replicated, no error
+
+
+def test_sequence_parallel_needs_one_degree():
+    with pytest.raises(ValueError, match="flow_tp=1 differs from parallel.tp=2"):
+        split(tiny_config(), 2, flow_tp=1, sp=True)
+
+
+def test_config_must_match_topology():
+    with pytest.raises(ValueError, match="does not match the topology"):
+        apply_tp(build_model(tiny_config()), Topology(tp=2, rank=0, world_size=2), ParallelConfig(tp=1))
+
+
+def test_te_backend_without_transformer_engine_is_one_clear_error():
+    try:
+        import transformer_engine  # noqa: F401
+        pytest.skip("Transformer Engine is installed here")
+    except (ImportError, RuntimeError):
+        pass
+    with pytest.raises(RuntimeError, match="parallel.backend='te' needs NVIDIA Transformer Engine"):
+        get_backend("te")
+    with pytest.raises(ValueError, match="must be one of"):
+        get_backend("megatron")
+
+
+def test_local_backend_never_imports_transformer_engine():
+    code = ("import sys, parallel.tensor_parallel, parallel.backend as b; b.get_backend('local'); "
+            "assert not any(m.startswith('transformer_engine') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
