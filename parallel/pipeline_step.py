@@ -62,66 +62,84 @@ class PipelineSchedule:
         self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
         self.actions = rank_actions(schedule, topo.pp, topo.pp_rank, micro_batches, len(stages))
         self.cfg = stages[0].module.cfg
-        self.record = False  # True: keep (action, start, end) of the last step in `timeline` (syncs the GPU)
+        self.record = False  # True: keep (action, start, end) of the last step's computations (not
+        # receive waits) in `timeline`; syncs the GPU around each
         self.timeline = []
 
     def step(self, batch: dict, noise: Optional[torch.Tensor] = None, cond_keep: Optional[torch.Tensor] = None,
              forward_only: bool = False):
         """One step on this rank's share of the batch. Returns (loss, metrics) of the global batch on
         every rank of the pipeline; gradients are accumulated into the stage parameters."""
-        topo, pp, m = self.topo, self.topo.pp, self.m
-        module0 = self.stages[0].module
-        counts = global_counts(module0, batch, topo.dp_group)
+        m, module0 = self.m, self.stages[0].module
+        counts = global_counts(module0, batch, self.topo.dp_group)
         mbs = split_batch(batch, m)
         noises = noise.chunk(m) if noise is not None else [None] * m
         keeps = cond_keep.chunk(m) if cond_keep is not None else [None] * m
-        b, T = mbs[0]["tokens"].shape
-        shapes = state_shapes(module0, b, T)
-        dtype, device = module0.flow_in.weight.dtype, batch["tokens"].device
-        ctxs, saved = {}, {}
-        totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=device)
-        self.timeline = []
-        for a in (x for x in self.actions if not (forward_only and x.kind == "B")):
-            st, i = self.stages[a.chunk], a.micro_batch
-            start = _now(device) if self.record else 0.0
+        self._shapes = state_shapes(module0, *mbs[0]["tokens"].shape)
+        self._dtype, self._device = module0.flow_in.weight.dtype, batch["tokens"].device
+        self._ctxs, self._saved, self.timeline = {}, {}, []
+        totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=self._device)
+        for a in self.actions:
             if a.kind == "F":
-                if i not in ctxs:
-                    ctxs[i] = module0.context(mbs[i], keeps[i])
-                ctx = ctxs.pop(i) if a.chunk == len(self.stages) - 1 else ctxs[i]
-                inp = None
-                if not st.is_first:
-                    inp = self.comm.recv(shapes, dtype, device, "act", (st.index - 1) % pp)
-                    if not forward_only:
-                        inp = tuple(t.requires_grad_() for t in inp)
-                with torch.set_grad_enabled(not forward_only):
-                    out = st.forward(mbs[i], ctx, inp, noises[i])
-                    if st.is_last:
-                        terms = st.module.loss_terms(out, mbs[i])
-                        out = st.module.combine(terms, counts)
-                        totals += torch.stack([out.detach().double()] + [
-                            terms[k].detach().double() if k in terms else totals.new_zeros(()) for k in TERM_KEYS])
-                if not st.is_last:
-                    self.comm.send(out, "act", (st.index + 1) % pp)
-                if not forward_only:
-                    saved[(a.chunk, i)] = (inp, out)
-            else:
-                inp, out = saved.pop((a.chunk, i))
-                if st.is_last:
-                    outs, grads = [out], [None]
-                else:
-                    g = self.comm.recv(shapes, dtype, device, "grad", (st.index + 1) % pp)
-                    outs, grads = [o for o in out if o.requires_grad], [gi for o, gi in zip(out, g) if o.requires_grad]
-                if outs and outs[0].requires_grad:
-                    torch.autograd.backward(outs, grads)
-                if not st.is_first:
-                    self.comm.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in inp),
-                                   "grad", (st.index - 1) % pp)
-            if self.record:
-                self.timeline.append((a, start, _now(device)))
+                i = a.micro_batch
+                if i not in self._ctxs:
+                    self._ctxs[i] = module0.context(mbs[i], keeps[i])
+                ctx = self._ctxs.pop(i) if a.chunk == len(self.stages) - 1 else self._ctxs[i]
+                self._forward(a, mbs[i], ctx, noises[i], counts, totals, forward_only)
+            elif not forward_only:
+                self._backward(a)
         self.comm.wait_sends()
         if self.tied is not None and not forward_only:
             self.tied.all_reduce_grads()
         return self._reduce(totals, counts)
+
+    def _forward(self, a, mb: dict, ctx, noise, counts: dict, totals: torch.Tensor, forward_only: bool) -> None:
+        st, pp = self.stages[a.chunk], self.topo.pp
+        inp = None
+        if not st.is_first:
+            inp = self.comm.recv(self._shapes, self._dtype, self._device, "act", (st.index - 1) % pp)
+            if not forward_only:
+                inp = tuple(t.requires_grad_() for t in inp)
+        start = self._clock()  # compute only: after the receive
+        with torch.set_grad_enabled(not forward_only):
+            out = st.forward(mb, ctx, inp, noise)
+            if st.is_last:
+                terms = st.module.loss_terms(out, mb)
+                out = st.module.combine(terms, counts)
+                totals += torch.stack([out.detach().double()] + [
+                    terms[k].detach().double() if k in terms else totals.new_zeros(()) for k in TERM_KEYS])
+        if not st.is_last:
+            self.comm.send(out, "act", (st.index + 1) % pp)
+        if not forward_only:
+            self._saved[(a.chunk, a.micro_batch)] = (inp, out)
+        self._record(a, start)
+
+    def _backward(self, a) -> None:
+        st, pp = self.stages[a.chunk], self.topo.pp
+        inp, out = self._saved.pop((a.chunk, a.micro_batch))
+        if st.is_last:
+            outs, grads = [out], [None]
+        else:
+            g = self.comm.recv(self._shapes, self._dtype, self._device, "grad", (st.index + 1) % pp)
+            outs, grads = [o for o in out if o.requires_grad], [gi for o, gi in zip(out, g) if o.requires_grad]
+        start = self._clock()
+        if outs and outs[0].requires_grad:
+            torch.autograd.backward(outs, grads)
+        if not st.is_first:  # zeros where an input got no gradient: the peer waits for all four
+            self.comm.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in inp),
+                           "grad", (st.index - 1) % pp)
+        self._record(a, start)
+
+    def _clock(self) -> float:
+        if not self.record:
+            return 0.0
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
+
+    def _record(self, a, start: float) -> None:
+        if self.record:
+            self.timeline.append((a, start, self._clock()))
 
     def _reduce(self, totals: torch.Tensor, counts: dict):
         """Sum the last stage's loss and terms over data parallelism and hand them to every stage."""
@@ -133,8 +151,3 @@ class PipelineSchedule:
         terms = {k: totals[1 + j] for j, k in enumerate(TERM_KEYS) if k != "text_sum" or self.cfg.vlm is not None}
         return totals[0].float(), metrics_from(terms, counts, self.cfg)
 
-
-def _now(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
