@@ -223,7 +223,7 @@ class PackedBatches(IterableDataset):
 
     def __init__(self, dataset: _RankDataset, cfg: DataConfig, tokenizer: Tokenizer) -> None:
         self.dataset, self.cfg, self.tokenizer = dataset, cfg, tokenizer
-        self.skipped = 0
+        self.skipped = self.overflow_batches = 0
 
     def _document(self, sample: dict) -> TokenizedDoc | None:
         sample_id = sample["__sample_id__"]
@@ -247,10 +247,13 @@ class PackedBatches(IterableDataset):
     def _pack(self, docs: list, sample_ids: list[int], skipped: int) -> tuple[dict, dict]:
         batch, stats = pack_documents(docs, self.cfg, self.tokenizer)
         if stats.overflow_docs:
-            log.warning("batch overflow: %d documents (%d tokens) did not fit in %d rows of %d and were "
-                        "dropped, e.g. %s; lower samples_per_batch or raise batch_size/seq_len",
-                        stats.overflow_docs, stats.overflow_tokens, self.cfg.batch_size,
-                        self.cfg.seq_len, stats.overflow_sources[0])
+            self.overflow_batches += 1
+            if self.overflow_batches % 100 == 1:  # the first, then every 100th: counts are in stats
+                log.warning("batch overflow: %d documents (%d tokens) did not fit in %d rows of %d and "
+                            "were dropped, e.g. %s; %d batches of this reader overflowed so far; lower "
+                            "samples_per_batch or raise batch_size/seq_len", stats.overflow_docs,
+                            stats.overflow_tokens, self.cfg.batch_size, self.cfg.seq_len,
+                            stats.overflow_sources[0], self.overflow_batches)
         stats.overflow_sources = []
         return batch, {"samples": len(sample_ids), "sample_ids": sample_ids, "skipped": skipped,
                        "stats": asdict(stats)}
