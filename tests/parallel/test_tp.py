@@ -104,14 +104,33 @@ def odd_length_error(tp: int) -> str:
     return ""
 
 
+def init_fingerprints(tp: int) -> dict:
+    """A meta-built TP model initialised by init_tp_weights (flow_tp=1, so flow weights are
+    replicated across the TP group): a few of its local tensors."""
+    cfg = replace(tiny_config(), stage="all")
+    model = build_tp_model(cfg, Topology(tp=tp, flow_tp=1), ParallelConfig(tp=tp, flow_tp=1), seed=3)
+    sd = model.state_dict()
+    keys = ["flow_in.weight", "flow_start", "adapter.2.bias", "units.0.vlm_layers.0.self_attn.q_proj.weight",
+            "units.0.flow_layer.mlp.up_proj.weight", "embed_tokens.weight"]
+    return {k: sd[k].clone() for k in keys} | {"q_full_std": gather_full_state_dict(model)[keys[3]].std()}
+
+
 def _worker(rank, world, cases):
     torch.manual_seed(0)
-    return [run_case(**case) for case in cases], odd_length_error(world) if world == 2 else None
+    extra = (odd_length_error(world), init_fingerprints(world)) if world == 2 else None
+    return [run_case(**case) for case in cases], extra
 
 
 def check(results, cases):
-    for _, odd in results:
-        assert odd is None or "sequence length 47 is not divisible by the tensor-parallel degree" in odd, odd
+    if results[0][1] is not None:
+        for _, (odd, _) in results:
+            assert "sequence length 47 is not divisible by the tensor-parallel degree" in odd, odd
+        a, b = results[0][1][1], results[1][1][1]
+        for replicated in ("flow_in.weight", "flow_start", "units.0.flow_layer.mlp.up_proj.weight"):
+            assert torch.equal(a[replicated], b[replicated]), f"{replicated} differs across TP ranks"
+        for sharded in ("units.0.vlm_layers.0.self_attn.q_proj.weight", "embed_tokens.weight"):
+            assert not torch.equal(a[sharded], b[sharded]), f"{sharded}: shards are the same draw"
+        assert abs(float(a["q_full_std"]) - 0.02) < 0.004 and float(a["adapter.2.bias"].abs().max()) == 0.0
     results = [r for r, _ in results]
     for case, r in zip(cases, results[0]):
         assert r["keys_match"] and r["grad_names_match"] and r["n_grads"] > 50, (case, r)
@@ -139,6 +158,8 @@ CASES_4 = [dict(tp=4, sp=False, shallow_heads=4), dict(tp=4, sp=True, shallow_he
 
 
 def test_tp2_equals_single_process():
+    """Also: SP on an odd length is a clear error; init_tp_weights draws independent shards and keeps
+    replicated (and flow_tp=1 replicated flow) weights equal across ranks."""
     check(run_distributed(_worker, 2, CASES_2), CASES_2)
 
 
