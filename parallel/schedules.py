@@ -74,7 +74,8 @@ def rank_actions(schedule: str, pp: int, rank: int, micro_batches: int, virtual_
 def simulate(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1,
              f: float = 1.0, b: float = 2.0, comm: float = 0.0) -> dict:
     """Run the schedule on an idealised machine: a forward of one chunk takes f / virtual_stages, a
-    backward b / virtual_stages, a message `comm`. Returns makespan, busy time per rank, the bubble
+    backward b / virtual_stages, a message `comm`; or give f and b as per-virtual-stage lists of
+    durations (e.g. measured) to include stage imbalance. Returns makespan, busy time per rank, the bubble
     fraction 1 - busy / (pp * makespan), and the start/end time of every action. Raises RuntimeError
     if the schedule deadlocks."""
     v, m = virtual_stages, micro_batches
@@ -92,10 +93,10 @@ def simulate(schedule: str, pp: int, micro_batches: int, virtual_stages: int = 1
                 s = a.chunk * pp + r
                 if a.kind == "F":
                     dep = ("F", s - 1, a.micro_batch) if s > 0 else None
-                    dur = f / v
+                    dur = f[s] if isinstance(f, (list, tuple)) else f / v
                 else:
                     dep = ("B", s + 1, a.micro_batch) if s < S - 1 else ("F", s, a.micro_batch)
-                    dur = b / v
+                    dur = b[s] if isinstance(b, (list, tuple)) else b / v
                 if dep is not None and dep not in done:
                     break
                 ready = done[dep] + (comm if dep[1] != s else 0.0) if dep is not None else 0.0

@@ -7,8 +7,10 @@ Cases cover 1F1B and interleaved schedules at PP=2 and PP=4, DP2xPP2 with the bu
 all-reduce, a DP-only run with many small buckets, tied embeddings across the first and last stage,
 and a step whose second micro-batch holds no image at all (frozen VLM: some boundary tensors need
 no gradient) - which must neither hang nor differ. Generation through PP=2 (1F1B and interleaved
-chunks) gives the same text and the same image latents as one process.
+chunks) gives the same text and the same image latents as one process. The benchmark's
+measurement (tools/bench_pp.py) runs.
 """
+import argparse
 import dataclasses
 
 import torch
@@ -17,6 +19,7 @@ from megaflow.model.generate import sample_images, sample_text
 from megaflow.model.starflow import STARFlow2, apply_stage, build_model
 from parallel.data_parallel import GradBuckets
 from parallel.pipeline import TiedEmbeddings, load_stages, split_stages, stage_parameters
+from parallel.pipeline_comm import PipelineComm
 from parallel.pipeline_generate import PipelinedModel
 from parallel.pipeline_step import PipelineSchedule
 from parallel.topology import Topology
@@ -117,6 +120,18 @@ def _check_generation(topo, schedule, v):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def _bench_smoke(topo):
+    """tools/bench_pp.py's measurement runs and reports bubbles in [0, 1] and a finite step time."""
+    from tools import bench_pp
+    args = argparse.Namespace(dim=32, units=4, image_size=8, seq_len=32, mb_rows=1, virtual_stages=2, warmup=0,
+                              steps=1, verbose=False)
+    cfg = bench_pp.model_config(args)
+    r = bench_pp.run_one(args, cfg, topo, PipelineComm(topo, interleaved=True), "interleaved", 2,
+                         torch.device("cpu"), torch.float32)
+    assert r["theory"] == 0.2 and 0.0 <= r["simulated"] < 1.0, r
+    assert all(0.0 <= x["bubble"] < 1.0 and x["step_s"] > 0 for x in r["ranks"]), r
+
+
 def _world2(rank, world):
     pp2 = Topology(pp=2)
     out = [_check_case(pp2, _config(4), "1f1b", 1, 1),
@@ -128,6 +143,7 @@ def _world2(rank, world):
     assert out[-1][1] > 3, out  # many buckets really exercised
     _check_generation(pp2, "1f1b", 1)
     _check_generation(pp2, "interleaved", 2)
+    _bench_smoke(pp2)
     return out
 
 

@@ -24,6 +24,15 @@ from parallel.topology import Topology
 from tests.helpers import make_batch, make_noise, tiny_config
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: threads only add synchronisation (and stall badly on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("pp,v", [(2, 1), (3, 1), (4, 1), (2, 2), (2, 3), (4, 2), (3, 2)])
 def test_schedules_finish_in_order_and_match_theory(pp, v):
     schedule = "1f1b" if v == 1 else "interleaved"
