@@ -2,7 +2,7 @@
 
 `apply_tp(model, topo, cfg)` swaps layers of a STARFlow2 (on the meta device before
 materialisation, or on a materialised model, whose weights it then shards). The model code is not
-changed; it only has two identity hooks, `seq_split` and `vocab_gather`, that this file replaces.
+changed beyond two identity hooks, `seq_split` and `vocab_gather`, that this file replaces.
 
 What goes where (tp = the VLM group, ftp = the flow group, `Topology.flow_tp_group`):
   VLM layers (tp)      q/k/v column-parallel by heads (k/v replicated when n_kv_heads < tp), o_proj
