@@ -52,6 +52,12 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids in TensorBoard (0 = only at the end)
     guidance: float = 2.0  # classifier-free guidance weight of sample grids and the report
     eval_data: str = ""  # directory of the held-out MDS split ('' = no evaluation)
+    dataset: str = ""  # built-in dataset to build into data.local / eval_data when missing (fashion_mnist, digits, emoji)
+    dataset_limit: int = 0  # documents to build for the training split (0 = all)
+    eval_limit: int = 0  # documents to build for the held-out split (0 = all)
+    tokenizer_vocab: int = 320  # base vocabulary of a SentencePiece model trained on the dataset when missing
+    report_samples: int = 10  # samples per class prompt in the quality report
+    report_images: int = 200  # held-out images for the understanding accuracy in the report
     init_from: str = ""  # checkpoint directory to initialise the model from (e.g. an earlier stage)
     hf_lm: str = ""  # pretrained LM for the VLM stream: a local HF dir, a .gguf file, or 'smollm2'
     report: bool = True  # at the end, write samples grid + quality report (report.json / report.txt)

@@ -1,0 +1,306 @@
+"""`megaflow train`: the training loop.
+
+One build order, visible in `build` below: meta build -> layer swaps (TP / FP8, parallel/) ->
+stage split (PP) -> materialise + init or load -> optimizer wrap (ZeRO) -> loop.
+
+The loop is deterministic: the input noise and the condition-dropout mask of step s are drawn
+from a generator seeded by (seed, s, dp rank), the LR is a function of s, and the data loader's
+state is saved with every checkpoint, so `--resume` continues bit for bit on CPU.
+
+    megaflow train                                  # the embedded default (configs/default.yaml)
+    megaflow train --config configs/X.yaml --set train.steps=100 --resume
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megaflow.checkpoint import CheckpointError, find_latest, load_file, resolve, save_checkpoint, validate
+from megaflow.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from megaflow.model.config import ModelConfig, SpecialTokens
+from megaflow.model.starflow import STARFlow2, apply_stage
+from megaflow.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("megaflow")
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+
+
+# ----- set-up ---------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but no CUDA device is available; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16}[name] if name in ("fp32", "bf16") else _bad_dtype(name)
+
+
+def _bad_dtype(name):
+    raise ConfigError(f"train.dtype={name!r} must be 'auto', 'fp32' or 'bf16'")
+
+
+def load_run_tokenizer(cfg: Config):
+    from data_pipeline.tokenizer import load_tokenizer
+    return load_tokenizer(cfg.data.tokenizer)
+
+
+def with_tokenizer(mcfg: ModelConfig, tok) -> ModelConfig:
+    """The model config with the vocabulary size and special ids of the tokenizer."""
+    special = SpecialTokens(pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, boi_id=tok.boi_id,
+                            eoi_id=tok.eoi_id, image_id=tok.image_id)
+    if mcfg.vlm is not None:
+        return dataclasses.replace(mcfg, vlm=dataclasses.replace(mcfg.vlm, vocab_size=tok.vocab_size), tokens=special)
+    return dataclasses.replace(mcfg, flow=dataclasses.replace(mcfg.flow, n_cond_tokens=tok.vocab_size), tokens=special)
+
+
+def step_randomness(cfg: Config, model_cfg: ModelConfig, batch: dict, step: int, dp_rank: int, device):
+    """Input noise (B, M, N, D) and condition-keep mask (B,) of one step: a pure function of
+    (seed, step, dp rank), identical on tensor/pipeline peers, so resume is exact without RNG state."""
+    g = torch.Generator().manual_seed(hash((cfg.train.seed, step, dp_rank)) & 0x7FFF_FFFF_FFFF)
+    B, M = batch["image_valid"].shape
+    noise = torch.randn(B, M, model_cfg.fae.n_tokens, model_cfg.fae.latent_dim, generator=g)
+    keep = (torch.rand(B, generator=g) >= model_cfg.flow.cond_drop).float()
+    return noise.to(device), keep.to(device)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def build(cfg: Config, tok, device, load_from: Optional[Path] = None) -> STARFlow2:
+    """Build order: meta build -> (parallel layer swaps) -> materialise -> init or load."""
+    mcfg = with_tokenizer(cfg.model, tok)
+    with torch.device("meta"):
+        model = STARFlow2(mcfg)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.train.seed)
+    model.init_weights()
+    if load_from is not None:
+        state = load_file(load_from, "model.pt", map_location=device)
+        load_model_state(model, state, strict=not cfg.train.init_from or load_from != Path(cfg.train.init_from))
+    elif cfg.train.hf_lm:
+        from megaflow.hf_import import load_hf_lm
+        load_hf_lm(model, cfg.train.hf_lm)
+    if cfg.train.init_from and load_from is None:
+        src = resolve(cfg.train.init_from)
+        load_model_state(model, load_file(src, "model.pt", map_location=device), strict=False)
+        log.info("initialised from %s", src)
+    apply_stage(model, mcfg.stage)
+    return model
+
+
+def load_model_state(model, state: dict, strict: bool = True) -> None:
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"checkpoint tensor {bad[0]!r} has shape {tuple(state[bad[0]].shape)} but the model "
+                              f"expects {tuple(own[bad[0]].shape)}: the checkpoint was made with another config")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# ----- one engine: plain PyTorch (single process, or data parallel over gloo/NCCL) ------------------------
+class PlainEngine:
+    def __init__(self, model, cfg: Config, dtype, dp_group=None):
+        self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
+        self.model.train()
+        set_lr(self.optimizer, lr)
+        with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss, metrics = self.model(batch, noise, keep)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dp_group is not None:
+            from parallel.data_parallel import allreduce_gradients
+            allreduce_gradients(self.params, self.dp_group)
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        return {"loss": float(loss), "grad_norm": float(norm), **metrics}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+# ----- evaluation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int) -> dict:
+    """Text loss and image bits/dim on held-out batches (fixed noise: comparable across steps)."""
+    from megaflow.model.starflow import bits_per_dim
+    model.eval()
+    sums = {"text_sum": 0.0, "flow_sum": 0.0, "text": 0, "dims": 0}
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        noise, _ = step_randomness(cfg, model.cfg, batch, -1 - i, 0, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            ctx = model.context(batch)
+            state = model.embed(batch, ctx, noise)
+            for unit in model.units.values():
+                state = unit(state, ctx)
+            terms = model.loss_terms(state, batch)
+        counts = model.loss_counts(batch)
+        for k in ("text_sum", "flow_sum"):
+            sums[k] += float(terms.get(k, 0.0))
+        sums["text"] += int(counts["text"])
+        sums["dims"] += int(counts["dims"])
+    out = {}
+    if sums["dims"]:
+        out["bits_per_dim"] = bits_per_dim(sums["flow_sum"] / sums["dims"], model.cfg.fae.mode == "pixels")
+    if sums["text"]:
+        out["text_loss"] = sums["text_sum"] / sums["text"]
+    return out
+
+
+# ----- the run --------------------------------------------------------------------------------------
+def prepare_data(cfg: Config) -> None:
+    from megaflow.prepare import ensure_dataset, ensure_tokenizer
+    name = cfg.train.dataset
+    if name:
+        ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed)
+        if cfg.train.eval_data:
+            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed)
+    spec = cfg.data.tokenizer
+    if spec.kind == "sentencepiece" and name:
+        ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)
+
+
+def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list, tok) -> Path:
+    def write(d: Path):
+        torch.save(model.state_dict(), d / "model.pt")
+        torch.save(engine.state_dict(), d / "optim.pt")
+        torch.save({"step": step, "loader": loader.state_dict(), "history": history,
+                    "torch_rng": torch.get_rng_state()}, d / "trainer.pt")
+        (d / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        tok.save(str(d / "tokenizer"))
+        tokdir = d / "tokenizer"
+        for f in tokdir.iterdir():  # flatten so meta.json lists every file
+            os.replace(f, d / f"tokenizer.{f.name}")
+        tokdir.rmdir()
+    return save_checkpoint(out / "checkpoints", step, write, cfg.train.keep_last)
+
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    tcfg = cfg.train
+    out = Path(tcfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    device = pick_device(tcfg.device)
+    dtype = pick_dtype(tcfg.dtype, device)
+    prepare_data(cfg)
+    tok = load_run_tokenizer(cfg)
+    from data_pipeline.loader import build_loader
+    loader = build_loader(cfg.data, tok, 0, 1)
+
+    ckpt = find_latest(out / "checkpoints") if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / "checkpoints")
+    model = build(cfg, tok, device, ckpt)
+    engine = PlainEngine(model, cfg, dtype)
+    start, history = 0, []
+    if ckpt is not None:
+        engine.load_state_dict(load_file(ckpt, "optim.pt"))
+        trainer = load_file(ckpt, "trainer.pt")
+        start, history = trainer["step"], trainer["history"]
+        loader.load_state_dict(trainer["loader"])
+        torch.set_rng_state(trainer["torch_rng"])
+        log.info("resumed from %s at step %d", ckpt, start)
+
+    from megaflow.monitor import Monitor
+    mon = Monitor(out, cfg, model, total=tcfg.steps, start=start)
+    eval_loader = None
+    if tcfg.eval_data:
+        eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
+    batches = _forever(loader)
+    t_start = time.time()
+    step = start
+    metrics: dict = {}
+    for step in range(start, tcfg.steps):
+        batch = to_device(next(batches), device)
+        noise, keep = step_randomness(cfg, model.cfg, batch, step, 0, device)
+        lr = lr_at(step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps)
+        metrics = engine.train_step(batch, noise, keep, lr)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower train.lr (now {tcfg.lr}) "
+                                     f"or check the data; the last good checkpoint is in {out / 'checkpoints'}")
+        history.append({"step": step + 1, "loss": metrics["loss"]})
+        mon.step(step + 1, batch, metrics, lr)
+        done = step + 1 == tcfg.steps or (tcfg.max_minutes and time.time() - t_start > 60 * tcfg.max_minutes)
+        if eval_loader is not None and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done):
+            mon.eval(step + 1, evaluate(model, eval_loader, cfg, device, dtype, tcfg.eval_batches))
+        if (tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done:
+            save(out, step + 1, cfg, model, engine, loader, history, tok)
+        if tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
+            mon.samples(step + 1, model, tok, cfg)
+        if done:
+            break
+    result = {"steps": step + 1, "train": metrics, "minutes": (time.time() - t_start) / 60}
+    if tcfg.report:
+        from megaflow.quality import write_report
+        result["report"] = write_report(model, tok, cfg, out, device, mon)
+    mon.close()
+    loader.close()
+    if eval_loader is not None:
+        eval_loader.close()
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def _forever(loader):
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError(f"the training data at {loader.cfg.local!r} yields no batches; check the shards "
+                               f"and data.samples_per_batch")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megaflow train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO)})")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.steps=100 (see `megaflow info --help-config`)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.out_dir")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config or str(DEFAULT_CONFIG), args.overrides)
+        result = run(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"megaflow train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if k != "report"}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything megaflow needs, from the project's own files only.
+# Idempotent: `make env` runs it when requirements*.txt or pyproject.toml change.
+#   - Debian packages (when run as root and missing): Fashion-MNIST and the color-emoji font (data)
+#   - requirements.txt (torch 2.13.0 CPU build in the SAME pip command as deepspeed, so that
+#     deepspeed's resolver cannot pull a multi-GB CUDA torch)
+#   - requirements-nodeps.txt with --no-deps (mosaicml-streaming without torchvision/cloud SDKs,
+#     and two packages we only read data files from)
+#   - megaflow itself, editable, without dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+need_apt=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need_apt+=(fonts-noto-color-emoji)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: apt-get install ${need_apt[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: WARNING: missing Debian packages ${need_apt[*]} (run as root: apt-get install ${need_apt[*]});" \
+         "tests that need them will skip, and the default training run needs dataset-fashion-mnist" >&2
+  fi
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, deepspeed, sentencepiece, yaml, transformers; import data_pipeline.streaming_compat" \
+  || { echo "setup: the environment is incomplete (see the pip output above)" >&2; exit 1; }
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
