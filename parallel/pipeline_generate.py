@@ -14,6 +14,8 @@ Not supported: the score-based denoise step (it needs a gradient through all sta
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 
@@ -32,21 +34,16 @@ class _Broadcast:
         if torch.is_grad_enabled():
             raise NotImplementedError("a gradient through a pipelined model in generation (the denoise step) is not "
                                       "supported; call sample_images(..., do_denoise=False) or set flow.noise_std=0")
-        mine = o.topo.pp_rank == (self.src % o.topo.pp)
-        outs = self.fn(*args) if mine else None
-        single = isinstance(outs, torch.Tensor) or (outs is None and len(self.shapes_fn(*args)) == 1)
-        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        shapes = self.shapes_fn(*args)
+        if o.topo.pp_rank == self.src % o.topo.pp:
+            outs = self.fn(*args)
+            outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+        else:
+            outs = tuple(torch.empty(s, dtype=o.dtype, device=o.device) for s in shapes)
         if o.topo.pp > 1:
-            if not mine:
-                outs = tuple(torch.empty(s, dtype=o.dtype, device=o.device) for s in self.shapes_fn(*args))
             for t in outs:
                 dist.broadcast(t, src=o.topo.pp_ranks[self.src], group=o.topo.pp_group)
-        return outs[0] if single else outs
-
-
-class _Namespace:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+        return outs[0] if len(shapes) == 1 else outs
 
 
 class PipelinedModel:
@@ -62,7 +59,7 @@ class PipelinedModel:
         last = stages[-1].module if stages[-1].is_last else None
         cfg, N, D = self.cfg, self.cfg.fae.n_tokens, self.cfg.fae.latent_dim
         img = (cfg.fae.channels, cfg.fae.image_size, cfg.fae.image_size)
-        self.fae = _Namespace(
+        self.fae = SimpleNamespace(
             encode=_Broadcast(self, 0, lambda x: first.fae.encode(x), lambda x: [(x.shape[0], N, D)]),
             decode=_Broadcast(self, 0, lambda y: first.fae.decode(y), lambda y: [(y.shape[0], *img)]))
         shallow = _Broadcast(self, 0, lambda x: first.shallow(x), lambda x: [x.shape, x.shape[:1], x.shape[:1]])

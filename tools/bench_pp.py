@@ -84,7 +84,7 @@ def run_one(a, cfg, topo, comm, schedule: str, m: int, device, dtype) -> dict:
     sched = PipelineSchedule(stages, topo, schedule, m, comm=comm, tied=TiedEmbeddings(stages, topo))
     params = stage_parameters(stages)
     batch, noise = synthetic_batch(cfg, m * a.mb_rows, a.seq_len, device)
-    noise = noise.to(dtype)
+    batch["images"], noise = batch["images"].to(dtype), noise.to(dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, bubbles, timeline = [], [], []

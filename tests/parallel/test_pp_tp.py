@@ -17,12 +17,9 @@ from parallel.tensor_parallel import apply_tp
 from parallel.topology import ParallelConfig, Topology
 from tests.distributed import run_distributed
 from tests.parallel.test_pp_dist import STEPS, _config, _data, _optimizer, _reference
+from tests.parallel.test_tp import rel_err
 
 TOL = 1e-5
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
 def _check_tp_case(topo, pcfg, cfg, m, no_image_rows=False):
@@ -49,7 +46,7 @@ def _check_tp_case(topo, pcfg, cfg, m, no_image_rows=False):
             for st in stages:
                 grads = gather_full(st.module, {k: p.grad for k, p in st.module.named_parameters()})
                 assert set(grads) == {k for k, _ in st.module.named_parameters()} & set(ref_grads), where
-                worst["grad"] = max([worst["grad"]] + [_rel(g, ref_grads[k]) for k, g in grads.items()])
+                worst["grad"] = max([worst["grad"]] + [rel_err(g, ref_grads[k]) for k, g in grads.items()])
         opt.step()
         opt.zero_grad()
     for st in stages:
