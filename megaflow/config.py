@@ -47,7 +47,7 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines and TensorBoard scalars
     eval_every: int = 200  # steps between evaluations on the held-out split (0 = only at the end)
     eval_batches: int = 4  # batches per evaluation
-    save_every: int = 200  # steps between checkpoints (0 = only at the end)
+    save_every: int = 200  # steps between checkpoints (0 = only at the end, -1 = never)
     keep_last: int = 2  # checkpoints to keep
     sample_every: int = 0  # steps between sample grids in TensorBoard (0 = only at the end)
     guidance: float = 2.0  # classifier-free guidance weight of sample grids and the report

@@ -254,7 +254,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
         done = step + 1 == tcfg.steps or (tcfg.max_minutes and time.time() - t_start > 60 * tcfg.max_minutes)
         if eval_loader is not None and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done):
             mon.eval(step + 1, evaluate(model, eval_loader, cfg, device, dtype, tcfg.eval_batches))
-        if (tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done:
+        if tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done):
             save(out, step + 1, cfg, model, engine, loader, history, tok)
         if tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
             mon.samples(step + 1, model, tok, cfg)
