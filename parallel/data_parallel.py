@@ -12,6 +12,7 @@ only when every rank holds the same number of tokens).
 
 A gradient that is None on every rank stays None (an unused parameter is skipped by the optimizer,
 as in one process); each bucket carries one extra slot per parameter to tell which ranks had one.
+`allreduce_gradients(params, group)` is the stateless one-call form (averages by default).
 Not here: overlap with backward, ZeRO (parallel/zero.py).
 """
 from __future__ import annotations
@@ -75,3 +76,11 @@ class GradBuckets:
     def __repr__(self):
         sizes = [f"{flat.numel() * flat.element_size() / 2 ** 20:.1f}MiB" for _, flat in self.buckets]
         return f"GradBuckets({len(self.buckets)} buckets: {', '.join(sizes)}, dp={self.world})"
+
+
+def allreduce_gradients(params, dp_group, average: bool = True, bucket_mb: float = 25.0) -> None:
+    """One call, no state kept: bucket and all-reduce `params`' gradients over `dp_group`. The
+    default `average=True` fits a loss normalised by each rank's OWN counts (megaflow.train's plain
+    engine); with global-count normalisation pass average=False. Allocates the buckets on every call:
+    a loop that runs many steps should keep a `GradBuckets`."""
+    GradBuckets(params, dp_group, bucket_mb, average).all_reduce()

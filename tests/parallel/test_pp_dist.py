@@ -5,6 +5,7 @@ model's state dict, get the same loss (1e-5), the same first-step gradients (1e-
 AdamW steps, the same weights (1e-5) as the single-process model trained on the same global batch.
 Cases cover 1F1B and interleaved schedules at PP=2 and PP=4, DP2xPP2 with the bucketed gradient
 all-reduce, a DP-only run with many small buckets, tied embeddings across the first and last stage,
+the stateless `allreduce_gradients` averages,
 and a step whose second micro-batch holds no image at all (frozen VLM: some boundary tensors need
 no gradient) - which must neither hang nor differ. Generation through PP=2 (1F1B and interleaved
 chunks) gives the same text and the same image latents as one process. The benchmark's
@@ -17,7 +18,7 @@ import torch
 
 from megaflow.model.generate import sample_images, sample_text
 from megaflow.model.starflow import STARFlow2, apply_stage, build_model
-from parallel.data_parallel import GradBuckets
+from parallel.data_parallel import GradBuckets, allreduce_gradients
 from parallel.pipeline import TiedEmbeddings, load_stages, split_stages, stage_parameters
 from parallel.pipeline_comm import PipelineComm
 from parallel.pipeline_generate import PipelinedModel
@@ -132,6 +133,25 @@ def _bench_smoke(topo):
     assert all(0.0 <= x["bubble"] < 1.0 and x["step_s"] > 0 for x in r["ranks"]), r
 
 
+def _check_allreduce_average(topo):
+    """The stateless `allreduce_gradients` (plain engine, per-rank loss normalisation) leaves the mean
+    of the ranks' gradients on every rank."""
+    cfg = _config(2)
+    batch, noise = _data(cfg)
+    models = [build_model(cfg, seed=0) for _ in range(topo.dp)]
+    for d, model in enumerate(models):  # every rank's local gradient, computed here for the check
+        rows = slice(d * 4 // topo.dp, (d + 1) * 4 // topo.dp)
+        model({k: t[rows] for k, t in batch.items()}, noise[rows])[0].backward()
+    want = {name: sum(dict(m.named_parameters())[name].grad for m in models) / topo.dp
+            for name, p in models[0].named_parameters() if p.grad is not None}
+    mine = models[topo.dp_rank]
+    allreduce_gradients([p for p in mine.parameters() if p.requires_grad], topo.dp_group, bucket_mb=0.005)
+    assert {n for n, p in mine.named_parameters() if p.grad is not None} == set(want)
+    for name, p in mine.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-6, msg=name)
+
+
 def _world2(rank, world):
     pp2 = Topology(pp=2)
     out = [_check_case(pp2, _config(4), "1f1b", 1, 1),
@@ -141,6 +161,7 @@ def _world2(rank, world):
            _check_case(pp2, _config(4, stage="t2i"), "1f1b", 1, 2, no_image_rows=True),
            _check_case(Topology(pp=1), _config(2), "1f1b", 1, 2, bucket_mb=0.005)]
     assert out[-1][1] > 3, out  # many buckets really exercised
+    _check_allreduce_average(Topology(pp=1))
     _check_generation(pp2, "1f1b", 1)
     _check_generation(pp2, "interleaved", 2)
     _bench_smoke(pp2)

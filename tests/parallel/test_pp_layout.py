@@ -125,7 +125,8 @@ def test_chained_stage_views_equal_the_model():
 
 
 def test_micro_batching_equals_one_batch():
-    """PP=1 with 4 micro-batches and global counts: same loss and gradients as one batch."""
+    """PP=1 with 4 micro-batches and global counts: same loss and gradients as one batch; a
+    forward-only step gives the same loss and leaves the gradients alone."""
     cfg = tiny_config()
     ref = build_model(cfg)
     batch = make_batch(cfg, 4, 48)
@@ -137,8 +138,14 @@ def test_micro_batching_equals_one_batch():
     apply_stage(model, cfg.stage)
     stages = split_stages(model, 1, 0, micro_batches=4, verbose=False)
     load_stages(stages, ref.state_dict())
-    got, got_metrics = PipelineSchedule(stages, Topology(), micro_batches=4).step(batch, noise)
+    sched = PipelineSchedule(stages, Topology(), micro_batches=4)
+    got, got_metrics = sched.step(batch, noise)
     torch.testing.assert_close(got, loss.detach(), rtol=0, atol=1e-6)
+    grads_before = [p.grad.clone() for p in stages[0].module.parameters() if p.grad is not None]
+    evaluated, _ = sched.step(batch, noise, forward_only=True)  # evaluation: same loss, no gradient
+    torch.testing.assert_close(evaluated, got, rtol=0, atol=0)
+    for g, p in zip(grads_before, [p for p in stages[0].module.parameters() if p.grad is not None]):
+        assert torch.equal(g, p.grad)
     assert got_metrics.keys() == metrics.keys()
     grads = dict(stages[0].module.named_parameters())
     for name, p in ref.named_parameters():
