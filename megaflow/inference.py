@@ -3,6 +3,8 @@ come from the checkpoint directory itself, so it works without the run's data or
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,15 +14,30 @@ from megaflow.config import config_from_dict
 
 
 def load_checkpoint_tokenizer(ckpt: Path):
+    """The tokenizer saved in a checkpoint (train.save flattens its files to `tokenizer.<name>`),
+    checked against the special ids recorded beside it."""
     from data_pipeline.tokenizer import load_hf, load_sentencepiece
+    meta_file = ckpt / "tokenizer.megaflow_tokenizer.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     sp = ckpt / "tokenizer.tokenizer.model"
-    if sp.is_file():
-        return load_sentencepiece(str(sp))
-    hf = ckpt / "tokenizer.tokenizer.json"
-    if hf.is_file():
-        tmp = ckpt / "tokenizer"
-        return load_hf(str(tmp)) if tmp.is_dir() else load_hf(str(ckpt))
-    raise CheckpointError(f"checkpoint {str(ckpt)!r} holds no tokenizer (tokenizer.* files)")
+    if meta.get("kind") == "hf" or (not meta and (ckpt / "tokenizer.tokenizer.json").is_file()):
+        tmp = Path(tempfile.mkdtemp(prefix="megaflow-tok-"))
+        try:  # un-flatten into a directory that transformers can read
+            for f in ckpt.glob("tokenizer.*"):
+                shutil.copyfile(f, tmp / f.name[len("tokenizer."):])
+            tok = load_hf(str(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif sp.is_file():
+        tok = load_sentencepiece(str(sp))
+    else:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} holds no tokenizer (tokenizer.* files)")
+    saved = {k: v for k, v in meta.items() if k.endswith("_id") or k == "vocab_size"}
+    now = {k: v for k, v in tok.describe().items() if k in saved}
+    if saved != now:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: the tokenizer reloads with ids {now} but was saved with "
+                              f"{saved}; the tokenizer files are inconsistent")
+    return tok
 
 
 def load_for_inference(path: str | Path, device="cpu"):
