@@ -1,0 +1,55 @@
+"""Fixtures of the train/generate tests: the digits data and tokenizer of configs/tiny.yaml, built
+once per session into a temporary directory, and one tiny trained run to generate from.
+
+Runs go through subprocesses (`python -m megaflow.train`) the way a user runs them: each owns its
+Streaming shared memory and its torch thread settings, and a crash or kill is a real one."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def megaflow(*args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m megaflow.cli ARGS` in the repo, with the test environment; returns the result."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run([sys.executable, "-m", "megaflow.cli", *map(str, args)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"megaflow {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr[-3000:]}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def tiny_sets(tmp_path_factory) -> list:
+    """`--set` overrides that point configs/tiny.yaml at a session copy of the digits data."""
+    from megaflow.config import load_config
+    from megaflow.train import prepare_data
+    root = tmp_path_factory.mktemp("digits")
+    sets = [f"data.local={root}/train", f"train.eval_data={root}/test", f"data.tokenizer.path={root}/tokenizer.model"]
+    prepare_data(load_config(str(TINY), sets))
+    return sets
+
+
+def train_args(sets: list, out: Path, *more: str) -> list:
+    args = ["train", "--config", TINY]
+    for s in [*sets, f"train.out_dir={out}", *more]:
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_sets, tmp_path_factory) -> Path:
+    """configs/tiny.yaml trained for its 60 steps; the run directory."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    megaflow(*train_args(tiny_sets, out))
+    assert json.loads((out / "result.json").read_text())["steps"] == 60
+    return out
