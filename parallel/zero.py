@@ -237,6 +237,9 @@ class ZeroEngine:
         self.engine.train()
         set_lr(self.optimizer, lr)
         device = batch["tokens"].device
+        if self.dtype is not None:  # bf16 parameters: images and noise in the parameters' dtype
+            batch = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+            noise = noise.to(self.dtype) if noise is not None else None
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
             if self.schedule is not None:
                 loss, metrics = self.schedule.step(batch, noise, keep)

@@ -17,7 +17,6 @@ changes TP or PP, or exports fp32 weights, starts from.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from parallel.checkpoint_tp import shard_layout
 from parallel.comm import group_rank, group_size
+from parallel.zero import master_partitions
 
 FORMAT = "megaflow-zero-1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -64,6 +64,30 @@ def local_fragments(engine) -> dict:
         pieces.update({k: state[k].narrow(0, hp.start, hp.numel) for k in MOMENTS})
         out[name] = (mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel, pieces)
     return out
+
+
+@torch.no_grad()
+def ensure_optimizer_state(engine) -> None:
+    """Create AdamW's (lazily made) state on master partitions that have none yet, by torch's own
+    code: one inner step per partition with a zero gradient at lr 0, which changes no weight.
+    The partition is put into its parameter group for that step (ZeRO-3 keeps the groups empty
+    between steps and swaps its sub-group partitions in)."""
+    zero, inner = engine.optimizer, engine.optimizer.optimizer
+    masters = master_partitions(zero)
+    group_of = getattr(zero, "sub_group_to_group_id", None) or {i: i for i in range(len(masters))}
+    for i, flat in enumerate(masters):
+        if "exp_avg" in inner.state.get(flat, {}):
+            continue
+        group = inner.param_groups[group_of[i]]
+        params, lr = group["params"], group["lr"]
+        others = [g["params"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["params"] = []
+        group["params"], group["lr"], flat.grad = [flat], 0.0, torch.zeros_like(flat)
+        inner.step()
+        for g, ps in zip(inner.param_groups, others):
+            g["params"] = ps
+        group["lr"], flat.grad = lr, None
 
 
 def _adam_step(engine) -> int:
@@ -140,6 +164,7 @@ def load_zero_state(engine, directory: Path) -> None:
     if len(files) != first["dp"]:
         raise ValueError(f"ZeRO checkpoint in {d}: {len(files)} files for pp rank {topo.pp_rank}, tp rank "
                          f"{topo.tp_rank} but it was written with dp={first['dp']}")
+    ensure_optimizer_state(engine)
     mine = local_fragments(engine)
     for name, (p, _) in engine.named.items():
         if name not in first["params"]:
@@ -194,11 +219,3 @@ def read_full_state(directory) -> dict:
             parts = [by_rank[r] for r in range(e["tp_group_size"])]
             out[name] = {k: torch.cat([pt[k] for pt in parts], dim=e["tp_dim"]) for k in KEYS}
     return out
-
-
-def rank_of(path: Path) -> tuple:
-    """(pp_rank, tp_rank, dp_rank) of a shard file name."""
-    m = re.match(r"pp(\d+)_tp(\d+)_dp(\d+)\.pt$", path.name)
-    if m is None:
-        raise ValueError(f"{path} is not a ZeRO shard file")
-    return tuple(int(x) for x in m.groups())
