@@ -152,6 +152,23 @@ def mark_model_parallel(named_params: dict, topo, tied_copy=None) -> None:
         tied_copy.ds_pipe_replicated = True
 
 
+def optimizer_groups(module: nn.Module, weight_decay: float, no_decay: list) -> list:
+    """megaflow.optim.param_groups, with the parameters in `no_decay` moved to the no-decay group: the
+    last stage's LM-head copy of an embedding tied across pipeline stages is named `lm_head.weight`
+    there, but must decay like the embedding it copies (not at all), as in one process."""
+    groups = param_groups(module, weight_decay)
+    moved = [p for g in groups for p in g["params"] if any(p is q for q in no_decay)]
+    if not moved:
+        return groups
+    groups = [{**g, "params": [p for p in g["params"] if all(p is not q for q in moved)]} for g in groups]
+    plain = [g for g in groups if g["weight_decay"] == 0.0]
+    if plain:
+        plain[0]["params"] += moved
+    else:
+        groups.append({"params": moved, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
 def master_partitions(zero_optimizer) -> list:
     """This rank's flat fp32 master partitions, one per parameter (sub)group: the tensors the inner
     AdamW steps and keys its state by (ZeRO-1/2 and ZeRO-3 name them differently)."""
@@ -213,7 +230,8 @@ class ZeroEngine:
                     self.named[name] = (p, m)
         tied_copy = tied.weight if tied is not None and tied.group is not None and not topo.is_first_stage else None
         mark_model_parallel(self.named, topo, tied_copy)
-        optimizer = torch.optim.AdamW(param_groups(self.module, cfg.train.weight_decay), lr=cfg.train.lr,
+        groups = optimizer_groups(self.module, cfg.train.weight_decay, [tied_copy] if tied_copy is not None else [])
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr,
                                       betas=(cfg.train.beta1, cfg.train.beta2),
                                       **({"fused": True} if device.type == "cuda" else {}))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,

@@ -179,17 +179,25 @@ def _reload_dp1(rank, world, root, histories):
         check_close(f"ZeRO-{stage} DP2 -> DP1", again, histories[stage][SAVE_AT:], TOL)
 
 
-def check_full_state(save_dir: Path, ref_at_save: dict) -> None:
+def check_full_state(save_dir: Path, ref_at_save: dict, ignore: tuple = ()) -> None:
     """The resharding reader gives the single-process fp32 weights and moments, by name."""
     from parallel.zero_checkpoint import read_full_state
     full = read_full_state(save_dir)
     assert full.pop("step") == SAVE_AT
+    for name in ignore:
+        full.pop(name)
     assert set(full) == set(ref_at_save), set(full) ^ set(ref_at_save)
     for name, want in ref_at_save.items():
         for k, t in want.items():
             t = torch.from_numpy(t)
-            err = float((full[name][k] - t).abs().max() / t.abs().max().clamp(min=1e-12))
-            assert full[name][k].shape == t.shape and err < 1e-4, f"{save_dir.name} {name} {k}: rel. error {err}"
+            assert full[name][k].shape == t.shape, (save_dir.name, name, k, full[name][k].shape, t.shape)
+            diff = float((full[name][k] - t).abs().max())
+            if k == "fp32":  # weights: absolute, as tests/parallel/test_pp_dist.py (zero-initialised skips
+                # move by ~lr per step whatever their gradient's size: Adam's sign, not its magnitude)
+                assert diff < TOL, f"{save_dir.name} {name}: weight differs by {diff}"
+            else:  # moments: relative to the tensor's largest entry (exp_avg_sq ~ gradient**2)
+                err = diff / max(float(t.abs().max()), 1e-30)
+                assert err < 1e-4, f"{save_dir.name} {name} {k}: relative error {err}"
 
 
 def test_zero_stages_dp2_equal_one_process_save_load_reshard(tmp_path):
