@@ -96,7 +96,7 @@ class TopologyMPU:
                 self.mp_group, self.mp_ranks = g, ranks
 
     def get_data_parallel_group(self):
-        return self.topo.dp_group or dist.group.WORLD
+        return self.topo.dp_group or dist.group.WORLD  # None only in a world of one process
 
     def get_data_parallel_rank(self):
         return self.topo.dp_rank
