@@ -51,9 +51,11 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints to keep
     sample_every: int = 0  # steps between sample grids in TensorBoard (0 = only at the end)
     guidance: float = 2.0  # classifier-free guidance weight of sample grids and the report
+    sample_temperature: float = 1.0  # scale of the flow's Gaussian noise when sampling grids and the report
     eval_data: str = ""  # directory of the held-out MDS split ('' = no evaluation)
     dataset: str = ""  # built-in dataset to build into data.local / eval_data when missing (fashion_mnist, digits, emoji)
     dataset_limit: int = 0  # documents to build for the training split (0 = all)
+    dataset_mix: str = ""  # task mix of a built dataset, e.g. 't2i=0.6,i2t=0.3,interleaved=0.1' ('' = the writer's default)
     eval_limit: int = 0  # documents to build for the held-out split (0 = all)
     tokenizer_vocab: int = 320  # base vocabulary of a SentencePiece model trained on the dataset when missing
     report_samples: int = 10  # samples per class prompt in the quality report

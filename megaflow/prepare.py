@@ -17,7 +17,17 @@ log = logging.getLogger("megaflow")
 BUILTIN = ("fashion_mnist", "digits", "emoji")
 
 
-def ensure_dataset(name: str, out: str, split: str, limit: int = 0, seed: int = 0) -> None:
+def parse_mix(text: str):
+    """'t2i=0.6,i2t=0.4' -> {'t2i': 0.6, 'i2t': 0.4}; '' -> None (the writer's default)."""
+    if not text:
+        return None
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise ValueError(f"train.dataset_mix={text!r}: expected e.g. 't2i=0.6,i2t=0.3,interleaved=0.1'") from None
+
+
+def ensure_dataset(name: str, out: str, split: str, limit: int = 0, seed: int = 0, mix: str = "") -> None:
     """Build built-in dataset `name` (split) into `out` unless `out/index.json` exists."""
     if (Path(out) / "index.json").is_file():
         return
@@ -29,7 +39,7 @@ def ensure_dataset(name: str, out: str, split: str, limit: int = 0, seed: int = 
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("building %s/%s into %s (first run only)", name, split, out)
-    build_dataset(name, tmp, split=split, limit=limit or None, seed=seed)
+    build_dataset(name, tmp, split=split, limit=limit or None, seed=seed, mix=parse_mix(mix))
     if Path(out).exists():
         shutil.rmtree(out)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,9 @@ def train_classifier(source: str, image_size: int, channels: int, epochs: int = 
     if path.is_file():
         clf.load_state_dict(torch.load(path, weights_only=True))
     else:
-        _fit(clf, x, y, epochs, seed)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _fit(clf.to(dev), x.to(dev), y.to(dev), epochs, seed)
+        clf.cpu()
         tmp = path.with_suffix(".tmp")
         torch.save(clf.state_dict(), tmp)
         tmp.replace(path)
@@ -91,7 +93,7 @@ def _fit(clf, x, y, epochs: int, seed: int) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     clf.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(128):
+        for idx in torch.randperm(len(x), generator=g).to(x.device).split(128):
             loss = F.cross_entropy(clf(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -152,7 +154,7 @@ def predicted_class(answer: str, answers: list) -> int:
 
 @torch.no_grad()
 def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, guidance: float = 2.0,
-          seed: int = 0, source: str = "fashion_mnist") -> dict:
+          seed: int = 0, source: str = "fashion_mnist", temperature: float = 1.0) -> dict:
     """The three quality figures (a), (b) and the classifier's own accuracy; (c) comes from evaluate()."""
     model.eval()
     fae = model.cfg.fae
@@ -161,18 +163,20 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
         return {}
     names, t2i, question, answers = found
     clf, clf_acc = train_classifier(source, fae.image_size, fae.channels)
-    out = {"classifier_test_accuracy": clf_acc, "guidance": guidance, "samples_per_class": per_class}
+    out = {"classifier_test_accuracy": clf_acc, "guidance": guidance, "temperature": temperature,
+           "samples_per_class": per_class}
     t0 = time.time()
     per, grids = [], []
     for c, prompt in enumerate(t2i):
-        imgs, _ = sample_images(model, [prompt] * per_class, guidance=guidance, seed=seed * 1000 + c)
+        imgs, _ = sample_images(model, [prompt] * per_class, guidance=guidance, temperature=temperature,
+                                seed=seed * 1000 + c)
         per.append(float((clf(imgs.float().cpu()).argmax(1) == c).float().mean()))
         grids.append(torch.cat(list(imgs.float().cpu()), dim=-1))
     out["generation_accuracy"] = sum(per) / len(per)
     out["generation_accuracy_per_class"] = dict(zip(names, per))
     out["grid"] = (torch.cat(grids, dim=-2) + 1) / 2
     out["generation_seconds"] = time.time() - t0
-    if model.lm_head is not None:
+    if model.lm_head is not None and n_images > 0:
         x, y, _ = real_images(source, "test", fae.image_size, fae.channels)
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(x), generator=g)[:n_images]
@@ -198,7 +202,8 @@ def write_report(model, tok, cfg, out: Path, device, monitor=None) -> dict:
     if source not in ("fashion_mnist", "digits"):
         log.info("no quality report: it needs a labelled dataset with a real-data classifier (fashion_mnist, digits)")
         return {}
-    res = judge(model, tok, cfg, device, tcfg.report_samples, tcfg.report_images, tcfg.guidance, tcfg.seed, source)
+    res = judge(model, tok, cfg, device, tcfg.report_samples, tcfg.report_images, tcfg.guidance, tcfg.seed, source,
+                tcfg.sample_temperature)
     if not res:
         return {}
     grid = res.pop("grid")
@@ -210,7 +215,7 @@ def write_report(model, tok, cfg, out: Path, device, monitor=None) -> dict:
     lines = [f"megaflow quality report ({source}, {tcfg.steps} steps)",
              f"classifier (real {source} train split) test accuracy: {res['classifier_test_accuracy']:.3f}",
              f"(a) generation: {res['generation_accuracy']:.3f} of samples classified as the prompted class "
-             f"({res['samples_per_class']} per class, guidance {res['guidance']})"]
+             f"({res['samples_per_class']} per class, guidance {res['guidance']}, temperature {res['temperature']})"]
     if "understanding_accuracy" in res:
         lines.append(f"(b) understanding: {res['understanding_accuracy']:.3f} of answers name the right class")
     if res.get("test"):

@@ -182,9 +182,9 @@ def prepare_data(cfg: Config) -> None:
     from megaflow.prepare import ensure_dataset, ensure_tokenizer
     name = cfg.train.dataset
     if name:
-        ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed)
+        ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed, cfg.train.dataset_mix)
         if cfg.train.eval_data:
-            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed)
+            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed, cfg.train.dataset_mix)
     spec = cfg.data.tokenizer
     if spec.kind == "sentencepiece" and name:
         ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=10, help="samples per class prompt")
     ap.add_argument("--images", type=int, default=200, help="held-out images for understanding")
     ap.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the run's)")
+    ap.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the run's)")
+    ap.add_argument("--skip-understanding", action="store_true", help="only (a) and (c)")
     ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches for bits/dim")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -35,8 +37,10 @@ def main(argv=None) -> int:
     from megaflow.train import evaluate, load_run_tokenizer, pick_dtype
     model, tok, cfg, ckpt = load_for_inference(args.checkpoint, args.device)
     t = cfg.train
-    t = dataclasses.replace(t, report_samples=args.samples, report_images=args.images,
+    t = dataclasses.replace(t, report_samples=args.samples,
                             guidance=t.guidance if args.guidance is None else args.guidance,
+                            sample_temperature=t.sample_temperature if args.temperature is None else args.temperature,
+                            report_images=0 if args.skip_understanding else args.images,
                             eval_batches=args.eval_batches or t.eval_batches)
     cfg = dataclasses.replace(cfg, train=t)
     out = Path(args.out) if args.out else ckpt.parent.parent
