@@ -309,6 +309,27 @@ class ZeroEngine:
         from parallel.zero_checkpoint import load_zero_state
         load_zero_state(self, Path(directory))
 
+    def model_state_dict(self) -> dict:
+        """This rank's module state dict (its TP shards / PP stages, full-model names) with every
+        trainable parameter at its fp32 master value: what model.pt should hold under ZeRO (the
+        module's own parameters are bf16, or ZeRO-3 partitions). Collective over the DP group."""
+        from contextlib import nullcontext
+        from deepspeed.utils import safe_get_full_fp32_param
+        deepspeed = import_deepspeed(next(self.module.parameters()).device.type)
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params) if self.stage == 3 else nullcontext():
+            modules = self.module if self.schedule is not None else [self.module.model]
+            out = {k: v.detach().clone() for m in modules for k, v in m.state_dict().items()}
+        for name, (p, _) in self.named.items():
+            out[name] = safe_get_full_fp32_param(p).reshape(out[name].shape).clone()
+        return out
+
     def state_dict(self) -> dict:
-        """The trainer's `optim.pt` entry: sharded state goes through save(dir), not here."""
+        """What goes into the trainer's optim.pt: a marker only; the sharded state is save(dir)'s."""
         return {"zero_stage": self.stage, "sharded": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state.get("sharded"):
+            raise ValueError("optim.pt holds a plain (unsharded) optimizer state but this run uses ZeRO "
+                             f"(parallel.zero_stage={self.stage}); resume with zero_stage=0, or start the optimizer afresh")
+        # the state itself is read by load(dir), from the checkpoint's zero/ directory

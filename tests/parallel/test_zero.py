@@ -66,7 +66,8 @@ def lr(cfg: Config, step: int) -> float:
 
 def reference(cfg: Config):
     """The run without ZeRO: one process, PlainEngine, the whole batch. Returns the initial state
-    dict, per-step (loss, grad_norm), and {name: {fp32, exp_avg, exp_avg_sq}} after SAVE_AT steps."""
+    dict, per-step (loss, grad_norm), {name: {fp32, exp_avg, exp_avg_sq}} after SAVE_AT steps, and
+    the final weights."""
     from megaflow.train import PlainEngine
     model = build_model(cfg.model, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -81,7 +82,8 @@ def reference(cfg: Config):
             at_save = {n: {"fp32": p.detach().clone(), "exp_avg": opt[p]["exp_avg"].clone(),
                            "exp_avg_sq": opt[p]["exp_avg_sq"].clone()}
                        for n, p in model.named_parameters() if p.requires_grad}
-    return state, history, at_save
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return state, history, at_save, final
 
 
 def zero_engine(cfg: Config, topo: Topology, state: dict, dtype=None):
@@ -136,7 +138,7 @@ def check_state_bytes(where: str, engine, topo: Topology) -> dict:
 def check_case(cfg: Config, topo: Topology, save_dir: Path, dtype=None) -> dict:
     """Equality with the run without ZeRO, state bytes, and save -> load -> continue."""
     where = f"ZeRO-{cfg.parallel.zero_stage} {topo} {dtype or 'fp32'}"
-    state, ref_history, ref_at_save = reference(cfg)
+    state, ref_history, ref_at_save, ref_final = reference(cfg)
     engine = zero_engine(cfg, topo, state, dtype)
     if dtype is not None:
         p, _ = next(iter(engine.named.values()))
@@ -148,6 +150,12 @@ def check_case(cfg: Config, topo: Topology, save_dir: Path, dtype=None) -> dict:
     else:  # bf16 parameters and activations against the fp32 reference: bf16's rounding, 1%
         check_close(where, history, ref_history, BF16_RTOL, relative=True)
     sizes = check_state_bytes(where, engine, topo)
+    weights = engine.model_state_dict()  # fp32 master values, gathered under ZeRO-3
+    for name, w in weights.items():
+        if topo.tp == 1 and name in ref_final:
+            assert w.dtype == torch.float32, (where, name, w.dtype)
+            if dtype is None:
+                torch.testing.assert_close(w, ref_final[name], rtol=0, atol=TOL, msg=lambda m: f"{where} {name}: {m}")
     dist.barrier()
     resumed = zero_engine(cfg, topo, state, dtype)  # initial weights: load() must restore them
     resumed.load(save_dir)
@@ -172,7 +180,7 @@ def _reload_dp1(rank, world, root, histories):
     topo = Topology()
     for stage in (1, 2, 3):
         cfg = zero_config(stage)
-        state, _, _ = reference(cfg)
+        state = reference(cfg)[0]
         engine = zero_engine(cfg, topo, state)
         engine.load(Path(root) / f"zero{stage}")
         again = run_steps(engine, cfg, topo, range(SAVE_AT, STEPS))
