@@ -99,7 +99,8 @@ def _adam_step(engine) -> int:
 
 @torch.no_grad()
 def save_zero_state(engine, directory: Path) -> Path:
-    """Write this rank's optimizer shard under `directory/zero/` (every rank calls it)."""
+    """Write this rank's optimizer shard under `directory/zero/`; every rank calls it, and it returns
+    when all shards are written."""
     topo, d = engine.topo, directory / "zero"
     d.mkdir(parents=True, exist_ok=True)
     params = {}
@@ -121,6 +122,8 @@ def save_zero_state(engine, directory: Path) -> Path:
             "format": FORMAT, "zero_stage": engine.stage, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
             "files": "pp{pp_rank}_tp{tp_rank}_dp{dp_rank}.pt: {'params': {name: {start, numel, shape, tp_dim, "
                      "tp_group_rank, tp_group_size, fp32, exp_avg, exp_avg_sq}}, 'step': AdamW step}"}, indent=1))
+    if dist.is_initialized():
+        dist.barrier()  # every rank's shard is on disk when any rank returns
     return path
 
 

@@ -160,7 +160,8 @@ def check_case(cfg: Config, topo: Topology, save_dir: Path, dtype=None) -> dict:
     resumed = zero_engine(cfg, topo, state, dtype)  # initial weights: load() must restore them
     resumed.load(save_dir)
     again = run_steps(resumed, cfg, topo, range(SAVE_AT, STEPS))
-    assert [x[0] for x in again] == [x[0] for x in history[SAVE_AT:]], f"{where}: resumed {again} vs {history[SAVE_AT:]}"
+    want = history[SAVE_AT:]
+    assert [x[0] for x in again] == [x[0] for x in want], f"{where}: resumed {again} vs {want}"
     # numpy, not tensors: tensors cross the result queue through shared memory that dies with the rank
     at_save = {n: {k: v.numpy() for k, v in d.items()} for n, d in ref_at_save.items()} if topo.rank == 0 else None
     return {"history": history, "ref_at_save": at_save, **sizes}
