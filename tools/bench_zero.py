@@ -10,7 +10,7 @@ PlainEngine at PP=1, our pipeline schedule + GradBuckets at PP>1), bf16 autocast
 Stages 1-3 are parallel/zero.py's ZeroEngine: bf16 weights and gradients with --dtype bf16, fp32
 master weights and AdamW moments sharded over DP. Every row builds the same model (seed 0), runs
 --warmup + --steps full training steps (forward, backward, reduce, clip, AdamW) on the same
-synthetic interleaved batch (tests/helpers.make_batch, --rows per data-parallel rank) and reports
+synthetic interleaved batch (tests/helpers.make_batch, --rows on every data-parallel rank) and reports
 rank 0's: optimizer-state bytes (AdamW moments, + fp32 master for ZeRO), model-state memory (CUDA
 memory held after a step, over what was held before the row was built: weights, gradients left,
 optimizer state) and peak memory over the same baseline, median step time, tokens/s per GPU.
@@ -195,7 +195,8 @@ def main(argv=None):
     topo = Topology(tp=args.tp, pp=args.pp)
     cfg, rows, T, M = load(args, world)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    batch = {k: v.to(device) for k, v in make_batch(cfg.model, rows, T, M, seed=topo.dp_rank).items()}
+    # the same rows on every data-parallel rank: rank 0's loss is then the global loss in every row
+    batch = {k: v.to(device) for k, v in make_batch(cfg.model, rows, T, M, seed=0).items()}
     noise = make_noise(cfg.model, batch).to(device)
     stages = [int(s) for s in args.stages.split(",")]
     if topo.rank == 0:
