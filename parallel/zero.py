@@ -151,10 +151,11 @@ class ZeroEngine:
         else:
             self.module, self.schedule = GlobalLoss(model), None
         # full-model parameter names (as in STARFlow2.state_dict()), each parameter once
-        self.named = {}
+        self.named, seen = {}, set()
         for m in modules:
             for name, p in m.named_parameters():
-                if p.requires_grad and all(p is not q for q, _ in self.named.values()):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
                     self.named[name] = (p, m)
         tied_copy = tied.weight if tied is not None and tied.group is not None and not topo.is_first_stage else None
         mark_model_parallel(self.named, topo, tied_copy)

@@ -71,8 +71,11 @@ def mark_model_parallel(named_params: dict, topo, tied_copy=None) -> None:
     replicated parameters on TP rank 0 only (DeepSpeed's default); flow shards replicated tp/flow_tp
     times, and the LM-head copy of embeddings tied across pipeline stages, not at all
     (`ds_pipe_replicated`)."""
+    layouts = {}
     for name, (p, module) in named_params.items():
-        layout = shard_layout(module)
+        if id(module) not in layouts:
+            layouts[id(module)] = shard_layout(module)
+        layout = layouts[id(module)]
         if name in layout:
             p.tensor_model_parallel = True
             group = layout[name][1]

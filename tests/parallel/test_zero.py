@@ -47,11 +47,12 @@ def deepspeed_ops():
     import_deepspeed("cpu").get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
 
 
-def zero_config(stage: int, tp: int = 1, pp: int = 1, micro_batches: int = 1) -> Config:
+def zero_config(stage: int, tp: int = 1, pp: int = 1, micro_batches: int = 1, flow_tp: int = 0) -> Config:
     return Config(model=dataclasses.replace(tiny_config(), stage="all"),
                   data=DataConfig(image_size=8, channels=1, patch_size=2),
                   train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup=2, steps=STEPS, grad_clip=1.0, weight_decay=0.1),
-                  parallel=ParallelConfig(tp=tp, pp=pp, micro_batches=micro_batches, zero_stage=stage))
+                  parallel=ParallelConfig(tp=tp, flow_tp=flow_tp, pp=pp, micro_batches=micro_batches,
+                                          zero_stage=stage))
 
 
 def data(cfg: Config):

@@ -1,7 +1,8 @@
 """ZeRO-1 composed with pipeline and tensor parallelism, on 4 real gloo processes.
 
 Contract (the cases of tests/parallel/test_zero.py, with PP or TP): DP2xPP2 (our 1F1B schedule, two
-micro-batches, with untied and with tied embeddings) and DP2xTP2, loaded from the single-process
+micro-batches, with untied and with tied embeddings) and DP2xTP2 (flow stream split too, or
+replicated: flow_tp=1), loaded from the single-process
 model's state dict, give the same loss and gradient norm over 5 steps (1e-5; clipping active) as
 the single-process run without ZeRO. So ZeRO partitions over the data-parallel group of each
 tensor/pipeline coordinate only, reduces the schedule's accumulated gradients once per step, and
@@ -35,12 +36,14 @@ def _world4(rank, world, root):
            "pp_tied": check_case(_tied(zero_config(1, pp=2, micro_batches=2)), pp2, root / "pp_tied")}
     tp2 = Topology(tp=2)
     out["tp"] = check_case(zero_config(1, tp=2), tp2, root / "tp")
+    tp2_flow1 = Topology(tp=2, flow_tp=1)  # flow weights replicated over the TP group: counted once
+    out["tp_flow1"] = check_case(zero_config(1, tp=2, flow_tp=1), tp2_flow1, root / "tp_flow1")
     return out
 
 
 def test_zero1_dp2_pp2_and_dp2_tp2_equal_one_process(tmp_path):
     results = run_distributed(_world4, 4, str(tmp_path))
-    for case in ("pp", "pp_tied", "tp"):
+    for case in ("pp", "pp_tied", "tp", "tp_flow1"):
         ref = results[0][case]["ref_at_save"]
         if case == "pp_tied":  # the last stage's LM head is a second copy of the tied embedding
             from parallel.zero_checkpoint import read_full_state
