@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (parallel/zero.py) against one process without ZeRO, on real gloo processes.
 
-Contract, for DP=2 with ZeRO-1, ZeRO-2 and ZeRO-3 (PP=1, fp32), the model loaded from the
-single-process model's state dict:
+Contract, for DP=2 with ZeRO-1, ZeRO-2 and ZeRO-3 (PP=1, fp32; two micro-batches per step at
+ZeRO-2/3), the model loaded from the single-process model's state dict:
 - the loss of each of 5 steps (LR from lr_at with warm-up, clipping at cfg.train.grad_clip active:
   the norm is above it) equals the single-process PlainEngine's on the same global batch (1e-5),
   and so does the reported gradient norm (1e-5 relative);
@@ -171,8 +171,9 @@ def check_case(cfg: Config, topo: Topology, save_dir: Path, dtype=None) -> dict:
 def _world2(rank, world, root):
     topo = Topology()
     out = {}
-    for stage in (1, 2, 3):
-        out[stage] = check_case(zero_config(stage), topo, Path(root) / f"zero{stage}")
+    for stage in (1, 2, 3):  # ZeRO-2/3 with two micro-batches: gradients partitioned per backward, summed
+        cfg = zero_config(stage, micro_batches=1 if stage == 1 else 2)
+        out[stage] = check_case(cfg, topo, Path(root) / f"zero{stage}")
     out["bf16"] = check_case(zero_config(1), topo, Path(root) / "bf16", torch.bfloat16)
     return out
 
@@ -181,7 +182,7 @@ def _reload_dp1(rank, world, root, histories):
     """One process (dp=1) resumes each DP=2 checkpoint."""
     topo = Topology()
     for stage in (1, 2, 3):
-        cfg = zero_config(stage)
+        cfg = zero_config(stage, micro_batches=1 if stage == 1 else 2)
         state = reference(cfg)[0]
         engine = zero_engine(cfg, topo, state)
         engine.load(Path(root) / f"zero{stage}")
