@@ -137,7 +137,7 @@ class PlainEngine:
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
-        return {"loss": float(loss), "grad_norm": float(norm), **metrics}
+        return {"loss": float(loss.detach()), "grad_norm": float(norm), **metrics}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}

@@ -13,6 +13,7 @@ def test_overrides_apply_and_are_typed():
     cfg = load_config(None, ["train.lr=0.001", "model.flow.noise_std=0.1", "train.steps=7", "model.vlm.qkv_bias=true"])
     assert cfg.train.lr == 0.001 and cfg.train.steps == 7 and cfg.model.flow.noise_std == 0.1 and cfg.model.vlm.qkv_bias
     assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)  # int is a valid float
+    assert load_config(None, ["train.lr=3e-3"]).train.lr == 3e-3  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize("override,needle", [
