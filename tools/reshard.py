@@ -1,0 +1,278 @@
+"""Convert a checkpoint to another layout: single process, fp32 weights, or a Hugging Face LM.
+
+    python tools/reshard.py runs/big/checkpoints/step_001000 --out runs/big_1gpu        # (a)
+    python tools/reshard.py runs/big --export-fp32 big_fp32.safetensors                  # (b)
+    python tools/reshard.py runs/big --to-hf hf_lm/ [--hf-dtype bf16]                    # (c)
+    megaflow reshard ...                                                                  # the same
+
+The source is a checkpoint directory, or a run directory (its newest complete checkpoint). model.pt
+is always stored unsharded, so the weights need no resharding; what does is a ZeRO run's optimizer
+state, kept as per-rank pieces under zero/ (parallel/zero_checkpoint.py). `read_full_state` joins
+them (any tp / pp / dp) into full fp32 master weights and AdamW moments by parameter name.
+
+(a) `--out DIR` writes DIR/checkpoints/step_XXXXXX, a single-process checkpoint: model.pt with the
+    fp32 master weights, optim.pt in the PlainEngine's format (torch AdamW state on the parameter
+    order and groups `megaflow.optim.param_groups` gives the one-process model), config.json with the
+    parallel section reset to one process, and the source's other files (trainer.pt: step, data
+    position, history; tokenizer.*) copied. `megaflow train --config X --set train.out_dir=DIR
+    --resume` continues it in one process. Needs a ZeRO checkpoint (zero/).
+(b) `--export-fp32 FILE` (.safetensors or .pt): every tensor of model.pt in fp32, trainable ones
+    from the ZeRO master weights when the checkpoint has them. Loads with `model.load_state_dict`.
+(c) `--to-hf DIR`: the VLM stream as a transformers Llama (Qwen2 when vlm.qkv_bias) directory:
+    config.json + model.safetensors (+ the tokenizer files when the run used a Hugging Face
+    tokenizer). On text the exported LM computes exactly what our VLM stream does; on image slots
+    ours also reads the flow stream (Pretzel skip W_d), which the export leaves out.
+
+What it does not do: write a TP / PP / ZeRO-sharded checkpoint (the training engines load model.pt
+and reshard over DP themselves; a ZeRO optimizer state for another tp or pp is not written), or
+convert non-ZeRO per-rank optimizer files.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megaflow.checkpoint import CheckpointError, load_file, resolve, save_checkpoint, validate  # noqa: E402
+from megaflow.config import Config, config_from_dict, to_dict  # noqa: E402
+from megaflow.model.config import ModelConfig, SpecialTokens  # noqa: E402
+
+# Files of a checkpoint that the single-process output rewrites; everything else is copied.
+REWRITTEN = ("model.pt", "optim.pt", "config.json", "meta.json")
+
+
+# ----- reading a checkpoint --------------------------------------------------------------------
+def read_config(ckpt: Path) -> Config:
+    f = ckpt / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no config.json; it was not written by megaflow train")
+    return config_from_dict(json.loads(f.read_text()))
+
+
+def model_config(ckpt: Path, cfg: Config, state: dict) -> ModelConfig:
+    """The model config the checkpoint's weights were built with. config.json holds the run's config
+    from before `megaflow.train.with_tokenizer`; the vocabulary is read off the weights and the
+    special ids from the saved tokenizer's description, so no tokenizer has to be loaded."""
+    m = cfg.model
+    tok_file = ckpt / "tokenizer.megaflow_tokenizer.json"
+    if tok_file.is_file():
+        ids = {k: v for k, v in json.loads(tok_file.read_text()).items() if k in vars(m.tokens)}
+        m = dataclasses.replace(m, tokens=dataclasses.replace(m.tokens, **ids))
+    if m.vlm is not None and "embed_tokens.weight" in state:
+        m = dataclasses.replace(m, vlm=dataclasses.replace(m.vlm, vocab_size=state["embed_tokens.weight"].shape[0]))
+    elif m.vlm is None and "flow_embed.weight" in state:
+        m = dataclasses.replace(m, flow=dataclasses.replace(m.flow, n_cond_tokens=state["flow_embed.weight"].shape[0]))
+    return m
+
+
+def meta_model(mcfg: ModelConfig):
+    """The one-process STARFlow2 on the meta device, with its curriculum stage's requires_grad."""
+    from megaflow.model.starflow import STARFlow2, apply_stage
+    with torch.device("meta"):
+        model = STARFlow2(mcfg)
+    apply_stage(model, mcfg.stage)
+    return model
+
+
+def has_zero(ckpt: Path) -> bool:
+    return (ckpt / "zero").is_dir() and any((ckpt / "zero").glob("pp*_tp*_dp*.pt"))
+
+
+def zero_layout(ckpt: Path) -> dict:
+    f = ckpt / "zero" / "layout.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def fp32_state(ckpt: Path, zero_state: dict | None = None) -> dict:
+    """model.pt with every floating tensor in fp32; trainable ones replaced by ZeRO's fp32 masters
+    when given (a bf16 ZeRO run's model.pt may hold rounded weights)."""
+    state = load_file(ckpt, "model.pt")
+    out = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    for name, entry in (zero_state or {}).items():
+        if name == "step":
+            continue
+        if name not in out:
+            raise CheckpointError(f"the ZeRO state of {str(ckpt)!r} has {name!r}, which model.pt lacks; "
+                                  f"zero/ and model.pt come from different runs")
+        if tuple(out[name].shape) != tuple(entry["fp32"].shape):
+            raise CheckpointError(f"{name!r}: ZeRO master shape {tuple(entry['fp32'].shape)} but model.pt has "
+                                  f"{tuple(out[name].shape)}")
+        out[name] = entry["fp32"].float()
+    return out
+
+
+# ----- (a) single-process checkpoint ------------------------------------------------------------
+def single_process_optimizer(model, cfg: Config, zero_state: dict) -> dict:
+    """optim.pt of the one-process PlainEngine: its own AdamW (built by megaflow.optim on the meta
+    model, so the parameter order and groups are the ones `megaflow train` builds) with the ZeRO
+    moments and step filled in by name."""
+    from megaflow.train import PlainEngine
+    names = {id(p): n for n, p in model.named_parameters()}
+    engine = PlainEngine(model, cfg, None)
+    trainable = [p for g in engine.optimizer.param_groups for p in g["params"]]
+    want = {names[id(p)] for p in trainable}
+    have = set(zero_state) - {"step"}
+    missing = sorted(want - have)
+    if missing:
+        raise CheckpointError(f"the ZeRO optimizer state has no entry for {len(missing)} parameters that train in "
+                              f"stage {model.cfg.stage!r}, e.g. {missing[:3]}: it was written for another curriculum "
+                              f"stage or model")
+    extra = sorted(have - want - ({"lm_head.weight"} if model.cfg.vlm and model.cfg.vlm.tie_embeddings else set()))
+    if extra:  # (the last pipeline stage's copy of a tied embedding is the only expected extra)
+        raise CheckpointError(f"the ZeRO optimizer state has {len(extra)} parameters that do not train in stage "
+                              f"{model.cfg.stage!r} of this config, e.g. {extra[:3]}")
+    step = torch.tensor(float(zero_state["step"]))
+    for p in trainable:
+        entry = zero_state[names[id(p)]]
+        if tuple(entry["exp_avg"].shape) != tuple(p.shape):
+            raise CheckpointError(f"{names[id(p)]!r}: ZeRO moment shape {tuple(entry['exp_avg'].shape)} but the "
+                                  f"model has {tuple(p.shape)}")
+        engine.optimizer.state[p] = {"step": step.clone(), "exp_avg": entry["exp_avg"].float().clone(),
+                                     "exp_avg_sq": entry["exp_avg_sq"].float().clone()}
+    return engine.state_dict()
+
+
+def write_single_process(src: Path, out: Path) -> Path:
+    """(a): OUT/checkpoints/step_XXXXXX from a ZeRO checkpoint of any layout."""
+    from parallel.topology import ParallelConfig
+    from parallel.zero_checkpoint import read_full_state
+    if not has_zero(src):
+        raise CheckpointError(f"{str(src)!r} has no ZeRO optimizer shards (zero/pp*_tp*_dp*.pt): its optimizer state "
+                              f"is not ZeRO-sharded, so --out has nothing to convert; --export-fp32 and --to-hf work on it")
+    meta = validate(src)
+    cfg = read_config(src)
+    zero_state = read_full_state(src)
+    state = fp32_state(src, zero_state)
+    mcfg = model_config(src, cfg, state)
+    model = meta_model(mcfg)
+    one = dataclasses.replace(cfg, parallel=ParallelConfig(),
+                              train=dataclasses.replace(cfg.train, out_dir=str(out)))
+    optim = single_process_optimizer(model, one, zero_state)
+    if mcfg.vlm is not None and mcfg.vlm.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # one tensor, as the model holds it
+    own = set(model.state_dict())
+    if set(state) != own:
+        raise CheckpointError(f"model.pt of {str(src)!r} does not match its config.json's model: missing "
+                              f"{sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]}")
+
+    def write(d: Path):
+        torch.save(state, d / "model.pt")
+        torch.save(optim, d / "optim.pt")
+        (d / "config.json").write_text(json.dumps(to_dict(one), indent=1))
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in REWRITTEN:
+                shutil.copyfile(f, d / f.name)
+
+    layout = zero_layout(src)
+    extra = {"resharded_from": str(src.resolve()),
+             "source_layout": {k: layout.get(k) for k in ("zero_stage", "tp", "pp", "dp")}}
+    step = int(meta.get("step", zero_state["step"]))
+    # keep_last=0 keeps every checkpoint already in OUT
+    return save_checkpoint(out / "checkpoints", step, write, keep_last=0, extra_meta=extra)
+
+
+# ----- (b) fp32 weights ----------------------------------------------------------------------------
+def export_fp32(src: Path, path: Path) -> Path:
+    from parallel.zero_checkpoint import read_full_state
+    validate(src)
+    state = fp32_state(src, read_full_state(src) if has_zero(src) else None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        # safetensors refuses tensors that share memory (a tied head): store each on its own
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        torch.save(state, path)
+    else:
+        raise ValueError(f"--export-fp32 {str(path)!r}: the file name must end in .safetensors or .pt")
+    return path
+
+
+# ----- (c) Hugging Face LM -------------------------------------------------------------------------
+def hf_config(mcfg: ModelConfig, max_positions: int, dtype: torch.dtype):
+    """transformers config of the VLM stream: Llama, or Qwen2 when it has q/k/v biases."""
+    v = mcfg.vlm
+    kw = dict(vocab_size=v.vocab_size, hidden_size=v.dim, intermediate_size=v.ffn_dim, num_hidden_layers=v.n_layers,
+              num_attention_heads=v.n_heads, num_key_value_heads=v.n_kv_heads, head_dim=v.hd,
+              rms_norm_eps=v.norm_eps, rope_theta=v.rope_theta, tie_word_embeddings=v.tie_embeddings,
+              max_position_embeddings=max_positions, hidden_act="silu", bos_token_id=mcfg.tokens.bos_id,
+              eos_token_id=mcfg.tokens.eos_id, pad_token_id=mcfg.tokens.pad_id,
+              torch_dtype=str(dtype).removeprefix("torch."))
+    if v.qkv_bias:
+        from transformers import Qwen2Config
+        return Qwen2Config(use_sliding_window=False, **kw)
+    from transformers import LlamaConfig
+    return LlamaConfig(attention_bias=False, mlp_bias=False, **kw)
+
+
+def export_hf(src: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    from megaflow.hf_import import megaflow_to_hf_name
+    from parallel.zero_checkpoint import read_full_state
+    validate(src)
+    cfg = read_config(src)
+    state = fp32_state(src, read_full_state(src) if has_zero(src) else None)
+    mcfg = model_config(src, cfg, state)
+    if mcfg.vlm is None:
+        raise ValueError(f"{str(src)!r} is a TarFlow-only model (model.vlm is None): it has no language model to export")
+    r = mcfg.flow.ratio
+    weights = {}
+    for name, t in state.items():
+        if mcfg.vlm.tie_embeddings and name == "lm_head.weight":
+            continue  # HF ties it to model.embed_tokens.weight from tie_word_embeddings
+        try:
+            hf_name = megaflow_to_hf_name(name, r)
+        except ValueError:
+            continue  # flow stream, adapter, FAE, couplings: not part of the LM
+        weights[hf_name] = t.to(dtype).contiguous().clone()
+    n_want = 2 + (not mcfg.vlm.tie_embeddings) + mcfg.vlm.n_layers * (9 + 3 * mcfg.vlm.qkv_bias)
+    if len(weights) != n_want:
+        raise CheckpointError(f"found {len(weights)} VLM tensors in {str(src)!r}, a {mcfg.vlm.n_layers}-layer "
+                              f"{'Qwen2' if mcfg.vlm.qkv_bias else 'Llama'} needs {n_want}")
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config(mcfg, max(cfg.data.seq_len, mcfg.max_seq_len), dtype).save_pretrained(out)
+    from safetensors.torch import save_file
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok_meta = src / "tokenizer.megaflow_tokenizer.json"
+    is_hf_tok = (src / "tokenizer.tokenizer.json").is_file() or (
+        tok_meta.is_file() and json.loads(tok_meta.read_text()).get("kind") == "hf")
+    if is_hf_tok:  # un-flatten train.save's tokenizer.<name> files
+        for f in src.glob("tokenizer.*"):
+            shutil.copyfile(f, out / f.name[len("tokenizer."):])
+    return out
+
+
+# ----- command line ---------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megaflow reshard", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="checkpoint directory (step_XXXXXX) or a run's out_dir")
+    ap.add_argument("--out", help="write a single-process checkpoint under OUT/checkpoints/ (ZeRO sources)")
+    ap.add_argument("--export-fp32", metavar="FILE", help="write fp32 weights to FILE (.safetensors or .pt)")
+    ap.add_argument("--to-hf", metavar="DIR", help="write the VLM stream as a Hugging Face Llama/Qwen2 directory")
+    ap.add_argument("--hf-dtype", default="fp32", choices=("fp32", "bf16"), help="dtype of --to-hf's weights")
+    args = ap.parse_args(argv)
+    if not (args.out or args.export_fp32 or args.to_hf):
+        ap.error("nothing to do: give --out, --export-fp32 and/or --to-hf")
+    try:
+        src = resolve(args.checkpoint)
+        if args.out:
+            print(f"single-process checkpoint: {write_single_process(src, Path(args.out))}")
+        if args.export_fp32:
+            print(f"fp32 weights: {export_fp32(src, Path(args.export_fp32))}")
+        if args.to_hf:
+            dtype = torch.bfloat16 if args.hf_dtype == "bf16" else torch.float32
+            print(f"Hugging Face LM: {export_hf(src, Path(args.to_hf), dtype)}")
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"megaflow reshard: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
