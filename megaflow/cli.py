@@ -5,6 +5,7 @@
     megaflow info --config configs/X.yaml [--set ...] [--help-config]
     megaflow data build NAME --out DIR [...]        (data_pipeline's commands)
     megaflow fae --config configs/fae_digits.yaml   (train the FAE latent space on its own)
+    megaflow inspect|reshard|profile ...            (tools/inspect_checkpoint.py, reshard.py, profile_step.py)
 """
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ def cmd_info(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "megaflow.train", "generate": "megaflow.generate_cli", "data": "data_pipeline.cli",
-                "fae": "megaflow.model.fae_train"}
+                "fae": "megaflow.model.fae_train",
+                "inspect": "tools.inspect_checkpoint",  # checkpoint contents and checks
+                "reshard": "tools.reshard",  # ZeRO -> one process, fp32 export, VLM -> Hugging Face
+                "profile": "tools.profile_step"}  # step time, tokens/s, MFU, torch.profiler trace
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
