@@ -1,10 +1,11 @@
 """Checkpoint directories: atomic, validated, the last K kept.
 
 Layout of one checkpoint, `OUT/checkpoints/step_000123/`:
-    model.pt       full (unsharded) model state dict
-    optim.pt       optimizer state (this rank's, for sharded optimizers: see parallel/)
+    model.pt       full (unsharded) model state dict, whatever the run's TP / PP / ZeRO layout
+    optim.pt       optimizer state (one process); multi-process runs: optim.ppP_tpT.pt per
+                   tensor/pipeline coordinate, or zero/ for ZeRO (see parallel/checkpoint.py)
     trainer.pt     step, loader state, RNG states, metrics history
-    config.yaml    the run's config
+    config.json    the run's config
     tokenizer.*    the tokenizer the run used (so a checkpoint generates on its own)
     meta.json      format version, step, file list with byte sizes; written LAST
 
@@ -50,16 +51,33 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], keep_last: int = 2,
                     extra_meta: Optional[dict] = None) -> Path:
     """Create `root/step_XXXXXX` atomically. `write(tmpdir)` writes the files; meta.json is added
-    last, then the directory is renamed into place and old checkpoints beyond `keep_last` removed."""
+    last, then the directory is renamed into place and old checkpoints beyond `keep_last` removed.
+    Several processes writing one checkpoint: parallel/checkpoint.py (begin on one, write on all,
+    commit on one, with barriers between)."""
+    tmp = begin_checkpoint(root, step)
+    write(tmp)
+    return commit_checkpoint(root, tmp, step, keep_last, extra_meta)
+
+
+def begin_checkpoint(root: str | Path, step: int) -> Path:
+    """A fresh, empty temporary directory for checkpoint `step`, named after this process (so a
+    later save can tell a dead writer's leftovers, see `prune`)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    return tmp
+
+
+def commit_checkpoint(root: str | Path, tmp: Path, step: int, keep_last: int = 2,
+                      extra_meta: Optional[dict] = None) -> Path:
+    """meta.json (every file under `tmp`, sub-directories included, with its size) written last,
+    then the atomic rename to `root/step_XXXXXX`, `latest`, and pruning."""
+    root = Path(root)
+    final = root / f"step_{step:06d}"
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     meta = {"format": FORMAT, "step": step, "time": time.time(), "files": files, **(extra_meta or {})}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     _fsync_dir(tmp)

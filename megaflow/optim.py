@@ -18,17 +18,29 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """Trainable parameters split into decayed (matrices) and not decayed (norms, biases,
-    embeddings, the flow start token)."""
+    embeddings, the flow start token).
+
+    Decay follows a parameter's role, not the name one process happens to see: an LM head tied to
+    the token embedding is the embedding (no decay), also on a pipeline's last stage, where the tied
+    copy is a separate tensor named `lm_head.weight` (parallel/pipeline.py TiedEmbeddings). Any
+    wrapper (DeepSpeed's, a ModuleList of stages) is fine: roles come from the STARFlow2 (views) inside."""
+    tied_heads = {id(m.lm_head.weight) for m in model.modules()
+                  if getattr(m, "lm_head", None) is not None and _ties_embeddings(m)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or "embed" in name:
+        if p.dim() < 2 or "embed" in name or id(p) in tied_heads:
             no_decay.append(p)
         else:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def _ties_embeddings(module) -> bool:
+    vlm = getattr(getattr(module, "cfg", None), "vlm", None)
+    return bool(vlm is not None and getattr(vlm, "tie_embeddings", False))
 
 
 def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:

@@ -117,8 +117,12 @@ def load_model_state(model, state: dict, strict: bool = True) -> None:
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-# ----- one engine: plain PyTorch (single process, or data parallel over gloo/NCCL) ------------------------
+# ----- one engine: plain PyTorch (one process; multi-process runs use parallel/engine.py or zero.py) --
 class PlainEngine:
+    """Forward, backward, clip, AdamW. With `dp_group`, a data-parallel replica: the loss is
+    normalised by the GLOBAL counts (summed over the group before the forward) and the gradients are
+    SUMMED, so DP equals one process on the concatenated batch exactly (parallel/pipeline_step.py)."""
+
     def __init__(self, model, cfg: Config, dtype, dp_group=None):
         self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
         self.optimizer = build_optimizer(model, cfg.train)
@@ -128,16 +132,39 @@ class PlainEngine:
         self.model.train()
         set_lr(self.optimizer, lr)
         with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss, metrics = self.model(batch, noise, keep)
+            if self.dp_group is None:
+                loss, metrics = self.model(batch, noise, keep)
+            else:
+                loss, metrics = self._global_loss(batch, noise, keep)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.dp_group is not None:
             from parallel.data_parallel import allreduce_gradients
-            allreduce_gradients(self.params, self.dp_group)
+            allreduce_gradients(self.params, self.dp_group, average=False)
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(norm), **metrics}
+        value = metrics.pop("global_loss", float(loss.detach()))
+        return {"loss": value, "grad_norm": float(norm), **metrics}
+
+    def _global_loss(self, batch: dict, noise, keep):
+        """This replica's share of the global-batch loss; the returned loss and metrics are global."""
+        import torch.distributed as dist
+        from megaflow.model.starflow import metrics_from
+        from parallel.pipeline_step import TERM_KEYS, global_counts
+        m = self.model
+        counts = global_counts(m, batch, self.dp_group)
+        ctx = m.context(batch, keep)
+        state = m.embed(batch, ctx, noise)
+        for unit in m.units.values():
+            state = unit(state, ctx)
+        terms = m.loss_terms(state, batch)
+        loss = m.combine(terms, counts)
+        totals = torch.stack([loss.detach().double()] + [terms[k].detach().double() if k in terms
+                                                         else loss.new_zeros((), dtype=torch.float64) for k in TERM_KEYS])
+        dist.all_reduce(totals, group=self.dp_group)
+        summed = {k: totals[1 + j] for j, k in enumerate(TERM_KEYS) if k in terms}
+        return loss, {**metrics_from(summed, counts, m.cfg), "global_loss": float(totals[0])}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
@@ -190,10 +217,24 @@ def prepare_data(cfg: Config) -> None:
         ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)
 
 
-def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list, tok) -> Path:
+def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list, tok, topo=None) -> Path:
+    """One checkpoint. Multi-process (`topo`): collective, every rank calls it (parallel/checkpoint.py);
+    model.pt is the full model in the one-process format either way."""
+    main_rank = topo is None or topo.rank == 0
+    if topo is None:
+        state = model.state_dict()
+    else:
+        from parallel.checkpoint import full_model_state, layout_of, save_distributed, save_optimizer
+        state = full_model_state(model, engine, topo)
+
     def write(d: Path):
-        torch.save(model.state_dict(), d / "model.pt")
-        torch.save(engine.state_dict(), d / "optim.pt")
+        if topo is None:
+            torch.save(engine.state_dict(), d / "optim.pt")
+        else:
+            save_optimizer(engine, d, topo, layout_of(topo, cfg.parallel))
+        if not main_rank:
+            return
+        torch.save(state, d / "model.pt")
         torch.save({"step": step, "loader": loader.state_dict(), "history": history,
                     "torch_rng": torch.get_rng_state()}, d / "trainer.pt")
         (d / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -202,73 +243,159 @@ def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list
         for f in tokdir.iterdir():  # flatten so meta.json lists every file
             os.replace(f, d / f"tokenizer.{f.name}")
         tokdir.rmdir()
-    return save_checkpoint(out / "checkpoints", step, write, cfg.train.keep_last)
+    if topo is None:
+        return save_checkpoint(out / "checkpoints", step, write, cfg.train.keep_last)
+    return save_distributed(out / "checkpoints", step, write, cfg.train.keep_last, topo,
+                            {"parallel": layout_of(topo, cfg.parallel)})
+
+
+def setup_processes(cfg: Config, device: torch.device):
+    """(device, topology): the topology is None for one process. Under torchrun / srun with more than
+    one process: the process group, this rank's device and the TP x DP x PP topology."""
+    from parallel.runtime import check_layout, init_distributed, launch_env
+    from parallel.topology import Topology
+    launch = launch_env()
+    p = cfg.parallel
+    if launch is None:
+        if p.tp * p.pp > 1 or p.zero_stage:
+            raise ConfigError(f"parallel.tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage} need several processes: "
+                              f"launch with torchrun --nproc_per_node N (N a multiple of tp * pp = {p.tp * p.pp}) "
+                              f"or srun, or set them to 1 / 0")
+        return device, None
+    try:
+        check_layout(p, launch.world_size)  # before any group exists: the error, not a hang
+        device = init_distributed(launch, device)
+        return device, Topology(tp=p.tp, pp=p.pp, flow_tp=p.flow_tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
+    """(model, engine) of this rank: the full model is loaded from `ckpt` (or built the one-process
+    way for init_from / hf_lm) and sliced, else initialised per stage (parallel/runtime.py)."""
+    from parallel.runtime import build_engine, build_stages
+    full = None
+    if ckpt is not None:
+        full = load_file(ckpt, "model.pt")
+    elif cfg.train.init_from or cfg.train.hf_lm:
+        full = build(cfg, tok, torch.device("cpu")).state_dict()
+    model, stages, tied = build_stages(with_tokenizer(cfg.model, tok), cfg.parallel, topo, device, cfg.train.seed,
+                                       full, cfg.data.seq_len)
+    return model, build_engine(cfg, model, stages, tied, topo, dtype)
 
 
 def run(cfg: Config, resume: bool = False) -> dict:
     tcfg = cfg.train
     out = Path(tcfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    device = pick_device(tcfg.device)
-    dtype = pick_dtype(tcfg.dtype, device)
-    prepare_data(cfg)
-    tok = load_run_tokenizer(cfg)
-    from data_pipeline.loader import build_loader
-    loader = build_loader(cfg.data, tok, 0, 1)
+    device, topo = setup_processes(cfg, pick_device(tcfg.device))
+    try:
+        return _run(cfg, resume, out, device, topo)
+    finally:
+        if topo is not None:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
-    ckpt = find_latest(out / "checkpoints") if resume else None
-    if resume and ckpt is None:
+
+def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
+    from parallel.runtime import barrier, broadcast_value
+    tcfg = cfg.train
+    main_rank = topo is None or topo.rank == 0
+    dtype = pick_dtype(tcfg.dtype, device)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_data(cfg)
+    barrier(topo)  # the data and tokenizer exist before any rank reads them
+    tok = load_run_tokenizer(cfg)
+    dp_rank, dp = (topo.dp_rank, topo.dp) if topo is not None else (0, 1)
+    from data_pipeline.loader import build_loader
+    loader = build_loader(cfg.data, tok, dp_rank, dp)
+
+    ckpt = broadcast_value(find_latest(out / "checkpoints") if resume and main_rank else None, topo)
+    if resume and ckpt is None and main_rank:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / "checkpoints")
-    model = build(cfg, tok, device, ckpt)
-    engine = PlainEngine(model, cfg, dtype)
+    if topo is None:
+        if ckpt is not None and validate(ckpt).get("parallel"):
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} was written by a run with {validate(ckpt)['parallel']}; "
+                                  f"resume it with the same launch, or start from its weights with "
+                                  f"--set train.init_from={ckpt}")
+        model = build(cfg, tok, device, ckpt)
+        engine = PlainEngine(model, cfg, dtype)
+        if ckpt is not None:
+            engine.load_state_dict(load_file(ckpt, "optim.pt"))
+    else:
+        from parallel.checkpoint import layout_of, load_optimizer
+        model, engine = build_parallel(cfg, tok, device, dtype, topo, ckpt)
+        if ckpt is not None:
+            load_optimizer(engine, ckpt, topo, layout_of(topo, cfg.parallel))
+        if main_rank:
+            log.info("%d processes: %s", topo.world_size, layout_of(topo, cfg.parallel))
     start, history = 0, []
     if ckpt is not None:
-        engine.load_state_dict(load_file(ckpt, "optim.pt"))
         trainer = load_file(ckpt, "trainer.pt")
         start, history = trainer["step"], trainer["history"]
         loader.load_state_dict(trainer["loader"])
         torch.set_rng_state(trainer["torch_rng"])
-        log.info("resumed from %s at step %d", ckpt, start)
+        if main_rank:
+            log.info("resumed from %s at step %d", ckpt, start)
 
-    from megaflow.monitor import Monitor
-    mon = Monitor(out, cfg, model, total=tcfg.steps, start=start)
-    eval_loader = None
-    if tcfg.eval_data:
-        eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
+    # evaluation, samples and the report need the whole model in this process: one process, or
+    # rank 0 of a data-parallel-only run (not ZeRO-3, whose weights are partitioned)
+    whole = model if topo is None or (topo.tp == topo.pp == 1 and cfg.parallel.zero_stage < 3) else None
+    if whole is None and main_rank and (tcfg.eval_data or tcfg.sample_every or tcfg.report):
+        log.warning("evaluation, sample grids and the report are skipped with tp=%d, pp=%d, zero_stage=%d (they "
+                    "need the whole model in one process); run them from the checkpoint (megaflow generate)",
+                    topo.tp, topo.pp, cfg.parallel.zero_stage)
+    mon = eval_loader = None
+    if main_rank:
+        from megaflow.monitor import Monitor
+        mon = Monitor(out, cfg, model, total=tcfg.steps, start=start)
+        if tcfg.eval_data and whole is not None:
+            eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
     batches = _forever(loader)
     t_start = time.time()
     step = start
     metrics: dict = {}
     for step in range(start, tcfg.steps):
         batch = to_device(next(batches), device)
-        noise, keep = step_randomness(cfg, model.cfg, batch, step, 0, device)
+        noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)
         lr = lr_at(step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps)
         metrics = engine.train_step(batch, noise, keep, lr)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower train.lr (now {tcfg.lr}) "
                                      f"or check the data; the last good checkpoint is in {out / 'checkpoints'}")
         history.append({"step": step + 1, "loss": metrics["loss"]})
-        mon.step(step + 1, batch, metrics, lr)
-        done = step + 1 == tcfg.steps or (tcfg.max_minutes and time.time() - t_start > 60 * tcfg.max_minutes)
+        if mon is not None:
+            mon.step(step + 1, batch, metrics, lr)
+        over_time = bool(tcfg.max_minutes) and time.time() - t_start > 60 * tcfg.max_minutes
+        if tcfg.max_minutes:
+            over_time = broadcast_value(over_time, topo)  # every rank stops where rank 0's clock says
+        done = step + 1 == tcfg.steps or over_time
         if eval_loader is not None and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done):
-            mon.eval(step + 1, evaluate(model, eval_loader, cfg, device, dtype, tcfg.eval_batches))
+            mon.eval(step + 1, evaluate(whole, eval_loader, cfg, device, dtype, tcfg.eval_batches))
         if tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done):
-            save(out, step + 1, cfg, model, engine, loader, history, tok)
-        if tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
-            mon.samples(step + 1, model, tok, cfg)
+            save(out, step + 1, cfg, model, engine, loader, history, tok, topo)
+        if mon is not None and whole is not None and tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
+            mon.samples(step + 1, whole, tok, cfg)
         if done:
             break
     result = {"steps": step + 1, "train": metrics, "minutes": (time.time() - t_start) / 60}
-    if tcfg.report:
+    if topo is not None:
+        result["parallel"] = {"world_size": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
+                              "zero_stage": cfg.parallel.zero_stage}
+    if tcfg.report and main_rank and whole is not None:
         from megaflow.quality import write_report
-        result["report"] = write_report(model, tok, cfg, out, device, mon)
-    mon.close()
+        result["report"] = write_report(whole, tok, cfg, out, device, mon)
+    if mon is not None:
+        mon.close()
     loader.close()
     if eval_loader is not None:
         eval_loader.close()
-    (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
+    if main_rank:
+        (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
+    barrier(topo)
     return result
 
 
@@ -291,14 +418,17 @@ def main(argv=None) -> int:
                     help="override a config value, e.g. --set train.steps=100 (see `megaflow info --help-config`)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.out_dir")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # other ranks: warnings only
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config or str(DEFAULT_CONFIG), args.overrides)
         result = run(cfg, resume=args.resume)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"megaflow train: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in result.items() if k != "report"}, default=float))
+    if rank == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "report"}, default=float))
     return 0
 
 

@@ -1,0 +1,125 @@
+"""The training engine without ZeRO for any TP x PP x DP layout: our pipeline schedule (one stage
+when pp == 1), a bucketed data-parallel gradient SUM, a gradient-norm clip that counts every element
+of the model once across TP and PP, and AdamW. Same interface as megaflow.train.PlainEngine and
+parallel.zero.ZeroEngine: `train_step(batch, noise, keep, lr)` -> {'loss', 'grad_norm', metrics}.
+
+Exactness. The loss of each micro-batch is normalised by the step's GLOBAL counts (summed over DP
+before any forward, parallel/pipeline_step.py), so the DP sum of the gradients is the gradient of
+the global batch and a DP run equals one process on the concatenated batch. The clipping norm is
+the single-process one: squares of TP shards summed over the TP group (a flow shard replicated
+tp / flow_tp times counted once), replicated parameters counted on TP rank 0 only, the last
+stage's copy of an embedding tied across stages not at all; then summed over the pipeline. That
+is `zero_mpu.mark_model_parallel`'s rule, applied here without DeepSpeed.
+
+Not here: building and loading the stages (parallel/runtime.py), checkpoint files
+(parallel/checkpoint.py), ZeRO (parallel/zero.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megaflow.optim import param_groups, set_lr
+from parallel.checkpoint_tp import shard_layout
+from parallel.data_parallel import GradBuckets
+from parallel.pipeline import stage_parameters
+from parallel.pipeline_step import PipelineSchedule
+
+
+def norm_counted(stages: list, topo, tied=None) -> dict:
+    """{id(parameter): True if this rank counts it in the global gradient norm}."""
+    tied_copy = tied.weight if tied is not None and tied.group is not None and not topo.is_first_stage else None
+    counted = {}
+    for st in stages:
+        layout = shard_layout(st.module)
+        for name, p in st.module.named_parameters():
+            if name in layout:
+                group = layout[name][1]
+                flow_replica = group is topo.flow_tp_group and topo.flow_tp < topo.tp and topo.tp_rank >= topo.flow_tp
+                counted[id(p)] = not flow_replica
+            else:
+                counted[id(p)] = topo.tp_rank == 0
+    if tied_copy is not None:
+        counted[id(tied_copy)] = False
+    return counted
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list, counted: dict, max_norm: float, topo) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over a model split by TP and PP (see the file docstring):
+    returns the global norm and scales every local gradient by min(1, max_norm / (norm + 1e-6))."""
+    grads = [p.grad for p in params if p.grad is not None]
+    mine = [p.grad for p in params if p.grad is not None and counted[id(p)]]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    if mine:
+        sq = torch.stack(torch._foreach_norm(mine)).float().pow(2).sum()
+    for group, size in ((topo.tp_group, topo.tp), (topo.pp_group, topo.pp)):
+        if group is not None and size > 1:
+            dist.all_reduce(sq, group=group)
+    norm = sq.sqrt()
+    if max_norm > 0 and grads:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return norm
+
+
+class ParallelEngine:
+    """One optimizer step per `train_step` over this rank's pipeline stages (loaded or initialised).
+
+    stages  parallel.pipeline.split_stages(...) of this rank, materialised
+    cfg     the run's Config (train: optimizer, grad_clip; parallel: schedule, micro_batches)
+    dtype   autocast dtype or None (fp32)
+    topo    parallel.topology.Topology of this rank
+    tied    parallel.pipeline.TiedEmbeddings (every rank constructs it)
+    """
+
+    def __init__(self, stages: list, cfg, dtype, topo, tied=None, bucket_mb: float = 25.0):
+        self.stages, self.cfg, self.dtype, self.topo = stages, cfg, dtype, topo
+        pcfg, tcfg = cfg.parallel, cfg.train
+        self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied)
+        self.params = stage_parameters(stages)
+        if not self.params:
+            raise ValueError("no trainable parameters on this rank in this curriculum stage; check model.stage")
+        self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb)
+        self.counted = norm_counted(stages, topo, tied)
+        groups = param_groups(nn.ModuleList([st.module for st in stages]), tcfg.weight_decay)
+        device = self.params[0].device
+        self.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                                           **({"fused": True} if device.type == "cuda" else {}))
+
+    def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
+        for st in self.stages:
+            st.module.train()
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss, metrics = self.schedule.step(batch, noise, keep)
+        self.buckets.all_reduce()
+        norm = clip_grad_norm(self.params, self.counted, self.cfg.train.grad_clip, self.topo)
+        self.optimizer.step()
+        return {"loss": float(loss), "grad_norm": float(norm), **{k: float(v) for k, v in metrics.items()}}
+
+    def model_state_dict(self) -> dict:
+        """This rank's entries of the model state dict (full-model names, TP shards)."""
+        out = {}
+        for st in self.stages:
+            out.update({k: v.detach() for k, v in st.module.state_dict().items()})
+        return out
+
+    def state_dict(self) -> dict:
+        """This rank's optimizer state (identical on the DP replicas of one TP x PP coordinate)."""
+        t = self.topo
+        return {"optimizer": self.optimizer.state_dict(), "tp": t.tp, "pp": t.pp, "flow_tp": t.flow_tp,
+                "tp_rank": t.tp_rank, "pp_rank": t.pp_rank, "n_params": len(self.params)}
+
+    def load_state_dict(self, state: dict) -> None:
+        t = self.topo
+        saved = (state.get("tp"), state.get("pp"), state.get("flow_tp"))
+        if saved != (t.tp, t.pp, t.flow_tp) or state.get("n_params") != len(self.params):
+            raise ValueError(f"the optimizer state was saved with tp, pp, flow_tp = {saved} and "
+                             f"{state.get('n_params')} parameters on this coordinate; this run has "
+                             f"{(t.tp, t.pp, t.flow_tp)} and {len(self.params)}: resume with the same "
+                             f"parallel.tp / pp / flow_tp (the data-parallel degree may change)")
+        self.optimizer.load_state_dict(state["optimizer"])
