@@ -1,0 +1,70 @@
+"""tools/profile_step.py (`megaflow profile`) on CPU with configs/tiny.yaml.
+
+Contract: 2 warm-up + 3 timed steps of the real PlainEngine step report, in the printed table and
+the --json file, a positive median step time (between the min and the max), tokens/s equal to
+rows x seq_len / step time, positive images/s, model TFLOP/s equal to monitor.step_flops of the
+batch / step time, MFU = TFLOP/s / --peak-tflops (and null without a peak on CPU), a positive peak
+memory and a finite loss; --trace writes a chrome trace that parses as JSON with events, and a
+top-ops table. The synthetic batch follows the batch contract: no padding, image slots exactly
+where image_mask says, no target is an image slot. More images than data.max_images, or than fit in seq_len, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from megaflow.cli import main as cli_main
+from megaflow.config import load_config
+from tools.profile_step import main, synthetic_batch
+
+
+def test_profile_tiny_on_cpu_with_trace(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    argv = ["--config", "configs/tiny.yaml", "--device", "cpu", "--warmup", "2", "--steps", "3",
+            "--peak-tflops", "1", "--trace", str(tmp_path / "trace"), "--json", str(out)]
+    assert cli_main(["profile", *argv]) == 0
+    text = capsys.readouterr().out
+    for want in ("step time", "tokens/s", "images/s", "model TFLOP/s", "MFU", "peak memory", "Self CPU"):
+        assert want in text, want
+    r = json.loads(out.read_text())
+    assert r["steps"] == 3 and r["warmup"] == 2 and r["rows"] == 3 and r["seq_len"] == 128
+    assert 0 < r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]
+    assert math.isclose(r["tokens_per_s"], 3 * 128 / r["step_time_s"], rel_tol=1e-9)
+    assert r["images_per_s"] > 0 and r["images_per_step"] == 9  # 3 per row: half of 128 tokens / (16 + 2)
+    assert r["model_tflops"] > 0 and math.isclose(r["mfu"], r["model_tflops"], rel_tol=1e-9)  # peak 1 TFLOP/s
+    assert math.isclose(r["model_tflops"], r["model_tflop_per_step"] / r["step_time_s"], rel_tol=1e-9)
+    assert r["peak_memory_gib"] > 0 and math.isfinite(r["last_loss"])
+    trace = json.loads((tmp_path / "trace" / "trace.json").read_text())
+    assert len(trace["traceEvents"]) > 100
+    assert "aten::mm" in (tmp_path / "trace" / "top_ops.txt").read_text()
+
+
+def test_no_peak_on_cpu_means_no_mfu_and_bad_images_exit_2(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["--config", "configs/tiny.yaml", "--device", "cpu", "--warmup", "0", "--steps", "1",
+                 "--images-per-row", "0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["mfu"] is None and r["images_per_s"] == 0 and r["tokens_per_s"] > 0
+    assert "pass --peak-tflops" in capsys.readouterr().out
+    assert main(["--config", "configs/tiny.yaml", "--device", "cpu", "--images-per-row", "5"]) == 2
+    assert "more than data.max_images=4" in capsys.readouterr().err
+    assert main(["--config", "configs/tiny.yaml", "--set", "data.max_images=8", "--images-per-row", "8"]) == 2
+    assert "do not fit in seq_len=128" in capsys.readouterr().err
+
+
+def test_synthetic_batch_follows_the_batch_contract():
+    from megaflow.monitor import step_flops
+    from megaflow.model.starflow import build_model
+    m = load_config("configs/tiny.yaml").model
+    b = synthetic_batch(m, rows=2, seq_len=128, images_per_row=3)
+    t, N = m.tokens, m.fae.n_tokens
+    assert b["tokens"].shape == (2, 128) and not (b["tokens"] == t.pad_id).any()
+    assert torch.equal(b["image_mask"], b["tokens"] == t.image_id)
+    assert int(b["image_mask"].sum()) == 2 * 3 * N and int((b["tokens"] == t.boi_id).sum()) == 6
+    assert (b["targets"][:, :-1] == torch.where(b["image_mask"][:, 1:], -100, b["tokens"][:, 1:])).all()
+    assert b["images"].shape == (2, 3, 1, 8, 8) and b["image_valid"].all()
+    model = build_model(m)
+    loss, _ = model(b, torch.randn(2, 3, N, m.fae.latent_dim))
+    assert torch.isfinite(loss) and step_flops(model, b) > 0
