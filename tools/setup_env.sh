@@ -23,9 +23,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, deepspeed, sentencepiece, yaml, transformers; import data_pipeline.streaming_compat" \
+# pip, quietly, without the "Location ... is ignored" noise of this machine's pip config; its exit code kept
+pipq() {
+  local rc=0 log; log=$(mktemp)
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" || true
+  rm -f "$log"
+  return "$rc"
+}
+pipq -r requirements.txt
+pipq --no-deps -r requirements-nodeps.txt
+pipq --no-deps --no-build-isolation -e .
+DS_ACCELERATOR=cpu .venv/bin/python -c "import torch, deepspeed, sentencepiece, yaml, transformers; import data_pipeline.streaming_compat" 2>/dev/null \
   || { echo "setup: the environment is incomplete (see the pip output above)" >&2; exit 1; }
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
