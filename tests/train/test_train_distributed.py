@@ -1,0 +1,156 @@
+"""`megaflow train` under torchrun (2 gloo processes on CPU, configs/tiny.yaml), the way a user runs it.
+
+Each run is a real `torchrun --nproc_per_node 2 -m megaflow.cli train ...`; losses come from the
+history in the run's checkpoints (every rank reports the global loss; rank 0 writes it).
+Resume is tested by copying the step-3 checkpoint of an uninterrupted 6-step run into a fresh run
+directory and resuming it to step 6: steps 4..6 must repeat the uninterrupted run's.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.conftest import REPO, megaflow, train_args
+
+TORCHRUN = REPO / ".venv" / "bin" / "torchrun"
+STEPS = ["train.steps=6", "train.save_every=3", "train.keep_last=5", "train.eval_data="]
+
+
+def torchrun(sets: list, out: Path, *more: str, resume: bool = False, check: bool = True):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
+    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "megaflow.cli",
+            *map(str, train_args(sets, out, *STEPS, *more)), *(["--resume"] if resume else [])]
+    res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and res.returncode != 0:
+        raise AssertionError(f"torchrun exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def _load(ckpt: Path, name: str):
+    return torch.load(ckpt / name, map_location="cpu", weights_only=False)
+
+
+def _losses(out: Path, step: int = 6) -> list:
+    return [h["loss"] for h in _load(out / "checkpoints" / f"step_{step:06d}", "trainer.pt")["history"]]
+
+
+def _resume_from_step3(sets: list, whole: Path, split: Path, *more: str):
+    """Resume a copy of `whole`'s step-3 checkpoint to step 6; returns the torchrun result."""
+    (split / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "step_000003", split / "checkpoints" / "step_000003")
+    res = torchrun(sets, split, *more, resume=True)
+    assert "at step 3" in res.stderr, res.stderr[-2000:]
+    return res
+
+
+def _assert_same_run(whole: Path, split: Path, tol: float):
+    a, b = _losses(whole), _losses(split)
+    assert len(a) == len(b) == 6 and a[:3] == b[:3]
+    assert max(abs(x - y) for x, y in zip(a[3:], b[3:])) <= tol, (a, b)
+    wa = _load(whole / "checkpoints" / "step_000006", "model.pt")
+    wb = _load(split / "checkpoints" / "step_000006", "model.pt")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) <= tol
+    moved = _load(split / "checkpoints" / "step_000003", "model.pt")
+    assert any(not torch.equal(moved[k], wb[k]) for k in wb), "the resumed run did not train"
+
+
+def _reference_dp2(sets: list, steps: int):
+    """One process, PlainEngine, on the GLOBAL batch of a DP=2 run: each step the rows of dp rank 0
+    then dp rank 1 (their own loaders), with each rank's noise and condition mask."""
+    from data_pipeline.loader import build_loader
+    from megaflow.config import load_config
+    from megaflow.optim import lr_at
+    from megaflow.train import PlainEngine, build, load_run_tokenizer, step_randomness
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [*sets, *STEPS])
+    tok = load_run_tokenizer(cfg)
+    per_rank = []
+    for r in range(2):  # one loader at a time: each owns its Streaming shared memory
+        with build_loader(cfg.data, tok, r, 2) as loader:
+            it = iter(loader)
+            per_rank.append([next(it) for _ in range(steps)])
+    model = build(cfg, tok, torch.device("cpu"))
+    engine = PlainEngine(model, cfg, None)
+    losses = []
+    for s in range(steps):
+        parts = [per_rank[r][s] for r in range(2)]
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        rand = [step_randomness(cfg, model.cfg, p, s, r, "cpu") for r, p in enumerate(parts)]
+        noise, keep = torch.cat([n for n, _ in rand]), torch.cat([k for _, k in rand])
+        t = cfg.train
+        losses.append(engine.train_step(batch, noise, keep, lr_at(s, t.lr, t.min_lr, t.warmup, t.steps))["loss"])
+    return losses, model.state_dict()
+
+
+def _single_process_loss(ckpt: Path, step: int, dp_size: int = 1):
+    """The loss of `step` (0-based) computed in ONE process from checkpoint `ckpt` (loaded with
+    megaflow.inference.load_for_inference), on the batch the run's loader gives next."""
+    from data_pipeline.loader import build_loader
+    from megaflow.inference import load_for_inference
+    from megaflow.train import step_randomness
+    model, tok, cfg, _ = load_for_inference(ckpt)
+    with build_loader(cfg.data, tok, 0, dp_size) as loader:
+        loader.load_state_dict(_load(ckpt, "trainer.pt")["loader"])
+        batch = next(iter(loader))
+    noise, keep = step_randomness(cfg, model.cfg, batch, step, 0, "cpu")
+    with torch.no_grad():
+        loss, _ = model(batch, noise, keep)
+    return float(loss)
+
+
+def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
+    """Contract: DP=2 (`torchrun --nproc_per_node 2`, ParallelEngine) gives, at every one of 6 steps,
+    the loss (1e-5) of ONE process (PlainEngine, the same seed-0 init) trained on the global batch,
+    i.e. the two ranks' batches concatenated, with each rank's noise and condition mask; the final
+    weights agree to 1e-5. So the loss is normalised by global counts, the gradients are summed
+    (not averaged) over DP, the clip uses the global norm and each rank reads its own data shard.
+    ZeRO-1 on the same launch (DeepSpeed reduces, clips and steps) gives the same losses (1e-5), and
+    its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights."""
+    dp = tmp_path / "dp"
+    torchrun(tiny_sets, dp)
+    ref_losses, ref_weights = _reference_dp2(tiny_sets, 6)
+    got = _losses(dp)
+    assert max(abs(a - b) for a, b in zip(got, ref_losses)) < 1e-5, (got, ref_losses)
+    weights = _load(dp / "checkpoints" / "step_000006", "model.pt")
+    assert max(float((weights[k] - ref_weights[k]).abs().max()) for k in ref_weights) < 1e-5
+
+    zero, zero_split = tmp_path / "zero", tmp_path / "zero_split"
+    torchrun(tiny_sets, zero, "parallel.zero_stage=1")
+    assert (zero / "checkpoints" / "step_000003" / "zero").is_dir()
+    assert max(abs(a - b) for a, b in zip(_losses(zero), got)) < 1e-5, (_losses(zero), got)
+    _resume_from_step3(tiny_sets, zero, zero_split, "parallel.zero_stage=1")
+    _assert_same_run(zero, zero_split, 1e-6)
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_tp2_and_pp2_resume_and_load_in_one_process(tiny_sets, tmp_path, layout):
+    """Contract: TP=2 (flow stream split too) and PP=2 (1F1B, 2 micro-batches) train 6 steps with a
+    checkpoint at step 3; resuming that checkpoint repeats steps 4..6 (loss and final weights within
+    1e-6 on CPU). The checkpoint's model.pt is the full one-process state dict: it loads in a single
+    process with megaflow.inference.load_for_inference, and the loss of that model on step 4's batch
+    (the loader position saved in the checkpoint, the same noise) equals the distributed run's
+    step-4 loss (1e-5)."""
+    more = [layout] + (["parallel.micro_batches=3"] if layout.endswith("pp=2") else [])
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    torchrun(tiny_sets, whole, *more)
+    res = _resume_from_step3(tiny_sets, whole, split, *more)
+    assert "pipeline layout:" in res.stdout
+    _assert_same_run(whole, split, 1e-6)
+    ckpt = whole / "checkpoints" / "step_000003"
+    one = _single_process_loss(ckpt, 3)
+    assert abs(one - _losses(whole)[3]) < 1e-5, (one, _losses(whole)[3])
+
+
+def test_layout_errors_name_what_to_launch(tiny_sets, tmp_path):
+    """Contract: a layout the launch cannot hold fails before training with exit code 2 and a message
+    naming the degrees and what to launch: tp=2 in one process, pp=3 on 2 processes."""
+    res = megaflow(*train_args(tiny_sets, tmp_path / "one", "parallel.tp=2"), check=False)
+    assert res.returncode == 2 and "need several processes" in res.stderr and "torchrun" in res.stderr
+    res = torchrun(tiny_sets, tmp_path / "two", "parallel.pp=3", check=False)
+    assert res.returncode != 0 and "parallel.pp=3" in res.stderr and "multiple of tp * pp = 3" in res.stderr
