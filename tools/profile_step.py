@@ -11,7 +11,8 @@ train.dtype says), for --warmup untimed steps, then --steps timed ones. The batc
 shapes: data.batch_size rows of data.seq_len tokens, every position a real token of one document
 per row (no padding), with --images-per-row images of fae.n_tokens latent slots each (default:
 about half of the row, at most data.max_images); `--real-data` reads batches from data.local with
-the run's tokenizer instead. MFU = model FLOP/s (megaflow.monitor.step_flops: 6 x matmul
+the run's tokenizer instead. tokens/s counts non-padding positions (megaflow.monitor's rule; all of
+them in the synthetic batch). MFU = model FLOP/s (megaflow.monitor.step_flops: 6 x matmul
 multiply-adds per token + attention) / the device's peak dense bf16 FLOP/s (monitor.peak_flops,
 or --peak-tflops); on a CPU or an unknown GPU it is reported as null unless --peak-tflops is given.
 Peak memory: CUDA's max allocated over the timed steps; on CPU the process's peak resident set.
@@ -145,7 +146,7 @@ def profile(args) -> dict:
     for _ in range(args.steps):
         dt, batch, out = step()
         times.append(dt)
-        tokens.append(batch["tokens"].numel())
+        tokens.append(int((batch["doc_ids"] >= 0).sum()))  # non-pad positions, as megaflow.monitor counts
         images.append(int(batch["image_valid"].sum()))
         flops.append(step_flops(model, batch))
     med = statistics.median(times)

@@ -29,6 +29,7 @@ from megaflow.optim import lr_at
 from parallel.topology import ParallelConfig, Topology
 from tests.distributed import run_distributed
 from tests.helpers import make_batch, make_noise, tiny_config
+from tests.train.test_hf_parity import vlm_logits  # our VLM stream's text logits, as the HF import test reads them
 from tools import reshard
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,18 +133,6 @@ def test_zero_to_single_process_continues_exactly(tmp_path, deepspeed_ops):
     batch, noise, keep = data(cfg)
     again = [engine.train_step(batch, noise, keep, lr(cfg, s))["loss"] for s in range(SAVE_AT, STEPS)]
     assert max(abs(a - b) for a, b in zip(again, zero_losses)) < 1e-5, (again, zero_losses)
-
-
-def vlm_logits(model, tokens):
-    """Text logits of our VLM stream, through the model's own forward pieces (text-only batch)."""
-    B, T = tokens.shape
-    batch = {"tokens": tokens, "position_ids": torch.arange(T).expand(B, T), "doc_ids": None,
-             "image_mask": torch.zeros(B, T, dtype=torch.bool), "image_valid": torch.zeros(B, 0, dtype=torch.bool)}
-    ctx = model.context(batch)
-    state = model.embed(batch, ctx)
-    for unit in model.units.values():
-        state = unit(state, ctx)
-    return model.text_logits(state[0])
 
 
 def plain_checkpoint(d: Path, cfg: Config, model) -> Path:
