@@ -6,6 +6,7 @@ Contract:
   the PlainEngine that `megaflow train` builds, holds exactly read_full_state's moments and step on
   the same parameters by name, and model.pt the fp32 masters; continuing it in one process gives
   the losses the ZeRO run itself got at steps 4 and 5 (1e-5): `--resume` in one process is exact.
+- `inspect` reports the source's ZeRO layout (stage 1, dp 2, both shards present).
 - `--export-fp32` writes a safetensors file that loads into the model and equals the masters.
 - `--to-hf` of a Llama-like (untied, r=2) and a Qwen2-like (q/k/v bias, tied) VLM stream loads with
   transformers' AutoModelForCausalLM and gives the logits of our VLM stream within 1e-4.
@@ -101,6 +102,10 @@ def test_zero_to_single_process_continues_exactly(tmp_path, deepspeed_ops):
     src = tmp_path / "step_000003"
     src.mkdir()
     zero_losses = run_distributed(_zero_run, 2, str(src))[0]
+    from tools.inspect_checkpoint import inspect
+    info = inspect(str(src))
+    assert info["zero"]["shards"] == 2 and (info["zero"]["dp"], info["zero"]["tp"], info["zero"]["pp"]) == (2, 1, 1)
+    assert info["optimizer"]["kind"].startswith("ZeRO-1")
 
     assert reshard.main([str(src), "--out", str(tmp_path / "one"), "--export-fp32", str(tmp_path / "w.safetensors")]) == 0
     out = tmp_path / "one" / "checkpoints" / "step_000003"
