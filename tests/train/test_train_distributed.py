@@ -7,6 +7,7 @@ directory and resuming it to step 6: steps 4..6 must repeat the uninterrupted ru
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -128,17 +129,33 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     _assert_same_run(zero, zero_split, 1e-6)
 
 
+@pytest.fixture(scope="module")
+def one_process_from_tiny_run(tiny_sets, tiny_run, tmp_path_factory) -> Path:
+    """One process, 6 steps, initialised from the trained tiny run (a start both layouts can load)."""
+    out = tmp_path_factory.mktemp("one_process")
+    megaflow(*train_args(tiny_sets, out, *STEPS, f"train.init_from={tiny_run}"))
+    return out
+
+
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
-def test_tp2_and_pp2_resume_and_load_in_one_process(tiny_sets, tmp_path, layout):
-    """Contract: TP=2 (flow stream split too) and PP=2 (1F1B, 2 micro-batches) train 6 steps with a
-    checkpoint at step 3; resuming that checkpoint repeats steps 4..6 (loss and final weights within
-    1e-6 on CPU). The checkpoint's model.pt is the full one-process state dict: it loads in a single
-    process with megaflow.inference.load_for_inference, and the loss of that model on step 4's batch
-    (the loader position saved in the checkpoint, the same noise) equals the distributed run's
-    step-4 loss (1e-5)."""
-    more = [layout] + (["parallel.micro_batches=3"] if layout.endswith("pp=2") else [])
+def test_tp2_and_pp2_equal_one_process_resume_and_load(tiny_sets, tiny_run, one_process_from_tiny_run, tmp_path,
+                                                       layout):
+    """Contract: TP=2 (flow stream split too) and PP=2 (1F1B, 3 micro-batches), initialised from the
+    same checkpoint as a one-process run (train.init_from, sliced per rank), give its loss at all 6
+    steps (1e-5) and its gradient norm at the last step (1e-5 relative; clipping is active at 1.0,
+    so replicated parameters counted twice or shards once would show); the step-3 checkpoint,
+    resumed, repeats steps 4..6 (loss and final weights within 1e-6 on CPU). Its model.pt is the
+    full one-process state dict: it loads in a single process (megaflow.inference.load_for_inference)
+    and that model's loss on step 4's batch (the saved loader position, the same noise) equals the
+    distributed step-4 loss (1e-5)."""
+    more = [layout, f"train.init_from={tiny_run}"] + (["parallel.micro_batches=3"] if layout.endswith("pp=2") else [])
     whole, split = tmp_path / "whole", tmp_path / "split"
     torchrun(tiny_sets, whole, *more)
+    ref = one_process_from_tiny_run
+    assert max(abs(a - b) for a, b in zip(_losses(whole), _losses(ref))) < 1e-5, (_losses(whole), _losses(ref))
+    norms = [json.loads((d / "result.json").read_text())["train"]["grad_norm"] for d in (whole, ref)]
+    assert norms[1] > 1.0 and abs(norms[0] - norms[1]) < 1e-5 * norms[1], norms
+
     res = _resume_from_step3(tiny_sets, whole, split, *more)
     assert "pipeline layout:" in res.stdout
     _assert_same_run(whole, split, 1e-6)
@@ -154,3 +171,24 @@ def test_layout_errors_name_what_to_launch(tiny_sets, tmp_path):
     assert res.returncode == 2 and "need several processes" in res.stderr and "torchrun" in res.stderr
     res = torchrun(tiny_sets, tmp_path / "two", "parallel.pp=3", check=False)
     assert res.returncode != 0 and "parallel.pp=3" in res.stderr and "multiple of tp * pp = 3" in res.stderr
+
+
+def test_tied_lm_head_on_the_last_stage_is_not_decayed():
+    """Contract: weight decay follows a parameter's role: with vlm.tie_embeddings, the LM head is the
+    embedding (no decay) in one process AND on a pipeline's last stage, where it is a separate copy
+    named `lm_head.weight` (parallel.pipeline.TiedEmbeddings); untied, the LM head decays."""
+    import dataclasses
+
+    from megaflow.config import load_config
+    from megaflow.model.starflow import STARFlow2
+    from megaflow.optim import param_groups
+    from parallel.pipeline import split_stages
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), []).model
+    for tied in (True, False):
+        mcfg = dataclasses.replace(cfg, vlm=dataclasses.replace(cfg.vlm, tie_embeddings=tied, vocab_size=64))
+        with torch.device("meta"):
+            last = split_stages(STARFlow2(mcfg), 2, 1, verbose=False)[0].module
+            whole = STARFlow2(mcfg)
+        for model in (whole, last):
+            decayed = {id(p) for g in param_groups(model, 0.1) if g["weight_decay"] > 0 for p in g["params"]}
+            assert (id(model.lm_head.weight) in decayed) is not tied, (tied, model is last)
