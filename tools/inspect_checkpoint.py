@@ -7,11 +7,12 @@
 Prints meta.json (format, step, files), a summary of config.json (model, data, train, parallel),
 the trainer's step and last loss, parameter counts per part (megaflow.cli.count_parameters) and
 how many train in the checkpoint's curriculum stage, the optimizer state (plain AdamW or the ZeRO
-marker), the ZeRO layout when zero/ is present, and with --tensors every model.pt tensor with its
+marker and layout of a multi-process run), the ZeRO layout when zero/ is present, and with --tensors every model.pt tensor with its
 shape and dtype. Checks, each a non-zero exit with a message: the checkpoint validates
 (megaflow.checkpoint.validate: meta.json present, every file there with its recorded size),
 model.pt / optim.pt / trainer.pt load, model.pt's names and shapes match the model config.json
-describes, and every ZeRO shard of the recorded tp x pp x dp layout is present. It reads only:
+describes, and every ZeRO shard (tp x pp x dp) or per-coordinate optimizer file (tp x pp) of the
+recorded layout is present. It reads only:
 nothing is repaired or written.
 """
 from __future__ import annotations
@@ -52,6 +53,17 @@ def optimizer_summary(ckpt: Path) -> dict:
     if not (ckpt / "optim.pt").is_file():
         return {"kind": "none"}
     optim = load_file(ckpt, "optim.pt")
+    if "engine" in optim:  # a multi-process run's marker (parallel/checkpoint.py); the state is elsewhere
+        layout = optim.get("layout") or {}
+        out = {"kind": f"{optim['engine']} engine (multi-process)", **layout}
+        if optim["engine"] == "parallel":
+            want = [f"optim.pp{p:02d}_tp{t:02d}.pt" for p in range(layout.get("pp", 1)) for t in range(layout.get("tp", 1))]
+            missing = [f for f in want if not (ckpt / f).is_file()]
+            if missing:
+                raise CheckpointError(f"checkpoint {str(ckpt)!r}: {len(missing)} of {len(want)} optimizer files are "
+                                      f"missing (e.g. {missing[0]}); it cannot be resumed")
+            out["files"] = len(want)
+        return out
     if optim.get("sharded"):
         return {"kind": f"ZeRO-{optim.get('zero_stage')} (sharded: zero/)"}
     inner = optim.get("optimizer", optim)

@@ -6,16 +6,19 @@
     megaflow reshard ...                                                                  # the same
 
 The source is a checkpoint directory, or a run directory (its newest complete checkpoint). model.pt
-is always stored unsharded, so the weights need no resharding; what does is a ZeRO run's optimizer
-state, kept as per-rank pieces under zero/ (parallel/zero_checkpoint.py). `read_full_state` joins
-them (any tp / pp / dp) into full fp32 master weights and AdamW moments by parameter name.
+is always stored unsharded, so the weights need no resharding; what does is a multi-process run's
+optimizer state: under ZeRO per-rank pieces in zero/ (parallel/zero_checkpoint.py, which
+`read_full_state` joins, any tp / pp / dp, into full fp32 masters and AdamW moments by name), without
+ZeRO one AdamW state per pipeline x tensor coordinate (parallel/checkpoint.py).
 
 (a) `--out DIR` writes DIR/checkpoints/step_XXXXXX, a single-process checkpoint: model.pt with the
     fp32 master weights, optim.pt in the PlainEngine's format (torch AdamW state on the parameter
     order and groups `megaflow.optim.param_groups` gives the one-process model), config.json with the
     parallel section reset to one process, and the source's other files (trainer.pt: step, data
     position, history; tokenizer.*) copied. `megaflow train --config X --set train.out_dir=DIR
-    --resume` continues it in one process. Needs a ZeRO checkpoint (zero/).
+    --resume` continues it in one process. Sources: ZeRO (zero/, any tp / pp / dp), or the
+    ParallelEngine without ZeRO (optim.ppPP_tpTT.pt) with tp == 1 and any pp / dp: its per-stage
+    AdamW entries are named by cutting the stages again as parallel/runtime.py does.
 (b) `--export-fp32 FILE` (.safetensors or .pt): every tensor of model.pt in fp32, trainable ones
     from the ZeRO master weights when the checkpoint has them. Loads with `model.load_state_dict`.
 (c) `--to-hf DIR`: the VLM stream as a transformers Llama (Qwen2 when vlm.qkv_bias) directory:
@@ -24,8 +27,8 @@ them (any tp / pp / dp) into full fp32 master weights and AdamW moments by param
     ours also reads the flow stream (Pretzel skip W_d), which the export leaves out.
 
 What it does not do: write a TP / PP / ZeRO-sharded checkpoint (the training engines load model.pt
-and reshard over DP themselves; a ZeRO optimizer state for another tp or pp is not written), or
-convert non-ZeRO per-rank optimizer files.
+and reshard over DP themselves; an optimizer state for another tp or pp is not written), or join
+the ParallelEngine's TP-sharded AdamW files (tp > 1 without ZeRO: they carry no names or shard dims).
 """
 from __future__ import annotations
 
@@ -108,73 +111,123 @@ def fp32_state(ckpt: Path, zero_state: dict | None = None) -> dict:
 
 
 # ----- (a) single-process checkpoint ------------------------------------------------------------
-def single_process_optimizer(model, cfg: Config, zero_state: dict) -> dict:
+def single_process_optimizer(model, cfg: Config, opt_state: dict) -> dict:
     """optim.pt of the one-process PlainEngine: its own AdamW (built by megaflow.optim on the meta
-    model, so the parameter order and groups are the ones `megaflow train` builds) with the ZeRO
-    moments and step filled in by name."""
+    model, so the parameter order and groups are the ones `megaflow train` builds) with the saved
+    moments and step (`opt_state`: {name: {'exp_avg', 'exp_avg_sq', ...}, 'step'}) filled in by name."""
     from megaflow.train import PlainEngine
     names = {id(p): n for n, p in model.named_parameters()}
     engine = PlainEngine(model, cfg, None)
     trainable = [p for g in engine.optimizer.param_groups for p in g["params"]]
     want = {names[id(p)] for p in trainable}
-    have = set(zero_state) - {"step"}
+    have = set(opt_state) - {"step"}
     missing = sorted(want - have)
     if missing:
-        raise CheckpointError(f"the ZeRO optimizer state has no entry for {len(missing)} parameters that train in "
-                              f"stage {model.cfg.stage!r}, e.g. {missing[:3]}: it was written for another curriculum "
-                              f"stage or model")
+        raise CheckpointError(f"the checkpoint's optimizer state has no entry for {len(missing)} parameters that train "
+                              f"in stage {model.cfg.stage!r}, e.g. {missing[:3]}: it was written for another "
+                              f"curriculum stage or model")
     extra = sorted(have - want - ({"lm_head.weight"} if model.cfg.vlm and model.cfg.vlm.tie_embeddings else set()))
     if extra:  # (the last pipeline stage's copy of a tied embedding is the only expected extra)
-        raise CheckpointError(f"the ZeRO optimizer state has {len(extra)} parameters that do not train in stage "
-                              f"{model.cfg.stage!r} of this config, e.g. {extra[:3]}")
-    step = torch.tensor(float(zero_state["step"]))
+        raise CheckpointError(f"the checkpoint's optimizer state has {len(extra)} parameters that do not train in "
+                              f"stage {model.cfg.stage!r} of this config, e.g. {extra[:3]}")
+    step = torch.tensor(float(opt_state["step"]))
     for p in trainable:
-        entry = zero_state[names[id(p)]]
+        entry = opt_state[names[id(p)]]
         if tuple(entry["exp_avg"].shape) != tuple(p.shape):
-            raise CheckpointError(f"{names[id(p)]!r}: ZeRO moment shape {tuple(entry['exp_avg'].shape)} but the "
+            raise CheckpointError(f"{names[id(p)]!r}: saved moment shape {tuple(entry['exp_avg'].shape)} but the "
                                   f"model has {tuple(p.shape)}")
         engine.optimizer.state[p] = {"step": step.clone(), "exp_avg": entry["exp_avg"].float().clone(),
                                      "exp_avg_sq": entry["exp_avg_sq"].float().clone()}
     return engine.state_dict()
 
 
-def write_single_process(src: Path, out: Path) -> Path:
-    """(a): OUT/checkpoints/step_XXXXXX from a ZeRO checkpoint of any layout."""
-    from parallel.topology import ParallelConfig
+def parallel_engine_state(src: Path, cfg: Config, mcfg: ModelConfig, layout: dict) -> dict:
+    """{name: {'exp_avg', 'exp_avg_sq'}, 'step': int} from a ParallelEngine checkpoint (no ZeRO): one
+    torch AdamW state per pipeline coordinate, `optim.ppPP_tp00.pt`, whose entries are numbered in
+    the order `megaflow.optim.param_groups` gives that rank's stages. The stages are cut again here
+    from the meta model exactly as parallel/runtime.py cuts them, which names every entry. Only
+    tp == 1: TP shards carry no names or shard dims in these files."""
+    import torch.nn as nn
+
+    from megaflow.optim import param_groups
+    from parallel.pipeline import split_stages
+    if layout.get("tp", 1) > 1:
+        raise CheckpointError(f"{str(src)!r} was written by the ParallelEngine with tp={layout['tp']} (no ZeRO): its "
+                              f"per-rank AdamW files hold TP shards without names, which this tool does not join. "
+                              f"Resume it with the same tp and pp, or train with parallel.zero_stage=1, whose "
+                              f"optimizer state reshards to any layout")
+    p, out, step = cfg.parallel, {}, 0
+    for pp_rank in range(layout.get("pp", 1)):
+        blob = load_file(src, f"optim.pp{pp_rank:02d}_tp00.pt")
+        model = meta_model(mcfg)
+        names = {id(t): n for n, t in model.named_parameters()}
+        stages = split_stages(model, layout.get("pp", 1), pp_rank, p.schedule, p.virtual_stages, p.micro_batches,
+                              p.stage_layout, cfg.data.seq_len, verbose=False)
+        groups = param_groups(nn.ModuleList([st.module for st in stages]), cfg.train.weight_decay)
+        order = [t for g in groups for t in g["params"]]
+        saved = blob["optimizer"]["state"]
+        if len(order) != blob.get("n_params", len(order)) or set(saved) - set(range(len(order))):
+            raise CheckpointError(f"{str(src)!r}: optim.pp{pp_rank:02d}_tp00.pt has {blob.get('n_params')} parameters but "
+                                  f"pipeline rank {pp_rank} of its config.json has {len(order)}: written for another "
+                                  f"stage layout or model")
+        for i, t in enumerate(order):
+            if i not in saved:
+                raise CheckpointError(f"{str(src)!r}: no AdamW state for {names[id(t)]!r} (never stepped?)")
+            entry = saved[i]
+            # A tied embedding's last-stage copy names the embedding too; both copies hold one state.
+            out.setdefault(names[id(t)], {"exp_avg": entry["exp_avg"], "exp_avg_sq": entry["exp_avg_sq"]})
+            step = max(step, int(entry["step"]))
+    out["step"] = step
+    return out
+
+
+def sharded_optimizer_state(src: Path, cfg: Config, mcfg: ModelConfig) -> tuple:
+    """(optimizer state by name, the source layout) of a ZeRO or ParallelEngine checkpoint."""
     from parallel.zero_checkpoint import read_full_state
-    if not has_zero(src):
-        raise CheckpointError(f"{str(src)!r} has no ZeRO optimizer shards (zero/pp*_tp*_dp*.pt): its optimizer state "
-                              f"is not ZeRO-sharded, so --out has nothing to convert; --export-fp32 and --to-hf work on it")
+    if has_zero(src):
+        return read_full_state(src), zero_layout(src)
+    marker = load_file(src, "optim.pt") if (src / "optim.pt").is_file() else {}
+    if marker.get("engine") == "parallel":
+        return parallel_engine_state(src, cfg, mcfg, marker.get("layout", {})), marker.get("layout", {})
+    raise CheckpointError(f"{str(src)!r} has neither ZeRO optimizer shards (zero/) nor ParallelEngine files "
+                          f"(optim.pp*_tp*.pt): it is a single-process checkpoint already, so --out has nothing to "
+                          f"convert; --export-fp32 and --to-hf work on it")
+
+
+def write_single_process(src: Path, out: Path) -> Path:
+    """(a): OUT/checkpoints/step_XXXXXX from a multi-process checkpoint (ZeRO of any layout, or the
+    ParallelEngine with tp == 1)."""
+    from parallel.topology import ParallelConfig
     meta = validate(src)
     cfg = read_config(src)
-    zero_state = read_full_state(src)
-    state = fp32_state(src, zero_state)
-    mcfg = model_config(src, cfg, state)
+    weights = load_file(src, "model.pt")
+    mcfg = model_config(src, cfg, weights)
+    opt_state, layout = sharded_optimizer_state(src, cfg, mcfg)
+    state = fp32_state(src, opt_state if has_zero(src) else None)
     model = meta_model(mcfg)
     one = dataclasses.replace(cfg, parallel=ParallelConfig(),
                               train=dataclasses.replace(cfg.train, out_dir=str(out)))
-    optim = single_process_optimizer(model, one, zero_state)
+    optim = single_process_optimizer(model, one, opt_state)
     if mcfg.vlm is not None and mcfg.vlm.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]  # one tensor, as the model holds it
     own = set(model.state_dict())
     if set(state) != own:
         raise CheckpointError(f"model.pt of {str(src)!r} does not match its config.json's model: missing "
-                              f"{sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]}")
+                              f"{sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - set(own))[:3]}")
 
     def write(d: Path):
         torch.save(state, d / "model.pt")
         torch.save(optim, d / "optim.pt")
         (d / "config.json").write_text(json.dumps(to_dict(one), indent=1))
-        for f in sorted(src.iterdir()):
-            if f.is_file() and f.name not in REWRITTEN:
+        for f in sorted(src.iterdir()):  # trainer.pt, tokenizer.*; not zero/ or optim.ppPP_tpTT.pt
+            if f.is_file() and f.name not in REWRITTEN and not f.name.startswith("optim."):
                 shutil.copyfile(f, d / f.name)
 
-    layout = zero_layout(src)
     extra = {"resharded_from": str(src.resolve()),
              "source_layout": {k: layout.get(k) for k in ("zero_stage", "tp", "pp", "dp")}}
-    step = int(meta.get("step", zero_state["step"]))
     # keep_last=0 keeps every checkpoint already in OUT
-    return save_checkpoint(out / "checkpoints", step, write, keep_last=0, extra_meta=extra)
+    return save_checkpoint(out / "checkpoints", int(meta.get("step", opt_state["step"])), write, keep_last=0,
+                           extra_meta=extra)
 
 
 # ----- (b) fp32 weights ----------------------------------------------------------------------------
@@ -252,7 +305,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megaflow reshard", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="checkpoint directory (step_XXXXXX) or a run's out_dir")
-    ap.add_argument("--out", help="write a single-process checkpoint under OUT/checkpoints/ (ZeRO sources)")
+    ap.add_argument("--out", help="write a single-process checkpoint under OUT/checkpoints/ (ZeRO or tp=1 sources)")
     ap.add_argument("--export-fp32", metavar="FILE", help="write fp32 weights to FILE (.safetensors or .pt)")
     ap.add_argument("--to-hf", metavar="DIR", help="write the VLM stream as a Hugging Face Llama/Qwen2 directory")
     ap.add_argument("--hf-dtype", default="fp32", choices=("fp32", "bf16"), help="dtype of --to-hf's weights")

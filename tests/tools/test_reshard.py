@@ -10,7 +10,7 @@ Contract:
 - `--export-fp32` writes a safetensors file that loads into the model and equals the masters.
 - `--to-hf` of a Llama-like (untied, r=2) and a Qwen2-like (q/k/v bias, tied) VLM stream loads with
   transformers' AutoModelForCausalLM and gives the logits of our VLM stream within 1e-4.
-- Wrong inputs exit 2 with a message: no such path, `--out` on a checkpoint without zero/, a
+- Wrong inputs exit 2 with a message: no such path, `--out` on a single-process checkpoint, a
   TarFlow-only model for --to-hf, and no action.
 """
 from __future__ import annotations
@@ -178,7 +178,7 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     cfg = run_config(zero_stage=0)
     src = plain_checkpoint(tmp_path / "plain", cfg, build_model(cfg.model))
     assert reshard.main([str(src), "--out", str(tmp_path / "o")]) == 2
-    assert "no ZeRO optimizer shards" in capsys.readouterr().err
+    assert "a single-process checkpoint already" in capsys.readouterr().err
     tar = dataclasses.replace(cfg, model=dataclasses.replace(tiny_config(tarflow_only=True), stage="all"))
     src = plain_checkpoint(tmp_path / "tar", tar, build_model(tar.model))
     assert reshard.main([str(src), "--to-hf", str(tmp_path / "hf")]) == 2
