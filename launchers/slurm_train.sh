@@ -47,6 +47,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE} / GPUS_PER_NODE > 0 ? ${SLURM_CPUS_ON_NODE:-$GPUS_PER_NODE} / GPUS_PER_NODE : 1 ))}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MASTER_ADDR MASTER_PORT
+# SLURM >= 22.05: a step does not inherit the job's --cpus-per-task unless told; torchrun's workers need the cores.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi
 # Multi-NIC clusters usually also need NCCL_SOCKET_IFNAME / NCCL_IB_HCA: set them in the environment.
 
 CMD=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
