@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megaflow.checkpoint import CheckpointError, load_file, resolve, save_checkpoint, validate  # noqa: E402
 from megaflow.config import Config, config_from_dict, to_dict  # noqa: E402
-from megaflow.model.config import ModelConfig, SpecialTokens  # noqa: E402
+from megaflow.model.config import ModelConfig  # noqa: E402
 
 # Files of a checkpoint that the single-process output rewrites; everything else is copied.
 REWRITTEN = ("model.pt", "optim.pt", "config.json", "meta.json")
@@ -92,10 +92,10 @@ def zero_layout(ckpt: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def fp32_state(ckpt: Path, zero_state: dict | None = None) -> dict:
-    """model.pt with every floating tensor in fp32; trainable ones replaced by ZeRO's fp32 masters
-    when given (a bf16 ZeRO run's model.pt may hold rounded weights)."""
-    state = load_file(ckpt, "model.pt")
+def fp32_state(ckpt: Path, zero_state: dict | None = None, state: dict | None = None) -> dict:
+    """model.pt (`state` if already loaded) with every floating tensor in fp32; trainable ones replaced
+    by ZeRO's fp32 masters when given (a bf16 ZeRO run's model.pt may hold rounded weights)."""
+    state = load_file(ckpt, "model.pt") if state is None else state
     out = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     for name, entry in (zero_state or {}).items():
         if name == "step":
@@ -203,7 +203,7 @@ def write_single_process(src: Path, out: Path) -> Path:
     weights = load_file(src, "model.pt")
     mcfg = model_config(src, cfg, weights)
     opt_state, layout = sharded_optimizer_state(src, cfg, mcfg)
-    state = fp32_state(src, opt_state if has_zero(src) else None)
+    state = fp32_state(src, opt_state if has_zero(src) else None, weights)
     model = meta_model(mcfg)
     one = dataclasses.replace(cfg, parallel=ParallelConfig(),
                               train=dataclasses.replace(cfg.train, out_dir=str(out)))
