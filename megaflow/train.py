@@ -1,7 +1,8 @@
 """`megaflow train`: the training loop.
 
-One build order, visible in `build` below: meta build -> layer swaps (TP / FP8, parallel/) ->
-stage split (PP) -> materialise + init or load -> optimizer wrap (ZeRO) -> loop.
+One build order, visible in `build` below (one process; several: parallel/runtime.py): meta
+build -> layer swaps (TP / FP8, parallel/) -> stage split (PP) -> materialise + init or load ->
+optimizer wrap (ZeRO) -> loop.
 
 The loop is deterministic: the input noise and the condition-dropout mask of step s are drawn
 from a generator seeded by (seed, s, dp rank), the LR is a function of s, and the data loader's
@@ -9,6 +10,11 @@ state is saved with every checkpoint, so `--resume` continues bit for bit on CPU
 
     megaflow train                                  # the embedded default (configs/default.yaml)
     megaflow train --config configs/X.yaml --set train.steps=100 --resume
+    torchrun --nproc_per_node 4 -m megaflow.cli train --config configs/X.yaml --set parallel.tp=2
+
+Several processes (torchrun or srun): data x tensor x pipeline parallelism and ZeRO from
+cfg.parallel; the ranks and their build live in parallel/runtime.py, the engine without ZeRO in
+parallel/engine.py, collective checkpoints (still one full model.pt) in parallel/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -317,8 +323,9 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
     if resume and ckpt is None and main_rank:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / "checkpoints")
     if topo is None:
-        if ckpt is not None and validate(ckpt).get("parallel"):
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} was written by a run with {validate(ckpt)['parallel']}; "
+        written_by = validate(ckpt).get("parallel") if ckpt is not None else None
+        if written_by:
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} was written by a run with {written_by}; "
                                   f"resume it with the same launch, or start from its weights with "
                                   f"--set train.init_from={ckpt}")
         model = build(cfg, tok, device, ckpt)
@@ -383,8 +390,8 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
             break
     result = {"steps": step + 1, "train": metrics, "minutes": (time.time() - t_start) / 60}
     if topo is not None:
-        result["parallel"] = {"world_size": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp,
-                              "zero_stage": cfg.parallel.zero_stage}
+        from parallel.checkpoint import layout_of
+        result["parallel"] = layout_of(topo, cfg.parallel)
     if tcfg.report and main_rank and whole is not None:
         from megaflow.quality import write_report
         result["report"] = write_report(whole, tok, cfg, out, device, mon)

@@ -45,7 +45,6 @@ def launch_env() -> Optional[LaunchEnv]:
             raise RuntimeError("srun with SLURM_NTASKS={} but MASTER_ADDR / MASTER_PORT are not set; export them in "
                                "the job script, e.g. MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | "
                                "head -n1) MASTER_PORT=29500".format(world))
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     else:
         return None
     return LaunchEnv(rank, world, local) if world > 1 else None

@@ -196,12 +196,13 @@ def test_tied_lm_head_on_the_last_stage_is_not_decayed():
 
 def test_launch_env_reads_torchrun_and_srun(monkeypatch):
     """Contract: torchrun's RANK / WORLD_SIZE / LOCAL_RANK win; without them srun's SLURM_PROCID /
-    SLURM_NTASKS / SLURM_LOCALID are used (and exported as RANK... for the env:// rendezvous), and a
-    missing MASTER_ADDR under srun is an error saying how to set it; one process is no launch."""
+    SLURM_NTASKS / SLURM_LOCALID are used, and a missing MASTER_ADDR under srun is an error saying
+    how to set it; one process is no launch. The environment is left as it was."""
     from parallel.runtime import LaunchEnv, launch_env
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR",
               "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "0")  # recorded, so the teardown restores the real value (or its absence)
+        monkeypatch.delenv(k)
     assert launch_env() is None
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
@@ -210,7 +211,7 @@ def test_launch_env_reads_torchrun_and_srun(monkeypatch):
         launch_env()
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    assert launch_env() == LaunchEnv(5, 8, 1) and os.environ["RANK"] == "5" and os.environ["WORLD_SIZE"] == "8"
+    assert launch_env() == LaunchEnv(5, 8, 1) and "RANK" not in os.environ
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
