@@ -285,8 +285,11 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
         full = load_file(ckpt, "model.pt")
     elif cfg.train.init_from or cfg.train.hf_lm:
         full = build(cfg, tok, torch.device("cpu")).state_dict()
-    model, stages, tied = build_stages(with_tokenizer(cfg.model, tok), cfg.parallel, topo, device, cfg.train.seed,
-                                       full, cfg.data.seq_len)
+    try:  # layout and schedule errors (parallel/pipeline.py, schedules.py) name the setting to change
+        model, stages, tied = build_stages(with_tokenizer(cfg.model, tok), cfg.parallel, topo, device,
+                                           cfg.train.seed, full, cfg.data.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return model, build_engine(cfg, model, stages, tied, topo, dtype)
 
 

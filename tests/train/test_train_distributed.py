@@ -22,10 +22,10 @@ TORCHRUN = REPO / ".venv" / "bin" / "torchrun"
 STEPS = ["train.steps=6", "train.save_every=3", "train.keep_last=5", "train.eval_data="]
 
 
-def torchrun(sets: list, out: Path, *more: str, resume: bool = False, check: bool = True):
+def torchrun(sets: list, out: Path, *more: str, resume: bool = False, check: bool = True, nproc: int = 2):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
-    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "megaflow.cli",
+    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), "-m", "megaflow.cli",
             *map(str, train_args(sets, out, *STEPS, *more)), *(["--resume"] if resume else [])]
     res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if check and res.returncode != 0:
@@ -162,6 +162,29 @@ def test_tp2_and_pp2_equal_one_process_resume_and_load(tiny_sets, tiny_run, one_
     ckpt = whole / "checkpoints" / "step_000003"
     one = _single_process_loss(ckpt, 3)
     assert abs(one - _losses(whole)[3]) < 1e-5, (one, _losses(whole)[3])
+
+
+def test_dp2_pp2_interleaved_tied_equals_one_process(tiny_sets, tmp_path):
+    """Contract: 4 processes, DP2 x PP2 with the interleaved schedule (2 chunks per rank, 2
+    micro-batches) and the token embedding tied to the LM head across the first and last stages,
+    started from the same checkpoint (train.init_from, a 1-step one-process run of this geometry),
+    give at all 6 steps the loss (1e-5) of one process trained on the concatenated global batch, and
+    the same final weights (1e-5). Weight decay is set high (10), so the last stage's LM-head copy
+    decayed as a matrix (it must not: it is the embedding) would show in the loss."""
+    geometry = ["model.flow.n_layers=4", "model.vlm.n_layers=4", "model.vlm.tie_embeddings=true",
+                "train.weight_decay=10.0", "data.batch_size=4"]
+    base = tmp_path / "base"
+    megaflow(*train_args(tiny_sets, base, *geometry, "train.steps=1", "train.eval_data=", "train.report=false"))
+    sets = [*tiny_sets, *geometry, f"train.init_from={base}"]
+    run = tmp_path / "run"
+    torchrun(sets, run, "parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2",
+             "parallel.micro_batches=2", nproc=4)
+    ref_losses, ref_weights = _reference_dp2(sets, 6)
+    got = _losses(run)
+    assert max(abs(a - b) for a, b in zip(got, ref_losses)) < 1e-5, (got, ref_losses)
+    weights = _load(run / "checkpoints" / "step_000006", "model.pt")
+    assert weights.keys() == ref_weights.keys()
+    assert max(float((weights[k] - ref_weights[k]).abs().max()) for k in ref_weights) < 1e-5
 
 
 def test_layout_errors_name_what_to_launch(tiny_sets, tmp_path):
