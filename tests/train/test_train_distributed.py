@@ -113,7 +113,8 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     weights agree to 1e-5. So the loss is normalised by global counts, the gradients are summed
     (not averaged) over DP, the clip uses the global norm and each rank reads its own data shard.
     ZeRO-1 on the same launch (DeepSpeed reduces, clips and steps) gives the same losses (1e-5), and
-    its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights."""
+    its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights.
+    Resuming the DP=2 checkpoint in one process is refused (exit 2) with a pointer to init_from."""
     dp = tmp_path / "dp"
     torchrun(tiny_sets, dp)
     ref_losses, ref_weights = _reference_dp2(tiny_sets, 6)
@@ -121,6 +122,9 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) < 1e-5, (got, ref_losses)
     weights = _load(dp / "checkpoints" / "step_000006", "model.pt")
     assert max(float((weights[k] - ref_weights[k]).abs().max()) for k in ref_weights) < 1e-5
+
+    one = megaflow(*train_args(tiny_sets, dp, *STEPS, "train.steps=8"), "--resume", check=False)
+    assert one.returncode == 2 and "train.init_from=" in one.stderr, one.stderr[-2000:]  # not misread
 
     zero, zero_split = tmp_path / "zero", tmp_path / "zero_split"
     torchrun(tiny_sets, zero, "parallel.zero_stage=1")
