@@ -51,8 +51,10 @@ def peak_flops(device: torch.device) -> float:
 
 
 class Monitor:
-    def __init__(self, out: Path, cfg, model, total: int, start: int = 0, rank: int = 0):
-        self.cfg, self.total, self.rank = cfg, total, rank
+    def __init__(self, out: Path, cfg, model, total: int, start: int = 0, rank: int = 0, dp: int = 1, world: int = 1):
+        """`model` may be a tensor-parallel shard or a pipeline stage: FLOPs are counted on a meta
+        copy of the whole model. Throughput is global (this rank's batch x dp); MFU is per GPU."""
+        self.cfg, self.total, self.rank, self.dp, self.world = cfg, total, rank, dp, world
         self.device = next(model.parameters()).device
         self.peak = peak_flops(self.device)
         self.writer = None
@@ -65,15 +67,17 @@ class Monitor:
         self.flops_cache = None
         self.t_last = time.time()
         self.window = {"tokens": 0, "images": 0, "flops": 0.0, "steps": 0}
-        self.model = model
+        from megaflow.model.starflow import STARFlow2
+        with torch.device("meta"):
+            self.model = STARFlow2(model.cfg)  # the whole model, for FLOP counting only
 
     def step(self, step: int, batch: dict, metrics: dict, lr: float) -> None:
         if self.flops_cache is None:
             self.flops_cache = step_flops(self.model, batch)
         w = self.window
-        w["tokens"] += int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else batch["tokens"].numel()
-        w["images"] += int(batch["image_valid"].sum())
-        w["flops"] += self.flops_cache
+        w["tokens"] += self.dp * (int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else batch["tokens"].numel())
+        w["images"] += self.dp * int(batch["image_valid"].sum())
+        w["flops"] += self.dp * self.flops_cache / self.world  # per GPU
         w["steps"] += 1
         if self.bar is not None:
             self.bar.update(1)

@@ -361,7 +361,8 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
     mon = eval_loader = None
     if main_rank:
         from megaflow.monitor import Monitor
-        mon = Monitor(out, cfg, model, total=tcfg.steps, start=start)
+        mon = Monitor(out, cfg, model, total=tcfg.steps, start=start, dp=topo.dp if topo else 1,
+                      world=topo.world_size if topo else 1)
         if tcfg.eval_data and whole is not None:
             eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
     batches = _forever(loader)
