@@ -45,7 +45,10 @@ def real_images(source: str, split: str, image_size: int, channels: int):
         p = image_size - h
         x = F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2), value=-1.0)
     elif h > image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(-1, 1)
+        # antialiased bicubic matches the PIL resize of the data pipeline (image_fit 'resize'); plain
+        # bicubic aliases when downsampling, and the model would be judged on images it never saw
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False,
+                          antialias=True).clamp(-1, 1)
     if x.shape[1] != channels:
         x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, 3, -1, -1)
     return x, torch.tensor(np.asarray(data.labels), dtype=torch.long), list(data.class_names)
@@ -66,7 +69,7 @@ class Classifier(nn.Module):
 def train_classifier(source: str, image_size: int, channels: int, epochs: int = 3, seed: int = 0):
     """A small CNN on the real training split; cached. Returns (classifier, test accuracy)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{source}_{image_size}px_{channels}ch_e{epochs}_s{seed}.pt"
+    path = CACHE / f"{source}_{image_size}px_{channels}ch_e{epochs}_s{seed}_aa.pt"
     x, y, names = real_images(source, "train", image_size, channels)
     xt, yt, _ = real_images(source, "test", image_size, channels)
     clf = Classifier(channels, len(names), image_size)
