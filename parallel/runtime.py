@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from megaflow.model.starflow import STARFlow2, apply_stage
-from parallel.checkpoint_tp import load_full_state_dict, shard_layout
-from parallel.comm import all_gather
+from parallel.checkpoint_tp import load_full_state_dict
 from parallel.pipeline import FIRST_PARAMS, TiedEmbeddings, init_stages, load_stages, split_stages
+from parallel.tensor_parallel import sync_replicas
 from parallel.topology import Topology
 
 
@@ -80,18 +80,8 @@ def check_layout(pcfg, world_size: int) -> None:
 def sync_tp_replicas(stages: list, topo: Topology) -> None:
     """After a per-TP-rank init: replicated entries equal TP rank 0's, flow shards replicated
     tp / flow_tp times equal their first copy (parallel.tensor_parallel.init_tp_weights, per stage)."""
-    if topo.tp == 1:
-        return
     for st in stages:
-        layout = shard_layout(st.module)
-        for name, t in st.module.state_dict(keep_vars=True).items():
-            if name.endswith("_extra_state"):
-                continue
-            if name not in layout:
-                dist.broadcast(t.data, src=topo.tp_ranks[0], group=topo.tp_group)
-            elif layout[name][1] is topo.flow_tp_group and topo.flow_tp < topo.tp:
-                every = all_gather(t.data[None], topo.tp_group, 0)  # (tp, ...)
-                t.data.copy_(every[topo.flow_tp_rank])
+        sync_replicas(st.module, topo)
 
 
 def build_stages(mcfg, pcfg, topo: Topology, device, seed: int, full_state: Optional[dict] = None,

@@ -151,10 +151,17 @@ def init_tp_weights(model: STARFlow2, topo: Topology, seed: int = 0) -> None:
     (when flow_tp < tp). Same distribution as a single-process init, not the same numbers."""
     torch.manual_seed(seed + 7919 * topo.tp_rank)
     model.init_weights()
+    sync_replicas(model, topo)
+
+
+@torch.no_grad()
+def sync_replicas(module: torch.nn.Module, topo: Topology) -> None:
+    """Make `module`'s replicated entries equal TP rank 0's, and flow shards replicated
+    tp / flow_tp times equal their first copy (after a per-TP-rank init)."""
     if topo.tp == 1:
         return
-    layout = shard_layout(model)
-    for name, t in model.state_dict(keep_vars=True).items():
+    layout = shard_layout(module)
+    for name, t in module.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
         if name not in layout:
