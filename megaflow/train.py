@@ -100,7 +100,7 @@ def build(cfg: Config, tok, device, load_from: Optional[Path] = None) -> STARFlo
     model.init_weights()
     if load_from is not None:
         state = load_file(load_from, "model.pt", map_location=device)
-        load_model_state(model, state, strict=not cfg.train.init_from or load_from != Path(cfg.train.init_from))
+        load_model_state(model, state, strict=True)  # resuming our own checkpoint: it must match exactly
     elif cfg.train.hf_lm:
         from megaflow.hf_import import load_hf_lm
         load_hf_lm(model, cfg.train.hf_lm)
