@@ -76,9 +76,9 @@ class PipelinedModel:
     def context(self, *args, **kwargs):
         return self.stages[0].module.context(*args, **kwargs)
 
-    def embed(self, batch: dict, ctx, noise=None, flow_x=None):
+    def embed(self, batch: dict, ctx, noise=None, flow_x=None, vlm_x=None):
         if self.stages[0].is_first:
-            return self.stages[0].module.embed(batch, ctx, noise, flow_x)
+            return self.stages[0].module.embed(batch, ctx, noise, flow_x, vlm_x)
         return None  # the state arrives from the previous stage in _run_stages
 
     def _run_stages(self, state, ctx):

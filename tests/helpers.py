@@ -11,7 +11,7 @@ VOCAB = 64
 SPECIAL = SpecialTokens(pad_id=58, bos_id=59, eos_id=60, boi_id=61, eoi_id=62, image_id=63)
 
 
-def tiny_config(tarflow_only: bool = False, **flow_overrides) -> ModelConfig:
+def tiny_config(tarflow_only: bool = False, adapter_input: str = "latent", **flow_overrides) -> ModelConfig:
     """A few-thousand-parameter STARFlow2: 4 VLM layers, 2 flow layers (r=2), 2 shallow blocks,
     8x8 grayscale pixels in 2x2 patches (16 latent tokens of 4 dims)."""
     flow = dict(dim=32, n_heads=4, ffn_dim=64, n_layers=2, ratio=2, n_shallow=2, shallow_layers=1,
@@ -23,7 +23,7 @@ def tiny_config(tarflow_only: bool = False, **flow_overrides) -> ModelConfig:
         return ModelConfig(vlm=None, flow=FlowConfig(n_cond_tokens=VOCAB, **flow), fae=fae, tokens=SPECIAL)
     vlm = VLMConfig(vocab_size=VOCAB, dim=32, n_layers=flow["n_layers"] * flow["ratio"], n_heads=4,
                     n_kv_heads=2, ffn_dim=64)
-    return ModelConfig(vlm=vlm, flow=FlowConfig(**flow), fae=fae, tokens=SPECIAL)
+    return ModelConfig(vlm=vlm, flow=FlowConfig(**flow), fae=fae, tokens=SPECIAL, adapter_input=adapter_input)
 
 
 def make_batch(cfg: ModelConfig, batch_size: int = 2, seq_len: int = 48, max_images: int = 2,

@@ -94,6 +94,7 @@ class SpecialTokens:
 
 
 STAGES = ("t2i", "i2t", "joint", "all")
+ADAPTER_INPUTS = ("latent", "flow")
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,13 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
     stage: str = "joint"  # curriculum stage: t2i (flows train), i2t (adapter trains), joint, all (everything)
+    adapter_input: str = "latent"  # what the VLM reads at image slots: latent (the FAE latent; the deep flow then takes no VLM skip at image slots) or flow (the shallow flows' output)
     max_seq_len: int = 4096  # longest sequence for generation checks
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"model.stage={self.stage!r} is not one of {STAGES}")
+        _check(self.adapter_input in ADAPTER_INPUTS,
+               f"model.adapter_input={self.adapter_input!r} is not one of {ADAPTER_INPUTS}")
         if self.vlm is not None:
             want = self.flow.ratio * self.flow.n_layers
             _check(self.vlm.n_layers == want,

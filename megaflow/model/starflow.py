@@ -12,6 +12,15 @@ tables, caches) is rebuilt from the batch by every stage (`context`).
 
 Deep flow convention: the flow head at position p gives (mu, sigma) for the latent at p+1 when p+1
 is an image slot; the image-start position carries a learned start token in the flow stream.
+
+What the VLM reads at image slots (`cfg.adapter_input`): "latent" (default, the design's choice) is
+the FAE latent itself, which is what understanding needs; since a latent token depends on the whole
+image's deep-flow variables (the shallow flows mix an image's tokens), the VLM -> flow skip is then
+off at image slots, so the deep flow's prediction of token p+1 never sees tokens >= p+1 and the
+likelihood stays exact; text conditions the image through the flow stream's attention to earlier
+positions. Generation re-encodes a finished image's slots once (generate.py). "flow" reads the deep
+flow's own variable y, which is causal token by token, so the skip stays on everywhere and a
+generated image needs no re-encoding, but the VLM must read images through the shallow flows.
 No rank logic here; tensor parallelism swaps layers from outside (parallel/).
 """
 from __future__ import annotations
@@ -39,6 +48,8 @@ class StepContext:
     flow: AttnContext
     image_mask: torch.Tensor  # (B, T, 1) float, 1 at image slots of the residual stream's positions (seq_split)
     cond_gate: torch.Tensor  # (B, 1, 1) float, 0 where the condition is dropped (guidance)
+    vlm_skip: torch.Tensor  # (B, T or 1, 1) float gate of the VLM -> flow skip: cond_gate, and 0 at image
+    #                         slots when the VLM reads the FAE latent there (model docstring)
 
 
 class PretzelUnit(nn.Module):
@@ -61,7 +72,7 @@ class PretzelUnit(nn.Module):
         for layer in self.vlm_layers:
             h_vlm = layer(h_vlm, ctx.vlm)
         if self.w_vlm is not None:
-            h_flow = h_flow + ctx.cond_gate * self.w_vlm(h_vlm)  # (B, T, Df)
+            h_flow = h_flow + ctx.vlm_skip * self.w_vlm(h_vlm)  # (B, T, Df)
         h_flow = self.flow_layer(h_flow, ctx.flow)
         if self.w_d is not None:
             h_vlm = h_vlm + ctx.image_mask * self.w_d(h_flow)  # (B, T, Dv), image slots only
@@ -168,11 +179,14 @@ class STARFlow2(nn.Module):
         image_mask = self.seq_split(batch["image_mask"][:, T - q_len:, None].to(dtype))
         if cond_keep is None:
             cond_keep = torch.ones(tokens.shape[0], device=tokens.device)
-        return StepContext(vlm_ctx, flow_ctx, image_mask, cond_keep.to(dtype).view(-1, 1, 1))
+        cond_gate = cond_keep.to(dtype).view(-1, 1, 1)
+        vlm_skip = cond_gate * (1.0 - image_mask) if self.cfg.adapter_input == "latent" else cond_gate
+        return StepContext(vlm_ctx, flow_ctx, image_mask, cond_gate, vlm_skip)
 
     def encode_images(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None):
-        """images (B, M, C, H, W) -> shallow-flow output y (B, M, N, D), log|det| (B, M), penalty (B, M).
-        `noise` (B, M, N, D) standard normal, scaled by flow.noise_std (training input noise)."""
+        """images (B, M, C, H, W) -> shallow-flow output y (B, M, N, D), log|det| (B, M), penalty (B, M)
+        and the (noised) FAE latent (B, M, N, D). `noise` (B, M, N, D) standard normal, scaled by
+        flow.noise_std (training input noise)."""
         B, M = images.shape[:2]
         with torch.no_grad():
             lat = self.fae.encode(images.flatten(0, 1))  # (B*M, N, D)
@@ -180,29 +194,36 @@ class STARFlow2(nn.Module):
         if noise is not None:
             lat = lat + self.cfg.flow.noise_std * noise
         y, logdet, sq = self.shallow(lat.flatten(0, 1))
-        return y.view_as(lat), logdet.view(B, M), sq.view(B, M)
+        return y.view_as(lat), logdet.view(B, M), sq.view(B, M), lat
 
     def embed(self, batch: dict, ctx: StepContext, noise: Optional[torch.Tensor] = None,
-              flow_x: Optional[torch.Tensor] = None) -> tuple:
+              flow_x: Optional[torch.Tensor] = None, vlm_x: Optional[torch.Tensor] = None) -> tuple:
         """First-stage work: images -> shallow flows -> deep-flow inputs at image slots; token and
         adapter embeddings (VLM stream); flow-stream inputs. `flow_x` (B, T, D) may be given directly
-        (generation feeds its own samples) instead of `images`."""
+        (generation feeds its own samples) instead of `images`, with `vlm_x` (B, T, D), the FAE latents
+        the adapter reads at image slots when cfg.adapter_input == "latent" (zeros when not given:
+        the slots of an image still being sampled, which the flow stream does not read)."""
         tokens = batch["tokens"]
         B, T = tokens.shape
         D = self.cfg.fae.latent_dim
         flow_aux = torch.zeros(B, 2, dtype=self.flow_in.weight.dtype, device=tokens.device)
         if flow_x is None:
             flow_x = torch.zeros(B, T, D, dtype=flow_aux.dtype, device=tokens.device)
+            vlm_x = flow_x
             valid = batch["image_valid"]
             if bool(valid.any()):
-                y, logdet, sq = self.encode_images(batch["images"], noise)
+                y, logdet, sq, lat = self.encode_images(batch["images"], noise)
                 flow_x = flow_x.masked_scatter(batch["image_mask"][..., None], y[valid])  # (B, T, D)
+                vlm_x = vlm_x.masked_scatter(batch["image_mask"][..., None], lat[valid])  # (B, T, D)
                 flow_aux = torch.stack([(logdet * valid).sum(1), (sq * valid).sum(1)], dim=1)  # (B, 2)
+        elif vlm_x is None:
+            vlm_x = torch.zeros_like(flow_x)
         image_mask = batch["image_mask"][..., None].to(flow_x.dtype)  # (B, T, 1)
         start = (tokens == self.cfg.tokens.boi_id)[..., None].to(flow_x.dtype)  # (B, T, 1)
         h_flow = image_mask * self.flow_in(flow_x) + start * self.flow_start  # (B, T, Df)
         if self.embed_tokens is not None:
-            h_vlm = self.embed_tokens(tokens) + image_mask * self.adapter(flow_x)  # (B, T, Dv)
+            seen = vlm_x if self.cfg.adapter_input == "latent" else flow_x
+            h_vlm = self.embed_tokens(tokens) + image_mask * self.adapter(seen)  # (B, T, Dv)
         else:
             text = 1.0 - image_mask - start
             h_flow = h_flow + ctx.cond_gate * text * self.flow_embed(tokens)

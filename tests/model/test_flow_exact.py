@@ -34,17 +34,19 @@ def _image_prompt(cfg):
     return [SPECIAL.bos_id, 5, 6, SPECIAL.boi_id]
 
 
-def _deep_z(model, prompt, y):
-    """Deep flow forward: deep-flow input latents y (1, N, D) after `prompt` -> z (1, N, D), log|det|."""
+def _deep_z(model, prompt, y, x=None):
+    """Deep flow forward: deep-flow input latents y (1, N, D) after `prompt` -> z (1, N, D), log|det|.
+    `x` (1, N, D): the FAE latents the VLM reads at the image slots (as in training), if any."""
     N = y.shape[1]
-    tokens, flow_x, image_mask, pad = prompt_tensors(model, [prompt])
+    tokens, flow_x, image_mask, pad, vlm_x = prompt_tensors(model, [prompt])
     tokens = torch.cat([tokens, torch.full((1, N), SPECIAL.image_id)], 1)
     image_mask = torch.cat([image_mask, torch.ones(1, N, dtype=torch.bool)], 1)
     flow_x = torch.cat([flow_x.to(y), y], 1)
+    vlm_x = torch.cat([vlm_x.to(y), torch.zeros_like(y) if x is None else x], 1)
     T = tokens.shape[1]
     batch = {"tokens": tokens, "position_ids": torch.arange(T)[None], "image_mask": image_mask}
     ctx = model.context(batch)
-    state = model.embed(batch, ctx, flow_x=flow_x)
+    state = model.embed(batch, ctx, flow_x=flow_x, vlm_x=vlm_x)
     for unit in model.units.values():
         state = unit(state, ctx)
     z, log_sigma, pred = model.deep_forward(state[1], state[2], image_mask)
@@ -73,15 +75,19 @@ def test_deep_stream_inverse_and_logdet(tarflow_only):
     assert torch.allclose(got, want, rtol=1e-8, atol=1e-8)
 
 
-def test_whole_image_path_inverse_and_logdet():
-    """FAE latent -> shallow blocks -> deep flow -> z, and back: exact inverse, exact total log-det."""
-    cfg = tiny_config()
+@pytest.mark.parametrize("adapter_input", ["latent", "flow"])
+def test_whole_image_path_inverse_and_logdet(adapter_input):
+    """FAE latent -> shallow blocks -> deep flow -> z, and back: exact inverse, exact total log-det.
+    The VLM reads the image as in training (the FAE latent, or the shallow flows' output), so a
+    path by which a token's prediction saw later tokens would make the Jacobian non-triangular and
+    the log-det wrong."""
+    cfg = tiny_config(adapter_input=adapter_input)
     model = randomized_model(cfg, scale=0.2)
     N, D = cfg.fae.n_tokens, cfg.fae.latent_dim
 
     def forward(x):
         y, logdet_s, _ = model.shallow(x)
-        z, logdet_d = _deep_z(model, _image_prompt(cfg), y)
+        z, logdet_d = _deep_z(model, _image_prompt(cfg), y, x)
         return z, logdet_s.sum() + logdet_d
 
     x = torch.randn(1, N, D)

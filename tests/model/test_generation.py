@@ -4,7 +4,7 @@ product-of-Gaussians computation."""
 import torch
 
 from megaflow.model.flow import guided_params
-from megaflow.model.generate import generate, sample_images, sample_text
+from megaflow.model.generate import Decoder, generate, sample_images, sample_text
 from tests.helpers import SPECIAL, tiny_config
 from tests.model.util import randomized_model
 
@@ -62,3 +62,26 @@ def test_interleaved_generation_produces_images_and_text():
     images = [s for s in out if isinstance(s, torch.Tensor)]
     assert len(images) == 1 and images[0].shape == (1, 8, 8)
     assert out[out.index(SPECIAL.boi_id) + 2] == SPECIAL.eoi_id
+
+
+def test_generated_image_is_reencoded_for_the_vlm():
+    """VLM reading FAE latents: after an image is sampled (with guidance rows), the decoder's cache
+    holds that image as the VLM reads it in training: its logits for the next text token equal a
+    fresh uncached forward over the whole sequence with the image's final latents, and differ from
+    what the VLM would have read without the re-encoding (zeros at the image slots)."""
+    cfg = tiny_config(adapter_input="latent")
+    model = randomized_model(cfg, scale=0.2)
+    N = cfg.fae.n_tokens
+    images, dec = sample_images(model, PROMPTS, guidance=2.0, seed=3, use_cache=True)
+    pixels = model.fae.encode(images)  # pixels mode: the image is the latent, clamped to [-1, 1]
+    assert torch.allclose(dec.vlm_x[:2, -N:], dec.vlm_x[2:, -N:]), "guidance rows read another image"
+    assert (dec.vlm_x[:2, -N:].clamp(-1, 1) - pixels).abs().max() < 1e-5
+    eoi = torch.full((4, 1), SPECIAL.eoi_id)
+    dec.feed(eoi)
+    cached = dec.next_logits()
+    fresh = Decoder(model, 4, dec.cond_keep, use_cache=False)
+    fresh.feed(dec.tokens, dec.flow_x, dec.image_mask, dec.doc < 0, dec.vlm_x)
+    assert (fresh.next_logits() - cached).abs().max() < 1e-4
+    blind = Decoder(model, 4, dec.cond_keep, use_cache=False)
+    blind.feed(dec.tokens, dec.flow_x, dec.image_mask, dec.doc < 0, torch.zeros_like(dec.vlm_x))
+    assert (blind.next_logits() - cached).abs().max() > 1e-3, "the VLM does not read the image: test proves nothing"
