@@ -155,6 +155,13 @@ def predicted_class(answer: str, answers: list) -> int:
     return best
 
 
+def answer_token_budget(tok, answers: list) -> int:
+    """Tokens to generate for an answer: the longest expected answer plus its end-of-document and one
+    spare. (A fixed 8 once cut "A t-shirt/top." (10 tokens) and "An ankle boot." (9) short, so
+    those two classes could never be judged right.)"""
+    return max(len(tok.encode(a)) for a in answers) + 2
+
+
 @torch.no_grad()
 def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, guidance: float = 2.0,
           seed: int = 0, source: str = "fashion_mnist", temperature: float = 1.0) -> dict:
@@ -184,9 +191,10 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(x), generator=g)[:n_images]
         correct, examples = 0, []
+        budget = answer_token_budget(tok, answers)
         for chunk in idx.split(50):
             prompts = [[tok.bos_id, x[i].to(device)] + question for i in chunk.tolist()]
-            outs = sample_text(model, prompts, max_new_tokens=8, temperature=0.0, seed=seed)
+            outs = sample_text(model, prompts, max_new_tokens=budget, temperature=0.0, seed=seed)
             for i, ids in zip(chunk.tolist(), outs):
                 text = tok.decode(ids)
                 ok = predicted_class(text, answers) == int(y[i])
