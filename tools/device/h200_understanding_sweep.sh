@@ -2,7 +2,7 @@
 # Understanding (issue 4, target >= 0.80) at the CPU default's budget: recipe variants of
 # configs/default.yaml trained side by side on one H200 (fp32 like the CPU run), each judged by the
 # run's own report (20 samples per class prompt, 1000 held-out images for understanding).
-#   SWEEP=adapter|recipe bash tools/device/h200_understanding_sweep.sh   (carry .whl .fmnist data_cache/classifiers)
+#   SWEEP=recipe|adapter|confirm bash tools/device/h200_understanding_sweep.sh   (carry .whl .fmnist data_cache/classifiers)
 . tools/device/setup.sh
 T0=$(date +%s)
 STEPS=${STEPS:-4500}
@@ -28,6 +28,11 @@ if [ "${SWEEP:-adapter}" = recipe ]; then  # round 1 (VLM reading the shallow fl
   run vlm192 $F --set model.vlm.dim=192 --set model.vlm.ffn_dim=512 --set model.vlm.n_heads=6 --set model.vlm.n_kv_heads=2 &
   run steps6000 $F --set train.steps=6000 & run mix4_wtext2 $F $MIX4 --set model.loss.w_text=2.0 &
   run mix4_lr2e3 $F $MIX4 --set train.lr=2.0e-3 &
+elif [ "${SWEEP:-adapter}" = confirm ]; then  # round 3, with the judge's token budget fixed: wiring x seed
+  NAMES="flow flow_seed1 latent latent_seed1 latent_seed2 latent_5500"
+  run flow --set model.adapter_input=flow & run flow_seed1 --set model.adapter_input=flow --set train.seed=1 &
+  run latent & run latent_seed1 --set train.seed=1 & run latent_seed2 --set train.seed=2 &
+  run latent_5500 --set train.steps=5500 &
 else  # round 2: the VLM reads the FAE latent (model.adapter_input=latent, the default since)
   NAMES="flow latent latent_seed1 latent_mix4 latent_3500 latent_wtext2 latent_lr5e4 latent_vlm192"
   run flow --set model.adapter_input=flow & run latent & run latent_seed1 --set train.seed=1 &
