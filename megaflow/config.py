@@ -203,6 +203,16 @@ def config_from_dict(tree: dict, cls=Config):
     return build_dataclass(cls, tree)
 
 
+def saved_config_from_dict(tree: dict) -> Config:
+    """The config of a saved run (a checkpoint's config.json). Fields added since keep the meaning
+    the run was trained with: a run saved before `model.adapter_input` existed had its VLM read the
+    shallow flows' output ("flow"), whatever the default is now."""
+    model = tree.get("model")
+    if isinstance(model, dict) and model.get("vlm") is not None and "adapter_input" not in model:
+        tree = {**tree, "model": {**model, "adapter_input": "flow"}}
+    return config_from_dict(tree)
+
+
 # ----- help text --------------------------------------------------------------------------------------
 def field_help(cls) -> dict:
     """{field: help} from the trailing comment or the docstring beside each field."""

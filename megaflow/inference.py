@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from megaflow.checkpoint import CheckpointError, load_file, resolve
-from megaflow.config import config_from_dict
+from megaflow.config import saved_config_from_dict
 
 
 def load_checkpoint_tokenizer(ckpt: Path):
@@ -47,7 +47,7 @@ def load_for_inference(path: str | Path, device="cpu"):
     cfg_file = ckpt / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has no config.json")
-    cfg = config_from_dict(json.loads(cfg_file.read_text()))
+    cfg = saved_config_from_dict(json.loads(cfg_file.read_text()))
     tok = load_checkpoint_tokenizer(ckpt)
     model = build(cfg, tok, torch.device(device), load_from=ckpt)
     model.eval()

@@ -48,3 +48,16 @@ def test_shipped_configs_load(path):
     if path.name.startswith("fae_"):
         pytest.skip("FAE-only config, read by megaflow.model.fae_train")
     assert isinstance(load_config(str(path)), Config)
+
+
+def test_saved_config_keeps_the_wiring_it_was_trained_with():
+    """A checkpoint written before model.adapter_input existed was trained with the VLM reading the
+    shallow flows' output: loading it must not switch it to the new default."""
+    from megaflow.config import saved_config_from_dict
+    cfg = load_config(None)
+    assert cfg.model.adapter_input == "latent"
+    tree = to_dict(cfg)
+    assert saved_config_from_dict(tree) == cfg
+    old = {**tree, "model": {k: v for k, v in tree["model"].items() if k != "adapter_input"}}
+    assert saved_config_from_dict(old).model.adapter_input == "flow"
+    assert config_from_dict(old).model.adapter_input == "latent"

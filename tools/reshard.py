@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megaflow.checkpoint import CheckpointError, load_file, resolve, save_checkpoint, validate  # noqa: E402
-from megaflow.config import Config, config_from_dict, to_dict  # noqa: E402
+from megaflow.config import Config, saved_config_from_dict, to_dict  # noqa: E402
 from megaflow.model.config import ModelConfig  # noqa: E402
 
 # Files of a checkpoint that the single-process output rewrites; everything else is copied.
@@ -55,7 +55,7 @@ def read_config(ckpt: Path) -> Config:
     f = ckpt / "config.json"
     if not f.is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has no config.json; it was not written by megaflow train")
-    return config_from_dict(json.loads(f.read_text()))
+    return saved_config_from_dict(json.loads(f.read_text()))
 
 
 def model_config(ckpt: Path, cfg: Config, state: dict) -> ModelConfig:
