@@ -327,6 +327,14 @@ class Loader:
         return math.ceil(per_rank / self.cfg.samples_per_batch)
 
     def __iter__(self) -> Iterator[dict]:
+        # Streaming writes the resume point into a new `_resume` segment on every load_state_dict;
+        # one made by an earlier pass is released first, else the new one only attaches to it and
+        # the old one, unlinked later without telling Python's resource tracker, is reported as
+        # leaked at exit.
+        old = getattr(self.dataset, "_resume_shm", None)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.cleanup()
         self.dataset.load_state_dict(self._streaming_state())
         loader = DataLoader(self.packed, batch_size=None, num_workers=self.cfg.num_workers,
                             timeout=self.cfg.timeout_s if self.cfg.num_workers else 0)

@@ -111,3 +111,28 @@ def test_two_ranks_disjoint_cover_and_resume_onto_one(dataset, request, tmp_path
     assert not set(seen) & set(seen_after)
     assert sorted(seen + seen_after) == list(range(N_SAMPLES))
     assert end_state["epoch"] == 1
+
+
+def test_repeated_passes_leave_nothing_for_the_resource_tracker(digits_dir):
+    """Several passes over one loader (an eval loader is iterated at every evaluation), then close:
+    the process exits without Python's resource tracker reporting leaked or missing segments
+    (each pass used to orphan Streaming's `_resume` segment, which the end of `make train` showed)."""
+    import subprocess
+    import sys
+    from tests.data_pipeline.helpers import REPO
+    script = f"""
+from data_pipeline.config import DataConfig, TokenizerSpec
+from data_pipeline.loader import build_loader
+from data_pipeline.tokenizer import load_tokenizer
+from tests.data_pipeline.test_loader import _cfg
+loader = build_loader(_cfg({digits_dir!r}, shuffle=False), load_tokenizer(TokenizerSpec(kind="mistral")), 0, 1)
+for _ in range(3):
+    for i, batch in enumerate(loader):
+        if i == 1:
+            break
+loader.close()
+print("passes done")
+"""
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "passes done" in res.stdout, res.stderr[-3000:]
+    assert "resource_tracker" not in res.stderr, res.stderr[-3000:]
