@@ -60,6 +60,7 @@ class TrainConfig:
     tokenizer_vocab: int = 320  # base vocabulary of a SentencePiece model trained on the dataset when missing
     report_samples: int = 10  # samples per class prompt in the quality report
     report_images: int = 200  # held-out images for the understanding accuracy in the report
+    report_docs: int = 0  # interleaved documents generated for the report's caption-consistency figure (d)
     init_from: str = ""  # checkpoint directory to initialise the model from (e.g. an earlier stage)
     hf_lm: str = ""  # pretrained LM for the VLM stream: a local HF dir, a .gguf file, or 'smollm2'
     report: bool = True  # at the end, write samples grid + quality report (report.json / report.txt)

@@ -4,7 +4,9 @@
       training split (its own test accuracy is reported too, and must be high for (a) to mean much);
   (b) understanding: the model's greedy answer to "What is this?" on held-out images names the
       right class;
-  (c) held-out bits/dim of the flow.
+  (c) held-out bits/dim of the flow;
+  (d) interleaved consistency: in generated documents, the model's caption after each of its own
+      images names the class the classifier sees in that image.
 
 Used at the end of `megaflow train` (report.json, report.txt, samples.png) and by
 tools/eval_quality.py on any checkpoint. The classifier is cached under data_cache/classifiers/.
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaflow.model.generate import sample_images, sample_text
+from megaflow.model.generate import generate, sample_images, sample_text
 
 log = logging.getLogger("megaflow")
 CACHE = Path(__file__).resolve().parents[1] / "data_cache" / "classifiers"
@@ -163,8 +165,42 @@ def answer_token_budget(tok, answers: list) -> int:
 
 
 @torch.no_grad()
+def interleaved_consistency(model, tok, clf, names: list, n_docs: int, guidance: float, temperature: float,
+                            seed: int = 0, images_per_doc: int = 3) -> dict:
+    """(d) Documents continued from "Here are some pictures." (the interleaved data's opening): each
+    generated image is followed by the model's own caption ("This is a coat."); the figure is the
+    fraction of captioned images whose caption names the class the classifier sees in the image.
+    It needs both directions at once and the KV cache carrying a generated image into the text."""
+    from data_pipeline.writers import _article, _noun
+    captions = [f"This is {_article(_noun(n))}." for n in names]
+    prompt = [tok.bos_id] + tok.encode("Here are some pictures.")
+    per_image = answer_token_budget(tok, captions) + 1  # caption + its image-start
+    agree = pairs = images = 0
+    for d in range(n_docs):
+        segs = generate(model, prompt, max_new_tokens=images_per_doc * per_image + 4, temperature=0.0,
+                        image_temperature=temperature, guidance=guidance, seed=seed * 1000 + d,
+                        max_images=images_per_doc)
+        for i, seg in enumerate(segs):
+            if not torch.is_tensor(seg):
+                continue
+            images += 1
+            text = []
+            for t in segs[i + 1:]:
+                if torch.is_tensor(t) or t in (tok.boi_id, tok.eos_id):
+                    break
+                if t != tok.eoi_id:
+                    text.append(t)
+            said = predicted_class(tok.decode(text), captions)
+            if said >= 0:
+                pairs += 1
+                agree += int(said == int(clf(seg[None].float().cpu()).argmax(1)))
+    return {"interleaved_consistency": agree / max(pairs, 1), "interleaved_captioned": pairs,
+            "interleaved_images": images, "interleaved_docs": n_docs}
+
+
+@torch.no_grad()
 def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, guidance: float = 2.0,
-          seed: int = 0, source: str = "fashion_mnist", temperature: float = 1.0) -> dict:
+          seed: int = 0, source: str = "fashion_mnist", temperature: float = 1.0, n_docs: int = 0) -> dict:
     """The three quality figures (a), (b) and the classifier's own accuracy; (c) comes from evaluate()."""
     model.eval()
     fae = model.cfg.fae
@@ -203,6 +239,8 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
                     examples.append({"label": names[int(y[i])], "answer": text, "correct": bool(ok)})
         out["understanding_accuracy"] = correct / len(idx)
         out["understanding_examples"] = examples
+    if model.lm_head is not None and n_docs > 0:
+        out.update(interleaved_consistency(model, tok, clf, names, n_docs, guidance, temperature, seed))
     return out
 
 
@@ -214,7 +252,7 @@ def write_report(model, tok, cfg, out: Path, device, monitor=None) -> dict:
         log.info("no quality report: it needs a labelled dataset with a real-data classifier (fashion_mnist, digits)")
         return {}
     res = judge(model, tok, cfg, device, tcfg.report_samples, tcfg.report_images, tcfg.guidance, tcfg.seed, source,
-                tcfg.sample_temperature)
+                tcfg.sample_temperature, tcfg.report_docs)
     if not res:
         return {}
     grid = res.pop("grid")
@@ -229,6 +267,10 @@ def write_report(model, tok, cfg, out: Path, device, monitor=None) -> dict:
              f"({res['samples_per_class']} per class, guidance {res['guidance']}, temperature {res['temperature']})"]
     if "understanding_accuracy" in res:
         lines.append(f"(b) understanding: {res['understanding_accuracy']:.3f} of answers name the right class")
+    if "interleaved_consistency" in res:
+        lines.append(f"(d) interleaved: {res['interleaved_consistency']:.3f} of generated images are captioned as the "
+                     f"classifier sees them ({res['interleaved_captioned']} captioned of {res['interleaved_images']} "
+                     f"images in {res['interleaved_docs']} documents)")
     if res.get("test"):
         lines.append(f"(c) held-out bits/dim: {res['test'].get('bits_per_dim', float('nan')):.4f}   "
                      f"text loss: {res['test'].get('text_loss', float('nan')):.4f}")

@@ -3,9 +3,11 @@
   (a) samples for each of the 10 class prompts, judged by a CNN trained on the REAL training split
       (its own test accuracy is printed and must be >= 0.88);
   (b) understanding: the greedy answer to "What is this?" on held-out images names the right class;
-  (c) held-out bits/dim (and text loss) on the test split.
+  (c) held-out bits/dim (and text loss) on the test split;
+  (d) with --docs N: generated interleaved documents whose captions name what the classifier sees
+      in the generated image before them.
 
-    python tools/eval_quality.py --checkpoint runs/default [--samples 10 --images 200 --guidance 2]
+    python tools/eval_quality.py --checkpoint runs/default [--samples 10 --images 200 --docs 20 --guidance 2]
 
 Writes report.json, report.txt and samples.png into --out (default: the run directory).
 """
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="where to write the report (default: the run directory)")
     ap.add_argument("--samples", type=int, default=10, help="samples per class prompt")
     ap.add_argument("--images", type=int, default=200, help="held-out images for understanding")
+    ap.add_argument("--docs", type=int, default=0, help="interleaved documents for (d) caption consistency")
     ap.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the run's)")
     ap.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the run's)")
     ap.add_argument("--skip-understanding", action="store_true", help="only (a) and (c)")
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
                             guidance=t.guidance if args.guidance is None else args.guidance,
                             sample_temperature=t.sample_temperature if args.temperature is None else args.temperature,
                             report_images=0 if args.skip_understanding else args.images,
+                            report_docs=0 if args.skip_understanding else args.docs,
                             eval_batches=args.eval_batches or t.eval_batches)
     cfg = dataclasses.replace(cfg, train=t)
     out = Path(args.out) if args.out else ckpt.parent.parent

@@ -34,3 +34,30 @@ def test_predicted_class_takes_the_longest_matching_answer():
     assert predicted_class("An ankle boot.", answers) == FASHION_MNIST_CLASSES.index("Ankle boot")
     assert predicted_class("A t-shirt/to", answers) == -1
     assert predicted_class("Nothing.", answers) == -1
+
+
+def test_interleaved_consistency_pairs_each_image_with_the_caption_after_it(tiny_sets, monkeypatch):
+    """(d): the caption that follows a generated image is compared with the classifier's class of that
+    image; images without a caption count as images but not as pairs."""
+    import torch
+    import megaflow.quality as quality
+    tok = load_tokenizer(load_config(str(TINY), tiny_sets).data.tokenizer)
+    names = FASHION_MNIST_CLASSES
+    coat, bag, shirt = (torch.full((1, 4, 4), v) for v in (0.1, 0.2, 0.3))
+    said = {0.1: names.index("Coat"), 0.2: names.index("Shirt"), 0.3: names.index("Shirt")}
+
+    def fake_generate(model, prompt, **kw):
+        return ([tok.boi_id, coat, tok.eoi_id] + tok.encode("This is a coat.") +
+                [tok.boi_id, bag, tok.eoi_id] + tok.encode("This is a bag.") +
+                [tok.boi_id, shirt, tok.eoi_id, tok.eos_id])
+
+    class Clf:
+        def __call__(self, x):
+            out = torch.zeros(x.shape[0], len(names))
+            out[0, said[round(float(x[0, 0, 0, 0]), 1)]] = 1.0
+            return out
+
+    monkeypatch.setattr(quality, "generate", fake_generate)
+    res = quality.interleaved_consistency(None, tok, Clf(), names, n_docs=2, guidance=0.0, temperature=1.0)
+    assert res == {"interleaved_consistency": 0.5, "interleaved_captioned": 4, "interleaved_images": 6,
+                   "interleaved_docs": 2}
