@@ -351,20 +351,18 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
         if main_rank:
             log.info("resumed from %s at step %d", ckpt, start)
 
-    # evaluation, samples and the report need the whole model in this process: one process, or
-    # rank 0 of a data-parallel-only run (not ZeRO-3, whose weights are partitioned)
-    whole = model if topo is None or (topo.tp == topo.pp == 1 and cfg.parallel.zero_stage < 3) else None
-    if whole is None and main_rank and (tcfg.eval_data or tcfg.sample_every or tcfg.report):
-        log.warning("evaluation, sample grids and the report are skipped with tp=%d, pp=%d, zero_stage=%d (they "
-                    "need the whole model in one process); run them from the checkpoint (megaflow generate)",
-                    topo.tp, topo.pp, cfg.parallel.zero_stage)
+    # evaluation, samples and the report run on the whole model in one process (WholeModel)
+    whole = WholeModel(cfg, tok, model, engine, topo, device)
+    if not whole.direct and main_rank and (tcfg.eval_data or tcfg.sample_every or tcfg.report):
+        log.info("evaluation, sample grids and the report gather the whole model onto rank 0 (tp=%d, pp=%d, "
+                 "zero_stage=%d)", topo.tp, topo.pp, cfg.parallel.zero_stage)
     mon = eval_loader = None
     if main_rank:
         from megaflow.monitor import Monitor
         mon = Monitor(out, cfg, model, total=tcfg.steps, start=start, dp=topo.dp if topo else 1,
                       world=topo.world_size if topo else 1)
-        if tcfg.eval_data and whole is not None:
-            eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
+    if tcfg.eval_data and whole.here:
+        eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
     batches = _forever(loader)
     t_start = time.time()
     step = start
@@ -384,21 +382,29 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
         if tcfg.max_minutes:
             over_time = broadcast_value(over_time, topo)  # every rank stops where rank 0's clock says
         done = step + 1 == tcfg.steps or over_time
-        if eval_loader is not None and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done):
-            mon.eval(step + 1, evaluate(whole, eval_loader, cfg, device, dtype, tcfg.eval_batches))
+        if tcfg.eval_data and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done):
+            one = whole.get()  # collective when gathered: every rank takes part
+            if one is not None:
+                mon.eval(step + 1, evaluate(one, eval_loader, cfg, device, dtype, tcfg.eval_batches))
         if tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done):
             save(out, step + 1, cfg, model, engine, loader, history, tok, topo)
-        if mon is not None and whole is not None and tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
-            mon.samples(step + 1, whole, tok, cfg)
+        if tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
+            one = whole.get()
+            if one is not None:
+                mon.samples(step + 1, one, tok, cfg)
         if done:
             break
     result = {"steps": step + 1, "train": metrics, "minutes": (time.time() - t_start) / 60}
     if topo is not None:
         from parallel.checkpoint import layout_of
         result["parallel"] = layout_of(topo, cfg.parallel)
-    if tcfg.report and main_rank and whole is not None:
-        from megaflow.quality import write_report
-        result["report"] = write_report(whole, tok, cfg, out, device, mon)
+    if mon is not None and getattr(mon, "last_eval", None):
+        result["eval"] = mon.last_eval
+    if tcfg.report:
+        one = whole.get()
+        if one is not None:
+            from megaflow.quality import write_report
+            result["report"] = write_report(one, tok, cfg, out, device, mon)
     if mon is not None:
         mon.close()
     loader.close()
@@ -407,6 +413,38 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
     if main_rank:
         (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
     return result  # no barrier: the report on rank 0 may outlast a collective's timeout
+
+
+class WholeModel:
+    """The whole model in one process, for evaluation, sample grids and the report. In one process,
+    or data-parallel only without ZeRO-3, it is the live model. Otherwise it is a copy on global
+    rank 0, refreshed from the run's weights by the gather that checkpoints use
+    (parallel.checkpoint.full_model_state): collective, so every rank calls `get` at the same steps,
+    and rank 0 needs room for one more full copy of the weights."""
+
+    def __init__(self, cfg: Config, tok, model, engine, topo, device):
+        self.cfg, self.tok, self.model, self.engine, self.topo, self.device = cfg, tok, model, engine, topo, device
+        self.direct = topo is None or (topo.tp == topo.pp == 1 and cfg.parallel.zero_stage < 3)
+        self.copy = None
+
+    @property
+    def here(self) -> bool:
+        """Whether this rank gets a model from `get`."""
+        return self.topo is None or self.topo.rank == 0
+
+    def get(self):
+        if self.direct:
+            return self.model if self.here else None
+        from parallel.checkpoint import full_model_state
+        state = full_model_state(self.model, self.engine, self.topo)
+        if not self.here:
+            return None
+        if self.copy is None:
+            with torch.device("meta"):
+                self.copy = STARFlow2(with_tokenizer(self.cfg.model, self.tok))
+            self.copy.to_empty(device=self.device)
+        load_model_state(self.copy, state, strict=True)
+        return self.copy
 
 
 def _forever(loader):

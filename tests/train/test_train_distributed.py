@@ -23,6 +23,11 @@ TORCHRUN = REPO / ".venv" / "bin" / "torchrun"
 STEPS = ["train.steps=6", "train.save_every=3", "train.keep_last=5", "train.eval_data="]
 
 
+def eval_on(sets: list) -> str:
+    """The held-out data override of `sets` (STEPS switches evaluation off; this turns it back on)."""
+    return next(x for x in sets if x.startswith("train.eval_data="))
+
+
 def torchrun(sets: list, out: Path, *more: str, resume: bool = False, check: bool = True, nproc: int = 2):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
@@ -114,9 +119,11 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     (not averaged) over DP, the clip uses the global norm and each rank reads its own data shard.
     ZeRO-1 on the same launch (DeepSpeed reduces, clips and steps) gives the same losses (1e-5), and
     its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights.
-    Resuming the DP=2 checkpoint in one process is refused (exit 2) with a pointer to init_from."""
+    Resuming the DP=2 checkpoint in one process is refused (exit 2) with a pointer to init_from.
+    ZeRO-3 gives the same losses, and its held-out evaluation (weights gathered onto rank 0) equals
+    the DP=2 run's."""
     dp = tmp_path / "dp"
-    torchrun(tiny_sets, dp)
+    torchrun(tiny_sets, dp, eval_on(tiny_sets))
     ref_losses, ref_weights = _reference_dp2(tiny_sets, 6)
     got = _losses(dp)
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) < 1e-5, (got, ref_losses)
@@ -133,12 +140,21 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     _resume_from_step3(tiny_sets, zero, zero_split, "parallel.zero_stage=1")
     _assert_same_run(zero, zero_split, 1e-6)
 
+    # ZeRO-3 partitions the weights: held-out evaluation gathers them onto rank 0 and must equal
+    # the data-parallel run's, where rank 0 evaluates its own full replica
+    zero3 = tmp_path / "zero3"
+    torchrun(tiny_sets, zero3, "parallel.zero_stage=3", eval_on(tiny_sets))
+    assert max(abs(a - b) for a, b in zip(_losses(zero3), got)) < 1e-5, (_losses(zero3), got)
+    evals = [json.loads((d / "result.json").read_text())["eval"] for d in (dp, zero3)]
+    assert evals[0].keys() == {"bits_per_dim", "text_loss"}, evals
+    assert all(abs(evals[0][k] - evals[1][k]) < 1e-5 * abs(evals[0][k]) for k in evals[0]), evals
+
 
 @pytest.fixture(scope="module")
 def one_process_from_tiny_run(tiny_sets, tiny_run, tmp_path_factory) -> Path:
     """One process, 6 steps, initialised from the trained tiny run (a start both layouts can load)."""
     out = tmp_path_factory.mktemp("one_process")
-    megaflow(*train_args(tiny_sets, out, *STEPS, f"train.init_from={tiny_run}"))
+    megaflow(*train_args(tiny_sets, out, *STEPS, f"train.init_from={tiny_run}", eval_on(tiny_sets)))
     return out
 
 
@@ -149,17 +165,27 @@ def test_tp2_and_pp2_equal_one_process_resume_and_load(tiny_sets, tiny_run, one_
     same checkpoint as a one-process run (train.init_from, sliced per rank), give its loss at all 6
     steps (1e-5) and its gradient norm at the last step (1e-5 relative; clipping is active at 1.0,
     so replicated parameters counted twice or shards once would show); the step-3 checkpoint,
-    resumed, repeats steps 4..6 (loss and final weights within 1e-6 on CPU). Its model.pt is the
+    resumed, repeats steps 4..6 (loss and final weights within 1e-6 on CPU). Held-out evaluation (on
+the whole model gathered onto rank 0) equals the one-process run's (1e-5), and the quality report is
+written. Its model.pt is the
     full one-process state dict: it loads in a single process (megaflow.inference.load_for_inference)
     and that model's loss on step 4's batch (the saved loader position, the same noise) equals the
     distributed step-4 loss (1e-5)."""
     more = [layout, f"train.init_from={tiny_run}"] + (["parallel.micro_batches=3"] if layout.endswith("pp=2") else [])
     whole, split = tmp_path / "whole", tmp_path / "split"
-    torchrun(tiny_sets, whole, *more)
+    torchrun(tiny_sets, whole, *more, eval_on(tiny_sets), "train.report=true", "train.report_samples=1", "train.report_images=4",
+             "train.report_docs=1")
     ref = one_process_from_tiny_run
     assert max(abs(a - b) for a, b in zip(_losses(whole), _losses(ref))) < 1e-5, (_losses(whole), _losses(ref))
-    norms = [json.loads((d / "result.json").read_text())["train"]["grad_norm"] for d in (whole, ref)]
+    results = [json.loads((d / "result.json").read_text()) for d in (whole, ref)]
+    norms = [r["train"]["grad_norm"] for r in results]
     assert norms[1] > 1.0 and abs(norms[0] - norms[1]) < 1e-5 * norms[1], norms
+    # held-out evaluation and the report run on the whole model gathered onto rank 0
+    evals = [r["eval"] for r in results]
+    assert evals[0].keys() == evals[1].keys() == {"bits_per_dim", "text_loss"}, evals
+    assert all(abs(evals[0][k] - evals[1][k]) < 1e-5 * abs(evals[1][k]) for k in evals[1]), evals
+    report = json.loads((whole / "report.json").read_text())
+    assert {"generation_accuracy", "understanding_accuracy", "interleaved_consistency"} <= report.keys()
 
     res = _resume_from_step3(tiny_sets, whole, split, *more)
     assert "pipeline layout:" in res.stdout
