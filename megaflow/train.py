@@ -19,6 +19,7 @@ parallel/engine.py, collective checkpoints (still one full model.pt) in parallel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -119,6 +120,7 @@ def load_model_state(model, state: dict, strict: bool = True) -> None:
         raise CheckpointError(f"checkpoint tensor {bad[0]!r} has shape {tuple(state[bad[0]].shape)} but the model "
                               f"expects {tuple(own[bad[0]].shape)}: the checkpoint was made with another config")
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]  # Transformer Engine's FP8 metadata
     if strict and (missing or unexpected):
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -133,11 +135,16 @@ class PlainEngine:
         self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
         self.optimizer = build_optimizer(model, cfg.train)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.fp8 = contextlib.nullcontext
+        if cfg.parallel.fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
+            from parallel.backend import fp8_context
+            self.fp8 = lambda: fp8_context(cfg.parallel.fp8)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
         self.model.train()
         set_lr(self.optimizer, lr)
-        with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None), \
+                self.fp8():
             if self.dp_group is None:
                 loss, metrics = self.model(batch, noise, keep)
             else:
@@ -227,8 +234,8 @@ def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list
     """One checkpoint. Multi-process (`topo`): collective, every rank calls it (parallel/checkpoint.py);
     model.pt is the full model in the one-process format either way."""
     main_rank = topo is None or topo.rank == 0
-    if topo is None:
-        state = model.state_dict()
+    if topo is None:  # Transformer Engine's FP8 metadata stays out: model.pt loads under either backend
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     else:
         from parallel.checkpoint import full_model_state, layout_of, save_distributed, save_optimizer
         state = full_model_state(model, engine, topo)
@@ -298,7 +305,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
     out = Path(tcfg.out_dir)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    device, topo = setup_processes(cfg, pick_device(tcfg.device))
+    device = pick_device(tcfg.device)
+    if cfg.parallel.backend == "te" and device.type != "cuda":
+        raise ConfigError(f"parallel.backend=te (Transformer Engine) needs a CUDA GPU, and this run is on "
+                          f"{device.type} (train.device={tcfg.device!r}); use parallel.backend=local"
+                          + (" and parallel.fp8=off" if cfg.parallel.fp8 != "off" else ""))
+    device, topo = setup_processes(cfg, device)
     try:
         return _run(cfg, resume, out, device, topo)
     finally:
@@ -332,6 +344,9 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
                                   f"resume it with the same launch, or start from its weights with "
                                   f"--set train.init_from={ckpt}")
         model = build(cfg, tok, device, ckpt)
+        if cfg.parallel.backend == "te":
+            from parallel.backend import apply_te_dense
+            apply_te_dense(model)  # after init or load: the TE layers take the same weights
         engine = PlainEngine(model, cfg, dtype)
         if ckpt is not None:
             engine.load_state_dict(load_file(ckpt, "optim.pt"))

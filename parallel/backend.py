@@ -10,10 +10,14 @@ for q, k and v together (`ParallelRMSNorm(entry='copy'|'gather')`); Transformer 
 themselves, so under 'te' the norm only keeps its sequence-parallel gradient exact.
 
 Transformer Engine is imported only when backend == 'te'. Everything outside transformer blocks
-(embeddings, heads, skips, adapter) always uses the local layers. Proving 'te' on GPUs is a later
-issue; here it is wired.
+(embeddings, heads, skips, adapter) always uses the local layers. At TP=1 in one process, 'te'
+swaps the blocks' linears for plain `te.Linear` (`apply_te_dense`); `fp8_context` then runs their
+GEMMs in FP8 (parallel.fp8: 'delayed' = DelayedScaling, 'current' = Float8CurrentScaling).
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch.nn as nn
 
@@ -89,6 +93,45 @@ class TEBackend:
 
     def kv_input_comm(self, sequence_parallel: bool) -> str:
         return "gather" if sequence_parallel else "copy"  # no norm entry under 'te'
+
+    def dense(self, lin: nn.Linear) -> nn.Module:
+        """An unsharded `te.Linear` holding `lin`'s weights (TP=1)."""
+        new = self.te.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                             params_dtype=lin.weight.dtype, device=lin.weight.device)
+        return copy_shards(new, lin)
+
+
+BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def apply_te_dense(model: nn.Module) -> nn.Module:
+    """TP=1: every transformer block's linears (both streams and the shallow flows) become
+    `te.Linear` with the same weights and names, so checkpoints stay interchangeable with 'local'
+    (Transformer Engine's `_extra_state` entries aside). Needs a materialised model on a GPU."""
+    from megaflow.model.layers import TransformerBlock
+    backend = TEBackend()
+    for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+        for part, names in BLOCK_LINEARS:
+            holder = getattr(block, part)
+            for name in names:
+                setattr(holder, name, backend.dense(getattr(holder, name)))
+    return model
+
+
+def fp8_context(recipe: str, group=None):
+    """Context for a forward: FP8 GEMMs in Transformer Engine layers with the scaling `recipe`
+    ('delayed' or 'current'); a no-op for 'off'. `group`: where delayed scaling reduces its amax."""
+    if recipe == "off":
+        return contextlib.nullcontext()
+    return import_te().fp8_autocast(enabled=True, fp8_recipe=_fp8_recipe(recipe), fp8_group=group)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_recipe(name: str):
+    """One recipe object per name for the whole run (delayed scaling keeps its amax history per layer)."""
+    import_te()
+    from transformer_engine.common import recipe as te_recipe
+    return te_recipe.DelayedScaling() if name == "delayed" else te_recipe.Float8CurrentScaling()
 
 
 def get_backend(name: str):

@@ -90,6 +90,12 @@ def build_stages(mcfg, pcfg, topo: Topology, device, seed: int, full_state: Opti
     when pp == 1), this rank's pipeline stages and the tied-embedding link. `full_state`: a full
     (single-process) state dict to load, else a fresh init (with pp == tp == 1 the same numbers as
     one process with the same seed)."""
+    if pcfg.fp8 != "off":
+        raise ValueError(f"parallel.fp8={pcfg.fp8!r} is wired for one process only (megaflow train without a "
+                         "launcher); multi-process FP8 (amax reduction, per-micro-batch autocast) is not yet")
+    if pcfg.backend == "te" and topo.tp == 1:
+        raise ValueError("parallel.backend=te with tp=1 runs in one process only; with a launcher use "
+                         "parallel.tp >= 2 (Transformer Engine's tensor-parallel layers) or backend=local")
     with torch.device("meta"):
         model = STARFlow2(mcfg)
     if topo.tp > 1:

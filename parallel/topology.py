@@ -17,6 +17,9 @@ from typing import Optional
 import torch.distributed as dist
 
 
+FP8_RECIPES = ("off", "delayed", "current")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Parallel layout. The data-parallel degree is what the world size leaves: dp = world / (tp * pp)."""
@@ -25,6 +28,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel degree (stages)
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
+    fp8: str = "off"  # FP8 GEMMs of the transformer blocks (needs backend 'te' on a GPU): 'off', 'delayed' or 'current' scaling
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     micro_batches: int = 1  # micro-batches per step (gradient accumulation / pipeline fill)
@@ -39,6 +43,11 @@ class ParallelConfig:
             raise ValueError(f"parallel.flow_tp={self.flow_tp} must divide parallel.tp={self.tp} (or be 0)")
         if self.backend not in ("local", "te"):
             raise ValueError(f"parallel.backend={self.backend!r} must be 'local' or 'te'")
+        if self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"parallel.fp8={self.fp8!r} must be one of {FP8_RECIPES}")
+        if self.fp8 != "off" and self.backend != "te":
+            raise ValueError(f"parallel.fp8={self.fp8!r} runs through Transformer Engine: set parallel.backend=te "
+                             "(on a GPU with FP8, e.g. H100/H200), or parallel.fp8=off")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -61,3 +61,18 @@ def test_saved_config_keeps_the_wiring_it_was_trained_with():
     old = {**tree, "model": {k: v for k, v in tree["model"].items() if k != "adapter_input"}}
     assert saved_config_from_dict(old).model.adapter_input == "flow"
     assert config_from_dict(old).model.adapter_input == "latent"
+
+
+def test_fp8_needs_transformer_engine_and_a_gpu(tmp_path):
+    """FP8 is Transformer Engine's: asking for it with the local backend, an unknown recipe, or the TE
+    backend on a machine without CUDA is refused with what to change (nothing is written)."""
+    with pytest.raises(ConfigError, match="parallel.backend=te"):
+        load_config(None, ["parallel.fp8=delayed"])
+    with pytest.raises(ConfigError, match="'off', 'delayed', 'current'"):
+        load_config(None, ["parallel.backend=te", "parallel.fp8=e5m2"])
+    cfg = load_config(None, ["parallel.backend=te", "parallel.fp8=current", "train.device=cpu",
+                             f"train.out_dir={tmp_path / 'run'}"])
+    from megaflow.train import run
+    with pytest.raises(ConfigError, match="needs a CUDA GPU.*parallel.backend=local and parallel.fp8=off"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()

@@ -84,14 +84,22 @@ def build(cfg, device, real_data: bool):
     from megaflow.train import to_device
     if not real_data:
         model = build_model(cfg.model, device, seed=cfg.train.seed)
-        return model, None
+        return te_layers(model, cfg), None
     from data_pipeline.loader import build_loader
     from megaflow.train import _forever, load_run_tokenizer, prepare_data, with_tokenizer
     prepare_data(cfg)
     tok = load_run_tokenizer(cfg)
     model = build_model(with_tokenizer(cfg.model, tok), device, seed=cfg.train.seed)
     batches = _forever(build_loader(cfg.data, tok, 0, 1))
-    return model, (to_device(b, device) for b in batches)
+    return te_layers(model, cfg), (to_device(b, device) for b in batches)
+
+
+def te_layers(model, cfg):
+    """parallel.backend=te: the blocks' linears become Transformer Engine's, as `megaflow train` does."""
+    if cfg.parallel.backend == "te":
+        from parallel.backend import apply_te_dense
+        apply_te_dense(model)
+    return model
 
 
 def default_images(mcfg: ModelConfig, seq_len: int, max_images: int) -> int:
@@ -138,13 +146,13 @@ def profile(args) -> dict:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0, batch, out
 
-    for _ in range(args.warmup):
-        step()
+    losses = [step()[2]["loss"] for _ in range(args.warmup)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, tokens, images, flops = [], [], [], []
     for _ in range(args.steps):
         dt, batch, out = step()
+        losses.append(out["loss"])
         times.append(dt)
         tokens.append(int((batch["doc_ids"] >= 0).sum()))  # non-pad positions, as megaflow.monitor counts
         images.append(int(batch["image_valid"].sum()))
@@ -164,6 +172,7 @@ def profile(args) -> dict:
         "model_tflop_per_step": per_step["flops"] / 1e12, "model_tflops": achieved / 1e12,
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
         "peak_memory_gib": mem, "peak_memory_kind": mem_kind, "last_loss": out["loss"],
+        "backend": cfg.parallel.backend, "fp8": cfg.parallel.fp8, "losses": losses,
     }
     if args.trace:
         result.update(trace(args.trace, step, args.trace_steps, device))
@@ -187,7 +196,9 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
 
 
 def render(r: dict) -> str:
-    lines = [f"profile: {r['config']} on {r['device']} ({r['dtype']}), {r['rows']} x {r['seq_len']} tokens, "
+    fp8 = f", FP8 {r['fp8']}" if r.get("fp8", "off") != "off" else ""
+    lines = [f"profile: {r['config']} on {r['device']} ({r['dtype']}, {r.get('backend', 'local')} layers{fp8}), "
+             f"{r['rows']} x {r['seq_len']} tokens, "
              f"{r['images_per_step']} images per step; {r['warmup']} warm-up + {r['steps']} timed steps",
              f"  step time      {r['step_time_s'] * 1e3:10.2f} ms (median; min {r['step_time_min_s'] * 1e3:.2f}, "
              f"max {r['step_time_max_s'] * 1e3:.2f})",

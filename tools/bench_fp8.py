@@ -1,0 +1,69 @@
+"""FP8 through Transformer Engine, one GPU: the same model, weights and batches trained with our
+local layers in bf16, Transformer Engine layers in bf16, and TE layers with FP8 GEMMs (delayed and
+current scaling). For each: median step time, tokens/s, MFU (bf16 peak, as everywhere in this repo)
+and peak memory (tools/profile_step.py's measurement); and the losses of every step side by side, so
+the speed-up comes with its numerical cost: step 1 is the same weights on the same batch, later steps
+show whether training drifts.
+
+    python tools/bench_fp8.py --config configs/h200_1b.yaml --steps 10 --json fp8.json   # H100/H200
+
+Needs CUDA and Transformer Engine (shared/gpu/README.md says how it reaches the lent H200).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.profile_step import profile, render  # noqa: E402
+
+VARIANTS = (("local", "off"), ("te", "off"), ("te", "delayed"), ("te", "current"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/h200_1b.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (their losses are kept)")
+    ap.add_argument("--variants", default=",".join(f"{b}:{f}" for b, f in VARIANTS),
+                    help="backend:fp8 pairs, comma-separated")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fp8: needs a CUDA GPU with FP8 (H100/H200)", file=sys.stderr)
+        return 2
+    rows = []
+    for pair in args.variants.split(","):
+        backend, fp8 = pair.split(":")
+        pargs = argparse.Namespace(config=args.config, device="cuda", warmup=args.warmup, steps=args.steps,
+                                   images_per_row=-1, real_data=False, peak_tflops=0.0, trace="", trace_steps=0,
+                                   overrides=[*args.overrides, f"parallel.backend={backend}", f"parallel.fp8={fp8}",
+                                              "train.dtype=bf16"])
+        r = profile(pargs)
+        print(render(r), flush=True)
+        rows.append(r)
+        gc.collect()
+        torch.cuda.empty_cache()
+    base = rows[0]
+    print(f"\n{'layers':8s} {'fp8':8s} {'step ms':>9s} {'speed-up':>9s} {'MFU %':>7s} {'mem GiB':>8s} "
+          f"{'loss@1 rel.diff':>16s} {'last loss':>10s}")
+    for r in rows:
+        d1 = abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0])
+        print(f"{r['backend']:8s} {r['fp8']:8s} {r['step_time_s'] * 1e3:9.1f} {base['step_time_s'] / r['step_time_s']:9.2f} "
+              f"{100 * (r['mfu'] or 0):7.1f} {r['peak_memory_gib']:8.2f} {d1:16.2e} {r['losses'][-1]:10.4f}")
+    print("losses per step:")
+    for r in rows:
+        print(f"  {r['backend']}/{r['fp8']}: " + " ".join(f"{x:.4f}" for x in r["losses"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
