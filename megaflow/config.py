@@ -125,6 +125,8 @@ def _check_value(path: str, tp, value):
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False and on/yes/true as True
+            return "on" if value else "off"
     elif tp is Any:
         return value
     else:

@@ -310,6 +310,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
         raise ConfigError(f"parallel.backend=te (Transformer Engine) needs a CUDA GPU, and this run is on "
                           f"{device.type} (train.device={tcfg.device!r}); use parallel.backend=local"
                           + (" and parallel.fp8=off" if cfg.parallel.fp8 != "off" else ""))
+    if cfg.parallel.backend == "te":  # before any CUDA work: a cuDNN that torch loads first can break TE's
+        from parallel.backend import import_te
+        import_te()
     device, topo = setup_processes(cfg, device)
     try:
         return _run(cfg, resume, out, device, topo)

@@ -70,6 +70,7 @@ def test_fp8_needs_transformer_engine_and_a_gpu(tmp_path):
         load_config(None, ["parallel.fp8=delayed"])
     with pytest.raises(ConfigError, match="'off', 'delayed', 'current'"):
         load_config(None, ["parallel.backend=te", "parallel.fp8=e5m2"])
+    assert load_config(None, ["parallel.backend=te", "parallel.fp8=off"]).parallel.fp8 == "off"  # YAML's False
     cfg = load_config(None, ["parallel.backend=te", "parallel.fp8=current", "train.device=cpu",
                              f"train.out_dir={tmp_path / 'run'}"])
     from megaflow.train import run

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_fp8: needs a CUDA GPU with FP8 (H100/H200)", file=sys.stderr)
         return 2
+    if ":te" in "," + args.variants.replace("te:", ":te"):
+        from parallel.backend import import_te
+        import_te()  # before any CUDA work: a cuDNN that torch loads first can break TE's own (seen on the H200)
     rows = []
     for pair in args.variants.split(","):
         backend, fp8 = pair.split(":")
