@@ -248,10 +248,11 @@ class PackedBatches(IterableDataset):
         batch, stats = pack_documents(docs, self.cfg, self.tokenizer)
         if stats.overflow_docs:
             self.overflow_batches += 1
-            if self.overflow_batches % 100 == 1:  # the first, then every 100th: counts are in stats
+            if math.log10(self.overflow_batches).is_integer():  # the 1st, 10th, 100th...: totals are in stats
                 log.warning("batch overflow: %d documents (%d tokens) did not fit in %d rows of %d and "
-                            "were dropped, e.g. %s; %d batches of this reader overflowed so far; lower "
-                            "samples_per_batch or raise batch_size/seq_len", stats.overflow_docs,
+                            "were dropped, e.g. %s; %d batches of this reader overflowed so far (reported "
+                            "again at 10x that; loader.stats and the run's result.json have the totals); "
+                            "lower samples_per_batch or raise batch_size/seq_len", stats.overflow_docs,
                             stats.overflow_tokens, self.cfg.batch_size, self.cfg.seq_len,
                             stats.overflow_sources[0], self.overflow_batches)
         stats.overflow_sources = []

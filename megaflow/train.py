@@ -418,6 +418,8 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
         result["parallel"] = layout_of(topo, cfg.parallel)
     if mon is not None and getattr(mon, "last_eval", None):
         result["eval"] = mon.last_eval
+    stats = loader.stats  # this rank's reader: what it read, packed, dropped for lack of room, skipped
+    result["data"] = {"dp_rank": dp_rank, **{k: stats[k] for k in ("batches", "samples", "docs", "overflow_docs", "skipped")}}
     if tcfg.report:
         one = whole.get()
         if one is not None:

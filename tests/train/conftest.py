@@ -51,5 +51,10 @@ def tiny_run(tiny_sets, tmp_path_factory) -> Path:
     """configs/tiny.yaml trained for its 60 steps; the run directory."""
     out = tmp_path_factory.mktemp("tiny_run")
     megaflow(*train_args(tiny_sets, out))
-    assert json.loads((out / "result.json").read_text())["steps"] == 60
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 60
+    from megaflow.config import load_config
+    spb = load_config(str(TINY), tiny_sets).data.samples_per_batch
+    data = result["data"]  # what the reader did, for the user to see drops and skips
+    assert data["batches"] == 60 and data["samples"] == 60 * spb and data["docs"] + data["skipped"] == data["samples"]
     return out
