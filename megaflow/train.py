@@ -167,11 +167,7 @@ class PlainEngine:
         from parallel.pipeline_step import TERM_KEYS, global_counts
         m = self.model
         counts = global_counts(m, batch, self.dp_group)
-        ctx = m.context(batch, keep)
-        state = m.embed(batch, ctx, noise)
-        for unit in m.units.values():
-            state = unit(state, ctx)
-        terms = m.loss_terms(state, batch)
+        terms = m.terms(batch, noise, keep)
         loss = m.combine(terms, counts)
         totals = torch.stack([loss.detach().double()] + [terms[k].detach().double() if k in terms
                                                          else loss.new_zeros((), dtype=torch.float64) for k in TERM_KEYS])
@@ -199,11 +195,7 @@ def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int) -> dic
         batch = to_device(batch, device)
         noise, _ = step_randomness(cfg, model.cfg, batch, -1 - i, 0, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            ctx = model.context(batch)
-            state = model.embed(batch, ctx, noise)
-            for unit in model.units.values():
-                state = unit(state, ctx)
-            terms = model.loss_terms(state, batch)
+            terms = model.terms(batch, noise)
         counts = model.loss_counts(batch)
         for k in ("text_sum", "flow_sum"):
             sums[k] += float(terms.get(k, 0.0))

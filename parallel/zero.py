@@ -117,11 +117,7 @@ class GlobalLoss(nn.Module):
 
     def forward(self, batch: dict, noise, keep, counts: dict):
         m = self.model
-        ctx = m.context(batch, keep)
-        state = m.embed(batch, ctx, noise)
-        for unit in m.units.values():
-            state = unit(state, ctx)
-        terms = m.loss_terms(state, batch)
+        terms = m.terms(batch, noise, keep)
         return m.combine(terms, counts), terms
 
 

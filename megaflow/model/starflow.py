@@ -274,13 +274,18 @@ class STARFlow2(nn.Module):
             loss = loss + w.w_text * terms["text_sum"] / counts["text"].clamp(min=1)
         return loss
 
-    def forward(self, batch: dict, noise: Optional[torch.Tensor] = None, cond_keep: Optional[torch.Tensor] = None):
-        """Whole model in one process: returns (loss, metrics)."""
+    def terms(self, batch: dict, noise: Optional[torch.Tensor] = None,
+              cond_keep: Optional[torch.Tensor] = None) -> dict:
+        """Whole model in one process: embed -> every unit -> the summed loss terms (`loss_terms`)."""
         ctx = self.context(batch, cond_keep)
         state = self.embed(batch, ctx, noise)
         for unit in self.units.values():
             state = unit(state, ctx)
-        terms = self.loss_terms(state, batch)
+        return self.loss_terms(state, batch)
+
+    def forward(self, batch: dict, noise: Optional[torch.Tensor] = None, cond_keep: Optional[torch.Tensor] = None):
+        """Whole model in one process: returns (loss, metrics)."""
+        terms = self.terms(batch, noise, cond_keep)
         counts = self.loss_counts(batch)
         return self.combine(terms, counts), metrics_from(terms, counts, self.cfg)
 
