@@ -74,6 +74,12 @@ def check_layout(pcfg, world_size: int) -> None:
     if pcfg.zero_stage > 1 and pp > 1:
         raise ValueError(f"parallel.zero_stage={pcfg.zero_stage} with parallel.pp={pp}: ZeRO-2/3 cannot run under "
                          f"the pipeline schedule; use zero_stage=1 (or pp=1)")
+    if pcfg.fp8 != "off":
+        raise ValueError(f"parallel.fp8={pcfg.fp8!r} is wired for one process only (megaflow train without a "
+                         "launcher); multi-process FP8 (amax reduction, per-micro-batch autocast) is not yet")
+    if pcfg.backend == "te" and tp == 1:
+        raise ValueError("parallel.backend=te with tp=1 runs in one process only; with a launcher use "
+                         "parallel.tp >= 2 (Transformer Engine's tensor-parallel layers) or backend=local")
 
 
 @torch.no_grad()
@@ -90,12 +96,6 @@ def build_stages(mcfg, pcfg, topo: Topology, device, seed: int, full_state: Opti
     when pp == 1), this rank's pipeline stages and the tied-embedding link. `full_state`: a full
     (single-process) state dict to load, else a fresh init (with pp == tp == 1 the same numbers as
     one process with the same seed)."""
-    if pcfg.fp8 != "off":
-        raise ValueError(f"parallel.fp8={pcfg.fp8!r} is wired for one process only (megaflow train without a "
-                         "launcher); multi-process FP8 (amax reduction, per-micro-batch autocast) is not yet")
-    if pcfg.backend == "te" and topo.tp == 1:
-        raise ValueError("parallel.backend=te with tp=1 runs in one process only; with a launcher use "
-                         "parallel.tp >= 2 (Transformer Engine's tensor-parallel layers) or backend=local")
     with torch.device("meta"):
         model = STARFlow2(mcfg)
     if topo.tp > 1:
