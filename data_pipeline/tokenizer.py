@@ -27,6 +27,10 @@ SPECIALS = ("pad", "bos", "eos", "boi", "eoi", "image")
 _META = "megaflow_tokenizer.json"
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that exists but cannot be loaded (empty, truncated, not a tokenizer)."""
+
+
 class Tokenizer:
     """Base tokenizer plus appended specials. `encode` never adds specials; `decode` drops them."""
 
@@ -119,7 +123,14 @@ def load_sentencepiece(path: str) -> Tokenizer:
         path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SentencePiece model not found: {path}")
-    return Tokenizer("sentencepiece", path, spm.SentencePieceProcessor(model_file=path))
+    try:
+        backend = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:  # SentencePiece's parse failure of an empty or corrupt file
+        raise TokenizerError(f"cannot load the SentencePiece model {path!r} ({os.path.getsize(path)} bytes): the "
+                             f"file is empty or corrupt ({' '.join(str(e).split())[:200]}); delete it (megaflow "
+                             f"trains a new one for a built-in dataset) or point data.tokenizer.path at a valid "
+                             f".model file") from e
+    return Tokenizer("sentencepiece", path, backend)
 
 
 def smollm2_gguf_path() -> str:
@@ -171,7 +182,11 @@ def load_hf(path: str) -> Tokenizer:
         raise FileNotFoundError(f"Hugging Face tokenizer directory not found: {path}")
     from transformers import AutoTokenizer
 
-    backend = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        backend = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:  # missing or corrupt tokenizer files
+        raise TokenizerError(f"cannot load the Hugging Face tokenizer in {path!r}: "
+                             f"{' '.join(str(e).split())[:300]}; check its tokenizer files") from e
     return Tokenizer("hf", path, backend)
 
 

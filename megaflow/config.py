@@ -28,6 +28,9 @@ class ConfigError(ValueError):
     """A config file or override that does not match the dataclasses."""
 
 
+MAX_LR = 1.0  # a larger train.lr is a typo (it blows the weights up in one AdamW step)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop."""
@@ -65,6 +68,25 @@ class TrainConfig:
     hf_lm: str = ""  # pretrained LM for the VLM stream: a local HF dir, a .gguf file, or 'smollm2'
     report: bool = True  # at the end, write samples grid + quality report (report.json / report.txt)
     max_minutes: float = 0.0  # stop early (and save) after this many minutes (0 = no limit)
+    max_skipped_steps: int = 10  # optimizer steps skipped for NaN/Inf gradients before the run stops (0 = stop at the first)
+
+    def __post_init__(self):
+        checks = [  # (key, ok, what it must be)
+            ("steps", self.steps > 0, "a positive number of optimizer steps"),
+            ("lr", 0 < self.lr <= MAX_LR, f"in (0, {MAX_LR}] (AdamW learning rates are ~1e-5 .. 1e-2)"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, f"in [0, train.lr={self.lr}]"),
+            ("warmup", self.warmup >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("save_every", self.save_every >= -1, ">= -1 (0 = only at the end, -1 = never)"),
+            ("keep_last", self.keep_last >= 0, ">= 0 (0 = keep all)"),
+            ("max_skipped_steps", self.max_skipped_steps >= 0, ">= 0"),
+        ]
+        for key, ok, what in checks:
+            if not ok:
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be {what}; set it with --set train.{key}=...")
 
 
 @dataclass(frozen=True)
@@ -189,7 +211,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None, cl
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path!r} does not exist; the shipped configs are in configs/")
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            with open(p) as f:  # a stream, so that YAML's error marks name the file
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path!r}: {e}") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
     for item in overrides or []:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megaflow.checkpoint import CheckpointError, load_file, resolve
+from megaflow.checkpoint import CheckpointError, load_retrying
 from megaflow.config import saved_config_from_dict
 
 
@@ -41,9 +41,13 @@ def load_checkpoint_tokenizer(ckpt: Path):
 
 
 def load_for_inference(path: str | Path, device="cpu"):
-    """(model in eval mode, tokenizer, run config, checkpoint dir) from a checkpoint or run dir."""
+    """(model in eval mode, tokenizer, run config, checkpoint dir) from a checkpoint or run dir; if a
+    running save prunes the checkpoint while it is read, the newest one is loaded instead."""
+    return load_retrying(path, lambda ckpt: _load(ckpt, device))
+
+
+def _load(ckpt: Path, device):
     from megaflow.train import build
-    ckpt = resolve(path)
     cfg_file = ckpt / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has no config.json")

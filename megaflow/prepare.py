@@ -4,6 +4,9 @@ paths the config names, e.g. data_cache/fashion_mnist/).
 
 The build is made atomic like checkpoints: written under a temporary name, renamed when complete,
 so an interrupted first run never leaves half a dataset behind that a later run would trust.
+Nothing megaflow did not write is ever deleted: a dataset is built only into an absent or empty
+directory, or one that carries the `.megaflow-built` marker of an earlier build; any other directory
+without index.json stops the run with an error naming it.
 """
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
+from megaflow.config import ConfigError
+
 log = logging.getLogger("megaflow")
 
 BUILTIN = ("fashion_mnist", "digits", "emoji")
+MARKER = ".megaflow-built"  # written into every dataset directory megaflow builds
 
 
 def parse_mix(text: str):
@@ -27,23 +33,47 @@ def parse_mix(text: str):
         raise ValueError(f"train.dataset_mix={text!r}: expected e.g. 't2i=0.6,i2t=0.3,interleaved=0.1'") from None
 
 
-def ensure_dataset(name: str, out: str, split: str, limit: int = 0, seed: int = 0, mix: str = "") -> None:
-    """Build built-in dataset `name` (split) into `out` unless `out/index.json` exists."""
+def ensure_dataset(name: str, out: str, split: str, limit: int = 0, seed: int = 0, mix: str = "",
+                   key: str = "data.local") -> None:
+    """Build built-in dataset `name` (split) into `out` unless `out/index.json` exists. `key` is the
+    config key that names `out` (for the error messages)."""
     if (Path(out) / "index.json").is_file():
         return
     if name not in BUILTIN:
         raise FileNotFoundError(f"no MDS data at {out!r} (no index.json) and train.dataset={name!r} is not a built-in "
                                 f"dataset to build there; build it with `megaflow data build NAME --out {out}` "
                                 f"or set train.dataset to one of {BUILTIN}")
+    ours = check_build_target(out, key)
     from data_pipeline.writers import build_dataset
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("building %s/%s into %s (first run only)", name, split, out)
     build_dataset(name, tmp, split=split, limit=limit or None, seed=seed, mix=parse_mix(mix))
-    if Path(out).exists():
+    (Path(tmp) / MARKER).write_text(f"built by megaflow: {name}/{split}\n")
+    if ours:  # an earlier build of ours that lost its index.json: replaced whole
         shutil.rmtree(out)
+    elif Path(out).is_dir():
+        Path(out).rmdir()  # empty (checked above)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
+
+
+def check_build_target(out: str, key: str) -> bool:
+    """Whether `out` holds an earlier megaflow build (to replace). An absent or empty directory is
+    fine (False); anything else raises: megaflow never deletes what it did not write."""
+    p = Path(out)
+    if not p.exists():
+        return False
+    if not p.is_dir():
+        raise ConfigError(f"{key}={out!r} is a file, not a dataset directory; point {key} at a directory")
+    if (p / MARKER).is_file():
+        return True
+    entries = sorted(x.name for x in p.iterdir())
+    if entries:
+        raise ConfigError(f"{key}={out!r} holds files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) "
+                                f"but no MDS index.json, and megaflow did not build it (no {MARKER}); it will not "
+                                f"delete them to build the dataset there: point {key} at a new or empty directory")
+    return False
 
 
 def dataset_texts(data_dir: str) -> list:

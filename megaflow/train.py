@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,10 @@ from typing import Optional
 
 import torch
 
-from megaflow.checkpoint import CheckpointError, find_latest, load_file, resolve, save_checkpoint, validate
+from data_pipeline.schema import BadSampleError
+from data_pipeline.tokenizer import TokenizerError
+from megaflow.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_file, nonfinite, resolve,
+                                 save_checkpoint, validate)
 from megaflow.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from megaflow.model.config import ModelConfig, SpecialTokens
 from megaflow.model.starflow import STARFlow2, apply_stage
@@ -156,9 +160,15 @@ class PlainEngine:
             allreduce_gradients(self.params, self.dp_group, average=False)
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
+        # NaN/Inf anywhere in the gradients makes the norm non-finite: skip the update. With dp_group the
+        # gradients were summed above, so every replica sees the same norm and skips the same steps.
+        skipped = not bool(torch.isfinite(norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         value = metrics.pop("global_loss", float(loss.detach()))
-        return {"loss": value, "grad_norm": float(norm), **metrics}
+        return {"loss": value, "grad_norm": float(norm), "skipped": skipped, **metrics}
 
     def _global_loss(self, batch: dict, noise, keep):
         """This replica's share of the global-batch loss; the returned loss and metrics are global."""
@@ -214,9 +224,11 @@ def prepare_data(cfg: Config) -> None:
     from megaflow.prepare import ensure_dataset, ensure_tokenizer
     name = cfg.train.dataset
     if name:
-        ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed, cfg.train.dataset_mix)
+        ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed, cfg.train.dataset_mix,
+                       key="data.local")
         if cfg.train.eval_data:
-            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed, cfg.train.dataset_mix)
+            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed, cfg.train.dataset_mix,
+                           key="train.eval_data")
     spec = cfg.data.tokenizer
     if spec.kind == "sentencepiece" and name:
         ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)
@@ -292,9 +304,69 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
     return model, build_engine(cfg, model, stages, tied, topo, dtype)
 
 
-def run(cfg: Config, resume: bool = False) -> dict:
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one out_dir (a fresh run there would prune some of the old run's
+    checkpoints and leave newer ones that --resume and generate then pick), and fail early, naming
+    the path, when out_dir cannot be written. Every rank checks the same files: all fail alike."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in train.out_dir and --overwrite deletes its checkpoints; "
+                          "give one of them")
+    ckpts = out / "checkpoints"
+    found = list_checkpoints(ckpts)
+    if found and not resume and not overwrite:
+        raise ConfigError(f"train.out_dir={str(out)!r} already holds checkpoints of a run ({found[-1].name}, "
+                          f"{len(found)} in all); continue that run with --resume, start over with --overwrite "
+                          f"(deletes {str(ckpts)!r}), or set another train.out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.out_dir={str(out)!r} cannot be written ({e.strerror or e}); choose another "
+                          f"train.out_dir or fix its permissions") from e
+
+
+def remove_checkpoints(out: Path) -> None:
+    """--overwrite: megaflow's own checkpoints directory goes (renamed away first, so no reader sees
+    half of it); nothing else in out_dir is touched."""
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir():
+        gone = out / f".checkpoints-overwritten-{os.getpid()}"
+        os.replace(ckpts, gone)
+        shutil.rmtree(gone)
+        log.info("--overwrite: removed the previous run's checkpoints in %s", ckpts)
+
+
+def nonfinite_state(model, engine, topo) -> Optional[str]:
+    """Where this rank's weights or optimizer state hold NaN/Inf (a name), or None."""
+    if topo is None:
+        return nonfinite(model.state_dict(), "model") or nonfinite(engine.state_dict(), "optimizer")
+    if hasattr(engine, "save"):  # ZeRO: this rank's fp32 master partitions and their AdamW moments
+        from parallel.zero import master_partitions
+        return (nonfinite(master_partitions(engine.optimizer), "fp32 master weights")
+                or nonfinite(list(engine.optimizer.optimizer.state.values()), "optimizer"))
+    return nonfinite(engine.model_state_dict(), "model") or nonfinite(engine.optimizer.state_dict(), "optimizer")
+
+
+def check_finite(model, engine, topo, device, step: int, cfg: Config, out: Path) -> None:
+    """Refuse to write checkpoint `step` when any rank's weights or optimizer state are not finite."""
+    bad = nonfinite_state(model, engine, topo)
+    if topo is not None:  # all ranks refuse together: a collective save would hang otherwise
+        import torch.distributed as dist
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
+        dist.all_reduce(flag)
+        bad = bad or ("another rank's weights or optimizer state" if flag.item() else None)
+    if bad is not None:
+        raise FloatingPointError(f"NaN/Inf in {bad} after step {step}: no checkpoint is written; lower train.lr (now "
+                                 f"{cfg.train.lr}) or check the data, and resume from the last good checkpoint in "
+                                 f"{str(out / 'checkpoints')!r}")
+
+
+def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     tcfg = cfg.train
     out = Path(tcfg.out_dir)
+    check_out_dir(out, resume, overwrite)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     device = pick_device(tcfg.device)
@@ -307,7 +379,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
         import_te()
     device, topo = setup_processes(cfg, device)
     try:
-        return _run(cfg, resume, out, device, topo)
+        return _run(cfg, resume, out, device, topo, overwrite)
     finally:
         if topo is not None:
             import torch.distributed as dist
@@ -315,13 +387,15 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 dist.destroy_process_group()
 
 
-def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
+def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = False) -> dict:
     from parallel.runtime import barrier, broadcast_value
     tcfg = cfg.train
     main_rank = topo is None or topo.rank == 0
     dtype = pick_dtype(tcfg.dtype, device)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            remove_checkpoints(out)
         prepare_data(cfg)
     barrier(topo)  # the data and tokenizer exist before any rank reads them
     tok = load_run_tokenizer(cfg)
@@ -377,15 +451,29 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
     t_start = time.time()
     step = start
     metrics: dict = {}
+    skipped = sum(1 for h in history if h.get("skipped"))  # over the whole run, resumes included
     for step in range(start, tcfg.steps):
         batch = to_device(next(batches), device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)
         lr = lr_at(step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps)
         metrics = engine.train_step(batch, noise, keep, lr)
-        if not math.isfinite(metrics["loss"]):
+        was_skipped = bool(metrics.pop("skipped", False))
+        if was_skipped:  # NaN/Inf gradients: the engine left the weights and the optimizer state untouched
+            skipped += 1
+            if main_rank:
+                log.warning("step %d: NaN/Inf gradients (loss %s, grad norm %s); the optimizer step was skipped "
+                            "(%d so far, train.max_skipped_steps=%d)", step + 1, metrics["loss"],
+                            metrics.get("grad_norm"), skipped, tcfg.max_skipped_steps)
+            if skipped > tcfg.max_skipped_steps:
+                raise FloatingPointError(f"{skipped} optimizer steps skipped for NaN/Inf gradients, the last at step "
+                                         f"{step + 1} (train.max_skipped_steps={tcfg.max_skipped_steps}); lower "
+                                         f"train.lr (now {tcfg.lr}) or check the data; the last good checkpoint is "
+                                         f"in {str(out / 'checkpoints')!r}")
+        elif not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower train.lr (now {tcfg.lr}) "
-                                     f"or check the data; the last good checkpoint is in {out / 'checkpoints'}")
-        history.append({"step": step + 1, "loss": metrics["loss"]})
+                                     f"or check the data; the last good checkpoint is in {str(out / 'checkpoints')!r}")
+        history.append({"step": step + 1, "loss": metrics["loss"], **({"skipped": True} if was_skipped else {})})
+        metrics["skipped_steps"] = skipped
         if mon is not None:
             mon.step(step + 1, batch, metrics, lr)
         over_time = bool(tcfg.max_minutes) and time.time() - t_start > 60 * tcfg.max_minutes
@@ -397,6 +485,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
             if one is not None:
                 mon.eval(step + 1, evaluate(one, eval_loader, cfg, device, dtype, tcfg.eval_batches))
         if tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done):
+            check_finite(model, engine, topo, device, step + 1, cfg, out)
             save(out, step + 1, cfg, model, engine, loader, history, tok, topo)
         if tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
             one = whole.get()
@@ -404,7 +493,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
                 mon.samples(step + 1, one, tok, cfg)
         if done:
             break
-    result = {"steps": step + 1, "train": metrics, "minutes": (time.time() - t_start) / 60}
+    result = {"steps": step + 1, "train": metrics, "skipped_steps": skipped, "minutes": (time.time() - t_start) / 60}
     if topo is not None:
         from parallel.checkpoint import layout_of
         result["parallel"] = layout_of(topo, cfg.parallel)
@@ -477,15 +566,21 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.steps=100 (see `megaflow info --help-config`)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in train.out_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run in a train.out_dir that holds checkpoints: deletes OUT_DIR/checkpoints "
+                         "(and nothing else) first")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # other ranks: warnings only
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config or str(DEFAULT_CONFIG), args.overrides)
-        result = run(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        result = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, CheckpointError, FileNotFoundError, TokenizerError, BadSampleError, FloatingPointError) as e:
         print(f"megaflow train: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a vanished mount, permissions: the message names the file
+        print(f"megaflow train: error: {e}; check the disk and permissions of that path", file=sys.stderr)
         return 2
     if rank == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "report"}, default=float))

@@ -98,8 +98,15 @@ class ParallelEngine:
             loss, metrics = self.schedule.step(batch, noise, keep)
         self.buckets.all_reduce()
         norm = clip_grad_norm(self.params, self.counted, self.cfg.train.grad_clip, self.topo)
-        self.optimizer.step()
-        return {"loss": float(loss), "grad_norm": float(norm), **{k: float(v) for k, v in metrics.items()}}
+        # NaN/Inf gradients: skip the update. The norm is global (summed over TP and PP of DP-summed
+        # gradients), so every rank sees the same value and skips the same steps without another collective.
+        skipped = not bool(torch.isfinite(norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        return {"loss": float(loss), "grad_norm": float(norm), "skipped": skipped,
+                **{k: float(v) for k, v in metrics.items()}}
 
     def model_state_dict(self) -> dict:
         """This rank's entries of the model state dict (full-model names, TP shards)."""

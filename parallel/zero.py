@@ -72,7 +72,7 @@ def build_ds_config(cfg, dtype: Optional[torch.dtype] = None) -> dict:
         "managed_gradient_accumulation": False,  # every step() is the boundary; micro-batches are ours
         "gradient_clipping": float(cfg.train.grad_clip),
         "gradient_allreduce_op": "mean" if stage == 3 else "sum",  # ZeRO-3 has no sum: loss x dp instead
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},  # NaN/Inf grads skip the step
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW (exact, fused on GPU)
         "steps_per_print": 2 ** 62,
@@ -189,9 +189,11 @@ class ZeroEngine:
                 loss, metrics = self.schedule.step(batch, noise, keep)
             else:
                 loss, metrics = self._forward_backward(batch, noise, keep)
-        self.engine.step()
+        self.engine.step()  # skips the update itself on NaN/Inf gradients (the flag agreed over DP and TP x PP)
         norm = self.engine.get_global_grad_norm()
-        return {"loss": float(loss), "grad_norm": float(norm) if norm is not None else float("nan"), **metrics}
+        skipped = bool(getattr(self.optimizer, "overflow", False))
+        return {"loss": float(loss), "grad_norm": float(norm) if norm is not None else float("nan"),
+                "skipped": skipped, **metrics}
 
     def _forward_backward(self, batch: dict, noise, keep):
         from megaflow.model.starflow import metrics_from
