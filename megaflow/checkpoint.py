@@ -19,12 +19,13 @@ Guarantees:
   - verified: `validate` checks every file's size and checksum; `load_file` checks the checksum of
     the file it reads and that every floating-point tensor in it is finite. Checkpoints of format 1
     (sizes only, no checksums) still load.
-  - no checkpoint vanishes under a reader: pruning keeps the checkpoint `latest` named before the
-    commit (a reader that resolved it a moment ago is still loading it) and removes the others by
-    renaming them away first (a reader sees a whole checkpoint or none); `load_retrying` resolves
-    again once if the checkpoint it was reading disappeared anyway.
-  - leftovers of dead processes (`.tmp-step_*`, `.del-*`, `.latest.tmpPID`) are removed by the
-    next save.
+  - no checkpoint vanishes under a reader: a reader (`load_retrying`) leases the checkpoint it
+    loads with a `.reading-step_N-HOST-PID` file, and pruning skips leased checkpoints and the one
+    `latest` named before the commit (a reader that resolved it a moment ago may not have leased it
+    yet); pruned checkpoints are renamed away before deletion, so a reader sees a whole checkpoint or
+    none; if one vanished between resolving and leasing anyway, the reader resolves once more.
+  - leftovers of dead processes (`.tmp-step_*`, `.del-*`, `.latest.tmpPID`, readers' leases) are
+    removed by the next save.
 Not here: the multi-process protocol (parallel/checkpoint.py) and what goes into the files (train.py).
 """
 from __future__ import annotations
@@ -34,7 +35,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -45,6 +48,8 @@ FORMAT = 2  # 1: sizes only; 2: sizes and checksums
 HASH = "xxh3_128"  # xxhash (already a dependency of the data pipeline): ~10x faster than sha256 on CPU
 _CHUNK = 1 << 24
 _STALE_TEXT = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_write_text's `.latest.tmp<pid>`
+_LEASE = re.compile(r"^\.reading-(step_\d+)-(.+)-(\d+)$")  # a reader's `.reading-step_N-HOST-PID`
+LEASE_HOURS = 6  # a lease from another host (its pid cannot be checked here) expires after this
 log = logging.getLogger("megaflow")
 
 
@@ -167,7 +172,7 @@ def prune(root: Path, keep_last: int, keep: Iterable[str] = ()) -> None:
     """Remove checkpoints beyond the newest `keep_last` (0 = keep all) except those named in `keep`,
     and the leftovers of dead processes. A checkpoint is renamed away before it is deleted, so a
     reader never finds one half-deleted."""
-    keep = set(keep)
+    keep = set(keep) | live_leases(root)
     ckpts = list_checkpoints(root)
     for old in ckpts[:-keep_last] if keep_last > 0 else []:
         if old.name in keep:
@@ -185,6 +190,40 @@ def prune(root: Path, keep_last: int, keep: Iterable[str] = ()) -> None:
         m = _STALE_TEXT.match(stale.name)
         if m and stale.is_file() and not _pid_alive(m.group(1)):
             stale.unlink(missing_ok=True)
+
+
+def live_leases(root: Path) -> set:
+    """Names of the checkpoints that live readers hold (see `reading`); dead readers' leases go."""
+    held, host = set(), socket.gethostname()
+    for f in root.glob(".reading-*"):
+        m = _LEASE.match(f.name)
+        if not m:
+            continue
+        try:
+            alive = _pid_alive(m.group(3)) if m.group(2) == host else time.time() - f.stat().st_mtime < LEASE_HOURS * 3600
+        except OSError:
+            continue
+        if alive:
+            held.add(m.group(1))
+        else:
+            f.unlink(missing_ok=True)
+    return held
+
+
+@contextmanager
+def reading(ckpt: Path):
+    """Lease checkpoint `ckpt` while reading it: pruning in a running save skips it. Without write
+    access to its folder (someone else's run) the read goes on unleased."""
+    lease = ckpt.parent / f".reading-{ckpt.name}-{socket.gethostname()}-{os.getpid()}"
+    try:
+        lease.touch()
+    except OSError:
+        lease = None
+    try:
+        yield
+    finally:
+        if lease is not None:
+            lease.unlink(missing_ok=True)
 
 
 # ----- reading --------------------------------------------------------------------------------------
@@ -272,17 +311,21 @@ def resolve(path: str | Path) -> Path:
 
 
 def load_retrying(path: str | Path, load: Callable[[Path], object]):
-    """`load(resolve(path))`; if that checkpoint disappeared while it was read (a running save pruned
-    it), resolve and load once more. Other failures are raised as they are."""
-    ckpt = None
-    try:
-        ckpt = resolve(path)
-        return load(ckpt)
-    except (CheckpointError, OSError):
-        if ckpt is not None and ckpt.is_dir():
-            raise
-        log.info("checkpoint %s disappeared while loading it (a save pruned it); loading the newest again", ckpt)
-        return load(resolve(path))
+    """`load(resolve(path))` with the checkpoint leased (`reading`), so a running save does not prune
+    it meanwhile; if it vanished before the lease took hold, resolve and load once more. Other
+    failures are raised as they are."""
+    for attempt in (1, 2):
+        ckpt = None
+        try:
+            ckpt = resolve(path)
+            with reading(ckpt):
+                if not (ckpt / "meta.json").is_file():
+                    raise CheckpointError(f"checkpoint {str(ckpt)!r} was removed before it could be read")
+                return load(ckpt)
+        except (CheckpointError, OSError):
+            if attempt == 2 or (ckpt is not None and ckpt.is_dir()):
+                raise
+            log.info("checkpoint %s disappeared before it was read (a save pruned it); resolving again", ckpt)
 
 
 def nonfinite(obj, prefix: str = "") -> Optional[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megaflow.checkpoint import file_digest
 from megaflow.cli import main as cli_main
 from tools.inspect_checkpoint import main
 
@@ -83,6 +84,7 @@ def test_bad_checkpoints_exit_2(run_dir, tmp_path, capsys):
     (ck / "config.json").write_text(json.dumps(cfg))
     meta = json.loads((ck / "meta.json").read_text())
     meta["files"]["config.json"] = (ck / "config.json").stat().st_size
+    meta["checksums"]["config.json"] = file_digest(ck / "config.json")  # an edit that meta.json agrees with
     (ck / "meta.json").write_text(json.dumps(meta))
     fails(ck, "model.pt's 'flow_start' has shape (32,), config.json's model has (64,)")
 
