@@ -317,14 +317,13 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"train.out_dir={str(out)!r} already holds checkpoints of a run ({found[-1].name}, "
                           f"{len(found)} in all); continue that run with --resume, start over with --overwrite "
                           f"(deletes {str(ckpts)!r}), or set another train.out_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"train.out_dir={str(out)!r} cannot be written ({e.strerror or e}); choose another "
-                          f"train.out_dir or fix its permissions") from e
+    there = out.absolute()  # the nearest existing folder must take the run (nothing is created here)
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir={str(out)!r} cannot be written ({str(there)!r} is "
+                          f"{'not a directory' if not there.is_dir() else 'not writable'}); choose another "
+                          f"train.out_dir or fix its permissions")
 
 
 def remove_checkpoints(out: Path) -> None:
@@ -366,7 +365,6 @@ def check_finite(model, engine, topo, device, step: int, cfg: Config, out: Path)
 def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     tcfg = cfg.train
     out = Path(tcfg.out_dir)
-    check_out_dir(out, resume, overwrite)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     device = pick_device(tcfg.device)
@@ -377,6 +375,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     if cfg.parallel.backend == "te":  # before any CUDA work: a cuDNN that torch loads first can break TE's
         from parallel.backend import import_te
         import_te()
+    check_out_dir(out, resume, overwrite)  # before any process group: every rank checks, all fail alike
     device, topo = setup_processes(cfg, device)
     try:
         return _run(cfg, resume, out, device, topo, overwrite)
