@@ -72,7 +72,7 @@ def build_ds_config(cfg, dtype: Optional[torch.dtype] = None) -> dict:
         "managed_gradient_accumulation": False,  # every step() is the boundary; micro-batches are ours
         "gradient_clipping": float(cfg.train.grad_clip),
         "gradient_allreduce_op": "mean" if stage == 3 else "sum",  # ZeRO-3 has no sum: loss x dp instead
-        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},  # NaN/Inf grads skip the step
+        "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW (exact, fused on GPU)
         "steps_per_print": 2 ** 62,

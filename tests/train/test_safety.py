@@ -131,6 +131,48 @@ def test_nonfinite_gradients_skip_the_step_and_stop_at_the_limit(tiny_sets, tmp_
         load_file(ck, "model.pt"), load_file(ck, "optim.pt")
 
 
+def _skip_dp2(rank, world):
+    """2 data-parallel ranks; only rank 1's gradients are infinite at step 2."""
+    from megaflow.model.starflow import build_model
+    from megaflow.train import PlainEngine
+    from parallel.engine import ParallelEngine
+    from parallel.runtime import build_stages
+    from parallel.topology import Topology
+    from tests.parallel.test_pp_dist import _config, _data
+    cfg, mcfg, topo = load_config(str(TINY)), _config(2), Topology()
+    batch, noise = _data(mcfg)
+    rows = slice(2 * rank, 2 * rank + 2)
+    out = {}
+    for kind in ("plain", "parallel"):
+        if kind == "plain":
+            engine = PlainEngine(build_model(mcfg, seed=0), cfg, None, dp_group=topo.dp_group)
+        else:
+            _, stages, tied = build_stages(mcfg, cfg.parallel, topo, torch.device("cpu"), 0, None, 48)
+            engine = ParallelEngine(stages, cfg, None, topo, tied)
+        step = [0]
+        if rank == 1:
+            for p in engine.params:
+                p.register_hook(lambda g: g * float("inf") if step[0] == 2 else g)
+        flags, weights = [], []
+        for step[0] in (1, 2, 3):
+            flags.append(engine.train_step({k: v[rows] for k, v in batch.items()}, noise[rows], None, 1e-3)["skipped"])
+            weights.append([p.detach().clone() for p in engine.params])
+        out[kind] = {"flags": flags, "kept": all(torch.equal(a, b) for a, b in zip(weights[0], weights[1])),
+                     "moved": any(not torch.equal(a, b) for a, b in zip(weights[1], weights[2])),
+                     "finite": all(bool(torch.isfinite(w).all()) for w in weights[2])}
+    return out
+
+
+def test_nonfinite_gradients_on_one_rank_skip_the_step_on_every_rank():
+    """Contract: with 2 data-parallel ranks (PlainEngine with a dp_group, and ParallelEngine), infinite
+    gradients on rank 1 alone at step 2 make BOTH ranks skip step 2 (weights unchanged, finite) and
+    train again at step 3: the ranks agree, so their replicas stay identical."""
+    from tests.distributed import run_distributed
+    for out in run_distributed(_skip_dp2, 2):
+        for kind in ("plain", "parallel"):
+            assert out[kind] == {"flags": [False, True, False], "kept": True, "moved": True, "finite": True}, out
+
+
 def test_nonfinite_weights_are_never_written_or_loaded(tmp_path):
     """Contract: check_finite refuses (FloatingPointError naming the tensor) to checkpoint weights or
     optimizer state holding NaN/Inf, and load_file refuses such a file (CheckpointError naming it),
