@@ -200,7 +200,10 @@ def live_leases(root: Path) -> set:
         if not m:
             continue
         try:
-            alive = _pid_alive(m.group(3)) if m.group(2) == host else time.time() - f.stat().st_mtime < LEASE_HOURS * 3600
+            if m.group(2) == host:
+                alive = _pid_alive(m.group(3))
+            else:
+                alive = time.time() - f.stat().st_mtime < LEASE_HOURS * 3600
         except OSError:
             continue
         if alive:

@@ -68,7 +68,7 @@ class TrainConfig:
     hf_lm: str = ""  # pretrained LM for the VLM stream: a local HF dir, a .gguf file, or 'smollm2'
     report: bool = True  # at the end, write samples grid + quality report (report.json / report.txt)
     max_minutes: float = 0.0  # stop early (and save) after this many minutes (0 = no limit)
-    max_skipped_steps: int = 10  # optimizer steps skipped for NaN/Inf gradients before the run stops (0 = stop at the first)
+    max_skipped_steps: int = 10  # steps skipped for NaN/Inf gradients before the run stops (0 = stop at the first)
 
     def __post_init__(self):
         checks = [  # (key, ok, what it must be)
@@ -86,7 +86,8 @@ class TrainConfig:
         ]
         for key, ok, what in checks:
             if not ok:
-                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be {what}; set it with --set train.{key}=...")
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be {what}; "
+                                  f"set it with --set train.{key}=...")
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,10 @@ def check_build_target(out: str, key: str) -> bool:
         return True
     entries = sorted(x.name for x in p.iterdir())
     if entries:
-        raise ConfigError(f"{key}={out!r} holds files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) "
-                                f"but no MDS index.json, and megaflow did not build it (no {MARKER}); it will not "
-                                f"delete them to build the dataset there: point {key} at a new or empty directory")
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"{key}={out!r} holds files ({shown}) but no MDS index.json, and megaflow did not build it "
+                          f"(no {MARKER}); it will not delete them to build the dataset there: point {key} at a new "
+                          f"or empty directory")
     return False
 
 

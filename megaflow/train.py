@@ -35,8 +35,8 @@ import torch
 
 from data_pipeline.schema import BadSampleError
 from data_pipeline.tokenizer import TokenizerError
-from megaflow.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_file, nonfinite, resolve,
-                                 save_checkpoint, validate)
+from megaflow.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_file, nonfinite, read_meta,
+                                 resolve, save_checkpoint)
 from megaflow.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from megaflow.model.config import ModelConfig, SpecialTokens
 from megaflow.model.starflow import STARFlow2, apply_stage
@@ -227,8 +227,8 @@ def prepare_data(cfg: Config) -> None:
         ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed, cfg.train.dataset_mix,
                        key="data.local")
         if cfg.train.eval_data:
-            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed, cfg.train.dataset_mix,
-                           key="train.eval_data")
+            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed,
+                           cfg.train.dataset_mix, key="train.eval_data")
     spec = cfg.data.tokenizer
     if spec.kind == "sentencepiece" and name:
         ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)
@@ -406,7 +406,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     if resume and ckpt is None and main_rank:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / "checkpoints")
     if topo is None:
-        written_by = validate(ckpt).get("parallel") if ckpt is not None else None
+        written_by = read_meta(ckpt).get("parallel") if ckpt is not None else None  # find_latest validated it
         if written_by:
             raise CheckpointError(f"checkpoint {str(ckpt)!r} was written by a run with {written_by}; "
                                   f"resume it with the same launch, or start from its weights with "
