@@ -1,6 +1,6 @@
 """The `megaflow` command: train, generate, info, data, fae.
 
-    megaflow train [--config configs/X.yaml] [--set a.b=v ...] [--resume]   (no arguments: the default run)
+    megaflow train [--config configs/X.yaml] [--set a.b=v ...] [--resume | --overwrite]   (none: the default run)
     megaflow generate --checkpoint DIR (--prompt TEXT | --image PNG | --interleaved TEXT) [...]
     megaflow info --config configs/X.yaml [--set ...] [--help-config]
     megaflow data build NAME --out DIR [...]        (data_pipeline's commands)
