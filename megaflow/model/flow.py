@@ -92,24 +92,20 @@ class ShallowFlowBlock(nn.Module):
     @torch.no_grad()
     def inverse(self, z: torch.Tensor, method: str = "sequential", tol: float = 1e-4,
                 max_iters: Optional[int] = None, graphs: Optional[bool] = None,
-                stats: Optional[list] = None) -> torch.Tensor:
-        """z (M, N, D) -> x (M, N, D); `stats` (a list) receives the iterations. "sequential": one token at a time with a static
-        KV cache (N steps; a CUDA graph per step on CUDA unless graphs=False). "jacobi": all tokens
-        updated in parallel, x <- mu(x_<i) + sigma(x_<i) * z, until the largest change is <= tol
-        (exact after N iterations: token i is final after i + 1), at most max_iters (default N)."""
+                stats: Optional[list] = None, chunk: int = 64) -> torch.Tensor:
+        """z (M, N, D) -> x (M, N, D); `stats` (a list) receives the iterations. "sequential": one
+        token at a time with a static KV cache (N steps; a CUDA graph per step on CUDA unless
+        graphs=False). "jacobi": windows of `chunk` tokens in order (STARFlow's block-wise Jacobi);
+        in a window all tokens are updated in parallel, x <- mu(x_<i) + sigma(x_<i) * z, until the
+        largest change is <= tol, at most max_iters times (default: the window's length - 1, after
+        which it is exact: its first token starts exact, and the k-th is final after k updates);
+        the window's cache entries are then recomputed from the final values for the next window."""
         zo = self._order(z)
         M, N, D = zo.shape
         if method == "jacobi":
-            x, iters = zo.clone(), 0  # token 0 is already exact: its transform is the identity
-            for iters in range(1, (max_iters or N) + 1):
-                mu, sigma = self._params(self._net(x))  # (M, N, D) each
-                new = mu + sigma * zo
-                delta = float((new - x).abs().max())
-                x = new
-                if delta <= tol:
-                    break
+            x, total = self._jacobi(zo, tol, max_iters, chunk)
             if stats is not None:
-                stats.append(iters)
+                stats.append(total)
             return self._order(x)
         if method != "sequential":
             raise ValueError(f"unknown sampling method {method!r}; choose 'sequential' or 'jacobi'")
@@ -133,6 +129,28 @@ class ShallowFlowBlock(nn.Module):
         if stats is not None:
             stats.append(N)
         return self._order(xs)
+
+    def _jacobi(self, zo: torch.Tensor, tol: float, max_iters: Optional[int], chunk: int) -> tuple:
+        """Block-wise Jacobi on block-ordered noise zo (M, N, D) -> (x, total iterations)."""
+        M, N, D = zo.shape
+        cache, x, total = StaticKVCache(N), torch.empty_like(zo), 0
+        before = zo.new_zeros(M, 1, 2 * D)  # raw params of the window's first token (from the one before)
+        for c in range(0, N, chunk):
+            e = min(c + chunk, N)
+            slots = torch.arange(c, e, device=zo.device)
+            mu, sigma = gaussian_params(before, self.clip)
+            x[:, c:e] = mu + sigma * zo[:, c:e]  # the window's first token exact, the others a guess
+            for _ in range(max_iters or e - c - 1):
+                out = self._net(x[:, c:e], slots, cache, e)  # (M, e - c, 2D)
+                mu, sigma = gaussian_params(torch.cat([before, out[:, :-1]], dim=1), self.clip)
+                new = mu + sigma * zo[:, c:e]
+                delta = float((new - x[:, c:e]).abs().max())
+                x[:, c:e], total = new, total + 1
+                if delta <= tol:
+                    break
+            if e < N:  # the cache and the next window's first params from the final values
+                before = self._net(x[:, c:e], slots, cache, e)[:, -1:]
+        return x, total
 
     def init_weights(self, std: float = 0.02):
         nn.init.normal_(self.proj_in.weight, std=std)
@@ -168,10 +186,11 @@ class ShallowFlows(nn.Module):
     @torch.no_grad()
     def inverse(self, y: torch.Tensor, method: str = "sequential", tol: float = 1e-4,
                 max_iters: Optional[int] = None, graphs: Optional[bool] = None,
-                stats: Optional[list] = None) -> torch.Tensor:
-        """y (M, N, D) -> x (M, N, D); `stats` (a list) receives each block's iteration count."""
+                stats: Optional[list] = None, chunk: int = 64) -> torch.Tensor:
+        """y (M, N, D) -> x (M, N, D); `stats` (a list) receives each block's iteration count
+        (options as in ShallowFlowBlock.inverse)."""
         for block in reversed(self.blocks):
-            y = block.inverse(y, method, tol, max_iters, graphs, stats)
+            y = block.inverse(y, method, tol, max_iters, graphs, stats, chunk)
         return y
 
     def init_weights(self):

@@ -272,21 +272,21 @@ def draw_noise(rows: int, N: int, D: int, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float, gen: torch.Generator,
                    z: Optional[torch.Tensor] = None, method: str = "sequential", tol: float = 1e-4,
-                   max_iters: Optional[int] = None):
+                   max_iters: Optional[int] = None, chunk: int = 64):
     """Sample one image's N deep-flow latents, feeding them into the cache. `dec` holds `rows`
     conditional rows, followed by as many unconditional rows when guidance > 0. `z` (rows, N, D)
     gives the noise explicitly (the deep flow's inverse); by default it is drawn from `gen`.
-    method "sequential": one latent per step (N steps, graphed on CUDA); "jacobi": all N latents
-    updated in parallel from the last iterate until the largest change is <= tol (at most
-    max_iters, default N), then fed once more so that the cache holds the final image.
-    dec.stats["deep"] gets the number of steps or iterations.
+    method "sequential": one latent per step (N steps, graphed on CUDA); "jacobi": windows of
+    `chunk` latents in order, all latents of a window updated in parallel until the largest
+    change is <= tol (at most max_iters, default the window's length - 1, after which it is exact).
+    dec.stats["deep"] gets the number of steps, or of Jacobi iterations summed over windows.
     Returns y (rows, N, D), the deep flow's variable (before the shallow inverse)."""
     cfg = dec.model.cfg
     N, D = cfg.fae.n_tokens, cfg.fae.latent_dim
     z = (draw_noise(rows, N, D, gen) if z is None else z).to(dec.dev, dec.dtype)
     start = dec.length
     if method == "jacobi":
-        return _jacobi_latents(dec, rows, guidance, temperature, z, tol, max_iters or N)
+        return _jacobi_latents(dec, rows, guidance, temperature, z, tol, max_iters, chunk)
     if method != "sequential":
         raise ValueError(f"unknown sampling method {method!r}; choose 'sequential' or 'jacobi'")
     for i in range(N):
@@ -295,35 +295,38 @@ def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float,
     return dec.flow_x[:rows, start:start + N].clone()
 
 
-def _jacobi_latents(dec: Decoder, rows, guidance, temperature, z, tol, max_iters) -> torch.Tensor:
-    """Deep-flow Jacobi: every iteration feeds the current guess of the N latents as one chunk
-    (after the image-start position) and re-derives each latent from the states before it."""
-    model, N, start = dec.model, z.shape[1], dec.length
-    h0 = dec.last_flow.clone()  # (R, 1, Df): the image-start position's state, params of latent 0
-    R = h0.shape[0]
-    image = torch.full((R, N), model.cfg.tokens.image_id, dtype=torch.long, device=dec.dev)
-    slots = torch.ones(R, N, dtype=torch.bool, device=dec.dev)
+def _jacobi_latents(dec: Decoder, rows, guidance, temperature, z, tol, max_iters, chunk) -> torch.Tensor:
+    """Deep-flow block-wise Jacobi: windows of `chunk` latents in order; each iteration feeds the
+    window's current guess as one chunk and re-derives every latent from the states before it;
+    once converged the window is fed once more so that the cache holds its final latents."""
+    model, N, R = dec.model, z.shape[1], dec.rows_total
     both = (lambda y: torch.cat([y, y])) if guidance > 0 else (lambda y: y)
 
-    def update(h: torch.Tensor) -> torch.Tensor:  # states before each latent (R, N, Df) -> y (rows, N, D)
+    def update(h: torch.Tensor, zc: torch.Tensor) -> torch.Tensor:  # states (R, B, Df) -> y (rows, B, D)
         mu, sigma = model.flow_params(h)
         if guidance > 0:
             mu, sigma = guided_params(mu[:rows], sigma[:rows], mu[rows:], sigma[rows:], guidance)
-        return mu + temperature * sigma * z
+        return mu + temperature * sigma * zc
 
-    y = update(h0.expand(-1, N, -1))  # latent 0 exact, the others a first guess
-    iters = 0
-    for iters in range(1, max_iters + 1):
-        _, h = dec.feed(image, both(y), slots)  # (R, N, Df)
-        dec.truncate(start)
-        new = update(torch.cat([h0, h[:, :-1]], dim=1))
-        delta = float((new - y).abs().max())
-        y = new
-        if delta <= tol:
-            break
-    dec.feed(image, both(y), slots)
-    dec.stats["deep"] = iters
-    return y
+    ys, total = [], 0
+    for c in range(0, N, chunk):
+        e, start = min(c + chunk, N), dec.length
+        h0 = dec.last_flow.clone()  # (R, 1, Df): the state before the window, params of its first latent
+        image = torch.full((R, e - c), model.cfg.tokens.image_id, dtype=torch.long, device=dec.dev)
+        slots = torch.ones(R, e - c, dtype=torch.bool, device=dec.dev)
+        y = update(h0.expand(-1, e - c, -1), z[:, c:e])  # the first latent exact, the others a guess
+        for _ in range(max_iters or e - c - 1):  # by then exact: the k-th latent is final after k updates
+            _, h = dec.feed(image, both(y), slots)  # (R, e - c, Df)
+            dec.truncate(start)
+            new = update(torch.cat([h0, h[:, :-1]], dim=1), z[:, c:e])
+            delta = float((new - y).abs().max())
+            y, total = new, total + 1
+            if delta <= tol:
+                break
+        dec.feed(image, both(y), slots)
+        ys.append(y)
+    dec.stats["deep"] = total
+    return torch.cat(ys, dim=1)  # (rows, N, D)
 
 
 def denoise(model, dec: Decoder, rows: int, start: int, latents: torch.Tensor) -> torch.Tensor:
@@ -354,14 +357,14 @@ def denoise(model, dec: Decoder, rows: int, start: int, latents: torch.Tensor) -
 
 def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bool = True,
                  method: str = "sequential", tol: float = 1e-4, max_iters: Optional[int] = None,
-                 graphs: Optional[bool] = None) -> torch.Tensor:
+                 graphs: Optional[bool] = None, chunk: int = 64) -> torch.Tensor:
     """Deep-flow latents (rows, N, D) -> pixels (rows, C, H, W) in [-1, 1]; the decoder's image
     slots are re-encoded with the final latents (the unconditional guidance rows get the same).
     The shallow flows are inverted with `method` (dec.stats["shallow"]: iterations per block)."""
     N = y.shape[1]
     dec.stats["shallow"] = []
     x = model.shallow.inverse(y, method=method, tol=tol, max_iters=max_iters, graphs=graphs,
-                              stats=dec.stats["shallow"])
+                              stats=dec.stats["shallow"], chunk=chunk)
     if do_denoise:
         x = denoise(model, dec, rows, dec.length - N, x)
     dec.reencode_image(x.repeat(dec.rows_total // rows, 1, 1))
@@ -372,10 +375,11 @@ def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bo
 def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float = 0.0, temperature: float = 1.0,
                   seed: int = 0, use_cache: bool = True, do_denoise: bool = True, method: str = "sequential",
                   tol: float = 1e-4, max_iters: Optional[int] = None, graphs: Optional[bool] = None,
-                  cache: str = "static"):
+                  cache: str = "static", chunk: int = 64):
     """Text (or interleaved) prompts -> one image each: image-start is appended to every prompt.
-    `method` ("sequential", the reference, or "jacobi" within `tol`) applies to the deep flow and
-    the shallow flows alike; `graphs` (default: on CUDA) replays one-token steps as CUDA graphs.
+    `method` ("sequential", the reference, or "jacobi" within `tol`, windows of `chunk` tokens,
+    sample_latents) applies to the deep flow and the shallow flows alike; `graphs` (default: on
+    CUDA for a single-process model) replays one-token steps as CUDA graphs; `cache` as Decoder.
     Returns (images (R, C, H, W), the decoder positioned after the image's last latent; its
     `stats` holds the iterations of the deep flow and of each shallow block)."""
     tok = model.cfg.tokens
@@ -390,8 +394,8 @@ def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float =
     capacity = tokens.shape[1] + model.cfg.fae.n_tokens
     dec = Decoder(model, tokens.shape[0], cond_keep, use_cache, capacity, cache, graphs)
     dec.feed(tokens, flow_x, image_mask, pad, vlm_x)
-    y = sample_latents(dec, R, guidance, temperature, gen, method=method, tol=tol, max_iters=max_iters)
-    return finish_image(model, dec, R, y, do_denoise, method, tol, max_iters, graphs), dec
+    y = sample_latents(dec, R, guidance, temperature, gen, method=method, tol=tol, max_iters=max_iters, chunk=chunk)
+    return finish_image(model, dec, R, y, do_denoise, method, tol, max_iters, graphs, chunk), dec
 
 
 @torch.no_grad()
@@ -429,9 +433,9 @@ def _next(dec: Decoder, token: torch.Tensor) -> torch.Tensor:
 def generate(model, prompt: Sequence[Segment], max_new_tokens: int = 64, temperature: float = 1.0,
              image_temperature: float = 1.0, guidance: float = 0.0, seed: int = 0, max_images: int = 4,
              method: str = "sequential", tol: float = 1e-4, max_iters: Optional[int] = None,
-             graphs: Optional[bool] = None, cache: str = "static") -> list:
+             graphs: Optional[bool] = None, cache: str = "static", chunk: int = 64) -> list:
     """Interleaved continuation of one prompt: returns a list of segments (token ids and images).
-    `method`, `tol`, `max_iters`, `graphs` and `cache` as in sample_images, for every image."""
+    `method`, `tol`, `max_iters`, `chunk`, `graphs` and `cache` as in sample_images, for every image."""
     tok = model.cfg.tokens
     N = model.cfg.fae.n_tokens
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -458,8 +462,9 @@ def generate(model, prompt: Sequence[Segment], max_new_tokens: int = 64, tempera
         if nxt == tok.eos_id:
             break
         if nxt == tok.boi_id:
-            y = sample_latents(dec, rows, guidance, image_temperature, gen, method=method, tol=tol, max_iters=max_iters)
-            out.append(finish_image(model, dec, rows, y, True, method, tol, max_iters, graphs)[0])
+            y = sample_latents(dec, rows, guidance, image_temperature, gen, method=method, tol=tol,
+                               max_iters=max_iters, chunk=chunk)
+            out.append(finish_image(model, dec, rows, y, True, method, tol, max_iters, graphs, chunk)[0])
             n_images += 1
             logits = _next(dec, torch.full((R, 1), tok.eoi_id, device=tokens.device))
             out.append(tok.eoi_id)

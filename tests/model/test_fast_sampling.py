@@ -71,8 +71,8 @@ def test_shallow_block_jacobi_converges_to_sequential():
     seq_stats, jac_stats, full = [], [], []
     seq = block.inverse(z, stats=seq_stats)
     jac = block.inverse(z, method="jacobi", tol=1e-6, stats=jac_stats)
-    exact = block.inverse(z, method="jacobi", tol=-1.0, stats=full)  # never stops early: N iterations
-    assert seq_stats == [16] and full == [16] and 1 <= jac_stats[0] <= 16
+    exact = block.inverse(z, method="jacobi", tol=-1.0, stats=full)  # never stops early: N - 1 iterations
+    assert seq_stats == [16] and full == [15] and 1 <= jac_stats[0] <= 16
     assert (seq - exact).abs().max() < 1e-5 and (seq - jac).abs().max() < 1e-5
     assert (seq - z).abs().max() > 1e-2, "block is the identity: test would prove nothing"
     with pytest.raises(ValueError, match="unknown sampling method"):
