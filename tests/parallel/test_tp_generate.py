@@ -3,8 +3,9 @@
 Contract: a TP=2 model loaded from the single-process model's weights samples, for the same seed,
 the same text tokens (greedy and temperature 1, with an image in the prompt) and the same images
 and deep-flow latents (with and without classifier-free guidance, including the score-based denoise
-step through the whole TP model), also when images are sampled by Jacobi iteration. Logits are gathered over the vocabulary only for sampling.
-Generation runs without sequence parallelism (decoding feeds one token at a time).
+step through the whole TP model), also when images are sampled by Jacobi iteration. Logits are
+gathered over the vocabulary only for sampling. Generation runs without sequence parallelism
+(decoding feeds one token at a time).
 """
 from __future__ import annotations
 
