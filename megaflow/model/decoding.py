@@ -83,6 +83,12 @@ def causal_slot_mask(slots: torch.Tensor, kv_len: int) -> torch.Tensor:
     return (torch.arange(kv_len, device=slots.device) <= slots[:, None])[None, None]
 
 
+def additive_mask(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean allow-mask -> 0 / -inf scores of `dtype`, once per step: given a boolean mask,
+    scaled_dot_product_attention converts it in every layer (kernels a decode step is made of)."""
+    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill_(~allow, float("-inf"))
+
+
 def can_capture(model) -> bool:
     """CUDA graphs by default: a plain single-process module on a CUDA device. Tensor-parallel
     layers (they carry a `tp_group`) and pipelined models communicate inside a step: run eagerly."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaflow.model.decoding import StaticKVCache, StepGraphs, can_capture, causal_slot_mask
+from megaflow.model.decoding import StaticKVCache, StepGraphs, additive_mask, can_capture, causal_slot_mask
 from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, rope_tables
 
 SCALE_OFFSET = math.log(math.e - 1.0)  # softplus^-1(1) = 0.5413: zero output -> sigma = 1
@@ -61,16 +61,24 @@ class ShallowFlowBlock(nn.Module):
     def _order(self, x: torch.Tensor) -> torch.Tensor:
         return x.flip(1) if self.reverse else x
 
-    def _net(self, x: torch.Tensor, slots=None, cache=None, kv_len: int = 0) -> torch.Tensor:
+    def rope(self, n: int, x: torch.Tensor) -> tuple:
+        """RoPE tables of positions 0..n-1, each (1, 1, n, head_dim)."""
+        return rope_tables(torch.arange(n, device=x.device)[None], self.head_dim, self.rope_theta, x.dtype)
+
+    def _net(self, x: torch.Tensor, slots=None, cache=None, kv_len: int = 0, rope=None) -> torch.Tensor:
         """Causal network on tokens at positions `slots` (T,) (default 0..T-1) -> raw params
-        (M, T, 2D) for the NEXT tokens. With a cache, attends to its slots [0, kv_len)."""
+        (M, T, 2D) for the NEXT tokens. With a cache, attends to its slots [0, kv_len). `rope`:
+        tables of every position (`self.rope`), looked up instead of recomputed."""
         M, T, _ = x.shape
         if slots is None:
             slots = torch.arange(T, device=x.device)
-        cos, sin = rope_tables(slots.expand(M, T), self.head_dim, self.rope_theta, x.dtype)
+        if rope is None:
+            cos, sin = rope_tables(slots.expand(M, T), self.head_dim, self.rope_theta, x.dtype)
+        else:
+            cos, sin = rope[0].index_select(2, slots), rope[1].index_select(2, slots)  # (1, 1, T, hd)
         mask = None
         if cache is not None:
-            mask = causal_slot_mask(slots, kv_len)  # (1, 1, T, kv_len)
+            mask = additive_mask(causal_slot_mask(slots, kv_len), self.proj_in.weight.dtype)  # (1, 1, T, kv_len)
             cache.slots, cache.kv_len = slots, kv_len
         ctx = AttnContext(cos, sin, mask, cache)
         h = self.proj_in(x)  # (M, T, dim)
@@ -113,6 +121,7 @@ class ShallowFlowBlock(nn.Module):
         xs = torch.zeros_like(zo)  # (M, N, D), filled token by token
         out = zo.new_zeros(M, 1, 2 * D)  # raw params of the next token (identity for token 0)
         slot = torch.zeros(1, dtype=torch.long, device=z.device)
+        rope = self.rope(N, zo)
         step_graphs = StepGraphs(can_capture(self) if graphs is None else bool(graphs) and z.is_cuda)
         static = step_graphs.enabled or bool(graphs)  # every step attends to all N slots: graph shapes
 
@@ -120,20 +129,22 @@ class ShallowFlowBlock(nn.Module):
             mu, sigma = gaussian_params(out, self.clip)
             x = mu + sigma * zi  # (M, 1, D)
             xs.index_copy_(1, slot, x)
-            out.copy_(self._net(x, slot, cache, kv_len))
+            out.copy_(self._net(x, slot, cache, kv_len, rope))
 
-        for i in range(N):
+        for i in range(N - 1):  # the last token's params are not needed
             slot.fill_(i)
             kv_len = N if static else i + 1
             step_graphs(("shallow", M, kv_len), lambda zi: step(zi, kv_len), zo[:, i:i + 1])
         if stats is not None:
             stats.append(N)
+        mu, sigma = gaussian_params(out, self.clip)
+        xs[:, N - 1:] = mu + sigma * zo[:, N - 1:]
         return self._order(xs)
 
     def _jacobi(self, zo: torch.Tensor, tol: float, max_iters: Optional[int], chunk: int) -> tuple:
         """Block-wise Jacobi on block-ordered noise zo (M, N, D) -> (x, total iterations)."""
         M, N, D = zo.shape
-        cache, x, total = StaticKVCache(N), torch.empty_like(zo), 0
+        cache, x, total, rope = StaticKVCache(N), torch.empty_like(zo), 0, self.rope(N, zo)
         before = zo.new_zeros(M, 1, 2 * D)  # raw params of the window's first token (from the one before)
         for c in range(0, N, chunk):
             e = min(c + chunk, N)
@@ -141,7 +152,7 @@ class ShallowFlowBlock(nn.Module):
             mu, sigma = gaussian_params(before, self.clip)
             x[:, c:e] = mu + sigma * zo[:, c:e]  # the window's first token exact, the others a guess
             for _ in range(max_iters or e - c - 1):
-                out = self._net(x[:, c:e], slots, cache, e)  # (M, e - c, 2D)
+                out = self._net(x[:, c:e], slots, cache, e, rope)  # (M, e - c, 2D)
                 mu, sigma = gaussian_params(torch.cat([before, out[:, :-1]], dim=1), self.clip)
                 new = mu + sigma * zo[:, c:e]
                 delta = float((new - x[:, c:e]).abs().max())
@@ -149,7 +160,7 @@ class ShallowFlowBlock(nn.Module):
                 if delta <= tol:
                     break
             if e < N:  # the cache and the next window's first params from the final values
-                before = self._net(x[:, c:e], slots, cache, e)[:, -1:]
+                before = self._net(x[:, c:e], slots, cache, e, rope)[:, -1:]
         return x, total
 
     def init_weights(self, std: float = 0.02):

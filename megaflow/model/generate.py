@@ -20,7 +20,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from megaflow.model.decoding import ConcatKVCache, StaticKVCache, StepGraphs, can_capture, causal_slot_mask
+from megaflow.model.decoding import (ConcatKVCache, StaticKVCache, StepGraphs, additive_mask, can_capture,
+                                     causal_slot_mask)
 from megaflow.model.flow import guided_params
 
 Segment = Union[int, torch.Tensor]  # a token id, or an image (C, H, W) in [-1, 1]
@@ -102,7 +103,8 @@ class Decoder:
         ctx = self.model.context(batch, self.cond_keep)
         # Padding (doc -1) attends to padding only, so no row is ever fully masked.
         mask = causal_slot_mask(slots, kv_len) & (doc_q[:, None, :, None] == b["doc"][:, None, None, :kv_len])
-        for actx in (ctx.vlm, ctx.flow):  # (R, 1, T, kv_len) allow-mask
+        mask = additive_mask(mask, self.dtype)  # (R, 1, T, kv_len)
+        for actx in (ctx.vlm, ctx.flow):
             if actx is not None:
                 actx.mask, actx.cache = mask, self.cache
         if self.cache is not None:
