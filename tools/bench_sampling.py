@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-root", default=None, help="checkout of the code before issue 14 (rows 'before')")
     ap.add_argument("--out", default=None, help="append each row's JSON here too")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="run the rows this many times, in turn (noisy machines)")
     ap.add_argument("--ways", default=None, help="comma-separated subset of before,eager,graphs,jacobi")
     ap.add_argument("--smoke", action="store_true", help="tiny widths: check this script quickly on CPU")
     ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: run these rows here
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     rows = json.loads(args.rows_json) if args.rows_json else rows_for(args.suite)
     if args.ways:
         rows = [r for r in rows if r["way"] in args.ways.split(",")]
+    if args.rows_json is None:
+        rows = [dict(r, round=k) for k in range(args.rounds) for r in rows]
     if args.rows_json is None:
         print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                           "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
