@@ -182,6 +182,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="run the rows this many times, in turn (noisy machines)")
     ap.add_argument("--ways", default=None, help="comma-separated subset of before,eager,graphs,jacobi")
+    ap.add_argument("--select", default=None,
+                    help="keep rows matching one of 'k=v,k=v;k=v,...' (e.g. images=8,guidance=0.0)")
+    ap.add_argument("--warmup", action="store_true",
+                    help="first an untimed small row (CUDA, cuBLAS and allocator start-up)")
     ap.add_argument("--smoke", action="store_true", help="tiny widths: check this script quickly on CPU")
     ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: run these rows here
     args = ap.parse_args(argv)
@@ -193,8 +197,13 @@ def main(argv=None) -> int:
     rows = json.loads(args.rows_json) if args.rows_json else rows_for(args.suite)
     if args.ways:
         rows = [r for r in rows if r["way"] in args.ways.split(",")]
+    if args.select:
+        alts = [dict(kv.split("=") for kv in alt.split(",")) for alt in args.select.split(";")]
+        rows = [r for r in rows if any(all(str(r.get(k)) == v for k, v in alt.items()) for alt in alts)]
     if args.rows_json is None:
         rows = [dict(r, round=k) for k in range(args.rounds) for r in rows]
+    if args.warmup and rows:
+        run_row(dict(rows[0], way="graphs", images=2, image_size=16, repeat=1), device)
     if args.rows_json is None:
         print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                           "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
