@@ -9,6 +9,12 @@ the default), the finished image's slots are re-encoded once, as one chunk of N 
 the VLM's cache holds the image it will talk about (the flow stream's entries are recomputed from
 the same inputs); with "flow" the sampled tokens are final as they are fed.
 
+Speed (issue 14): the Decoder's per-position state and the KV caches are preallocated
+(megaflow/model/decoding.py); a one-token step (an image latent of all rows, conditional and
+unconditional, or a text token) reads and writes only those buffers, so on CUDA it runs as a
+replayed CUDA graph. `method="jacobi"` samples the N latents of an image (and inverts each shallow
+block) by block-wise Jacobi iteration instead of token by token; "sequential" is the reference.
+
 `Decoder(use_cache=False)` recomputes the whole prefix at every step: the slow reference that the
 cached path is tested against. Rows are left-padded to a common length (padding is its own
 document, so it is never attended to by real tokens).
