@@ -165,7 +165,7 @@ def rows_for(suite: str) -> list:
                          for w in ("graphs", "jacobi")]
     elif suite == "h200_1b":
         for w in ("before", "eager", "graphs"):
-            rows.append(dict(suite=suite, task="text", way=w, rows=8, steps=128))
+            rows.append(dict(suite=suite, task="text", way=w, rows=8, steps=128, image_size=32))
         for w in ("before", "eager", "graphs", "jacobi"):
             rows.append(dict(suite=suite, task="images", way=w, images=8, guidance=0.0, image_size=32, prompt_len=8))
     else:
@@ -202,8 +202,10 @@ def main(argv=None) -> int:
         rows = [r for r in rows if any(all(str(r.get(k)) == v for k, v in alt.items()) for alt in alts)]
     if args.rows_json is None:
         rows = [dict(r, round=k) for k in range(args.rounds) for r in rows]
-    if args.warmup and rows:
-        run_row(dict(rows[0], way="graphs", images=2, image_size=16, repeat=1), device)
+    mine = [r for r in rows if r["way"] != "before" or args.rows_json]
+    if args.warmup and mine:  # untimed, this process's first way (a subprocess warms up its own)
+        size = 16 if mine[0]["suite"] == "tarflow" else mine[0].get("image_size", 64)
+        run_row(dict(mine[0], images=2, image_size=size, repeat=1, steps=4), device)
     if args.rows_json is None:
         print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                           "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
@@ -220,6 +222,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, os.path.abspath(__file__), "--rows-json", json.dumps(rows[i:j]),
                        "--threads", str(args.threads)] + (["--out", os.path.abspath(args.out)] if args.out else [])
                 cmd += ["--smoke"] if args.smoke else []
+                cmd += ["--warmup"] if args.warmup else []
                 subprocess.run(cmd, env=env, cwd=args.baseline_root, check=False)
             i = j
             continue
