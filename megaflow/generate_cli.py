@@ -6,7 +6,8 @@
 
 --checkpoint takes a checkpoint directory (step_XXXXXX), a run's out_dir or its checkpoints/ folder
 (the newest complete checkpoint is used). Config, tokenizer and weights all come from the checkpoint
-(megaflow/inference.py); the KV-cached loops are megaflow/model/generate.py's. Prompts use the
+(megaflow/inference.py); the KV-cached loops are megaflow/model/generate.py's (static KV caches, one-token
+steps replayed as CUDA graphs on a GPU; --method jacobi inverts flow blocks by parallel iteration). Prompts use the
 training data's formats: text->image is [bos, prompt text, image], image->text is
 [bos, image, question, answer], an interleaved document is [bos, text, image, text, ...].
 Generated images are written as PNGs (one per image, plus grid.png); texts and paths are printed.
@@ -51,6 +52,15 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--out", default="outputs/generate", help="directory for the PNGs")
     ap.add_argument("--scale", type=int, default=1, help="upscale PNGs by this integer factor (nearest neighbour)")
     ap.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu' or 'cuda'")
+    ap.add_argument("--method", choices=["sequential", "jacobi"], default="sequential",
+                    help="how flow blocks are inverted: 'sequential' (one token per step, the exact reference; "
+                         "replayed as CUDA graphs on a GPU) or 'jacobi' (windows of tokens updated in parallel "
+                         "until the largest change is <= --tol; faster only where the model converges in few "
+                         "iterations: docs/benchmarks.md)")
+    ap.add_argument("--tol", type=float, default=1e-4,
+                    help="--method jacobi: stop when no latent moves more than this")
+    ap.add_argument("--jacobi-chunk", type=int, default=64, help="--method jacobi: tokens updated together")
+    ap.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly, without CUDA graphs")
     args = ap.parse_args(argv)
     if args.num < 1:
         raise InputError(f"--num={args.num} must be >= 1")
@@ -58,7 +68,15 @@ def parse_args(argv) -> argparse.Namespace:
         raise InputError(f"--scale={args.scale} must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if args.jacobi_chunk < 1 or not args.tol >= 0:
+        raise InputError(f"--jacobi-chunk={args.jacobi_chunk} must be >= 1 and --tol={args.tol} >= 0")
     return args
+
+
+def sampling_options(args) -> dict:
+    """The flow-sampling keywords of megaflow.model.generate (graphs: None = on where CUDA allows)."""
+    return {"method": args.method, "tol": args.tol, "chunk": args.jacobi_chunk,
+            "graphs": False if args.no_graphs else None}
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,8 +155,9 @@ def text_to_image(model, tok, cfg, args, guidance: float) -> list:
     check_fits("--prompt", args.prompt, len(prompt) - 1,
                f"text->image needs bos + {len(prompt) - 1} + image start + {N} image tokens + image end",
                len(prompt) + N + 2, cfg.data.seq_len)
-    images, _ = sample_images(model, [prompt] * args.num, guidance=guidance, temperature=args.image_temperature,
-                              seed=args.seed)
+    images, dec = sample_images(model, [prompt] * args.num, guidance=guidance, temperature=args.image_temperature,
+                                seed=args.seed, **sampling_options(args))
+    print(f"sampling: {args.method}, iterations {dec.stats}", file=sys.stderr)
     return list(images)
 
 
@@ -158,7 +177,7 @@ def image_to_text(model, tok, cfg, args, device) -> str:
     budget = min(args.max_new_tokens or 32, cfg.data.seq_len - used)
     temperature = 0.0 if args.temperature is None else args.temperature
     ids = sample_text(model, [[tok.bos_id, image] + question], max_new_tokens=budget, temperature=temperature,
-                      seed=args.seed)[0]
+                      seed=args.seed, graphs=sampling_options(args)["graphs"])[0]
     return tok.decode(ids)
 
 
@@ -180,7 +199,7 @@ def interleaved(model, tok, cfg, args, guidance: float) -> list:
     temperature = 1.0 if args.temperature is None else args.temperature
     segments = generate(model, prompt, max_new_tokens=budget, temperature=temperature,
                         image_temperature=args.image_temperature, guidance=guidance, seed=args.seed,
-                        max_images=max_images)
+                        max_images=max_images, **sampling_options(args))
     out, ids = [], []
     for seg in segments:
         if isinstance(seg, torch.Tensor):

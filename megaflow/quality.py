@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -129,11 +130,12 @@ def class_prompts(cfg, tok):
     return names, t2i, question, answers
 
 
-def sample_grid(model, prompts, per_class: int, guidance: float, seed: int = 0) -> torch.Tensor:
+def sample_grid(model, prompts, per_class: int, guidance: float, seed: int = 0,
+                sampling: Optional[dict] = None) -> torch.Tensor:
     """Grid (C, rows*H, per_class*W) in [0, 1]: a row per prompt."""
     rows = []
     for i, p in enumerate(prompts):
-        imgs, _ = sample_images(model, [p] * per_class, guidance=guidance, seed=seed * 1000 + i)
+        imgs, _ = sample_images(model, [p] * per_class, guidance=guidance, seed=seed * 1000 + i, **(sampling or {}))
         rows.append(torch.cat(list(imgs), dim=-1))  # (C, H, per_class*W)
     return (torch.cat(rows, dim=-2) + 1) / 2
 
@@ -166,7 +168,7 @@ def answer_token_budget(tok, answers: list) -> int:
 
 @torch.no_grad()
 def interleaved_consistency(model, tok, clf, names: list, n_docs: int, guidance: float, temperature: float,
-                            seed: int = 0, images_per_doc: int = 3) -> dict:
+                            seed: int = 0, images_per_doc: int = 3, sampling: Optional[dict] = None) -> dict:
     """(d) Documents continued from "Here are some pictures." (the interleaved data's opening): each
     generated image is followed by the model's own caption ("This is a coat."); the figure is the
     fraction of captioned images whose caption names the class the classifier sees in the image.
@@ -179,7 +181,7 @@ def interleaved_consistency(model, tok, clf, names: list, n_docs: int, guidance:
     for d in range(n_docs):
         segs = generate(model, prompt, max_new_tokens=images_per_doc * per_image + 4, temperature=0.0,
                         image_temperature=temperature, guidance=guidance, seed=seed * 1000 + d,
-                        max_images=images_per_doc)
+                        max_images=images_per_doc, **(sampling or {}))
         for i, seg in enumerate(segs):
             if not torch.is_tensor(seg):
                 continue
@@ -200,8 +202,11 @@ def interleaved_consistency(model, tok, clf, names: list, n_docs: int, guidance:
 
 @torch.no_grad()
 def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, guidance: float = 2.0,
-          seed: int = 0, source: str = "fashion_mnist", temperature: float = 1.0, n_docs: int = 0) -> dict:
-    """The three quality figures (a), (b) and the classifier's own accuracy; (c) comes from evaluate()."""
+          seed: int = 0, source: str = "fashion_mnist", temperature: float = 1.0, n_docs: int = 0,
+          sampling: Optional[dict] = None) -> dict:
+    """The three quality figures (a), (b) and the classifier's own accuracy; (c) comes from evaluate().
+    `sampling`: keywords of sample_images/generate (method, tol, chunk, graphs); default: sequential
+    with static KV caches, one-token steps as CUDA graphs on a GPU (megaflow/model/generate.py)."""
     model.eval()
     fae = model.cfg.fae
     found = class_prompts(cfg, tok)
@@ -210,12 +215,12 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
     names, t2i, question, answers = found
     clf, clf_acc = train_classifier(source, fae.image_size, fae.channels)
     out = {"classifier_test_accuracy": clf_acc, "guidance": guidance, "temperature": temperature,
-           "samples_per_class": per_class}
+           "samples_per_class": per_class, "sampling_method": (sampling or {}).get("method", "sequential")}
     t0 = time.time()
     per, grids = [], []
     for c, prompt in enumerate(t2i):
         imgs, _ = sample_images(model, [prompt] * per_class, guidance=guidance, temperature=temperature,
-                                seed=seed * 1000 + c)
+                                seed=seed * 1000 + c, **(sampling or {}))
         per.append(float((clf(imgs.float().cpu()).argmax(1) == c).float().mean()))
         grids.append(torch.cat(list(imgs.float().cpu()), dim=-1))
     out["generation_accuracy"] = sum(per) / len(per)
@@ -230,7 +235,8 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
         budget = answer_token_budget(tok, answers)
         for chunk in idx.split(50):
             prompts = [[tok.bos_id, x[i].to(device)] + question for i in chunk.tolist()]
-            outs = sample_text(model, prompts, max_new_tokens=budget, temperature=0.0, seed=seed)
+            outs = sample_text(model, prompts, max_new_tokens=budget, temperature=0.0, seed=seed,
+                               graphs=(sampling or {}).get("graphs"))
             for i, ids in zip(chunk.tolist(), outs):
                 text = tok.decode(ids)
                 ok = predicted_class(text, answers) == int(y[i])
@@ -240,19 +246,21 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
         out["understanding_accuracy"] = correct / len(idx)
         out["understanding_examples"] = examples
     if model.lm_head is not None and n_docs > 0:
-        out.update(interleaved_consistency(model, tok, clf, names, n_docs, guidance, temperature, seed))
+        out.update(interleaved_consistency(model, tok, clf, names, n_docs, guidance, temperature, seed,
+                                           sampling=sampling))
     return out
 
 
-def write_report(model, tok, cfg, out: Path, device, monitor=None) -> dict:
-    """report.json, report.txt and samples.png (a row per class prompt) in the run's directory."""
+def write_report(model, tok, cfg, out: Path, device, monitor=None, sampling: Optional[dict] = None) -> dict:
+    """report.json, report.txt and samples.png (a row per class prompt) in the run's directory;
+    `sampling` as in judge."""
     tcfg = cfg.train
     source = tcfg.dataset or "fashion_mnist"
     if source not in ("fashion_mnist", "digits"):
         log.info("no quality report: it needs a labelled dataset with a real-data classifier (fashion_mnist, digits)")
         return {}
     res = judge(model, tok, cfg, device, tcfg.report_samples, tcfg.report_images, tcfg.guidance, tcfg.seed, source,
-                tcfg.sample_temperature, tcfg.report_docs)
+                tcfg.sample_temperature, tcfg.report_docs, sampling)
     if not res:
         return {}
     grid = res.pop("grid")

@@ -23,20 +23,20 @@ from parallel.pipeline_comm import PipelineComm, state_shapes
 
 
 class _Broadcast:
-    """Run `fn` on the pipeline rank `src` (0 = first, -1 = last stage) and broadcast the result,
-    whose shapes `shapes_fn(*args)` gives, to the other ranks of the pipeline."""
+    """Run `fn(*args, **kwargs)` on the pipeline rank `src` (0 = first, -1 = last stage) and broadcast
+    the result, whose shapes `shapes_fn(*args)` gives, to the other ranks of the pipeline."""
 
     def __init__(self, owner: "PipelinedModel", src: int, fn, shapes_fn):
         self.owner, self.src, self.fn, self.shapes_fn = owner, src, fn, shapes_fn
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         o = self.owner
         if torch.is_grad_enabled():
             raise NotImplementedError("a gradient through a pipelined model in generation (the denoise step) is not "
                                       "supported; call sample_images(..., do_denoise=False) or set flow.noise_std=0")
         shapes = self.shapes_fn(*args)
         if o.topo.pp_rank == self.src % o.topo.pp:
-            outs = self.fn(*args)
+            outs = self.fn(*args, **kwargs)
             outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
         else:
             outs = tuple(torch.empty(s, dtype=o.dtype, device=o.device) for s in shapes)
@@ -63,7 +63,8 @@ class PipelinedModel:
             encode=_Broadcast(self, 0, lambda x: first.fae.encode(x), lambda x: [(x.shape[0], N, D)]),
             decode=_Broadcast(self, 0, lambda y: first.fae.decode(y), lambda y: [(y.shape[0], *img)]))
         shallow = _Broadcast(self, 0, lambda x: first.shallow(x), lambda x: [x.shape, x.shape[:1], x.shape[:1]])
-        shallow.inverse = _Broadcast(self, 0, lambda y: first.shallow.inverse(y), lambda y: [y.shape])
+        # sampling options (method, tol, ...) pass through; the iteration stats fill on the first stage only
+        shallow.inverse = _Broadcast(self, 0, lambda y, **kw: first.shallow.inverse(y, **kw), lambda y: [y.shape])
         self.shallow = shallow
         vocab = cfg.vocab_size
         # full-vocabulary logits (gathered over tensor parallelism on the last stage) are broadcast

@@ -34,7 +34,14 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-understanding", action="store_true", help="only (a) and (c)")
     ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches for bits/dim")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--method", choices=["sequential", "jacobi"], default="sequential",
+                    help="flow sampling: sequential (exact; CUDA graphs on a GPU) or jacobi (parallel iteration)")
+    ap.add_argument("--tol", type=float, default=1e-4, help="--method jacobi: largest change at which it stops")
+    ap.add_argument("--jacobi-chunk", type=int, default=64, help="--method jacobi: tokens updated together")
+    ap.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (eager decode steps)")
     args = ap.parse_args(argv)
+    sampling = {"method": args.method, "tol": args.tol, "chunk": args.jacobi_chunk,
+                "graphs": False if args.no_graphs else None}
     from megaflow.inference import load_for_inference
     from megaflow.quality import write_report
     from megaflow.train import evaluate, load_run_tokenizer, pick_dtype
@@ -62,7 +69,7 @@ def main(argv=None) -> int:
         loader = build_loader(dataclasses.replace(cfg.data, local=t.eval_data, shuffle=False), tok, 0, 1)
         mon.last_eval = evaluate(model, loader, cfg, torch.device(args.device), pick_dtype(t.dtype, torch.device(args.device)), t.eval_batches)
         loader.close()
-    res = write_report(model, tok, cfg, out, torch.device(args.device), mon)
+    res = write_report(model, tok, cfg, out, torch.device(args.device), mon, sampling)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, (list, dict))}, indent=1))
     return 0
 

@@ -3,7 +3,8 @@
 One affine autoregressive step per token: a causal network sees x_<i and outputs (mu_i, a_i);
 sigma_i = softplus(a_i + 0.5413) so a zero output is the identity map; both outputs are soft-clipped
 c * tanh(o / c). Forward (data -> noise): z = (x - mu) / sigma, log|det| = -sum log sigma.
-Inverse (sampling): x = mu + sigma * z, one token at a time with a KV cache.
+Inverse (sampling): x = mu + sigma * z, one token at a time with a static KV cache (a CUDA graph
+per step on CUDA), or all tokens at once by Jacobi fixed-point iteration.
 
 The deep flow block is not here: it is the flow stream of the Pretzel stack (starflow.py), which
 uses `gaussian_params` the same way. Guidance and the score-based denoise step are in generate.py.
@@ -11,11 +12,13 @@ uses `gaussian_params` the same way. Guidance and the score-based denoise step a
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaflow.model.decoding import StaticKVCache, StepGraphs, additive_mask, can_capture, causal_slot_mask
 from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, rope_tables
 
 SCALE_OFFSET = math.log(math.e - 1.0)  # softplus^-1(1) = 0.5413: zero output -> sigma = 1
@@ -58,12 +61,25 @@ class ShallowFlowBlock(nn.Module):
     def _order(self, x: torch.Tensor) -> torch.Tensor:
         return x.flip(1) if self.reverse else x
 
-    def _net(self, x: torch.Tensor, start: int, cache=None) -> torch.Tensor:
-        """Causal network on tokens [start, start + T) -> raw params (M, T, 2D) for the NEXT tokens."""
+    def rope(self, n: int, x: torch.Tensor) -> tuple:
+        """RoPE tables of positions 0..n-1, each (1, 1, n, head_dim)."""
+        return rope_tables(torch.arange(n, device=x.device)[None], self.head_dim, self.rope_theta, x.dtype)
+
+    def _net(self, x: torch.Tensor, slots=None, cache=None, kv_len: int = 0, rope=None) -> torch.Tensor:
+        """Causal network on tokens at positions `slots` (T,) (default 0..T-1) -> raw params
+        (M, T, 2D) for the NEXT tokens. With a cache, attends to its slots [0, kv_len). `rope`:
+        tables of every position (`self.rope`), looked up instead of recomputed."""
         M, T, _ = x.shape
-        pos = torch.arange(start, start + T, device=x.device).expand(M, T)
-        cos, sin = rope_tables(pos, self.head_dim, self.rope_theta, x.dtype)
-        mask = None if cache is None or start == 0 else torch.ones(1, 1, T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        if slots is None:
+            slots = torch.arange(T, device=x.device)
+        if rope is None:
+            cos, sin = rope_tables(slots.expand(M, T), self.head_dim, self.rope_theta, x.dtype)
+        else:
+            cos, sin = rope[0].index_select(2, slots), rope[1].index_select(2, slots)  # (1, 1, T, hd)
+        mask = None
+        if cache is not None:
+            mask = additive_mask(causal_slot_mask(slots, kv_len), self.proj_in.weight.dtype)  # (1, 1, T, kv_len)
+            cache.slots, cache.kv_len = slots, kv_len
         ctx = AttnContext(cos, sin, mask, cache)
         h = self.proj_in(x)  # (M, T, dim)
         for layer in self.layers:
@@ -73,25 +89,79 @@ class ShallowFlowBlock(nn.Module):
     def forward(self, x: torch.Tensor):
         """x (M, N, D) -> z (M, N, D), log|det dz/dx| (M,)."""
         xo = self._order(x)
-        out = self._net(xo, 0)  # (M, N, 2D)
-        out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # params of token i from x_<i
-        mu, sigma = gaussian_params(out, self.clip)
+        mu, sigma = self._params(self._net(xo))  # (M, N, D) each: token i's from x_<i
         z = (xo - mu) / sigma
         return self._order(z), -sigma.log().sum(dim=(1, 2))
 
+    def _params(self, out: torch.Tensor):
+        """Raw params of x_<i at rows i (M, N, 2D) -> (mu, sigma) of each token: token 0 gets none."""
+        return gaussian_params(torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1), self.clip)
+
     @torch.no_grad()
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """z (M, N, D) -> x (M, N, D), one token at a time with a KV cache."""
+    def inverse(self, z: torch.Tensor, method: str = "sequential", tol: float = 1e-4,
+                max_iters: Optional[int] = None, graphs: Optional[bool] = None,
+                stats: Optional[list] = None, chunk: int = 64) -> torch.Tensor:
+        """z (M, N, D) -> x (M, N, D); `stats` (a list) receives the iterations. "sequential": one
+        token at a time with a static KV cache (N steps; a CUDA graph per step on CUDA unless
+        graphs=False). "jacobi": windows of `chunk` tokens in order (STARFlow's block-wise Jacobi);
+        in a window all tokens are updated in parallel, x <- mu(x_<i) + sigma(x_<i) * z, until the
+        largest change is <= tol, at most max_iters times (default: the window's length - 1, after
+        which it is exact: its first token starts exact, and the k-th is final after k updates);
+        the window's cache entries are then recomputed from the final values for the next window."""
         zo = self._order(z)
         M, N, D = zo.shape
-        out = torch.zeros(M, 1, 2 * D, dtype=z.dtype, device=z.device)
-        cache, xs = {}, []
-        for i in range(N):
+        if method == "jacobi":
+            x, total = self._jacobi(zo, tol, max_iters, chunk)
+            if stats is not None:
+                stats.append(total)
+            return self._order(x)
+        if method != "sequential":
+            raise ValueError(f"unknown sampling method {method!r}; choose 'sequential' or 'jacobi'")
+        cache = StaticKVCache(N)
+        xs = torch.zeros_like(zo)  # (M, N, D), filled token by token
+        out = zo.new_zeros(M, 1, 2 * D)  # raw params of the next token (identity for token 0)
+        slot = torch.zeros(1, dtype=torch.long, device=z.device)
+        rope = self.rope(N, zo)
+        step_graphs = StepGraphs(can_capture(self) if graphs is None else bool(graphs) and z.is_cuda)
+        static = step_graphs.enabled or bool(graphs)  # every step attends to all N slots: graph shapes
+
+        def step(zi: torch.Tensor, kv_len: int) -> None:  # zi (M, 1, D): token `slot` from `out`
             mu, sigma = gaussian_params(out, self.clip)
-            xs.append(mu + sigma * zo[:, i:i + 1])  # (M, 1, D)
-            if i + 1 < N:
-                out = self._net(xs[-1], i, cache)
-        return self._order(torch.cat(xs, dim=1))
+            x = mu + sigma * zi  # (M, 1, D)
+            xs.index_copy_(1, slot, x)
+            out.copy_(self._net(x, slot, cache, kv_len, rope))
+
+        for i in range(N - 1):  # the last token's params are not needed
+            slot.fill_(i)
+            kv_len = N if static else i + 1
+            step_graphs(("shallow", M, kv_len), lambda zi: step(zi, kv_len), zo[:, i:i + 1])
+        if stats is not None:
+            stats.append(N)
+        mu, sigma = gaussian_params(out, self.clip)
+        xs[:, N - 1:] = mu + sigma * zo[:, N - 1:]
+        return self._order(xs)
+
+    def _jacobi(self, zo: torch.Tensor, tol: float, max_iters: Optional[int], chunk: int) -> tuple:
+        """Block-wise Jacobi on block-ordered noise zo (M, N, D) -> (x, total iterations)."""
+        M, N, D = zo.shape
+        cache, x, total, rope = StaticKVCache(N), torch.empty_like(zo), 0, self.rope(N, zo)
+        before = zo.new_zeros(M, 1, 2 * D)  # raw params of the window's first token (from the one before)
+        for c in range(0, N, chunk):
+            e = min(c + chunk, N)
+            slots = torch.arange(c, e, device=zo.device)
+            mu, sigma = gaussian_params(before, self.clip)
+            x[:, c:e] = mu + sigma * zo[:, c:e]  # the window's first token exact, the others a guess
+            for _ in range(max_iters or e - c - 1):
+                out = self._net(x[:, c:e], slots, cache, e, rope)  # (M, e - c, 2D)
+                mu, sigma = gaussian_params(torch.cat([before, out[:, :-1]], dim=1), self.clip)
+                new = mu + sigma * zo[:, c:e]
+                delta = float((new - x[:, c:e]).abs().max())
+                x[:, c:e], total = new, total + 1
+                if delta <= tol:
+                    break
+            if e < N:  # the cache and the next window's first params from the final values
+                before = self._net(x[:, c:e], slots, cache, e, rope)[:, -1:]
+        return x, total
 
     def init_weights(self, std: float = 0.02):
         nn.init.normal_(self.proj_in.weight, std=std)
@@ -125,9 +195,13 @@ class ShallowFlows(nn.Module):
         return x, logdet, sq
 
     @torch.no_grad()
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, method: str = "sequential", tol: float = 1e-4,
+                max_iters: Optional[int] = None, graphs: Optional[bool] = None,
+                stats: Optional[list] = None, chunk: int = 64) -> torch.Tensor:
+        """y (M, N, D) -> x (M, N, D); `stats` (a list) receives each block's iteration count
+        (options as in ShallowFlowBlock.inverse)."""
         for block in reversed(self.blocks):
-            y = block.inverse(y)
+            y = block.inverse(y, method, tol, max_iters, graphs, stats, chunk)
         return y
 
     def init_weights(self):

@@ -9,6 +9,12 @@ the default), the finished image's slots are re-encoded once, as one chunk of N 
 the VLM's cache holds the image it will talk about (the flow stream's entries are recomputed from
 the same inputs); with "flow" the sampled tokens are final as they are fed.
 
+Speed (issue 14): the Decoder's per-position state and the KV caches are preallocated
+(megaflow/model/decoding.py); a one-token step (an image latent of all rows, conditional and
+unconditional, or a text token) reads and writes only those buffers, so on CUDA it runs as a
+replayed CUDA graph. `method="jacobi"` samples the N latents of an image (and inverts each shallow
+block) by block-wise Jacobi iteration instead of token by token; "sequential" is the reference.
+
 `Decoder(use_cache=False)` recomputes the whole prefix at every step: the slow reference that the
 cached path is tested against. Rows are left-padded to a common length (padding is its own
 document, so it is never attended to by real tokens).
@@ -20,74 +26,181 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from megaflow.model.decoding import (ConcatKVCache, StaticKVCache, StepGraphs, additive_mask, can_capture,
+                                     causal_slot_mask)
 from megaflow.model.flow import guided_params
 
 Segment = Union[int, torch.Tensor]  # a token id, or an image (C, H, W) in [-1, 1]
 
 
-class Decoder:
-    """Incremental decoding state of `rows` sequences (tokens, latents, masks, KV cache)."""
+FIELDS = ("tokens", "pos", "doc", "image_mask", "flow_x", "vlm_x")  # per-position state, (R, capacity[, D])
 
-    def __init__(self, model, rows: int, cond_keep: Optional[torch.Tensor] = None, use_cache: bool = True):
-        self.model, self.use_cache = model, use_cache
-        dev = model.flow_in.weight.device
-        D = model.cfg.fae.latent_dim
-        self.tokens = torch.zeros(rows, 0, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(rows, 0, dtype=torch.long, device=dev)
-        self.doc = torch.zeros(rows, 0, dtype=torch.long, device=dev)
-        self.image_mask = torch.zeros(rows, 0, dtype=torch.bool, device=dev)
-        self.flow_x = torch.zeros(rows, 0, D, dtype=model.flow_in.weight.dtype, device=dev)
-        self.vlm_x = torch.zeros_like(self.flow_x)  # FAE latents the adapter reads at image slots
-        self.cond_keep = cond_keep if cond_keep is not None else torch.ones(rows, device=dev)
-        self.cache = {} if use_cache else None
-        self.last = None  # state tuple of the last fed position(s)
+
+def _field(name: str):
+    return property(lambda self: self._buf[name][:, :self.length], doc=f"{name} of the positions fed so far")
+
+
+class Decoder:
+    """Incremental decoding state of `rows` sequences: per-position buffers (tokens, positions,
+    documents, image slots, latents) and the KV cache, preallocated for `capacity` positions (grown
+    by doubling when exceeded). `cache`: "static" (default), "concat" (the earlier torch.cat cache,
+    a reference) or None (recompute the whole prefix at every step: the slow reference).
+
+    One-token steps (`image_step`, `text_step`) are the functions a CUDA graph captures: with
+    `graphs` (default: on CUDA for a single-process model) they attend to all `capacity` slots, so
+    their shapes never change, and are replayed; graphs=True on CPU runs the same shapes eagerly."""
+
+    tokens, pos, doc, image_mask, flow_x, vlm_x = (_field(n) for n in FIELDS)
+
+    def __init__(self, model, rows: int, cond_keep: Optional[torch.Tensor] = None, use_cache: bool = True,
+                 capacity: int = 64, cache: str = "static", graphs: Optional[bool] = None):
+        self.model = model
+        self.dev, self.dtype = model.flow_in.weight.device, model.flow_in.weight.dtype
+        self.length, self.capacity = 0, 0
+        self.cond_keep = cond_keep if cond_keep is not None else torch.ones(rows, device=self.dev)
+        if not use_cache:
+            cache = None
+        if cache not in ("static", "concat", None):
+            raise ValueError(f"unknown KV cache {cache!r}; choose 'static', 'concat' or None")
+        self.cache = {"static": StaticKVCache, "concat": ConcatKVCache, None: lambda c: None}[cache](capacity)
+        capture = can_capture(model) if graphs is None else bool(graphs) and self.dev.type == "cuda"
+        self.graphs = StepGraphs(capture and cache == "static")
+        self.static_shapes = cache == "static" and (capture or bool(graphs))
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.dev)  # where a one-token step writes
+        self._buf = {}
+        self.last_vlm = self.last_flow = None  # (R, 1, Dv), (R, 1, Df): the last fed position's states
+        self.stats = {}  # iterations of the last image: {"deep": n, "shallow": [n per block]}
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        R, D, L = self.rows_total, self.model.cfg.fae.latent_dim, self.length
+        kinds = {"tokens": (torch.long, ()), "pos": (torch.long, ()), "doc": (torch.long, ()),
+                 "image_mask": (torch.bool, ()), "flow_x": (self.dtype, (D,)), "vlm_x": (self.dtype, (D,))}
+        for name, (dtype, tail) in kinds.items():
+            buf = torch.zeros(R, capacity, *tail, dtype=dtype, device=self.dev)
+            if name in self._buf:
+                buf[:, :L] = self._buf[name][:, :L]
+            self._buf[name] = buf
+        if self.cache is not None:
+            self.cache.grow(capacity)
+        self.capacity = capacity
+        self.graphs.clear()  # captured graphs hold the old buffers
 
     @property
-    def length(self) -> int:
-        return self.tokens.shape[1]
+    def rows_total(self) -> int:
+        return self.cond_keep.shape[0]
+
+    @property
+    def last(self) -> tuple:
+        return self.last_vlm, self.last_flow
+
+    def _ensure(self, length: int) -> None:
+        if length > self.capacity:
+            self._grow(max(length, 2 * self.capacity))
+
+    def _forward(self, slots: torch.Tensor, kv_len: int) -> tuple:
+        """Run the model on the positions at `slots` (T,), attending to slots [0, kv_len) (causal,
+        within a document). Keeps the last position's states; returns (h_vlm, h_flow) (R, T, .)."""
+        b = self._buf
+        take = lambda name: b[name].index_select(1, slots)  # noqa: E731  (R, T[, D])
+        doc_q = take("doc")
+        batch = {"tokens": take("tokens"), "position_ids": take("pos"), "image_mask": take("image_mask"),
+                 "doc_ids": None}
+        ctx = self.model.context(batch, self.cond_keep)
+        # Padding (doc -1) attends to padding only, so no row is ever fully masked.
+        mask = causal_slot_mask(slots, kv_len) & (doc_q[:, None, :, None] == b["doc"][:, None, None, :kv_len])
+        mask = additive_mask(mask, self.dtype)  # (R, 1, T, kv_len)
+        for actx in (ctx.vlm, ctx.flow):
+            if actx is not None:
+                actx.mask, actx.cache = mask, self.cache
+        if self.cache is not None:
+            self.cache.slots, self.cache.kv_len = slots, kv_len
+        state = self.model.embed(batch, ctx, flow_x=take("flow_x"), vlm_x=take("vlm_x"))
+        for unit in self.model.units.values():
+            state = unit(state, ctx)
+        h_vlm, h_flow = state[0], state[1]
+        if self.last_flow is None or self.last_flow.shape[0] != h_flow.shape[0]:
+            self.last_vlm, self.last_flow = h_vlm[:, -1:].clone(), h_flow[:, -1:].clone()
+        else:  # in place: a captured graph reads and writes these very tensors
+            self.last_vlm.copy_(h_vlm[:, -1:])
+            self.last_flow.copy_(h_flow[:, -1:])
+        return h_vlm, h_flow
 
     def feed(self, tokens: torch.Tensor, flow_x: Optional[torch.Tensor] = None,
              image_mask: Optional[torch.Tensor] = None, pad: Optional[torch.Tensor] = None,
-             vlm_x: Optional[torch.Tensor] = None):
+             vlm_x: Optional[torch.Tensor] = None) -> tuple:
         """Append k positions to every row: tokens (R, k), flow_x (R, k, D), image_mask (R, k),
         pad (R, k) bool marks left padding, vlm_x (R, k, D) the FAE latents at image slots (when
-        known). Runs the model on the new positions."""
+        known). Runs the model on the new positions; returns their (h_vlm, h_flow) (R, k, .)."""
         R, k = tokens.shape
-        if flow_x is None:
-            flow_x = self.flow_x.new_zeros(R, k, self.flow_x.shape[-1])
-        if vlm_x is None:
-            vlm_x = torch.zeros_like(flow_x)
-        if image_mask is None:
-            image_mask = torch.zeros_like(tokens, dtype=torch.bool)
-        if pad is None:
-            pad = torch.zeros_like(tokens, dtype=torch.bool)
-        real_before = (self.doc >= 0).sum(1, keepdim=True)  # (R, 1)
-        new_pos = real_before + (~pad).long().cumsum(1) - 1
-        self.tokens = torch.cat([self.tokens, tokens], 1)
-        self.pos = torch.cat([self.pos, new_pos.clamp(min=0)], 1)
-        self.doc = torch.cat([self.doc, torch.where(pad, -1, 0)], 1)
-        self.image_mask = torch.cat([self.image_mask, image_mask], 1)
-        self.flow_x = torch.cat([self.flow_x, flow_x], 1)
-        self.vlm_x = torch.cat([self.vlm_x, vlm_x.to(self.vlm_x)], 1)
-        q = k if self.use_cache else self.length
-        batch = {"tokens": self.tokens, "position_ids": self.pos, "image_mask": self.image_mask,
-                 "doc_ids": self.doc if bool((self.doc < 0).any()) else None}
-        ctx = self.model.context(batch, self.cond_keep, self.cache, q_len=q)
-        chunk = {"tokens": self.tokens[:, -q:], "image_mask": self.image_mask[:, -q:]}
-        state = self.model.embed(chunk, ctx, flow_x=self.flow_x[:, -q:], vlm_x=self.vlm_x[:, -q:])
-        for unit in self.model.units.values():
-            state = unit(state, ctx)
-        self.last = tuple(t[:, -1:] if t.dim() == 3 else t for t in state)
-        return self.last
+        L = self.length
+        self._ensure(L + k)
+        b = self._buf
+        pad = torch.zeros_like(tokens, dtype=torch.bool) if pad is None else pad
+        real_before = (b["doc"][:, :L] >= 0).sum(1, keepdim=True)  # (R, 1)
+        b["pos"][:, L:L + k] = (real_before + (~pad).long().cumsum(1) - 1).clamp(min=0)
+        b["tokens"][:, L:L + k] = tokens
+        b["doc"][:, L:L + k] = torch.where(pad, -1, 0)
+        b["image_mask"][:, L:L + k] = False if image_mask is None else image_mask
+        b["flow_x"][:, L:L + k] = 0.0 if flow_x is None else flow_x
+        b["vlm_x"][:, L:L + k] = 0.0 if vlm_x is None else vlm_x
+        self.length = L + k
+        if self.cache is None:  # no cache: every position again
+            h_vlm, h_flow = self._forward(torch.arange(L + k, device=self.dev), L + k)
+            return h_vlm[:, L:], h_flow[:, L:]
+        return self._forward(torch.arange(L, L + k, device=self.dev), L + k)
+
+    def _step(self, token: torch.Tensor, flow_x: torch.Tensor, image_mask: torch.Tensor, kv_len: int) -> None:
+        """One position at `self.slot` for every row (the graph-captured part): token (R, 1),
+        flow_x (R, 1, D), image_mask (R, 1). Its position is the previous one's + 1."""
+        b, slot = self._buf, self.slot
+        b["pos"].index_copy_(1, slot, b["pos"].index_select(1, slot - 1) + 1)
+        for name, value in (("tokens", token), ("doc", torch.zeros_like(token)), ("image_mask", image_mask),
+                            ("flow_x", flow_x), ("vlm_x", torch.zeros_like(flow_x))):
+            b[name].index_copy_(1, slot, value)
+        self._forward(slot if self.cache is not None else torch.arange(kv_len, device=self.dev), kv_len)
+
+    def _one(self, key, fn, *inputs):
+        """Run the one-token step `fn(*inputs, kv_len)` at the next position (graphed when enabled)."""
+        self._ensure(self.length + 1)
+        self.slot.fill_(self.length)
+        kv_len = self.capacity if self.static_shapes else self.length + 1
+        out = self.graphs((key, kv_len), lambda *x: fn(*x, kv_len), *inputs)
+        self.length += 1
+        return out
+
+    def image_step(self, z: torch.Tensor, rows: int, guidance: float, temperature: float) -> torch.Tensor:
+        """Sample the next latent y (rows, 1, D) = mu + temperature * sigma * z from the last
+        position's (guided) Gaussian and feed it to all rows (conditional, then unconditional)."""
+        return self._one(("image", rows, guidance, temperature),
+                         lambda zi, kv: self._image_step(zi, rows, guidance, temperature, kv), z)
+
+    def _image_step(self, z, rows, guidance, temperature, kv_len) -> torch.Tensor:
+        mu, sigma = self.model.flow_params(self.last_flow)  # (R, 1, D)
+        if guidance > 0:
+            mu, sigma = guided_params(mu[:rows], sigma[:rows], mu[rows:], sigma[rows:], guidance)
+        y = mu + temperature * sigma * z  # (rows, 1, D)
+        both = torch.cat([y, y]) if guidance > 0 else y
+        R = both.shape[0]
+        image = torch.full((R, 1), self.model.cfg.tokens.image_id, dtype=torch.long, device=y.device)
+        self._step(image, both, torch.ones(R, 1, dtype=torch.bool, device=y.device), kv_len)
+        return y
+
+    def text_step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one token (R, 1) to every row; returns the next-token logits (R, V) (float)."""
+        return self._one(("text",), self._text_step, token)
+
+    def _text_step(self, token, kv_len) -> torch.Tensor:
+        R, D = token.shape[0], self.model.cfg.fae.latent_dim
+        self._step(token, torch.zeros(R, 1, D, dtype=self.dtype, device=token.device),
+                   torch.zeros_like(token, dtype=torch.bool), kv_len)
+        return self.next_logits()
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (state and KV cache)."""
-        for name in ("tokens", "pos", "doc", "image_mask", "flow_x", "vlm_x"):
-            setattr(self, name, getattr(self, name)[:, :length])
-        if self.cache:
-            for key, (k, v) in self.cache.items():
-                self.cache[key] = (k[:, :, :length], v[:, :, :length])
-        self.last = None
+        self.length = length
+        if self.cache is not None:
+            self.cache.truncate(length)
 
     def reencode_image(self, latents: torch.Tensor) -> None:
         """The last N positions are a finished image: give the VLM its FAE latents (N, D) or (R, N, D)
@@ -97,15 +210,15 @@ class Decoder:
             return
         N = latents.shape[-2]
         start = self.length - N
-        tail = (self.tokens[:, start:], self.flow_x[:, start:], self.image_mask[:, start:])
+        tail = (self.tokens[:, start:].clone(), self.flow_x[:, start:].clone(), self.image_mask[:, start:].clone())
         self.truncate(start)
-        self.feed(*tail, vlm_x=latents.expand(self.tokens.shape[0], -1, -1))
+        self.feed(*tail, vlm_x=latents.expand(self.rows_total, -1, -1))
 
     def next_logits(self) -> torch.Tensor:
-        return self.model.vocab_gather(self.model.text_logits(self.last[0])[:, -1]).float()  # (R, V)
+        return self.model.vocab_gather(self.model.text_logits(self.last_vlm))[:, -1].float()  # (R, V)
 
     def next_params(self):
-        return self.model.flow_params(self.last[1])  # each (R, 1, D)
+        return self.model.flow_params(self.last_flow)  # each (R, 1, D)
 
 
 def prompt_tensors(model, prompts: Sequence[Sequence[Segment]], noise_seed: int = 0):
@@ -159,27 +272,69 @@ def sample_token(logits: torch.Tensor, temperature: float, gen: torch.Generator)
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
+def draw_noise(rows: int, N: int, D: int, gen: torch.Generator) -> torch.Tensor:
+    """(rows, N, D) standard normal, drawn token by token from `gen` (the order the samplers use)."""
+    return torch.cat([torch.randn(rows, 1, D, generator=gen) for _ in range(N)], dim=1)
+
+
 @torch.no_grad()
 def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float, gen: torch.Generator,
-                   z: Optional[torch.Tensor] = None):
-    """Sample one image's N deep-flow latents, feeding each into the cache. `dec` holds `rows`
+                   z: Optional[torch.Tensor] = None, method: str = "sequential", tol: float = 1e-4,
+                   max_iters: Optional[int] = None, chunk: int = 64):
+    """Sample one image's N deep-flow latents, feeding them into the cache. `dec` holds `rows`
     conditional rows, followed by as many unconditional rows when guidance > 0. `z` (rows, N, D)
     gives the noise explicitly (the deep flow's inverse); by default it is drawn from `gen`.
+    method "sequential": one latent per step (N steps, graphed on CUDA); "jacobi": windows of
+    `chunk` latents in order, all latents of a window updated in parallel until the largest
+    change is <= tol (at most max_iters, default the window's length - 1, after which it is exact).
+    dec.stats["deep"] gets the number of steps, or of Jacobi iterations summed over windows.
     Returns y (rows, N, D), the deep flow's variable (before the shallow inverse)."""
     cfg = dec.model.cfg
-    N, D, image_id = cfg.fae.n_tokens, cfg.fae.latent_dim, cfg.tokens.image_id
-    ys = []
+    N, D = cfg.fae.n_tokens, cfg.fae.latent_dim
+    z = (draw_noise(rows, N, D, gen) if z is None else z).to(dec.dev, dec.dtype)
+    start = dec.length
+    if method == "jacobi":
+        return _jacobi_latents(dec, rows, guidance, temperature, z, tol, max_iters, chunk)
+    if method != "sequential":
+        raise ValueError(f"unknown sampling method {method!r}; choose 'sequential' or 'jacobi'")
     for i in range(N):
-        mu, sigma = dec.next_params()  # (R, 1, D)
+        dec.image_step(z[:, i:i + 1], rows, guidance, temperature)
+    dec.stats["deep"] = N
+    return dec.flow_x[:rows, start:start + N].clone()
+
+
+def _jacobi_latents(dec: Decoder, rows, guidance, temperature, z, tol, max_iters, chunk) -> torch.Tensor:
+    """Deep-flow block-wise Jacobi: windows of `chunk` latents in order; each iteration feeds the
+    window's current guess as one chunk and re-derives every latent from the states before it;
+    once converged the window is fed once more so that the cache holds its final latents."""
+    model, N, R = dec.model, z.shape[1], dec.rows_total
+    both = (lambda y: torch.cat([y, y])) if guidance > 0 else (lambda y: y)
+
+    def update(h: torch.Tensor, zc: torch.Tensor) -> torch.Tensor:  # states (R, B, Df) -> y (rows, B, D)
+        mu, sigma = model.flow_params(h)
         if guidance > 0:
             mu, sigma = guided_params(mu[:rows], sigma[:rows], mu[rows:], sigma[rows:], guidance)
-        zi = z[:, i:i + 1].to(mu) if z is not None else torch.randn(rows, 1, D, generator=gen).to(mu)
-        y = mu + temperature * sigma * zi  # (rows, 1, D)
+        return mu + temperature * sigma * zc
+
+    ys, total = [], 0
+    for c in range(0, N, chunk):
+        e, start = min(c + chunk, N), dec.length
+        h0 = dec.last_flow.clone()  # (R, 1, Df): the state before the window, params of its first latent
+        image = torch.full((R, e - c), model.cfg.tokens.image_id, dtype=torch.long, device=dec.dev)
+        slots = torch.ones(R, e - c, dtype=torch.bool, device=dec.dev)
+        y = update(h0.expand(-1, e - c, -1), z[:, c:e])  # the first latent exact, the others a guess
+        for _ in range(max_iters or e - c - 1):  # by then exact: the k-th latent is final after k updates
+            _, h = dec.feed(image, both(y), slots)  # (R, e - c, Df)
+            dec.truncate(start)
+            new = update(torch.cat([h0, h[:, :-1]], dim=1), z[:, c:e])
+            delta = float((new - y).abs().max())
+            y, total = new, total + 1
+            if delta <= tol:
+                break
+        dec.feed(image, both(y), slots)
         ys.append(y)
-        both = torch.cat([y, y]) if guidance > 0 else y
-        R = both.shape[0]
-        dec.feed(torch.full((R, 1), image_id, device=y.device), both, torch.ones(R, 1, dtype=torch.bool, device=y.device))
-    return torch.cat(ys, dim=1)
+    dec.stats["deep"] = total
+    return torch.cat(ys, dim=1)  # (rows, N, D)
 
 
 def denoise(model, dec: Decoder, rows: int, start: int, latents: torch.Tensor) -> torch.Tensor:
@@ -208,22 +363,33 @@ def denoise(model, dec: Decoder, rows: int, start: int, latents: torch.Tensor) -
     return (x + sig2 * grad).detach()
 
 
-def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bool = True) -> torch.Tensor:
+def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bool = True,
+                 method: str = "sequential", tol: float = 1e-4, max_iters: Optional[int] = None,
+                 graphs: Optional[bool] = None, chunk: int = 64) -> torch.Tensor:
     """Deep-flow latents (rows, N, D) -> pixels (rows, C, H, W) in [-1, 1]; the decoder's image
-    slots are re-encoded with the final latents (the unconditional guidance rows get the same)."""
+    slots are re-encoded with the final latents (the unconditional guidance rows get the same).
+    The shallow flows are inverted with `method` (dec.stats["shallow"]: iterations per block)."""
     N = y.shape[1]
-    x = model.shallow.inverse(y)
+    dec.stats["shallow"] = []
+    x = model.shallow.inverse(y, method=method, tol=tol, max_iters=max_iters, graphs=graphs,
+                              stats=dec.stats["shallow"], chunk=chunk)
     if do_denoise:
         x = denoise(model, dec, rows, dec.length - N, x)
-    dec.reencode_image(x.repeat(dec.tokens.shape[0] // rows, 1, 1))
+    dec.reencode_image(x.repeat(dec.rows_total // rows, 1, 1))
     return model.fae.decode(x).clamp(-1, 1)
 
 
 @torch.no_grad()
 def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float = 0.0, temperature: float = 1.0,
-                  seed: int = 0, use_cache: bool = True, do_denoise: bool = True):
+                  seed: int = 0, use_cache: bool = True, do_denoise: bool = True, method: str = "sequential",
+                  tol: float = 1e-4, max_iters: Optional[int] = None, graphs: Optional[bool] = None,
+                  cache: str = "static", chunk: int = 64):
     """Text (or interleaved) prompts -> one image each: image-start is appended to every prompt.
-    Returns (images (R, C, H, W), the decoder positioned after the image's last latent)."""
+    `method` ("sequential", the reference, or "jacobi" within `tol`, windows of `chunk` tokens,
+    sample_latents) applies to the deep flow and the shallow flows alike; `graphs` (default: on
+    CUDA for a single-process model) replays one-token steps as CUDA graphs; `cache` as Decoder.
+    Returns (images (R, C, H, W), the decoder positioned after the image's last latent; its
+    `stats` holds the iterations of the deep flow and of each shallow block)."""
     tok = model.cfg.tokens
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompts = [list(p) + [tok.boi_id] for p in prompts]
@@ -233,26 +399,27 @@ def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float =
     if guidance > 0:
         tokens, flow_x, image_mask, pad, vlm_x = (torch.cat([t, t]) for t in (tokens, flow_x, image_mask, pad, vlm_x))
         cond_keep = torch.cat([cond_keep, torch.zeros_like(cond_keep)])
-    dec = Decoder(model, tokens.shape[0], cond_keep, use_cache)
+    capacity = tokens.shape[1] + model.cfg.fae.n_tokens
+    dec = Decoder(model, tokens.shape[0], cond_keep, use_cache, capacity, cache, graphs)
     dec.feed(tokens, flow_x, image_mask, pad, vlm_x)
-    y = sample_latents(dec, R, guidance, temperature, gen)
-    return finish_image(model, dec, R, y, do_denoise), dec
+    y = sample_latents(dec, R, guidance, temperature, gen, method=method, tol=tol, max_iters=max_iters, chunk=chunk)
+    return finish_image(model, dec, R, y, do_denoise, method, tol, max_iters, graphs, chunk), dec
 
 
 @torch.no_grad()
 def sample_text(model, prompts: Sequence[Sequence[Segment]], max_new_tokens: int = 32, temperature: float = 0.0,
-                seed: int = 0, use_cache: bool = True) -> list:
+                seed: int = 0, use_cache: bool = True, graphs: Optional[bool] = None, cache: str = "static") -> list:
     """Prompts (text and images) -> generated token ids per row, stopping at end-of-document."""
     tok = model.cfg.tokens
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tokens, flow_x, image_mask, pad, vlm_x = prompt_tensors(model, prompts, seed)
-    dec = Decoder(model, tokens.shape[0], None, use_cache)
+    dec = Decoder(model, tokens.shape[0], None, use_cache, tokens.shape[1] + max_new_tokens, cache, graphs)
     dec.feed(tokens, flow_x, image_mask, pad, vlm_x)
+    logits = dec.next_logits()
     out = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     banned = [tok.image_id, tok.pad_id]
     for _ in range(max_new_tokens):
-        logits = dec.next_logits()
         logits[:, banned] = float("-inf")
         nxt = sample_token(logits, temperature, gen)
         for r in range(len(prompts)):
@@ -261,15 +428,24 @@ def sample_text(model, prompts: Sequence[Sequence[Segment]], max_new_tokens: int
                 done[r] = int(nxt[r]) in (tok.eos_id, tok.boi_id)
         if bool(done.all()):
             break
-        dec.feed(nxt[:, None])
+        logits = _next(dec, nxt[:, None])
     return out
+
+
+def _next(dec: Decoder, token: torch.Tensor) -> torch.Tensor:
+    """Feed one token (R, 1) and return the next logits (R, V) (a copy: a graph's output is reused)."""
+    return dec.text_step(token).clone()
 
 
 @torch.no_grad()
 def generate(model, prompt: Sequence[Segment], max_new_tokens: int = 64, temperature: float = 1.0,
-             image_temperature: float = 1.0, guidance: float = 0.0, seed: int = 0, max_images: int = 4) -> list:
-    """Interleaved continuation of one prompt: returns a list of segments (token ids and images)."""
+             image_temperature: float = 1.0, guidance: float = 0.0, seed: int = 0, max_images: int = 4,
+             method: str = "sequential", tol: float = 1e-4, max_iters: Optional[int] = None,
+             graphs: Optional[bool] = None, cache: str = "static", chunk: int = 64) -> list:
+    """Interleaved continuation of one prompt: returns a list of segments (token ids and images).
+    `method`, `tol`, `max_iters`, `chunk`, `graphs` and `cache` as in sample_images, for every image."""
     tok = model.cfg.tokens
+    N = model.cfg.fae.n_tokens
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tokens, flow_x, image_mask, pad, vlm_x = prompt_tensors(model, [prompt], seed)
     rows = 1
@@ -277,23 +453,27 @@ def generate(model, prompt: Sequence[Segment], max_new_tokens: int = 64, tempera
     if guidance > 0:
         tokens, flow_x, image_mask, pad, vlm_x = (torch.cat([t, t]) for t in (tokens, flow_x, image_mask, pad, vlm_x))
         cond_keep = torch.tensor([1.0, 0.0], device=tokens.device)
-    dec = Decoder(model, tokens.shape[0], cond_keep)
+    capacity = tokens.shape[1] + max_new_tokens + max_images * (N + 1)
+    dec = Decoder(model, tokens.shape[0], cond_keep, capacity=capacity, cache=cache, graphs=graphs)
     dec.feed(tokens, flow_x, image_mask, pad, vlm_x)
+    logits = dec.next_logits()
     out, n_images = [], 0
     budget = max_new_tokens
+    R = dec.rows_total
     while budget > 0:
-        logits = dec.next_logits()[:rows]
+        logits = logits[:rows]
         logits[:, [tok.image_id, tok.pad_id] + ([tok.boi_id] if n_images >= max_images else [])] = float("-inf")
         nxt = int(sample_token(logits, temperature, gen)[0])
         out.append(nxt)
         budget -= 1
-        dec.feed(torch.full((dec.tokens.shape[0], 1), nxt, device=tokens.device))
+        logits = _next(dec, torch.full((R, 1), nxt, device=tokens.device))
         if nxt == tok.eos_id:
             break
         if nxt == tok.boi_id:
-            y = sample_latents(dec, rows, guidance, image_temperature, gen)
-            out.append(finish_image(model, dec, rows, y)[0])
+            y = sample_latents(dec, rows, guidance, image_temperature, gen, method=method, tol=tol,
+                               max_iters=max_iters, chunk=chunk)
+            out.append(finish_image(model, dec, rows, y, True, method, tol, max_iters, graphs, chunk)[0])
             n_images += 1
-            dec.feed(torch.full((dec.tokens.shape[0], 1), tok.eoi_id, device=tokens.device))
+            logits = _next(dec, torch.full((R, 1), tok.eoi_id, device=tokens.device))
             out.append(tok.eoi_id)
     return out

@@ -51,7 +51,8 @@ class AttnContext:
     """What every attention layer of one stream needs besides its input.
 
     `mask` is a boolean (B, 1, Tq, Tk) allow-mask or None for plain causal attention without a cache.
-    `cache` maps a layer's key to its (k, v) of earlier positions; it is updated in place.
+    `cache` holds each layer's keys/values of earlier positions (megaflow/model/decoding.py):
+    `cache.update(layer_key, k, v)` stores this forward's and returns all that `mask` covers.
     """
     cos: torch.Tensor
     sin: torch.Tensor
@@ -76,10 +77,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
-            past = ctx.cache.get(self.cache_key)
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, Hkv, Tk, hd)
-            ctx.cache[self.cache_key] = (k, v)
+            k, v = ctx.cache.update(self.cache_key, k, v)  # (B, Hkv, Tk, hd): earlier positions and these
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Tk, hd)

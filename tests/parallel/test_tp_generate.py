@@ -3,8 +3,9 @@
 Contract: a TP=2 model loaded from the single-process model's weights samples, for the same seed,
 the same text tokens (greedy and temperature 1, with an image in the prompt) and the same images
 and deep-flow latents (with and without classifier-free guidance, including the score-based denoise
-step through the whole TP model). Logits are gathered over the vocabulary only for sampling.
-Generation runs without sequence parallelism (decoding feeds one token at a time).
+step through the whole TP model), also when images are sampled by Jacobi iteration. Logits are
+gathered over the vocabulary only for sampling. Generation runs without sequence parallelism
+(decoding feeds one token at a time).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def _worker(rank, world):
         out["image_err"] = max(out["image_err"], float((a - b).abs().max()))
         out["latent_err"] = max(out["latent_err"], float((dec_a.flow_x - dec_b.flow_x).abs().max()))
     out["image_scale"] = float(a.abs().max())
+    a, _ = sample_images(ref, PROMPTS, guidance=2.0, seed=5, method="jacobi", chunk=8)
+    b, _ = sample_images(model, PROMPTS, guidance=2.0, seed=5, method="jacobi", chunk=8)
+    out["jacobi_err"] = float((a - b).abs().max())
     image = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     prompts = [[SPECIAL.bos_id, 3, image, 4], [SPECIAL.bos_id, 8]]
     out["text"] = []
@@ -44,6 +48,6 @@ def _worker(rank, world):
 def test_tp2_generation_equals_single_process():
     for r in run_distributed(_worker, 2):
         assert r["image_scale"] > 0.1, "images are trivially constant"
-        assert r["image_err"] < 1e-5 and r["latent_err"] < 1e-5, r
+        assert r["image_err"] < 1e-5 and r["latent_err"] < 1e-5 and r["jacobi_err"] < 1e-5, r
         for ref_tokens, tp_tokens in r["text"]:
             assert ref_tokens == tp_tokens and sum(map(len, ref_tokens)) > 2, r["text"]

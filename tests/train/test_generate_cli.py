@@ -48,6 +48,22 @@ def test_text_to_image_writes_pngs_of_the_model_size_deterministically(tiny_run,
     assert any(not np.array_equal(x, y) for x, y in zip(a, c)), "another seed gave the same images"
 
 
+def test_jacobi_method_samples_the_sequential_images(tiny_run, tmp_path, capsys):
+    """--method jacobi (--tol 0: every window iterated until exact) writes the images --method
+    sequential writes, to within one 8-bit level, and reports its iterations; a zero
+    --jacobi-chunk is a clear error."""
+    base = ["--checkpoint", tiny_run, "--prompt", "a photo of a seven", "--num", 2, "--seed", 3, "--guidance", 1.5]
+    rc, _, err = gen(capsys, *base, "--out", tmp_path / "s", "--method", "sequential")
+    assert rc == 0 and "sampling: sequential" in err, err
+    rc, _, err = gen(capsys, *base, "--out", tmp_path / "j", "--method", "jacobi", "--tol", 0, "--jacobi-chunk", 8)
+    assert rc == 0 and "sampling: jacobi, iterations {'deep'" in err, err
+    for n in ("image_000.png", "image_001.png"):
+        s, j = (np.asarray(Image.open(tmp_path / d / n)).astype(int) for d in ("s", "j"))
+        assert np.abs(s - j).max() <= 1
+    rc, _, err = gen(capsys, *base, "--out", tmp_path / "x", "--method", "jacobi", "--jacobi-chunk", 0)
+    assert rc == 2 and "--jacobi-chunk=0" in err, err
+
+
 def test_image_to_text_reads_the_image_like_the_data_pipeline(tiny_run, tmp_path, capsys):
     """Contract: --image (here a 6x5 RGBA PNG, converted to grayscale and centre-padded to 8x8 as the
     data pipeline does) prints exactly the answer that sample_text gives for [bos, image,

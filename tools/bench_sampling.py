@@ -1,0 +1,243 @@
+"""Sampling speed (issue 14): the earlier path (per-token torch.cat cache, every step launched from
+Python) against the static KV cache, its one-token steps replayed as CUDA graphs, and Jacobi
+iteration, on models with synthetic random weights (speed only: what is sampled is noise).
+
+    python tools/bench_sampling.py --suite tarflow  [--baseline-root DIR] [--out FILE]   # GPU
+    python tools/bench_sampling.py --suite h200_1b  [--baseline-root DIR]                # GPU
+    python tools/bench_sampling.py --suite report   [--baseline-root DIR] [--threads 1]  # CPU
+
+tarflow: TarFlow-only at apple/ml-tarflow's ImageNet-64 shape (64x64x3 in 2x2 patches = 1,024
+tokens of 12 dims; 8 deep + 7 shallow blocks x 8 layers of width 768, 12 heads; bf16 weights;
+no denoise step), 8 and 32 images, with and without guidance; plus the same model on 16x16 images
+(64 tokens), where the earlier path is also timed (at 64x64 it takes ~95 s per row).
+h200_1b: configs/h200_1b.yaml's model (0.9B, bf16): text decoding (8 rows, 128 tokens, a host
+sync per token as in sampling) and images (8 at once, 64 tokens each), as tokens/s.
+report: the default run's model size (configs/default.yaml) on CPU: the report's 200 samples
+(10 prompts x 20 images, guidance 6, temperature 0.8, with the denoise step).
+
+`--baseline-root` is a checkout of the code before issue 14 (e.g. `git archive 874d2f8`): its
+rows ("before") run in a subprocess importing megaflow from there; without it they are skipped.
+Rows print as they finish, one JSON object per line (also appended to --out). This file does not
+import data_pipeline (no mosaicml-streaming needed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+TOKENS = dict(pad_id=1000, bos_id=1001, eos_id=1002, boi_id=1003, eoi_id=1004, image_id=1005)
+
+
+def model_config(suite: str, image_size: int = 64, smoke: bool = False):
+    """The suite's model; `smoke` shrinks every width to 32 (a quick check of this script on CPU)."""
+    from megaflow.model.config import FlowConfig, ModelConfig, SpecialTokens, VLMConfig
+    from megaflow.model.fae import FAEConfig
+    if smoke:
+        w = dict(dim=32, n_heads=4, ffn_dim=64)
+        vlm = None if suite == "tarflow" else VLMConfig(vocab_size=512, n_layers=2, n_kv_heads=2, **w)
+        flow = FlowConfig(n_layers=2, ratio=0 if vlm is None else 1, n_shallow=2, shallow_layers=1, shallow_dim=16,
+                          shallow_heads=2, n_cond_tokens=1006 if vlm is None else 0, **w)
+        tokens = TOKENS if vlm is None else {k: v - 500 for k, v in TOKENS.items()}
+        return ModelConfig(vlm=vlm, flow=flow, fae=FAEConfig(mode="pixels", image_size=image_size // 4, channels=1,
+                                                             patch_size=2), tokens=SpecialTokens(**tokens))
+    if suite == "tarflow":
+        flow = FlowConfig(dim=768, n_heads=12, ffn_dim=3072, n_layers=8, ratio=0, n_shallow=7, shallow_layers=8,
+                          shallow_dim=768, shallow_heads=12, n_cond_tokens=1006)
+        return ModelConfig(vlm=None, flow=flow, fae=FAEConfig(mode="pixels", image_size=image_size, channels=3,
+                                                              patch_size=2), tokens=SpecialTokens(**TOKENS))
+    special = SpecialTokens(**{k: v - 500 for k, v in TOKENS.items()})  # ids 500..505 of a 512 vocabulary
+    if suite == "h200_1b":
+        vlm = VLMConfig(vocab_size=512, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, ffn_dim=5632)
+        flow = FlowConfig(dim=1024, n_heads=8, ffn_dim=2816, n_layers=8, ratio=2, n_shallow=2, shallow_layers=2,
+                          shallow_dim=256, shallow_heads=4)
+        fae = FAEConfig(mode="pixels", image_size=32, channels=1, patch_size=4)
+    else:  # report: configs/default.yaml
+        vlm = VLMConfig(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384)
+        flow = FlowConfig(dim=128, n_heads=4, ffn_dim=384, n_layers=4, ratio=1, n_shallow=2, shallow_layers=2,
+                          shallow_dim=64, shallow_heads=2)
+        fae = FAEConfig(mode="pixels", image_size=16, channels=1, patch_size=4)
+    return ModelConfig(vlm=vlm, flow=flow, fae=fae, tokens=special)
+
+
+_MODELS = {}
+SMOKE = False
+
+
+def build(suite: str, image_size: int, device: str):
+    """The suite's model with random weights (zero-initialised heads and skips drawn too, so that
+    no step is the identity), bf16 on CUDA. Deterministic: the same in both code versions."""
+    key = (suite, image_size)
+    if key not in _MODELS:
+        from megaflow.model.starflow import build_model
+        _MODELS.clear()
+        model = build_model(model_config(suite, image_size, SMOKE), device=device, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if torch.count_nonzero(p) == 0:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        model.eval().requires_grad_(False)
+        _MODELS[key] = model.to(torch.bfloat16) if device == "cuda" else model
+    return _MODELS[key]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_row(row: dict, device: str) -> dict:
+    """Time one row: {suite, task, way, images|rows, guidance, image_size}; way is before (the old
+    code's defaults), eager (static cache, no graphs), graphs (static cache, graphed steps) or jacobi."""
+    from megaflow.model.generate import Decoder, sample_images
+    suite, way = row["suite"], row["way"]
+    model = build(suite, row.get("image_size", 64), device)
+    tok, N = model.cfg.tokens, model.cfg.fae.n_tokens
+    new = {} if way == "before" else dict(graphs=way == "graphs", method="jacobi" if way == "jacobi" else "sequential")
+    if way == "jacobi":
+        new["graphs"] = None
+    sync(device)
+    t = time.perf_counter()
+    if row["task"] == "images":
+        n = row["images"]
+        prompts = [[tok.bos_id] + [(7 * i + k) % 500 for k in range(row.get("prompt_len", 1))] for i in range(n)]
+        kw = dict(temperature=row.get("temperature", 1.0), do_denoise=row.get("denoise", False))
+        for rep in range(row.get("repeat", 1)):
+            imgs, dec = sample_images(model, prompts, guidance=row["guidance"], seed=rep, **kw, **new)
+        sync(device)
+        dt = time.perf_counter() - t
+        out = {"seconds": dt, "image_tokens_per_s": row.get("repeat", 1) * n * N / dt,
+               "checksum": float(imgs.float().abs().mean())}
+        if getattr(dec, "stats", None):
+            out["iterations"] = dec.stats
+        return {**row, **out}
+    R, steps = row["rows"], row["steps"]  # text decoding: greedy, one host sync per token
+    dec = Decoder(model, R, **({} if way == "before" else {"graphs": way == "graphs", "capacity": 8 + steps}))
+    dec.feed(torch.tensor([[tok.bos_id, 5, 6, 7, 8, 9, 10, 11]] * R, device=device))
+    logits = dec.next_logits()
+    for _ in range(steps):
+        nxt = logits.argmax(-1)[:, None]
+        int(nxt[0])  # the sampler reads each token on the host
+        if way == "before":
+            dec.feed(nxt)
+            logits = dec.next_logits()
+        else:
+            logits = dec.text_step(nxt)
+    sync(device)
+    dt = time.perf_counter() - t
+    return {**row, "seconds": dt, "text_tokens_per_s": R * steps / dt}
+
+
+def check_graphs(device: str) -> dict:
+    """fp32, small widths: graphed steps give what eager steps give (images, text tokens)."""
+    from megaflow.model.generate import sample_images, sample_text
+    global SMOKE
+    smoke, SMOKE = SMOKE, True
+    try:
+        model = build("h200_1b", 64, device).float()
+        tok = model.cfg.tokens
+        prompts = [[tok.bos_id, 5, 6, 7], [tok.bos_id, 9]]
+        a, _ = sample_images(model, prompts, guidance=2.0, seed=1, graphs=True, do_denoise=False)
+        b, _ = sample_images(model, prompts, guidance=2.0, seed=1, graphs=False, do_denoise=False)
+        ta = sample_text(model, prompts, max_new_tokens=12, temperature=1.0, seed=1, graphs=True)
+        tb = sample_text(model, prompts, max_new_tokens=12, temperature=1.0, seed=1, graphs=False)
+    finally:
+        SMOKE = smoke
+        _MODELS.clear()
+    return {"check": "graphs vs eager, fp32", "image_max_diff": float((a - b).abs().max()), "text_equal": ta == tb}
+
+
+def rows_for(suite: str) -> list:
+    rows = []
+    if suite == "tarflow":
+        for g in (0.0, 2.0):
+            rows += [dict(suite=suite, task="images", way=w, images=8, guidance=g, image_size=16)
+                     for w in ("before", "eager", "graphs", "jacobi")]
+        for n in (8, 32):
+            for g in (0.0, 2.0):
+                rows += [dict(suite=suite, task="images", way=w, images=n, guidance=g, image_size=64)
+                         for w in ("graphs", "jacobi")]
+    elif suite == "h200_1b":
+        for w in ("before", "eager", "graphs"):
+            rows.append(dict(suite=suite, task="text", way=w, rows=8, steps=128, image_size=32))
+        for w in ("before", "eager", "graphs", "jacobi"):
+            rows.append(dict(suite=suite, task="images", way=w, images=8, guidance=0.0, image_size=32, prompt_len=8))
+    else:
+        rows = [dict(suite=suite, task="images", way=w, images=20, repeat=10, guidance=6.0, temperature=0.8,
+                     denoise=True, image_size=16, prompt_len=6) for w in ("before", "eager", "jacobi")]
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["tarflow", "h200_1b", "report"], default="tarflow")
+    ap.add_argument("--baseline-root", default=None, help="checkout of the code before issue 14 (rows 'before')")
+    ap.add_argument("--out", default=None, help="append each row's JSON here too")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="run the rows this many times, in turn (noisy machines)")
+    ap.add_argument("--ways", default=None, help="comma-separated subset of before,eager,graphs,jacobi")
+    ap.add_argument("--select", default=None,
+                    help="keep rows matching one of 'k=v,k=v;k=v,...' (e.g. images=8,guidance=0.0)")
+    ap.add_argument("--warmup", action="store_true",
+                    help="first an untimed small row (CUDA, cuBLAS and allocator start-up)")
+    ap.add_argument("--smoke", action="store_true", help="tiny widths: check this script quickly on CPU")
+    ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: run these rows here
+    args = ap.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = json.loads(args.rows_json) if args.rows_json else rows_for(args.suite)
+    if args.ways:
+        rows = [r for r in rows if r["way"] in args.ways.split(",")]
+    if args.select:
+        alts = [dict(kv.split("=") for kv in alt.split(",")) for alt in args.select.split(";")]
+        rows = [r for r in rows if any(all(str(r.get(k)) == v for k, v in alt.items()) for alt in alts)]
+    if args.rows_json is None:
+        rows = [dict(r, round=k) for k in range(args.rounds) for r in rows]
+    mine = [r for r in rows if r["way"] != "before" or args.rows_json]
+    if args.warmup and mine:  # untimed, this process's first way (a subprocess warms up its own)
+        size = 16 if mine[0]["suite"] == "tarflow" else mine[0].get("image_size", 64)
+        run_row(dict(mine[0], images=2, image_size=size, repeat=1, steps=4), device)
+    if args.rows_json is None:
+        print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                          "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+        if device == "cuda":
+            print(json.dumps(check_graphs(device)), flush=True)
+    i = 0
+    while i < len(rows):
+        if rows[i]["way"] == "before" and args.rows_json is None:
+            j = i  # a run of 'before' rows goes to one subprocess importing the old code
+            while j < len(rows) and rows[j]["way"] == "before":
+                j += 1
+            if args.baseline_root:
+                env = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline_root))
+                cmd = [sys.executable, os.path.abspath(__file__), "--rows-json", json.dumps(rows[i:j]),
+                       "--threads", str(args.threads)] + (["--out", os.path.abspath(args.out)] if args.out else [])
+                cmd += ["--smoke"] if args.smoke else []
+                cmd += ["--warmup"] if args.warmup else []
+                subprocess.run(cmd, env=env, cwd=args.baseline_root, check=False)
+            i = j
+            continue
+        try:
+            res = run_row(rows[i], device)
+        except Exception as e:  # one broken row must not lose the others' figures
+            res = {**rows[i], "error": f"{type(e).__name__}: {e}"}
+        line = json.dumps(res)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+        i += 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
