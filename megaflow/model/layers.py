@@ -11,11 +11,16 @@ No rank logic lives here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megaflow.model.masks import attend
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
@@ -50,12 +55,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class AttnContext:
     """What every attention layer of one stream needs besides its input.
 
-    `mask` is a boolean (B, 1, Tq, Tk) allow-mask or None for plain causal attention without a cache.
+    `mask` is a boolean (B, 1, Tq, Tk) allow-mask, a FlexAttention BlockMask of the same rule
+    (megaflow/model/masks.py), or None for plain causal attention without a cache.
     `cache` maps a layer's key to its (k, v) of earlier positions; it is updated in place.
     """
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: Optional[torch.Tensor] = None
+    mask: Optional[Union[torch.Tensor, "BlockMask"]] = None
     cache: Optional[dict] = None
 
 
@@ -84,10 +90,7 @@ class Attention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Tk, hd)
             v = v.repeat_interleave(groups, dim=1)
-        if ctx.mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        y = attend(q, k, v, ctx.mask)  # (B, Hq, Tq, hd): plain causal, dense mask or FlexAttention (masks.py)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*hd)
         return self.o_proj(y)
 
