@@ -343,15 +343,36 @@ class Loader:
         """A document's pieces (sample_id, start, end, n_images) from its text and image count."""
         pieces = self._pieces.get(sample_id)
         if pieces is None:
-            doc = self.builder.document(sample_id, images=False)
-            if doc is None:  # bad and skipped: one empty piece, so it is still counted as read
-                pieces = [(sample_id, 0, 0, 0)]
-            else:
-                cfg = self.cfg
-                pieces = [(sample_id, start, end, sum(1 for s in doc.image_starts if start <= s < end))
-                          for start, end in split_document(doc, cfg.seq_len, cfg.max_images, cfg.image_tokens)]
+            pieces = self._one_piece(sample_id) or self._split(sample_id)
             self._pieces[sample_id] = pieces
         return pieces
+
+    def _one_piece(self, sample_id: int) -> list | None:
+        """The common case, fast: a well-formed document that fits one row whole. None otherwise
+        (then `_split` checks it properly; images are checked when the batch is built)."""
+        cfg = self.cfg
+        try:
+            sample = self.dataset[sample_id]
+            segments, length, n_images = sample["segments"], 2, 0  # bos, eos
+            for seg in segments:
+                if seg["kind"] == "text":
+                    length += len(self.tokenizer.encode(str(seg["text"])))
+                else:
+                    n_images += seg["kind"] == "image"
+                    length += cfg.image_tokens + 2
+        except Exception:
+            return None
+        if "__error__" in sample or not segments or length > cfg.seq_len or n_images > cfg.max_images:
+            return None
+        return [(sample_id, 0, length, n_images)]
+
+    def _split(self, sample_id: int) -> list:
+        doc = self.builder.document(sample_id, images=False)
+        if doc is None:  # bad and skipped: one empty piece, so it is still counted as read
+            return [(sample_id, 0, 0, 0)]
+        cfg = self.cfg
+        return [(sample_id, start, end, sum(1 for s in doc.image_starts if start <= s < end))
+                for start, end in split_document(doc, cfg.seq_len, cfg.max_images, cfg.image_tokens)]
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg

@@ -100,10 +100,11 @@ class Planner:
 
     Pending pieces are kept in stream order: what was carried over from earlier steps first, then
     new documents, pulled from `order` until the pending pieces hold `lookahead` x rows x seq_len
-    tokens. Each step places them first-fit (in that order, into the first row with room for its
-    tokens and images); what does not fit stays pending, ahead of newer documents, so the oldest
-    piece always goes into the next step (nothing waits forever, nothing is dropped). A step is a
-    pure function of (`next_index`, `carry`): that pair is the whole resume state.
+    tokens. Each step places the oldest pending piece first, then the others longest first
+    (first-fit decreasing: each into the first row with room for its tokens and images); what does
+    not fit stays pending in stream order, so a piece at position j of the pending list is placed
+    within j steps (nothing waits forever, nothing is dropped). A step is a pure function of
+    (`next_index`, `carry`): that pair is the whole resume state.
     `measure(sample_id)` gives a document's pieces without decoding its images.
     """
 
@@ -133,21 +134,24 @@ class Planner:
             return None
         rows: list[list[Piece]] = [[] for _ in range(self.rows)]
         room, image_room = [self.seq_len] * self.rows, [self.max_images] * self.rows
-        open_rows, left = list(range(self.rows)), []
-        shortest = min(p[2] - p[1] for p in self.pending)
-        for piece in self.pending:
-            length, n_images = piece[2] - piece[1], piece[3]
+        open_rows, placed = list(range(self.rows)), set()
+        lengths = [p[2] - p[1] for p in self.pending]
+        shortest = max(min(lengths), 1)
+        # the oldest piece first (so none waits forever), then the longest first (first-fit decreasing)
+        for i in [0] + sorted(range(1, len(self.pending)), key=lambda i: -lengths[i]):
+            length, n_images = lengths[i], self.pending[i][3]
             for r in open_rows:
                 if room[r] >= length and image_room[r] >= n_images:
-                    rows[r].append(piece)
+                    rows[r].append(self.pending[i])
+                    placed.add(i)
                     room[r] -= length
                     image_room[r] -= n_images
-                    if room[r] < max(shortest, 1):
+                    if room[r] < shortest:
                         open_rows.remove(r)
                     break
-            else:
-                left.append(piece)
-        self.pending = left
+            if not open_rows:
+                break
+        self.pending = [p for i, p in enumerate(self.pending) if i not in placed]
         return rows
 
     def state(self) -> tuple[int, list]:
