@@ -211,6 +211,9 @@ class _RankDataset(sc.StreamingDataset):
     def __getitem__(self, sample_id: int) -> dict:
         try:
             sample = dict(self.get_item(sample_id))
+        except FileNotFoundError as err:  # the shard could not be fetched: no sample of it can be read
+            # (raise at once: Streaming leaves the shard marked as downloading and a retry would wait forever)
+            raise BadSampleError(f"Streaming could not prepare a shard: {self.where(sample_id)}: {err}") from err
         except Exception as err:  # corrupt bytes surface as many exception types
             return {"__error__": f"{type(err).__name__}: {err}", "__sample_id__": sample_id}
         sample["__sample_id__"] = sample_id
@@ -247,8 +250,12 @@ class BatchBuilder(Dataset):
         return tokenize_document(segments, self.tokenizer, self.cfg.image_tokens, self.dataset.where(sample_id))
 
     def __getitem__(self, plan: dict) -> tuple[dict, dict]:
-        decoded: dict[int, TokenizedDoc | None] = {}  # a long document's pieces may share a batch
         rows, sample_ids, stats = [], [], PackStats()
+        # decode each document once (a long one's pieces may share a batch), in sample-id order so
+        # that the first bad sample reported does not depend on where the planner put it
+        wanted = sorted({p[0] for row in plan["rows"] for p in row if p[1] != p[2]})
+        decoded = {sample_id: self.document(sample_id) for sample_id in wanted}
+        stats.skipped += sum(doc is None for doc in decoded.values())
         for row in plan["rows"]:
             placed = []
             for sample_id, start, end, _ in row:
@@ -257,9 +264,6 @@ class BatchBuilder(Dataset):
                 if start == end:  # the planner found this sample bad and skips it (it logged it)
                     stats.skipped += 1
                     continue
-                if sample_id not in decoded:
-                    decoded[sample_id] = self.document(sample_id)
-                    stats.skipped += decoded[sample_id] is None
                 doc = decoded[sample_id]
                 if doc is not None:
                     stats.docs += start == 0
@@ -351,8 +355,8 @@ class Loader:
         """The common case, fast: a well-formed document that fits one row whole. None otherwise
         (then `_split` checks it properly; images are checked when the batch is built)."""
         cfg = self.cfg
+        sample = self.dataset[sample_id]
         try:
-            sample = self.dataset[sample_id]
             segments, length, n_images = sample["segments"], 2, 0  # bos, eos
             for seg in segments:
                 if seg["kind"] == "text":
