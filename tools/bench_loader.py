@@ -12,7 +12,7 @@ With `--config`, the data geometry (seq_len, batch_size, max_images, image size,
 config's. `--baseline COMMIT` also runs that commit's data_pipeline (exported with `git archive`
 into a temporary directory, run in a subprocess) on the same data, with --samples-per-batch for the
 old fixed-count packer, and prints both in one table. `--layouts FILE` writes, for the first
---steps batches of each, every row's document pieces as [length, images] lists: the real-data
+--steps batches of each, every row's document pieces as [length, image slots] lists: the real-data
 layouts that tools/device/bench_packing_step.py replays on a GPU without the data pipeline.
 It does not measure the model or any GPU transfer.
 """
@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def row_layouts(batch) -> list:
-    """[[length, images] of each document piece] of each row of a batch."""
+    """[[length, image slots] of each document piece] of each row of a batch."""
     import torch
     out = []
     for doc, image in zip(batch["doc_ids"], batch["image_mask"]):

@@ -86,5 +86,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> tor
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if BlockMask is not None and isinstance(mask, BlockMask):
+        kind = q.device.type
+        if torch.is_autocast_enabled(kind):  # SDPA is autocast to bf16; flex_attention is not: cast as SDPA would
+            dtype = torch.get_autocast_dtype(kind)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _flex(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

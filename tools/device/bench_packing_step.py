@@ -4,7 +4,7 @@
         [--steps 12] [--warmup 3] [--json out.json]
 
 `layouts.json` comes from tools/bench_loader.py --layouts on the real data (Fashion-MNIST, the
-config's geometry): for each batch, every row's document pieces as [length, images], from the old
+config's geometry): for each batch, every row's document pieces as [length, image slots], from the old
 fixed-count packer ("before": data.samples_per_batch documents per batch, overflow dropped) and from
 the token-budget planner ("after"). This script needs no data pipeline (no Streaming on the GPU
 machine): it rebuilds batches with exactly those layouts (random token ids and pixels; content
@@ -31,7 +31,7 @@ from megaflow.config import load_config  # noqa: E402
 
 
 def layout_batch(mcfg, rows: list, seq_len: int, max_images: int, g: torch.Generator) -> dict:
-    """A batch (docs/DATA.md contract) whose rows hold pieces of the given [length, images]."""
+    """A batch (docs/DATA.md contract) whose rows hold pieces of the given [length, image slots]."""
     t, N = mcfg.tokens, mcfg.fae.n_tokens
     C, H = mcfg.fae.channels, mcfg.fae.image_size
     B, T, M = len(rows), seq_len, max_images
@@ -43,7 +43,8 @@ def layout_batch(mcfg, rows: list, seq_len: int, max_images: int, g: torch.Gener
     n_words = min([mcfg.vocab_size] + [s for s in specials if s >= 10]) - 10  # ids 10.. below the specials
     for r, pieces in enumerate(rows):
         offset, n_img = 0, 0
-        for d, (length, k) in enumerate(pieces):
+        for d, (length, slots) in enumerate(pieces):
+            k = slots // N  # images of this piece
             text = length - k * (N + 2)
             piece = []
             whole = text >= 2  # a whole document: bos ... eos; else a cut piece of images
@@ -73,6 +74,11 @@ def layout_batch(mcfg, rows: list, seq_len: int, max_images: int, g: torch.Gener
                 image_mask=image_mask, images=images, image_valid=valid)
 
 
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_variant(name, engine, model, batches, kernel, warmup, steps, peak, device) -> dict:
     from megaflow.model.masks import use_kernel
     from megaflow.monitor import step_flops
@@ -85,10 +91,10 @@ def run_variant(name, engine, model, batches, kernel, warmup, steps, peak, devic
             B, M = batch["image_valid"].shape
             noise = torch.randn(B, M, mcfg.fae.n_tokens, mcfg.fae.latent_dim, generator=g).to(device)
             keep = torch.ones(B, device=device)
-            torch.cuda.synchronize(device)
+            sync(device)
             t0 = time.perf_counter()
             out = engine.train_step(batch, noise, keep, 1e-5)
-            torch.cuda.synchronize(device)
+            sync(device)
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times.append(dt)
@@ -115,6 +121,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=["before", "packed-dense", "packed-flex"])
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run of this script")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import dataclasses
@@ -124,7 +131,7 @@ def main(argv=None) -> dict:
     from megaflow.train import PlainEngine, pick_dtype
     cfg = load_config(args.config, args.overrides)
     layouts = json.load(open(args.layouts))
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     mcfg = cfg.model
     if "vocab_size" in layouts.get("tokenizer", {}):  # the real tokenizer's vocabulary (as with_tokenizer does)
         tok = layouts["tokenizer"]
@@ -132,20 +139,21 @@ def main(argv=None) -> dict:
                                                                           "eoi_id", "image_id")})
         mcfg = dataclasses.replace(mcfg, vlm=dataclasses.replace(mcfg.vlm, vocab_size=tok["vocab_size"]), tokens=special)
     model = build_model(mcfg, device, seed=cfg.train.seed)
-    engine = PlainEngine(model, cfg, pick_dtype(cfg.train.dtype, device))
+    engine = PlainEngine(model, cfg, pick_dtype(cfg.train.dtype, device) if device.type == "cuda" else None)
     g = torch.Generator().manual_seed(1)
     n = args.warmup + args.steps
     batches = {key: [layout_batch(model.cfg, rows, cfg.data.seq_len, cfg.data.max_images, g) for rows in layouts[key][:n]]
                for key in ("before", "after")}
     peak = peak_flops(device)
-    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "config": args.config,
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "config": args.config,
               "overrides": args.overrides, "variants": {}}
     for name in args.variants:
         key, kernel = ("before", "dense") if name == "before" else ("after", name.split("-")[1])
         result["variants"][name] = run_variant(name, engine, model, batches[key], kernel, args.warmup, args.steps,
                                                peak, device)
     v = result["variants"]
-    print(f"\n{cfg.data.batch_size} x {cfg.data.seq_len} per step, {args.config}, {result['device']}, bf16")
+    dtype = str(engine.dtype or torch.float32).removeprefix("torch.")
+    print(f"\n{cfg.data.batch_size} x {cfg.data.seq_len} per step, {args.config}, {result['device']}, {dtype}")
     print("| variant | slot fill | real tokens/s | images/s | step s | MFU | real tokens/s vs before |")
     print("|---|---|---|---|---|---|---|")
     base = v.get("before", {}).get("real_tokens_per_s")
