@@ -1,7 +1,8 @@
 """Document-masked attention (megaflow/model/masks.py): the FlexAttention path equals the dense-mask
 path (fp32, 1e-5) on packed batches with several documents, padding and image slots, in both
 streams: hidden states after every unit, logits, Gaussian parameters and the loss terms; and, where
-FlexAttention has a backward (CUDA), the gradients of every parameter. torch 2.13 runs
+FlexAttention has a backward (CUDA), the gradients of every parameter (max difference over
+max(1, max |gradient|) of each parameter). torch 2.13 runs
 FlexAttention's forward on CPU (eager) but not its backward, so on CPU the gradient test skips and
 tools/bench_attention.py checks gradients on the GPU."""
 import pytest
@@ -110,8 +111,9 @@ def test_model_flex_path_equals_dense_path_gradients():
             loss, _ = model(batch, noise)
         loss.backward()
         grads[kernel] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for n in grads["dense"]:
-        torch.testing.assert_close(grads["flex"][n], grads["dense"][n], rtol=1e-5, atol=1e-5)
+    worst = max(((grads["flex"][n] - g).abs().max().item() / max(1.0, g.abs().max().item()), n)
+                for n, g in grads["dense"].items())
+    assert worst[0] <= 1e-5, f"flex and dense gradients differ by {worst[0]:.2e} (relative to scale) in {worst[1]}"
 
 
 def test_cpu_default_and_cached_generation_stay_dense():
