@@ -361,10 +361,12 @@ class Loader:
             for seg in segments:
                 if seg["kind"] == "text":
                     length += len(self.tokenizer.encode(str(seg["text"])))
-                else:
-                    n_images += seg["kind"] == "image"
+                elif seg["kind"] == "image":
+                    n_images += 1
                     length += cfg.image_tokens + 2
-        except Exception:
+                else:
+                    return None
+        except Exception:  # malformed: `_split` reports it properly
             return None
         if "__error__" in sample or not segments or length > cfg.seq_len or n_images > cfg.max_images:
             return None

@@ -102,9 +102,9 @@ class Planner:
     new documents, pulled from `order` until the pending pieces hold `lookahead` x rows x seq_len
     tokens. Each step places the oldest pending piece first, then the others longest first
     (first-fit decreasing: each into the first row with room for its tokens and images); what does
-    not fit stays pending in stream order, so a piece at position j of the pending list is placed
-    within j steps (nothing waits forever, nothing is dropped). A step is a pure function of
-    (`next_index`, `carry`): that pair is the whole resume state.
+    not fit stays pending in stream order, so a piece at position j (from 0) of the pending list
+    is placed within j + 1 steps (nothing waits forever, nothing is dropped). A step is a pure
+    function of (`next_index`, `carry`): that pair is the whole resume state.
     `measure(sample_id)` gives a document's pieces without decoding its images.
     """
 

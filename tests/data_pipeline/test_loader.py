@@ -136,6 +136,9 @@ def test_two_ranks_disjoint_cover_and_resume_onto_one(dataset, request, tmp_path
     # every sample exactly once over the epoch: none dropped, none duplicated
     every = [i for res in results[:2] for ids in res["batches"] for i in ids]
     assert sorted(every) == list(range(N_SAMPLES))
+    # after the epoch's last batch both ranks' states are the next epoch's start (issue 11 case 2)
+    assert results[0]["state"] == results[1]["state"]
+    assert (results[0]["state"]["epoch"], results[0]["state"]["next_index"], results[0]["state"]["carry"]) == (1, 0, [])
 
     # Both ranks checkpoint after 3 batches (identical states); one rank resumes from there.
     state = results[0]["state_at"]
