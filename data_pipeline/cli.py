@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--tokenizer", default="mistral", help="'mistral', a .model path, or an HF dir")
     inspect.add_argument("--seq-len", type=int, default=256)
     inspect.add_argument("--batch-size", type=int, default=4)
-    inspect.add_argument("--samples-per-batch", type=int, default=8)
+    inspect.add_argument("--lookahead", type=float, default=2.0)
     inspect.add_argument("--image-size", type=int, default=32)
     inspect.add_argument("--channels", type=int, default=1)
     inspect.add_argument("--patch-size", type=int, default=4)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = TokenizerSpec(kind="hf" if os.path.isdir(args.tokenizer) else "sentencepiece", path=args.tokenizer)
         tokenizer = load_tokenizer(spec)
         cfg = DataConfig(local=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                         samples_per_batch=args.samples_per_batch, image_size=args.image_size,
+                         lookahead=args.lookahead, image_size=args.image_size,
                          channels=args.channels, patch_size=args.patch_size, shuffle=False,
                          num_canonical_nodes=1, tokenizer=spec)
         with build_loader(cfg, tokenizer) as loader:

@@ -38,10 +38,11 @@ class DataConfig:
     """T: tokens per packed row."""
     batch_size: int = 8
     """B: packed rows per batch, per data-parallel rank."""
-    samples_per_batch: int = 16
-    """MDS samples (documents) each data-parallel rank consumes per batch. Packing is a pure
-    function of these samples, which makes every batch boundary a sample boundary (exact resume).
-    Documents that do not fit in B rows are dropped and counted (`overflow`); raise B or lower this."""
+    lookahead: float = 2.0
+    """Packing look-ahead, in batches' worth of tokens: each step places, first-fit, the pending
+    documents (carried over first, then new ones) until they hold lookahead x dp x B x T tokens.
+    What does not fit is carried into a later batch, never dropped. Larger = fuller rows, a little
+    more reordering and a larger loader state; 1.5 to 4 is typical (docs/DATA.md)."""
 
     image_size: int = 32
     """Images are brought to image_size x image_size (see image_fit)."""
@@ -100,6 +101,9 @@ class DataConfig:
                 f"an image takes image_tokens+2={self.image_tokens + 2} slots (boi, latents, eoi) "
                 f"but seq_len={self.seq_len}; raise seq_len or patch_size"
             )
-        for name in ("seq_len", "batch_size", "samples_per_batch", "max_images"):
+        for name in ("seq_len", "batch_size", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not self.lookahead >= 1.0:
+            raise ValueError(f"lookahead={self.lookahead} must be >= 1.0 (batches' worth of tokens the packer "
+                             "looks at per step); 2.0 is the default")

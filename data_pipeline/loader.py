@@ -1,17 +1,24 @@
 """The reader: MDS shards -> StreamingDataset -> decode + tokenize -> packed (B, T) batches.
 
-Data-parallel view. Only the data-parallel rank and size decide what a process reads: Streaming is
-told that there are `dp_size` nodes of one rank each and that this process is node `dp_rank`
-(its own World, not the RANK/WORLD_SIZE environment and not torch.distributed), so tensor- and
-pipeline-parallel peers that pass the same dp_rank read identical batches, and Streaming never calls
-a torch.distributed collective. Each process is its own "local leader" with its own shared-memory
-prefix; `_PREFIX_LOCK` serialises the prefix registration between processes of one host.
+Data-parallel view. Every process builds the same StreamingDataset, told it is one node of one
+rank (its own World, not the RANK/WORLD_SIZE environment and not torch.distributed, so Streaming
+never calls a collective), takes Streaming's global sample order of the epoch (fixed by seed,
+shuffle and num_canonical_nodes, the same for any dp size) and reads samples by id. The packing
+plan is global: every rank runs the same `Planner` over that order for dp_size x B rows per step
+and materialises its own B rows, so ranks never overlap, tensor/pipeline peers that pass the same
+dp_rank get identical batches, and no rank waits for another. Each process is its own "local
+leader" with its own shared-memory prefix; `_PREFIX_LOCK` serialises the prefix registration.
 
-Resumption. Each rank consumes exactly `samples_per_batch` (S) samples per batch, so after k batches
-the ranks have together consumed the first k * S * dp_size samples of Streaming's global order
-(Streaming deals that order to nodes one sample at a time). The loader's state is that one number
-plus the epoch: identical on every rank, and valid for a different dp size when
-num_canonical_nodes is kept (Streaming's elastic determinism).
+Resumption. The state after step k is the planner's: (epoch, how many documents of the global order
+were read, the pieces read but not yet placed). It is identical on every rank, a resumed run makes
+exactly the steps of an uninterrupted one, and any dp size or batch size can continue it (every
+document of the epoch is still placed exactly once). The state after an epoch's last step is the
+start of the next epoch, so a checkpoint taken there resumes.
+
+Workers. The planner runs in the training process (the DataLoader's sampler, lengths only: text is
+tokenized, images are not decoded); DataLoader workers decode and build the planned rows
+(`BatchBuilder`, stateless), and the state after each step travels with its batch, so prefetching
+and any worker count give the same batches and states.
 
 This file does not know the model; the batch layout is documented in docs/DATA.md.
 """
@@ -21,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -31,11 +37,11 @@ from typing import Iterator
 import torch
 import xxhash
 from filelock import FileLock
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline import streaming_compat as sc
 from data_pipeline.config import DataConfig
-from data_pipeline.packing import PackStats, TokenizedDoc, pack_documents, tokenize_document
+from data_pipeline.packing import PackStats, Planner, TokenizedDoc, build_batch, split_document, tokenize_document
 from data_pipeline.schema import BadSampleError, decode_sample
 from data_pipeline.tokenizer import Tokenizer
 
@@ -44,7 +50,7 @@ log = logging.getLogger(__name__)
 _PREFIX_LOCK = os.path.join(tempfile.gettempdir(), "megaflow_streaming_prefix.lock")
 _SHM_DIR = "/dev/shm"
 _SHM_NAME = re.compile(r"^(\d{6})_(%s)$" % "|".join(sc.SHM_TO_CLEAN))
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 # -- stale shared memory ----------------------------------------------------------------------
@@ -172,20 +178,21 @@ class _NoDist:
 
 
 @contextlib.contextmanager
-def _data_parallel_world(dp_rank: int, dp_size: int):
-    """Make StreamingDataset.__init__ see dp_size nodes of one rank, this process being dp_rank."""
+def _single_world():
+    """Make StreamingDataset.__init__ see one node of one rank: every process reads by sample id
+    from the same global order (the loader plans the data-parallel split itself)."""
     import streaming.base.dataset as sd
     import streaming.base.shared.prefix as sp
 
-    world = sc.World(num_nodes=dp_size, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
+    world = sc.World(num_nodes=1, ranks_per_node=1, workers_per_rank=1, worker=0)
 
-    class _DataParallelWorld(sc.World):
+    class _OneWorld(sc.World):
         @classmethod
         def detect(cls):
             return world.copy()
 
     saved = sd.World, sd.maybe_init_dist, sd.dist, sp.dist
-    sd.World, sd.maybe_init_dist, sd.dist, sp.dist = _DataParallelWorld, (lambda: False), _NoDist, _NoDist
+    sd.World, sd.maybe_init_dist, sd.dist, sp.dist = _OneWorld, (lambda: False), _NoDist, _NoDist
     try:
         yield
     finally:
@@ -204,34 +211,33 @@ class _RankDataset(sc.StreamingDataset):
     def __getitem__(self, sample_id: int) -> dict:
         try:
             sample = dict(self.get_item(sample_id))
+        except FileNotFoundError as err:  # the shard could not be fetched: no sample of it can be read
+            # (raise at once: Streaming leaves the shard marked as downloading and a retry would wait forever)
+            raise BadSampleError(f"Streaming could not prepare a shard: {self.where(sample_id)}: {err}") from err
         except Exception as err:  # corrupt bytes surface as many exception types
             return {"__error__": f"{type(err).__name__}: {err}", "__sample_id__": sample_id}
         sample["__sample_id__"] = sample_id
         return sample
 
-    def on_exception(self, future) -> None:
-        # Streaming re-raises a download-thread error inside a future callback, where nobody sees
-        # it, and its epoch then ends early and silently. Keep it so the loader can raise it.
-        error = future.exception()
-        if error is not None:
-            self.thread_error = error
-            self._event.set()
 
-
-class PackedBatches(IterableDataset):
-    """Per rank (and per DataLoader worker): S samples -> one packed batch, plus bookkeeping."""
+class BatchBuilder(Dataset):
+    """Map-style: one rank's planned rows (an item of `_Plans`) -> (batch, info). Runs in the
+    DataLoader workers; it holds no state between items, so any worker count gives the same batches."""
 
     def __init__(self, dataset: _RankDataset, cfg: DataConfig, tokenizer: Tokenizer) -> None:
         self.dataset, self.cfg, self.tokenizer = dataset, cfg, tokenizer
-        self.skipped = self.overflow_batches = 0
+        self.skipped = 0
 
-    def _document(self, sample: dict) -> TokenizedDoc | None:
-        sample_id = sample["__sample_id__"]
-        error = sample.get("__error__")
-        segments = None
+    def __len__(self) -> int:  # unused: items come from the plan, not from range(len)
+        return 0
+
+    def document(self, sample_id: int, images: bool = True) -> TokenizedDoc | None:
+        """The tokenized document, or None for a bad sample when skip_bad_samples (else raise)."""
+        sample = self.dataset[sample_id]
+        error, segments = sample.get("__error__"), None
         if error is None:
             try:
-                segments = decode_sample(sample, self.cfg)
+                segments = decode_sample(sample, self.cfg, images=images)
             except Exception as err:
                 error = f"{type(err).__name__}: {err}"
         if error is not None:
@@ -241,45 +247,57 @@ class PackedBatches(IterableDataset):
             self.skipped += 1
             log.warning("skipped %s [%d skipped so far by this reader]", message, self.skipped)
             return None
-        source = self.dataset.where(sample_id)
-        return tokenize_document(segments, self.tokenizer, self.cfg.image_tokens, source)
+        return tokenize_document(segments, self.tokenizer, self.cfg.image_tokens, self.dataset.where(sample_id))
 
-    def _pack(self, docs: list, sample_ids: list[int], skipped: int) -> tuple[dict, dict]:
-        batch, stats = pack_documents(docs, self.cfg, self.tokenizer)
-        if stats.overflow_docs:
-            self.overflow_batches += 1
-            if math.log10(self.overflow_batches).is_integer():  # the 1st, 10th, 100th...: totals are in stats
-                log.warning("batch overflow: %d documents (%d tokens) did not fit in %d rows of %d and "
-                            "were dropped, e.g. %s; %d batches of this reader overflowed so far (reported "
-                            "again at 10x that; loader.stats and the run's result.json have the totals); "
-                            "lower samples_per_batch or raise batch_size/seq_len", stats.overflow_docs,
-                            stats.overflow_tokens, self.cfg.batch_size, self.cfg.seq_len,
-                            stats.overflow_sources[0], self.overflow_batches)
-        stats.overflow_sources = []
-        return batch, {"samples": len(sample_ids), "sample_ids": sample_ids, "skipped": skipped,
-                       "stats": asdict(stats)}
-
-    def __iter__(self) -> Iterator[tuple[dict, dict]]:
-        S = self.cfg.samples_per_batch
-        docs, sample_ids, skipped_before = [], [], self.skipped
-        try:
-            for sample in self.dataset:
-                sample_ids.append(int(sample["__sample_id__"]))
-                doc = self._document(sample)
+    def __getitem__(self, plan: dict) -> tuple[dict, dict]:
+        rows, sample_ids, stats = [], [], PackStats()
+        # decode each document once (a long one's pieces may share a batch), in sample-id order so
+        # that the first bad sample reported does not depend on where the planner put it
+        wanted = sorted({p[0] for row in plan["rows"] for p in row if p[1] != p[2]})
+        decoded = {sample_id: self.document(sample_id) for sample_id in wanted}
+        stats.skipped += sum(doc is None for doc in decoded.values())
+        for row in plan["rows"]:
+            placed = []
+            for sample_id, start, end, _ in row:
+                sample_ids.append(sample_id)
+                stats.samples += start == 0
+                if start == end:  # the planner found this sample bad and skips it (it logged it)
+                    stats.skipped += 1
+                    continue
+                doc = decoded[sample_id]
                 if doc is not None:
-                    docs.append(doc)
-                if len(sample_ids) == S:
-                    yield self._pack(docs, sample_ids, self.skipped - skipped_before)
-                    docs, sample_ids, skipped_before = [], [], self.skipped
-            error = getattr(self.dataset, "thread_error", None)
-            if error is not None:
-                raise BadSampleError(f"Streaming could not prepare a shard: {type(error).__name__}: {error}") from error
-            if sample_ids:  # the epoch's last, partial batch
-                yield self._pack(docs, sample_ids, self.skipped - skipped_before)
-        finally:
-            iterator = getattr(self.dataset, "_iterator", None)
-            if iterator is not None:
-                iterator.exit()  # stop Streaming's prefetch threads when abandoned mid-epoch
+                    stats.docs += start == 0
+                    placed.append((doc, start, end))
+            rows.append(placed)
+        batch, built = build_batch(rows, self.cfg, self.tokenizer)
+        for name in ("pieces", "dropped_docs", "text_tokens", "image_slots", "slots"):
+            setattr(stats, name, getattr(built, name))
+        if stats.dropped_docs:
+            log.error("%d planned document pieces did not fit their row and were dropped (a packing bug; "
+                      "please report it with this config)", stats.dropped_docs)
+        return batch, {"sample_ids": sample_ids, "state": plan["state"], "stats": asdict(stats)}
+
+
+class _Plans:
+    """The DataLoader's sampler: iterated in the training process, it runs the global `Planner`
+    (every rank runs the same one) and yields this rank's rows of each step with the loader state
+    after that step, which travels with the batch through the workers (prefetch-safe)."""
+
+    def __init__(self, planner: Planner, epoch: int, dp_rank: int, batch_size: int) -> None:
+        self.planner, self.epoch, self.dp_rank, self.batch_size = planner, epoch, dp_rank, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        lo = self.dp_rank * self.batch_size
+        while (rows := self.planner.step()) is not None:
+            if self.planner.done:  # the epoch's last step: the state after it is the next epoch's start
+                state = (self.epoch + 1, 0, [])
+            else:
+                state = (self.epoch, *self.planner.state())
+            yield {"rows": rows[lo : lo + self.batch_size], "state": state}
+
+
+def _as_is(item):
+    return item
 
 
 class Loader:
@@ -287,17 +305,12 @@ class Loader:
 
     `for batch in loader` yields batch dicts (docs/DATA.md); iterating again starts the next
     epoch. `state_dict()` is the same on every data-parallel rank; `load_state_dict()` accepts one
-    saved under any dp size whose relation to num_canonical_nodes is valid (see check in __init__).
+    saved under any dp size and batch size (the plan is global; see docs/DATA.md, Resumption).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-        nodes = cfg.num_canonical_nodes
-        if max(nodes, dp_size) % min(nodes, dp_size):
-            raise ValueError(f"num_canonical_nodes={nodes} and dp_size={dp_size}: one must divide the "
-                             "other (Streaming's elastic determinism); keep num_canonical_nodes fixed "
-                             "across resumes and pick it divisible by every dp size you use")
         if not cfg.local:
             raise ValueError("DataConfig.local is empty: set it to the MDS directory (or the cache dir with remote)")
         self.cfg, self.tokenizer, self.dp_rank, self.dp_size = cfg, tokenizer, dp_rank, dp_size
@@ -306,83 +319,118 @@ class Loader:
             check_shards(os.path.join(local, cfg.split or ""), cfg.validate_hashes)
         else:  # one cache per process of a host: Streaming's caches cannot be shared across prefixes
             local = os.path.join(local, f"local_rank{os.environ.get('LOCAL_RANK', '0')}")
-        with FileLock(_PREFIX_LOCK, timeout=cfg.timeout_s), _data_parallel_world(dp_rank, dp_size):
+        nodes = cfg.num_canonical_nodes
+        with FileLock(_PREFIX_LOCK, timeout=cfg.timeout_s), _single_world():
             clean_stale_shared_memory()
             self.dataset = _RankDataset(
                 remote=cfg.remote, local=local, split=cfg.split, shuffle=cfg.shuffle,
-                shuffle_seed=cfg.seed, num_canonical_nodes=nodes, batch_size=cfg.samples_per_batch,
+                shuffle_seed=cfg.seed, num_canonical_nodes=nodes, batch_size=1,
+                shuffle_block_size=max(4_000_000 // nodes, 1 << 18),  # Streaming's own default
                 partition_algo="orig", download_timeout=cfg.timeout_s,
-                validate_hash="xxh64" if (cfg.validate_hashes and cfg.remote) else None,
-                # Local shards need no download; a long lookahead lets Streaming's threads finish.
-                predownload=(1 << 30) if cfg.remote is None else 8 * cfg.samples_per_batch)
-        self.packed = PackedBatches(self.dataset, cfg, tokenizer)
-        self.epoch, self.sample_in_epoch = 0, 0
-        self.stats = {"batches": 0, "samples": 0, "skipped": 0, **asdict(PackStats())}
-        del self.stats["overflow_sources"]
+                validate_hash="xxh64" if (cfg.validate_hashes and cfg.remote) else None)
+        self.builder = BatchBuilder(self.dataset, cfg, tokenizer)
+        self.epoch, self.next_index, self.carry = 0, 0, []
+        self._pieces: dict[int, list] = {}  # sample id -> its pieces (lengths only), kept across epochs
+        self.stats = {"batches": 0, **asdict(PackStats())}
         self.last_sample_ids: list[int] = []
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Batches per rank in a whole epoch (all ranks get the same count)."""
-        per_rank = math.ceil(self.dataset.epoch_size / self.dp_size)
-        return math.ceil(per_rank / self.cfg.samples_per_batch)
+    # -- the plan ----------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Streaming's global sample order of `epoch` (seed, shuffle, num_canonical_nodes): the same
+        for every dp size, because Streaming is always told one node of one rank."""
+        world = sc.World(num_nodes=1, ranks_per_node=1, workers_per_rank=1, worker=0)
+        work = sc.generate_work("random", self.dataset, world, epoch, 0)
+        ids = work.flatten()
+        return ids[ids >= 0].tolist()
+
+    def _measure(self, sample_id: int) -> list:
+        """A document's pieces (sample_id, start, end, n_images) from its text and image count."""
+        pieces = self._pieces.get(sample_id)
+        if pieces is None:
+            pieces = self._one_piece(sample_id) or self._split(sample_id)
+            self._pieces[sample_id] = pieces
+        return pieces
+
+    def _one_piece(self, sample_id: int) -> list | None:
+        """The common case, fast: a well-formed document that fits one row whole. None otherwise
+        (then `_split` checks it properly; images are checked when the batch is built)."""
+        cfg = self.cfg
+        sample = self.dataset[sample_id]
+        try:
+            segments, length, n_images = sample["segments"], 2, 0  # bos, eos
+            for seg in segments:
+                if seg["kind"] == "text":
+                    length += len(self.tokenizer.encode(str(seg["text"])))
+                elif seg["kind"] == "image":
+                    n_images += 1
+                    length += cfg.image_tokens + 2
+                else:
+                    return None
+        except Exception:  # malformed: `_split` reports it properly
+            return None
+        if "__error__" in sample or not segments or length > cfg.seq_len or n_images > cfg.max_images:
+            return None
+        return [(sample_id, 0, length, n_images)]
+
+    def _split(self, sample_id: int) -> list:
+        doc = self.builder.document(sample_id, images=False)
+        if doc is None:  # bad and skipped: one empty piece, so it is still counted as read
+            return [(sample_id, 0, 0, 0)]
+        cfg = self.cfg
+        return [(sample_id, start, end, sum(1 for s in doc.image_starts if start <= s < end))
+                for start, end in split_document(doc, cfg.seq_len, cfg.max_images, cfg.image_tokens)]
 
     def __iter__(self) -> Iterator[dict]:
-        # Streaming writes the resume point into a new `_resume` segment on every load_state_dict;
-        # one made by an earlier pass is released first, else the new one only attaches to it and
-        # the old one, unlinked later without telling Python's resource tracker, is reported as
-        # leaked at exit.
-        old = getattr(self.dataset, "_resume_shm", None)
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.cleanup()
-        self.dataset.load_state_dict(self._streaming_state())
-        loader = DataLoader(self.packed, batch_size=None, num_workers=self.cfg.num_workers,
-                            timeout=self.cfg.timeout_s if self.cfg.num_workers else 0)
-        step = self.cfg.samples_per_batch * self.dp_size
+        cfg = self.cfg
+        planner = Planner(self.epoch_order(self.epoch), self._measure, self.dp_size * cfg.batch_size,
+                          cfg.seq_len, cfg.max_images, cfg.lookahead, self.next_index, self.carry)
+        if planner.done:  # nothing left of this epoch (an empty dataset): move on
+            self.epoch, self.next_index, self.carry = self.epoch + 1, 0, []
+            return
+        loader = DataLoader(self.builder, batch_size=None, collate_fn=_as_is,
+                            sampler=_Plans(planner, self.epoch, self.dp_rank, cfg.batch_size),
+                            num_workers=cfg.num_workers, timeout=cfg.timeout_s if cfg.num_workers else 0)
         for batch, info in loader:
-            self.sample_in_epoch += step
+            self.epoch, self.next_index, self.carry = info["state"]
             self.last_sample_ids = info["sample_ids"]
             self.stats["batches"] += 1
-            self.stats["samples"] += info["samples"]
-            self.stats["skipped"] += info["skipped"]
             for key, value in info["stats"].items():
-                if key in self.stats:
-                    self.stats[key] += value
+                self.stats[key] += value
             yield batch
-        self.epoch, self.sample_in_epoch = self.epoch + 1, 0
-
-    def _streaming_state(self) -> dict:
-        return {"epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
-                "num_canonical_nodes": self.cfg.num_canonical_nodes, "shuffle_seed": self.cfg.seed,
-                "initial_physical_nodes": None}
 
     def state_dict(self) -> dict:
-        """Where the data stands: epoch and samples consumed by all ranks together this epoch."""
-        return {"version": _STATE_VERSION, "epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
-                "num_canonical_nodes": self.cfg.num_canonical_nodes, "seed": self.cfg.seed,
-                "dp_size": self.dp_size, "samples_per_batch": self.cfg.samples_per_batch}
+        """Where the data stands (identical on every rank): the epoch, how far into its global
+        order documents were read, and the pieces read but not yet placed (`carry`)."""
+        cfg = self.cfg
+        return {"version": _STATE_VERSION, "epoch": self.epoch, "next_index": self.next_index,
+                "carry": [list(p) for p in self.carry], "num_canonical_nodes": cfg.num_canonical_nodes,
+                "seed": cfg.seed, "shuffle": cfg.shuffle, "seq_len": cfg.seq_len, "max_images": cfg.max_images,
+                "image_tokens": cfg.image_tokens, "dp_size": self.dp_size, "batch_size": cfg.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at `state` (from any rank, any dp size); call before iterating."""
-        for key in ("num_canonical_nodes", "seed"):
-            ours = self.cfg.num_canonical_nodes if key == "num_canonical_nodes" else self.cfg.seed
+        """Resume at `state` (from any rank, any dp size or batch size); call before iterating."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"cannot resume the data position: the checkpoint's loader state has version "
+                             f"{state.get('version')}, this megaflow reads version {_STATE_VERSION} (token-budget "
+                             "packing); start a new run from its weights with train.init_from")
+        cfg = self.cfg
+        for key, ours in (("num_canonical_nodes", cfg.num_canonical_nodes), ("seed", cfg.seed),
+                          ("shuffle", cfg.shuffle)):
             if state[key] != ours:
                 raise ValueError(f"cannot resume exactly: the state has {key}={state[key]}, this config "
                                  f"{ours}; the global sample order depends on it, keep it unchanged")
-        if state["sample_in_epoch"] % self.dp_size:
-            log.warning("resume point %d is not a multiple of dp_size=%d; Streaming rounds it down, so "
-                        "up to %d samples are seen twice", state["sample_in_epoch"], self.dp_size, self.dp_size - 1)
-        self.epoch, self.sample_in_epoch = int(state["epoch"]), int(state["sample_in_epoch"])
+        for key, ours in (("seq_len", cfg.seq_len), ("max_images", cfg.max_images), ("image_tokens", cfg.image_tokens)):
+            if state[key] != ours:
+                raise ValueError(f"cannot resume exactly: the state's carried document pieces were cut for "
+                                 f"{key}={state[key]}, this config has {ours}; keep it unchanged")
+        self.epoch, self.next_index = int(state["epoch"]), int(state["next_index"])
+        self.carry = [tuple(p) for p in state["carry"]]
 
     def close(self) -> None:
         """Release this loader's shared memory and lock files now (also done at process exit)."""
         dataset = getattr(self, "dataset", None)
         if dataset is None:
             return
-        iterator = getattr(dataset, "_iterator", None)
-        if iterator is not None:
-            iterator.exit()
         holders = [dataset._locals_shm, dataset._next_epoch.arr.shm, dataset._cache_usage.arr.shm,
                    dataset._shard_states.shm, dataset._shard_access_times.shm,
                    dataset._shared_barrier._arr.shm, getattr(dataset, "_resume_shm", None)]

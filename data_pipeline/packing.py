@@ -3,16 +3,18 @@
 Layout of one document: bos, then its segments in order (a text segment is its tokens; an image is
 boi, `image_tokens` x image_id, eoi), then eos. A document longer than T (or with more images than
 `max_images`) is cut into pieces at token boundaries that are never inside an image; each piece is
-its own attention context (new doc_id, positions restart at 0, no target across the cut). Pieces
-are placed first-fit-decreasing into B rows; what does not fit is dropped and counted (`overflow`).
-The batch is a pure function of its documents, so a batch boundary is always a sample boundary.
+its own attention context (new doc_id, positions restart at 0, no target across the cut).
+
+Two steps: `Planner` decides from document lengths alone which pieces go into which row of a step
+(token-budget first-fit over a look-ahead, carrying what does not fit into a later step; nothing is
+dropped); `build_batch` turns one rank's planned rows of decoded documents into tensors.
 
 This file knows nothing about Streaming, ranks or workers (data_pipeline/loader.py does).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,19 +39,23 @@ class TokenizedDoc:
 
 @dataclass
 class PackStats:
-    """What packing one batch did; summed by the loader for logs."""
+    """What building one batch did; summed by the loader for logs and result.json."""
 
-    docs: int = 0
-    pieces: int = 0
-    overflow_docs: int = 0  # documents with at least one piece dropped for lack of room
-    overflow_tokens: int = 0
+    samples: int = 0  # documents started in this batch (first pieces, skipped ones included)
+    docs: int = 0  # documents started and delivered (not skipped)
+    pieces: int = 0  # document pieces placed
+    skipped: int = 0  # bad samples skipped (skip_bad_samples=True)
+    dropped_docs: int = 0  # documents with a piece that did not fit where planned: 0 by construction
     text_tokens: int = 0  # non-pad, non-image tokens placed
     image_slots: int = 0
-    overflow_sources: list[str] = field(default_factory=list)
+    slots: int = 0  # B * T
 
     def add(self, other: "PackStats") -> None:
-        for name in ("docs", "pieces", "overflow_docs", "overflow_tokens", "text_tokens", "image_slots"):
+        for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+Piece = tuple  # (sample_id, start, end, n_images): tokens [start, end) of one document; start == end: a skipped sample
 
 
 def tokenize_document(segments: list[Segment], tokenizer: Tokenizer, image_tokens: int, source: str) -> TokenizedDoc:
@@ -89,37 +95,75 @@ def split_document(doc: TokenizedDoc, seq_len: int, max_images: int, image_token
     return pieces
 
 
-def pack_documents(docs: list[TokenizedDoc], cfg: DataConfig, tokenizer: Tokenizer) -> tuple[dict, PackStats]:
-    """The batch dict (see docs/DATA.md) for these documents, and what packing did."""
-    B, T, M = cfg.batch_size, cfg.seq_len, cfg.max_images
-    N = cfg.image_tokens
-    stats = PackStats(docs=len(docs))
-    pieces = []  # (length, order, doc, start, end, n_images)
-    for doc in docs:
-        for start, end in split_document(doc, T, M, N):
-            n_images = sum(1 for s in doc.image_starts if start <= s < end)
-            pieces.append((end - start, len(pieces), doc, start, end, n_images))
-    stats.pieces = len(pieces)
+class Planner:
+    """Token-budget packing of a document stream into steps of `rows` rows (all data-parallel ranks').
 
-    # First-fit decreasing on (tokens, images); ties keep document order -> deterministic.
-    rows: list[list] = [[] for _ in range(B)]
-    room, image_room = [T] * B, [M] * B
-    dropped_docs = set()
-    for piece in sorted(pieces, key=lambda p: (-p[0], p[1])):
-        length, _, doc, _, _, n_images = piece
-        for r in range(B):
-            if room[r] >= length and image_room[r] >= n_images:
-                rows[r].append(piece)
-                room[r] -= length
-                image_room[r] -= n_images
+    Pending pieces are kept in stream order: what was carried over from earlier steps first, then
+    new documents, pulled from `order` until the pending pieces hold `lookahead` x rows x seq_len
+    tokens. Each step places the oldest pending piece first, then the others longest first
+    (first-fit decreasing: each into the first row with room for its tokens and images); what does
+    not fit stays pending in stream order, so a piece at position j (from 0) of the pending list
+    is placed within j + 1 steps (nothing waits forever, nothing is dropped). A step is a pure
+    function of (`next_index`, `carry`): that pair is the whole resume state.
+    `measure(sample_id)` gives a document's pieces without decoding its images.
+    """
+
+    def __init__(self, order: list[int], measure, rows: int, seq_len: int, max_images: int,
+                 lookahead: float, next_index: int = 0, carry: list = ()) -> None:
+        self.order, self.measure, self.rows = order, measure, rows
+        self.seq_len, self.max_images = seq_len, max_images
+        self.budget = max(1, int(lookahead * rows * seq_len))  # pending tokens to look at per step
+        self.next_index, self.pending = next_index, [tuple(p) for p in carry]
+
+    @property
+    def done(self) -> bool:
+        return self.next_index >= len(self.order) and not self.pending
+
+    def _pull(self) -> None:
+        tokens = sum(p[2] - p[1] for p in self.pending)
+        while tokens < self.budget and self.next_index < len(self.order):
+            pieces = self.measure(self.order[self.next_index])
+            self.next_index += 1
+            self.pending.extend(pieces)
+            tokens += sum(p[2] - p[1] for p in pieces)
+
+    def step(self) -> list[list[Piece]] | None:
+        """The next step's rows (each a list of pieces in row order), or None at the epoch's end."""
+        self._pull()
+        if not self.pending:
+            return None
+        rows: list[list[Piece]] = [[] for _ in range(self.rows)]
+        room, image_room = [self.seq_len] * self.rows, [self.max_images] * self.rows
+        open_rows, placed = list(range(self.rows)), set()
+        lengths = [p[2] - p[1] for p in self.pending]
+        shortest = max(min(lengths), 1)
+        # the oldest piece first (so none waits forever), then the longest first (first-fit decreasing)
+        for i in [0] + sorted(range(1, len(self.pending)), key=lambda i: -lengths[i]):
+            length, n_images = lengths[i], self.pending[i][3]
+            for r in open_rows:
+                if room[r] >= length and image_room[r] >= n_images:
+                    rows[r].append(self.pending[i])
+                    placed.add(i)
+                    room[r] -= length
+                    image_room[r] -= n_images
+                    if room[r] < shortest:
+                        open_rows.remove(r)
+                    break
+            if not open_rows:
                 break
-        else:
-            stats.overflow_tokens += length
-            if id(doc) not in dropped_docs:
-                dropped_docs.add(id(doc))
-                stats.overflow_sources.append(doc.source)
-    stats.overflow_docs = len(dropped_docs)
+        self.pending = [p for i, p in enumerate(self.pending) if i not in placed]
+        return rows
 
+    def state(self) -> tuple[int, list]:
+        """(next_index, carry): where the next step starts."""
+        return self.next_index, [list(p) for p in self.pending]
+
+
+def build_batch(rows: list[list[tuple[TokenizedDoc, int, int]]], cfg: DataConfig, tokenizer: Tokenizer) -> tuple[dict, PackStats]:
+    """The batch dict (see docs/DATA.md) of B rows, each a list of (document, start, end) pieces
+    placed in order, padded at the end; and what it holds."""
+    B, T, M = cfg.batch_size, cfg.seq_len, cfg.max_images
+    stats = PackStats(slots=B * T)
     tokens = torch.full((B, T), tokenizer.pad_id, dtype=torch.int64)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)
     position_ids = torch.zeros((B, T), dtype=torch.int64)
@@ -128,8 +172,13 @@ def pack_documents(docs: list[TokenizedDoc], cfg: DataConfig, tokenizer: Tokeniz
     images = torch.zeros((B, M, cfg.channels, cfg.image_size, cfg.image_size), dtype=torch.float32)
     image_valid = torch.zeros((B, M), dtype=torch.bool)
     for r, row in enumerate(rows):
-        offset, n_row_images = 0, 0
-        for doc_index, (length, _, doc, start, end, _) in enumerate(sorted(row, key=lambda p: p[1])):
+        offset, n_row_images, doc_index = 0, 0, 0
+        for doc, start, end in row:
+            length = end - start
+            n_images = sum(1 for s in doc.image_starts if start <= s < end)
+            if offset + length > T or n_row_images + n_images > M:  # a planning bug; never silent
+                stats.dropped_docs += 1
+                continue
             span = slice(offset, offset + length)
             piece_tokens = torch.from_numpy(doc.tokens[start:end])
             next_is_target = np.zeros(length, bool)
@@ -147,6 +196,8 @@ def pack_documents(docs: list[TokenizedDoc], cfg: DataConfig, tokenizer: Tokeniz
                     image_valid[r, n_row_images] = True
                     n_row_images += 1
             offset += length
+            doc_index += 1
+            stats.pieces += 1
         stats.image_slots += int(image_mask[r].sum())
         stats.text_tokens += offset - int(image_mask[r].sum())
     batch = {

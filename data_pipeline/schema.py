@@ -144,8 +144,9 @@ def decode_image(seg: dict, blob: bytes, cfg: DataConfig) -> np.ndarray:
     return np.ascontiguousarray(array)  # (C, H, W)
 
 
-def decode_sample(sample: dict, cfg: DataConfig) -> list[Segment]:
-    """Segments of an MDS sample, images decoded; ValueError on an empty or malformed document."""
+def decode_sample(sample: dict, cfg: DataConfig, images: bool = True) -> list[Segment]:
+    """Segments of an MDS sample, images decoded; ValueError on an empty or malformed document.
+    `images=False` checks the structure only and leaves `pixels` None (the packer's length pass)."""
     segments = sample["segments"]
     if not isinstance(segments, list) or not segments:
         raise ValueError("empty document: no segments")
@@ -160,7 +161,7 @@ def decode_sample(sample: dict, cfg: DataConfig) -> list[Segment]:
             out.append(Segment("text", loss, text=str(seg["text"])))
         elif kind == "image":
             try:
-                pixels = decode_image(seg, blobs[image_index], cfg)
+                pixels = decode_image(seg, blobs[image_index], cfg) if images else None
             except Exception as err:
                 raise ValueError(f"segment {i} (image {image_index}): {err}") from err
             out.append(Segment("image", loss, pixels=pixels))

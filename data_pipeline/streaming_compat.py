@@ -50,6 +50,7 @@ streaming_base = _import_streaming_base()
 from streaming.base import MDSWriter, Stream, StreamingDataset  # noqa: E402
 from streaming.base import distributed as streaming_distributed  # noqa: E402
 from streaming.base import util as streaming_util  # noqa: E402
+from streaming.base.batching import generate_work  # noqa: E402
 from streaming.base.constant import SHM_TO_CLEAN, BARRIER_FILELOCK, CACHE_FILELOCK  # noqa: E402
 from streaming.base.world import World  # noqa: E402
 
@@ -58,6 +59,7 @@ __all__ = [
     "Stream",
     "StreamingDataset",
     "World",
+    "generate_work",
     "SHM_TO_CLEAN",
     "BARRIER_FILELOCK",
     "CACHE_FILELOCK",

@@ -443,7 +443,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     if main_rank:
         from megaflow.monitor import Monitor
         mon = Monitor(out, cfg, model, total=tcfg.steps, start=start, dp=topo.dp if topo else 1,
-                      world=topo.world_size if topo else 1)
+                      world=topo.world_size if topo else 1, data_stats=loader.stats)
     if tcfg.eval_data and whole.here:
         eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
     batches = _forever(loader)
@@ -498,8 +498,9 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         result["parallel"] = layout_of(topo, cfg.parallel)
     if mon is not None and getattr(mon, "last_eval", None):
         result["eval"] = mon.last_eval
-    stats = loader.stats  # this rank's reader: what it read, packed, dropped for lack of room, skipped
-    result["data"] = {"dp_rank": dp_rank, **{k: stats[k] for k in ("batches", "samples", "docs", "overflow_docs", "skipped")}}
+    stats = loader.stats  # this rank's reader: documents read, packed, skipped, dropped (must stay 0), slot fill
+    result["data"] = {"dp_rank": dp_rank, **{k: stats[k] for k in ("batches", "samples", "docs", "dropped_docs", "skipped")},
+                      "slot_fill": (stats["text_tokens"] + stats["image_slots"]) / max(stats["slots"], 1)}
     if tcfg.report:
         one = whole.get()
         if one is not None:
@@ -554,8 +555,8 @@ def _forever(loader):
             yielded = True
             yield batch
         if not yielded:
-            raise RuntimeError(f"the training data at {loader.cfg.local!r} yields no batches; check the shards "
-                               f"and data.samples_per_batch")
+            raise RuntimeError(f"the training data at {loader.cfg.local!r} yields no batches; check its "
+                               f"index.json and shards (python -m data_pipeline inspect {loader.cfg.local})")
 
 
 def main(argv=None) -> int:

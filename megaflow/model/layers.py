@@ -11,11 +11,16 @@ No rank logic lives here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from megaflow.model.masks import attend
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
@@ -50,13 +55,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class AttnContext:
     """What every attention layer of one stream needs besides its input.
 
-    `mask` is a boolean (B, 1, Tq, Tk) allow-mask or None for plain causal attention without a cache.
+    `mask` is a boolean (B, 1, Tq, Tk) allow-mask, an additive float mask (decoding), a
+    FlexAttention BlockMask of the same rule (megaflow/model/masks.py), or None for plain causal
+    attention without a cache.
     `cache` holds each layer's keys/values of earlier positions (megaflow/model/decoding.py):
     `cache.update(layer_key, k, v)` stores this forward's and returns all that `mask` covers.
     """
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: Optional[torch.Tensor] = None
+    mask: Optional[Union[torch.Tensor, "BlockMask"]] = None
     cache: Optional[dict] = None
 
 
@@ -82,10 +89,7 @@ class Attention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Tk, hd)
             v = v.repeat_interleave(groups, dim=1)
-        if ctx.mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        y = attend(q, k, v, ctx.mask)  # (B, Hq, Tq, hd): plain causal, dense mask or FlexAttention (masks.py)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*hd)
         return self.o_proj(y)
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from megaflow.model.config import ModelConfig
 from megaflow.model.fae import FAE
 from megaflow.model.flow import ShallowFlows, gaussian_params
-from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, attention_mask, rope_tables
+from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, rope_tables
+from megaflow.model.masks import document_mask
 
 BATCH_KEYS = ("tokens", "targets", "position_ids", "doc_ids", "image_mask", "images", "image_valid")
 
@@ -170,7 +171,7 @@ class STARFlow2(nn.Module):
         pos, tokens = batch["position_ids"], batch["tokens"]
         T = tokens.shape[1]
         q_len = q_len or T
-        mask = attention_mask(batch.get("doc_ids"), q_len, T, tokens.device)
+        mask = document_mask(batch.get("doc_ids"), q_len, T, tokens.device)  # one per batch, every layer
         pos_q = pos[:, T - q_len:]
         v, f = self.cfg.vlm, self.cfg.flow
         dtype = self.flow_in.weight.dtype

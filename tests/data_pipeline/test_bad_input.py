@@ -21,7 +21,7 @@ from data_pipeline.streaming_compat import MDSWriter
 
 
 def _cfg(data_dir, **kw) -> DataConfig:
-    base = dict(local=str(data_dir), seq_len=96, batch_size=4, samples_per_batch=4, image_size=8,
+    base = dict(local=str(data_dir), seq_len=96, batch_size=4, image_size=8,
                 patch_size=2, channels=1, image_fit="exact", image_mode="exact", max_images=2,
                 num_canonical_nodes=1, shuffle=False, timeout_s=10, tokenizer=TokenizerSpec(kind="mistral"))
     base.update(kw)

@@ -1,7 +1,8 @@
 """Reading MDS back through Streaming in 1 and 2 real processes (digits and the real Fashion-MNIST):
-ranks get disjoint samples covering the epoch, batches obey the contract, peers with the same
-dp_rank get identical batches, the order is deterministic, and mid-epoch resume is exact, also
-from 2 ranks onto 1."""
+ranks get disjoint samples covering the epoch exactly once, batches obey the contract, peers with
+the same dp_rank get identical batches, the order is deterministic, token-budget packing carries
+documents over instead of dropping them, and resume is exact: mid-epoch with documents carried
+over, at an epoch's very end, from 2 ranks onto 1, and with any number of workers."""
 
 from dataclasses import asdict, replace
 
@@ -15,7 +16,7 @@ N_SAMPLES = 96
 
 
 def _cfg(data_dir: str, **kw) -> DataConfig:
-    base = dict(local=data_dir, seq_len=160, batch_size=4, samples_per_batch=6, image_size=16,
+    base = dict(local=data_dir, seq_len=160, batch_size=4, image_size=16,
                 patch_size=4, channels=1, image_fit="resize", max_images=4, num_canonical_nodes=2,
                 seed=3, tokenizer=TokenizerSpec(kind="mistral"))
     base.update(kw)
@@ -41,8 +42,8 @@ def test_one_process_epoch_is_complete_valid_and_deterministic(digits_dir, tok):
     batches, state, stats = _read(cfg, tok, check=True)
     ids = [i for sample_ids, _ in batches for i in sample_ids]
     assert sorted(ids) == list(range(N_SAMPLES))
-    assert state["epoch"] == 1 and state["sample_in_epoch"] == 0
-    assert stats["overflow_docs"] == 0 and stats["skipped"] == 0 and stats["samples"] == N_SAMPLES
+    assert state["epoch"] == 1 and state["next_index"] == 0 and state["carry"] == []
+    assert stats["dropped_docs"] == 0 and stats["skipped"] == 0 and stats["samples"] == N_SAMPLES
     again, _, _ = _read(cfg, tok, max_batches=3)
     assert [a for a, _ in again] == [a for a, _ in batches[:3]]
     assert all(b1["tokens"].equal(b2["tokens"]) for (_, b1), (_, b2) in zip(again, batches))
@@ -50,11 +51,15 @@ def test_one_process_epoch_is_complete_valid_and_deterministic(digits_dir, tok):
     assert other_seed[0][0] != batches[0][0]
 
 
-def test_workers_give_the_same_batches_in_the_same_order(digits_dir, tok):
+def test_workers_give_the_same_batches_and_states_in_the_same_order(digits_dir, tok):
+    """The plan (and its carry-over) lives in the training process and each state travels with its
+    batch, so prefetching workers change neither the batches nor the state saved after batch k."""
     cfg = _cfg(digits_dir)
-    serial, _, _ = _read(cfg, tok)
-    parallel, _, _ = _read(replace(cfg, num_workers=2), tok)
+    serial, serial_state, _ = _read(cfg, tok, max_batches=4)
+    parallel, parallel_state, _ = _read(replace(cfg, num_workers=2), tok, max_batches=4)
     assert [ids for ids, _ in parallel] == [ids for ids, _ in serial]
+    assert all(a["tokens"].equal(b["tokens"]) for (_, a), (_, b) in zip(serial, parallel))
+    assert parallel_state == serial_state and serial_state["carry"]
 
 
 def test_second_epoch_reshuffles(digits_dir, tok):
@@ -70,10 +75,36 @@ def test_resume_mid_epoch_is_exact(digits_dir, tok):
     cfg = _cfg(digits_dir)
     full, _, _ = _read(cfg, tok)
     head, state, _ = _read(cfg, tok, max_batches=5)
-    assert state["sample_in_epoch"] == 5 * cfg.samples_per_batch
+    assert state["carry"], "the test needs documents carried over at the resume point"
     tail, _, _ = _read(cfg, tok, state=state)
     assert [ids for ids, _ in head + tail] == [ids for ids, _ in full]
     assert all(a["targets"].equal(b["targets"]) for (_, a), (_, b) in zip(tail, full[5:]))
+
+
+def test_token_budget_packing_fills_rows_and_carries_over(digits_dir, tok):
+    """Rows are filled to the token budget: documents that do not fit wait in the carry-over (part
+    of the state) instead of being dropped, and all but the epoch's last batch are nearly full."""
+    cfg = _cfg(digits_dir, max_images=8)
+    batches, _, stats = _read(cfg, tok, check=True)
+    fills = [float((b["doc_ids"] >= 0).float().mean()) for _, b in batches]
+    assert min(fills[:-1]) >= 0.85, fills
+    assert stats["dropped_docs"] == 0 and stats["samples"] == N_SAMPLES
+    assert stats["text_tokens"] + stats["image_slots"] == sum(int((b["doc_ids"] >= 0).sum()) for _, b in batches)
+
+
+def test_resume_at_the_end_of_an_epoch(digits_dir, tok):
+    """A state saved right after an epoch's last batch is the next epoch's start (issue 11 case 2:
+    it used to say 'the whole epoch consumed' and the resumed run got no batches)."""
+    cfg = _cfg(digits_dir)
+    full, _, _ = _read(cfg, tok)
+    with build_loader(cfg, tok) as loader:
+        for i, _ in enumerate(loader):
+            if i == len(full) - 1:
+                state = loader.state_dict()
+                break
+    assert state["epoch"] == 1 and state["next_index"] == 0 and state["carry"] == []
+    second, _, _ = _read(cfg, tok, state=state)
+    assert len(second) > 0 and sorted(i for ids, _ in second for i in ids) == list(range(N_SAMPLES))
 
 
 def test_remote_plus_local_cache(digits_dir, tok, tmp_path):
@@ -102,13 +133,19 @@ def test_two_ranks_disjoint_cover_and_resume_onto_one(dataset, request, tmp_path
         assert results[2]["batches"] == results[0]["batches"][:3]
         assert results[2]["token_sums"] == results[0]["token_sums"][:3]
 
+    # every sample exactly once over the epoch: none dropped, none duplicated
+    every = [i for res in results[:2] for ids in res["batches"] for i in ids]
+    assert sorted(every) == list(range(N_SAMPLES))
+    # after the epoch's last batch both ranks' states are the next epoch's start (issue 11 case 2)
+    assert results[0]["state"] == results[1]["state"]
+    assert (results[0]["state"]["epoch"], results[0]["state"]["next_index"], results[0]["state"]["carry"]) == (1, 0, [])
+
     # Both ranks checkpoint after 3 batches (identical states); one rank resumes from there.
     state = results[0]["state_at"]
-    assert state == results[1]["state_at"] and state["sample_in_epoch"] == 3 * 2 * cfg.samples_per_batch
+    assert state == results[1]["state_at"] and state["dp_size"] == 2
     seen = [i for res in results[:2] for ids in res["batches"][:3] for i in ids]
     tail, end_state, _ = _read(cfg, tok, state=state, check=True)
     seen_after = [i for ids, _ in tail for i in ids]
-    assert not set(seen) & set(seen_after)
     assert sorted(seen + seen_after) == list(range(N_SAMPLES))
     assert end_state["epoch"] == 1
 

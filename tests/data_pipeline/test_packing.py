@@ -1,14 +1,15 @@
 """Packing contract on hand-made documents: rows of exactly T, images never split, long documents
-cut at text only, targets only on text-like next tokens of the same document, overflow counted."""
+cut at text only, targets only on text-like next tokens of the same document; the planner fills
+rows to the token budget and carries what does not fit into later steps, never dropping it."""
 
 import numpy as np
 
 from data_pipeline.config import DataConfig
-from data_pipeline.packing import pack_documents, split_document, tokenize_document
+from data_pipeline.packing import Planner, build_batch, split_document, tokenize_document
 from data_pipeline.schema import Segment
 from tests.data_pipeline.helpers import check_batch
 
-CFG = DataConfig(seq_len=48, batch_size=3, samples_per_batch=4, image_size=8, patch_size=2,
+CFG = DataConfig(seq_len=48, batch_size=3, image_size=8, patch_size=2,
                  channels=1, max_images=2)  # image_tokens = 16, an image takes 18 slots
 
 
@@ -20,13 +21,33 @@ def _doc(tok, segments, name):
     return tokenize_document(segments, tok, CFG.image_tokens, name)
 
 
+def _plan(docs, cfg=CFG, lookahead=2.0):
+    """Every step of a Planner over `docs` (sample id = index), as rows of (doc, start, end)."""
+    def measure(i):
+        doc = docs[i]
+        return [(i, s, e, sum(1 for b in doc.image_starts if s <= b < e))
+                for s, e in split_document(doc, cfg.seq_len, cfg.max_images, cfg.image_tokens)]
+    planner = Planner(list(range(len(docs))), measure, cfg.batch_size, cfg.seq_len, cfg.max_images, lookahead)
+    steps = []
+    while (rows := planner.step()) is not None:
+        steps.append([[(docs[i], s, e) for i, s, e, _ in row] for row in rows])
+    return steps
+
+
+def pack_documents(docs, cfg, tok):
+    """One batch holding all `docs` (the test makes sure they fit in one step)."""
+    steps = _plan(docs, cfg)
+    assert len(steps) == 1
+    return build_batch(steps[0], cfg, tok)
+
+
 def test_layout_targets_and_masks(tok):
     docs = [_doc(tok, [Segment("text", False, text="a photo of a bag"), _image(255)], "t2i"),
             _doc(tok, [_image(0), Segment("text", False, text="What is this?"),
                        Segment("text", True, text="A bag.")], "i2t")]
     batch, stats = pack_documents(docs, CFG, tok)
     check_batch(batch, tok, CFG)
-    assert stats.overflow_docs == 0 and stats.docs == 2
+    assert stats.dropped_docs == 0 and stats.pieces == 2
     rows = [batch["tokens"][b][batch["doc_ids"][b] >= 0].tolist() for b in range(CFG.batch_size)]
     flat = [t for row in rows for t in row]
     assert flat.count(tok.bos_id) == 2 and flat.count(tok.eos_id) == 2 and flat.count(tok.boi_id) == 2
@@ -53,20 +74,44 @@ def test_long_document_is_cut_at_text_only(tok):
     cfg = DataConfig(**{**CFG.__dict__, "batch_size": 8})
     batch, stats = pack_documents([doc], cfg, tok)
     check_batch(batch, tok, cfg)
-    assert stats.pieces == len(pieces) and stats.overflow_docs == 0
+    assert stats.pieces == len(pieces) and stats.dropped_docs == 0
     assert int(batch["image_valid"].sum()) == 4
 
 
-def test_overflow_is_dropped_and_counted(tok):
+def test_what_does_not_fit_is_carried_over_never_dropped(tok):
+    """8 documents of 41 tokens into steps of 3 rows of 48: one per row, the rest carried into the
+    next steps in order; every token placed exactly once, the oldest pending document first."""
     docs = [_doc(tok, [Segment("text", True, text="x " * 40)], f"doc{i}") for i in range(8)]
-    batch, stats = pack_documents(docs, CFG, tok)
-    check_batch(batch, tok, CFG)
-    assert stats.overflow_docs > 0 and stats.overflow_tokens > 0 and stats.overflow_sources
-    assert int((batch["doc_ids"] >= 0).sum()) + stats.overflow_tokens == sum(len(d.tokens) for d in docs)
+    steps = _plan(docs)
+    assert len(steps) == 3
+    placed = [(d.source, s, e) for rows in steps for row in rows for d, s, e in row]
+    assert sorted(placed) == sorted((d.source, 0, len(d.tokens)) for d in docs)
+    assert [d.source for d, _, _ in (p for row in steps[0] for p in row)] == ["doc0", "doc1", "doc2"]
+    for rows in steps:
+        batch, stats = build_batch(rows, CFG, tok)
+        check_batch(batch, tok, CFG)
+        assert stats.dropped_docs == 0
+
+
+def test_first_fit_fills_gaps_from_the_look_ahead(tok):
+    """A long document leaves room that later short ones fill (first-fit over the look-ahead),
+    and the images-per-row limit is respected."""
+    long = _doc(tok, [Segment("text", True, text="y " * 29)], "long")  # 32 tokens
+    short = [_doc(tok, [Segment("text", True, text="z " * 5)], f"s{i}") for i in range(6)]  # 8 tokens
+    images = [_doc(tok, [_image(i)], f"img{i}") for i in range(4)]  # 20 tokens, 1 image
+    docs = [long, long, long] + images + short
+    steps = _plan(docs, lookahead=3.0)
+    first = steps[0]
+    assert [d.source for d, _, _ in first[0]] == ["long", "s0", "s1"]  # 32 + 8 + 8 = 48: the images (20) wait
+    for rows in steps:
+        assert all(sum(len(d.image_starts) for d, _, _ in row) <= CFG.max_images for row in rows)
+        assert all(sum(e - s for _, s, e in row) <= CFG.seq_len for row in rows)
+    assert sorted(d.source for rows in steps for row in rows for d, _, _ in row) == sorted(d.source for d in docs)
 
 
 def test_deterministic(tok):
     docs = [_doc(tok, [Segment("text", True, text=f"doc {i} " * i), _image(i)], str(i)) for i in range(5)]
-    first, _ = pack_documents(docs, CFG, tok)
-    second, _ = pack_documents(docs, CFG, tok)
-    assert all(np.array_equal(first[k], second[k]) for k in first)
+    first = [build_batch(rows, CFG, tok)[0] for rows in _plan(docs)]
+    second = [build_batch(rows, CFG, tok)[0] for rows in _plan(docs)]
+    assert len(first) == len(second) == 2
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, second) for k in a)

@@ -17,7 +17,7 @@ from tests.data_pipeline.helpers import check_batch
 
 
 def _read_all(data_dir, tok, **kw):
-    cfg = DataConfig(local=data_dir, seq_len=160, batch_size=4, samples_per_batch=4, image_size=16,
+    cfg = DataConfig(local=data_dir, seq_len=160, batch_size=4, image_size=16,
                      patch_size=4, max_images=4, num_canonical_nodes=1, shuffle=False,
                      tokenizer=TokenizerSpec(kind="mistral"), **kw)
     with build_loader(cfg, tok) as loader:

@@ -68,7 +68,7 @@ def test_smollm2_config_builds_loads_the_gguf_and_trains_with_the_vlm_frozen(tmp
     from megaflow.train import PlainEngine, build, load_run_tokenizer, prepare_data, step_randomness, to_device
     cfg = load_config(str(CONFIGS / "smollm2_t2i.yaml"),
                       [f"data.local={tmp_path}/fm", "train.dataset_limit=16", "train.eval_data=", "data.batch_size=1",
-                       "data.samples_per_batch=1", "data.seq_len=128", "train.threads=2"])
+                       "data.seq_len=128", "train.threads=2"])
     assert (cfg.model.stage, cfg.train.hf_lm, cfg.model.flow.n_layers * cfg.model.flow.ratio) == ("t2i", "smollm2", 30)
     prepare_data(cfg)
     tok = load_run_tokenizer(cfg)

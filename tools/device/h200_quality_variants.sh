@@ -20,7 +20,7 @@ prepare_data(load_config('configs/default.yaml', ['train.dataset_mix=t2i=0.7,i2t
 echo "data built after $(( $(date +%s) - T0 )) s"
 run base &
 run heavy32 $HEAVY &
-run heavy16p4 $HEAVY --set data.image_size=16 --set model.fae.image_size=16 --set data.image_fit=resize --set data.seq_len=128 --set data.samples_per_batch=12 &
+run heavy16p4 $HEAVY --set data.image_size=16 --set model.fae.image_size=16 --set data.image_fit=resize --set data.seq_len=128 &
 run heavy16p2 $HEAVY --set data.image_size=16 --set model.fae.image_size=16 --set data.patch_size=2 --set model.fae.patch_size=2 --set data.image_fit=resize &
 wait
 for v in base heavy32 heavy16p4 heavy16p2; do

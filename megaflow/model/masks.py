@@ -1,0 +1,94 @@
+"""Attention masks of packed batches, built once per batch and shared by every attention layer.
+
+A packed row holds several documents; a token may attend to earlier tokens of its own document
+only (causal AND same doc_id; padding, doc_id -1, attends to padding so no row is fully masked).
+Two exact implementations of that one rule:
+  - FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a `BlockMask` made by
+    `create_block_mask`: blocks that are entirely masked (across documents, above the diagonal)
+    are skipped, so the cost follows the documents' lengths instead of T^2. Used on CUDA.
+  - the dense boolean (B, 1, Tq, Tk) mask of `layers.attention_mask` with SDPA: exact everywhere,
+    used on CPU (FlexAttention has no CPU backward in torch 2.13) and with a KV cache (generation).
+`document_mask` picks one for the device; `attend` runs whichever it is given (None = plain causal,
+e.g. the shallow flows, whose sequences are single images). Both streams and all their layers
+receive the same object through `AttnContext.mask` (starflow.py `context`).
+
+No rank logic here; sequence-parallel layouts see the full T inside attention.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+try:  # FlexAttention is in torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: the dense path only
+    BlockMask = create_block_mask = flex_attention = None
+
+Mask = Union[None, torch.Tensor, "BlockMask"]
+
+_KERNEL = "auto"  # "auto": flex on CUDA, dense elsewhere; "flex" / "dense" force one (tests, benchmarks)
+_compiled_flex = None
+
+
+@contextlib.contextmanager
+def use_kernel(kernel: str):
+    """Force the document-mask kernel ("flex", "dense" or "auto") inside the block."""
+    global _KERNEL
+    if kernel not in ("auto", "flex", "dense"):
+        raise ValueError(f"kernel={kernel!r}; use 'auto', 'flex' or 'dense'")
+    if kernel == "flex" and flex_attention is None:
+        raise RuntimeError(f"FlexAttention needs torch >= 2.5, this is {torch.__version__}")
+    saved, _KERNEL = _KERNEL, kernel
+    try:
+        yield
+    finally:
+        _KERNEL = saved
+
+
+def flex_available(device: torch.device) -> bool:
+    return flex_attention is not None and device.type == "cuda"
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
+    """FlexAttention BlockMask of causal AND same-document for doc_ids (B, T)."""
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q, k):
+        return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device) -> Mask:
+    """The mask of one forward: a BlockMask (flex), a dense (B|1, 1, q_len, k_len) bool tensor, or
+    None (plain causal). Flex only covers the training/eval shape (q_len == k_len, with doc_ids)."""
+    device = torch.device(device)
+    if doc_ids is not None and q_len == k_len and _KERNEL != "dense" and (_KERNEL == "flex" or flex_available(device)):
+        return document_block_mask(doc_ids)
+    from megaflow.model.layers import attention_mask  # here: layers.py imports `attend` from this file
+    return attention_mask(doc_ids, q_len, k_len, device)
+
+
+def _flex(q, k, v, block_mask):
+    global _compiled_flex
+    if q.device.type != "cuda":  # eager on CPU (forward only in torch 2.13): the tests' reference
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd) under `mask`."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        kind = q.device.type
+        if torch.is_autocast_enabled(kind):  # SDPA is autocast to bf16; flex_attention is not: cast as SDPA would
+            dtype = torch.get_autocast_dtype(kind)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return _flex(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,0 +1,125 @@
+"""Document-masked attention (megaflow/model/masks.py): the FlexAttention path equals the dense-mask
+path (fp32, 1e-5) on packed batches with several documents, padding and image slots, in both
+streams: hidden states after every unit, logits, Gaussian parameters and the loss terms; and, where
+FlexAttention has a backward (CUDA), the gradients of every parameter (max difference over
+max(1, max |gradient|) of each parameter). torch 2.13 runs
+FlexAttention's forward on CPU (eager) but not its backward, so on CPU the gradient test skips and
+tools/bench_attention.py checks gradients on the GPU."""
+import pytest
+import torch
+
+from megaflow.model.masks import BlockMask, attend, document_mask, use_kernel
+from tests.helpers import make_batch, make_noise, tiny_config
+from tests.model.util import randomized_model
+
+pytestmark = [pytest.mark.skipif(BlockMask is None, reason="FlexAttention needs torch >= 2.5"),
+              pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")]
+
+
+def packed_batch(cfg, rows: int = 2, seq_len: int = 128, max_images: int = 4) -> dict:
+    """Rows of several documents (1 or 2 images each, from tests.helpers.make_batch) and padding."""
+    parts = [make_batch(cfg, batch_size=2, seq_len=48, max_images=2, seed=s, two_docs=False) for s in range(4)]
+    docs = []  # (tokens, targets, image_mask, images) of each single document
+    for p in parts:
+        for b in range(2):
+            n = int((p["doc_ids"][b] >= 0).sum())
+            k = int(p["image_valid"][b].sum())
+            docs.append((p["tokens"][b, :n], p["targets"][b, :n], p["image_mask"][b, :n], p["images"][b, :k]))
+    t = cfg.tokens
+    out = {"tokens": torch.full((rows, seq_len), t.pad_id), "targets": torch.full((rows, seq_len), -100),
+           "position_ids": torch.zeros(rows, seq_len, dtype=torch.long), "doc_ids": torch.full((rows, seq_len), -1),
+           "image_mask": torch.zeros(rows, seq_len, dtype=torch.bool),
+           "images": torch.zeros(rows, max_images, *docs[0][3].shape[1:]),
+           "image_valid": torch.zeros(rows, max_images, dtype=torch.bool)}
+    it = iter(docs)
+    for r in range(rows):
+        offset, n_img, d = 0, 0, 0
+        for tokens, targets, image_mask, images in it:
+            if offset + len(tokens) > seq_len - 10 or n_img + len(images) > max_images:
+                break
+            span = slice(offset, offset + len(tokens))
+            out["tokens"][r, span], out["targets"][r, span], out["image_mask"][r, span] = tokens, targets, image_mask
+            out["position_ids"][r, span], out["doc_ids"][r, span] = torch.arange(len(tokens)), d
+            out["images"][r, n_img:n_img + len(images)] = images
+            out["image_valid"][r, n_img:n_img + len(images)] = True
+            offset, n_img, d = offset + len(tokens), n_img + len(images), d + 1
+    assert all(out["doc_ids"][r].max() >= 1 for r in range(rows)) and (out["doc_ids"] < 0).any()
+    return out
+
+
+def _trace(model, batch, noise):
+    ctx = model.context(batch)
+    state = model.embed(batch, ctx, noise)
+    out = []
+    for unit in model.units.values():
+        state = unit(state, ctx)
+        out += [state[0], state[1]]
+    out += list(model.flow_params(state[1]))
+    if model.lm_head is not None:
+        out.append(model.text_logits(state[0]))
+    terms = model.loss_terms(state, batch)
+    return out + [terms[k] for k in sorted(terms)], ctx
+
+
+def test_attend_flex_equals_dense_with_documents_padding_and_groups():
+    """One kernel call: 3 documents + padding per row, grouped heads (already repeated), fp32."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, hd = 2, 4, 160, 16
+    doc_ids = torch.full((B, T), -1)
+    doc_ids[0, :50], doc_ids[0, 50:120], doc_ids[0, 120:150] = 0, 1, 2
+    doc_ids[1, :100], doc_ids[1, 100:] = 0, 1
+    q, k, v = (torch.randn(B, H, T, hd, generator=g) for _ in range(3))
+    with use_kernel("flex"):
+        flex_mask = document_mask(doc_ids, T, T, "cpu")
+    with use_kernel("dense"):
+        dense_mask = document_mask(doc_ids, T, T, "cpu")
+    assert isinstance(flex_mask, BlockMask) and dense_mask.dtype == torch.bool
+    torch.testing.assert_close(attend(q, k, v, flex_mask), attend(q, k, v, dense_mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tarflow_only", [False, True])
+def test_model_flex_path_equals_dense_path_forward(tarflow_only):
+    """Both streams, every unit: the same BlockMask object serves every layer of the batch."""
+    cfg = tiny_config(tarflow_only=tarflow_only)
+    model = randomized_model(cfg, scale=0.2).eval()
+    batch = packed_batch(cfg)
+    noise = make_noise(cfg, batch)
+    with torch.no_grad():
+        with use_kernel("dense"):
+            dense, dense_ctx = _trace(model, batch, noise)
+        with use_kernel("flex"):
+            flex, flex_ctx = _trace(model, batch, noise)
+    assert isinstance(flex_ctx.flow.mask, BlockMask) and not isinstance(dense_ctx.flow.mask, BlockMask)
+    if not tarflow_only:
+        assert flex_ctx.vlm.mask is flex_ctx.flow.mask  # built once per batch, shared by both streams
+    for a, b in zip(flex, dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FlexAttention has no backward on CPU in torch 2.13; tools/bench_attention.py checks "
+                           "flex == dense gradients on the GPU")
+def test_model_flex_path_equals_dense_path_gradients():
+    cfg = tiny_config()
+    model = randomized_model(cfg, scale=0.2).cuda()
+    batch = {k: v.cuda() for k, v in packed_batch(cfg).items()}
+    noise = make_noise(cfg, batch).cuda()
+    grads = {}
+    for kernel in ("dense", "flex"):
+        model.zero_grad()
+        with use_kernel(kernel):
+            loss, _ = model(batch, noise)
+        loss.backward()
+        grads[kernel] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    worst = max(((grads["flex"][n] - g).abs().max().item() / max(1.0, g.abs().max().item()), n)
+                for n, g in grads["dense"].items())
+    assert worst[0] <= 1e-5, f"flex and dense gradients differ by {worst[0]:.2e} (relative to scale) in {worst[1]}"
+
+
+def test_cpu_default_and_cached_generation_stay_dense():
+    """On CPU (auto) and with a KV cache (q_len < k_len) the exact dense mask is used."""
+    doc_ids = torch.zeros(1, 8, dtype=torch.long)
+    assert document_mask(doc_ids, 8, 8, "cpu").dtype == torch.bool
+    with use_kernel("flex"):
+        assert document_mask(doc_ids, 2, 8, "cpu").shape == (1, 1, 2, 8)
+    assert document_mask(None, 8, 8, "cpu") is None
