@@ -58,3 +58,96 @@ def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+# ----- mixed precision: bf16 model parameters, fp32 main weights ------------------------------------
+def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's floating parameters and buffers to `dtype` in place (tied parameters stay
+    tied: the Parameter objects are kept). The FAE keeps its dtype: its encoder turns pixels into the
+    flow's variables, which stay fp32."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.dtype != dtype and not name.startswith("fae."):
+            t.data = t.data.to(dtype)
+
+
+class MainWeights:
+    """Megatron-style mixed precision around AdamW: the model computes with bf16 parameters, the
+    optimizer steps fp32 main copies of them, and every backward adds the bf16 gradients into fp32
+    main gradients as soon as they are ready (a post-accumulate-grad hook, which also frees the
+    bf16 gradient), so micro-batches accumulate in fp32. After `step` the main weights are copied
+    back into the bf16 parameters: no per-step weight cast in the forward.
+
+    Build it on the fp32 model: the main copies are the exact fp32 weights (an init or a loaded
+    checkpoint), then the model's parameters become `param_dtype`. With param_dtype fp32 it is a
+    plain AdamW over the parameters themselves (main = parameter, nothing copied).
+
+    `params` are what gradient code works on: the main tensors (their `.grad` is the fp32 gradient);
+    data-parallel reduction and clipping use them. `optimizer` is the torch AdamW; its state keys
+    match an fp32 run's, so optimizer files load across param dtypes."""
+
+    def __init__(self, model: torch.nn.Module, groups: list, tcfg, param_dtype: torch.dtype = torch.float32):
+        self.model_params = [p for g in groups for p in g["params"]]
+        self.mixed = param_dtype != torch.float32
+        if self.mixed:
+            self.main = {id(p): p.detach().float().clone().requires_grad_(True) for p in self.model_params}
+            groups = [{**g, "params": [self.main[id(p)] for p in g["params"]]} for g in groups]
+            cast_params(model, param_dtype)
+            for p in self.model_params:
+                p.register_post_accumulate_grad_hook(self._to_main)
+        self.params = [p for g in groups for p in g["params"]]
+        device = self.params[0].device
+        kwargs = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+        if device.type == "cuda":  # the fused kernel is exact AdamW; on CPU the foreach path is the tested one
+            kwargs["fused"] = True
+        self.optimizer = torch.optim.AdamW(groups, **kwargs)
+
+    @torch.no_grad()
+    def _to_main(self, p: torch.Tensor) -> None:
+        main = self.main[id(p)]
+        if main.grad is None:
+            main.grad = p.grad.float()
+        else:
+            main.grad.add_(p.grad)
+        p.grad = None
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mixed:
+            for p in self.model_params:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.mixed:
+            torch._foreach_copy_(self.model_params, [self.main[id(p)] for p in self.model_params])
+
+    def main_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 main weight of model parameter `p` (p itself without mixed precision)."""
+        return self.main[id(p)] if self.mixed else p
+
+    def full_precision_state(self, model: torch.nn.Module) -> dict:
+        """`model.state_dict()` with every trained parameter replaced by its fp32 main weight, and
+        the other floating entries in fp32: what a checkpoint's model.pt holds."""
+        state = model.state_dict()
+        if not self.mixed:
+            return state
+        out = {}
+        for k, v in state.items():
+            out[k] = v.float() if v.is_floating_point() else v
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in self.main and n in out:
+                out[n] = self.main[id(p)].detach().clone()
+        return out
+
+
+def resolve_param_dtype(name: str, autocast_dtype, device: torch.device) -> torch.dtype:
+    """train.param_dtype: 'auto' is bf16 when the run computes in bf16 on a GPU, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if autocast_dtype == torch.bfloat16 and device.type == "cuda" else torch.float32
+    if name in ("fp32", "bf16"):
+        if name == "bf16" and autocast_dtype != torch.bfloat16:
+            raise ValueError("train.param_dtype=bf16 needs train.dtype=bf16 (bf16 compute); set both, "
+                             "or param_dtype=fp32")
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    raise ValueError(f"train.param_dtype={name!r} must be 'auto', 'fp32' or 'bf16'")

@@ -129,12 +129,31 @@ def load_model_state(model, state: dict, strict: bool = True) -> None:
 class PlainEngine:
     """Forward, backward, clip, AdamW. With `dp_group`, a data-parallel replica: the loss is
     normalised by the GLOBAL counts (summed over the group before the forward) and the gradients are
-    SUMMED, so DP equals one process on the concatenated batch exactly (parallel/pipeline_step.py)."""
+    SUMMED, so DP equals one process on the concatenated batch exactly (parallel/pipeline_step.py).
+
+    Mixed precision (train.param_dtype, megaflow/optim.py MainWeights): bf16 parameters, fp32 main
+    weights and gradients in the optimizer. Activation checkpointing and per-block torch.compile
+    (megaflow/speed.py) are applied to the model here, as the config says.
+
+    `train_step` never waits for the GPU: it returns 0-d tensors (loss, grad_norm, metrics), which
+    the loop reads back at log steps (`read_metrics`)."""
 
     def __init__(self, model, cfg: Config, dtype, dp_group=None):
+        from megaflow.optim import MainWeights, param_groups, resolve_param_dtype
+        from megaflow.speed import apply_speedups
         self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
-        self.optimizer = build_optimizer(model, cfg.train)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        device = next(model.parameters()).device
+        try:
+            self.param_dtype = resolve_param_dtype(cfg.train.param_dtype, dtype, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        groups = param_groups(model, cfg.train.weight_decay)
+        if not groups:
+            raise ValueError("no trainable parameters in this curriculum stage; check model.stage")
+        self.weights = MainWeights(model, groups, cfg.train, self.param_dtype)
+        self.optimizer = self.weights.optimizer
+        self.params = self.weights.params  # fp32 main weights (the parameters themselves in fp32 runs)
+        self.speedups = apply_speedups(model, cfg.train, device)
         self.fp8 = contextlib.nullcontext
         if cfg.parallel.fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
             from parallel.backend import fp8_context
@@ -146,24 +165,32 @@ class PlainEngine:
         with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None), \
                 self.fp8():
             if self.dp_group is None:
-                loss, metrics = self.model(batch, noise, keep)
+                terms = self.model.terms(batch, noise, keep)
+                counts = self.model.loss_counts(batch)
+                loss = self.model.combine(terms, counts)
+                metrics = metric_tensors(terms, counts, self.model.cfg)
             else:
                 loss, metrics = self._global_loss(batch, noise, keep)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.weights.zero_grad()
         loss.backward()
         if self.dp_group is not None:
             from parallel.data_parallel import allreduce_gradients
             allreduce_gradients(self.params, self.dp_group, average=False)
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        value = metrics.pop("global_loss", float(loss.detach()))
-        return {"loss": value, "grad_norm": float(norm), **metrics}
+        # Hook for a non-finite-gradient skip: `norm` is on the device; gate the step with it there
+        # (e.g. the fused AdamW's found_inf) rather than reading it back here.
+        self.weights.step()
+        value = metrics.pop("global_loss", loss.detach())
+        return {"loss": value, "grad_norm": norm.detach(), **metrics}
+
+    def model_state_dict(self) -> dict:
+        """The model's state with the fp32 main weights: what model.pt holds (full precision)."""
+        return self.weights.full_precision_state(self.model)
 
     def _global_loss(self, batch: dict, noise, keep):
         """This replica's share of the global-batch loss; the returned loss and metrics are global."""
         import torch.distributed as dist
-        from megaflow.model.starflow import metrics_from
         from parallel.pipeline_step import TERM_KEYS, global_counts
         m = self.model
         counts = global_counts(m, batch, self.dp_group)
@@ -173,13 +200,42 @@ class PlainEngine:
                                                          else loss.new_zeros((), dtype=torch.float64) for k in TERM_KEYS])
         dist.all_reduce(totals, group=self.dp_group)
         summed = {k: totals[1 + j] for j, k in enumerate(TERM_KEYS) if k in terms}
-        return loss, {**metrics_from(summed, counts, m.cfg), "global_loss": float(totals[0])}
+        return loss, {**metric_tensors(summed, counts, m.cfg), "global_loss": totals[0].float()}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def metric_tensors(terms: dict, counts: dict, mcfg: ModelConfig) -> dict:
+    """megaflow.model.starflow.metrics_from without reading anything back: 0-d tensors, NaN where
+    the batch had nothing to count (`read_metrics` drops those, as metrics_from leaves them out)."""
+    from megaflow.model.starflow import bits_per_dim
+    out = {}
+    dims = counts["dims"]
+    nll = terms["flow_sum"].detach().double() / dims.clamp(min=1)
+    nll = torch.where(dims > 0, nll, torch.full_like(nll, float("nan")))
+    out["flow_nll"] = nll
+    out["bits_per_dim"] = bits_per_dim(nll, mcfg.fae.mode == "pixels")
+    if "text_sum" in terms:
+        n = counts["text"]
+        text = terms["text_sum"].detach().double() / n.clamp(min=1)
+        out["text_loss"] = torch.where(n > 0, text, torch.full_like(text, float("nan")))
+    return out
+
+
+def read_metrics(metrics: dict) -> dict:
+    """Floats of an engine's step metrics (tensors are read back here, once per log step); the
+    derived metrics that are NaN because the batch had nothing to count are left out."""
+    out = {}
+    for k, v in metrics.items():
+        v = float(v)
+        if k in ("flow_nll", "bits_per_dim", "text_loss") and math.isnan(v):
+            continue
+        out[k] = v
+    return out
 
 
 # ----- evaluation -----------------------------------------------------------------------------------
@@ -227,7 +283,8 @@ def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list
     model.pt is the full model in the one-process format either way."""
     main_rank = topo is None or topo.rank == 0
     if topo is None:  # Transformer Engine's FP8 metadata stays out: model.pt loads under either backend
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        full = engine.model_state_dict()  # fp32 main weights under mixed precision
+        state = {k: v for k, v in full.items() if not k.endswith("_extra_state")}
     else:
         from parallel.checkpoint import full_model_state, layout_of, save_distributed, save_optimizer
         state = full_model_state(model, engine, topo)
@@ -381,24 +438,31 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo) -> dict:
         batch = to_device(next(batches), device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)
         lr = lr_at(step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps)
-        metrics = engine.train_step(batch, noise, keep, lr)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower train.lr (now {tcfg.lr}) "
-                                     f"or check the data; the last good checkpoint is in {out / 'checkpoints'}")
+        metrics = engine.train_step(batch, noise, keep, lr)  # 0-d tensors: the GPU is not waited for
         history.append({"step": step + 1, "loss": metrics["loss"]})
-        if mon is not None:
-            mon.step(step + 1, batch, metrics, lr)
         over_time = bool(tcfg.max_minutes) and time.time() - t_start > 60 * tcfg.max_minutes
         if tcfg.max_minutes:
             over_time = broadcast_value(over_time, topo)  # every rank stops where rank 0's clock says
         done = step + 1 == tcfg.steps or over_time
-        if tcfg.eval_data and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done):
+        evaluating = bool(tcfg.eval_data) and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done)
+        saving = tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done)
+        sampling = bool(tcfg.sample_every) and (step + 1) % tcfg.sample_every == 0
+        if (step + 1) % tcfg.log_every == 0 or done or evaluating or saving or sampling:
+            metrics = read_metrics(metrics)  # the one read-back: log steps and before anything is written
+            settle_history(history)
+            if not all(math.isfinite(h["loss"]) for h in history[-tcfg.log_every:]):
+                bad = next(h for h in history[-tcfg.log_every:] if not math.isfinite(h["loss"]))
+                raise FloatingPointError(f"loss is {bad['loss']} at step {bad['step']}; lower train.lr (now {tcfg.lr}) "
+                                         f"or check the data; the last good checkpoint is in {out / 'checkpoints'}")
+        if mon is not None:
+            mon.step(step + 1, batch, metrics, lr)
+        if evaluating:
             one = whole.get()  # collective when gathered: every rank takes part
             if one is not None:
                 mon.eval(step + 1, evaluate(one, eval_loader, cfg, device, dtype, tcfg.eval_batches))
-        if tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done):
+        if saving:
             save(out, step + 1, cfg, model, engine, loader, history, tok, topo)
-        if tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
+        if sampling:
             one = whole.get()
             if one is not None:
                 mon.samples(step + 1, one, tok, cfg)
@@ -445,10 +509,13 @@ class WholeModel:
         return self.topo is None or self.topo.rank == 0
 
     def get(self):
-        if self.direct:
+        if self.direct and not getattr(getattr(self.engine, "weights", None), "mixed", False):
             return self.model if self.here else None
-        from parallel.checkpoint import full_model_state
-        state = full_model_state(self.model, self.engine, self.topo)
+        if self.direct:  # bf16 parameters: evaluation and sampling read an fp32 copy of the main weights
+            state = self.engine.model_state_dict()
+        else:
+            from parallel.checkpoint import full_model_state
+            state = full_model_state(self.model, self.engine, self.topo)
         if not self.here:
             return None
         if self.copy is None:
@@ -457,6 +524,15 @@ class WholeModel:
             self.copy.to_empty(device=self.device)
         load_model_state(self.copy, state, strict=True)
         return self.copy
+
+
+def settle_history(history: list) -> None:
+    """Read back the losses still held as device tensors (the steps since the last read), at once."""
+    pending = [h for h in history[-1000:] if torch.is_tensor(h["loss"])]
+    if pending:
+        values = torch.stack([h["loss"].detach().double() for h in pending]).tolist()
+        for h, v in zip(pending, values):
+            h["loss"] = v
 
 
 def _forever(loader):

@@ -45,13 +45,13 @@ class ShallowFlowBlock(nn.Module):
     transform (the causal network has nothing before it to condition on)."""
 
     def __init__(self, latent_dim: int, n_tokens: int, dim: int, n_heads: int, n_layers: int,
-                 reverse: bool, clip: float, eps: float = 1e-5, rope_theta: float = 10000.0):
+                 reverse: bool, clip: float, eps: float = 1e-5, rope_theta: float = 10000.0, ffn_dim: int = 0):
         super().__init__()
         self.reverse, self.clip, self.rope_theta = reverse, clip, rope_theta
         self.head_dim = dim // n_heads
         self.proj_in = nn.Linear(latent_dim, dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, n_heads, n_heads, self.head_dim, 4 * dim, eps) for _ in range(n_layers))
+            TransformerBlock(dim, n_heads, n_heads, self.head_dim, ffn_dim or 4 * dim, eps) for _ in range(n_layers))
         self.norm = RMSNorm(dim, eps)
         self.proj_out = nn.Linear(dim, 2 * latent_dim)
 
@@ -61,14 +61,15 @@ class ShallowFlowBlock(nn.Module):
     def _net(self, x: torch.Tensor, start: int, cache=None) -> torch.Tensor:
         """Causal network on tokens [start, start + T) -> raw params (M, T, 2D) for the NEXT tokens."""
         M, T, _ = x.shape
+        act = self.proj_in.weight.dtype  # the stream's dtype (bf16 parameters); x stays fp32 outside
         pos = torch.arange(start, start + T, device=x.device).expand(M, T)
-        cos, sin = rope_tables(pos, self.head_dim, self.rope_theta, x.dtype)
+        cos, sin = rope_tables(pos, self.head_dim, self.rope_theta, act)
         mask = None if cache is None or start == 0 else torch.ones(1, 1, T, start + T, dtype=torch.bool, device=x.device).tril(start)
         ctx = AttnContext(cos, sin, mask, cache)
-        h = self.proj_in(x)  # (M, T, dim)
+        h = self.proj_in(x.to(act))  # (M, T, dim)
         for layer in self.layers:
             h = layer(h, ctx)
-        return self.proj_out(self.norm(h))  # (M, T, 2D)
+        return self.proj_out(self.norm(h)).float()  # (M, T, 2D): the flow's parameters in fp32
 
     def forward(self, x: torch.Tensor):
         """x (M, N, D) -> z (M, N, D), log|det dz/dx| (M,)."""
@@ -108,10 +109,11 @@ class ShallowFlows(nn.Module):
     that it alternates with the deep block after it, whose order is the sequence order."""
 
     def __init__(self, n_blocks: int, latent_dim: int, n_tokens: int, dim: int, n_heads: int,
-                 n_layers: int, clip: float, eps: float = 1e-5):
+                 n_layers: int, clip: float, eps: float = 1e-5, ffn_dim: int = 0):
         super().__init__()
         self.blocks = nn.ModuleList(
-            ShallowFlowBlock(latent_dim, n_tokens, dim, n_heads, n_layers, (n_blocks - i) % 2 == 1, clip, eps)
+            ShallowFlowBlock(latent_dim, n_tokens, dim, n_heads, n_layers, (n_blocks - i) % 2 == 1, clip, eps,
+                             ffn_dim=ffn_dim)
             for i in range(n_blocks))
 
     def forward(self, x: torch.Tensor):

@@ -103,7 +103,7 @@ class STARFlow2(nn.Module):
         self.fae = FAE(cfg.fae)
         D = cfg.fae.latent_dim
         self.shallow = ShallowFlows(f.n_shallow, D, cfg.fae.n_tokens, f.shallow_dim, f.shallow_heads,
-                                    f.shallow_layers, f.clip, f.norm_eps)
+                                    f.shallow_layers, f.clip, f.norm_eps, f.shallow_ffn_dim)
         if v is not None:
             self.embed_tokens = nn.Embedding(v.vocab_size, v.dim)
             self.adapter = nn.Sequential(nn.Linear(D, v.dim), nn.GELU(), nn.Linear(v.dim, v.dim))
@@ -206,24 +206,25 @@ class STARFlow2(nn.Module):
         tokens = batch["tokens"]
         B, T = tokens.shape
         D = self.cfg.fae.latent_dim
-        flow_aux = torch.zeros(B, 2, dtype=self.flow_in.weight.dtype, device=tokens.device)
+        act = self.flow_in.weight.dtype  # the streams' dtype; the flow variables and log-dets stay fp32
+        flow_aux = torch.zeros(B, 2, dtype=torch.float32, device=tokens.device)
         if flow_x is None:
-            flow_x = torch.zeros(B, T, D, dtype=flow_aux.dtype, device=tokens.device)
+            flow_x = torch.zeros(B, T, D, dtype=torch.float32, device=tokens.device)
             vlm_x = flow_x
             valid = batch["image_valid"]
             if bool(valid.any()):
                 y, logdet, sq, lat = self.encode_images(batch["images"], noise)
-                flow_x = flow_x.masked_scatter(batch["image_mask"][..., None], y[valid])  # (B, T, D)
-                vlm_x = vlm_x.masked_scatter(batch["image_mask"][..., None], lat[valid])  # (B, T, D)
-                flow_aux = torch.stack([(logdet * valid).sum(1), (sq * valid).sum(1)], dim=1)  # (B, 2)
+                flow_x = flow_x.masked_scatter(batch["image_mask"][..., None], y[valid].float())  # (B, T, D)
+                vlm_x = vlm_x.masked_scatter(batch["image_mask"][..., None], lat[valid].float())  # (B, T, D)
+                flow_aux = torch.stack([(logdet * valid).sum(1), (sq * valid).sum(1)], dim=1).float()  # (B, 2)
         elif vlm_x is None:
             vlm_x = torch.zeros_like(flow_x)
-        image_mask = batch["image_mask"][..., None].to(flow_x.dtype)  # (B, T, 1)
-        start = (tokens == self.cfg.tokens.boi_id)[..., None].to(flow_x.dtype)  # (B, T, 1)
-        h_flow = image_mask * self.flow_in(flow_x) + start * self.flow_start  # (B, T, Df)
+        image_mask = batch["image_mask"][..., None].to(act)  # (B, T, 1)
+        start = (tokens == self.cfg.tokens.boi_id)[..., None].to(act)  # (B, T, 1)
+        h_flow = image_mask * self.flow_in(flow_x.to(act)) + start * self.flow_start  # (B, T, Df)
         if self.embed_tokens is not None:
             seen = vlm_x if self.cfg.adapter_input == "latent" else flow_x
-            h_vlm = self.embed_tokens(tokens) + image_mask * self.adapter(seen)  # (B, T, Dv)
+            h_vlm = self.embed_tokens(tokens) + image_mask * self.adapter(seen.to(act))  # (B, T, Dv)
         else:
             text = 1.0 - image_mask - start
             h_flow = h_flow + ctx.cond_gate * text * self.flow_embed(tokens)
@@ -235,7 +236,7 @@ class STARFlow2(nn.Module):
 
     def flow_params(self, h_flow: torch.Tensor):
         """(mu, sigma) for the latent at the NEXT position, each (B, T, D)."""
-        return gaussian_params(self.gauss_head(self.flow_norm(h_flow)), self.cfg.flow.clip)
+        return gaussian_params(self.gauss_head(self.flow_norm(h_flow)).float(), self.cfg.flow.clip)  # fp32
 
     def deep_forward(self, h_flow: torch.Tensor, flow_x: torch.Tensor, image_mask: torch.Tensor):
         """The deep flow block, data -> noise: z (B, T-1, D) for the latent at positions 1..T-1,
