@@ -48,22 +48,41 @@ def _save_matmuls(ctx, func, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if func in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def block_forward(block: TransformerBlock, x: torch.Tensor, ctx) -> torch.Tensor:
+    """One block's training forward under its `ac_mode`. A module-level function of the block, so
+    one compiled graph per block shape serves every layer (the block is an input, not a constant)."""
+    mode = getattr(block, "ac_mode", "none")
+    if mode == "none":
+        return TransformerBlock.forward(block, x, ctx)
+    kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _save_matmuls)} if mode == "selective" else {}
+    return checkpoint(TransformerBlock.forward, block, x, ctx, use_reentrant=False, **kwargs)
+
+
+_compiled = {}
+
+
+def _wrap(block: TransformerBlock) -> None:
+    """Route the block's calls: training -> block_forward (compiled when `block.compiled`), the
+    rest (no grad, KV cache) -> the plain eager forward."""
+    def forward(x, ctx, _block=block):
+        if not _training(ctx):
+            return TransformerBlock.forward(_block, x, ctx)
+        if getattr(_block, "compiled", ""):
+            return _compiled[_block.compiled](_block, x, ctx)
+        return block_forward(_block, x, ctx)
+    block.forward = forward
+
+
 def apply_ac(model: nn.Module, mode: str) -> int:
-    """Wrap every transformer block's forward in activation checkpointing; returns how many."""
+    """Activation checkpointing of every transformer block (in training); returns how many."""
     if mode not in AC_MODES:
         raise ValueError(f"train.activation_checkpointing={mode!r} must be one of {AC_MODES}")
     if mode == "none":
         return 0
     blocks = transformer_blocks(model)
     for block in blocks:
-        inner = block.forward
-        kwargs = {"use_reentrant": False}
-        if mode == "selective":
-            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _save_matmuls)
-
-        def forward(x, ctx, _inner=inner, _kw=kwargs):
-            return checkpoint(_inner, x, ctx, **_kw) if _training(ctx) else _inner(x, ctx)
-        block.forward = forward
+        block.ac_mode = mode
+        _wrap(block)
     return len(blocks)
 
 
@@ -74,16 +93,18 @@ def compile_enabled(mode: str, device: torch.device) -> bool:
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile each transformer block's (possibly checkpointed) forward; returns how many.
-    Training calls take the compiled path, everything else the eager one."""
+    """torch.compile each transformer block's training forward (with its activation checkpointing);
+    returns how many. Every block shares one compiled function; dynamo compiles it once per block
+    shape and checkpointing mode (the limit on cached graphs is raised to allow a few of those)."""
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    if backend not in _compiled:
+        _compiled[backend] = torch.compile(block_forward, backend=backend)
     blocks = transformer_blocks(model)
     for block in blocks:
-        eager = block.forward
-        compiled = torch.compile(eager, backend=backend)
-
-        def forward(x, ctx, _eager=eager, _compiled=compiled):
-            return _compiled(x, ctx) if _training(ctx) else _eager(x, ctx)
-        block.forward = forward
+        block.compiled = backend
+        _wrap(block)
     return len(blocks)
 
 
