@@ -173,6 +173,7 @@ class PlainEngine:
                 loss, metrics = self._global_loss(batch, noise, keep)
         self.weights.zero_grad()
         loss.backward()
+        self.weights.grads_to_main()
         if self.dp_group is not None:
             from parallel.data_parallel import allreduce_gradients
             allreduce_gradients(self.params, self.dp_group, average=False)

@@ -92,7 +92,8 @@ def state_dtypes(model) -> list:
     """Dtypes of the state tuple: the two streams in the model's parameter dtype (bf16 under mixed
     precision), the deep flow's input variable and the log-det sums always in fp32."""
     act = model.flow_in.weight.dtype
-    return [act, act, torch.float32, torch.float32]
+    wide = torch.promote_types(act, torch.float32)
+    return [act, act, wide, wide]
 
 
 def _device() -> torch.device:

@@ -18,7 +18,7 @@ or --peak-tflops); on a CPU or an unknown GPU it is reported as null unless --pe
 Peak memory: CUDA's max allocated over the timed steps; on CPU the process's peak resident set.
 
 `--trace DIR` profiles --trace-steps more steps with torch.profiler and writes DIR/trace.json
-(chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 15 ops with the most self time.
+(chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 30 ops with the most self time.
 What it does not do: time data loading (the batch is on the device before the clock starts) or
 measure more than one process (tools/bench_tp.py, bench_pp.py, bench_zero.py do TP / PP / ZeRO).
 """
@@ -130,6 +130,11 @@ def profile(args) -> dict:
             _free(device)
         r["variant"], r["sets"] = name, sets
         rows.append(r)
+        if args.variant:  # progress, so a run cut short still shows its rows
+            print(f"[{name}] " + (r["error"] if "error" in r else
+                  f"{r['step_time_s'] * 1e3:.1f} ms, {r['images_per_s']:.1f} img/s, MFU "
+                  f"{100 * r['mfu'] if r['mfu'] is not None else float('nan'):.1f} %, {r['peak_memory_gib']:.1f} GiB, "
+                  f"warm-up {r['warmup_s']:.0f} s"), flush=True)
     result = rows[0] if not args.variant else {"config": args.config, "variants": rows}
     if args.baseline:
         result["baseline"] = baseline_for(base, device, args)
@@ -266,7 +271,7 @@ def baseline_for(cfg, device, args) -> dict:
 
 
 def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
-    """torch.profiler over `n_steps` steps: chrome trace, the top-15 ops by self time, and the GPU
+    """torch.profiler over `n_steps` steps: chrome trace, the top-30 ops by self time, and the GPU
     time by kernel category (GEMM, attention, compiled/Triton fusions, copies/casts, ...)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     d = Path(directory)
@@ -277,7 +282,7 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
             step()
     prof.export_chrome_trace(str(d / "trace.json"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=15)
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
     (d / "top_ops.txt").write_text(table + "\n")
     out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table}
     if device.type == "cuda":

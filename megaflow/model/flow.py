@@ -21,6 +21,12 @@ from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, rope_t
 SCALE_OFFSET = math.log(math.e - 1.0)  # softplus^-1(1) = 0.5413: zero output -> sigma = 1
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The flow's variables, parameters and log-dets are computed in fp32 (or wider) whatever the
+    dtype of the network that produced them (bf16 under mixed precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def gaussian_params(out: torch.Tensor, clip: float):
     """Raw head output (..., 2D) -> (mu, sigma), each (..., D), soft-clipped."""
     mu, a = out.chunk(2, dim=-1)
@@ -69,7 +75,7 @@ class ShallowFlowBlock(nn.Module):
         h = self.proj_in(x.to(act))  # (M, T, dim)
         for layer in self.layers:
             h = layer(h, ctx)
-        return self.proj_out(self.norm(h)).float()  # (M, T, 2D): the flow's parameters in fp32
+        return at_least_fp32(self.proj_out(self.norm(h)))  # (M, T, 2D): the flow's parameters in fp32
 
     def forward(self, x: torch.Tensor):
         """x (M, N, D) -> z (M, N, D), log|det dz/dx| (M,)."""
