@@ -303,8 +303,9 @@ def kernel_categories(prof) -> dict:
     """{category: percent of the GPU kernel time} from the profiler's device events."""
     totals, all_time = {}, 0.0
     for evt in prof.events():
-        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
+        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA or \
+                getattr(evt, "is_user_annotation", False) or evt.name.startswith(("Optimizer.", "ProfilerStep")):
+            continue  # kernels only: a GPU-side annotation range would count its kernels twice
         t = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
         name = evt.name.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")

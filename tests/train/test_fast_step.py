@@ -138,6 +138,19 @@ def test_speedups_equal_eager(mode):
         torch.testing.assert_close(model(batch, noise)[0], loss_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_scatter_images_is_masked_scatter():
+    """The embed's sync-free scatter of image latents equals masked_scatter(values[valid]), also
+    when a row's valid images are not its first ones."""
+    from megaflow.model.starflow import scatter_images
+    cfg = tiny_config()
+    batch = make_batch(cfg, batch_size=3, max_images=2)
+    valid, mask = batch["image_valid"].clone(), batch["image_mask"]
+    valid[1] = torch.tensor([False, True])  # row 1's one image is held in slot 1
+    values = torch.randn(3, 2, cfg.fae.n_tokens, cfg.fae.latent_dim)
+    want = torch.zeros(3, mask.shape[1], cfg.fae.latent_dim).masked_scatter(mask[..., None], values[valid])
+    assert torch.equal(scatter_images(values, valid, mask), want)
+
+
 def test_shallow_ffn_dim():
     """flow.shallow_ffn_dim sets the shallow blocks' SwiGLU size (0 keeps 4 x shallow_dim)."""
     default = build_model(tiny_config(), seed=0)
