@@ -6,7 +6,8 @@
 - activation checkpointing (selective, full) and per-block compilation give eager's loss and
   gradients (compiled with the aot_eager backend on CPU: the same graph capture and autograd
   as inductor, without its C++ build, which takes ~40 s per block shape on two cores);
-- flow.shallow_ffn_dim sizes the shallow blocks' MLP.
+- flow.shallow_ffn_dim sizes the shallow blocks' MLP;
+- the pipeline engine's mixed precision (PP=2 on gloo) follows the one-process bf16 run.
 """
 from __future__ import annotations
 
@@ -159,3 +160,50 @@ def test_shallow_ffn_dim():
     assert sized.shallow.blocks[0].layers[0].mlp.gate_proj.out_features == 24
     with pytest.raises(ValueError, match="shallow_ffn_dim"):
         tiny_config(shallow_ffn_dim=-1)
+
+
+def _pp2_bf16(rank, world):
+    """PP=2 (2 micro-batches, tied embeddings) with bf16 weights vs one process with bf16 weights."""
+    from parallel.engine import ParallelEngine
+    from parallel.pipeline import TiedEmbeddings, load_stages, split_stages
+    from parallel.topology import Topology
+    from tests.parallel.test_pp_dist import _config
+    from megaflow.model.starflow import STARFlow2, apply_stage
+    mcfg = _config(4, tie=True)
+    cfg = run_config(dtype="bf16", param_dtype="bf16")
+    cfg = dataclasses.replace(cfg, model=mcfg, parallel=dataclasses.replace(cfg.parallel, pp=2, micro_batches=2))
+    batch = make_batch(mcfg, 4, 48)
+    noise = make_noise(mcfg, batch)
+    one = PlainEngine(build_model(mcfg, seed=0), cfg, torch.bfloat16)
+    state = one.model_state_dict()
+    topo = Topology(pp=2)
+    with torch.device("meta"):
+        model = STARFlow2(mcfg)
+    apply_stage(model, mcfg.stage)
+    stages = split_stages(model, 2, topo.pp_rank, "1f1b", 1, 2, verbose=False)
+    load_stages(stages, state)
+    tied = TiedEmbeddings(stages, topo)
+    engine = ParallelEngine(stages, cfg, torch.bfloat16, topo, tied)
+    out = {"dtypes": sorted({str(p.dtype) for st in stages for p in st.module.parameters()}),
+           "main": sorted({str(p.dtype) for p in engine.params}), "loss": [], "ref": []}
+    for _ in range(3):
+        out["loss"].append(engine.train_step(batch, noise, None, 1e-3)["loss"])
+        out["ref"].append(float(one.train_step(batch, noise, None, 1e-3)["loss"]))
+    mine, ref = engine.model_state_dict(), one.model_state_dict()
+    diff = sum(float((v - ref[k]).pow(2).sum()) for k, v in mine.items() if v.is_floating_point())
+    moved = sum(float((v - state[k]).pow(2).sum()) for k, v in mine.items() if v.is_floating_point())
+    out["update_mismatch"] = (diff / moved) ** 0.5  # |pipeline - one process| / |one step's update|
+    out["fp32_state"] = all(v.dtype == torch.float32 for v in mine.values() if v.is_floating_point())
+    return out
+
+
+def test_pipeline_engine_bf16_weights_match_one_process():
+    """The pipeline engine's mixed precision (bf16 stage weights, fp32 main weights fed by gradient
+    hooks across 2 micro-batches, the tied embedding's gradient summed in fp32, fp32 flow variables
+    sent between stages) follows the one-process bf16 run within bf16 rounding for 3 steps."""
+    from tests.distributed import run_distributed
+    for out in run_distributed(_pp2_bf16, 2):
+        assert out["dtypes"] == ["torch.bfloat16"] and out["main"] == ["torch.float32"] and out["fp32_state"]
+        for got, want in zip(out["loss"], out["ref"]):
+            assert abs(got - want) < 1e-3 * max(1.0, abs(want)), (out["loss"], out["ref"])
+        assert out["update_mismatch"] < 0.05, out["update_mismatch"]  # measured 0.011
