@@ -68,25 +68,21 @@ def measure_parts(model, batch: dict, dtype, device, peak: float, step_time: flo
         t = statistics.median(timer(once) for _ in range(repeats))
         parts[name] = {"time_s": t, "flops": flops, "mfu": flops / t / peak if peak else None}
 
+    def stream(layers, h0, attn_ctx):
+        def run():
+            h = h0
+            for layer in layers:
+                h = layer(h, attn_ctx)
+            return h.float().square().mean()
+        return run
+
     vlm_layers = [layer for u in units for layer in u.vlm_layers]
     if vlm_layers:
-        h0 = rand(B, T, v.dim)
-
-        def vlm():
-            h = h0
-            for layer in vlm_layers:
-                h = layer(h, ctx.vlm)
-            return h.float().square().mean()
-        part("VLM stream", 6.0 * _n2d(vlm_layers) * tokens + 12.0 * T * v.n_layers * v.n_heads * v.hd * tokens, vlm)
+        part("VLM stream", 6.0 * _n2d(vlm_layers) * tokens + 12.0 * T * v.n_layers * v.n_heads * v.hd * tokens,
+             stream(vlm_layers, rand(B, T, v.dim), ctx.vlm))
     flow_layers = [u.flow_layer for u in units]
-    hf = rand(B, T, f.dim)
-
-    def deep():
-        h = hf
-        for layer in flow_layers:
-            h = layer(h, ctx.flow)
-        return h.float().square().mean()
-    part("deep flow", 6.0 * _n2d(flow_layers) * tokens + 12.0 * T * f.n_layers * f.dim * tokens, deep)
+    part("deep flow", 6.0 * _n2d(flow_layers) * tokens + 12.0 * T * f.n_layers * f.dim * tokens,
+         stream(flow_layers, rand(B, T, f.dim), ctx.flow))
     if f.n_shallow and n_img_tokens:
         M = int(batch["image_valid"].sum())
         lat = rand(M, cfg.fae.n_tokens, cfg.fae.latent_dim, dt=torch.float32, grad=False)
