@@ -36,7 +36,7 @@ from megaflow.checkpoint import CheckpointError, find_latest, load_file, resolve
 from megaflow.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from megaflow.model.config import ModelConfig, SpecialTokens
 from megaflow.model.starflow import STARFlow2, apply_stage
-from megaflow.optim import build_optimizer, lr_at, set_lr
+from megaflow.optim import lr_at, set_lr
 
 log = logging.getLogger("megaflow")
 REPO = Path(__file__).resolve().parents[1]
@@ -143,17 +143,21 @@ class PlainEngine:
         from megaflow.speed import apply_speedups
         self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
         device = next(model.parameters()).device
+        tcfg = cfg.train
+        if cfg.parallel.backend == "te":  # Transformer Engine's layers: fp32 weights and eager unless asked
+            tcfg = dataclasses.replace(tcfg, param_dtype="fp32" if tcfg.param_dtype == "auto" else tcfg.param_dtype,
+                                       compile="off" if tcfg.compile == "auto" else tcfg.compile)
         try:
-            self.param_dtype = resolve_param_dtype(cfg.train.param_dtype, dtype, device)
+            self.param_dtype = resolve_param_dtype(tcfg.param_dtype, dtype, device)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         groups = param_groups(model, cfg.train.weight_decay)
         if not groups:
             raise ValueError("no trainable parameters in this curriculum stage; check model.stage")
-        self.weights = MainWeights(model, groups, cfg.train, self.param_dtype)
+        self.weights = MainWeights(model, groups, tcfg, self.param_dtype)
         self.optimizer = self.weights.optimizer
         self.params = self.weights.params  # fp32 main weights (the parameters themselves in fp32 runs)
-        self.speedups = apply_speedups(model, cfg.train, device)
+        self.speedups = apply_speedups(model, tcfg, device)
         self.fp8 = contextlib.nullcontext
         if cfg.parallel.fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
             from parallel.backend import fp8_context
