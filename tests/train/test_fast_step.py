@@ -163,14 +163,15 @@ def test_shallow_ffn_dim():
 
 
 def _pp2_bf16(rank, world):
-    """PP=2 (2 micro-batches, tied embeddings) with bf16 weights vs one process with bf16 weights."""
+    """PP=2 (2 micro-batches, tied embeddings) with bf16 weights vs one process with bf16 weights,
+    both with full activation checkpointing (its recompute inside a pipeline stage)."""
     from parallel.engine import ParallelEngine
     from parallel.pipeline import TiedEmbeddings, load_stages, split_stages
     from parallel.topology import Topology
     from tests.parallel.test_pp_dist import _config
     from megaflow.model.starflow import STARFlow2, apply_stage
     mcfg = _config(4, tie=True)
-    cfg = run_config(dtype="bf16", param_dtype="bf16")
+    cfg = run_config(dtype="bf16", param_dtype="bf16", activation_checkpointing="full")
     cfg = dataclasses.replace(cfg, model=mcfg, parallel=dataclasses.replace(cfg.parallel, pp=2, micro_batches=2))
     batch = make_batch(mcfg, 4, 48)
     noise = make_noise(mcfg, batch)
@@ -184,6 +185,7 @@ def _pp2_bf16(rank, world):
     load_stages(stages, state)
     tied = TiedEmbeddings(stages, topo)
     engine = ParallelEngine(stages, cfg, torch.bfloat16, topo, tied)
+    assert all(b.ac_mode == "full" for st in stages for b in transformer_blocks(st.module))
     out = {"dtypes": sorted({str(p.dtype) for st in stages for p in st.module.parameters()}),
            "main": sorted({str(p.dtype) for p in engine.params}), "loss": [], "ref": []}
     for _ in range(3):
@@ -200,7 +202,8 @@ def _pp2_bf16(rank, world):
 def test_pipeline_engine_bf16_weights_match_one_process():
     """The pipeline engine's mixed precision (bf16 stage weights, fp32 main weights fed by gradient
     hooks across 2 micro-batches, the tied embedding's gradient summed in fp32, fp32 flow variables
-    sent between stages) follows the one-process bf16 run within bf16 rounding for 3 steps."""
+    sent between stages, blocks checkpointed) follows the one-process bf16 run within bf16 rounding
+    for 3 steps."""
     from tests.distributed import run_distributed
     for out in run_distributed(_pp2_bf16, 2):
         assert out["dtypes"] == ["torch.bfloat16"] and out["main"] == ["torch.float32"] and out["fp32_state"]
