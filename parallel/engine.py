@@ -16,6 +16,8 @@ Not here: building and loading the stages (parallel/runtime.py), checkpoint file
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -96,6 +98,8 @@ class ParallelEngine:
         if tied is not None and tied.group is not None and self.weights.mixed:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
         self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb)
+        if topo.tp > 1 and tcfg.compile == "auto":  # blocks with collectives inside: compile only when asked
+            tcfg = dataclasses.replace(tcfg, compile="off")
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
