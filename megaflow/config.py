@@ -45,6 +45,9 @@ class TrainConfig:
     seed: int = 0  # seed of initialisation, noise and condition dropout
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'
     dtype: str = "auto"  # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'
+    param_dtype: str = "auto"  # model weights: 'auto' (bf16 with fp32 main weights in the optimizer when dtype is bf16 on GPU, else fp32), 'fp32' or 'bf16'
+    compile: str = "auto"  # torch.compile of each transformer block: 'auto' (on with CUDA, but not with parallel.tp > 1 or ZeRO-3), 'on' or 'off'
+    activation_checkpointing: str = "none"  # recompute activations in backward: 'none', 'selective' (keep matmul and attention outputs) or 'full' (keep block inputs)
     threads: int = 0  # torch CPU threads (0 = all cores)
     out_dir: str = "runs/default"  # checkpoints, TensorBoard logs, samples and the report go here
     log_every: int = 10  # steps between log lines and TensorBoard scalars

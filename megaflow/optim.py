@@ -58,3 +58,155 @@ def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+# ----- mixed precision: bf16 model parameters, fp32 main weights ------------------------------------
+def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's floating parameters and buffers to `dtype` in place (tied parameters stay
+    tied: the Parameter objects are kept). The FAE keeps its dtype: its encoder turns pixels into the
+    flow's variables, which stay fp32."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.dtype != dtype and "fae" not in name.split("."):
+            t.data = t.data.to(dtype)
+
+
+class MainWeights:
+    """Megatron-style mixed precision around AdamW: the model computes with bf16 parameters, the
+    optimizer steps fp32 main copies of them, and the bf16 weights are refreshed from the main ones
+    after each step: no per-step weight cast in the forward.
+
+    Build it on the fp32 model: the main copies are the exact fp32 weights (an init or a loaded
+    checkpoint), then the model's parameters become `param_dtype`. The bf16 parameters and the fp32
+    main weights each live in one flat buffer (the tensors are views into it), so refreshing the
+    weights is one copy kernel. Gradients, two ways:
+      flat_grads=True   (one backward per step: PlainEngine) the bf16 gradients are views of one
+                        flat buffer that autograd accumulates into; one cast copies it into the fp32
+                        main gradients. Almost no host work per step.
+      flat_grads=False  (micro-batches: the pipeline engine) a post-accumulate-grad hook adds each
+                        bf16 gradient into its fp32 main gradient as soon as it is ready and frees it,
+                        so micro-batches accumulate in fp32.
+    With param_dtype fp32 it is a plain AdamW over the parameters themselves (nothing copied).
+
+    `params` are what gradient code works on: the main tensors (`.grad` is the fp32 gradient);
+    data-parallel reduction and clipping use them. `optimizer` is torch's AdamW over them; its state
+    keys match an fp32 run's, so optimizer files load across param dtypes."""
+
+    def __init__(self, model: torch.nn.Module, groups: list, tcfg, param_dtype: torch.dtype = torch.float32,
+                 flat_grads: bool = True):
+        self.model_params = [p for g in groups for p in g["params"]]
+        self.mixed, self.flat_grads = param_dtype != torch.float32, flat_grads
+        if self.mixed:
+            self._build_buffers(model, param_dtype)
+            groups = [{**g, "params": [self.main[id(p)] for p in g["params"]]} for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
+        kwargs = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+        if self.params[0].device.type == "cuda":  # the fused kernel is exact AdamW; on CPU the foreach path is the tested one
+            kwargs["fused"] = True
+        self.optimizer = torch.optim.AdamW(groups, **kwargs)
+
+    @torch.no_grad()
+    def _build_buffers(self, model, param_dtype) -> None:
+        ps = self.model_params
+        n, device = sum(p.numel() for p in ps), ps[0].device
+        self.flat_main = torch.empty(n, dtype=torch.float32, device=device)
+        self.flat_param = torch.empty(n, dtype=param_dtype, device=device)
+        self.flat_main_grad = torch.zeros(n, dtype=torch.float32, device=device)
+        self.flat_grad = torch.zeros(n, dtype=param_dtype, device=device) if self.flat_grads else None
+        self.main, self.grad_views, off = {}, [], 0
+        for p in ps:
+            k = p.numel()
+            main = self.flat_main[off:off + k].view_as(p)
+            main.copy_(p.detach())
+            main.requires_grad_(True)
+            main.grad = self.flat_main_grad[off:off + k].view_as(p)
+            self.main[id(p)] = main
+            self.flat_param[off:off + k].copy_(p.detach().reshape(-1))
+            p.data = self.flat_param[off:off + k].view_as(p)
+            if self.flat_grads:
+                self.grad_views.append(self.flat_grad[off:off + k].view_as(p))
+                p.grad = self.grad_views[-1]
+            else:
+                p.register_post_accumulate_grad_hook(self._to_main)
+            off += k
+        cast_params(model, param_dtype)  # the rest (frozen weights, buffers) follows
+
+    @torch.no_grad()
+    def _to_main(self, p: torch.Tensor) -> None:
+        self.main[id(p)].grad.add_(p.grad)
+        p.grad = None
+
+    def zero_grad(self) -> None:
+        if not self.mixed:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        self.flat_main_grad.zero_()
+        if self.flat_grads:
+            self.flat_grad.zero_()
+            for p, view in zip(self.model_params, self.grad_views):
+                p.grad = view  # (re)attach, in case something set it to None
+        else:
+            for p in self.model_params:
+                p.grad = None
+
+    @torch.no_grad()
+    def grads_to_main(self) -> None:
+        """After backward: the fp32 main gradients from the bf16 ones (flat mode; hooks did it otherwise)."""
+        if not (self.mixed and self.flat_grads):
+            return
+        for p, view in zip(self.model_params, self.grad_views):
+            if p.grad is not None and p.grad is not view:  # replaced by someone: take its values
+                view.copy_(p.grad)
+                p.grad = view
+        self.flat_main_grad.copy_(self.flat_grad)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.mixed:
+            self.flat_param.copy_(self.flat_main)
+
+    def step_if_finite(self, norm: torch.Tensor) -> torch.Tensor:
+        """`step()` unless the gradient norm is NaN/Inf; returns 1.0 (skipped) or 0.0 as a 0-d tensor.
+        With the fused kernel (CUDA) the decision stays on the device: `found_inf` makes AdamW leave
+        weights, moments and its step count untouched (as under torch's GradScaler), so nothing is read
+        back. Elsewhere the flag is read here and the step is not taken."""
+        bad = (~torch.isfinite(norm.detach())).float()
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = bad.reshape(1)
+            try:
+                self.step()  # a skipped update leaves flat_main as it was, so the copy keeps the weights
+            finally:
+                del self.optimizer.found_inf
+        elif bad.item():
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.step()
+        return bad
+
+    def main_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 main weight of model parameter `p` (p itself without mixed precision)."""
+        return self.main[id(p)] if self.mixed else p
+
+    def full_precision_state(self, model: torch.nn.Module) -> dict:
+        """`model.state_dict()` with every trained parameter replaced by its fp32 main weight, and
+        the other floating entries in fp32: what a checkpoint's model.pt holds."""
+        state = model.state_dict()
+        if not self.mixed:
+            return state
+        out = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in self.main and n in out:
+                out[n] = self.main[id(p)].detach().clone()
+        return out
+
+
+def resolve_param_dtype(name: str, autocast_dtype, device: torch.device) -> torch.dtype:
+    """train.param_dtype: 'auto' is bf16 when the run computes in bf16 on a GPU, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if autocast_dtype == torch.bfloat16 and device.type == "cuda" else torch.float32
+    if name in ("fp32", "bf16"):
+        if name == "bf16" and autocast_dtype != torch.bfloat16:
+            raise ValueError("train.param_dtype=bf16 needs train.dtype=bf16 (bf16 compute); set both, "
+                             "or param_dtype=fp32")
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    raise ValueError(f"train.param_dtype={name!r} must be 'auto', 'fp32' or 'bf16'")

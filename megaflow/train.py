@@ -40,7 +40,7 @@ from megaflow.checkpoint import (CheckpointError, find_latest, list_checkpoints,
 from megaflow.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from megaflow.model.config import ModelConfig, SpecialTokens
 from megaflow.model.starflow import STARFlow2, apply_stage
-from megaflow.optim import build_optimizer, lr_at, set_lr
+from megaflow.optim import lr_at, set_lr
 
 log = logging.getLogger("megaflow")
 REPO = Path(__file__).resolve().parents[1]
@@ -133,12 +133,35 @@ def load_model_state(model, state: dict, strict: bool = True) -> None:
 class PlainEngine:
     """Forward, backward, clip, AdamW. With `dp_group`, a data-parallel replica: the loss is
     normalised by the GLOBAL counts (summed over the group before the forward) and the gradients are
-    SUMMED, so DP equals one process on the concatenated batch exactly (parallel/pipeline_step.py)."""
+    SUMMED, so DP equals one process on the concatenated batch exactly (parallel/pipeline_step.py).
+
+    Mixed precision (train.param_dtype, megaflow/optim.py MainWeights): bf16 parameters, fp32 main
+    weights and gradients in the optimizer. Activation checkpointing and per-block torch.compile
+    (megaflow/speed.py) are applied to the model here, as the config says.
+
+    `train_step` never waits for the GPU: it returns 0-d tensors (loss, grad_norm, metrics), which
+    the loop reads back at log steps (`read_metrics`)."""
 
     def __init__(self, model, cfg: Config, dtype, dp_group=None):
+        from megaflow.optim import MainWeights, param_groups, resolve_param_dtype
+        from megaflow.speed import apply_speedups
         self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
-        self.optimizer = build_optimizer(model, cfg.train)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        device = next(model.parameters()).device
+        tcfg = cfg.train
+        if cfg.parallel.backend == "te":  # Transformer Engine's layers: fp32 weights and eager unless asked
+            tcfg = dataclasses.replace(tcfg, param_dtype="fp32" if tcfg.param_dtype == "auto" else tcfg.param_dtype,
+                                       compile="off" if tcfg.compile == "auto" else tcfg.compile)
+        try:
+            self.param_dtype = resolve_param_dtype(tcfg.param_dtype, dtype, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        groups = param_groups(model, cfg.train.weight_decay)
+        if not groups:
+            raise ValueError("no trainable parameters in this curriculum stage; check model.stage")
+        self.weights = MainWeights(model, groups, tcfg, self.param_dtype)
+        self.optimizer = self.weights.optimizer
+        self.params = self.weights.params  # fp32 main weights (the parameters themselves in fp32 runs)
+        self.speedups = apply_speedups(model, tcfg, device)
         self.fp8 = contextlib.nullcontext
         if cfg.parallel.fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
             from parallel.backend import fp8_context
@@ -150,30 +173,34 @@ class PlainEngine:
         with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None), \
                 self.fp8():
             if self.dp_group is None:
-                loss, metrics = self.model(batch, noise, keep)
+                terms = self.model.terms(batch, noise, keep)
+                counts = self.model.loss_counts(batch)
+                loss = self.model.combine(terms, counts)
+                metrics = metric_tensors(terms, counts, self.model.cfg)
             else:
                 loss, metrics = self._global_loss(batch, noise, keep)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.weights.zero_grad()
         loss.backward()
+        self.weights.grads_to_main()
         if self.dp_group is not None:
             from parallel.data_parallel import allreduce_gradients
             allreduce_gradients(self.params, self.dp_group, average=False)
         clip = self.cfg.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        # NaN/Inf anywhere in the gradients makes the norm non-finite: skip the update. With dp_group the
-        # gradients were summed above, so every replica sees the same norm and skips the same steps.
-        skipped = not bool(torch.isfinite(norm))
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        value = metrics.pop("global_loss", float(loss.detach()))
-        return {"loss": value, "grad_norm": float(norm), "skipped": skipped, **metrics}
+        # NaN/Inf anywhere in the gradients makes the norm non-finite: the update is skipped (on CUDA the
+        # fused AdamW is gated on the device, nothing is read back). With dp_group the gradients were summed
+        # above, so every replica sees the same norm and skips the same steps.
+        skipped = self.weights.step_if_finite(norm)
+        value = metrics.pop("global_loss", loss.detach())
+        return {"loss": value, "grad_norm": norm.detach(), "skipped": skipped, **metrics}
+
+    def model_state_dict(self) -> dict:
+        """The model's state with the fp32 main weights: what model.pt holds (full precision)."""
+        return self.weights.full_precision_state(self.model)
 
     def _global_loss(self, batch: dict, noise, keep):
         """This replica's share of the global-batch loss; the returned loss and metrics are global."""
         import torch.distributed as dist
-        from megaflow.model.starflow import metrics_from
         from parallel.pipeline_step import TERM_KEYS, global_counts
         m = self.model
         counts = global_counts(m, batch, self.dp_group)
@@ -183,13 +210,42 @@ class PlainEngine:
                                                          else loss.new_zeros((), dtype=torch.float64) for k in TERM_KEYS])
         dist.all_reduce(totals, group=self.dp_group)
         summed = {k: totals[1 + j] for j, k in enumerate(TERM_KEYS) if k in terms}
-        return loss, {**metrics_from(summed, counts, m.cfg), "global_loss": float(totals[0])}
+        return loss, {**metric_tensors(summed, counts, m.cfg), "global_loss": totals[0].float()}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def metric_tensors(terms: dict, counts: dict, mcfg: ModelConfig) -> dict:
+    """megaflow.model.starflow.metrics_from without reading anything back: 0-d tensors, NaN where
+    the batch had nothing to count (`read_metrics` drops those, as metrics_from leaves them out)."""
+    from megaflow.model.starflow import bits_per_dim
+    out = {}
+    dims = counts["dims"]
+    nll = terms["flow_sum"].detach().double() / dims.clamp(min=1)
+    nll = torch.where(dims > 0, nll, torch.full_like(nll, float("nan")))
+    out["flow_nll"] = nll
+    out["bits_per_dim"] = bits_per_dim(nll, mcfg.fae.mode == "pixels")
+    if "text_sum" in terms:
+        n = counts["text"]
+        text = terms["text_sum"].detach().double() / n.clamp(min=1)
+        out["text_loss"] = torch.where(n > 0, text, torch.full_like(text, float("nan")))
+    return out
+
+
+def read_metrics(metrics: dict) -> dict:
+    """Floats of an engine's step metrics (tensors are read back here, once per log step); the
+    derived metrics that are NaN because the batch had nothing to count are left out."""
+    out = {}
+    for k, v in metrics.items():
+        v = float(v)
+        if k in ("flow_nll", "bits_per_dim", "text_loss") and math.isnan(v):
+            continue
+        out[k] = v
+    return out
 
 
 # ----- evaluation -----------------------------------------------------------------------------------
@@ -239,7 +295,8 @@ def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list
     model.pt is the full model in the one-process format either way."""
     main_rank = topo is None or topo.rank == 0
     if topo is None:  # Transformer Engine's FP8 metadata stays out: model.pt loads under either backend
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        full = engine.model_state_dict()  # fp32 main weights under mixed precision
+        state = {k: v for k, v in full.items() if not k.endswith("_extra_state")}
     else:
         from parallel.checkpoint import full_model_state, layout_of, save_distributed, save_optimizer
         state = full_model_state(model, engine, topo)
@@ -455,38 +512,29 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         batch = to_device(next(batches), device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)
         lr = lr_at(step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps)
-        metrics = engine.train_step(batch, noise, keep, lr)
-        was_skipped = bool(metrics.pop("skipped", False))
-        if was_skipped:  # NaN/Inf gradients: the engine left the weights and the optimizer state untouched
-            skipped += 1
-            if main_rank:
-                log.warning("step %d: NaN/Inf gradients (loss %s, grad norm %s); the optimizer step was skipped "
-                            "(%d so far, train.max_skipped_steps=%d)", step + 1, metrics["loss"],
-                            metrics.get("grad_norm"), skipped, tcfg.max_skipped_steps)
-            if skipped > tcfg.max_skipped_steps:
-                raise FloatingPointError(f"{skipped} optimizer steps skipped for NaN/Inf gradients, the last at step "
-                                         f"{step + 1} (train.max_skipped_steps={tcfg.max_skipped_steps}); lower "
-                                         f"train.lr (now {tcfg.lr}) or check the data; the last good checkpoint is "
-                                         f"in {str(out / 'checkpoints')!r}")
-        elif not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower train.lr (now {tcfg.lr}) "
-                                     f"or check the data; the last good checkpoint is in {str(out / 'checkpoints')!r}")
-        history.append({"step": step + 1, "loss": metrics["loss"], **({"skipped": True} if was_skipped else {})})
-        metrics["skipped_steps"] = skipped
-        if mon is not None:
-            mon.step(step + 1, batch, metrics, lr)
+        metrics = engine.train_step(batch, noise, keep, lr)  # 0-d tensors: the GPU is not waited for
+        history.append({"step": step + 1, "loss": metrics["loss"], "_skip": metrics.pop("skipped", False)})
         over_time = bool(tcfg.max_minutes) and time.time() - t_start > 60 * tcfg.max_minutes
         if tcfg.max_minutes:
             over_time = broadcast_value(over_time, topo)  # every rank stops where rank 0's clock says
         done = step + 1 == tcfg.steps or over_time
-        if tcfg.eval_data and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done):
+        evaluating = bool(tcfg.eval_data) and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done)
+        saving = tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done)
+        sampling = bool(tcfg.sample_every) and (step + 1) % tcfg.sample_every == 0
+        if (step + 1) % tcfg.log_every == 0 or done or evaluating or saving or sampling:
+            metrics = read_metrics(metrics)  # the one read-back: log steps and before anything is written
+            skipped = check_steps(settle_history(history), skipped, tcfg, out, main_rank)
+            metrics["skipped_steps"] = skipped
+        if mon is not None:
+            mon.step(step + 1, batch, metrics, lr)
+        if evaluating:
             one = whole.get()  # collective when gathered: every rank takes part
             if one is not None:
                 mon.eval(step + 1, evaluate(one, eval_loader, cfg, device, dtype, tcfg.eval_batches))
-        if tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done):
+        if saving:
             check_finite(model, engine, topo, device, step + 1, cfg, out)
             save(out, step + 1, cfg, model, engine, loader, history, tok, topo)
-        if tcfg.sample_every and (step + 1) % tcfg.sample_every == 0:
+        if sampling:
             one = whole.get()
             if one is not None:
                 mon.samples(step + 1, one, tok, cfg)
@@ -534,10 +582,13 @@ class WholeModel:
         return self.topo is None or self.topo.rank == 0
 
     def get(self):
-        if self.direct:
+        if self.direct and not getattr(getattr(self.engine, "weights", None), "mixed", False):
             return self.model if self.here else None
-        from parallel.checkpoint import full_model_state
-        state = full_model_state(self.model, self.engine, self.topo)
+        if self.direct:  # bf16 parameters: evaluation and sampling read an fp32 copy of the main weights
+            state = self.engine.model_state_dict()
+        else:
+            from parallel.checkpoint import full_model_state
+            state = full_model_state(self.model, self.engine, self.topo)
         if not self.here:
             return None
         if self.copy is None:
@@ -546,6 +597,46 @@ class WholeModel:
             self.copy.to_empty(device=self.device)
         load_model_state(self.copy, state, strict=True)
         return self.copy
+
+
+def settle_history(history: list) -> list:
+    """Read back, at once, the losses and skip flags still held as device tensors (the steps since the
+    last read, marked by `_skip`); returns those entries. A skipped step gets `"skipped": True`."""
+    n = 0
+    while n < len(history) and "_skip" in history[-1 - n]:
+        n += 1
+    pending = history[len(history) - n:]
+    if pending:
+        dev = next((v.device for h in pending for v in (h["loss"], h["_skip"]) if torch.is_tensor(v)), "cpu")
+        values = torch.stack([torch.as_tensor(h[k], dtype=torch.float64, device=dev).detach()
+                              for h in pending for k in ("loss", "_skip")]).tolist()
+        for j, h in enumerate(pending):
+            h["loss"] = values[2 * j]
+            del h["_skip"]
+            if values[2 * j + 1]:
+                h["skipped"] = True
+    return pending
+
+
+def check_steps(settled: list, skipped: int, tcfg, out: Path, main_rank: bool) -> int:
+    """The run's count of skipped steps after `settled` (history entries just read back): a skipped
+    step (NaN/Inf gradients; the engine left weights and optimizer state untouched) is counted and
+    logged, past train.max_skipped_steps the run stops; a non-finite loss that was not skipped stops it."""
+    for h in settled:
+        if h.get("skipped"):
+            skipped += 1
+            if main_rank:
+                log.warning("step %d: NaN/Inf gradients (loss %s); the optimizer step was skipped (%d so far, "
+                            "train.max_skipped_steps=%d)", h["step"], h["loss"], skipped, tcfg.max_skipped_steps)
+            if skipped > tcfg.max_skipped_steps:
+                raise FloatingPointError(f"{skipped} optimizer steps skipped for NaN/Inf gradients, the last at step "
+                                         f"{h['step']} (train.max_skipped_steps={tcfg.max_skipped_steps}); lower "
+                                         f"train.lr (now {tcfg.lr}) or check the data; the last good checkpoint is "
+                                         f"in {str(out / 'checkpoints')!r}")
+        elif not math.isfinite(h["loss"]):
+            raise FloatingPointError(f"loss is {h['loss']} at step {h['step']}; lower train.lr (now {tcfg.lr}) "
+                                     f"or check the data; the last good checkpoint is in {str(out / 'checkpoints')!r}")
+    return skipped
 
 
 def _forever(loader):

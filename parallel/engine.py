@@ -16,11 +16,14 @@ Not here: building and loading the stages (parallel/runtime.py), checkpoint file
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megaflow.optim import param_groups, set_lr
+from megaflow.optim import MainWeights, param_groups, resolve_param_dtype, set_lr
+from megaflow.speed import apply_speedups
 from parallel.checkpoint_tp import shard_layout
 from parallel.data_parallel import GradBuckets
 from parallel.pipeline import stage_parameters
@@ -79,40 +82,46 @@ class ParallelEngine:
         self.stages, self.cfg, self.dtype, self.topo = stages, cfg, dtype, topo
         pcfg, tcfg = cfg.parallel, cfg.train
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied)
-        self.params = stage_parameters(stages)
-        if not self.params:
+        params = stage_parameters(stages)
+        if not params:
             raise ValueError("no trainable parameters on this rank in this curriculum stage; check model.stage")
+        counted = norm_counted(stages, topo, tied)
+        modules = nn.ModuleList([st.module for st in stages])
+        device = params[0].device
+        # bf16 parameters with fp32 main weights and gradients (megaflow/optim.py), or fp32 throughout
+        self.param_dtype = resolve_param_dtype(tcfg.param_dtype, dtype, device)
+        self.weights = MainWeights(modules, param_groups(modules, tcfg.weight_decay), tcfg, self.param_dtype,
+                                   flat_grads=False)  # hooks: micro-batches accumulate in fp32
+        self.optimizer = self.weights.optimizer
+        self.params = [self.weights.main_of(p) for p in params]  # what gradient code works on
+        self.counted = {id(self.weights.main_of(p)): counted[id(p)] for p in params}
+        if tied is not None and tied.group is not None and self.weights.mixed:
+            tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
         self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb)
-        self.counted = norm_counted(stages, topo, tied)
-        groups = param_groups(nn.ModuleList([st.module for st in stages]), tcfg.weight_decay)
-        device = self.params[0].device
-        self.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
-                                           **({"fused": True} if device.type == "cuda" else {}))
+        if topo.tp > 1 and tcfg.compile == "auto":  # blocks with collectives inside: compile only when asked
+            tcfg = dataclasses.replace(tcfg, compile="off")
+        self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
         for st in self.stages:
             st.module.train()
         set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.weights.zero_grad()
         with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None):
             loss, metrics = self.schedule.step(batch, noise, keep)
         self.buckets.all_reduce()
         norm = clip_grad_norm(self.params, self.counted, self.cfg.train.grad_clip, self.topo)
         # NaN/Inf gradients: skip the update. The norm is global (summed over TP and PP of DP-summed
         # gradients), so every rank sees the same value and skips the same steps without another collective.
-        skipped = not bool(torch.isfinite(norm))
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
+        skipped = self.weights.step_if_finite(norm)
         return {"loss": float(loss), "grad_norm": float(norm), "skipped": skipped,
                 **{k: float(v) for k, v in metrics.items()}}
 
     def model_state_dict(self) -> dict:
         """This rank's entries of the model state dict (full-model names, TP shards)."""
         out = {}
-        for st in self.stages:
-            out.update({k: v.detach() for k, v in st.module.state_dict().items()})
+        for st in self.stages:  # fp32 main weights under mixed precision
+            out.update({k: v.detach() for k, v in self.weights.full_precision_state(st.module).items()})
         return out
 
     def state_dict(self) -> dict:

@@ -58,10 +58,12 @@ class PipelineComm:
                 self.pending.append((dist.isend(t, dst=self._peer(dst_pp_rank), group=group), t))
 
     def recv(self, shapes: list, dtype, device, kind: str, src_pp_rank: int) -> tuple:
+        """`dtype`: one for all tensors, or a list (one per shape, e.g. `state_dtypes`)."""
         group = self.groups[(kind, src_pp_rank, self.topo.pp_rank)]
         out, works = [], []
-        for shape in shapes:
-            t = torch.empty(shape, dtype=dtype, device=device)
+        dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
+        for shape, dt in zip(shapes, dtypes):
+            t = torch.empty(shape, dtype=dt, device=device)
             if t.numel():
                 works.append(dist.irecv(t, src=self._peer(src_pp_rank), group=group))
             out.append(t)
@@ -84,6 +86,14 @@ def state_shapes(model, batch_size: int, seq_len: int) -> list:
     t = seq_len // (dist.get_world_size(sp_group) if sp_group is not None else 1)
     return [(batch_size, t, dv), (batch_size, t, cfg.flow.dim),
             (batch_size, seq_len, cfg.fae.latent_dim), (batch_size, 2)]
+
+
+def state_dtypes(model) -> list:
+    """Dtypes of the state tuple: the two streams in the model's parameter dtype (bf16 under mixed
+    precision), the deep flow's input variable and the log-det sums always in fp32."""
+    act = model.flow_in.weight.dtype
+    wide = torch.promote_types(act, torch.float32)
+    return [act, act, wide, wide]
 
 
 def _device() -> torch.device:

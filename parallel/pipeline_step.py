@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megaflow.model.starflow import metrics_from
-from parallel.pipeline_comm import PipelineComm, state_shapes
+from parallel.pipeline_comm import PipelineComm, state_dtypes, state_shapes
 from parallel.schedules import check_schedule, rank_actions
 
 TERM_KEYS = ("flow_sum", "z_sq_sum", "penalty_sum", "text_sum")
@@ -76,7 +76,7 @@ class PipelineSchedule:
         noises = noise.chunk(m) if noise is not None else [None] * m
         keeps = cond_keep.chunk(m) if cond_keep is not None else [None] * m
         self._shapes = state_shapes(module0, *mbs[0]["tokens"].shape)
-        self._dtype, self._device = module0.flow_in.weight.dtype, batch["tokens"].device
+        self._dtype, self._device = state_dtypes(module0), batch["tokens"].device
         self._ctxs, self._saved, self.timeline = {}, {}, []
         totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=self._device)
         for a in self.actions:

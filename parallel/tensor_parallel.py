@@ -69,6 +69,7 @@ def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: boo
     need("flow.ffn_dim (MLP size)", f.ffn_dim, flow_tp, "flow tp")
     if f.n_shallow:
         need("flow.shallow_heads (attention heads)", f.shallow_heads, flow_tp, "flow tp")
+        need("flow.shallow_ffn_dim (shallow MLP size)", f.shallow_ffn_dim or 4 * f.shallow_dim, flow_tp, "flow tp")
     if sequence_parallel and flow_tp != tp:
         problems.append(f"sequence parallelism needs one degree for both streams (parallel.flow_tp={flow_tp} "
                         f"differs from parallel.tp={tp}); set parallel.flow_tp=0 or sequence_parallel=false")

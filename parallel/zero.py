@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megaflow.optim import param_groups, set_lr
+from megaflow.speed import apply_speedups
 from parallel.pipeline_step import TERM_KEYS, global_counts, split_batch
 from parallel.zero_mpu import TopologyMPU, mark_model_parallel
 
@@ -153,6 +154,13 @@ class ZeroEngine:
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     self.named[name] = (p, m)
+        # activation checkpointing and per-block compilation (megaflow/speed.py); DeepSpeed's ZeRO-3
+        # parameter fetching runs in module hooks inside the blocks, so 'auto' leaves compile off there
+        tcfg = cfg.train
+        if (self.stage == 3 or topo.tp > 1) and tcfg.compile == "auto":  # (and TP's collectives): only when asked
+            import dataclasses
+            tcfg = dataclasses.replace(tcfg, compile="off")
+        self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
         tied_copy = tied.weight if tied is not None and tied.group is not None and not topo.is_first_stage else None
         mark_model_parallel(self.named, topo, tied_copy)
         groups = optimizer_groups(self.module, cfg.train.weight_decay, [tied_copy] if tied_copy is not None else [])

@@ -159,7 +159,7 @@ def run_row(cfg, topo, device, stage: int, dtype, batch, noise, args) -> dict:
         t0 = time.perf_counter()
         out = engine.train_step(batch, noise, None, 1e-5)
         sync(device)
-        losses.append(out["loss"])
+        losses.append(float(out["loss"]))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     held = allocated(device) - base

@@ -58,6 +58,7 @@ class FlowConfig:
     shallow_layers: int = 2  # transformer layers per shallow block
     shallow_dim: int = 64  # shallow block hidden size
     shallow_heads: int = 2  # shallow block attention heads
+    shallow_ffn_dim: int = 0  # shallow block SwiGLU inner size (0 = 4 x shallow_dim); set it to match a peer's size
     noise_std: float = 0.05  # Gaussian noise added to latents in training (0.05 for pixels)
     clip: float = 4.0  # soft clip c of the Gaussian parameters: c * tanh(o / c)
     rope_theta: float = 10000.0  # RoPE base of the flow layers
@@ -70,6 +71,7 @@ class FlowConfig:
         _check(self.shallow_dim % self.shallow_heads == 0, f"flow.shallow_dim={self.shallow_dim} is not divisible by flow.shallow_heads={self.shallow_heads}")
         _check((self.dim // self.n_heads) % 2 == 0, f"flow head dim {self.dim // self.n_heads} must be even for RoPE")
         _check(self.n_layers > 0, f"flow.n_layers={self.n_layers} must be positive")
+        _check(self.shallow_ffn_dim >= 0, f"flow.shallow_ffn_dim={self.shallow_ffn_dim} must be >= 0 (0 = 4 x shallow_dim)")
         _check(self.n_shallow >= 0, f"flow.n_shallow={self.n_shallow} must be >= 0")
         _check(0.0 <= self.cond_drop < 1.0, f"flow.cond_drop={self.cond_drop} must be in [0, 1)")
 

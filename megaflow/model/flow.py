@@ -24,6 +24,12 @@ from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, rope_t
 SCALE_OFFSET = math.log(math.e - 1.0)  # softplus^-1(1) = 0.5413: zero output -> sigma = 1
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The flow's variables, parameters and log-dets are computed in fp32 (or wider) whatever the
+    dtype of the network that produced them (bf16 under mixed precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def gaussian_params(out: torch.Tensor, clip: float):
     """Raw head output (..., 2D) -> (mu, sigma), each (..., D), soft-clipped."""
     mu, a = out.chunk(2, dim=-1)
@@ -48,13 +54,13 @@ class ShallowFlowBlock(nn.Module):
     transform (the causal network has nothing before it to condition on)."""
 
     def __init__(self, latent_dim: int, n_tokens: int, dim: int, n_heads: int, n_layers: int,
-                 reverse: bool, clip: float, eps: float = 1e-5, rope_theta: float = 10000.0):
+                 reverse: bool, clip: float, eps: float = 1e-5, rope_theta: float = 10000.0, ffn_dim: int = 0):
         super().__init__()
         self.reverse, self.clip, self.rope_theta = reverse, clip, rope_theta
         self.head_dim = dim // n_heads
         self.proj_in = nn.Linear(latent_dim, dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, n_heads, n_heads, self.head_dim, 4 * dim, eps) for _ in range(n_layers))
+            TransformerBlock(dim, n_heads, n_heads, self.head_dim, ffn_dim or 4 * dim, eps) for _ in range(n_layers))
         self.norm = RMSNorm(dim, eps)
         self.proj_out = nn.Linear(dim, 2 * latent_dim)
 
@@ -62,29 +68,31 @@ class ShallowFlowBlock(nn.Module):
         return x.flip(1) if self.reverse else x
 
     def rope(self, n: int, x: torch.Tensor) -> tuple:
-        """RoPE tables of positions 0..n-1, each (1, 1, n, head_dim)."""
-        return rope_tables(torch.arange(n, device=x.device)[None], self.head_dim, self.rope_theta, x.dtype)
+        """RoPE tables of positions 0..n-1 in the stream's dtype, each (1, 1, n, head_dim)."""
+        return rope_tables(torch.arange(n, device=x.device)[None], self.head_dim, self.rope_theta,
+                           self.proj_in.weight.dtype)
 
     def _net(self, x: torch.Tensor, slots=None, cache=None, kv_len: int = 0, rope=None) -> torch.Tensor:
         """Causal network on tokens at positions `slots` (T,) (default 0..T-1) -> raw params
         (M, T, 2D) for the NEXT tokens. With a cache, attends to its slots [0, kv_len). `rope`:
         tables of every position (`self.rope`), looked up instead of recomputed."""
         M, T, _ = x.shape
+        act = self.proj_in.weight.dtype  # the stream's dtype (bf16 parameters); x stays fp32 outside
         if slots is None:
             slots = torch.arange(T, device=x.device)
         if rope is None:
-            cos, sin = rope_tables(slots.expand(M, T), self.head_dim, self.rope_theta, x.dtype)
+            cos, sin = rope_tables(slots.expand(M, T), self.head_dim, self.rope_theta, act)
         else:
             cos, sin = rope[0].index_select(2, slots), rope[1].index_select(2, slots)  # (1, 1, T, hd)
         mask = None
         if cache is not None:
-            mask = additive_mask(causal_slot_mask(slots, kv_len), self.proj_in.weight.dtype)  # (1, 1, T, kv_len)
+            mask = additive_mask(causal_slot_mask(slots, kv_len), act)  # (1, 1, T, kv_len)
             cache.slots, cache.kv_len = slots, kv_len
         ctx = AttnContext(cos, sin, mask, cache)
-        h = self.proj_in(x)  # (M, T, dim)
+        h = self.proj_in(x.to(act))  # (M, T, dim)
         for layer in self.layers:
             h = layer(h, ctx)
-        return self.proj_out(self.norm(h))  # (M, T, 2D)
+        return at_least_fp32(self.proj_out(self.norm(h)))  # (M, T, 2D): the flow's parameters in fp32
 
     def forward(self, x: torch.Tensor):
         """x (M, N, D) -> z (M, N, D), log|det dz/dx| (M,)."""
@@ -178,10 +186,11 @@ class ShallowFlows(nn.Module):
     that it alternates with the deep block after it, whose order is the sequence order."""
 
     def __init__(self, n_blocks: int, latent_dim: int, n_tokens: int, dim: int, n_heads: int,
-                 n_layers: int, clip: float, eps: float = 1e-5):
+                 n_layers: int, clip: float, eps: float = 1e-5, ffn_dim: int = 0):
         super().__init__()
         self.blocks = nn.ModuleList(
-            ShallowFlowBlock(latent_dim, n_tokens, dim, n_heads, n_layers, (n_blocks - i) % 2 == 1, clip, eps)
+            ShallowFlowBlock(latent_dim, n_tokens, dim, n_heads, n_layers, (n_blocks - i) % 2 == 1, clip, eps,
+                             ffn_dim=ffn_dim)
             for i in range(n_blocks))
 
     def forward(self, x: torch.Tensor):

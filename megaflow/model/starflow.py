@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from megaflow.model.config import ModelConfig
 from megaflow.model.fae import FAE
-from megaflow.model.flow import ShallowFlows, gaussian_params
+from megaflow.model.flow import ShallowFlows, at_least_fp32, gaussian_params
 from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, rope_tables
 from megaflow.model.masks import document_mask
 
@@ -51,6 +51,20 @@ class StepContext:
     cond_gate: torch.Tensor  # (B, 1, 1) float, 0 where the condition is dropped (guidance)
     vlm_skip: torch.Tensor  # (B, T or 1, 1) float gate of the VLM -> flow skip: cond_gate, and 0 at image
     #                         slots when the VLM reads the FAE latent there (model docstring)
+
+
+def scatter_images(values: torch.Tensor, valid: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """values (B, M, N, D) per image slot of the batch -> (B, T, D): the k-th image position of row b
+    (in sequence order) takes token k % N of the (k // N)-th valid image of row b; zeros elsewhere.
+    What `masked_scatter(image_mask, values[valid])` gives for batches that keep the contract (N
+    image positions per valid image), without boolean indexing, which reads `valid` back."""
+    B, M, N, _ = values.shape
+    k = image_mask.long().cumsum(1) - 1  # (B, T) image position within the row
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # (B, M) valid images first
+    m = order.gather(1, (k // N).clamp(0, M - 1))  # (B, T)
+    rows = torch.arange(B, device=values.device)[:, None]
+    out = values[rows, m, k.clamp(min=0) % N]  # (B, T, D)
+    return torch.where(image_mask[..., None], out, out.new_zeros(()))
 
 
 class PretzelUnit(nn.Module):
@@ -104,7 +118,7 @@ class STARFlow2(nn.Module):
         self.fae = FAE(cfg.fae)
         D = cfg.fae.latent_dim
         self.shallow = ShallowFlows(f.n_shallow, D, cfg.fae.n_tokens, f.shallow_dim, f.shallow_heads,
-                                    f.shallow_layers, f.clip, f.norm_eps)
+                                    f.shallow_layers, f.clip, f.norm_eps, f.shallow_ffn_dim)
         if v is not None:
             self.embed_tokens = nn.Embedding(v.vocab_size, v.dim)
             self.adapter = nn.Sequential(nn.Linear(D, v.dim), nn.GELU(), nn.Linear(v.dim, v.dim))
@@ -207,24 +221,26 @@ class STARFlow2(nn.Module):
         tokens = batch["tokens"]
         B, T = tokens.shape
         D = self.cfg.fae.latent_dim
-        flow_aux = torch.zeros(B, 2, dtype=self.flow_in.weight.dtype, device=tokens.device)
+        act = self.flow_in.weight.dtype  # the streams' dtype; the flow variables and log-dets stay fp32
+        wide = torch.promote_types(act, torch.float32)
+        flow_aux = torch.zeros(B, 2, dtype=wide, device=tokens.device)
         if flow_x is None:
-            flow_x = torch.zeros(B, T, D, dtype=flow_aux.dtype, device=tokens.device)
+            flow_x = torch.zeros(B, T, D, dtype=wide, device=tokens.device)
             vlm_x = flow_x
             valid = batch["image_valid"]
-            if bool(valid.any()):
+            if valid.shape[1]:  # a shape test, not a read-back of `valid`: the step never waits for the GPU
                 y, logdet, sq, lat = self.encode_images(batch["images"], noise)
-                flow_x = flow_x.masked_scatter(batch["image_mask"][..., None], y[valid])  # (B, T, D)
-                vlm_x = vlm_x.masked_scatter(batch["image_mask"][..., None], lat[valid])  # (B, T, D)
-                flow_aux = torch.stack([(logdet * valid).sum(1), (sq * valid).sum(1)], dim=1)  # (B, 2)
+                flow_x = scatter_images(y.to(wide), valid, batch["image_mask"])  # (B, T, D)
+                vlm_x = scatter_images(lat.to(wide), valid, batch["image_mask"])  # (B, T, D)
+                flow_aux = torch.stack([(logdet * valid).sum(1), (sq * valid).sum(1)], dim=1).to(wide)  # (B, 2)
         elif vlm_x is None:
             vlm_x = torch.zeros_like(flow_x)
-        image_mask = batch["image_mask"][..., None].to(flow_x.dtype)  # (B, T, 1)
-        start = (tokens == self.cfg.tokens.boi_id)[..., None].to(flow_x.dtype)  # (B, T, 1)
-        h_flow = image_mask * self.flow_in(flow_x) + start * self.flow_start  # (B, T, Df)
+        image_mask = batch["image_mask"][..., None].to(act)  # (B, T, 1)
+        start = (tokens == self.cfg.tokens.boi_id)[..., None].to(act)  # (B, T, 1)
+        h_flow = image_mask * self.flow_in(flow_x.to(act)) + start * self.flow_start  # (B, T, Df)
         if self.embed_tokens is not None:
             seen = vlm_x if self.cfg.adapter_input == "latent" else flow_x
-            h_vlm = self.embed_tokens(tokens) + image_mask * self.adapter(seen)  # (B, T, Dv)
+            h_vlm = self.embed_tokens(tokens) + image_mask * self.adapter(seen.to(act))  # (B, T, Dv)
         else:
             text = 1.0 - image_mask - start
             h_flow = h_flow + ctx.cond_gate * text * self.flow_embed(tokens)
@@ -236,7 +252,7 @@ class STARFlow2(nn.Module):
 
     def flow_params(self, h_flow: torch.Tensor):
         """(mu, sigma) for the latent at the NEXT position, each (B, T, D)."""
-        return gaussian_params(self.gauss_head(self.flow_norm(h_flow)), self.cfg.flow.clip)
+        return gaussian_params(at_least_fp32(self.gauss_head(self.flow_norm(h_flow))), self.cfg.flow.clip)
 
     def deep_forward(self, h_flow: torch.Tensor, flow_x: torch.Tensor, image_mask: torch.Tensor):
         """The deep flow block, data -> noise: z (B, T-1, D) for the latent at positions 1..T-1,

@@ -68,3 +68,34 @@ def test_synthetic_batch_follows_the_batch_contract():
     model = build_model(m)
     loss, _ = model(b, torch.randn(2, 3, N, m.fae.latent_dim))
     assert torch.isfinite(loss) and step_flops(model, b) > 0
+
+
+def test_variants_baseline_and_parts_in_one_process(tmp_path, capsys):
+    """--variant rows (each its overrides; a bad one is reported, not fatal), --parts of one variant
+    (times of the VLM stream, deep flow, shallow flows, heads+losses and skips, whose FLOPs add up to
+    the step's but for the embeddings), --baseline (the plain Llama of the VLM stream's shape)."""
+    from megaflow.monitor import step_flops
+    from megaflow.model.starflow import build_model
+    out = tmp_path / "v.json"
+    assert main(["--config", "configs/tiny.yaml", "--device", "cpu", "--warmup", "1", "--steps", "1",
+                 "--peak-tflops", "1", "--baseline", "--parts", "sel",
+                 "--variant", "eager=", "--variant", "sel=train.activation_checkpointing=selective",
+                 "--variant", "bad=train.compile=maybe", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    for want in ("eager", "sel", "bad", "failed", "VLM stream", "deep flow", "shallow flows", "baseline:"):
+        assert want in text, want
+    r = json.loads(out.read_text())
+    rows = {v["variant"]: v for v in r["variants"]}
+    assert rows["sel"]["activation_checkpointing"] == "selective" and rows["eager"]["compiled_blocks"] == 0
+    assert "train.compile" in rows["bad"]["error"] and "parts" not in rows["eager"]
+    parts = rows["sel"]["parts"]["parts"]
+    assert set(parts) == {"VLM stream", "deep flow", "shallow flows", "heads+losses", "skips"}
+    assert all(p["time_s"] > 0 for p in parts.values())
+    cfg = load_config("configs/tiny.yaml")
+    model = build_model(cfg.model)
+    b = synthetic_batch(cfg.model, cfg.data.batch_size, cfg.data.seq_len, rows["sel"]["images_per_step"] // 3)
+    embed = 6.0 * sum(p.numel() for n, p in model.named_parameters()
+                      if p.dim() == 2 and n.startswith(("adapter.", "flow_in."))) * b["tokens"].numel()
+    assert math.isclose(sum(p["flops"] for p in parts.values()) + embed, step_flops(model, b), rel_tol=1e-9)
+    base = r["baseline"]
+    assert base["dim"] == cfg.model.vlm.dim and base["n_layers"] == cfg.model.vlm.n_layers and base["mfu"] > 0

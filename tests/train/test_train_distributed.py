@@ -91,7 +91,7 @@ def _reference_dp2(sets: list, steps: int):
         rand = [step_randomness(cfg, model.cfg, p, s, r, "cpu") for r, p in enumerate(parts)]
         noise, keep = torch.cat([n for n, _ in rand]), torch.cat([k for _, k in rand])
         t = cfg.train
-        losses.append(engine.train_step(batch, noise, keep, lr_at(s, t.lr, t.min_lr, t.warmup, t.steps))["loss"])
+        losses.append(float(engine.train_step(batch, noise, keep, lr_at(s, t.lr, t.min_lr, t.warmup, t.steps))["loss"]))
     return losses, model.state_dict()
 
 
@@ -291,7 +291,7 @@ def _plain_dp2(rank, world):
 
     from megaflow.config import load_config
     from megaflow.model.starflow import build_model
-    from megaflow.train import PlainEngine
+    from megaflow.train import PlainEngine, read_metrics
     from tests.parallel.test_pp_dist import _config, _data
     cfg = load_config(str(REPO / "configs" / "tiny.yaml"), ["train.grad_clip=0.5"])
     mcfg = _config(2)
@@ -300,8 +300,8 @@ def _plain_dp2(rank, world):
     out = {}
     for name, group, part in (("one", None, slice(None)), ("dp", dist.group.WORLD, rows)):
         engine = PlainEngine(build_model(mcfg, seed=0), cfg, None, dp_group=group)
-        out[name] = [engine.train_step({k: v[part] for k, v in batch.items()}, noise[part], None, 1e-3)
-                     for _ in range(3)]
+        out[name] = [read_metrics(engine.train_step({k: v[part] for k, v in batch.items()}, noise[part], None, 1e-3))
+                     for _ in range(3)]  # the step returns device tensors; floats through the queue
         out[name + "_weights"] = engine.model.state_dict()
     w1, w2 = out.pop("one_weights"), out.pop("dp_weights")
     out["weight_diff"] = max(float((w1[k] - w2[k]).abs().max()) for k in w1)  # floats only through the queue

@@ -1,0 +1,212 @@
+"""The fast training step (issue 13) keeps the numbers.
+
+- bf16 parameters with fp32 main weights train a tiny model to the same held-out bits/dim as fp32
+  (within 0.01), the optimizer steps fp32 copies, and what a checkpoint saves is those fp32 weights;
+- the step returns device tensors (no read-back inside it); metrics are read at log steps;
+- activation checkpointing (selective, full) and per-block compilation give eager's loss and
+  gradients (compiled with the aot_eager backend on CPU: the same graph capture and autograd
+  as inductor, without its C++ build, which takes ~40 s per block shape on two cores);
+- flow.shallow_ffn_dim sizes the shallow blocks' MLP;
+- the pipeline engine's mixed precision (PP=2 on gloo) follows the one-process bf16 run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megaflow.config import load_config
+from megaflow.model.starflow import bits_per_dim, build_model
+from megaflow.optim import MainWeights, lr_at, param_groups
+from megaflow.speed import apply_ac, apply_compile, transformer_blocks
+from megaflow.train import PlainEngine, read_metrics
+from tests.helpers import make_batch, make_noise, tiny_config
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def smooth_images(batch: dict, seed: int) -> dict:
+    """Learnable images: per-image linear ramps on 8-bit levels (uniform noise would stay at ~8 bpd)."""
+    g = torch.Generator().manual_seed(seed)
+    B, M, C, H, W = batch["images"].shape
+    a, b = torch.rand(2, B, M, 1, 1, 1, generator=g) * 2 - 1
+    y, x = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+    img = (0.6 * a * x + 0.4 * b * y).clamp(-1, 1)
+    img = torch.round((img + 1) * 127.5) / 127.5 - 1
+    return {**batch, "images": img * batch["image_valid"][..., None, None, None]}
+
+
+def run_config(**train):
+    cfg = load_config(str(TINY))
+    return dataclasses.replace(cfg, model=tiny_config(),
+                               train=dataclasses.replace(cfg.train, compile="off", **train))
+
+
+def heldout_bpd(model, batches) -> float:
+    flow, dims = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        for batch, noise in batches:
+            terms = model.terms(batch, noise)
+            flow += float(terms["flow_sum"])
+            dims += int(model.loss_counts(batch)["dims"])
+    return bits_per_dim(flow / dims, True)
+
+
+def train_tiny(param_dtype: str, steps: int = 40, lr: float = 1e-3):
+    """A tiny model trained on smooth images (warm-up + cosine); returns (engine, the last step's
+    output, held-out bits/dim of an fp32 model loaded from what a checkpoint would save)."""
+    cfg = run_config(lr=lr, grad_clip=1.0, dtype="bf16" if param_dtype == "bf16" else "fp32",
+                     param_dtype=param_dtype)
+    model = build_model(cfg.model, seed=0)
+    engine = PlainEngine(model, cfg, torch.bfloat16 if param_dtype == "bf16" else None)
+    for s in range(steps):
+        batch = smooth_images(make_batch(cfg.model, batch_size=4, seed=s % 8), seed=s % 8)
+        out = engine.train_step(batch, make_noise(cfg.model, batch, seed=100 + s), None,
+                                lr_at(s, lr, lr / 10, 5, steps))
+    held = [(smooth_images(make_batch(cfg.model, batch_size=4, seed=50 + i), seed=50 + i), None) for i in range(4)]
+    fp32 = build_model(cfg.model, seed=0)
+    fp32.load_state_dict(engine.model_state_dict())
+    return engine, out, heldout_bpd(fp32, held)
+
+
+def test_bf16_params_train_like_fp32():
+    """bf16 parameters + fp32 main weights: same held-out bits/dim as fp32 within 0.01; the model's
+    weights are bf16, the optimizer's and the checkpoint's fp32, and the step returns tensors."""
+    e32, out32, bpd32 = train_tiny("fp32")
+    e16, out16, bpd16 = train_tiny("bf16")
+    init = heldout_bpd(build_model(tiny_config(), seed=0),
+                       [(smooth_images(make_batch(tiny_config(), batch_size=4, seed=50 + i), seed=50 + i), None)
+                        for i in range(4)])
+    assert bpd32 < init - 0.5, f"the tiny model did not learn (bits/dim {init:.3f} -> {bpd32:.3f})"
+    assert abs(bpd16 - bpd32) < 0.01, f"bf16 {bpd16:.4f} vs fp32 {bpd32:.4f} bits/dim"
+    weights = {p.dtype for n, p in e16.model.named_parameters() if not n.startswith("fae.")}
+    assert weights == {torch.bfloat16}
+    assert {p.dtype for p in e16.params} == {torch.float32} and e16.optimizer.param_groups[0]["params"][0] is e16.params[0]
+    assert {v.dtype for v in e16.model_state_dict().values() if v.is_floating_point()} == {torch.float32}
+    assert e16.weights.flat_param.numel() == sum(p.numel() for p in e16.params)  # one flat buffer of bf16 weights
+    for out in (out32, out16):  # no read-back inside the step
+        assert torch.is_tensor(out["loss"]) and torch.is_tensor(out["grad_norm"])
+        read = read_metrics(out)
+        assert isinstance(read["loss"], float) and math.isfinite(read["bits_per_dim"])
+
+
+def test_main_weights_fp32_is_plain_adamw():
+    """param_dtype fp32: MainWeights steps the parameters themselves, exactly torch's AdamW."""
+    cfg = run_config()
+    a, b = build_model(cfg.model, seed=0), build_model(cfg.model, seed=0)
+    mw = MainWeights(a, param_groups(a, 0.05), cfg.train)
+    ref = torch.optim.AdamW(param_groups(b, 0.05), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+    batch = make_batch(cfg.model)
+    for model, step in ((a, mw.step), (b, ref.step)):
+        model(batch, make_noise(cfg.model, batch))[0].backward()
+        step()
+    assert {id(p) for p in mw.params} == {id(p) for p in a.parameters() if p.requires_grad}
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+def loss_and_grads(model, batch, noise):
+    model.zero_grad(set_to_none=True)
+    loss, _ = model(batch, noise)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["ac_full", "ac_selective", "compile", "compile_ac_full"])
+def test_speedups_equal_eager(mode):
+    """Activation checkpointing and per-block compilation: eager's loss and gradients; evaluation
+    and generation (no grad, or a KV cache) bypass both."""
+    cfg = tiny_config()
+    batch, noise = make_batch(cfg), make_noise(cfg, make_batch(cfg))
+    ref = build_model(cfg, seed=0)
+    model = build_model(cfg, seed=0)
+    if mode.startswith("compile"):
+        torch._dynamo.reset()
+    if "full" in mode or "selective" in mode:
+        assert apply_ac(model, "full" if "full" in mode else "selective") == len(transformer_blocks(model))
+    if mode.startswith("compile"):
+        assert apply_compile(model, backend="aot_eager") == len(transformer_blocks(model))
+    loss_ref, grads_ref = loss_and_grads(ref, batch, noise)
+    loss, grads = loss_and_grads(model, batch, noise)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch, noise)[0], loss_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_scatter_images_is_masked_scatter():
+    """The embed's sync-free scatter of image latents equals masked_scatter(values[valid]), also
+    when a row's valid images are not its first ones."""
+    from megaflow.model.starflow import scatter_images
+    cfg = tiny_config()
+    batch = make_batch(cfg, batch_size=3, max_images=2)
+    valid, mask = batch["image_valid"].clone(), batch["image_mask"]
+    valid[1] = torch.tensor([False, True])  # row 1's one image is held in slot 1
+    values = torch.randn(3, 2, cfg.fae.n_tokens, cfg.fae.latent_dim)
+    want = torch.zeros(3, mask.shape[1], cfg.fae.latent_dim).masked_scatter(mask[..., None], values[valid])
+    assert torch.equal(scatter_images(values, valid, mask), want)
+
+
+def test_shallow_ffn_dim():
+    """flow.shallow_ffn_dim sets the shallow blocks' SwiGLU size (0 keeps 4 x shallow_dim)."""
+    default = build_model(tiny_config(), seed=0)
+    sized = build_model(tiny_config(shallow_ffn_dim=24), seed=0)
+    assert default.shallow.blocks[0].layers[0].mlp.gate_proj.out_features == 4 * 16
+    assert sized.shallow.blocks[0].layers[0].mlp.gate_proj.out_features == 24
+    with pytest.raises(ValueError, match="shallow_ffn_dim"):
+        tiny_config(shallow_ffn_dim=-1)
+
+
+def _pp2_bf16(rank, world):
+    """PP=2 (2 micro-batches, tied embeddings) with bf16 weights vs one process with bf16 weights,
+    both with full activation checkpointing (its recompute inside a pipeline stage)."""
+    from parallel.engine import ParallelEngine
+    from parallel.pipeline import TiedEmbeddings, load_stages, split_stages
+    from parallel.topology import Topology
+    from tests.parallel.test_pp_dist import _config
+    from megaflow.model.starflow import STARFlow2, apply_stage
+    mcfg = _config(4, tie=True)
+    cfg = run_config(dtype="bf16", param_dtype="bf16", activation_checkpointing="full")
+    cfg = dataclasses.replace(cfg, model=mcfg, parallel=dataclasses.replace(cfg.parallel, pp=2, micro_batches=2))
+    batch = make_batch(mcfg, 4, 48)
+    noise = make_noise(mcfg, batch)
+    one = PlainEngine(build_model(mcfg, seed=0), cfg, torch.bfloat16)
+    state = one.model_state_dict()
+    topo = Topology(pp=2)
+    with torch.device("meta"):
+        model = STARFlow2(mcfg)
+    apply_stage(model, mcfg.stage)
+    stages = split_stages(model, 2, topo.pp_rank, "1f1b", 1, 2, verbose=False)
+    load_stages(stages, state)
+    tied = TiedEmbeddings(stages, topo)
+    engine = ParallelEngine(stages, cfg, torch.bfloat16, topo, tied)
+    assert all(b.ac_mode == "full" for st in stages for b in transformer_blocks(st.module))
+    out = {"dtypes": sorted({str(p.dtype) for st in stages for p in st.module.parameters()}),
+           "main": sorted({str(p.dtype) for p in engine.params}), "loss": [], "ref": []}
+    for _ in range(3):
+        out["loss"].append(engine.train_step(batch, noise, None, 1e-3)["loss"])
+        out["ref"].append(float(one.train_step(batch, noise, None, 1e-3)["loss"]))
+    mine, ref = engine.model_state_dict(), one.model_state_dict()
+    diff = sum(float((v - ref[k]).pow(2).sum()) for k, v in mine.items() if v.is_floating_point())
+    moved = sum(float((v - state[k]).pow(2).sum()) for k, v in mine.items() if v.is_floating_point())
+    out["update_mismatch"] = (diff / moved) ** 0.5  # |pipeline - one process| / |one step's update|
+    out["fp32_state"] = all(v.dtype == torch.float32 for v in mine.values() if v.is_floating_point())
+    return out
+
+
+def test_pipeline_engine_bf16_weights_match_one_process():
+    """The pipeline engine's mixed precision (bf16 stage weights, fp32 main weights fed by gradient
+    hooks across 2 micro-batches, the tied embedding's gradient summed in fp32, fp32 flow variables
+    sent between stages, blocks checkpointed) follows the one-process bf16 run within bf16 rounding
+    for 3 steps."""
+    from tests.distributed import run_distributed
+    for out in run_distributed(_pp2_bf16, 2):
+        assert out["dtypes"] == ["torch.bfloat16"] and out["main"] == ["torch.float32"] and out["fp32_state"]
+        for got, want in zip(out["loss"], out["ref"]):
+            assert abs(got - want) < 1e-3 * max(1.0, abs(want)), (out["loss"], out["ref"])
+        assert out["update_mismatch"] < 0.05, out["update_mismatch"]  # measured 0.011
