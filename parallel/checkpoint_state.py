@@ -1,0 +1,367 @@
+"""What an engine holds of the one-process model's training state, as DCP boxes under GLOBAL names.
+
+Keys (the names of the one-process STARFlow2.state_dict(), global shapes):
+    model/<name>               weights and persistent buffers; a trainable parameter under ZeRO is
+                               its fp32 master (so a bf16 run's checkpoint keeps full precision)
+    optim/<name>/exp_avg       AdamW's moments of each trainable parameter, fp32 or the parameter's
+    optim/<name>/exp_avg_sq    dtype (torch AdamW keeps them in it)
+    optim/step                 AdamW's step count (an int)
+Who writes what (parallel/dcp_boxes.py turns it into files):
+    PlainEngine (one process)  everything, whole tensors
+    ParallelEngine (TP x PP)   its stages' TP shards (one box each, offset along the split dimension);
+                               DP replicas and TP-replicated entries offer the same boxes, DCP keeps one
+    ZeroEngine ZeRO-1/2        trainable parameters: the flat fragments of its TP shards it owns
+                               (`zero_checkpoint.local_fragments`, DeepSpeed's own maps), as boxes;
+                               frozen ones and buffers: whole TP shards, like ParallelEngine
+    ZeroEngine ZeRO-3          the same for every parameter (frozen ones from their partitions)
+Loading builds the same description with destinations instead of sources, so any engine at any
+layout reads any checkpoint. The last pipeline stage's copy of a tied embedding is saved as
+`lm_head.weight` (weights and moments); a checkpoint without it (one process, where the two are
+one tensor) feeds it from `embed_tokens.weight`.
+
+Not here: checkpoint directories and the collective protocol (parallel/checkpoint.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from parallel.checkpoint_tp import shard_layout
+from parallel.comm import group_rank, group_size
+from parallel.dcp_boxes import Boxes, add_flat, checkpoint_keys, load_boxes, save_boxes
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STEP = "optim/step"
+TIED = {"lm_head.weight": "embed_tokens.weight", "embed_tokens.weight": "lm_head.weight"}
+
+
+def model_key(name: str) -> str:
+    return f"model/{name}"
+
+
+def optim_key(name: str, moment: str) -> str:
+    return f"optim/{name}/{moment}"
+
+
+# ----- the engine's parts -------------------------------------------------------------------------
+def _is_zero(engine) -> bool:
+    return hasattr(engine, "ds_config")
+
+
+def _modules(engine) -> list:
+    if getattr(engine, "stages", None) is not None:
+        return [st.module for st in engine.stages]
+    return [engine.module.model] if _is_zero(engine) else [engine.model]
+
+
+def _entries(modules: list) -> dict:
+    """{state-dict key: tensor (parameters as Parameter objects)} of the local modules."""
+    out = {}
+    for m in modules:
+        for k, v in m.state_dict(keep_vars=True).items():
+            if not k.endswith("_extra_state") and v is not None:
+                out.setdefault(k, v)
+    return out
+
+
+def _trainable(engine, modules: list) -> dict:
+    """{name: parameter} this engine's optimizer steps, each once."""
+    if _is_zero(engine):
+        return {n: p for n, (p, _) in engine.named.items()}
+    out, seen = {}, set()
+    for m in modules:
+        for n, p in m.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out[n] = p
+    return out
+
+
+def _place(name: str, local_shape, layout: dict) -> tuple:
+    """(global size, origin) of the local tensor `name`: a TP shard sits at rank * local size
+    along its split dimension; anything else is the whole tensor."""
+    size, origin = list(local_shape), [0] * len(local_shape)
+    if name in layout and group_size(layout[name][1]) > 1:
+        dim, group = layout[name]
+        size[dim] = local_shape[dim] * group_size(group)
+        origin[dim] = local_shape[dim] * group_rank(group)
+    return size, origin
+
+
+def _zero3_piece(p, dp_rank: int) -> tuple:
+    """(start, numel) of a ZeRO-3 parameter's local partition in its flattened (TP-local) tensor."""
+    part = p.ds_tensor.ds_numel
+    start = dp_rank * part
+    return start, max(0, min(part, p.ds_numel - start))
+
+
+def _local_shape(p) -> tuple:
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def _adamw_step(optimizer) -> int:
+    for st in optimizer.state.values():
+        if "step" in st:
+            return int(st["step"])
+    return 0
+
+
+# ----- save ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def state_to_save(engine, topo=None) -> dict:
+    """{key: Boxes or object}: this rank's pieces of the training state (see the file docstring)."""
+    from parallel.zero_checkpoint import ensure_optimizer_state, local_fragments
+    modules = _modules(engine)
+    layout = {k: v for m in modules for k, v in shard_layout(m).items()}
+    trainable = _trainable(engine, modules)
+    zero = engine.stage if _is_zero(engine) else 0
+    dp_rank = topo.dp_rank if topo is not None else 0
+    if zero:
+        ensure_optimizer_state(engine)  # moments exist (zeros, step 0) before the first step too
+    state = {}
+    for name, t in _entries(modules).items():
+        if zero and name in trainable:
+            continue  # its fp32 master fragment, below
+        size, origin = _place(name, _local_shape(t), layout)
+        boxes = state[model_key(name)] = Boxes(size)
+        if zero == 3 and hasattr(t, "ds_tensor"):
+            start, n = _zero3_piece(t, dp_rank)
+            add_flat(boxes, _local_shape(t), origin, start, t.ds_tensor.detach().flatten()[:n])
+        else:
+            boxes.add(origin, t.detach())
+    if zero:
+        for name, (start, n, pieces) in local_fragments(engine).items():
+            p = trainable[name]
+            size, origin = _place(name, _local_shape(p), layout)
+            for key, piece in pieces.items():
+                boxes = state.setdefault(model_key(name) if key == "fp32" else optim_key(name, key), Boxes(size))
+                add_flat(boxes, _local_shape(p), origin, start, piece.detach().flatten()[:n])
+        from parallel.zero_checkpoint import _adam_step
+        state[STEP] = _adam_step(engine)
+        return state
+    opt = engine.optimizer
+    for name, p in trainable.items():
+        size, origin = _place(name, p.shape, layout)
+        st = opt.state.get(p, {})
+        for k in MOMENTS:
+            state[optim_key(name, k)] = Boxes(size, [(origin, st[k] if k in st else torch.zeros_like(p))])
+    state[STEP] = _adamw_step(opt)
+    return state
+
+
+def save_engine(engine, directory: Path, topo=None, group=None) -> None:
+    """Collective: every rank writes its pieces into `directory` (a DCP checkpoint)."""
+    save_boxes(state_to_save(engine, topo), directory, group)
+
+
+# ----- load ---------------------------------------------------------------------------------------
+class _Targets:
+    """The load description under construction: {checkpoint key: Boxes of destinations}, the
+    checkpoint's keys (with the tied-embedding alias), and the copies to run after the read."""
+
+    def __init__(self, keys: dict):
+        self.keys, self.state, self.after, self.missing = keys, {}, [], []
+
+    def boxes(self, key: str, size) -> Optional[Boxes]:
+        if key not in self.keys:
+            kind, name, *rest = key.split("/")
+            alias = "/".join([kind, TIED[name], *rest]) if name in TIED else None
+            if alias not in self.keys:
+                self.missing.append(key)
+                return None
+            key = alias
+        return self.state.setdefault(key, Boxes(size))
+
+
+@torch.no_grad()
+def _targets(engine, topo, keys: dict) -> _Targets:
+    from parallel.zero_checkpoint import ensure_optimizer_state, local_fragments
+    modules = _modules(engine)
+    layout = {k: v for m in modules for k, v in shard_layout(m).items()}
+    trainable = _trainable(engine, modules)
+    zero = engine.stage if _is_zero(engine) else 0
+    dp_rank = topo.dp_rank if topo is not None else 0
+    tg = _Targets(keys)
+    for name, t in _entries(modules).items():
+        if zero and name in trainable:
+            continue
+        size, origin = _place(name, _local_shape(t), layout)
+        boxes = tg.boxes(model_key(name), size)
+        if boxes is None:
+            continue
+        if zero == 3 and hasattr(t, "ds_tensor"):
+            start, n = _zero3_piece(t, dp_rank)
+            add_flat(boxes, _local_shape(t), origin, start, t.ds_tensor.data.flatten()[:n])
+        else:
+            boxes.add(origin, t.data)
+    if zero:
+        ensure_optimizer_state(engine)
+        for name, (start, n, pieces) in local_fragments(engine).items():
+            _zero_targets(tg, engine, trainable[name], name, start, n, pieces, layout)
+        return tg
+    bufs = {}
+    for name, p in trainable.items():
+        size, origin = _place(name, p.shape, layout)
+        bufs[name] = {k: torch.zeros_like(p) for k in MOMENTS}
+        for k in MOMENTS:
+            boxes = tg.boxes(optim_key(name, k), size)
+            if boxes is not None:
+                boxes.add(origin, bufs[name][k])
+    tg.after.append(lambda step: _set_adamw(engine.optimizer, trainable, bufs, step))
+    return tg
+
+
+def _zero_targets(tg: _Targets, engine, p, name: str, start: int, n: int, pieces: dict, layout: dict) -> None:
+    """ZeRO-1/2: the master fragment from a whole fp32 copy of the TP shard (which also sets the
+    module's (bf16) parameter), the moments straight into DeepSpeed's partitions. ZeRO-3: buffers
+    of the fragment, handed to DeepSpeed's setters."""
+    shape = _local_shape(p)
+    size, origin = _place(name, shape, layout)
+    if engine.stage < 3:
+        whole = torch.empty(shape, dtype=torch.float32, device=pieces["fp32"].device)
+        boxes = tg.boxes(model_key(name), size)
+        if boxes is not None:
+            boxes.add(origin, whole)
+
+        def copy(_step, p=p, whole=whole, piece=pieces["fp32"]):
+            p.data.copy_(whole)
+            piece.copy_(whole.flatten()[start:start + n])
+        tg.after.append(copy)
+        for k in MOMENTS:
+            boxes = tg.boxes(optim_key(name, k), size)
+            if boxes is not None:
+                add_flat(boxes, shape, origin, start, pieces[k].flatten()[:n])
+        return
+    bufs = {k: torch.zeros(p.ds_tensor.ds_numel, dtype=torch.float32, device=p.ds_tensor.device)
+            for k in ("fp32",) + MOMENTS}
+    for k, buf in bufs.items():
+        boxes = tg.boxes(model_key(name) if k == "fp32" else optim_key(name, k), size)
+        if boxes is not None:
+            add_flat(boxes, shape, origin, start, buf[:n])
+
+    def set_zero3(_step, p=p, bufs=bufs):
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+        safe_set_local_fp32_param(p, bufs["fp32"])
+        for k in MOMENTS:
+            safe_set_local_optimizer_state(p, bufs[k], k)
+        p.ds_tensor.data.copy_(bufs["fp32"])
+    tg.after.append(set_zero3)
+
+
+def _set_adamw(optimizer, trainable: dict, bufs: dict, step: int) -> None:
+    """torch AdamW's state from the loaded moments (its own load_state_dict casts and places them)."""
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(order)}
+    state = {}
+    if step > 0:
+        for name, p in trainable.items():
+            if id(p) in index:
+                state[index[id(p)]] = {"step": torch.tensor(float(step)), **bufs[name]}
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+@torch.no_grad()
+def load_engine_from_one_process(engine, model_pt: dict, optim_pt: dict, model_cfg, train_cfg, topo=None) -> int:
+    """A one-process checkpoint (model.pt's state dict, optim.pt's PlainEngine state) into any
+    engine at any layout: each rank slices its pieces out of the whole tensors. AdamW's entries are
+    numbered in the order megaflow.optim.build_optimizer gives the one-process model (rebuilt here
+    on the meta device), which names them. Returns the step."""
+    from megaflow.model.starflow import STARFlow2, apply_stage
+    from megaflow.optim import param_groups
+    with torch.device("meta"):
+        meta = STARFlow2(model_cfg)
+    apply_stage(meta, model_cfg.stage)
+    names = {id(p): n for n, p in meta.named_parameters()}
+    order = [names[id(p)] for g in param_groups(meta, train_cfg.weight_decay) for p in g["params"]]
+    saved = optim_pt["optimizer"]["state"]
+    full = {model_key(k): v for k, v in model_pt.items()}
+    step = 0
+    for i, name in enumerate(order):
+        if i in saved:
+            full.update({optim_key(name, k): saved[i][k] for k in MOMENTS})
+            step = int(saved[i]["step"])
+    keys = {k: v.shape for k, v in full.items()}
+    tg = _targets(engine, topo, keys)
+    if tg.missing:
+        raise ValueError(f"it has no {tg.missing[0]!r} ({len(tg.missing)} entries this model needs): written for "
+                         f"another model or curriculum stage")
+    for key, boxes in tg.state.items():
+        src = full[key]
+        if tuple(src.shape) != tuple(boxes.size()):
+            raise ValueError(f"{key!r} has shape {tuple(src.shape)} there but {tuple(boxes.size())} in this model")
+        for offsets, dst in boxes.boxes:
+            dst.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, dst.shape))])
+    for fn in tg.after:
+        fn(step)
+    if _is_zero(engine):
+        _set_zero_step(engine, step)
+    return step
+
+
+@torch.no_grad()
+def load_weights(model, directory: Path, strict: bool = True) -> list:
+    """One process: the weights of a DCP checkpoint into `model` (a plain STARFlow2), whole tensors;
+    returns the keys the checkpoint lacks (an error when `strict`)."""
+    keys = checkpoint_keys(directory)
+    state, missing = {}, []
+    for name, t in _entries([model]).items():
+        key = model_key(name)
+        if key not in keys:
+            missing.append(name)
+        elif tuple(keys[key]) != tuple(t.shape):
+            raise ValueError(f"{name!r} has shape {tuple(keys[key])} in the checkpoint but {tuple(t.shape)} in this "
+                             f"model: the checkpoint was made with another model config")
+        else:
+            state[key] = Boxes(t.shape, [([0] * t.dim(), t.data)])
+    if strict and missing:
+        raise ValueError(f"the checkpoint has no weights for {missing[:3]} ({len(missing)} entries): it was written "
+                         f"for another model")
+    load_boxes(state, directory, local=True)
+    return missing
+
+
+def _set_zero_step(engine, step: int) -> None:
+    for st in engine.optimizer.optimizer.state.values():
+        if "step" in st:
+            st["step"].fill_(step) if torch.is_tensor(st["step"]) else st.__setitem__("step", step)
+
+
+def _agree(error: Optional[str], group) -> Optional[str]:
+    """The first rank's error (or None) on every rank: a check that fails on one rank must stop all
+    of them before the collective read, or the others would wait for it forever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    errors = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    return next((e for e in errors if e), None)
+
+
+@torch.no_grad()
+def load_engine(engine, directory: Path, topo=None, group=None) -> int:
+    """Collective: fill this rank's weights and optimizer state from the DCP checkpoint in
+    `directory`, whatever layout wrote it; returns the optimizer step."""
+    keys = checkpoint_keys(directory)
+    tg = _targets(engine, topo, keys)
+    error = None
+    if tg.missing:
+        error = (f"it has no {tg.missing[0]!r} (and {len(tg.missing) - 1} more entries this model needs): it was "
+                 f"written for another model or curriculum stage (model.stage)")
+    else:
+        for key, boxes in tg.state.items():
+            if tuple(keys[key]) != tuple(boxes.size()):
+                error = (f"{key!r} has shape {tuple(keys[key])} there but {tuple(boxes.size())} in this model: "
+                         f"the checkpoint was made with another model config")
+                break
+    error = _agree(error, group)
+    if error:
+        raise ValueError(error)
+    state = load_boxes({**tg.state, STEP: None}, directory, group)
+    step = int(state[STEP])
+    for fn in tg.after:
+        fn(step)
+    if _is_zero(engine):
+        _set_zero_step(engine, step)
+    return step
