@@ -61,8 +61,8 @@ def check_format(ckpt: Path) -> None:
     if written_by:
         raise CheckpointError(f"checkpoint {str(ckpt)!r} is in the old multi-process format (one gathered model.pt, "
                               f"optimizer files per layout; written with {written_by}); convert it once with "
-                              f"`python tools/reshard.py {ckpt} --out NEW_DIR` and resume from NEW_DIR, which loads "
-                              f"at any layout")
+                              f"`python tools/reshard.py {ckpt} --to-sharded NEW_DIR` and resume from NEW_DIR "
+                              f"(train.out_dir=NEW_DIR --resume), which loads at any layout")
 
 
 def save_distributed(root, step: int, write: Callable[[Path], None], keep_last: int, topo,
@@ -99,6 +99,24 @@ def load_engine_state(engine, ckpt: Path, topo=None) -> int:
         return load_engine(engine, Path(ckpt) / STATE, topo)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e}") from e
+
+
+def read_sharded(ckpt: Path, weights_only: bool = False) -> tuple:
+    """(weights {name: whole tensor}, optimizer {name: {'exp_avg', 'exp_avg_sq'}, 'step': int}) of
+    a sharded checkpoint, in this process: for offline tools (export, conversion, inspection),
+    which hold the whole model by definition; training never calls it."""
+    from parallel.dcp_boxes import checkpoint_keys, read_full
+    d = Path(ckpt) / STATE
+    keys = list(checkpoint_keys(d))
+    wanted = [k for k in keys if k.startswith("model/") or (not weights_only and k.startswith("optim/"))]
+    full = read_full(d, wanted)
+    weights = {k[len("model/"):]: v for k, v in full.items() if k.startswith("model/")}
+    optim: dict = {"step": int(full.get("optim/step") or 0)}
+    for k, v in full.items():
+        if k.startswith("optim/") and k != "optim/step":
+            name, moment = k[len("optim/"):].rsplit("/", 1)
+            optim.setdefault(name, {})[moment] = v
+    return weights, optim
 
 
 class AsyncSave:
