@@ -14,7 +14,8 @@ state is saved with every checkpoint, so `--resume` continues bit for bit on CPU
 
 Several processes (torchrun or srun): data x tensor x pipeline parallelism and ZeRO from
 cfg.parallel; the ranks and their build live in parallel/runtime.py, the engine without ZeRO in
-parallel/engine.py, collective checkpoints (still one full model.pt) in parallel/checkpoint.py.
+parallel/engine.py, sharded checkpoints (every rank its own pieces; they load at any layout and
+in one process) in parallel/checkpoint.py.
 """
 from __future__ import annotations
 
