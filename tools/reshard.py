@@ -280,7 +280,8 @@ def write_sharded(src: Path, out: Path) -> Path:
     meta = validate(src)
     if is_sharded(src):
         raise CheckpointError(f"{str(src)!r} is sharded already: it loads at any layout as it is")
-    if meta.get("parallel"):
+    marker = load_file(src, "optim.pt") if (src / "optim.pt").is_file() else {}
+    if meta.get("parallel") or has_zero(src) or "engine" in marker or marker.get("sharded"):
         meta, cfg, mcfg, weights, _, opt_state, layout = one_process_content(src)
     else:  # one process: model.pt + optim.pt, named by the one-process parameter order
         cfg = read_config(src)

@@ -138,3 +138,32 @@ def test_save_dp2_tp2_pp2_zero1_loads_at_tp4_pp4_dp4_zero2_and_one_process(tmp_p
             assert ev["counts"] == {"text": int(counts["text"]), "dims": int(counts["dims"])}, (name, ev)
             for k in ("flow_sum", "text_sum"):
                 assert abs(ev["eval"][k] - float(terms[k])) < TOL * max(1.0, abs(float(terms[k]))), (name, k, ev)
+
+
+def _from_one_process(rank, world, root):
+    from parallel.checkpoint_state import load_engine_from_one_process
+    model_pt = torch.load(Path(root) / "model.pt")
+    optim_pt = torch.load(Path(root) / "optim.pt", weights_only=False)
+    out = {}
+    for name, cfg, dims in (("tp2", config(tp=2), dict(tp=2)), ("dp2_zero1", config(zero=1), {})):
+        topo = Topology(**dims)
+        engine = build(cfg, topo, seed=21 + rank)
+        assert load_engine_from_one_process(engine, model_pt, optim_pt, cfg.model, cfg.train, topo) == SAVE_AT
+        out[name] = run_steps(engine, cfg, topo, range(SAVE_AT, STEPS))
+    return out
+
+
+def test_one_process_checkpoint_loads_at_tp2_and_dp2_zero1(tmp_path):
+    """A one-process checkpoint (model.pt + the PlainEngine's optim.pt, entries numbered, not named)
+    loads into TP2 and DP2 ZeRO-1 engines with its optimizer state: steps 4-6 give the one-process
+    continuation's losses (1e-5)."""
+    from megaflow.model.starflow import build_model
+    from megaflow.train import PlainEngine
+    cfg = config()
+    engine = PlainEngine(build_model(cfg.model, seed=0), cfg, None)
+    run_steps(engine, cfg, None, range(SAVE_AT))
+    torch.save(engine.model.state_dict(), tmp_path / "model.pt")
+    torch.save(engine.state_dict(), tmp_path / "optim.pt")
+    want = run_steps(engine, cfg, None, range(SAVE_AT, STEPS))
+    for name, got in run_distributed(_from_one_process, 2, str(tmp_path))[0].items():
+        assert max(abs(a - b) for a, b in zip(got, want)) < TOL, (name, got, want)
