@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from megaflow.checkpoint import CheckpointError, find_latest, load_file, resolve, save_checkpoint, validate
+from megaflow.checkpoint import CheckpointError, find_latest, load_file, resolve, save_checkpoint
 from megaflow.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from megaflow.model.config import ModelConfig, SpecialTokens
 from megaflow.model.starflow import STARFlow2, apply_stage
@@ -94,7 +94,8 @@ def to_device(batch: dict, device) -> dict:
 
 def build(cfg: Config, tok, device, load_from: Optional[Path] = None) -> STARFlow2:
     """Build order: meta build -> (parallel layer swaps) -> materialise -> init or load. A sharded
-    checkpoint's weights (`load_from`) are loaded later, with the optimizer state (`resume_engine`)."""
+    checkpoint's weights (`load_from`) are loaded later, with the optimizer state
+    (parallel.checkpoint.load_engine_state)."""
     from parallel.checkpoint import is_sharded
     mcfg = with_tokenizer(cfg.model, tok)
     with torch.device("meta"):

@@ -252,15 +252,19 @@ def _zero_targets(tg: _Targets, engine, p, name: str, start: int, n: int, pieces
 
 
 def _set_adamw(optimizer, trainable: dict, bufs: dict, step: int) -> None:
-    """torch AdamW's state from the loaded moments (its own load_state_dict casts and places them)."""
-    order = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {id(p): i for i, p in enumerate(order)}
-    state = {}
-    if step > 0:
-        for name, p in trainable.items():
-            if id(p) in index:
-                state[index[id(p)]] = {"step": torch.tensor(float(step)), **bufs[name]}
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    """torch AdamW's state from the loaded moments, in place (no second copy): the step tensor
+    where AdamW itself keeps it (on the parameter's device for the fused / capturable kernels)."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, p in trainable.items():
+        g = group_of.get(id(p))
+        if g is None:
+            continue
+        if step == 0:
+            optimizer.state.pop(p, None)
+            continue
+        on_device = g.get("fused") or g.get("capturable")
+        optimizer.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32,
+                                                   device=p.device if on_device else "cpu"), **bufs[name]}
 
 
 @torch.no_grad()
