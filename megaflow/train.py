@@ -125,7 +125,7 @@ def load_weights(model, ckpt: Path, strict: bool = True) -> None:
     if not is_sharded(ckpt):
         load_model_state(model, load_file(ckpt, "model.pt", map_location=next(model.parameters()).device), strict)
         return
-    from parallel.checkpoint_state import load_weights as load_sharded_weights
+    from parallel.checkpoint_convert import load_weights as load_sharded_weights
     try:
         load_sharded_weights(model, ckpt / STATE, strict)
     except ValueError as e:
@@ -328,7 +328,7 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
     if ckpt is not None and is_sharded(ckpt):
         load_engine_state(engine, ckpt, topo)
     elif ckpt is not None:
-        from parallel.checkpoint_state import load_engine_from_one_process
+        from parallel.checkpoint_convert import load_engine_from_one_process
         try:
             load_engine_from_one_process(engine, full, load_file(ckpt, "optim.pt"), with_tokenizer(cfg.model, tok),
                                          cfg.train, topo)

@@ -19,7 +19,8 @@ layout reads any checkpoint. The last pipeline stage's copy of a tied embedding 
 `lm_head.weight` (weights and moments); a checkpoint without it (one process, where the two are
 one tensor) feeds it from `embed_tokens.weight`.
 
-Not here: checkpoint directories and the collective protocol (parallel/checkpoint.py).
+Not here: checkpoint directories and the collective protocol (parallel/checkpoint.py), other
+formats (parallel/checkpoint_convert.py).
 """
 from __future__ import annotations
 
@@ -47,17 +48,17 @@ def optim_key(name: str, moment: str) -> str:
 
 
 # ----- the engine's parts -------------------------------------------------------------------------
-def _is_zero(engine) -> bool:
+def is_zero(engine) -> bool:
     return hasattr(engine, "ds_config")
 
 
 def _modules(engine) -> list:
     if getattr(engine, "stages", None) is not None:
         return [st.module for st in engine.stages]
-    return [engine.module.model] if _is_zero(engine) else [engine.model]
+    return [engine.module.model] if is_zero(engine) else [engine.model]
 
 
-def _entries(modules: list) -> dict:
+def entries(modules: list) -> dict:
     """{state-dict key: tensor (parameters as Parameter objects)} of the local modules."""
     out = {}
     for m in modules:
@@ -69,7 +70,7 @@ def _entries(modules: list) -> dict:
 
 def _trainable(engine, modules: list) -> dict:
     """{name: parameter} this engine's optimizer steps, each once."""
-    if _is_zero(engine):
+    if is_zero(engine):
         return {n: p for n, (p, _) in engine.named.items()}
     out, seen = {}, set()
     for m in modules:
@@ -117,12 +118,12 @@ def state_to_save(engine, topo=None) -> dict:
     modules = _modules(engine)
     layout = {k: v for m in modules for k, v in shard_layout(m).items()}
     trainable = _trainable(engine, modules)
-    zero = engine.stage if _is_zero(engine) else 0
+    zero = engine.stage if is_zero(engine) else 0
     dp_rank = topo.dp_rank if topo is not None else 0
     if zero:
         ensure_optimizer_state(engine)  # moments exist (zeros, step 0) before the first step too
     state = {}
-    for name, t in _entries(modules).items():
+    for name, t in entries(modules).items():
         if zero and name in trainable:
             continue  # its fp32 master fragment, below
         size, origin = _place(name, _local_shape(t), layout)
@@ -177,15 +178,15 @@ class _Targets:
 
 
 @torch.no_grad()
-def _targets(engine, topo, keys: dict) -> _Targets:
+def load_targets(engine, topo, keys: dict) -> "_Targets":
     from parallel.zero_checkpoint import ensure_optimizer_state, local_fragments
     modules = _modules(engine)
     layout = {k: v for m in modules for k, v in shard_layout(m).items()}
     trainable = _trainable(engine, modules)
-    zero = engine.stage if _is_zero(engine) else 0
+    zero = engine.stage if is_zero(engine) else 0
     dp_rank = topo.dp_rank if topo is not None else 0
     tg = _Targets(keys)
-    for name, t in _entries(modules).items():
+    for name, t in entries(modules).items():
         if zero and name in trainable:
             continue
         size, origin = _place(name, _local_shape(t), layout)
@@ -267,67 +268,7 @@ def _set_adamw(optimizer, trainable: dict, bufs: dict, step: int) -> None:
                                                    device=p.device if on_device else "cpu"), **bufs[name]}
 
 
-@torch.no_grad()
-def load_engine_from_one_process(engine, model_pt: dict, optim_pt: dict, model_cfg, train_cfg, topo=None) -> int:
-    """A one-process checkpoint (model.pt's state dict, optim.pt's PlainEngine state) into any
-    engine at any layout: each rank slices its pieces out of the whole tensors. AdamW's entries are
-    numbered in the order megaflow.optim.build_optimizer gives the one-process model (rebuilt here
-    on the meta device), which names them. Returns the step."""
-    from megaflow.model.starflow import STARFlow2, apply_stage
-    from megaflow.optim import param_groups
-    with torch.device("meta"):
-        meta = STARFlow2(model_cfg)
-    apply_stage(meta, model_cfg.stage)
-    names = {id(p): n for n, p in meta.named_parameters()}
-    order = [names[id(p)] for g in param_groups(meta, train_cfg.weight_decay) for p in g["params"]]
-    saved = optim_pt["optimizer"]["state"]
-    full = {model_key(k): v for k, v in model_pt.items()}
-    step = 0
-    for i, name in enumerate(order):
-        if i in saved:
-            full.update({optim_key(name, k): saved[i][k] for k in MOMENTS})
-            step = int(saved[i]["step"])
-    keys = {k: v.shape for k, v in full.items()}
-    tg = _targets(engine, topo, keys)
-    if tg.missing:
-        raise ValueError(f"it has no {tg.missing[0]!r} ({len(tg.missing)} entries this model needs): written for "
-                         f"another model or curriculum stage")
-    for key, boxes in tg.state.items():
-        src = full[key]
-        if tuple(src.shape) != tuple(boxes.size()):
-            raise ValueError(f"{key!r} has shape {tuple(src.shape)} there but {tuple(boxes.size())} in this model")
-        for offsets, dst in boxes.boxes:
-            dst.copy_(src[tuple(slice(o, o + n) for o, n in zip(offsets, dst.shape))])
-    for fn in tg.after:
-        fn(step)
-    if _is_zero(engine):
-        _set_zero_step(engine, step)
-    return step
-
-
-@torch.no_grad()
-def load_weights(model, directory: Path, strict: bool = True) -> list:
-    """One process: the weights of a DCP checkpoint into `model` (a plain STARFlow2), whole tensors;
-    returns the keys the checkpoint lacks (an error when `strict`)."""
-    keys = checkpoint_keys(directory)
-    state, missing = {}, []
-    for name, t in _entries([model]).items():
-        key = model_key(name)
-        if key not in keys:
-            missing.append(name)
-        elif tuple(keys[key]) != tuple(t.shape):
-            raise ValueError(f"{name!r} has shape {tuple(keys[key])} in the checkpoint but {tuple(t.shape)} in this "
-                             f"model: the checkpoint was made with another model config")
-        else:
-            state[key] = Boxes(t.shape, [([0] * t.dim(), t.data)])
-    if strict and missing:
-        raise ValueError(f"the checkpoint has no weights for {missing[:3]} ({len(missing)} entries): it was written "
-                         f"for another model")
-    load_boxes(state, directory, local=True)
-    return missing
-
-
-def _set_zero_step(engine, step: int) -> None:
+def set_zero_step(engine, step: int) -> None:
     for st in engine.optimizer.optimizer.state.values():
         if "step" in st:
             st["step"].fill_(step) if torch.is_tensor(st["step"]) else st.__setitem__("step", step)
@@ -348,7 +289,7 @@ def load_engine(engine, directory: Path, topo=None, group=None) -> int:
     """Collective: fill this rank's weights and optimizer state from the DCP checkpoint in
     `directory`, whatever layout wrote it; returns the optimizer step."""
     keys = checkpoint_keys(directory)
-    tg = _targets(engine, topo, keys)
+    tg = load_targets(engine, topo, keys)
     error = None
     if tg.missing:
         error = (f"it has no {tg.missing[0]!r} (and {len(tg.missing) - 1} more entries this model needs): it was "
@@ -366,6 +307,6 @@ def load_engine(engine, directory: Path, topo=None, group=None) -> int:
     step = int(state[STEP])
     for fn in tg.after:
         fn(step)
-    if _is_zero(engine):
-        _set_zero_step(engine, step)
+    if is_zero(engine):
+        set_zero_step(engine, step)
     return step

@@ -141,7 +141,7 @@ def test_save_dp2_tp2_pp2_zero1_loads_at_tp4_pp4_dp4_zero2_and_one_process(tmp_p
 
 
 def _from_one_process(rank, world, root):
-    from parallel.checkpoint_state import load_engine_from_one_process
+    from parallel.checkpoint_convert import load_engine_from_one_process
     model_pt = torch.load(Path(root) / "model.pt")
     optim_pt = torch.load(Path(root) / "optim.pt", weights_only=False)
     out = {}

@@ -124,7 +124,8 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     weights agree to 1e-5. So the loss is normalised by global counts, the gradients are summed
     (not averaged) over DP, the clip uses the global norm and each rank reads its own data shard.
     ZeRO-1 on the same launch (DeepSpeed reduces, clips and steps) gives the same losses (1e-5), and
-    its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights.
+    its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights
+    (the resumed run saves asynchronously: train.async_save).
     The DP=2 checkpoint (sharded) resumes in ONE process (optimizer state included) and trains on.
     ZeRO-3 gives the same losses, and its held-out evaluation (distributed: the partitioned model,
     nothing gathered) equals the DP=2 run's."""
@@ -146,8 +147,8 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     torchrun(tiny_sets, zero, "parallel.zero_stage=1")
     assert (zero / "checkpoints" / "step_000003" / "state" / ".metadata").is_file()
     assert max(abs(a - b) for a, b in zip(_losses(zero), got)) < 1e-5, (_losses(zero), got)
-    _resume_from_step3(tiny_sets, zero, zero_split, "parallel.zero_stage=1")
-    _assert_same_run(zero, zero_split, 1e-6)
+    _resume_from_step3(tiny_sets, zero, zero_split, "parallel.zero_stage=1", "train.async_save=true")
+    _assert_same_run(zero, zero_split, 1e-6)  # its checkpoints written in the background, committed
 
     # ZeRO-3 partitions the weights: held-out evaluation runs on the partitioned model (DeepSpeed
     # fetches each layer's weights in the forward, as in training) and must equal the DP run's
