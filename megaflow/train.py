@@ -309,14 +309,17 @@ def setup_processes(cfg: Config, device: torch.device):
 def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
     """(model, engine) of this rank: initialised per stage (parallel/runtime.py), then, from a
     sharded checkpoint `ckpt` of any layout, every rank reads its own pieces of the weights and
-    optimizer state (collective). init_from / hf_lm: the one-process model is built and sliced."""
+    optimizer state (collective); init_from a sharded checkpoint: its weights, the same way. A
+    one-process init_from or hf_lm: the one-process model is built on the CPU and sliced."""
     from parallel.checkpoint import check_format, is_sharded, load_engine_state
     from parallel.runtime import build_engine, build_stages
-    full = None
+    full = init_from = None
     if ckpt is not None:
         check_format(ckpt)
         if not is_sharded(ckpt):  # a one-process checkpoint: its model.pt, sliced; AdamW state by name
             full = load_file(ckpt, "model.pt")
+    elif cfg.train.init_from and not cfg.train.hf_lm and is_sharded(resolve(cfg.train.init_from)):
+        init_from = resolve(cfg.train.init_from)  # each rank reads its own pieces, after the build
     elif cfg.train.init_from or cfg.train.hf_lm:
         full = build(cfg, tok, torch.device("cpu")).state_dict()
     try:  # layout and schedule errors (parallel/pipeline.py, schedules.py) name the setting to change
@@ -325,6 +328,10 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
     except ValueError as e:
         raise ConfigError(str(e)) from e
     engine = build_engine(cfg, model, stages, tied, topo, dtype)
+    if init_from is not None:
+        load_engine_state(engine, init_from, topo, weights_only=True)
+        if topo.rank == 0:
+            log.info("initialised from %s", init_from)
     if ckpt is not None and is_sharded(ckpt):
         load_engine_state(engine, ckpt, topo)
     elif ckpt is not None:

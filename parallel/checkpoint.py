@@ -88,15 +88,16 @@ def save_engine_state(engine, directory: Path, topo, group=None) -> None:
     save_engine(engine, Path(directory) / STATE, topo, group)
 
 
-def load_engine_state(engine, ckpt: Path, topo=None) -> int:
+def load_engine_state(engine, ckpt: Path, topo=None, weights_only: bool = False) -> int:
     """Collective (all ranks, or one process with topo None): weights and optimizer state of this
-    rank from a sharded checkpoint of any layout. Returns the optimizer step."""
+    rank from a sharded checkpoint of any layout. Returns the optimizer step. `weights_only`
+    (train.init_from): the weights it has, nothing else."""
     from parallel.checkpoint_state import load_engine
     check_format(ckpt)
     if not is_sharded(ckpt):
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {STATE}/ (sharded) state")
     try:
-        return load_engine(engine, Path(ckpt) / STATE, topo)
+        return load_engine(engine, Path(ckpt) / STATE, topo, weights_only=weights_only)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e}") from e
 

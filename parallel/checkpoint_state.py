@@ -163,29 +163,33 @@ class _Targets:
     """The load description under construction: {checkpoint key: Boxes of destinations}, the
     checkpoint's keys (with the tied-embedding alias), and the copies to run after the read."""
 
-    def __init__(self, keys: dict):
+    def __init__(self, keys: dict, weights_only: bool = False):
         self.keys, self.state, self.after, self.missing = keys, {}, [], []
+        self.weights_only = weights_only
 
     def boxes(self, key: str, size) -> Optional[Boxes]:
+        if self.weights_only and not key.startswith("model/"):
+            return None
         if key not in self.keys:
             kind, name, *rest = key.split("/")
             alias = "/".join([kind, TIED[name], *rest]) if name in TIED else None
             if alias not in self.keys:
-                self.missing.append(key)
+                if not self.weights_only:  # weights only (init_from): what the checkpoint lacks keeps its init
+                    self.missing.append(key)
                 return None
             key = alias
         return self.state.setdefault(key, Boxes(size))
 
 
 @torch.no_grad()
-def load_targets(engine, topo, keys: dict) -> "_Targets":
+def load_targets(engine, topo, keys: dict, weights_only: bool = False) -> "_Targets":
     from parallel.zero_checkpoint import ensure_optimizer_state, local_fragments
     modules = _modules(engine)
     layout = {k: v for m in modules for k, v in shard_layout(m).items()}
     trainable = _trainable(engine, modules)
     zero = engine.stage if is_zero(engine) else 0
     dp_rank = topo.dp_rank if topo is not None else 0
-    tg = _Targets(keys)
+    tg = _Targets(keys, weights_only)
     for name, t in entries(modules).items():
         if zero and name in trainable:
             continue
@@ -202,6 +206,8 @@ def load_targets(engine, topo, keys: dict) -> "_Targets":
         ensure_optimizer_state(engine)
         for name, (start, n, pieces) in local_fragments(engine).items():
             _zero_targets(tg, engine, trainable[name], name, start, n, pieces, layout)
+        return tg
+    if weights_only:
         return tg
     bufs = {}
     for name, p in trainable.items():
@@ -224,8 +230,9 @@ def _zero_targets(tg: _Targets, engine, p, name: str, start: int, n: int, pieces
     if engine.stage < 3:
         whole = torch.empty(shape, dtype=torch.float32, device=pieces["fp32"].device)
         boxes = tg.boxes(model_key(name), size)
-        if boxes is not None:
-            boxes.add(origin, whole)
+        if boxes is None:
+            return  # weights only, and the checkpoint lacks it: it keeps its init
+        boxes.add(origin, whole)
 
         def copy(_step, p=p, whole=whole, piece=pieces["fp32"]):
             p.data.copy_(whole)
@@ -238,6 +245,8 @@ def _zero_targets(tg: _Targets, engine, p, name: str, start: int, n: int, pieces
         return
     bufs = {k: torch.zeros(p.ds_tensor.ds_numel, dtype=torch.float32, device=p.ds_tensor.device)
             for k in ("fp32",) + MOMENTS}
+    if tg.boxes(model_key(name), size) is None:
+        return  # weights only, and the checkpoint lacks it: it keeps its init
     for k, buf in bufs.items():
         boxes = tg.boxes(model_key(name) if k == "fp32" else optim_key(name, k), size)
         if boxes is not None:
@@ -246,7 +255,7 @@ def _zero_targets(tg: _Targets, engine, p, name: str, start: int, n: int, pieces
     def set_zero3(_step, p=p, bufs=bufs):
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
         safe_set_local_fp32_param(p, bufs["fp32"])
-        for k in MOMENTS:
+        for k in MOMENTS if not tg.weights_only else ():  # weights only: the fresh moments stay
             safe_set_local_optimizer_state(p, bufs[k], k)
         p.ds_tensor.data.copy_(bufs["fp32"])
     tg.after.append(set_zero3)
@@ -285,11 +294,12 @@ def _agree(error: Optional[str], group) -> Optional[str]:
 
 
 @torch.no_grad()
-def load_engine(engine, directory: Path, topo=None, group=None) -> int:
+def load_engine(engine, directory: Path, topo=None, group=None, weights_only: bool = False) -> int:
     """Collective: fill this rank's weights and optimizer state from the DCP checkpoint in
-    `directory`, whatever layout wrote it; returns the optimizer step."""
+    `directory`, whatever layout wrote it; returns the optimizer step. `weights_only` (init_from):
+    the weights the checkpoint has, the optimizer left fresh; returns 0."""
     keys = checkpoint_keys(directory)
-    tg = load_targets(engine, topo, keys)
+    tg = load_targets(engine, topo, keys, weights_only)
     error = None
     if tg.missing:
         error = (f"it has no {tg.missing[0]!r} (and {len(tg.missing) - 1} more entries this model needs): it was "
@@ -303,10 +313,10 @@ def load_engine(engine, directory: Path, topo=None, group=None) -> int:
     error = _agree(error, group)
     if error:
         raise ValueError(error)
-    state = load_boxes({**tg.state, STEP: None}, directory, group)
-    step = int(state[STEP])
+    state = load_boxes({**tg.state, **({} if weights_only else {STEP: None})}, directory, group)
+    step = 0 if weights_only else int(state[STEP])
     for fn in tg.after:
         fn(step)
-    if is_zero(engine):
+    if is_zero(engine) and not weights_only:
         set_zero_step(engine, step)
     return step

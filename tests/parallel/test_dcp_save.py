@@ -8,7 +8,8 @@ Contract:
 - async: `AsyncSave.start` at step 2 returns before the checkpoint is committed (`latest` still
   names step 1), the ranks train step 3 while it is written, `finish` commits it; it holds the
   step-2 weights and optimizer state (a fresh engine loads it and repeats step 3's loss exactly),
-  not the step-3 ones.
+  not the step-3 ones; loaded weights-only (train.init_from) it gives the step-2 weights and a
+  fresh optimizer.
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def _async(rank, world, root):
     load_engine_state(fresh, path, topo)
     same = all(torch.equal(fresh.model_state_dict()[k], v) for k, v in at_2.items())
     again = run_steps(fresh, cfg, topo, range(2, 3))
+    init = build(cfg, topo, seed=4)  # train.init_from: the weights only, a fresh optimizer
+    assert load_engine_state(init, path, topo, weights_only=True) == 0 and not init.optimizer.state
+    same = same and all(torch.equal(init.model_state_dict()[k], v) for k, v in at_2.items())
     return {"latest_during": latest_during, "latest_after": (root / "latest").read_text().strip(),
             "same_weights": same, "step3": step3, "again": again, "note": (path / "note.txt").is_file()}
 
