@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     commands = {"train": "megaflow.train", "generate": "megaflow.generate_cli", "data": "data_pipeline.cli",
                 "fae": "megaflow.model.fae_train",
                 "inspect": "tools.inspect_checkpoint",  # checkpoint contents and checks
-                "reshard": "tools.reshard",  # ZeRO -> one process, fp32 export, VLM -> Hugging Face
+                "reshard": "tools.reshard",  # -> one process, -> sharded, fp32 export, VLM -> Hugging Face
                 "profile": "tools.profile_step"}  # step time, tokens/s, MFU, torch.profiler trace
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

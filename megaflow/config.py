@@ -55,6 +55,7 @@ class TrainConfig:
     eval_batches: int = 4  # batches per evaluation
     save_every: int = 200  # steps between checkpoints (0 = only at the end, -1 = never)
     keep_last: int = 2  # checkpoints to keep
+    async_save: bool = False  # multi-process runs: write checkpoints in a background thread while training goes on
     sample_every: int = 0  # steps between sample grids in TensorBoard (0 = only at the end)
     guidance: float = 2.0  # classifier-free guidance weight of sample grids and the report
     sample_temperature: float = 1.0  # scale of the flow's Gaussian noise when sampling grids and the report

@@ -1,5 +1,7 @@
 """Loading a trained checkpoint for generation and evaluation: config, tokenizer and weights all
-come from the checkpoint directory itself, so it works without the run's data or config files."""
+come from the checkpoint directory itself, so it works without the run's data or config files.
+Both formats load: a one-process model.pt, and a multi-process run's sharded state/ (any layout;
+its pieces are read whole into this process with torch.distributed.checkpoint, no process group)."""
 from __future__ import annotations
 
 import json
@@ -47,12 +49,15 @@ def load_for_inference(path: str | Path, device="cpu"):
 
 
 def _load(ckpt: Path, device):
-    from megaflow.train import build
+    from megaflow.train import build, load_weights
+    from parallel.checkpoint import is_sharded
     cfg_file = ckpt / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"checkpoint {str(ckpt)!r} has no config.json")
     cfg = saved_config_from_dict(json.loads(cfg_file.read_text()))
     tok = load_checkpoint_tokenizer(ckpt)
     model = build(cfg, tok, torch.device(device), load_from=ckpt)
+    if is_sharded(ckpt):  # a multi-process run's shards (any layout), read whole into this process
+        load_weights(model, ckpt)
     model.eval()
     return model, tok, cfg, ckpt

@@ -14,7 +14,8 @@ state is saved with every checkpoint, so `--resume` continues bit for bit on CPU
 
 Several processes (torchrun or srun): data x tensor x pipeline parallelism and ZeRO from
 cfg.parallel; the ranks and their build live in parallel/runtime.py, the engine without ZeRO in
-parallel/engine.py, collective checkpoints (still one full model.pt) in parallel/checkpoint.py.
+parallel/engine.py, sharded checkpoints (every rank its own pieces; they load at any layout and
+in one process) in parallel/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -96,25 +97,43 @@ def to_device(batch: dict, device) -> dict:
 
 
 def build(cfg: Config, tok, device, load_from: Optional[Path] = None) -> STARFlow2:
-    """Build order: meta build -> (parallel layer swaps) -> materialise -> init or load."""
+    """Build order: meta build -> (parallel layer swaps) -> materialise -> init or load. A sharded
+    checkpoint's weights (`load_from`) are loaded later, with the optimizer state
+    (parallel.checkpoint.load_engine_state)."""
+    from parallel.checkpoint import is_sharded
     mcfg = with_tokenizer(cfg.model, tok)
     with torch.device("meta"):
         model = STARFlow2(mcfg)
     model.to_empty(device=device)
     torch.manual_seed(cfg.train.seed)
     model.init_weights()
-    if load_from is not None:
+    if load_from is not None and not is_sharded(load_from):
         state = load_file(load_from, "model.pt", map_location=device)
         load_model_state(model, state, strict=True)  # resuming our own checkpoint: it must match exactly
-    elif cfg.train.hf_lm:
+    elif load_from is None and cfg.train.hf_lm:
         from megaflow.hf_import import load_hf_lm
         load_hf_lm(model, cfg.train.hf_lm)
     if cfg.train.init_from and load_from is None:
         src = resolve(cfg.train.init_from)
-        load_model_state(model, load_file(src, "model.pt", map_location=device), strict=False)
+        load_weights(model, src, strict=False)
         log.info("initialised from %s", src)
     apply_stage(model, mcfg.stage)
     return model
+
+
+def load_weights(model, ckpt: Path, strict: bool = True) -> None:
+    """The weights of checkpoint `ckpt` (one-process model.pt or sharded state/, any layout) into a
+    one-process model, in this process only."""
+    from parallel.checkpoint import STATE, check_format, is_sharded
+    check_format(ckpt)
+    if not is_sharded(ckpt):
+        load_model_state(model, load_file(ckpt, "model.pt", map_location=next(model.parameters()).device), strict)
+        return
+    from parallel.checkpoint_convert import load_weights as load_sharded_weights
+    try:
+        load_sharded_weights(model, ckpt / STATE, strict)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e}") from e
 
 
 def load_model_state(model, state: dict, strict: bool = True) -> None:
@@ -250,8 +269,10 @@ def read_metrics(metrics: dict) -> dict:
 
 # ----- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int) -> dict:
-    """Text loss and image bits/dim on held-out batches (fixed noise: comparable across steps)."""
+def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int, engine=None) -> dict:
+    """Text loss and image bits/dim on held-out batches (fixed noise: comparable across steps).
+    Multi-process (`engine`: a ParallelEngine or ZeroEngine): collective, every rank calls it and
+    gets the figures; the model stays split (parallel/evaluate.py), nothing is gathered."""
     from megaflow.model.starflow import bits_per_dim
     model.eval()
     sums = {"text_sum": 0.0, "flow_sum": 0.0, "text": 0, "dims": 0}
@@ -260,9 +281,13 @@ def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int) -> dic
             break
         batch = to_device(batch, device)
         noise, _ = step_randomness(cfg, model.cfg, batch, -1 - i, 0, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            terms = model.terms(batch, noise)
-        counts = model.loss_counts(batch)
+        if engine is not None:
+            from parallel.evaluate import eval_terms
+            terms, counts = eval_terms(engine, batch, noise, dtype)
+        else:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                terms = model.terms(batch, noise)
+            counts = model.loss_counts(batch)
         for k in ("text_sum", "flow_sum"):
             sums[k] += float(terms.get(k, 0.0))
         sums["text"] += int(counts["text"])
@@ -290,25 +315,16 @@ def prepare_data(cfg: Config) -> None:
         ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)
 
 
-def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list, tok, topo=None) -> Path:
-    """One checkpoint. Multi-process (`topo`): collective, every rank calls it (parallel/checkpoint.py);
-    model.pt is the full model in the one-process format either way."""
+def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list, tok, topo=None,
+         saver=None) -> Optional[Path]:
+    """One checkpoint. One process: model.pt and optim.pt. Several (`topo`): collective, every rank
+    writes only its own shards into state/ (parallel/checkpoint.py), in the background with `saver`
+    (an AsyncSave: the checkpoint is committed at the next save or the end of the run)."""
     main_rank = topo is None or topo.rank == 0
-    if topo is None:  # Transformer Engine's FP8 metadata stays out: model.pt loads under either backend
-        full = engine.model_state_dict()  # fp32 main weights under mixed precision
-        state = {k: v for k, v in full.items() if not k.endswith("_extra_state")}
-    else:
-        from parallel.checkpoint import full_model_state, layout_of, save_distributed, save_optimizer
-        state = full_model_state(model, engine, topo)
 
-    def write(d: Path):
-        if topo is None:
-            torch.save(engine.state_dict(), d / "optim.pt")
-        else:
-            save_optimizer(engine, d, topo, layout_of(topo, cfg.parallel))
+    def write_rest(d: Path):
         if not main_rank:
             return
-        torch.save(state, d / "model.pt")
         torch.save({"step": step, "loader": loader.state_dict(), "history": history,
                     "torch_rng": torch.get_rng_state()}, d / "trainer.pt")
         (d / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -317,10 +333,25 @@ def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list
         for f in tokdir.iterdir():  # flatten so meta.json lists every file
             os.replace(f, d / f"tokenizer.{f.name}")
         tokdir.rmdir()
-    if topo is None:
+    if topo is None:  # Transformer Engine's FP8 metadata stays out: model.pt loads under either backend
+        full = engine.model_state_dict()  # fp32 main weights under mixed precision
+        state = {k: v for k, v in full.items() if not k.endswith("_extra_state")}
+
+        def write(d: Path):
+            torch.save(engine.state_dict(), d / "optim.pt")
+            torch.save(state, d / "model.pt")
+            write_rest(d)
         return save_checkpoint(out / "checkpoints", step, write, cfg.train.keep_last)
-    return save_distributed(out / "checkpoints", step, write, cfg.train.keep_last, topo,
-                            {"parallel": layout_of(topo, cfg.parallel)})
+    from parallel.checkpoint import FORMAT, layout_of, save_distributed, save_engine_state
+    extra = {"parallel": layout_of(topo, cfg.parallel), "sharded": FORMAT}
+    if saver is not None:
+        saver.start(out / "checkpoints", step, engine, write_rest, cfg.train.keep_last, extra)
+        return None
+
+    def write_sharded(d: Path):
+        save_engine_state(engine, d, topo)
+        write_rest(d)
+    return save_distributed(out / "checkpoints", step, write_sharded, cfg.train.keep_last, topo, extra)
 
 
 def setup_processes(cfg: Config, device: torch.device):
@@ -345,12 +376,19 @@ def setup_processes(cfg: Config, device: torch.device):
 
 
 def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
-    """(model, engine) of this rank: the full model is loaded from `ckpt` (or built the one-process
-    way for init_from / hf_lm) and sliced, else initialised per stage (parallel/runtime.py)."""
+    """(model, engine) of this rank: initialised per stage (parallel/runtime.py), then, from a
+    sharded checkpoint `ckpt` of any layout, every rank reads its own pieces of the weights and
+    optimizer state (collective); init_from a sharded checkpoint: its weights, the same way. A
+    one-process init_from or hf_lm: the one-process model is built on the CPU and sliced."""
+    from parallel.checkpoint import check_format, is_sharded, load_engine_state
     from parallel.runtime import build_engine, build_stages
-    full = None
+    full = init_from = None
     if ckpt is not None:
-        full = load_file(ckpt, "model.pt")
+        check_format(ckpt)
+        if not is_sharded(ckpt):  # a one-process checkpoint: its model.pt, sliced; AdamW state by name
+            full = load_file(ckpt, "model.pt")
+    elif cfg.train.init_from and not cfg.train.hf_lm and is_sharded(resolve(cfg.train.init_from)):
+        init_from = resolve(cfg.train.init_from)  # each rank reads its own pieces, after the build
     elif cfg.train.init_from or cfg.train.hf_lm:
         full = build(cfg, tok, torch.device("cpu")).state_dict()
     try:  # layout and schedule errors (parallel/pipeline.py, schedules.py) name the setting to change
@@ -358,7 +396,21 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
                                            cfg.train.seed, full, cfg.data.seq_len)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    return model, build_engine(cfg, model, stages, tied, topo, dtype)
+    engine = build_engine(cfg, model, stages, tied, topo, dtype)
+    if init_from is not None:
+        load_engine_state(engine, init_from, topo, weights_only=True)
+        if topo.rank == 0:
+            log.info("initialised from %s", init_from)
+    if ckpt is not None and is_sharded(ckpt):
+        load_engine_state(engine, ckpt, topo)
+    elif ckpt is not None:
+        from parallel.checkpoint_convert import load_engine_from_one_process
+        try:
+            load_engine_from_one_process(engine, full, load_file(ckpt, "optim.pt"), with_tokenizer(cfg.model, tok),
+                                         cfg.train, topo)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {str(ckpt)!r} (one process): {e}") from e
+    return model, engine
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -463,23 +515,21 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     if resume and ckpt is None and main_rank:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / "checkpoints")
     if topo is None:
-        written_by = read_meta(ckpt).get("parallel") if ckpt is not None else None  # find_latest validated it
-        if written_by:
-            raise CheckpointError(f"checkpoint {str(ckpt)!r} was written by a run with {written_by}; "
-                                  f"resume it with the same launch, or start from its weights with "
-                                  f"--set train.init_from={ckpt}")
+        from parallel.checkpoint import check_format, is_sharded, load_engine_state
+        if ckpt is not None:
+            check_format(ckpt)  # the old multi-process format: the command that converts it
         model = build(cfg, tok, device, ckpt)
         if cfg.parallel.backend == "te":
             from parallel.backend import apply_te_dense
             apply_te_dense(model)  # after init or load: the TE layers take the same weights
         engine = PlainEngine(model, cfg, dtype)
-        if ckpt is not None:
+        if ckpt is not None and is_sharded(ckpt):  # any layout's shards, read whole in this process
+            load_engine_state(engine, ckpt)
+        elif ckpt is not None:
             engine.load_state_dict(load_file(ckpt, "optim.pt"))
     else:
-        from parallel.checkpoint import layout_of, load_optimizer
+        from parallel.checkpoint import layout_of
         model, engine = build_parallel(cfg, tok, device, dtype, topo, ckpt)
-        if ckpt is not None:
-            load_optimizer(engine, ckpt, topo, layout_of(topo, cfg.parallel))
         if main_rank:
             log.info("%d processes: %s", topo.world_size, layout_of(topo, cfg.parallel))
     start, history = 0, []
@@ -491,18 +541,23 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         if main_rank:
             log.info("resumed from %s at step %d", ckpt, start)
 
-    # evaluation, samples and the report run on the whole model in one process (WholeModel)
+    # evaluation runs on the split model (collective); sample grids and the report on the whole model
+    # in one process (WholeModel: gathered under TP / PP / ZeRO-3, as generation is not distributed yet)
     whole = WholeModel(cfg, tok, model, engine, topo, device)
-    if not whole.direct and main_rank and (tcfg.eval_data or tcfg.sample_every or tcfg.report):
-        log.info("evaluation, sample grids and the report gather the whole model onto rank 0 (tp=%d, pp=%d, "
+    if not whole.direct and main_rank and (tcfg.sample_every or tcfg.report):
+        log.info("sample grids and the report gather the whole model onto rank 0 (tp=%d, pp=%d, "
                  "zero_stage=%d)", topo.tp, topo.pp, cfg.parallel.zero_stage)
     mon = eval_loader = None
     if main_rank:
         from megaflow.monitor import Monitor
         mon = Monitor(out, cfg, model, total=tcfg.steps, start=start, dp=topo.dp if topo else 1,
                       world=topo.world_size if topo else 1, data_stats=loader.stats)
-    if tcfg.eval_data and whole.here:
+    if tcfg.eval_data:  # every rank: evaluation is collective
         eval_loader = build_loader(dataclasses.replace(cfg.data, local=tcfg.eval_data, shuffle=False), tok, 0, 1)
+    saver = None
+    if topo is not None and tcfg.async_save:
+        from parallel.checkpoint import AsyncSave
+        saver = AsyncSave(topo)
     batches = _forever(loader)
     t_start = time.time()
     step = start
@@ -528,18 +583,21 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         if mon is not None:
             mon.step(step + 1, batch, metrics, lr)
         if evaluating:
-            one = whole.get()  # collective when gathered: every rank takes part
-            if one is not None:
-                mon.eval(step + 1, evaluate(one, eval_loader, cfg, device, dtype, tcfg.eval_batches))
+            figures = evaluate(model, eval_loader, cfg, device, dtype, tcfg.eval_batches,
+                               engine if topo is not None else None)  # collective: the split model
+            if mon is not None:
+                mon.eval(step + 1, figures)
         if saving:
             check_finite(model, engine, topo, device, step + 1, cfg, out)
-            save(out, step + 1, cfg, model, engine, loader, history, tok, topo)
+            save(out, step + 1, cfg, model, engine, loader, history, tok, topo, saver)
         if sampling:
             one = whole.get()
             if one is not None:
                 mon.samples(step + 1, one, tok, cfg)
         if done:
             break
+    if saver is not None:
+        saver.finish()  # the last checkpoint is committed before the run reports
     result = {"steps": step + 1, "train": metrics, "skipped_steps": skipped, "minutes": (time.time() - t_start) / 60}
     if topo is not None:
         from parallel.checkpoint import layout_of
@@ -565,7 +623,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
 
 
 class WholeModel:
-    """The whole model in one process, for evaluation, sample grids and the report. In one process,
+    """The whole model in one process, for sample grids and the report. In one process,
     or data-parallel only without ZeRO-3, it is the live model. Otherwise it is a copy on global
     rank 0, refreshed from the run's weights by the gather that checkpoints use
     (parallel.checkpoint.full_model_state): collective, so every rank calls `get` at the same steps,

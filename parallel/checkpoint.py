@@ -1,45 +1,68 @@
-"""Checkpoints of multi-process runs: one directory, written by every rank, committed by one.
+"""Checkpoints of multi-process runs: one directory, every rank writing only its own shards.
 
 Protocol (`save_distributed`, collective: every rank calls it):
   1. global rank 0 creates the temporary directory `.tmp-step_XXXXXX-<its pid>`
      (megaflow.checkpoint.begin_checkpoint) and broadcasts its name: one shared name for all ranks;
   2. every rank writes its own files into it (`write(tmp)`);
-  3. barrier; rank 0 writes meta.json (every file, sub-directories included, with its size: written
-     last), renames the directory into place, updates `latest` and prunes; a broadcast of the final
-     path releases the other ranks. A crash before the rename leaves the previous checkpoints intact.
+  3. barrier; rank 0 writes meta.json (every file, sub-directories included: written last), renames
+     the directory into place, updates `latest` and prunes (megaflow.checkpoint.commit_checkpoint);
+     a broadcast of the final path releases the other ranks. A crash before the rename leaves the
+     previous checkpoints intact.
 All ranks must see one filesystem (as for any multi-node checkpoint).
 
-Files. The model is written ONCE, in the single-process format, whatever the layout:
-  model.pt             full unsharded state dict (fp32 master values under ZeRO), gathered over TP
-                       (all-gather of shards, parallel/checkpoint_tp.py) on the ranks of DP replica 0,
-                       then over PP (each stage's dict to the pipeline's first rank, gather_object) and
-                       written by global rank 0. It loads in one process (megaflow.inference) and
-                       into any TP / PP layout (sliced on load). Cost: rank 0 holds the full model in
-                       CPU memory while saving (per-stage files would avoid that; not done).
-  optim.ppPP_tpTT.pt   ParallelEngine's AdamW state of one TP x PP coordinate, written by its DP rank
-                       0 (DP replicas hold identical states). Resume: same tp, pp, flow_tp; any dp.
-  zero/                ZeroEngine's sharded optimizer state (parallel/zero_checkpoint.py). Resume:
-                       same tp, pp; any dp.
-  optim.pt             {'engine': 'parallel' | 'zero', 'layout': ...} (rank 0), so a one-process
-                       resume says what to do instead of misreading it.
+Files:
+  state/               torch.distributed.checkpoint (DCP): `__<rank>_0.distcp` per rank with that
+                       rank's pieces of the weights, fp32 masters and AdamW moments, keyed by the
+                       one-process model's names with global shapes and offsets, and `.metadata`
+                       (written by rank 0 after every rank's data). What each engine writes:
+                       parallel/checkpoint_state.py. Loads at ANY layout (DP, TP, flow_tp, PP,
+                       virtual stages, ZeRO stage, or one process): each rank reads the overlap of
+                       its own pieces with the saved ones. No rank ever holds the whole model.
   trainer.pt, config.json, tokenizer.*: rank 0 (step, loader position and history are identical on
                        every rank).
+meta.json carries {"parallel": layout, "sharded": FORMAT}.
+
+Async saves (`AsyncSave`): the pieces are copied to CPU memory while the step waits, written by a
+background thread over a separate gloo group while training goes on, and committed (meta.json,
+rename) at the next save or at the end of the run; until then the previous checkpoint is `latest`.
+
+Old multi-process checkpoints (one gathered model.pt with zero/ or optim.ppPP_tpTT.pt) are refused
+with the command that converts them (tools/reshard.py --out, then they load at any layout).
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from megaflow.checkpoint import CheckpointError, begin_checkpoint, commit_checkpoint, load_file
-from parallel.checkpoint_tp import gather_full
+from megaflow.checkpoint import CheckpointError, begin_checkpoint, commit_checkpoint, validate
+
+FORMAT = "megaflow-dcp-1"
+STATE = "state"
 
 
 def layout_of(topo, pcfg) -> dict:
     return {"world_size": topo.world_size, "tp": topo.tp, "flow_tp": topo.flow_tp, "pp": topo.pp, "dp": topo.dp,
-            "zero_stage": pcfg.zero_stage}
+            "zero_stage": pcfg.zero_stage, "virtual_stages": pcfg.virtual_stages}
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (Path(ckpt) / STATE / ".metadata").is_file()
+
+
+def check_format(ckpt: Path) -> None:
+    """A CheckpointError for a multi-process checkpoint of the old (gathered model.pt) format."""
+    if is_sharded(ckpt):
+        return
+    written_by = validate(ckpt).get("parallel")
+    if written_by:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} is in the old multi-process format (one gathered model.pt, "
+                              f"optimizer files per layout; written with {written_by}); convert it once with "
+                              f"`python tools/reshard.py {ckpt} --to-sharded NEW_DIR` and resume from NEW_DIR "
+                              f"(train.out_dir=NEW_DIR --resume), which loads at any layout")
 
 
 def save_distributed(root, step: int, write: Callable[[Path], None], keep_last: int, topo,
@@ -49,17 +72,100 @@ def save_distributed(root, step: int, write: Callable[[Path], None], keep_last: 
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
     write(tmp)
+    return _commit(root, tmp, step, keep_last, topo, extra_meta)
+
+
+def _commit(root, tmp: Path, step: int, keep_last: int, topo, extra_meta) -> Path:
     dist.barrier()
     box = [str(commit_checkpoint(root, tmp, step, keep_last, extra_meta)) if topo.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
 
 
-@torch.no_grad()
+def save_engine_state(engine, directory: Path, topo, group=None) -> None:
+    """Every rank calls it inside `write`: its pieces into directory/state (DCP)."""
+    from parallel.checkpoint_state import save_engine
+    save_engine(engine, Path(directory) / STATE, topo, group)
+
+
+def load_engine_state(engine, ckpt: Path, topo=None, weights_only: bool = False) -> int:
+    """Collective (all ranks, or one process with topo None): weights and optimizer state of this
+    rank from a sharded checkpoint of any layout. Returns the optimizer step. `weights_only`
+    (train.init_from): the weights it has, nothing else."""
+    from parallel.checkpoint_state import load_engine
+    check_format(ckpt)
+    if not is_sharded(ckpt):
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {STATE}/ (sharded) state")
+    try:
+        return load_engine(engine, Path(ckpt) / STATE, topo, weights_only=weights_only)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e}") from e
+
+
+def read_sharded(ckpt: Path, weights_only: bool = False) -> tuple:
+    """(weights {name: whole tensor}, optimizer {name: {'exp_avg', 'exp_avg_sq'}, 'step': int}) of
+    a sharded checkpoint, in this process: for offline tools (export, conversion, inspection),
+    which hold the whole model by definition; training never calls it."""
+    from parallel.dcp_boxes import checkpoint_keys, read_full
+    d = Path(ckpt) / STATE
+    keys = list(checkpoint_keys(d))
+    wanted = [k for k in keys if k.startswith("model/") or (not weights_only and k.startswith("optim/"))]
+    full = read_full(d, wanted)
+    weights = {k[len("model/"):]: v for k, v in full.items() if k.startswith("model/")}
+    optim: dict = {"step": int(full.get("optim/step") or 0)}
+    for k, v in full.items():
+        if k.startswith("optim/") and k != "optim/step":
+            name, moment = k[len("optim/"):].rsplit("/", 1)
+            optim.setdefault(name, {})[moment] = v
+    return weights, optim
+
+
+class AsyncSave:
+    """dcp's save in a background thread, as the file docstring says. `start` is collective; call
+    `finish` (collective) before the next `start` and before the run ends."""
+
+    def __init__(self, topo):
+        self.topo, self.pending, self.group = topo, None, None
+        if topo is not None and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo")  # the background thread's own collectives
+
+    def start(self, root, step: int, engine, write_rest: Callable[[Path], None], keep_last: int,
+              extra_meta: Optional[dict] = None) -> None:
+        from parallel.checkpoint_state import state_to_save
+        from parallel.dcp_boxes import save_boxes, staged
+        self.finish()
+        box = [str(begin_checkpoint(root, step)) if self.topo.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        tmp = Path(box[0])
+        write_rest(tmp)
+        state = staged(state_to_save(engine, self.topo))  # CPU copies: training may change the originals
+        err = []
+
+        def run():
+            try:
+                save_boxes(state, tmp / STATE, self.group)
+            except BaseException as e:  # re-raised by finish, on the training thread
+                err.append(e)
+        thread = threading.Thread(target=run, name="megaflow-async-save", daemon=True)
+        thread.start()
+        self.pending = (root, tmp, step, keep_last, extra_meta, thread, err)
+
+    def finish(self) -> Optional[Path]:
+        if self.pending is None:
+            return None
+        root, tmp, step, keep_last, extra_meta, thread, err = self.pending
+        self.pending = None
+        thread.join()
+        if err:
+            raise err[0]
+        return _commit(root, tmp, step, keep_last, self.topo, extra_meta)
+
+
 def full_model_state(model, engine, topo) -> Optional[dict]:
-    """The single-process state dict on global rank 0 (None elsewhere). Collective: every rank
-    calls it (ZeRO's fp32 masters are gathered over DP first). `model` is the meta-built model
-    the stages were cut from: its TP layout names the sharded entries."""
+    """The single-process state dict on global rank 0 (None elsewhere), gathered over DP (ZeRO),
+    TP and PP: used only by WholeModel for sample grids and the quality report under TP / PP
+    (generation is not distributed yet); never by checkpoints or evaluation."""
+    from parallel.checkpoint_tp import gather_full
     local = engine.model_state_dict()
     if topo.dp_rank != 0:
         return None
@@ -70,41 +176,3 @@ def full_model_state(model, engine, topo) -> Optional[dict]:
         if topo.pp_rank == 0:
             full = {k: v for part in parts for k, v in part.items()}
     return full if topo.rank == 0 else None
-
-
-def optimizer_file(topo) -> str:
-    return f"optim.pp{topo.pp_rank:02d}_tp{topo.tp_rank:02d}.pt"
-
-
-def save_optimizer(engine, directory: Path, topo, layout: dict) -> None:
-    """Every rank calls it inside `write`."""
-    if hasattr(engine, "save"):  # ZeroEngine: every rank writes its shard under zero/
-        engine.save(directory)
-        kind = "zero"
-    else:
-        if topo.dp_rank == 0:
-            torch.save(engine.state_dict(), directory / optimizer_file(topo))
-        kind = "parallel"
-    if topo.rank == 0:
-        torch.save({"engine": kind, "layout": layout}, directory / "optim.pt")
-
-
-def load_optimizer(engine, ckpt: Path, topo, layout: dict) -> None:
-    saved = load_file(ckpt, "optim.pt")
-    kind = "zero" if hasattr(engine, "save") else "parallel"
-    if saved.get("engine") != kind:
-        was = saved.get("layout") or "one process"
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} holds the optimizer state of {was} ({saved.get('engine', 'plain')} "
-                              f"engine); this run is {layout} ({kind}): resume with the checkpoint's layout, or start "
-                              f"from its weights only with --set train.init_from={ckpt}")
-    if kind == "zero":
-        engine.load_state_dict({"sharded": True})
-        engine.load(ckpt)
-        return
-    if not (ckpt / optimizer_file(topo)).is_file():
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no {optimizer_file(topo)}: it was written with "
-                              f"{saved['layout']}, this run is {layout}; resume with the same parallel.tp and pp")
-    try:
-        engine.load_state_dict(load_file(ckpt, optimizer_file(topo)))
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r}: {e}") from e

@@ -1,4 +1,10 @@
-"""ZeRO-sharded optimizer state in and out of our checkpoints, in a format a resharding tool reads.
+"""ZeRO-sharded optimizer state: DeepSpeed's per-parameter fragments, and the older per-rank format.
+
+`local_fragments` (which flat piece of each parameter's fp32 master and moments this rank owns, from
+DeepSpeed's own maps) and `ensure_optimizer_state` are what the sharded checkpoints of
+`megaflow train` use (parallel/checkpoint_state.py: any layout on load). The rest of this file is
+the older format, kept for `ZeroEngine.save` / `load`, the ZeRO unit tests and tools/reshard.py's
+reading of old checkpoints:
 
 Each rank writes `DIR/zero/pp{p}_tp{t}_dp{d}.pt`: for every trainable parameter it owns a piece of,
 the parameter's full name (STARFlow2.state_dict() key), its TP layout (local shape, shard dim and

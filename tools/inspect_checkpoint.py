@@ -6,14 +6,15 @@
 
 Prints meta.json (format, step, files), a summary of config.json (model, data, train, parallel),
 the trainer's step and last loss, parameter counts per part (megaflow.cli.count_parameters) and
-how many train in the checkpoint's curriculum stage, the optimizer state (plain AdamW or the ZeRO
-marker and layout of a multi-process run), the ZeRO layout when zero/ is present, and with --tensors every model.pt tensor with its
+how many train in the checkpoint's curriculum stage, the optimizer state (plain AdamW; a sharded
+checkpoint's layout, per-rank files and AdamW step; or the old format's ZeRO marker and layout),
+the old format's ZeRO layout when zero/ is present, and with --tensors every weight with its
 shape and dtype. Checks, each a non-zero exit with a message: the checkpoint validates
 (megaflow.checkpoint.validate: meta.json present, every file there with its recorded size),
-model.pt / optim.pt / trainer.pt load, model.pt's names and shapes match the model config.json
-describes, and every ZeRO shard (tp x pp x dp) or per-coordinate optimizer file (tp x pp) of the
-recorded layout is present. It reads only:
-nothing is repaired or written.
+model.pt / optim.pt / trainer.pt load, the weights' names and shapes match the model config.json
+describes, and every per-rank file a sharded checkpoint's metadata names (or every ZeRO shard /
+per-coordinate optimizer file of the old format) is present. A sharded checkpoint (state/) is
+read from its DCP metadata only, no tensor data. It reads only: nothing is repaired or written.
 """
 from __future__ import annotations
 
@@ -35,6 +36,38 @@ def load_model_pt(ckpt: Path) -> dict:
         return torch.load(ckpt / "model.pt", map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt zip files
         raise CheckpointError(f"checkpoint {str(ckpt)!r}: cannot read model.pt: {e}") from e
+
+
+def sharded_shapes(ckpt: Path) -> dict:
+    """{name: meta tensor of the saved global shape and dtype} of a sharded checkpoint's weights,
+    from the DCP metadata alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    try:
+        md = FileSystemReader(str(ckpt / "state")).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: cannot read state/.metadata: {e}") from e
+    return {k[len("model/"):]: torch.empty(v.size, dtype=v.properties.dtype, device="meta")
+            for k, v in md.state_dict_metadata.items()
+            if k.startswith("model/") and isinstance(v, TensorStorageMetadata)}
+
+
+def sharded_summary(ckpt: Path, meta: dict) -> dict:
+    """Layout, per-rank files (all present) and AdamW step of a sharded checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from parallel.dcp_boxes import read_full
+    d = ckpt / "state"
+    md = FileSystemReader(str(d)).read_metadata()
+    files = sorted({info.relative_path for info in md.storage_data.values()})
+    missing = [f for f in files if not (d / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: {len(missing)} of {len(files)} per-rank files are missing "
+                              f"(e.g. state/{missing[0]}); it cannot be loaded")
+    moments = [k for k in md.state_dict_metadata if k.startswith("optim/") and k.endswith("/exp_avg")]
+    step = read_full(d, ["optim/step"])["optim/step"] if "optim/step" in md.state_dict_metadata else None
+    return {"kind": "sharded (torch.distributed.checkpoint, loads at any layout)", **(meta.get("parallel") or {}),
+            "files": len(files), "bytes": sum((d / f).stat().st_size for f in files),
+            "params_with_state": len(moments), "adam_step": step}
 
 
 def check_model(ckpt: Path, state: dict, model) -> None:
@@ -96,7 +129,8 @@ def inspect(path: str, tensors: bool = False) -> dict:
     ckpt = resolve(path)
     meta = validate(ckpt)
     cfg = read_config(ckpt)
-    state = load_model_pt(ckpt)
+    sharded = (ckpt / "state" / ".metadata").is_file()
+    state = sharded_shapes(ckpt) if sharded else load_model_pt(ckpt)
     mcfg = model_config(ckpt, cfg, state)
     model = meta_model(mcfg)
     check_model(ckpt, state, model)
@@ -118,7 +152,7 @@ def inspect(path: str, tensors: bool = False) -> dict:
     }
     info["parameters"] = dict(count_parameters(model))
     info["parameters"]["trainable in this stage"] = sum(x.numel() for x in model.parameters() if x.requires_grad)
-    info["optimizer"] = optimizer_summary(ckpt)
+    info["optimizer"] = sharded_summary(ckpt, meta) if sharded else optimizer_summary(ckpt)
     info["zero"] = zero_summary(ckpt)
     if tensors:
         info["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
@@ -156,7 +190,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megaflow inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="checkpoint directory (step_XXXXXX) or a run's out_dir")
-    ap.add_argument("--tensors", action="store_true", help="list every model.pt tensor with shape and dtype")
+    ap.add_argument("--tensors", action="store_true", help="list every weight with shape and dtype")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
     try:

@@ -1,34 +1,41 @@
-"""Convert a checkpoint to another layout: single process, fp32 weights, or a Hugging Face LM.
+"""Convert a checkpoint: to a single process, to the sharded format, to fp32 weights, or a Hugging Face LM.
 
     python tools/reshard.py runs/big/checkpoints/step_001000 --out runs/big_1gpu        # (a)
+    python tools/reshard.py runs/old --to-sharded runs/old_sharded                       # (d)
     python tools/reshard.py runs/big --export-fp32 big_fp32.safetensors                  # (b)
     python tools/reshard.py runs/big --to-hf hf_lm/ [--hf-dtype bf16]                    # (c)
     megaflow reshard ...                                                                  # the same
 
-The source is a checkpoint directory, or a run directory (its newest complete checkpoint). model.pt
-is always stored unsharded, so the weights need no resharding; what does is a multi-process run's
-optimizer state: under ZeRO per-rank pieces in zero/ (parallel/zero_checkpoint.py, which
-`read_full_state` joins, any tp / pp / dp, into full fp32 masters and AdamW moments by name), without
-ZeRO one AdamW state per pipeline x tensor coordinate (parallel/checkpoint.py).
+The source is a checkpoint directory, or a run directory (its newest complete checkpoint), in one
+of three formats:
+  - sharded (multi-process runs, parallel/checkpoint.py): state/ written by torch.distributed.
+    checkpoint, every tensor (weights = fp32 masters under ZeRO, AdamW moments) under its
+    one-process name with its global shape, in per-rank pieces. `megaflow train --resume` loads it
+    at ANY layout (and in one process) by itself: no conversion is needed to change layout; this
+    tool reads it whole (one process) for (a), (b), (c);
+  - one process: model.pt + optim.pt (PlainEngine). Also loads at any layout by itself;
+  - the old multi-process format (before sharded saves): a gathered model.pt with zero/
+    (parallel/zero_checkpoint.py, read by `read_full_state`) or optim.ppPP_tpTT.pt per pipeline
+    coordinate (tp == 1 only). Training refuses it; (a) or (d) convert it.
 
 (a) `--out DIR` writes DIR/checkpoints/step_XXXXXX, a single-process checkpoint: model.pt with the
-    fp32 master weights, optim.pt in the PlainEngine's format (torch AdamW state on the parameter
+    fp32 (master) weights, optim.pt in the PlainEngine's format (torch AdamW state on the parameter
     order and groups `megaflow.optim.param_groups` gives the one-process model), config.json with the
     parallel section reset to one process, and the source's other files (trainer.pt: step, data
     position, history; tokenizer.*) copied. `megaflow train --config X --set train.out_dir=DIR
-    --resume` continues it in one process. Sources: ZeRO (zero/, any tp / pp / dp), or the
-    ParallelEngine without ZeRO (optim.ppPP_tpTT.pt) with tp == 1 and any pp / dp: its per-stage
-    AdamW entries are named by cutting the stages again as parallel/runtime.py does.
-(b) `--export-fp32 FILE` (.safetensors or .pt): every tensor of model.pt in fp32, trainable ones
-    from the ZeRO master weights when the checkpoint has them. Loads with `model.load_state_dict`.
+    --resume` continues it in one process.
+(d) `--to-sharded DIR`: the same content as (a) written in the sharded format (state/, from this one
+    process), so a one-process or old-format checkpoint resumes at any layout with its optimizer
+    state (`megaflow train --set train.out_dir=DIR --resume` under torchrun).
+(b) `--export-fp32 FILE` (.safetensors or .pt): every weight in fp32, trainable ones from the fp32
+    master weights when the checkpoint has them. Loads with `model.load_state_dict`.
 (c) `--to-hf DIR`: the VLM stream as a transformers Llama (Qwen2 when vlm.qkv_bias) directory:
     config.json + model.safetensors (+ the tokenizer files when the run used a Hugging Face
     tokenizer). On text the exported LM computes exactly what our VLM stream does; on image slots
     ours also reads the flow stream (Pretzel skip W_d), which the export leaves out.
 
-What it does not do: write a TP / PP / ZeRO-sharded checkpoint (the training engines load model.pt
-and reshard over DP themselves; an optimizer state for another tp or pp is not written), or join
-the ParallelEngine's TP-sharded AdamW files (tp > 1 without ZeRO: they carry no names or shard dims).
+What it does not do: join the old format's ParallelEngine TP-sharded AdamW files (tp > 1 without
+ZeRO: they carry no names or shard dims).
 """
 from __future__ import annotations
 
@@ -48,6 +55,19 @@ from megaflow.model.config import ModelConfig  # noqa: E402
 
 # Files of a checkpoint that the single-process output rewrites; everything else is copied.
 REWRITTEN = ("model.pt", "optim.pt", "config.json", "meta.json")
+
+
+def is_sharded(ckpt: Path) -> bool:
+    from parallel.checkpoint import is_sharded as sharded
+    return sharded(ckpt)
+
+
+def weights_of(ckpt: Path) -> dict:
+    """The checkpoint's weights {name: whole tensor}, whatever its format (one process: model.pt)."""
+    if is_sharded(ckpt):
+        from parallel.checkpoint import read_sharded
+        return read_sharded(ckpt, weights_only=True)[0]
+    return load_file(ckpt, "model.pt")
 
 
 # ----- reading a checkpoint --------------------------------------------------------------------
@@ -95,7 +115,7 @@ def zero_layout(ckpt: Path) -> dict:
 def fp32_state(ckpt: Path, zero_state: dict | None = None, state: dict | None = None) -> dict:
     """model.pt (`state` if already loaded) with every floating tensor in fp32; trainable ones replaced
     by ZeRO's fp32 masters when given (a bf16 ZeRO run's model.pt may hold rounded weights)."""
-    state = load_file(ckpt, "model.pt") if state is None else state
+    state = weights_of(ckpt) if state is None else state
     out = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     for name, entry in (zero_state or {}).items():
         if name == "step":
@@ -184,6 +204,9 @@ def parallel_engine_state(src: Path, cfg: Config, mcfg: ModelConfig, layout: dic
 def sharded_optimizer_state(src: Path, cfg: Config, mcfg: ModelConfig) -> tuple:
     """(optimizer state by name, the source layout) of a ZeRO or ParallelEngine checkpoint."""
     from parallel.zero_checkpoint import read_full_state
+    if is_sharded(src):
+        from parallel.checkpoint import read_sharded
+        return read_sharded(src)[1], validate(src).get("parallel", {})
     if has_zero(src):
         return read_full_state(src), zero_layout(src)
     marker = load_file(src, "optim.pt") if (src / "optim.pt").is_file() else {}
@@ -194,40 +217,109 @@ def sharded_optimizer_state(src: Path, cfg: Config, mcfg: ModelConfig) -> tuple:
                           f"convert; --export-fp32 and --to-hf work on it")
 
 
-def write_single_process(src: Path, out: Path) -> Path:
-    """(a): OUT/checkpoints/step_XXXXXX from a multi-process checkpoint (ZeRO of any layout, or the
-    ParallelEngine with tp == 1)."""
+def one_process_content(src: Path) -> tuple:
+    """(meta, config for one process, model config, fp32 weights, optim.pt content, layout) of a
+    multi-process checkpoint (sharded, or the old format: ZeRO of any layout, ParallelEngine tp == 1)."""
     from parallel.topology import ParallelConfig
     meta = validate(src)
     cfg = read_config(src)
-    weights = load_file(src, "model.pt")
-    mcfg = model_config(src, cfg, weights)
-    opt_state, layout = sharded_optimizer_state(src, cfg, mcfg)
-    state = fp32_state(src, opt_state if has_zero(src) else None, weights)
+    if is_sharded(src):
+        from parallel.checkpoint import read_sharded
+        weights, opt_state = read_sharded(src)
+        layout = meta.get("parallel", {})
+        mcfg = model_config(src, cfg, weights)
+    else:
+        weights = load_file(src, "model.pt")
+        mcfg = model_config(src, cfg, weights)
+        opt_state, layout = sharded_optimizer_state(src, cfg, mcfg)
+    state = fp32_state(src, opt_state if has_zero(src) and not is_sharded(src) else None, weights)
     model = meta_model(mcfg)
-    one = dataclasses.replace(cfg, parallel=ParallelConfig(),
-                              train=dataclasses.replace(cfg.train, out_dir=str(out)))
+    one = dataclasses.replace(cfg, parallel=ParallelConfig())
     optim = single_process_optimizer(model, one, opt_state)
     if mcfg.vlm is not None and mcfg.vlm.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]  # one tensor, as the model holds it
     own = set(model.state_dict())
     if set(state) != own:
-        raise CheckpointError(f"model.pt of {str(src)!r} does not match its config.json's model: missing "
+        raise CheckpointError(f"the weights of {str(src)!r} do not match its config.json's model: missing "
                               f"{sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - set(own))[:3]}")
+    return meta, one, mcfg, state, optim, opt_state, layout
+
+
+def write_single_process(src: Path, out: Path) -> Path:
+    """(a): OUT/checkpoints/step_XXXXXX from a multi-process checkpoint (see one_process_content)."""
+    meta, one, mcfg, state, optim, opt_state, layout = one_process_content(src)
+    one = dataclasses.replace(one, train=dataclasses.replace(one.train, out_dir=str(out)))
 
     def write(d: Path):
         torch.save(state, d / "model.pt")
         torch.save(optim, d / "optim.pt")
         (d / "config.json").write_text(json.dumps(to_dict(one), indent=1))
-        for f in sorted(src.iterdir()):  # trainer.pt, tokenizer.*; not zero/ or optim.ppPP_tpTT.pt
-            if f.is_file() and f.name not in REWRITTEN and not f.name.startswith("optim."):
-                shutil.copyfile(f, d / f.name)
+        copy_rest(src, d)
 
     extra = {"resharded_from": str(src.resolve()),
              "source_layout": {k: layout.get(k) for k in ("zero_stage", "tp", "pp", "dp")}}
     # keep_last=0 keeps every checkpoint already in OUT
     return save_checkpoint(out / "checkpoints", int(meta.get("step", opt_state["step"])), write, keep_last=0,
                            extra_meta=extra)
+
+
+def copy_rest(src: Path, d: Path) -> None:
+    """trainer.pt, tokenizer.*: not model.pt, optimizer files, zero/ or state/."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in REWRITTEN and not f.name.startswith("optim."):
+            shutil.copyfile(f, d / f.name)
+
+
+# ----- (d) sharded format ---------------------------------------------------------------------------
+def write_sharded(src: Path, out: Path) -> Path:
+    """(d): OUT/checkpoints/step_XXXXXX in the sharded format (parallel/checkpoint.py), written by
+    this one process, from a one-process or old-format multi-process checkpoint."""
+    from parallel.checkpoint import FORMAT, STATE
+    from parallel.checkpoint_state import STEP, model_key, optim_key
+    from parallel.dcp_boxes import Boxes, save_boxes
+    meta = validate(src)
+    if is_sharded(src):
+        raise CheckpointError(f"{str(src)!r} is sharded already: it loads at any layout as it is")
+    marker = load_file(src, "optim.pt") if (src / "optim.pt").is_file() else {}
+    if meta.get("parallel") or has_zero(src) or "engine" in marker or marker.get("sharded"):
+        meta, cfg, mcfg, weights, _, opt_state, layout = one_process_content(src)
+    else:  # one process: model.pt + optim.pt, named by the one-process parameter order
+        cfg = read_config(src)
+        weights = load_file(src, "model.pt")
+        mcfg = model_config(src, cfg, weights)
+        opt_state, layout = one_process_optimizer_state(src, cfg, mcfg), {}
+    state = {model_key(k): Boxes(v.shape, [([0] * v.dim(), v)]) for k, v in weights.items()}
+    for name, entry in opt_state.items():
+        if name != "step":
+            state.update({optim_key(name, k): Boxes(entry[k].shape, [([0] * entry[k].dim(), entry[k])])
+                          for k in ("exp_avg", "exp_avg_sq")})
+    state[STEP] = int(opt_state.get("step", 0))
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out)))
+
+    def write(d: Path):
+        save_boxes(state, d / STATE)
+        (d / "config.json").write_text(json.dumps(to_dict(one), indent=1))
+        copy_rest(src, d)
+    extra = {"resharded_from": str(src.resolve()), "sharded": FORMAT,
+             "parallel": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "zero_stage": 0, "converted_from": layout}}
+    return save_checkpoint(out / "checkpoints", int(meta.get("step", state[STEP])), write, keep_last=0,
+                           extra_meta=extra)
+
+
+def one_process_optimizer_state(src: Path, cfg: Config, mcfg: ModelConfig) -> dict:
+    """{name: {'exp_avg', 'exp_avg_sq'}, 'step'} of a one-process optim.pt: its entries are numbered
+    in the order megaflow.optim.param_groups gives the one-process model."""
+    from megaflow.optim import param_groups
+    model = meta_model(mcfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in param_groups(model, cfg.train.weight_decay) for p in g["params"]]
+    saved = load_file(src, "optim.pt")["optimizer"]["state"]
+    out = {"step": 0}
+    for i, name in enumerate(order):
+        if i in saved:
+            out[name] = {k: saved[i][k] for k in ("exp_avg", "exp_avg_sq")}
+            out["step"] = int(saved[i]["step"])
+    return out
 
 
 # ----- (b) fp32 weights ----------------------------------------------------------------------------
@@ -306,16 +398,20 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="checkpoint directory (step_XXXXXX) or a run's out_dir")
     ap.add_argument("--out", help="write a single-process checkpoint under OUT/checkpoints/ (ZeRO or tp=1 sources)")
+    ap.add_argument("--to-sharded", metavar="DIR", help="write the sharded format under DIR/checkpoints/ (loads at any "
+                    "layout); from a one-process or old-format checkpoint")
     ap.add_argument("--export-fp32", metavar="FILE", help="write fp32 weights to FILE (.safetensors or .pt)")
     ap.add_argument("--to-hf", metavar="DIR", help="write the VLM stream as a Hugging Face Llama/Qwen2 directory")
     ap.add_argument("--hf-dtype", default="fp32", choices=("fp32", "bf16"), help="dtype of --to-hf's weights")
     args = ap.parse_args(argv)
-    if not (args.out or args.export_fp32 or args.to_hf):
-        ap.error("nothing to do: give --out, --export-fp32 and/or --to-hf")
+    if not (args.out or args.to_sharded or args.export_fp32 or args.to_hf):
+        ap.error("nothing to do: give --out, --to-sharded, --export-fp32 and/or --to-hf")
     try:
         src = resolve(args.checkpoint)
         if args.out:
             print(f"single-process checkpoint: {write_single_process(src, Path(args.out))}")
+        if args.to_sharded:
+            print(f"sharded checkpoint: {write_sharded(src, Path(args.to_sharded))}")
         if args.export_fp32:
             print(f"fp32 weights: {export_fp32(src, Path(args.export_fp32))}")
         if args.to_hf:

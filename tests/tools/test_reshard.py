@@ -139,6 +139,24 @@ def test_zero_to_single_process_continues_exactly(tmp_path, deepspeed_ops):
     again = [engine.train_step(batch, noise, keep, lr(cfg, s))["loss"] for s in range(SAVE_AT, STEPS)]
     assert max(abs(a - b) for a, b in zip(again, zero_losses)) < 1e-5, (again, zero_losses)
 
+    # the old format is refused by training with the conversion command; --to-sharded converts it
+    from megaflow.checkpoint import CheckpointError
+    from parallel.checkpoint import load_engine_state
+    fresh = PlainEngine(build_model(cfg.model, seed=7), cfg, None)
+    (src / "meta.json").write_text(json.dumps({**json.loads((src / "meta.json").read_text()),
+                                               "parallel": {"dp": 2, "zero_stage": 1}}))
+    with pytest.raises(CheckpointError, match="--to-sharded"):
+        load_engine_state(fresh, src)
+    assert reshard.main([str(src), "--to-sharded", str(tmp_path / "sharded")]) == 0
+    sharded = tmp_path / "sharded" / "checkpoints" / "step_000003"
+    assert load_engine_state(fresh, sharded) == SAVE_AT
+    for name, p in fresh.model.named_parameters():
+        st = fresh.optimizer.state[p]
+        assert torch.equal(p.detach(), full[name]["fp32"]) and int(st["step"]) == SAVE_AT, name
+        assert all(torch.equal(st[k], full[name][k]) for k in ("exp_avg", "exp_avg_sq")), name
+    again = [fresh.train_step(batch, noise, keep, lr(cfg, s))["loss"] for s in range(SAVE_AT, STEPS)]
+    assert max(abs(a - b) for a, b in zip(again, zero_losses)) < 1e-5, (again, zero_losses)
+
 
 def plain_checkpoint(d: Path, cfg: Config, model) -> Path:
     d.mkdir(parents=True)

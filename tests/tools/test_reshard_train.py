@@ -2,11 +2,11 @@
 user launches them (launchers/local.sh 2 -> torchrun -> 2 gloo processes, configs/tiny.yaml).
 
 Contract: a PP=2 run (1F1B, 3 micro-batches; dp = 1, so its data and noise are one process's),
-with the ParallelEngine (per-stage AdamW files) and with ZeRO-1 (zero/ shards), saved at step 3 of
-5 and resharded with `--out`, resumes in ONE process with `megaflow train --resume` and repeats the
+with the ParallelEngine and with ZeRO-1, saved (sharded: state/, one file per rank) at step 3 of 5
+and resharded with `--out`, resumes in ONE process with `megaflow train --resume` and repeats the
 distributed run's losses at steps 4 and 5 (1e-5: the pipeline's and the single process's sums
 differ in rounding only); the copied history keeps steps 1-3 identical. `inspect` reports each
-source's layout (pp 2, dp 1; two per-stage AdamW files, or two ZeRO shards).
+source's layout (pp 2, dp 1, its ZeRO stage; two per-rank files, AdamW step 3).
 """
 from __future__ import annotations
 
@@ -37,13 +37,11 @@ def test_pp2_run_resharded_resumes_in_one_process(tiny_sets, tmp_path, engine): 
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     src = run / "checkpoints" / "step_000003"
-    assert (src / "zero").is_dir() == (engine == "zero1")
+    assert (src / "state" / ".metadata").is_file() and not (src / "model.pt").exists()
     info = inspect(str(src))
-    assert (info["optimizer"]["pp"], info["optimizer"]["dp"]) == (2, 1)
-    if engine == "zero1":
-        assert (info["zero"]["pp"], info["zero"]["shards"]) == (2, 2)
-    else:
-        assert info["optimizer"]["files"] == 2 and info["zero"] is None
+    opt = info["optimizer"]
+    assert (opt["pp"], opt["dp"], opt["zero_stage"]) == (2, 1, 1 if engine == "zero1" else 0), opt
+    assert opt["files"] == 2 and opt["adam_step"] == 3 and info["zero"] is None, opt
 
     assert reshard.main([str(src), "--out", str(one)]) == 0
     out = megaflow(*train_args(tiny_sets, one, *STEPS), "--resume")

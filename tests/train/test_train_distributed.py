@@ -43,6 +43,12 @@ def _load(ckpt: Path, name: str):
     return torch.load(ckpt / name, map_location="cpu", weights_only=False)
 
 
+def _weights(ckpt: Path) -> dict:
+    """The checkpoint's whole weights (a multi-process run's sharded state/, read in this process)."""
+    from tools.reshard import weights_of
+    return weights_of(ckpt)
+
+
 def _losses(out: Path, step: int = 6) -> list:
     return [h["loss"] for h in _load(out / "checkpoints" / f"step_{step:06d}", "trainer.pt")["history"]]
 
@@ -60,11 +66,11 @@ def _assert_same_run(whole: Path, split: Path, tol: float):
     a, b = _losses(whole), _losses(split)
     assert len(a) == len(b) == 6 and a[:3] == b[:3]
     assert max(abs(x - y) for x, y in zip(a[3:], b[3:])) <= tol, (a, b)
-    wa = _load(whole / "checkpoints" / "step_000006", "model.pt")
-    wb = _load(split / "checkpoints" / "step_000006", "model.pt")
+    wa = _weights(whole / "checkpoints" / "step_000006")
+    wb = _weights(split / "checkpoints" / "step_000006")
     assert wa.keys() == wb.keys()
     assert max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) <= tol
-    moved = _load(split / "checkpoints" / "step_000003", "model.pt")
+    moved = _weights(split / "checkpoints" / "step_000003")
     assert any(not torch.equal(moved[k], wb[k]) for k in wb), "the resumed run did not train"
 
 
@@ -118,30 +124,34 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     weights agree to 1e-5. So the loss is normalised by global counts, the gradients are summed
     (not averaged) over DP, the clip uses the global norm and each rank reads its own data shard.
     ZeRO-1 on the same launch (DeepSpeed reduces, clips and steps) gives the same losses (1e-5), and
-    its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights.
-    Resuming the DP=2 checkpoint in one process is refused (exit 2) with a pointer to init_from.
-    ZeRO-3 gives the same losses, and its held-out evaluation (weights gathered onto rank 0) equals
-    the DP=2 run's."""
+    its save -> resume from step 3 repeats steps 4..6 exactly (1e-6) with the same final weights
+    (the resumed run saves asynchronously: train.async_save).
+    The DP=2 checkpoint (sharded) resumes in ONE process (optimizer state included) and trains on.
+    ZeRO-3 gives the same losses, and its held-out evaluation (distributed: the partitioned model,
+    nothing gathered) equals the DP=2 run's."""
     dp = tmp_path / "dp"
     torchrun(tiny_sets, dp, eval_on(tiny_sets))
     ref_losses, ref_weights = _reference_dp2(tiny_sets, 6)
     got = _losses(dp)
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) < 1e-5, (got, ref_losses)
-    weights = _load(dp / "checkpoints" / "step_000006", "model.pt")
+    weights = _weights(dp / "checkpoints" / "step_000006")
     assert max(float((weights[k] - ref_weights[k]).abs().max()) for k in ref_weights) < 1e-5
 
-    one = megaflow(*train_args(tiny_sets, dp, *STEPS, "train.steps=8"), "--resume", check=False)
-    assert one.returncode == 2 and "train.init_from=" in one.stderr, one.stderr[-2000:]  # not misread
+    one_dir = tmp_path / "dp_then_one"
+    shutil.copytree(dp / "checkpoints", one_dir / "checkpoints")
+    one = megaflow(*train_args(tiny_sets, one_dir, *STEPS, "train.steps=7", "train.save_every=0"), "--resume")
+    assert "at step 6" in one.stderr, one.stderr[-2000:]
+    assert len(_losses(one_dir, 7)) == 7 and _losses(one_dir, 7)[:6] == got
 
     zero, zero_split = tmp_path / "zero", tmp_path / "zero_split"
     torchrun(tiny_sets, zero, "parallel.zero_stage=1")
-    assert (zero / "checkpoints" / "step_000003" / "zero").is_dir()
+    assert (zero / "checkpoints" / "step_000003" / "state" / ".metadata").is_file()
     assert max(abs(a - b) for a, b in zip(_losses(zero), got)) < 1e-5, (_losses(zero), got)
-    _resume_from_step3(tiny_sets, zero, zero_split, "parallel.zero_stage=1")
-    _assert_same_run(zero, zero_split, 1e-6)
+    _resume_from_step3(tiny_sets, zero, zero_split, "parallel.zero_stage=1", "train.async_save=true")
+    _assert_same_run(zero, zero_split, 1e-6)  # its checkpoints written in the background, committed
 
-    # ZeRO-3 partitions the weights: held-out evaluation gathers them onto rank 0 and must equal
-    # the data-parallel run's, where rank 0 evaluates its own full replica
+    # ZeRO-3 partitions the weights: held-out evaluation runs on the partitioned model (DeepSpeed
+    # fetches each layer's weights in the forward, as in training) and must equal the DP run's
     zero3 = tmp_path / "zero3"
     torchrun(tiny_sets, zero3, "parallel.zero_stage=3", eval_on(tiny_sets))
     assert max(abs(a - b) for a, b in zip(_losses(zero3), got)) < 1e-5, (_losses(zero3), got)
@@ -165,12 +175,11 @@ def test_tp2_and_pp2_equal_one_process_resume_and_load(tiny_sets, tiny_run, one_
     same checkpoint as a one-process run (train.init_from, sliced per rank), give its loss at all 6
     steps (1e-5) and its gradient norm at the last step (1e-5 relative; clipping is active at 1.0,
     so replicated parameters counted twice or shards once would show); the step-3 checkpoint,
-    resumed, repeats steps 4..6 (loss and final weights within 1e-6 on CPU). Held-out evaluation (on
-the whole model gathered onto rank 0) equals the one-process run's (1e-5), and the quality report is
-written. Its model.pt is the
-    full one-process state dict: it loads in a single process (megaflow.inference.load_for_inference)
-    and that model's loss on step 4's batch (the saved loader position, the same noise) equals the
-    distributed step-4 loss (1e-5)."""
+        resumed, repeats steps 4..6 (loss and final weights within 1e-6 on CPU). Held-out evaluation (on
+    the split model, figures reduced over TP / PP) equals the one-process run's (1e-5), and the
+    quality report is written. The sharded checkpoint loads in a single process
+    (megaflow.inference.load_for_inference) and that model's loss on step 4's batch (the saved
+    loader position, the same noise) equals the distributed step-4 loss (1e-5)."""
     more = [layout, f"train.init_from={tiny_run}"] + (["parallel.micro_batches=3"] if layout.endswith("pp=2") else [])
     whole, split = tmp_path / "whole", tmp_path / "split"
     torchrun(tiny_sets, whole, *more, eval_on(tiny_sets), "train.report=true", "train.report_samples=1", "train.report_images=4",
@@ -180,7 +189,7 @@ written. Its model.pt is the
     results = [json.loads((d / "result.json").read_text()) for d in (whole, ref)]
     norms = [r["train"]["grad_norm"] for r in results]
     assert norms[1] > 1.0 and abs(norms[0] - norms[1]) < 1e-5 * norms[1], norms
-    # held-out evaluation and the report run on the whole model gathered onto rank 0
+    # held-out evaluation runs on the split model; the report on the whole model gathered onto rank 0
     evals = [r["eval"] for r in results]
     assert evals[0].keys() == evals[1].keys() == {"bits_per_dim", "text_loss"}, evals
     assert all(abs(evals[0][k] - evals[1][k]) < 1e-5 * abs(evals[1][k]) for k in evals[1]), evals
@@ -213,7 +222,7 @@ def test_dp2_pp2_interleaved_tied_equals_one_process(tiny_sets, tmp_path):
     ref_losses, ref_weights = _reference_dp2(sets, 6)
     got = _losses(run)
     assert max(abs(a - b) for a, b in zip(got, ref_losses)) < 1e-5, (got, ref_losses)
-    weights = _load(run / "checkpoints" / "step_000006", "model.pt")
+    weights = _weights(run / "checkpoints" / "step_000006")
     assert weights.keys() == ref_weights.keys()
     assert max(float((weights[k] - ref_weights[k]).abs().max()) for k in ref_weights) < 1e-5
 
