@@ -14,7 +14,7 @@ df -h /tmp | tail -1
 T0=$(date +%s)
 if python3 -c "import deepspeed" 2>/dev/null; then
   for ROWS in sharded,async gather; do  # separate processes: host memory of each path from a clean start
-    timeout 280 torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config configs/h200_1b.yaml \
+    timeout ${CKPT_TIMEOUT:-280} torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config configs/h200_1b.yaml \
       --set parallel.zero_stage=1 --rows $ROWS --dir /tmp/ckpt_bench --json $OUT/ckpt_dp2_zero1_${ROWS/,/_}.json 2>&1 \
       | grep -v "Warning\|warn\|\[INFO\|\[WARNING" | tee $OUT/ckpt_dp2_zero1_${ROWS/,/_}.txt | tail -8
   done
@@ -22,7 +22,7 @@ else
   echo "no deepspeed here (.whl_ds not carried): the ZeRO-1 rows are skipped"
 fi
 echo "dp2 done $(( $(date +%s) - T0 )) s"
-timeout 280 torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config configs/h200_1b.yaml \
+timeout ${CKPT_TIMEOUT:-280} torchrun --nproc_per_node 2 tools/bench_checkpoint.py --config configs/h200_1b.yaml \
   --set parallel.tp=2 --set parallel.zero_stage=0 --dir /tmp/ckpt_bench --json $OUT/ckpt_tp2.json 2>&1 \
   | grep -v "Warning\|warn\|\[INFO\|\[WARNING" | tee $OUT/ckpt_tp2.txt | tail -12
 echo "tp2 done $(( $(date +%s) - T0 )) s"
