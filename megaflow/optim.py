@@ -4,6 +4,7 @@ source of truth for every engine (plain, pipelined, DeepSpeed) and resumes witho
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -92,7 +93,7 @@ class MainWeights:
     keys match an fp32 run's, so optimizer files load across param dtypes."""
 
     def __init__(self, model: torch.nn.Module, groups: list, tcfg, param_dtype: torch.dtype = torch.float32,
-                 flat_grads: bool = True):
+                 flat_grads: bool = True, fused: Optional[bool] = None):
         self.model_params = [p for g in groups for p in g["params"]]
         self.mixed, self.flat_grads = param_dtype != torch.float32, flat_grads
         if self.mixed:
@@ -100,8 +101,8 @@ class MainWeights:
             groups = [{**g, "params": [self.main[id(p)] for p in g["params"]]} for g in groups]
         self.params = [p for g in groups for p in g["params"]]
         kwargs = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-        if self.params[0].device.type == "cuda":  # the fused kernel is exact AdamW; on CPU the foreach path is the tested one
-            kwargs["fused"] = True
+        if fused if fused is not None else self.params[0].device.type == "cuda":
+            kwargs["fused"] = True  # the fused kernel is exact AdamW; on CPU the foreach path is the tested one
         self.optimizer = torch.optim.AdamW(groups, **kwargs)
 
     @torch.no_grad()
@@ -172,7 +173,7 @@ class MainWeights:
         back. Elsewhere the flag is read here and the step is not taken."""
         bad = (~torch.isfinite(norm.detach())).float()
         if self.optimizer.defaults.get("fused"):
-            self.optimizer.found_inf = bad.reshape(1)
+            self.optimizer.found_inf = bad  # 0-d, like the per-parameter step counts it is subtracted from
             try:
                 self.step()  # a skipped update leaves flat_main as it was, so the copy keeps the weights
             finally:

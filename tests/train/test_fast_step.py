@@ -108,6 +108,36 @@ def test_main_weights_fp32_is_plain_adamw():
         assert torch.equal(p, q), n
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_if_finite_skips_nonfinite_gradients_without_touching_state(fused):
+    """A NaN gradient norm leaves bf16 weights, fp32 main weights, AdamW's moments and its step count
+    untouched; the fused kernel (CUDA's, run here on CPU) decides on the device through found_inf,
+    the foreach path on the host. A finite norm steps exactly as step() does."""
+    cfg = run_config()
+    a, b = build_model(cfg.model, seed=0), build_model(cfg.model, seed=0)
+    mw = MainWeights(a, param_groups(a, 0.05), cfg.train, torch.bfloat16, fused=fused)
+    ref = MainWeights(b, param_groups(b, 0.05), cfg.train, torch.bfloat16, fused=fused)
+    batch = make_batch(cfg.model)
+    for model, w in ((a, mw), (b, ref)):
+        w.zero_grad()
+        model(batch, make_noise(cfg.model, batch))[0].float().backward()
+        w.grads_to_main()
+    assert float(mw.step_if_finite(torch.tensor(1.0))) == 0.0
+    ref.step()
+    for p, q in zip(mw.params, ref.params):
+        assert torch.equal(p, q)
+    state = ({id(p): {k: v.clone() for k, v in s.items()} for p, s in mw.optimizer.state.items()},
+             [p.clone() for p in mw.params], [p.clone() for p in a.parameters()])
+    for p in mw.params:
+        p.grad = torch.full_like(p, float("nan"))
+    assert float(mw.step_if_finite(torch.tensor(float("nan")))) == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(mw.params, state[1]))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), state[2]))
+    for p, s in mw.optimizer.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[0][id(p)][k]), k
+
+
 def loss_and_grads(model, batch, noise):
     model.zero_grad(set_to_none=True)
     loss, _ = model(batch, noise)

@@ -13,7 +13,7 @@ T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "== 1. attention"
 CUDA_VISIBLE_DEVICES=0 timeout 100 python3 tools/bench_attention.py --json $OUT/attn.json 2>&1 | tail -16
-CUDA_VISIBLE_DEVICES=0 timeout 70 python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py 2>&1 | tail -4
+CUDA_VISIBLE_DEVICES=0 timeout 70 python3 -m pytest -q -p no:cacheprovider --tb=line tests/model/test_masks.py 2>&1 | grep -v DEBUG | tail -6
 echo "t=$(( $(date +%s) - T0 )) s"
 echo "== 2. h200_1b step on real layouts"
 CUDA_VISIBLE_DEVICES=0 timeout 80 python3 tools/device/bench_packing_step.py --layouts tools/device/layouts_h200_1b.json \
