@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 try:  # FlexAttention is in torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch: the dense path only
-    BlockMask = create_block_mask = flex_attention = None
+    BlockMask = create_block_mask = create_mask = flex_attention = None
+
+FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels refuse smaller heads (seen on the H200)
 
 Mask = Union[None, torch.Tensor, "BlockMask"]
 
@@ -85,6 +87,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> tor
     """Scaled dot-product attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd) under `mask`."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if BlockMask is not None and isinstance(mask, BlockMask) and q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        # heads too small for FlexAttention (tiny models): the same rule as a dense mask, built here
+        dense = create_mask(mask.mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)  # (B, 1, Tq, Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     if BlockMask is not None and isinstance(mask, BlockMask):
         kind = q.device.type
         if torch.is_autocast_enabled(kind):  # SDPA is autocast to bf16; flex_attention is not: cast as SDPA would

@@ -5,6 +5,8 @@ FlexAttention has a backward (CUDA), the gradients of every parameter (max diffe
 max(1, max |gradient|) of each parameter). torch 2.13 runs
 FlexAttention's forward on CPU (eager) but not its backward, so on CPU the gradient test skips and
 tools/bench_attention.py checks gradients on the GPU."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -61,6 +63,15 @@ def _trace(model, batch, noise):
     return out + [terms[k] for k in sorted(terms)], ctx
 
 
+def wide_config(tarflow_only: bool = False):
+    """tiny_config with heads of 16 dims in every stream: FlexAttention's compiled kernels refuse
+    smaller heads (masks.FLEX_MIN_HEAD_DIM), so only such a model runs the flex kernel itself."""
+    cfg = tiny_config(tarflow_only=tarflow_only, dim=64, shallow_dim=32)
+    if cfg.vlm is not None:
+        cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(cfg.vlm, dim=64))
+    return cfg
+
+
 def test_attend_flex_equals_dense_with_documents_padding_and_groups():
     """One kernel call: 3 documents + padding per row, grouped heads (already repeated), fp32."""
     g = torch.Generator().manual_seed(0)
@@ -80,7 +91,7 @@ def test_attend_flex_equals_dense_with_documents_padding_and_groups():
 @pytest.mark.parametrize("tarflow_only", [False, True])
 def test_model_flex_path_equals_dense_path_forward(tarflow_only):
     """Both streams, every unit: the same BlockMask object serves every layer of the batch."""
-    cfg = tiny_config(tarflow_only=tarflow_only)
+    cfg = wide_config(tarflow_only=tarflow_only)
     model = randomized_model(cfg, scale=0.2).eval()
     batch = packed_batch(cfg)
     noise = make_noise(cfg, batch)
@@ -100,7 +111,7 @@ def test_model_flex_path_equals_dense_path_forward(tarflow_only):
                     reason="FlexAttention has no backward on CPU in torch 2.13; tools/bench_attention.py checks "
                            "flex == dense gradients on the GPU")
 def test_model_flex_path_equals_dense_path_gradients():
-    cfg = tiny_config()
+    cfg = wide_config()
     model = randomized_model(cfg, scale=0.2).cuda()
     batch = {k: v.cuda() for k, v in packed_batch(cfg).items()}
     noise = make_noise(cfg, batch).cuda()
@@ -114,6 +125,20 @@ def test_model_flex_path_equals_dense_path_gradients():
     worst = max(((grads["flex"][n] - g).abs().max().item() / max(1.0, g.abs().max().item()), n)
                 for n, g in grads["dense"].items())
     assert worst[0] <= 1e-5, f"flex and dense gradients differ by {worst[0]:.2e} (relative to scale) in {worst[1]}"
+
+
+def test_heads_too_small_for_flex_fall_back_to_the_same_rule():
+    """head_dim 8 (< FLEX_MIN_HEAD_DIM): a BlockMask still gives exactly the dense mask's attention
+    (built from its mask_mod), where FlexAttention's kernels would refuse the heads."""
+    g = torch.Generator().manual_seed(1)
+    doc_ids = torch.tensor([[0] * 20 + [1] * 30 + [-1] * 14, [0] * 64])
+    q, k, v = (torch.randn(2, 4, 64, 8, generator=g) for _ in range(3))
+    with use_kernel("flex"):
+        flex_mask = document_mask(doc_ids, 64, 64, "cpu")
+    with use_kernel("dense"):
+        dense_mask = document_mask(doc_ids, 64, 64, "cpu")
+    assert isinstance(flex_mask, BlockMask)
+    torch.testing.assert_close(attend(q, k, v, flex_mask), attend(q, k, v, dense_mask), rtol=1e-6, atol=1e-6)
 
 
 def test_cpu_default_and_cached_generation_stay_dense():

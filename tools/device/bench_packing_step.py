@@ -103,7 +103,7 @@ def run_variant(name, engine, model, batches, kernel, warmup, steps, peak, devic
                 images.append(int(batch["image_valid"].sum()))
                 flops.append(step_flops(model, batch))
             elif i == 0:
-                print(json.dumps({"variant": name, "first_step_s": round(dt, 2), "loss": out["loss"]}), flush=True)
+                print(json.dumps({"variant": name, "first_step_s": round(dt, 2), "loss": float(out["loss"])}), flush=True)
     total = sum(times)
     res = {"variant": name, "kernel": kernel, "step_s_median": statistics.median(times),
            "real_tokens_per_s": sum(real) / total, "slots_per_s": sum(slots) / total,
