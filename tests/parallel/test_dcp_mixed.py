@@ -1,0 +1,46 @@
+"""Sharded checkpoints under the engines' mixed precision (bf16 parameters with fp32 main weights,
+megaflow.optim.MainWeights, the CUDA default): the checkpoint holds the fp32 main weights and AdamW's
+moments of them; a fresh bf16 engine loaded from it has the same main weights, moments and step,
+its bf16 parameters are those main weights rounded, and it continues exactly as the engine that saved.
+One process (DCP without a process group); the multi-process layouts share this code path."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megaflow.model.starflow import build_model
+from megaflow.train import PlainEngine
+from parallel.checkpoint_state import load_engine, save_engine
+from tests.parallel.test_dcp_reshard import config, data
+
+LR = 2e-3
+
+
+def bf16_engine(seed: int) -> PlainEngine:
+    cfg = config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, param_dtype="bf16", compile="off"))
+    return PlainEngine(build_model(cfg.model, seed=seed), cfg, torch.bfloat16)
+
+
+def step(engine) -> float:
+    batch, noise, keep = data()
+    return float(engine.train_step(batch, noise, keep, LR)["loss"])
+
+
+def test_bf16_engine_saves_main_weights_and_resumes_exactly(tmp_path):
+    a = bf16_engine(seed=0)
+    assert a.weights.mixed and next(a.model.parameters()).dtype == torch.bfloat16
+    step(a), step(a)
+    save_engine(a, tmp_path / "state")
+    b = bf16_engine(seed=1)  # other weights: everything must come from the checkpoint
+    assert load_engine(b, tmp_path / "state") == 2
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        main_a, main_b = a.weights.main_of(p), b.weights.main_of(q)
+        assert main_b.dtype == torch.float32 and torch.equal(main_a, main_b), n  # full precision kept
+        assert torch.equal(p, q), n
+        sa, sb = a.optimizer.state[main_a], b.optimizer.state[main_b]
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[k], sb[k]), (n, k)
+        assert float(sa["step"]) == float(sb["step"]) == 2
+    assert step(a) == step(b)
