@@ -178,10 +178,8 @@ class MainWeights:
                 self.step()  # a skipped update leaves flat_main as it was, so the copy keeps the weights
             finally:
                 del self.optimizer.found_inf
-        elif bad.item():
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.step()
+        elif not bad.item():  # skipped: the gradients stay until the next zero_grad (main grads are views
+            self.step()       # of one flat buffer under mixed precision: never set them to None here)
         return bad
 
     def main_of(self, p: torch.Tensor) -> torch.Tensor:

@@ -136,6 +136,11 @@ def test_step_if_finite_skips_nonfinite_gradients_without_touching_state(fused):
     for p, s in mw.optimizer.state.items():
         for k, v in s.items():
             assert torch.equal(v, state[0][id(p)][k]), k
+    mw.zero_grad()  # and training goes on after a skip: the gradient buffers are still attached
+    a(batch, make_noise(cfg.model, batch))[0].float().backward()
+    mw.grads_to_main()
+    assert float(mw.step_if_finite(torch.tensor(1.0))) == 0.0
+    assert not all(torch.equal(p, q) for p, q in zip(mw.params, state[1]))
 
 
 def loss_and_grads(model, batch, noise):
