@@ -446,20 +446,19 @@ def remove_checkpoints(out: Path) -> None:
         log.info("--overwrite: removed the previous run's checkpoints in %s", ckpts)
 
 
-def nonfinite_state(model, engine, topo) -> Optional[str]:
-    """Where this rank's weights or optimizer state hold NaN/Inf (a name), or None."""
-    if topo is None:
-        return nonfinite(model.state_dict(), "model") or nonfinite(engine.state_dict(), "optimizer")
-    if hasattr(engine, "save"):  # ZeRO: this rank's fp32 master partitions and their AdamW moments
+def nonfinite_state(engine, topo) -> Optional[str]:
+    """Where this rank's weights or optimizer state hold NaN/Inf (a name), or None: what a save would
+    write (under mixed precision the fp32 main weights, not the bf16 parameters)."""
+    if topo is not None and hasattr(engine, "save"):  # ZeRO: this rank's fp32 master partitions, their moments
         from parallel.zero import master_partitions
         return (nonfinite(master_partitions(engine.optimizer), "fp32 master weights")
                 or nonfinite(list(engine.optimizer.optimizer.state.values()), "optimizer"))
     return nonfinite(engine.model_state_dict(), "model") or nonfinite(engine.optimizer.state_dict(), "optimizer")
 
 
-def check_finite(model, engine, topo, device, step: int, cfg: Config, out: Path) -> None:
+def check_finite(engine, topo, device, step: int, cfg: Config, out: Path) -> None:
     """Refuse to write checkpoint `step` when any rank's weights or optimizer state are not finite."""
-    bad = nonfinite_state(model, engine, topo)
+    bad = nonfinite_state(engine, topo)
     if topo is not None:  # all ranks refuse together: a collective save would hang otherwise
         import torch.distributed as dist
         flag = torch.tensor([0.0 if bad is None else 1.0], device=device)
@@ -588,7 +587,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
             if mon is not None:
                 mon.eval(step + 1, figures)
         if saving:
-            check_finite(model, engine, topo, device, step + 1, cfg, out)
+            check_finite(engine, topo, device, step + 1, cfg, out)
             save(out, step + 1, cfg, model, engine, loader, history, tok, topo, saver)
         if sampling:
             one = whole.get()

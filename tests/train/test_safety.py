@@ -180,20 +180,20 @@ def test_nonfinite_weights_are_never_written_or_loaded(tmp_path):
     rejected by the config."""
     from megaflow.train import check_finite
 
-    class Engine:
+    class Engine:  # the engines' interface: what model.pt and the optimizer file would hold
         def __init__(self, model):
-            self.optimizer = torch.optim.AdamW(model.parameters())
+            self.model, self.optimizer = model, torch.optim.AdamW(model.parameters())
 
-        def state_dict(self):
-            return {"optimizer": self.optimizer.state_dict()}
+        def model_state_dict(self):
+            return self.model.state_dict()
 
     model = torch.nn.Linear(3, 2)
     cfg = load_config(str(TINY))
-    check_finite(model, Engine(model), None, "cpu", 7, cfg, tmp_path)  # finite: no error
+    check_finite(Engine(model), None, "cpu", 7, cfg, tmp_path)  # finite: no error
     with torch.no_grad():
         model.weight[0, 1] = float("nan")
     with pytest.raises(FloatingPointError, match=r"NaN/Inf in model.weight after step 7: no checkpoint is written"):
-        check_finite(model, Engine(model), None, "cpu", 7, cfg, tmp_path)
+        check_finite(Engine(model), None, "cpu", 7, cfg, tmp_path)
 
     def write(d):
         torch.save(model.state_dict(), d / "model.pt")
