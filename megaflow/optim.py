@@ -186,16 +186,19 @@ class MainWeights:
         """The fp32 main weight of model parameter `p` (p itself without mixed precision)."""
         return self.main[id(p)] if self.mixed else p
 
-    def full_precision_state(self, model: torch.nn.Module) -> dict:
+    def full_precision_state(self, model: torch.nn.Module, copy: bool = True) -> dict:
         """`model.state_dict()` with every trained parameter replaced by its fp32 main weight, and
-        the other floating entries in fp32: what a checkpoint's model.pt holds."""
+        the other floating entries in fp32: what a checkpoint's model.pt holds. copy=False, to read
+        only (the finite check before a save): the main weights themselves and the other entries
+        in their own dtype, nothing copied."""
         state = model.state_dict()
         if not self.mixed:
             return state
-        out = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        out = {k: v.float() if copy and v.is_floating_point() else v for k, v in state.items()}
         for n, p in model.named_parameters(remove_duplicate=False):
             if id(p) in self.main and n in out:
-                out[n] = self.main[id(p)].detach().clone()
+                main = self.main[id(p)].detach()
+                out[n] = main.clone() if copy else main
         return out
 
 

@@ -40,7 +40,7 @@ from megaflow.checkpoint import (CheckpointError, find_latest, list_checkpoints,
                                  resolve, save_checkpoint)
 from megaflow.config import Config, ConfigError, config_from_dict, load_config, to_dict
 from megaflow.model.config import ModelConfig, SpecialTokens
-from megaflow.model.starflow import STARFlow2, apply_stage
+from megaflow.model.starflow import STARFlow2, apply_stage, metric_tensors, read_metrics
 from megaflow.optim import lr_at, set_lr
 
 log = logging.getLogger("megaflow")
@@ -213,9 +213,10 @@ class PlainEngine:
         value = metrics.pop("global_loss", loss.detach())
         return {"loss": value, "grad_norm": norm.detach(), "skipped": skipped, **metrics}
 
-    def model_state_dict(self) -> dict:
-        """The model's state with the fp32 main weights: what model.pt holds (full precision)."""
-        return self.weights.full_precision_state(self.model)
+    def model_state_dict(self, copy: bool = True) -> dict:
+        """The model's state with the fp32 main weights: what model.pt holds (full precision);
+        copy=False: nothing copied, to read only (MainWeights.full_precision_state)."""
+        return self.weights.full_precision_state(self.model, copy)
 
     def _global_loss(self, batch: dict, noise, keep):
         """This replica's share of the global-batch loss; the returned loss and metrics are global."""
@@ -236,35 +237,6 @@ class PlainEngine:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def metric_tensors(terms: dict, counts: dict, mcfg: ModelConfig) -> dict:
-    """megaflow.model.starflow.metrics_from without reading anything back: 0-d tensors, NaN where
-    the batch had nothing to count (`read_metrics` drops those, as metrics_from leaves them out)."""
-    from megaflow.model.starflow import bits_per_dim
-    out = {}
-    dims = counts["dims"]
-    nll = terms["flow_sum"].detach().double() / dims.clamp(min=1)
-    nll = torch.where(dims > 0, nll, torch.full_like(nll, float("nan")))
-    out["flow_nll"] = nll
-    out["bits_per_dim"] = bits_per_dim(nll, mcfg.fae.mode == "pixels")
-    if "text_sum" in terms:
-        n = counts["text"]
-        text = terms["text_sum"].detach().double() / n.clamp(min=1)
-        out["text_loss"] = torch.where(n > 0, text, torch.full_like(text, float("nan")))
-    return out
-
-
-def read_metrics(metrics: dict) -> dict:
-    """Floats of an engine's step metrics (tensors are read back here, once per log step); the
-    derived metrics that are NaN because the batch had nothing to count are left out."""
-    out = {}
-    for k, v in metrics.items():
-        v = float(v)
-        if k in ("flow_nll", "bits_per_dim", "text_loss") and math.isnan(v):
-            continue
-        out[k] = v
-    return out
 
 
 # ----- evaluation -----------------------------------------------------------------------------------
@@ -453,7 +425,9 @@ def nonfinite_state(engine, topo) -> Optional[str]:
         from parallel.zero import master_partitions
         return (nonfinite(master_partitions(engine.optimizer), "fp32 master weights")
                 or nonfinite(list(engine.optimizer.optimizer.state.values()), "optimizer"))
-    return nonfinite(engine.model_state_dict(), "model") or nonfinite(engine.optimizer.state_dict(), "optimizer")
+    # checked in place: under bf16 parameters the fp32 main weights are read, not copied (the save copies them once)
+    return nonfinite(engine.model_state_dict(copy=False), "model") or nonfinite(engine.optimizer.state_dict(),
+                                                                                "optimizer")
 
 
 def check_finite(engine, topo, device, step: int, cfg: Config, out: Path) -> None:

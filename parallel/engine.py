@@ -117,11 +117,12 @@ class ParallelEngine:
         return {"loss": float(loss), "grad_norm": float(norm), "skipped": skipped,
                 **{k: float(v) for k, v in metrics.items()}}
 
-    def model_state_dict(self) -> dict:
-        """This rank's entries of the model state dict (full-model names, TP shards)."""
+    def model_state_dict(self, copy: bool = True) -> dict:
+        """This rank's entries of the model state dict (full-model names, TP shards); copy=False:
+        nothing copied, to read only (MainWeights.full_precision_state)."""
         out = {}
         for st in self.stages:  # fp32 main weights under mixed precision
-            out.update({k: v.detach() for k, v in self.weights.full_precision_state(st.module).items()})
+            out.update({k: v.detach() for k, v in self.weights.full_precision_state(st.module, copy).items()})
         return out
 
     def state_dict(self) -> dict:

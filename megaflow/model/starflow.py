@@ -313,17 +313,42 @@ def bits_per_dim(nll_per_dim: float, pixels: bool) -> float:
     return (nll_per_dim + (math.log(128.0) if pixels else 0.0)) / math.log(2.0)
 
 
+METRIC_COUNTS = {"flow_nll": 0, "bits_per_dim": 0, "text_loss": 1}  # which count of "_counted" each needs
+
+
 @torch.no_grad()
-def metrics_from(terms: dict, counts: dict, cfg: ModelConfig) -> dict:
-    out = {}
-    dims = max(int(counts["dims"]), 1)
-    if int(counts["dims"]) > 0:
-        nll = float(terms["flow_sum"]) / dims
-        out["flow_nll"] = nll
-        out["bits_per_dim"] = bits_per_dim(nll, cfg.fae.mode == "pixels")
-    if "text_sum" in terms and int(counts["text"]) > 0:
-        out["text_loss"] = float(terms["text_sum"]) / int(counts["text"])
+def metric_tensors(terms: dict, counts: dict, cfg: ModelConfig) -> dict:
+    """The step's derived metrics as 0-d tensors, nothing read back (a training step does not wait
+    for the GPU): flow_nll, bits_per_dim and, with a VLM, text_loss; "_counted" (2,) says whether
+    the batch had image dims and text targets to count. `read_metrics` turns them into floats."""
+    dims, text = (torch.as_tensor(counts[k]) for k in ("dims", "text"))
+    flow_sum = torch.as_tensor(terms["flow_sum"]).detach().double()
+    nll = flow_sum / dims.to(flow_sum.device).clamp(min=1)
+    out = {"flow_nll": nll, "bits_per_dim": bits_per_dim(nll, cfg.fae.mode == "pixels"),
+           "_counted": torch.stack([dims > 0, text > 0]).to(nll.device)}
+    if "text_sum" in terms:
+        text_sum = torch.as_tensor(terms["text_sum"]).detach().double()
+        out["text_loss"] = text_sum / text.to(text_sum.device).clamp(min=1)
     return out
+
+
+def read_metrics(metrics: dict) -> dict:
+    """Floats of step metrics (metric_tensors' or already floats; read back here, at once): a derived
+    metric is left out when the batch had nothing to count for it, and kept, NaN included, when it
+    had (a NaN loss is reported, never dropped)."""
+    counted = metrics.get("_counted")
+    counted = torch.as_tensor(counted).tolist() if counted is not None else None
+    out = {}
+    for k, v in metrics.items():
+        if k == "_counted" or (counted is not None and k in METRIC_COUNTS and not counted[METRIC_COUNTS[k]]):
+            continue
+        out[k] = float(v)
+    return out
+
+
+def metrics_from(terms: dict, counts: dict, cfg: ModelConfig) -> dict:
+    """metric_tensors as floats (read back now)."""
+    return read_metrics(metric_tensors(terms, counts, cfg))
 
 
 # ----- curriculum: which parameters train in each stage -------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from megaflow.model.starflow import build_model
@@ -44,3 +45,29 @@ def test_bf16_engine_saves_main_weights_and_resumes_exactly(tmp_path):
             assert torch.equal(sa[k], sb[k]), (n, k)
         assert float(sa["step"]) == float(sb["step"]) == 2
     assert step(a) == step(b)
+
+
+def test_finite_check_reads_the_main_weights_in_place(tmp_path, monkeypatch):
+    """Under bf16 parameters the finite check before a save reads the fp32 main weights themselves
+    (no copy: the save copies them once, for model.pt) and still finds a NaN that only the main
+    weights hold (the bf16 parameter is finite)."""
+    from megaflow.train import check_finite
+    engine = bf16_engine(seed=0)
+    step(engine)
+    cfg = config()
+    p = next(engine.model.parameters())
+    view = engine.model_state_dict(copy=False)
+    name = next(n for n, q in engine.model.named_parameters() if q is p)
+    assert view[name] is not None and view[name].data_ptr() == engine.weights.main_of(p).data_ptr()
+
+    def no_copy(*a, **k):
+        raise AssertionError("the finite check copied a tensor")
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "clone", no_copy)
+        m.setattr(torch.Tensor, "float", no_copy)
+        check_finite(engine, None, "cpu", 1, cfg, tmp_path)  # finite: no error, nothing copied
+    with torch.no_grad():
+        engine.weights.main_of(p).view(-1)[0] = float("nan")
+    assert torch.isfinite(p).all()
+    with pytest.raises(FloatingPointError, match=f"NaN/Inf in model.{name} after step 1"):
+        check_finite(engine, None, "cpu", 1, cfg, tmp_path)

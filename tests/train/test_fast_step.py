@@ -245,3 +245,21 @@ def test_pipeline_engine_bf16_weights_match_one_process():
         for got, want in zip(out["loss"], out["ref"]):
             assert abs(got - want) < 1e-3 * max(1.0, abs(want)), (out["loss"], out["ref"])
         assert out["update_mismatch"] < 0.05, out["update_mismatch"]  # measured 0.011
+
+
+def test_step_metrics_leave_out_what_was_not_counted_and_keep_a_nan_loss():
+    """The training step's metric tensors (megaflow.model.starflow.metric_tensors, nothing read
+    back) and the floats of metrics_from are one computation: a batch without text targets has no
+    text_loss, one without images no flow_nll / bits_per_dim, and a NaN flow term IS reported
+    (NaN), never dropped as if nothing had been counted."""
+    from megaflow.model.starflow import metric_tensors, metrics_from
+    cfg = tiny_config()
+    terms = {"flow_sum": torch.tensor(float("nan")), "text_sum": torch.tensor(6.0)}
+    counts = {"dims": torch.tensor(12), "text": torch.tensor(0)}
+    tensors = metric_tensors(terms, counts, cfg)
+    assert all(torch.is_tensor(v) for v in tensors.values())
+    for read in (read_metrics(tensors), metrics_from(terms, counts, cfg)):
+        assert read.keys() == {"flow_nll", "bits_per_dim"} and math.isnan(read["flow_nll"]), read
+    terms = {"flow_sum": torch.tensor(0.0), "text_sum": torch.tensor(6.0)}
+    counts = {"dims": torch.tensor(0), "text": torch.tensor(3)}
+    assert metrics_from(terms, counts, cfg) == read_metrics(metric_tensors(terms, counts, cfg)) == {"text_loss": 2.0}

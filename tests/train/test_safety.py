@@ -184,7 +184,7 @@ def test_nonfinite_weights_are_never_written_or_loaded(tmp_path):
         def __init__(self, model):
             self.model, self.optimizer = model, torch.optim.AdamW(model.parameters())
 
-        def model_state_dict(self):
+        def model_state_dict(self, copy=True):
             return self.model.state_dict()
 
     model = torch.nn.Linear(3, 2)
