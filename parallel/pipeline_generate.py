@@ -10,7 +10,8 @@ its own layers). What the sampling loop reads back (next-token logits, the Gauss
 FAE/shallow-flow results) is computed on the stage that owns it and broadcast to the pipeline,
 so every rank draws the same samples.
 
-Not supported: the score-based denoise step (it needs a gradient through all stages); it raises.
+The score-based denoise step (a gradient through all stages) runs in parallel/pipeline_denoise.py
+(`score_step`, which megaflow.model.generate.denoise calls).
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ class _Broadcast:
     def __call__(self, *args, **kwargs):
         o = self.owner
         if torch.is_grad_enabled():
-            raise NotImplementedError("a gradient through a pipelined model in generation (the denoise step) is not "
-                                      "supported; call sample_images(..., do_denoise=False) or set flow.noise_std=0")
+            raise NotImplementedError("a gradient through a pipelined model runs in its score_step "
+                                      "(parallel/pipeline_denoise.py), not through this broadcast")
         shapes = self.shapes_fn(*args)
         if o.topo.pp_rank == self.src % o.topo.pp:
             outs = self.fn(*args, **kwargs)
@@ -73,6 +74,11 @@ class PipelinedModel:
         self.vocab_gather = torch.nn.Identity()
         self.flow_params = _Broadcast(self, -1, lambda h: last.flow_params(h), lambda h: [(*h.shape[:2], D)] * 2)
         self.units = {"pipeline": self._run_stages}  # the Decoder loops over units.values()
+
+    def score_step(self, dec, rows: int, start: int, latents: torch.Tensor) -> torch.Tensor:
+        """generate.denoise through the stages: parallel/pipeline_denoise.py."""
+        from parallel.pipeline_denoise import pipelined_denoise
+        return pipelined_denoise(self, dec, rows, start, latents)
 
     def context(self, *args, **kwargs):
         return self.stages[0].module.context(*args, **kwargs)

@@ -340,6 +340,8 @@ def _jacobi_latents(dec: Decoder, rows, guidance, temperature, z, tol, max_iters
 def denoise(model, dec: Decoder, rows: int, start: int, latents: torch.Tensor) -> torch.Tensor:
     """One score step x <- x + sigma_noise^2 * grad_x log p(x), through the shallow flows and the
     deep flow in the context of the first `rows` rows of `dec`, whose image slots start at `start`."""
+    if hasattr(model, "score_step"):  # a model split over processes carries the gradient its own way
+        return model.score_step(dec, rows, start, latents)
     sig2 = model.cfg.flow.noise_std ** 2
     if sig2 == 0:
         return latents

@@ -8,7 +8,8 @@ all-reduce, a DP-only run with many small buckets, tied embeddings across the fi
 the stateless `allreduce_gradients` averages,
 and a step whose second micro-batch holds no image at all (frozen VLM: some boundary tensors need
 no gradient) - which must neither hang nor differ. Generation through PP=2 (1F1B and interleaved
-chunks) gives the same text and the same images as one process (sequential and Jacobi sampling). The benchmark's
+chunks) gives the same text and the same images as one process (sequential and Jacobi sampling,
+and the score-based denoise step, whose gradient runs back through the stages). The benchmark's
 measurement (tools/bench_pp.py) runs.
 """
 import argparse
@@ -118,6 +119,9 @@ def _check_generation(topo, schedule, v):
     assert sample_text(piped, prompts, max_new_tokens=5) == sample_text(ref, prompts, max_new_tokens=5)
     got, _ = sample_images(piped, prompts, guidance=1.0, seed=3, do_denoise=False)
     want, _ = sample_images(ref, prompts, guidance=1.0, seed=3, do_denoise=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    got, _ = sample_images(piped, prompts, guidance=1.0, seed=3)  # the denoise step's gradient through the stages
+    want, _ = sample_images(ref, prompts, guidance=1.0, seed=3)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     got, _ = sample_images(piped, prompts, guidance=1.0, seed=3, do_denoise=False, method="jacobi", chunk=8)
     want, _ = sample_images(ref, prompts, guidance=1.0, seed=3, do_denoise=False, method="jacobi", chunk=8)
