@@ -153,14 +153,6 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_image(tag, grid, step)
 
-    def samples(self, step: int, model, tok, cfg) -> None:
-        from megaflow.quality import class_prompts, sample_grid
-        prompts = class_prompts(cfg, tok)
-        if prompts is None or self.writer is None:
-            return
-        grid = sample_grid(model, prompts[1], per_class=4, guidance=cfg.train.guidance, seed=step)
-        self.image_grid("samples", grid, step)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

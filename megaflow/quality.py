@@ -140,6 +140,34 @@ def sample_grid(model, prompts, per_class: int, guidance: float, seed: int = 0,
     return (torch.cat(rows, dim=-2) + 1) / 2
 
 
+def progress_grid(model, tok, cfg, step: int) -> Optional[torch.Tensor]:
+    """The grid logged while training (4 samples per class prompt, seeded by the step), or None
+    for an unlabelled dataset."""
+    prompts = class_prompts(cfg, tok)
+    if prompts is None:
+        return None
+    return sample_grid(model, prompts[1], per_class=4, guidance=cfg.train.guidance, seed=step)
+
+
+def report_source(cfg) -> Optional[str]:
+    """The labelled dataset the report judges against (fashion_mnist, digits), or None."""
+    source = cfg.train.dataset or "fashion_mnist"
+    return source if source in ("fashion_mnist", "digits") else None
+
+
+def prepare_classifier(cfg) -> None:
+    """Train and cache the report's classifier now, in one process, before other processes of the
+    run read the cache (judge loads it)."""
+    from data_pipeline.writers import load_class_names
+    source = report_source(cfg)
+    try:
+        load_class_names(cfg.data.local)
+    except FileNotFoundError:
+        return
+    if source is not None:
+        train_classifier(source, cfg.model.fae.image_size, cfg.model.fae.channels)
+
+
 def save_png(grid: torch.Tensor, path: Path, scale: int = 3) -> None:
     from PIL import Image
     arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -227,7 +255,7 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
     out["generation_accuracy_per_class"] = dict(zip(names, per))
     out["grid"] = (torch.cat(grids, dim=-2) + 1) / 2
     out["generation_seconds"] = time.time() - t0
-    if model.lm_head is not None and n_images > 0:
+    if model.cfg.vlm is not None and n_images > 0:
         x, y, _ = real_images(source, "test", fae.image_size, fae.channels)
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(x), generator=g)[:n_images]
@@ -245,24 +273,29 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
                     examples.append({"label": names[int(y[i])], "answer": text, "correct": bool(ok)})
         out["understanding_accuracy"] = correct / len(idx)
         out["understanding_examples"] = examples
-    if model.lm_head is not None and n_docs > 0:
+    if model.cfg.vlm is not None and n_docs > 0:
         out.update(interleaved_consistency(model, tok, clf, names, n_docs, guidance, temperature, seed,
                                            sampling=sampling))
     return out
 
 
-def write_report(model, tok, cfg, out: Path, device, monitor=None, sampling: Optional[dict] = None) -> dict:
+def write_report(model, tok, cfg, out: Path, device, monitor=None, sampling: Optional[dict] = None,
+                 write: bool = True) -> dict:
     """report.json, report.txt and samples.png (a row per class prompt) in the run's directory;
-    `sampling` as in judge."""
+    `sampling` as in judge. A model split over processes (parallel/sampling.py): every rank that
+    takes part calls it and gets the figures; only the one with `write` writes the files."""
     tcfg = cfg.train
-    source = tcfg.dataset or "fashion_mnist"
-    if source not in ("fashion_mnist", "digits"):
-        log.info("no quality report: it needs a labelled dataset with a real-data classifier (fashion_mnist, digits)")
+    source = report_source(cfg)
+    if source is None:
+        if write:
+            log.info("no quality report: it needs a labelled dataset with a real-data classifier (fashion_mnist, "
+                     "digits)")
         return {}
     res = judge(model, tok, cfg, device, tcfg.report_samples, tcfg.report_images, tcfg.guidance, tcfg.seed, source,
                 tcfg.sample_temperature, tcfg.report_docs, sampling)
-    if not res:
-        return {}
+    if not res or not write:
+        res.pop("grid", None)
+        return res
     grid = res.pop("grid")
     save_png(grid, out / "samples.png")
     if monitor is not None:

@@ -514,12 +514,8 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         if main_rank:
             log.info("resumed from %s at step %d", ckpt, start)
 
-    # evaluation runs on the split model (collective); sample grids and the report on the whole model
-    # in one process (WholeModel: gathered under TP / PP / ZeRO-3, as generation is not distributed yet)
-    whole = WholeModel(cfg, tok, model, engine, topo, device)
-    if not whole.direct and main_rank and (tcfg.sample_every or tcfg.report):
-        log.info("sample grids and the report gather the whole model onto rank 0 (tp=%d, pp=%d, "
-                 "zero_stage=%d)", topo.tp, topo.pp, cfg.parallel.zero_stage)
+    # evaluation, sample grids and the report run on the split model (collective); nothing is gathered
+    sampler = Sampling(cfg, tok, model, engine, topo, device)
     mon = eval_loader = None
     if main_rank:
         from megaflow.monitor import Monitor
@@ -564,9 +560,10 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
             check_finite(engine, topo, device, step + 1, cfg, out)
             save(out, step + 1, cfg, model, engine, loader, history, tok, topo, saver)
         if sampling:
-            one = whole.get()
-            if one is not None:
-                mon.samples(step + 1, one, tok, cfg)
+            from megaflow.quality import progress_grid
+            grid = sampler.run(progress_grid, tok, cfg, step + 1)  # the ranks that take part, together
+            if mon is not None and grid is not None:
+                mon.image_grid("samples", grid, step + 1)
         if done:
             break
     if saver is not None:
@@ -581,10 +578,13 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     result["data"] = {"dp_rank": dp_rank, **{k: stats[k] for k in ("batches", "samples", "docs", "dropped_docs", "skipped")},
                       "slot_fill": (stats["text_tokens"] + stats["image_slots"]) / max(stats["slots"], 1)}
     if tcfg.report:
-        one = whole.get()
-        if one is not None:
-            from megaflow.quality import write_report
-            result["report"] = write_report(one, tok, cfg, out, device, mon)
+        from megaflow.quality import prepare_classifier, write_report
+        if main_rank:
+            prepare_classifier(cfg)  # trained and cached once, before the other ranks read it
+        barrier(topo)
+        report = sampler.run(write_report, tok, cfg, out, device, mon, write=main_rank)
+        if main_rank:
+            result["report"] = report
     if mon is not None:
         mon.close()
     loader.close()
@@ -592,41 +592,40 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         eval_loader.close()
     if main_rank:
         (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
-    return result  # no barrier: the report on rank 0 may outlast a collective's timeout
+    return result  # no barrier: ranks that sit the report out return while the others write it
 
 
-class WholeModel:
-    """The whole model in one process, for sample grids and the report. In one process,
-    or data-parallel only without ZeRO-3, it is the live model. Otherwise it is a copy on global
-    rank 0, refreshed from the run's weights by the gather that checkpoints use
-    (parallel.checkpoint.full_model_state): collective, so every rank calls `get` at the same steps,
-    and rank 0 needs room for one more full copy of the weights."""
+class Sampling:
+    """What sample grids and the report run on. One process: the model (under bf16 parameters an
+    fp32 copy holding the main weights). Several: the model as training splits it, on the ranks
+    that take part (parallel/sampling.py), never a whole-model copy on one rank."""
 
     def __init__(self, cfg: Config, tok, model, engine, topo, device):
         self.cfg, self.tok, self.model, self.engine, self.topo, self.device = cfg, tok, model, engine, topo, device
-        self.direct = topo is None or (topo.tp == topo.pp == 1 and cfg.parallel.zero_stage < 3)
         self.copy = None
+        if topo is not None:
+            from parallel.sampling import sampling_model
+            self.split = sampling_model(model, engine, topo)
 
-    @property
-    def here(self) -> bool:
-        """Whether this rank gets a model from `get`."""
-        return self.topo is None or self.topo.rank == 0
+    def run(self, fn, *args, **kwargs):
+        """fn(model, *args, **kwargs) on this rank, or None where this rank sits sampling out. Several
+        processes: collective over the ranks that take part (every rank calls it at the same steps)."""
+        if self.topo is not None:
+            from parallel.sampling import sampling_scope
+            if self.split is None:
+                return None
+            with sampling_scope(self.engine):
+                return fn(self.split, *args, **kwargs)
+        return fn(self._one_process(), *args, **kwargs)
 
-    def get(self):
-        if self.direct and not getattr(getattr(self.engine, "weights", None), "mixed", False):
-            return self.model if self.here else None
-        if self.direct:  # bf16 parameters: evaluation and sampling read an fp32 copy of the main weights
-            state = self.engine.model_state_dict()
-        else:
-            from parallel.checkpoint import full_model_state
-            state = full_model_state(self.model, self.engine, self.topo)
-        if not self.here:
-            return None
-        if self.copy is None:
+    def _one_process(self):
+        if not getattr(getattr(self.engine, "weights", None), "mixed", False):
+            return self.model
+        if self.copy is None:  # bf16 parameters: evaluation and sampling read the fp32 main weights
             with torch.device("meta"):
                 self.copy = STARFlow2(with_tokenizer(self.cfg.model, self.tok))
             self.copy.to_empty(device=self.device)
-        load_model_state(self.copy, state, strict=True)
+        load_model_state(self.copy, self.engine.model_state_dict(copy=False), strict=True)
         return self.copy
 
 

@@ -163,8 +163,8 @@ class AsyncSave:
 
 def full_model_state(model, engine, topo) -> Optional[dict]:
     """The single-process state dict on global rank 0 (None elsewhere), gathered over DP (ZeRO),
-    TP and PP: used only by WholeModel for sample grids and the quality report under TP / PP
-    (generation is not distributed yet); never by checkpoints or evaluation."""
+    TP and PP: the old whole-model gather, kept only as tools/bench_checkpoint.py's baseline; no
+    checkpoint, evaluation, sample grid or report uses it."""
     from parallel.checkpoint_tp import gather_full
     local = engine.model_state_dict()
     if topo.dp_rank != 0:

@@ -75,6 +75,11 @@ class PipelinedModel:
         self.flow_params = _Broadcast(self, -1, lambda h: last.flow_params(h), lambda h: [(*h.shape[:2], D)] * 2)
         self.units = {"pipeline": self._run_stages}  # the Decoder loops over units.values()
 
+    def eval(self) -> "PipelinedModel":
+        for st in self.stages:
+            st.module.eval()
+        return self
+
     def score_step(self, dec, rows: int, start: int, latents: torch.Tensor) -> torch.Tensor:
         """generate.denoise through the stages: parallel/pipeline_denoise.py."""
         from parallel.pipeline_denoise import pipelined_denoise
