@@ -130,15 +130,18 @@ def begin_checkpoint(root: str | Path, step: int) -> Path:
 
 
 def commit_checkpoint(root: str | Path, tmp: Path, step: int, keep_last: int = 2,
-                      extra_meta: Optional[dict] = None) -> Path:
+                      extra_meta: Optional[dict] = None, known_sums: Optional[dict] = None) -> Path:
     """meta.json (every file under `tmp`, sub-directories included, with its size and checksum)
-    written last, then the atomic rename to `root/step_XXXXXX`, `latest`, and pruning."""
+    written last, then the atomic rename to `root/step_XXXXXX`, `latest`, and pruning.
+    `known_sums`: {relative path: checksum} of files their writers hashed as they wrote them (the
+    sharded state's files); only the other files are read here to hash them."""
     root = Path(root)
     final = root / f"step_{step:06d}"
+    known = known_sums or {}
     try:
         paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
-        sums = {str(p.relative_to(tmp)): file_digest(p) for p in paths}
+        sums = {k: known[k] if k in known else file_digest(tmp / k) for k in files}
         meta = {"format": FORMAT, "step": step, "time": time.time(), "files": files, "hash": HASH,
                 "checksums": sums, **(extra_meta or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

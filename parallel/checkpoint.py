@@ -65,27 +65,37 @@ def check_format(ckpt: Path) -> None:
                               f"(train.out_dir=NEW_DIR --resume), which loads at any layout")
 
 
-def save_distributed(root, step: int, write: Callable[[Path], None], keep_last: int, topo,
+def save_distributed(root, step: int, write: Callable[[Path], Optional[dict]], keep_last: int, topo,
                      extra_meta: Optional[dict] = None) -> Path:
-    """The collective form of megaflow.checkpoint.save_checkpoint (see the file docstring)."""
+    """The collective form of megaflow.checkpoint.save_checkpoint (see the file docstring). `write`
+    may return {path relative to the checkpoint: checksum} of files it hashed while writing them."""
     box = [str(begin_checkpoint(root, step)) if topo.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
-    write(tmp)
-    return _commit(root, tmp, step, keep_last, topo, extra_meta)
+    sums = write(tmp)
+    return _commit(root, tmp, step, keep_last, topo, extra_meta, sums)
 
 
-def _commit(root, tmp: Path, step: int, keep_last: int, topo, extra_meta) -> Path:
+def _commit(root, tmp: Path, step: int, keep_last: int, topo, extra_meta, sums: Optional[dict] = None) -> Path:
+    """Every rank's checksums gathered onto rank 0 (each rank hashed its own files as it wrote them,
+    in parallel), which hashes only the rest, writes meta.json and renames."""
     dist.barrier()
-    box = [str(commit_checkpoint(root, tmp, step, keep_last, extra_meta)) if topo.rank == 0 else None]
+    every = [None] * topo.world_size if topo.rank == 0 else None
+    dist.gather_object(sums or {}, every, dst=0)
+    if topo.rank == 0:
+        known = {k: v for part in every for k, v in part.items()}
+        box = [str(commit_checkpoint(root, tmp, step, keep_last, extra_meta, known))]
+    else:
+        box = [None]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
 
 
-def save_engine_state(engine, directory: Path, topo, group=None) -> None:
-    """Every rank calls it inside `write`: its pieces into directory/state (DCP)."""
+def save_engine_state(engine, directory: Path, topo, group=None) -> dict:
+    """Every rank calls it inside `write`: its pieces into directory/state (DCP). Returns
+    {"state/<file>": checksum} of the files this rank wrote, for meta.json."""
     from parallel.checkpoint_state import save_engine
-    save_engine(engine, Path(directory) / STATE, topo, group)
+    return {f"{STATE}/{k}": v for k, v in save_engine(engine, Path(directory) / STATE, topo, group).items()}
 
 
 def load_engine_state(engine, ckpt: Path, topo=None, weights_only: bool = False) -> int:
@@ -139,26 +149,26 @@ class AsyncSave:
         tmp = Path(box[0])
         write_rest(tmp)
         state = staged(state_to_save(engine, self.topo))  # CPU copies: training may change the originals
-        err = []
+        err, sums = [], {}
 
         def run():
             try:
-                save_boxes(state, tmp / STATE, self.group)
+                sums.update({f"{STATE}/{k}": v for k, v in save_boxes(state, tmp / STATE, self.group).items()})
             except BaseException as e:  # re-raised by finish, on the training thread
                 err.append(e)
         thread = threading.Thread(target=run, name="megaflow-async-save", daemon=True)
         thread.start()
-        self.pending = (root, tmp, step, keep_last, extra_meta, thread, err)
+        self.pending = (root, tmp, step, keep_last, extra_meta, thread, err, sums)
 
     def finish(self) -> Optional[Path]:
         if self.pending is None:
             return None
-        root, tmp, step, keep_last, extra_meta, thread, err = self.pending
+        root, tmp, step, keep_last, extra_meta, thread, err, sums = self.pending
         self.pending = None
         thread.join()
         if err:
             raise err[0]
-        return _commit(root, tmp, step, keep_last, self.topo, extra_meta)
+        return _commit(root, tmp, step, keep_last, self.topo, extra_meta, sums)
 
 
 def full_model_state(model, engine, topo) -> Optional[dict]:

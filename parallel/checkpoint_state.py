@@ -164,9 +164,10 @@ def state_to_save(engine, topo=None) -> dict:
     return state
 
 
-def save_engine(engine, directory: Path, topo=None, group=None) -> None:
-    """Collective: every rank writes its pieces into `directory` (a DCP checkpoint)."""
-    save_boxes(state_to_save(engine, topo), directory, group)
+def save_engine(engine, directory: Path, topo=None, group=None) -> dict:
+    """Collective: every rank writes its pieces into `directory` (a DCP checkpoint); returns the
+    checksums of the files this rank wrote (dcp_boxes.save_boxes)."""
+    return save_boxes(state_to_save(engine, topo), directory, group)
 
 
 # ----- load ---------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Contract:
   step-2 weights and optimizer state (a fresh engine loads it and repeats step 3's loss exactly),
   not the step-3 ones; loaded weights-only (train.init_from) it gives the step-2 weights and a
   fresh optimizer.
+- checksums: every rank hashes its state files as it writes them (no file is read back to hash it
+  at the commit), and meta.json's checksums are those of the files on disk (validate passes).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from megaflow.checkpoint import find_latest
+from megaflow.checkpoint import find_latest, validate
 from parallel.topology import Topology
 from tests.distributed import _worker, free_port, run_distributed
 from tests.parallel.test_dcp_reshard import build, config, run_steps
@@ -86,7 +88,10 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 
 def _async(rank, world, root):
+    import megaflow.checkpoint
     from parallel.checkpoint import AsyncSave, load_engine_state
+    hashed, file_digest = [], megaflow.checkpoint.file_digest
+    megaflow.checkpoint.file_digest = lambda path: hashed.append(Path(path).name) or file_digest(path)
     root, cfg, topo = Path(root), config(), Topology()
     engine = build(cfg, topo, seed=0)
     run_steps(engine, cfg, topo, range(1))
@@ -106,7 +111,8 @@ def _async(rank, world, root):
     assert load_engine_state(init, path, topo, weights_only=True) == 0 and not init.optimizer.state
     same = same and all(torch.equal(init.model_state_dict()[k], v) for k, v in at_2.items())
     return {"latest_during": latest_during, "latest_after": (root / "latest").read_text().strip(),
-            "same_weights": same, "step3": step3, "again": again, "note": (path / "note.txt").is_file()}
+            "same_weights": same, "step3": step3, "again": again, "note": (path / "note.txt").is_file(),
+            "hashed_at_commit": hashed}
 
 
 def test_async_save_overlaps_the_next_step_and_holds_the_saved_step(tmp_path):
@@ -115,3 +121,9 @@ def test_async_save_overlaps_the_next_step_and_holds_the_saved_step(tmp_path):
         assert r["latest_during"] == "step_000001" and r["latest_after"] == "step_000002", r
         assert r["same_weights"] and r["note"], r
         assert r["again"] == r["step3"], r
+    # the state files were hashed as they were written (each rank its own): the commit read back only
+    # rank 0's small files, and the recorded checksums are those of the files on disk
+    assert out[0]["hashed_at_commit"] == ["note.txt"], out[0]["hashed_at_commit"]
+    for step in (1, 2):
+        meta = validate(tmp_path / f"step_{step:06d}")
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {Path(k).name for k in meta["checksums"]}
