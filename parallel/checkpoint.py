@@ -4,7 +4,8 @@ Protocol (`save_distributed`, collective: every rank calls it):
   1. global rank 0 creates the temporary directory `.tmp-step_XXXXXX-<its pid>`
      (megaflow.checkpoint.begin_checkpoint) and broadcasts its name: one shared name for all ranks;
   2. every rank writes its own files into it (`write(tmp)`);
-  3. barrier; rank 0 writes meta.json (every file, sub-directories included: written last), renames
+  3. barrier; every rank's checksums of the files it wrote (hashed as DCP wrote them) are gathered
+     onto rank 0, which writes meta.json (every file, sub-directories included: written last), renames
      the directory into place, updates `latest` and prunes (megaflow.checkpoint.commit_checkpoint);
      a broadcast of the final path releases the other ranks. A crash before the rename leaves the
      previous checkpoints intact.

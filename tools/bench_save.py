@@ -10,11 +10,14 @@ and measures, per rank, on the tensors DCP's writer would receive:
              storage, e.g. a ZeRO partition, copied out), as DCP's loader does
   serialize  torch.save of every tensor into memory, with the zip CRC-32 torch.save computes by
              default, and without it (megaflow's meta.json already holds an xxh3 checksum per file)
-  write      those bytes written to one file, then its fsync
-Then whole saves, alternating `--repeats` times between barriers (the slowest rank's wall time):
+  write      the raw bytes written to one file (page cache), then its fsync, then read back and
+             hashed (xxh3-128, what the commit did with every file)
+Then whole saves, alternating `--repeats` times between barriers (the slowest rank's wall time),
+each followed by what the commit then does to checksum the state files for meta.json:
   before     DCP's FileSystemWriter as the save called it before (dcp_boxes.WRITER_THREADS threads,
-             CRC-32 on, fsync per file)
-  after      parallel.dcp_boxes.save_boxes as it is now
+             CRC-32 on, fsync per file); then rank 0 reads every rank's files back to hash them
+  after      parallel.dcp_boxes.save_boxes as it is now (no CRC-32, no fsync, each rank hashing its
+             own files as they are written); nothing is read back
 Results print on rank 0 (and --json).
 """
 from __future__ import annotations
@@ -42,6 +45,25 @@ def compact_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.untyped_storage().size() != t.nbytes else t
 
 
+class _Sink(io.RawIOBase):
+    """Counts the bytes written to it and keeps none."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = memoryview(b).nbytes
+        self.n += n
+        return n
+
+    def tell(self) -> int:
+        return self.n
+
+
 def parts(state: dict, directory: Path) -> dict:
     """Seconds of the save's parts on this rank's pieces (see the file docstring)."""
     from parallel.dcp_boxes import Boxes
@@ -50,28 +72,44 @@ def parts(state: dict, directory: Path) -> dict:
     out = {"stage_s": time.perf_counter() - t0, "gb": sum(t.nbytes for t in tensors) / 1e9}
     for crc in (True, False):
         torch.serialization.set_crc32_options(crc)
-        buf = io.BytesIO()
         t0 = time.perf_counter()
         for t in tensors:
-            torch.save(t, buf)
+            torch.save(t, _Sink())
         out[f"serialize_{'crc' if crc else 'nocrc'}_s"] = time.perf_counter() - t0
     torch.serialization.set_crc32_options(True)
     path = directory / f"raw_{dist.get_rank()}.bin"
     t0 = time.perf_counter()
     with open(path, "wb") as f:
-        f.write(buf.getbuffer())
+        for t in tensors:
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
         out["write_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         os.fsync(f.fileno())
         out["fsync_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from megaflow.checkpoint import file_digest
+    file_digest(path)
+    out["hash_read_back_s"] = time.perf_counter() - t0
     path.unlink()
     return {k: round(v, 3) for k, v in out.items()}
 
 
 def save_before(state: dict, directory: Path) -> None:
+    from megaflow.checkpoint import file_digest
     from parallel.dcp_boxes import WRITER_THREADS, _dist, _SavePlanner
     writer = dcp.FileSystemWriter(str(directory), thread_count=WRITER_THREADS)
     dcp.save(state, storage_writer=writer, planner=_SavePlanner(), no_dist=not _dist(None))
+    dist.barrier()
+    if dist.get_rank() == 0:  # the commit of before: rank 0 hashed every file, one after the other
+        {p.name: file_digest(p) for p in sorted(directory.iterdir())}
+
+
+def save_after(state: dict, directory: Path) -> None:
+    from parallel.dcp_boxes import save_boxes
+    sums = save_boxes(state, directory)
+    every = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(sums, every, dst=0)  # what the commit receives instead
 
 
 def timed(fn, topo) -> float:
@@ -92,7 +130,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from parallel.checkpoint_state import state_to_save
-    from parallel.dcp_boxes import save_boxes
     from parallel.runtime import build_engine, build_stages, init_distributed, launch_env
     from tools.bench_checkpoint import prime_optimizer
     launch = launch_env()
@@ -114,16 +151,17 @@ def main(argv=None) -> int:
     if topo.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    mine = parts(state, root)
-    ranks = [None] * topo.world_size
-    dist.all_gather_object(ranks, mine)
     rows = {"before": [], "after": []}
     for i in range(args.repeats):
-        for name, fn in (("before", save_before), ("after", save_boxes)):
+        for name, fn in (("before", save_before), ("after", save_after)):
             d = root / f"{name}_{i}"
             rows[name].append(round(timed(lambda: fn(state, d), topo), 3))
             if topo.rank == 0:
                 shutil.rmtree(d)
+    dist.barrier()
+    mine = parts(state, root)  # after the saves: the file system is as warm for it as for them
+    ranks = [None] * topo.world_size
+    dist.all_gather_object(ranks, mine)
     if topo.rank == 0:
         n = sum(x.numel() for st in stages for x in st.module.parameters()) * topo.tp  # about: TP shards
         print(f"{topo.world_size} ranks, tp {topo.tp} pp {topo.pp} dp {topo.dp}, ~{n / 1e6:.0f} M parameters, "
