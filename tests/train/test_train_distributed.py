@@ -177,7 +177,7 @@ def test_tp2_and_pp2_equal_one_process_resume_and_load(tiny_sets, tiny_run, one_
     so replicated parameters counted twice or shards once would show); the step-3 checkpoint,
         resumed, repeats steps 4..6 (loss and final weights within 1e-6 on CPU). Held-out evaluation (on
     the split model, figures reduced over TP / PP) equals the one-process run's (1e-5), and the
-    quality report is written. The sharded checkpoint loads in a single process
+    quality report is written (generated on the split model: PipelinedModel / the TP model). The sharded checkpoint loads in a single process
     (megaflow.inference.load_for_inference) and that model's loss on step 4's batch (the saved
     loader position, the same noise) equals the distributed step-4 loss (1e-5)."""
     more = [layout, f"train.init_from={tiny_run}"] + (["parallel.micro_batches=3"] if layout.endswith("pp=2") else [])
@@ -189,7 +189,7 @@ def test_tp2_and_pp2_equal_one_process_resume_and_load(tiny_sets, tiny_run, one_
     results = [json.loads((d / "result.json").read_text()) for d in (whole, ref)]
     norms = [r["train"]["grad_norm"] for r in results]
     assert norms[1] > 1.0 and abs(norms[0] - norms[1]) < 1e-5 * norms[1], norms
-    # held-out evaluation runs on the split model; the report on the whole model gathered onto rank 0
+    # held-out evaluation, and the report, run on the split model (nothing gathered)
     evals = [r["eval"] for r in results]
     assert evals[0].keys() == evals[1].keys() == {"bits_per_dim", "text_loss"}, evals
     assert all(abs(evals[0][k] - evals[1][k]) < 1e-5 * abs(evals[1][k]) for k in evals[1]), evals
