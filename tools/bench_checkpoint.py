@@ -97,6 +97,24 @@ def prime_optimizer(engine) -> None:
     engine.optimizer.zero_grad(set_to_none=True)
 
 
+def primed_engine(config: str, overrides: list, device_name: str) -> tuple:
+    """(device, cfg, topology, dtype, model, stages, engine) of this rank, under torchrun: the
+    engine at the config's layout on its init weights, with optimizer state (prime_optimizer)."""
+    from parallel.runtime import build_engine, build_stages, init_distributed, launch_env
+    launch = launch_env()
+    if launch is None:
+        raise SystemExit("launch with torchrun --nproc_per_node N (N >= 2)")
+    device = init_distributed(launch, torch.device(device_name))
+    cfg = load_config(config, [f"train.device={device_name}", *overrides])
+    p = cfg.parallel
+    topo = Topology(tp=p.tp, pp=p.pp, flow_tp=p.flow_tp)
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
+    model, stages, tied = build_stages(cfg.model, p, topo, device, cfg.train.seed, None, cfg.data.seq_len)
+    engine = build_engine(cfg, model, stages, tied, topo, dtype)
+    prime_optimizer(engine)
+    return device, cfg, topo, dtype, model, stages, engine
+
+
 def gather_save(engine, model, topo, d: Path) -> None:
     from parallel.checkpoint import full_model_state
     state = full_model_state(model, engine, topo)
@@ -153,18 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from parallel.checkpoint import AsyncSave, load_engine_state, save_engine_state
-    from parallel.runtime import build_engine, build_stages, init_distributed, launch_env
-    launch = launch_env()
-    if launch is None:
-        raise SystemExit("launch with torchrun --nproc_per_node N (N >= 2)")
-    device = init_distributed(launch, torch.device(args.device))
-    cfg = load_config(args.config, ["parallel.zero_stage=1", f"train.device={args.device}", *args.overrides])
+    device, cfg, topo, dtype, model, stages, engine = primed_engine(args.config, ["parallel.zero_stage=1",
+                                                                                  *args.overrides], args.device)
     p = cfg.parallel
-    topo = Topology(tp=p.tp, pp=p.pp, flow_tp=p.flow_tp)
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
-    model, stages, tied = build_stages(cfg.model, p, topo, device, cfg.train.seed, None, cfg.data.seq_len)
-    engine = build_engine(cfg, model, stages, tied, topo, dtype)
-    prime_optimizer(engine)
     with torch.device("meta"):
         from megaflow.model.starflow import STARFlow2
         n_params = sum(x.numel() for x in STARFlow2(cfg.model).parameters())  # the whole model

@@ -36,8 +36,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megaflow.config import load_config  # noqa: E402
-from parallel.topology import Topology  # noqa: E402
 
 
 def compact_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -130,19 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from parallel.checkpoint_state import state_to_save
-    from parallel.runtime import build_engine, build_stages, init_distributed, launch_env
-    from tools.bench_checkpoint import prime_optimizer
-    launch = launch_env()
-    if launch is None:
-        raise SystemExit("launch with torchrun --nproc_per_node N (N >= 2)")
-    device = init_distributed(launch, torch.device(args.device))
-    cfg = load_config(args.config, ["parallel.zero_stage=0", f"train.device={args.device}", *args.overrides])
-    p = cfg.parallel
-    topo = Topology(tp=p.tp, pp=p.pp, flow_tp=p.flow_tp)
-    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
-    model, stages, tied = build_stages(cfg.model, p, topo, device, cfg.train.seed, None, cfg.data.seq_len)
-    engine = build_engine(cfg, model, stages, tied, topo, dtype)
-    prime_optimizer(engine)
+    from tools.bench_checkpoint import primed_engine
+    device, cfg, topo, dtype, model, stages, engine = primed_engine(args.config, ["parallel.zero_stage=0",
+                                                                                  *args.overrides], args.device)
     state = state_to_save(engine, topo)
     root = Path(args.dir) / f"run_{os.getpid() if topo.rank == 0 else 0}"
     box = [str(root) if topo.rank == 0 else None]
@@ -163,13 +151,17 @@ def main(argv=None) -> int:
     ranks = [None] * topo.world_size
     dist.all_gather_object(ranks, mine)
     if topo.rank == 0:
-        n = sum(x.numel() for st in stages for x in st.module.parameters()) * topo.tp  # about: TP shards
-        print(f"{topo.world_size} ranks, tp {topo.tp} pp {topo.pp} dp {topo.dp}, ~{n / 1e6:.0f} M parameters, "
-              f"device {device.type}, writer threads before {__import__('parallel.dcp_boxes').dcp_boxes.WRITER_THREADS}")
+        from megaflow.model.starflow import STARFlow2
+        from parallel.dcp_boxes import WRITER_THREADS
+        with torch.device("meta"):
+            n = sum(x.numel() for x in STARFlow2(cfg.model).parameters())  # the whole model
+        print(f"{topo.world_size} ranks, tp {topo.tp} pp {topo.pp} dp {topo.dp}, {n / 1e6:.0f} M parameters, "
+              f"device {device.type}, {WRITER_THREADS} writer thread(s) per rank")
         for r, m in enumerate(ranks):
             print(f"rank {r} parts: " + ", ".join(f"{k} {v}" for k, v in m.items()))
         for name, ts in rows.items():
-            print(f"{name:<7} save: " + " ".join(f"{t:.2f}" for t in ts) + f"  (median {sorted(ts)[len(ts) // 2]:.2f} s)")
+            median = sorted(ts)[len(ts) // 2]
+            print(f"{name:<7} save: " + " ".join(f"{t:.2f}" for t in ts) + f"  (median {median:.2f} s)")
         shutil.rmtree(root, ignore_errors=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"parts": ranks, "saves": rows}, indent=1))
