@@ -605,8 +605,11 @@ class Sampling:
         self.cfg, self.tok, self.model, self.engine, self.topo, self.device = cfg, tok, model, engine, topo, device
         self.copy = None
         if topo is not None:
-            from parallel.sampling import sampling_model
+            from parallel.sampling import sampling_model, sequence_parallel
             self.split = sampling_model(model, engine, topo)
+            if sequence_parallel(model) and topo.rank == 0 and (cfg.train.sample_every or cfg.train.report):
+                log.warning("parallel.sequence_parallel: no sample grids or quality report in this run (decoding "
+                            "feeds one token at a time); judge a checkpoint with tools/eval_quality.py")
 
     def run(self, fn, *args, **kwargs):
         """fn(model, *args, **kwargs) on this rank, or None where this rank sits sampling out. Several

@@ -15,6 +15,8 @@ Who takes part: ZeRO-3, every rank (its gathers are collective over data paralle
 the ranks of data-parallel replica 0 (the others get None). They run the same sampling loop with
 the same seeds and draw the same samples, so every rank that takes part computes the same figures;
 global rank 0 writes the files. The weights are the live ones (bf16 under bf16 parameters).
+Not under parallel.sequence_parallel (decoding feeds one token at a time): there the run skips its
+grids and report and says so; tools/eval_quality.py judges a checkpoint afterwards.
 """
 from __future__ import annotations
 
@@ -28,8 +30,15 @@ def is_zero3(engine) -> bool:
     return getattr(engine, "stage", 0) == 3 and hasattr(engine, "ds_config")
 
 
+def sequence_parallel(model: nn.Module) -> bool:
+    """Whether the model's streams are split along the sequence (its `seq_split` hook holds a group)."""
+    return getattr(getattr(model, "seq_split", None), "tp_group", None) is not None
+
+
 def sampling_model(model: nn.Module, engine, topo) -> Optional[object]:
-    if not is_zero3(engine) and topo.dp_rank != 0:
+    """See the file docstring. None everywhere under sequence parallelism: decoding feeds one token
+    at a time, which a sequence split cannot cut (the caller says so and skips sampling)."""
+    if sequence_parallel(model) or (not is_zero3(engine) and topo.dp_rank != 0):
         return None
     if topo.pp > 1:
         from parallel.pipeline_generate import PipelinedModel

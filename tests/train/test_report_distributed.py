@@ -99,3 +99,21 @@ def test_report_and_grids_under_tp_pp_zero3_equal_one_process(tiny_sets, tmp_pat
         diff = np.abs(_png(tmp_path / f"{name}_0" / "samples.png") - _png(tmp_path / "one" / "samples.png"))
         assert diff.max() <= 1, (name, diff.max())
     assert got[0]["zero3"]["held"] == got[1]["zero3"]["held"] == 0, "ZeRO-3 weights left gathered"
+
+
+def test_sequence_parallel_runs_sit_sampling_out(caplog):
+    """Under sequence parallelism (decoding feeds one token at a time, which a sequence split cannot
+    cut) no rank samples: grids and the report are skipped with a warning naming the tool that
+    judges a checkpoint afterwards, instead of failing at the end of the run."""
+    from types import SimpleNamespace
+    from megaflow.model.starflow import build_model
+    from megaflow.train import Sampling
+    from parallel.layers import SequenceSplit
+    from tests.helpers import tiny_config
+    model = build_model(tiny_config())
+    model.seq_split = SequenceSplit(group=object())  # what apply_tp installs under sequence_parallel
+    cfg = load_config(str(TINY), ["train.report=true"])
+    topo = SimpleNamespace(rank=0, dp_rank=0, tp=2, pp=1)
+    sampling = Sampling(cfg, None, model, SimpleNamespace(), topo, torch.device("cpu"))
+    assert sampling.run(no_gather) is None
+    assert "tools/eval_quality.py" in caplog.text
