@@ -1,0 +1,118 @@
+"""CPU: the default run's 200 report samples, the code before issue 14 against today's, as a ratio
+measured in ONE process (this machine is shared: separate runs drift by 2x; alternating the two
+versions round by round and taking the median of the per-round ratios cancels most of that).
+
+    python tools/bench_report_ratio.py [--baseline 874d2f8] [--rounds 5] [--threads 1]
+
+The earlier code is `git archive`d from --baseline into a temporary directory and imported under its
+own `megaflow` package, swapped into sys.modules while it runs (its lazy imports then find their
+own modules). Both versions build configs/default.yaml's model (tools/bench_sampling.py, suite
+report) and get the same weights (a state dict copied over); each round samples the report's
+10 prompts x 20 images (guidance 6, temperature 0.8, the denoise step) with both, the order of the
+two alternating, and checks that both sample the same images.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _ours() -> dict:
+    return {k: v for k, v in sys.modules.items() if k == "megaflow" or k.startswith("megaflow.")}
+
+
+@contextlib.contextmanager
+def swapped(modules: dict):
+    """sys.modules holds `modules` as the megaflow package inside the block."""
+    saved = _ours()
+    for k in saved:
+        del sys.modules[k]
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for k in _ours():
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def import_baseline(commit: str, into: str) -> dict:
+    """`megaflow` of `commit` imported from a git archive under `into`: its modules, by name."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "megaflow"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+    with swapped({}):
+        sys.path.insert(0, into)
+        try:
+            for name in ("megaflow.model.generate", "megaflow.model.starflow", "megaflow.model.config"):
+                importlib.import_module(name)
+            return _ours()
+        finally:
+            sys.path.remove(into)
+
+
+def report_samples(sample_images, model, prompts) -> tuple:
+    """The report's sampling (megaflow/quality.py judge): 20 images per prompt -> (seconds, images)."""
+    t = time.perf_counter()
+    out = [sample_images(model, [p] * 20, guidance=6.0, temperature=0.8, seed=1000 + c)[0]
+           for c, p in enumerate(prompts)]
+    return time.perf_counter() - t, torch.cat(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", default="874d2f8", help="commit of the code before issue 14")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from megaflow.model.generate import sample_images
+    from tools.bench_sampling import build, model_config
+    new_model = build("report", 16, "cpu")
+    tok = new_model.cfg.tokens
+    prompts = [[tok.bos_id] + [(7 * i + k) % 500 for k in range(6)] for i in range(10)]
+    with tempfile.TemporaryDirectory() as tmp:
+        old = import_baseline(args.baseline, tmp)
+        with swapped(old):
+            old_model = old["megaflow.model.starflow"].build_model(model_config("report", 16))
+            old_model.load_state_dict(new_model.state_dict())
+            old_model.eval().requires_grad_(False)
+        ways = {"before": (old, old["megaflow.model.generate"].sample_images, old_model),
+                "after": (_ours(), sample_images, new_model)}
+        for modules, fn, model in ways.values():  # untimed: first-call set-up of each version
+            with swapped(modules):
+                report_samples(fn, model, prompts[:1])
+        times = {"before": [], "after": []}
+        for r in range(args.rounds):
+            order = ("before", "after") if r % 2 == 0 else ("after", "before")
+            images = {}
+            for way in order:
+                modules, fn, model = ways[way]
+                with swapped(modules):
+                    seconds, images[way] = report_samples(fn, model, prompts)
+                times[way].append(seconds)
+            diff = float((images["before"] - images["after"]).abs().max())
+            print(json.dumps({"round": r, "before_s": times["before"][-1], "after_s": times["after"][-1],
+                              "ratio": times["before"][-1] / times["after"][-1], "max_image_diff": diff}), flush=True)
+    ratios = [b / a for b, a in zip(times["before"], times["after"])]
+    print(json.dumps({"baseline": args.baseline, "threads": args.threads, "rounds": args.rounds,
+                      "median_before_s": statistics.median(times["before"]),
+                      "median_after_s": statistics.median(times["after"]),
+                      "median_ratio_before_over_after": statistics.median(ratios)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
