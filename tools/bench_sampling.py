@@ -69,6 +69,7 @@ def model_config(suite: str, image_size: int = 64, smoke: bool = False):
 
 _MODELS = {}
 SMOKE = False
+BF16 = False  # bf16 weights on the CPU too (--bf16: the GPU's dtypes, checked on the CPU)
 
 
 def build(suite: str, image_size: int, device: str):
@@ -85,7 +86,7 @@ def build(suite: str, image_size: int, device: str):
                 if torch.count_nonzero(p) == 0:
                     p.copy_(0.02 * torch.randn(p.shape, generator=g))
         model.eval().requires_grad_(False)
-        _MODELS[key] = model.to(torch.bfloat16) if device == "cuda" else model
+        _MODELS[key] = model.to(torch.bfloat16) if device == "cuda" or BF16 else model
     return _MODELS[key]
 
 
@@ -220,10 +221,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", action="store_true",
                     help="first an untimed small row (CUDA, cuBLAS and allocator start-up)")
     ap.add_argument("--smoke", action="store_true", help="tiny widths: check this script quickly on CPU")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights on the CPU too (as on the GPU)")
     ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: run these rows here
     args = ap.parse_args(argv)
-    global SMOKE
-    SMOKE = args.smoke
+    global SMOKE, BF16
+    SMOKE, BF16 = args.smoke, args.bf16
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,6 +257,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, os.path.abspath(__file__), "--rows-json", json.dumps(rows[i:j]),
                        "--threads", str(args.threads)] + (["--out", os.path.abspath(args.out)] if args.out else [])
                 cmd += ["--smoke"] if args.smoke else []
+                cmd += ["--bf16"] if args.bf16 else []
                 cmd += ["--warmup"] if args.warmup else []
                 subprocess.run(cmd, env=env, cwd=args.baseline_root, check=False)
             i = j

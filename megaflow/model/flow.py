@@ -116,7 +116,7 @@ class ShallowFlowBlock(nn.Module):
         largest change is <= tol, at most max_iters times (default: the window's length - 1, after
         which it is exact: its first token starts exact, and the k-th is final after k updates);
         the window's cache entries are then recomputed from the final values for the next window."""
-        zo = self._order(z)
+        zo = at_least_fp32(self._order(z))  # the flow's variables in fp32 under bf16 weights
         M, N, D = zo.shape
         if method == "jacobi":
             x, total = self._jacobi(zo, tol, max_iters, chunk, graphs)

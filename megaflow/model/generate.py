@@ -74,8 +74,9 @@ class Decoder:
 
     def _grow(self, capacity: int) -> None:
         R, D, L = self.rows_total, self.model.cfg.fae.latent_dim, self.length
+        wide = torch.promote_types(self.dtype, torch.float32)  # the flow's variables: at least fp32 (flow.py)
         kinds = {"tokens": (torch.long, ()), "pos": (torch.long, ()), "doc": (torch.long, ()),
-                 "image_mask": (torch.bool, ()), "flow_x": (self.dtype, (D,)), "vlm_x": (self.dtype, (D,))}
+                 "image_mask": (torch.bool, ()), "flow_x": (wide, (D,)), "vlm_x": (wide, (D,))}
         for name, (dtype, tail) in kinds.items():
             buf = torch.zeros(R, capacity, *tail, dtype=dtype, device=self.dev)
             if name in self._buf:
@@ -160,7 +161,7 @@ class Decoder:
         b["pos"].index_copy_(1, slots, b["pos"].index_select(1, first - 1) + (slots - first + 1))
         for name, value in (("tokens", token), ("doc", torch.zeros_like(token)), ("image_mask", image_mask),
                             ("flow_x", flow_x), ("vlm_x", torch.zeros_like(flow_x))):
-            b[name].index_copy_(1, slots, value)
+            b[name].index_copy_(1, slots, value.to(b[name].dtype))
         if self.cache is not None:
             return self._forward(slots, kv_len)
         h_vlm, h_flow = self._forward(torch.arange(kv_len, device=self.dev), kv_len)  # no cache: all again
@@ -304,7 +305,7 @@ def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float,
     Returns y (rows, N, D), the deep flow's variable (before the shallow inverse)."""
     cfg = dec.model.cfg
     N, D = cfg.fae.n_tokens, cfg.fae.latent_dim
-    z = (draw_noise(rows, N, D, gen) if z is None else z).to(dec.dev, dec.dtype)
+    z = (draw_noise(rows, N, D, gen) if z is None else z).to(dec.dev, dec.flow_x.dtype)  # at least fp32
     start = dec.length
     if method == "jacobi":
         return _jacobi_latents(dec, rows, guidance, temperature, z, tol, max_iters, chunk)
@@ -332,7 +333,7 @@ def _jacobi_latents(dec: Decoder, rows, guidance, temperature, z, tol, max_iters
     ys, total, windows = [], 0, {}
     for c in range(0, N, chunk):
         k = min(c + chunk, N) - c
-        y = windows.setdefault(k, torch.empty(rows, k, D, dtype=dec.dtype, device=dec.dev))  # one per length
+        y = windows.setdefault(k, z.new_empty(rows, k, D))  # one per length (graphs read it)
         image = torch.full((R, k), model.cfg.tokens.image_id, dtype=torch.long, device=dec.dev)
         slots = torch.ones(R, k, dtype=torch.bool, device=dec.dev)
 
@@ -397,7 +398,8 @@ def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bo
     if do_denoise:
         x = denoise(model, dec, rows, dec.length - N, x)
     dec.reencode_image(x.repeat(dec.rows_total // rows, 1, 1))
-    return model.fae.decode(x).clamp(-1, 1)
+    fae_dtype = next((p.dtype for p in model.fae.parameters()), x.dtype)  # x is fp32 under bf16 weights
+    return model.fae.decode(x.to(fae_dtype)).clamp(-1, 1)
 
 
 @torch.no_grad()

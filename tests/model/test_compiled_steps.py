@@ -61,3 +61,17 @@ def test_failing_compiler_falls_back_to_eager_steps():
     with compile_steps(broken), pytest.warns(UserWarning, match="running eagerly"):
         fast, _ = sample_images(model, prompts, seed=1, graphs=True)
     assert (eager - fast).abs().max() < 1e-5
+
+
+def test_bf16_model_samples_in_graph_shaped_steps():
+    """bf16 weights (the GPU's sampling dtype): the flow's variables stay fp32 (decoder buffers,
+    noise, shallow inverse), so the graph-shaped steps, sequential and Jacobi, write them without a
+    dtype clash, and sample what the eager steps sample up to bf16 rounding."""
+    model = randomized_model(tiny_config(), scale=0.1).to(torch.bfloat16)
+    eager, dec = sample_images(model, PROMPTS, guidance=2.0, seed=3, graphs=False)
+    assert dec.flow_x.dtype == torch.float32
+    with compile_steps(Counting()):
+        for method in ("sequential", "jacobi"):
+            fast, _ = sample_images(model, PROMPTS, guidance=2.0, seed=3, graphs=True, method=method, tol=-1.0)
+            assert torch.isfinite(fast).all() and (eager.float() - fast.float()).abs().max() < 0.1, method
+        assert sample_text(model, PROMPTS, max_new_tokens=4, seed=2, graphs=True)
