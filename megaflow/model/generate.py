@@ -398,8 +398,7 @@ def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bo
     if do_denoise:
         x = denoise(model, dec, rows, dec.length - N, x)
     dec.reencode_image(x.repeat(dec.rows_total // rows, 1, 1))
-    fae_dtype = next((p.dtype for p in model.fae.parameters()), x.dtype)  # x is fp32 under bf16 weights
-    return model.fae.decode(x.to(fae_dtype)).clamp(-1, 1)
+    return model.fae.decode(x.to(dec.dtype)).clamp(-1, 1)  # x is fp32 under bf16 weights; the FAE is not
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ def test_bf16_model_samples_in_graph_shaped_steps():
     dtype clash, and sample what the eager steps sample up to bf16 rounding."""
     model = randomized_model(tiny_config(), scale=0.1).to(torch.bfloat16)
     eager, dec = sample_images(model, PROMPTS, guidance=2.0, seed=3, graphs=False)
-    assert dec.flow_x.dtype == torch.float32
+    assert dec.flow_x.dtype == torch.float32 and eager.dtype == torch.bfloat16
     with compile_steps(Counting()):
         for method in ("sequential", "jacobi"):
             fast, _ = sample_images(model, PROMPTS, guidance=2.0, seed=3, graphs=True, method=method, tol=-1.0)
