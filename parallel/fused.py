@@ -66,11 +66,28 @@ def unshard_parts(gathered: torch.Tensor, parts: tuple, n: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _key(*names) -> str:
+    return ".".join(n for n in names if n)
+
+
 def parts_layout(model: nn.Module) -> dict:
     """{state-dict key: parts} of every fused entry of a tensor-parallel model (see `tp_parts`)."""
     layout = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for pname, parts in getattr(mod, "tp_parts", {}).items():
             if getattr(mod, pname, None) is not None:
-                layout[f"{mod_name}.{pname}" if mod_name else pname] = parts
+                layout[_key(mod_name, pname)] = parts
+    return layout
+
+
+def fused_layout(model: nn.Module) -> dict:
+    """{state-dict key: parts} of EVERY fused entry: a tensor-parallel layer's `tp_parts`, and the
+    unsplit fused projections of the model (`fused_rows()` of its attention and MLP modules) whole."""
+    layout = parts_layout(model)
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for child, rows in (mod.fused_rows() if hasattr(mod, "fused_rows") else {}).items():
+            for pname in ("weight", "bias"):
+                key = _key(mod_name, child, pname)
+                if key not in layout and getattr(getattr(mod, child), pname, None) is not None:
+                    layout[key] = all_sharded(rows)
     return layout

@@ -120,6 +120,10 @@ class Attention(nn.Module):
         """Rows of q, k and v in `qkv` (this module's, i.e. local under tensor parallelism)."""
         return tuple(h * self.head_dim for h in (self.n_heads, self.n_kv_heads, self.n_kv_heads))
 
+    def fused_rows(self) -> dict:
+        """{fused child: rows of each part} (checkpoint conversion reads it)."""
+        return {"qkv": self.qkv_sizes()}
+
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
@@ -151,6 +155,10 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(dim, 2 * ffn_dim, bias=False)
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
         self._register_load_state_dict_pre_hook(_fuse_legacy_hook)  # old checkpoints: gate/up_proj
+
+    def fused_rows(self) -> dict:
+        """{fused child: rows of each part} (checkpoint conversion reads it)."""
+        return {"gate_up": (self.gate_up.out_features // 2,) * 2}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., ffn) each; under TP this rank's halves
