@@ -7,7 +7,7 @@ versions round by round and taking the median of the per-round ratios cancels mo
 The earlier code is `git archive`d from --baseline into a temporary directory and imported under its
 own `megaflow` package, swapped into sys.modules while it runs (its lazy imports then find their
 own modules). Both versions build configs/default.yaml's model (tools/bench_sampling.py, suite
-report) and get the same weights (a state dict copied over); each round samples the report's
+report) with the same weights (the old model's state dict loads into today's); each round samples the report's
 10 prompts x 20 images (guidance 6, temperature 0.8, the denoise step) with both, the order of the
 two alternating, and checks that both sample the same images.
 """
@@ -79,16 +79,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from megaflow.model.generate import sample_images
-    from tools.bench_sampling import build, model_config
-    new_model = build("report", 16, "cpu")
-    tok = new_model.cfg.tokens
-    prompts = [[tok.bos_id] + [(7 * i + k) % 500 for k in range(6)] for i in range(10)]
+    from megaflow.model.starflow import build_model
+    from tools.bench_sampling import model_config, randomize
     with tempfile.TemporaryDirectory() as tmp:
         old = import_baseline(args.baseline, tmp)
         with swapped(old):
-            old_model = old["megaflow.model.starflow"].build_model(model_config("report", 16))
-            old_model.load_state_dict(new_model.state_dict())
-            old_model.eval().requires_grad_(False)
+            old_model = randomize(old["megaflow.model.starflow"].build_model(model_config("report", 16)))
+        new_model = build_model(model_config("report", 16)).eval().requires_grad_(False)
+        new_model.load_state_dict(old_model.state_dict())  # older parameter names load (fused on load)
+        tok = new_model.cfg.tokens
+        prompts = [[tok.bos_id] + [(7 * i + k) % 500 for k in range(6)] for i in range(10)]
         ways = {"before": (old, old["megaflow.model.generate"].sample_images, old_model),
                 "after": (_ours(), sample_images, new_model)}
         for modules, fn, model in ways.values():  # untimed: first-call set-up of each version

@@ -79,15 +79,20 @@ def build(suite: str, image_size: int, device: str):
     if key not in _MODELS:
         from megaflow.model.starflow import build_model
         _MODELS.clear()
-        model = build_model(model_config(suite, image_size, SMOKE), device=device, seed=0)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if torch.count_nonzero(p) == 0:
-                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        model.eval().requires_grad_(False)
+        model = randomize(build_model(model_config(suite, image_size, SMOKE), device=device, seed=0))
         _MODELS[key] = model.to(torch.bfloat16) if device == "cuda" or BF16 else model
     return _MODELS[key]
+
+
+@torch.no_grad()
+def randomize(model):
+    """Zero-initialised parameters (heads, skips, biases) drawn with std 0.02, so no step is the
+    identity; the model in eval mode without gradients."""
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        if torch.count_nonzero(p) == 0:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval().requires_grad_(False)
 
 
 def sync(device: str) -> None:
