@@ -9,7 +9,8 @@ own `megaflow` package, swapped into sys.modules while it runs (its lazy imports
 own modules). Both versions build configs/default.yaml's model (tools/bench_sampling.py, suite
 report) with the same weights (the old model's state dict loads into today's); each round samples the report's
 10 prompts x 20 images (guidance 6, temperature 0.8, the denoise step) with both, the order of the
-two alternating, and checks that both sample the same images.
+two alternating, and checks that both sample the same images. Before: one sample_images call per
+prompt (the old judge); after: megaflow.quality.sample_prompts (all prompts in one batched call).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 
@@ -63,12 +65,22 @@ def import_baseline(commit: str, into: str) -> dict:
             sys.path.remove(into)
 
 
-def report_samples(sample_images, model, prompts) -> tuple:
-    """The report's sampling (megaflow/quality.py judge): 20 images per prompt -> (seconds, images)."""
+def before_samples(sample_images, model, prompts) -> torch.Tensor:
+    """The report's sampling before (megaflow/quality.py judge): one call of 20 images per prompt."""
+    return torch.cat([sample_images(model, [p] * 20, guidance=6.0, temperature=0.8, seed=1000 + c)[0]
+                      for c, p in enumerate(prompts)])
+
+
+def after_samples(sample_prompts, model, prompts) -> torch.Tensor:
+    """Today's: every prompt in one batched call, each prompt's noise from its own seed as before."""
+    imgs = sample_prompts(model, prompts, 20, 6.0, 0.8, [1000 + c for c in range(len(prompts))])
+    return imgs.flatten(0, 1)
+
+
+def timed(fn, *args) -> tuple:
     t = time.perf_counter()
-    out = [sample_images(model, [p] * 20, guidance=6.0, temperature=0.8, seed=1000 + c)[0]
-           for c, p in enumerate(prompts)]
-    return time.perf_counter() - t, torch.cat(out)
+    out = fn(*args)
+    return time.perf_counter() - t, out
 
 
 def main(argv=None) -> int:
@@ -78,8 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from megaflow.model.generate import sample_images
     from megaflow.model.starflow import build_model
+    from megaflow.quality import sample_prompts
     from tools.bench_sampling import model_config, randomize
     with tempfile.TemporaryDirectory() as tmp:
         old = import_baseline(args.baseline, tmp)
@@ -89,11 +101,11 @@ def main(argv=None) -> int:
         new_model.load_state_dict(old_model.state_dict())  # older parameter names load (fused on load)
         tok = new_model.cfg.tokens
         prompts = [[tok.bos_id] + [(7 * i + k) % 500 for k in range(6)] for i in range(10)]
-        ways = {"before": (old, old["megaflow.model.generate"].sample_images, old_model),
-                "after": (_ours(), sample_images, new_model)}
+        ways = {"before": (old, partial(before_samples, old["megaflow.model.generate"].sample_images), old_model),
+                "after": (_ours(), partial(after_samples, sample_prompts), new_model)}
         for modules, fn, model in ways.values():  # untimed: first-call set-up of each version
             with swapped(modules):
-                report_samples(fn, model, prompts[:1])
+                fn(model, prompts[:1])
         times = {"before": [], "after": []}
         for r in range(args.rounds):
             order = ("before", "after") if r % 2 == 0 else ("after", "before")
@@ -101,7 +113,7 @@ def main(argv=None) -> int:
             for way in order:
                 modules, fn, model = ways[way]
                 with swapped(modules):
-                    seconds, images[way] = report_samples(fn, model, prompts)
+                    seconds, images[way] = timed(fn, model, prompts)
                 times[way].append(seconds)
             diff = float((images["before"] - images["after"]).abs().max())
             print(json.dumps({"round": r, "before_s": times["before"][-1], "after_s": times["after"][-1],

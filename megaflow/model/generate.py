@@ -405,8 +405,9 @@ def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bo
 def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float = 0.0, temperature: float = 1.0,
                   seed: int = 0, use_cache: bool = True, do_denoise: bool = True, method: str = "sequential",
                   tol: float = 1e-4, max_iters: Optional[int] = None, graphs: Optional[bool] = None,
-                  cache: str = "static", chunk: int = 64):
+                  cache: str = "static", chunk: int = 64, z: Optional[torch.Tensor] = None):
     """Text (or interleaved) prompts -> one image each: image-start is appended to every prompt.
+    `z` (R, N, D): the deep flow's noise, instead of drawing it from `seed` (draw_noise).
     `method` ("sequential", the reference, or "jacobi" within `tol`, windows of `chunk` tokens,
     sample_latents) applies to the deep flow and the shallow flows alike; `graphs` (default: on
     CUDA for a single-process model) replays one-token steps as CUDA graphs; `cache` as Decoder.
@@ -424,7 +425,7 @@ def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float =
     capacity = tokens.shape[1] + model.cfg.fae.n_tokens
     dec = Decoder(model, tokens.shape[0], cond_keep, use_cache, capacity, cache, graphs)
     dec.feed(tokens, flow_x, image_mask, pad, vlm_x)
-    y = sample_latents(dec, R, guidance, temperature, gen, method=method, tol=tol, max_iters=max_iters, chunk=chunk)
+    y = sample_latents(dec, R, guidance, temperature, gen, z, method=method, tol=tol, max_iters=max_iters, chunk=chunk)
     return finish_image(model, dec, R, y, do_denoise, method, tol, max_iters, graphs, chunk), dec
 
 
