@@ -15,9 +15,10 @@ reference the static cache is tested against.
 the graph afterwards. Disabled (CPU, or a model with collectives inside a step), the same function
 simply runs, so the CPU tests cover the math of what the GPU replays. No torch.distributed here.
 
-`compiled_layers`: while a step is first run and captured, every transformer layer's one-token
-cached forward goes through ONE torch.compile'd function (inductor fuses a layer's ~35 small kernels,
-norm casts, RoPE, cache writes, SwiGLU, residuals, into ~12). The layer gets its own `LayerCache`
+`compiled_layers`: while a step (one token, or a Jacobi window) is first run and captured, every
+transformer layer's cached forward goes through ONE torch.compile'd function (inductor fuses the
+~35 small kernels of a layer's step: norm casts, RoPE, cache writes, SiLU x up, residual adds,
+around its GEMMs and attention; 1.9x faster steps on the H200). The layer gets its own `LayerCache`
 view (its buffers, the step's slots) instead of the shared cache, so no layer key is baked into the
 graph and every layer of one shape shares the compiled code. Default ("auto"): compiled wherever
 steps are captured as CUDA graphs; `compile_steps(backend)` forces a backend ("off", "aot_eager"
@@ -218,8 +219,9 @@ class StepGraphs:
         return static_out
 
     def _first(self, fn: Callable, inputs: tuple):
-        """fn(*inputs) with compiled layers; should compiling fail, warn once and run it eagerly (a
-        step writes its slot's cache entries and state only at the end, so running it again is safe)."""
+        """fn(*inputs) with compiled layers; should compiling fail, warn once and run it eagerly. Running
+        a failed step again is safe: until its last writes (the state the next step reads) it writes
+        only its own slots, from inputs it has not changed."""
         global _COMPILE
         try:
             with compiled_layers(self.module, self.backend):
