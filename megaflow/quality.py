@@ -10,6 +10,8 @@
 
 Used at the end of `megaflow train` (report.json, report.txt, samples.png) and by
 tools/eval_quality.py on any checkpoint. The classifier is cached under data_cache/classifiers/.
+The class prompts' samples (and the grids) come from ONE batched sampling call (`sample_prompts`),
+each prompt's noise drawn from its own seed, so they are the images one call per prompt would give.
 """
 from __future__ import annotations
 
