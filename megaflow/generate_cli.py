@@ -61,6 +61,9 @@ def parse_args(argv) -> argparse.Namespace:
                     help="--method jacobi: stop when no latent moves more than this")
     ap.add_argument("--jacobi-chunk", type=int, default=64, help="--method jacobi: tokens updated together")
     ap.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly, without CUDA graphs")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="capture decode steps without compiling their layers first (torch.compile is on by "
+                         "default where steps are captured as CUDA graphs: it costs seconds once per shape)")
     args = ap.parse_args(argv)
     if args.num < 1:
         raise InputError(f"--num={args.num} must be >= 1")
@@ -247,8 +250,11 @@ def run(args) -> int:
 def main(argv: Optional[list] = None) -> int:
     from megaflow.checkpoint import CheckpointError
     from megaflow.config import ConfigError
+    from megaflow.model.decoding import compile_steps
     try:
-        return run(parse_args(argv))
+        args = parse_args(argv)
+        with compile_steps("off" if args.no_compile else "auto"):
+            return run(args)
     except (InputError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"megaflow generate: error: {e}", file=sys.stderr)
         return 2

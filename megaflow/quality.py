@@ -10,6 +10,8 @@
 
 Used at the end of `megaflow train` (report.json, report.txt, samples.png) and by
 tools/eval_quality.py on any checkpoint. The classifier is cached under data_cache/classifiers/.
+The class prompts' samples (and the grids) come from ONE batched sampling call (`sample_prompts`),
+each prompt's noise drawn from its own seed, so they are the images one call per prompt would give.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megaflow.model.generate import generate, sample_images, sample_text
+from megaflow.model.generate import draw_noise, generate, sample_images, sample_text
 
 log = logging.getLogger("megaflow")
 CACHE = Path(__file__).resolve().parents[1] / "data_cache" / "classifiers"
@@ -130,13 +132,27 @@ def class_prompts(cfg, tok):
     return names, t2i, question, answers
 
 
+def sample_prompts(model, prompts, per_prompt: int, guidance: float, temperature: float, seeds: list,
+                   sampling: Optional[dict] = None) -> torch.Tensor:
+    """(P, per_prompt, C, H, W) in [-1, 1]: every prompt's images in ONE batched sample_images call
+    (a tenth of the sequential steps for 10 prompts; 1.4x faster on the CPU, docs/benchmarks.md).
+    Prompt i's noise is what `sample_images(model, [p] * per_prompt, seed=seeds[i])` draws, so its
+    images are those of that call (text prompts; left padding is never attended)."""
+    fae = model.cfg.fae
+    z = torch.cat([draw_noise(per_prompt, fae.n_tokens, fae.latent_dim, torch.Generator().manual_seed(s))
+                   for s in seeds])  # (P * per_prompt, N, D)
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    imgs, _ = sample_images(model, rows, guidance=guidance, temperature=temperature, seed=seeds[0], z=z,
+                            **(sampling or {}))
+    return imgs.view(len(prompts), per_prompt, *imgs.shape[1:])
+
+
 def sample_grid(model, prompts, per_class: int, guidance: float, seed: int = 0,
                 sampling: Optional[dict] = None) -> torch.Tensor:
     """Grid (C, rows*H, per_class*W) in [0, 1]: a row per prompt."""
-    rows = []
-    for i, p in enumerate(prompts):
-        imgs, _ = sample_images(model, [p] * per_class, guidance=guidance, seed=seed * 1000 + i, **(sampling or {}))
-        rows.append(torch.cat(list(imgs), dim=-1))  # (C, H, per_class*W)
+    imgs = sample_prompts(model, prompts, per_class, guidance, 1.0, [seed * 1000 + i for i in range(len(prompts))],
+                          sampling)
+    rows = [torch.cat(list(row), dim=-1) for row in imgs]  # each (C, H, per_class*W)
     return (torch.cat(rows, dim=-2) + 1) / 2
 
 
@@ -246,9 +262,9 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
            "samples_per_class": per_class, "sampling_method": (sampling or {}).get("method", "sequential")}
     t0 = time.time()
     per, grids = [], []
-    for c, prompt in enumerate(t2i):
-        imgs, _ = sample_images(model, [prompt] * per_class, guidance=guidance, temperature=temperature,
-                                seed=seed * 1000 + c, **(sampling or {}))
+    all_imgs = sample_prompts(model, t2i, per_class, guidance, temperature,
+                              [seed * 1000 + c for c in range(len(t2i))], sampling)
+    for c, imgs in enumerate(all_imgs):
         per.append(float((clf(imgs.float().cpu()).argmax(1) == c).float().mean()))
         grids.append(torch.cat(list(imgs.float().cpu()), dim=-1))
     out["generation_accuracy"] = sum(per) / len(per)

@@ -25,10 +25,12 @@ from parallel.pipeline_comm import PipelineComm, state_shapes
 
 class _Broadcast:
     """Run `fn(*args, **kwargs)` on the pipeline rank `src` (0 = first, -1 = last stage) and broadcast
-    the result, whose shapes `shapes_fn(*args)` gives, to the other ranks of the pipeline."""
+    the result, whose shapes `shapes_fn(*args)` gives, to the other ranks of the pipeline, in the
+    model's dtype, or at least fp32 (`wide`: the flow's variables and parameters, as flow.py keeps them)."""
 
-    def __init__(self, owner: "PipelinedModel", src: int, fn, shapes_fn):
+    def __init__(self, owner: "PipelinedModel", src: int, fn, shapes_fn, wide: bool = False):
         self.owner, self.src, self.fn, self.shapes_fn = owner, src, fn, shapes_fn
+        self.wide = wide
 
     def __call__(self, *args, **kwargs):
         o = self.owner
@@ -36,11 +38,12 @@ class _Broadcast:
             raise NotImplementedError("a gradient through a pipelined model runs in its score_step "
                                       "(parallel/pipeline_denoise.py), not through this broadcast")
         shapes = self.shapes_fn(*args)
+        dtype = torch.promote_types(o.dtype, torch.float32) if self.wide else o.dtype
         if o.topo.pp_rank == self.src % o.topo.pp:
             outs = self.fn(*args, **kwargs)
-            outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+            outs = tuple(t.to(dtype) for t in ((outs,) if isinstance(outs, torch.Tensor) else outs))
         else:
-            outs = tuple(torch.empty(s, dtype=o.dtype, device=o.device) for s in shapes)
+            outs = tuple(torch.empty(s, dtype=dtype, device=o.device) for s in shapes)
         if o.topo.pp > 1:
             for t in outs:
                 dist.broadcast(t, src=o.topo.pp_ranks[self.src], group=o.topo.pp_group)
@@ -63,16 +66,16 @@ class PipelinedModel:
         self.fae = SimpleNamespace(
             encode=_Broadcast(self, 0, lambda x: first.fae.encode(x), lambda x: [(x.shape[0], N, D)]),
             decode=_Broadcast(self, 0, lambda y: first.fae.decode(y), lambda y: [(y.shape[0], *img)]))
-        shallow = _Broadcast(self, 0, lambda x: first.shallow(x), lambda x: [x.shape, x.shape[:1], x.shape[:1]])
+        shallow = _Broadcast(self, 0, lambda x: first.shallow(x), lambda x: [x.shape, x.shape[:1], x.shape[:1]], True)
         # sampling options (method, tol, ...) pass through; the iteration stats fill on the first stage only
-        shallow.inverse = _Broadcast(self, 0, lambda y, **kw: first.shallow.inverse(y, **kw), lambda y: [y.shape])
+        shallow.inverse = _Broadcast(self, 0, lambda y, **kw: first.shallow.inverse(y, **kw), lambda y: [y.shape], True)
         self.shallow = shallow
         vocab = cfg.vocab_size
         # full-vocabulary logits (gathered over tensor parallelism on the last stage) are broadcast
         self.text_logits = _Broadcast(self, -1, lambda h: last.vocab_gather(last.text_logits(h)),
                                       lambda h: [(*h.shape[:2], vocab)])
         self.vocab_gather = torch.nn.Identity()
-        self.flow_params = _Broadcast(self, -1, lambda h: last.flow_params(h), lambda h: [(*h.shape[:2], D)] * 2)
+        self.flow_params = _Broadcast(self, -1, lambda h: last.flow_params(h), lambda h: [(*h.shape[:2], D)] * 2, True)
         self.units = {"pipeline": self._run_stages}  # the Decoder loops over units.values()
 
     def eval(self) -> "PipelinedModel":

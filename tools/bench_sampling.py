@@ -1,15 +1,17 @@
 """Sampling speed (issue 14): the earlier path (per-token torch.cat cache, every step launched from
-Python) against the static KV cache, its one-token steps replayed as CUDA graphs, and Jacobi
-iteration, on models with synthetic random weights (speed only: what is sampled is noise).
+Python) against the static KV cache, its one-token steps replayed as CUDA graphs (layers compiled
+or not), and Jacobi iteration, on models with synthetic random weights (speed only: what is
+sampled is noise). Ways: see `way_options`.
 
-    python tools/bench_sampling.py --suite tarflow  [--baseline-root DIR] [--out FILE]   # GPU
-    python tools/bench_sampling.py --suite h200_1b  [--baseline-root DIR]                # GPU
-    python tools/bench_sampling.py --suite report   [--baseline-root DIR] [--threads 1]  # CPU
+    python tools/bench_sampling.py --suite tarflow   [--out FILE] [--warmup]          # GPU
+    python tools/bench_sampling.py --suite tarflow16 [--baseline-root DIR]            # GPU
+    python tools/bench_sampling.py --suite h200_1b   [--baseline-root DIR]            # GPU
+    python tools/bench_sampling.py --suite report    [--baseline-root DIR] [--threads 1]  # CPU
 
 tarflow: TarFlow-only at apple/ml-tarflow's ImageNet-64 shape (64x64x3 in 2x2 patches = 1,024
 tokens of 12 dims; 8 deep + 7 shallow blocks x 8 layers of width 768, 12 heads; bf16 weights;
-no denoise step), 8 and 32 images, with and without guidance; plus the same model on 16x16 images
-(64 tokens), where the earlier path is also timed (at 64x64 it takes ~95 s per row).
+no denoise step), 8 and 32 images, with and without guidance. tarflow16: the same model on 16x16
+images (64 tokens), where the earlier path is also timed (at 64x64 it takes ~95 s per row).
 h200_1b: configs/h200_1b.yaml's model (0.9B, bf16): text decoding (8 rows, 128 tokens, a host
 sync per token as in sampling) and images (8 at once, 64 tokens each), as tokens/s.
 report: the default run's model size (configs/default.yaml) on CPU: the report's 200 samples
@@ -67,6 +69,7 @@ def model_config(suite: str, image_size: int = 64, smoke: bool = False):
 
 _MODELS = {}
 SMOKE = False
+BF16 = False  # bf16 weights on the CPU too (--bf16: the GPU's dtypes, checked on the CPU)
 
 
 def build(suite: str, image_size: int, device: str):
@@ -76,15 +79,20 @@ def build(suite: str, image_size: int, device: str):
     if key not in _MODELS:
         from megaflow.model.starflow import build_model
         _MODELS.clear()
-        model = build_model(model_config(suite, image_size, SMOKE), device=device, seed=0)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if torch.count_nonzero(p) == 0:
-                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        model.eval().requires_grad_(False)
-        _MODELS[key] = model.to(torch.bfloat16) if device == "cuda" else model
+        model = randomize(build_model(model_config(suite, image_size, SMOKE), device=device, seed=0))
+        _MODELS[key] = model.to(torch.bfloat16) if device == "cuda" or BF16 else model
     return _MODELS[key]
+
+
+@torch.no_grad()
+def randomize(model):
+    """Zero-initialised parameters (heads, skips, biases) drawn with std 0.02, so no step is the
+    identity; the model in eval mode without gradients."""
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        if torch.count_nonzero(p) == 0:
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval().requires_grad_(False)
 
 
 def sync(device: str) -> None:
@@ -92,16 +100,40 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+WAYS = ("before", "eager", "graphs", "compiled", "jacobi")
+
+
+def way_options(way: str) -> tuple:
+    """(sampling keywords, compile_steps backend) of a way: before = the old code's defaults; eager =
+    static cache, no graphs; graphs = graphed steps, layers not compiled (issue 14's first version);
+    compiled = graphed steps with compiled layers (the default now); jacobi = the default + Jacobi."""
+    return {"before": ({}, None), "eager": (dict(graphs=False), "off"), "graphs": (dict(graphs=None), "off"),
+            "compiled": (dict(graphs=None), "auto"), "jacobi": (dict(graphs=None, method="jacobi"), "auto")}[way]
+
+
 def run_row(row: dict, device: str) -> dict:
-    """Time one row: {suite, task, way, images|rows, guidance, image_size}; way is before (the old
-    code's defaults), eager (static cache, no graphs), graphs (static cache, graphed steps) or jacobi."""
+    """Time one row: {suite, task, way, images|rows, guidance, image_size} (way: WAYS). Jacobi's
+    options: row keys tol (default 1e-4) and chunk (default 64). A row with runs=2 runs twice:
+    seconds is the second run, first_seconds the first (with compilation for shapes new to the
+    process; later rows of other sizes reuse the dynamic-shape graphs compiled by then)."""
+    new, backend = way_options(row["way"])
+    if backend is None:
+        return _run_row(row, device, new)
+    from megaflow.model.decoding import compile_steps
+    with compile_steps(backend):
+        if row.get("runs", 1) == 1:
+            return _run_row(row, device, new)
+        first = _run_row(row, device, new)  # compiles the layers for shapes not seen yet in this process
+        return {**_run_row(row, device, new), "first_seconds": first["seconds"]}
+
+
+def _run_row(row: dict, device: str, new: dict) -> dict:
     from megaflow.model.generate import Decoder, sample_images
     suite, way = row["suite"], row["way"]
     model = build(suite, row.get("image_size", 64), device)
     tok, N = model.cfg.tokens, model.cfg.fae.n_tokens
-    new = {} if way == "before" else dict(graphs=way == "graphs", method="jacobi" if way == "jacobi" else "sequential")
     if way == "jacobi":
-        new["graphs"] = None
+        new = dict(new, tol=row.get("tol", 1e-4), chunk=row.get("chunk", 64))
     sync(device)
     t = time.perf_counter()
     if row["task"] == "images":
@@ -118,7 +150,7 @@ def run_row(row: dict, device: str) -> dict:
             out["iterations"] = dec.stats
         return {**row, **out}
     R, steps = row["rows"], row["steps"]  # text decoding: greedy, one host sync per token
-    dec = Decoder(model, R, **({} if way == "before" else {"graphs": way == "graphs", "capacity": 8 + steps}))
+    dec = Decoder(model, R, **({} if way == "before" else {"graphs": new["graphs"], "capacity": 8 + steps}))
     dec.feed(torch.tensor([[tok.bos_id, 5, 6, 7, 8, 9, 10, 11]] * R, device=device))
     logits = dec.next_logits()
     for _ in range(steps):
@@ -135,7 +167,8 @@ def run_row(row: dict, device: str) -> dict:
 
 
 def check_graphs(device: str) -> dict:
-    """fp32, small widths: graphed steps give what eager steps give (images, text tokens)."""
+    """fp32, small widths: graphed steps with compiled layers give what eager steps give (images,
+    text tokens), and so does Jacobi run to exactness (tol < 0) in graphed windows."""
     from megaflow.model.generate import sample_images, sample_text
     global SMOKE
     smoke, SMOKE = SMOKE, True
@@ -145,29 +178,35 @@ def check_graphs(device: str) -> dict:
         prompts = [[tok.bos_id, 5, 6, 7], [tok.bos_id, 9]]
         a, _ = sample_images(model, prompts, guidance=2.0, seed=1, graphs=True, do_denoise=False)
         b, _ = sample_images(model, prompts, guidance=2.0, seed=1, graphs=False, do_denoise=False)
+        j, dj = sample_images(model, prompts, guidance=2.0, seed=1, graphs=True, do_denoise=False,
+                              method="jacobi", tol=-1.0, chunk=4)
         ta = sample_text(model, prompts, max_new_tokens=12, temperature=1.0, seed=1, graphs=True)
         tb = sample_text(model, prompts, max_new_tokens=12, temperature=1.0, seed=1, graphs=False)
     finally:
         SMOKE = smoke
         _MODELS.clear()
-    return {"check": "graphs vs eager, fp32", "image_max_diff": float((a - b).abs().max()), "text_equal": ta == tb}
+    return {"check": "graphs+compiled vs eager, fp32", "image_max_diff": float((a - b).abs().max()),
+            "jacobi_max_diff": float((j - b).abs().max()), "jacobi_iterations": dj.stats, "text_equal": ta == tb}
 
 
 def rows_for(suite: str) -> list:
+    """The suite's rows, the issue's headline first (a suite may be cut short by its time limit)."""
     rows = []
+    img = lambda way, n, g, size=64, **kw: dict(suite=suite, task="images", way=way, images=n, guidance=g,  # noqa: E731
+                                                image_size=size, **kw)
     if suite == "tarflow":
-        for g in (0.0, 2.0):
-            rows += [dict(suite=suite, task="images", way=w, images=8, guidance=g, image_size=16)
-                     for w in ("before", "eager", "graphs", "jacobi")]
         for n in (8, 32):
             for g in (0.0, 2.0):
-                rows += [dict(suite=suite, task="images", way=w, images=n, guidance=g, image_size=64)
-                         for w in ("graphs", "jacobi")]
+                rows += [img("graphs", n, g), img("compiled", n, g, runs=2 if n == 8 and g == 0 else 1)]
+        rows += [img("jacobi", 8, 0.0, runs=2), img("jacobi", 8, 2.0), img("jacobi", 8, 0.0, chunk=16)]
+    elif suite == "tarflow16":  # the same model on 16x16 images (64 tokens): the pre-issue code is timed too
+        for g in (0.0, 2.0):
+            rows += [img(w, 8, g, 16) for w in ("before", "eager", "graphs", "compiled", "jacobi")]
     elif suite == "h200_1b":
-        for w in ("before", "eager", "graphs"):
-            rows.append(dict(suite=suite, task="text", way=w, rows=8, steps=128, image_size=32))
-        for w in ("before", "eager", "graphs", "jacobi"):
-            rows.append(dict(suite=suite, task="images", way=w, images=8, guidance=0.0, image_size=32, prompt_len=8))
+        for w in ("before", "graphs", "compiled"):
+            rows.append(dict(suite=suite, task="text", way=w, rows=8, steps=128, image_size=32, runs=2))
+        for w in ("before", "graphs", "compiled", "jacobi"):
+            rows.append(img(w, 8, 0.0, 32, prompt_len=8, runs=2))
     else:
         rows = [dict(suite=suite, task="images", way=w, images=20, repeat=10, guidance=6.0, temperature=0.8,
                      denoise=True, image_size=16, prompt_len=6) for w in ("before", "eager", "jacobi")]
@@ -176,21 +215,24 @@ def rows_for(suite: str) -> list:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["tarflow", "h200_1b", "report"], default="tarflow")
+    ap.add_argument("--suite", choices=["tarflow", "tarflow16", "h200_1b", "report"], default="tarflow")
     ap.add_argument("--baseline-root", default=None, help="checkout of the code before issue 14 (rows 'before')")
     ap.add_argument("--out", default=None, help="append each row's JSON here too")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="run the rows this many times, in turn (noisy machines)")
-    ap.add_argument("--ways", default=None, help="comma-separated subset of before,eager,graphs,jacobi")
+    ap.add_argument("--ways", default=None, help=f"comma-separated subset of {','.join(WAYS)}")
     ap.add_argument("--select", default=None,
                     help="keep rows matching one of 'k=v,k=v;k=v,...' (e.g. images=8,guidance=0.0)")
     ap.add_argument("--warmup", action="store_true",
                     help="first an untimed small row (CUDA, cuBLAS and allocator start-up)")
     ap.add_argument("--smoke", action="store_true", help="tiny widths: check this script quickly on CPU")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights on the CPU too (as on the GPU)")
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                    help="on CUDA, after the rows: graphed+compiled sampling equals eager sampling (check_graphs)")
     ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: run these rows here
     args = ap.parse_args(argv)
-    global SMOKE
-    SMOKE = args.smoke
+    global SMOKE, BF16
+    SMOKE, BF16 = args.smoke, args.bf16
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,13 +246,11 @@ def main(argv=None) -> int:
         rows = [dict(r, round=k) for k in range(args.rounds) for r in rows]
     mine = [r for r in rows if r["way"] != "before" or args.rows_json]
     if args.warmup and mine:  # untimed, this process's first way (a subprocess warms up its own)
-        size = 16 if mine[0]["suite"] == "tarflow" else mine[0].get("image_size", 64)
+        size = 16 if mine[0]["suite"].startswith("tarflow") else mine[0].get("image_size", 64)
         run_row(dict(mine[0], images=2, image_size=size, repeat=1, steps=4), device)
     if args.rows_json is None:
         print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                           "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
-        if device == "cuda":
-            print(json.dumps(check_graphs(device)), flush=True)
     i = 0
     while i < len(rows):
         if rows[i]["way"] == "before" and args.rows_json is None:
@@ -222,6 +262,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, os.path.abspath(__file__), "--rows-json", json.dumps(rows[i:j]),
                        "--threads", str(args.threads)] + (["--out", os.path.abspath(args.out)] if args.out else [])
                 cmd += ["--smoke"] if args.smoke else []
+                cmd += ["--bf16"] if args.bf16 else []
                 cmd += ["--warmup"] if args.warmup else []
                 subprocess.run(cmd, env=env, cwd=args.baseline_root, check=False)
             i = j
@@ -236,6 +277,8 @@ def main(argv=None) -> int:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
         i += 1
+    if device == "cuda" and args.rows_json is None and args.check:  # last: a time limit cuts it, not the rows
+        print(json.dumps(check_graphs(device)), flush=True)
     return 0
 
 

@@ -116,10 +116,10 @@ class ShallowFlowBlock(nn.Module):
         largest change is <= tol, at most max_iters times (default: the window's length - 1, after
         which it is exact: its first token starts exact, and the k-th is final after k updates);
         the window's cache entries are then recomputed from the final values for the next window."""
-        zo = self._order(z)
+        zo = at_least_fp32(self._order(z))  # the flow's variables in fp32 under bf16 weights
         M, N, D = zo.shape
         if method == "jacobi":
-            x, total = self._jacobi(zo, tol, max_iters, chunk)
+            x, total = self._jacobi(zo, tol, max_iters, chunk, graphs)
             if stats is not None:
                 stats.append(total)
             return self._order(x)
@@ -130,8 +130,9 @@ class ShallowFlowBlock(nn.Module):
         out = zo.new_zeros(M, 1, 2 * D)  # raw params of the next token (identity for token 0)
         slot = torch.zeros(1, dtype=torch.long, device=z.device)
         rope = self.rope(N, zo)
-        step_graphs = StepGraphs(can_capture(self) if graphs is None else bool(graphs) and z.is_cuda)
-        static = step_graphs.enabled or bool(graphs)  # every step attends to all N slots: graph shapes
+        capture = can_capture(self) if graphs is None else bool(graphs) and z.is_cuda
+        static = capture or bool(graphs)  # every step attends to all N slots: graph shapes
+        step_graphs = StepGraphs(capture, self, static)  # layers compiled before capture (decoding.py)
 
         def step(zi: torch.Tensor, kv_len: int) -> None:  # zi (M, 1, D): token `slot` from `out`
             mu, sigma = gaussian_params(out, self.clip)
@@ -149,26 +150,40 @@ class ShallowFlowBlock(nn.Module):
         xs[:, N - 1:] = mu + sigma * zo[:, N - 1:]
         return self._order(xs)
 
-    def _jacobi(self, zo: torch.Tensor, tol: float, max_iters: Optional[int], chunk: int) -> tuple:
-        """Block-wise Jacobi on block-ordered noise zo (M, N, D) -> (x, total iterations)."""
+    def _jacobi(self, zo: torch.Tensor, tol: float, max_iters: Optional[int], chunk: int,
+                graphs: Optional[bool] = None) -> tuple:
+        """Block-wise Jacobi on block-ordered noise zo (M, N, D) -> (x, total iterations). Every
+        window attends to all N cache slots (causal mask), so an iteration has the same shapes in
+        every window of a length: on CUDA it is one replayed graph (layers compiled), and the only
+        host work per iteration is reading the largest change."""
         M, N, D = zo.shape
         cache, x, total, rope = StaticKVCache(N), torch.empty_like(zo), 0, self.rope(N, zo)
         before = zo.new_zeros(M, 1, 2 * D)  # raw params of the window's first token (from the one before)
+        capture = can_capture(self) if graphs is None else bool(graphs) and zo.is_cuda
+        step_graphs, windows = StepGraphs(capture, self, True), {}
         for c in range(0, N, chunk):
             e = min(c + chunk, N)
             slots = torch.arange(c, e, device=zo.device)
-            mu, sigma = gaussian_params(before, self.clip)
-            x[:, c:e] = mu + sigma * zo[:, c:e]  # the window's first token exact, the others a guess
-            for _ in range(max_iters or e - c - 1):
-                out = self._net(x[:, c:e], slots, cache, e, rope)  # (M, e - c, 2D)
+            xw = windows.setdefault(e - c, zo.new_empty(M, e - c, D))  # (M, e - c, D): one per length, as graphs need
+
+            def iterate(zc: torch.Tensor, sl: torch.Tensor) -> torch.Tensor:  # -> largest change, a 0-d tensor
+                out = self._net(xw, sl, cache, N, rope)  # (M, e - c, 2D)
                 mu, sigma = gaussian_params(torch.cat([before, out[:, :-1]], dim=1), self.clip)
-                new = mu + sigma * zo[:, c:e]
-                delta = float((new - x[:, c:e]).abs().max())
-                x[:, c:e], total = new, total + 1
+                new = mu + sigma * zc
+                delta = (new - xw).abs().amax()
+                xw.copy_(new)
+                return delta
+
+            mu, sigma = gaussian_params(before, self.clip)
+            xw.copy_(mu + sigma * zo[:, c:e])  # the window's first token exact, the others a guess
+            for _ in range(max_iters or e - c - 1):  # by then exact: the k-th token is final after k updates
+                delta = float(step_graphs(("jacobi", M, e - c), iterate, zo[:, c:e], slots))
+                total += 1
                 if delta <= tol:
                     break
+            x[:, c:e] = xw
             if e < N:  # the cache and the next window's first params from the final values
-                before = self._net(x[:, c:e], slots, cache, e, rope)[:, -1:]
+                before.copy_(self._net(xw, slots, cache, N, rope)[:, -1:])
         return x, total
 
     def init_weights(self, std: float = 0.02):

@@ -64,9 +64,9 @@ class Decoder:
             raise ValueError(f"unknown KV cache {cache!r}; choose 'static', 'concat' or None")
         self.cache = {"static": StaticKVCache, "concat": ConcatKVCache, None: lambda c: None}[cache](capacity)
         capture = can_capture(model) if graphs is None else bool(graphs) and self.dev.type == "cuda"
-        self.graphs = StepGraphs(capture and cache == "static")
         self.static_shapes = cache == "static" and (capture or bool(graphs))
-        self.slot = torch.zeros(1, dtype=torch.long, device=self.dev)  # where a one-token step writes
+        self.graphs = StepGraphs(capture and cache == "static", model, self.static_shapes)
+        self.slots = {}  # k -> (k,) long: where a graph-shaped step of k positions writes (persistent)
         self._buf = {}
         self.last_vlm = self.last_flow = None  # (R, 1, Dv), (R, 1, Df): the last fed position's states
         self.stats = {}  # iterations of the last image: {"deep": n, "shallow": [n per block]}
@@ -74,8 +74,9 @@ class Decoder:
 
     def _grow(self, capacity: int) -> None:
         R, D, L = self.rows_total, self.model.cfg.fae.latent_dim, self.length
+        wide = torch.promote_types(self.dtype, torch.float32)  # the flow's variables: at least fp32 (flow.py)
         kinds = {"tokens": (torch.long, ()), "pos": (torch.long, ()), "doc": (torch.long, ()),
-                 "image_mask": (torch.bool, ()), "flow_x": (self.dtype, (D,)), "vlm_x": (self.dtype, (D,))}
+                 "image_mask": (torch.bool, ()), "flow_x": (wide, (D,)), "vlm_x": (wide, (D,))}
         for name, (dtype, tail) in kinds.items():
             buf = torch.zeros(R, capacity, *tail, dtype=dtype, device=self.dev)
             if name in self._buf:
@@ -150,24 +151,37 @@ class Decoder:
             return h_vlm[:, L:], h_flow[:, L:]
         return self._forward(torch.arange(L, L + k, device=self.dev), L + k)
 
-    def _step(self, token: torch.Tensor, flow_x: torch.Tensor, image_mask: torch.Tensor, kv_len: int) -> None:
-        """One position at `self.slot` for every row (the graph-captured part): token (R, 1),
-        flow_x (R, 1, D), image_mask (R, 1). Its position is the previous one's + 1."""
-        b, slot = self._buf, self.slot
-        b["pos"].index_copy_(1, slot, b["pos"].index_select(1, slot - 1) + 1)
+    def _step(self, token: torch.Tensor, flow_x: torch.Tensor, image_mask: torch.Tensor, kv_len: int) -> tuple:
+        """k positions at `self.slots[k]` for every row (the graph-captured part): token (R, k),
+        flow_x (R, k, D), image_mask (R, k); positions follow the one before. Returns their
+        (h_vlm, h_flow) (R, k, .)."""
+        b, k = self._buf, token.shape[1]
+        slots = self.slots[k]
+        first = slots[:1]
+        b["pos"].index_copy_(1, slots, b["pos"].index_select(1, first - 1) + (slots - first + 1))
         for name, value in (("tokens", token), ("doc", torch.zeros_like(token)), ("image_mask", image_mask),
                             ("flow_x", flow_x), ("vlm_x", torch.zeros_like(flow_x))):
-            b[name].index_copy_(1, slot, value)
-        self._forward(slot if self.cache is not None else torch.arange(kv_len, device=self.dev), kv_len)
+            b[name].index_copy_(1, slots, value.to(b[name].dtype))
+        if self.cache is not None:
+            return self._forward(slots, kv_len)
+        h_vlm, h_flow = self._forward(torch.arange(kv_len, device=self.dev), kv_len)  # no cache: all again
+        return h_vlm[:, -k:], h_flow[:, -k:]
 
     def _one(self, key, fn, *inputs):
         """Run the one-token step `fn(*inputs, kv_len)` at the next position (graphed when enabled)."""
-        self._ensure(self.length + 1)
-        self.slot.fill_(self.length)
-        kv_len = self.capacity if self.static_shapes else self.length + 1
-        out = self.graphs((key, kv_len), lambda *x: fn(*x, kv_len), *inputs)
+        out = self.at_next(key, fn, 1, *inputs)
         self.length += 1
         return out
+
+    def at_next(self, key, fn, k: int, *inputs):
+        """Run `fn(*inputs, kv_len)`, a step of k positions written after the fed ones (graphed when
+        enabled), without counting them as fed: Jacobi iterates on a window this way."""
+        self._ensure(self.length + k)
+        if k not in self.slots:
+            self.slots[k] = torch.empty(k, dtype=torch.long, device=self.dev)
+        torch.arange(self.length, self.length + k, out=self.slots[k])
+        kv_len = self.capacity if self.static_shapes else self.length + k
+        return self.graphs((key, k, kv_len), lambda *x: fn(*x, kv_len), *inputs)
 
     def image_step(self, z: torch.Tensor, rows: int, guidance: float, temperature: float) -> torch.Tensor:
         """Sample the next latent y (rows, 1, D) = mu + temperature * sigma * z from the last
@@ -291,7 +305,7 @@ def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float,
     Returns y (rows, N, D), the deep flow's variable (before the shallow inverse)."""
     cfg = dec.model.cfg
     N, D = cfg.fae.n_tokens, cfg.fae.latent_dim
-    z = (draw_noise(rows, N, D, gen) if z is None else z).to(dec.dev, dec.dtype)
+    z = (draw_noise(rows, N, D, gen) if z is None else z).to(dec.dev, dec.flow_x.dtype)  # at least fp32
     start = dec.length
     if method == "jacobi":
         return _jacobi_latents(dec, rows, guidance, temperature, z, tol, max_iters, chunk)
@@ -304,10 +318,10 @@ def sample_latents(dec: Decoder, rows: int, guidance: float, temperature: float,
 
 
 def _jacobi_latents(dec: Decoder, rows, guidance, temperature, z, tol, max_iters, chunk) -> torch.Tensor:
-    """Deep-flow block-wise Jacobi: windows of `chunk` latents in order; each iteration feeds the
-    window's current guess as one chunk and re-derives every latent from the states before it;
-    once converged the window is fed once more so that the cache holds its final latents."""
-    model, N, R = dec.model, z.shape[1], dec.rows_total
+    """Deep-flow block-wise Jacobi: windows of `chunk` latents in order; each iteration writes the
+    window's current guess after the fed positions (graph-shaped, replayed on CUDA like a one-token
+    step) and re-derives every latent from the states before it; once converged the window is fed."""
+    model, N, R, D = dec.model, z.shape[1], dec.rows_total, z.shape[2]
     both = (lambda y: torch.cat([y, y])) if guidance > 0 else (lambda y: y)
 
     def update(h: torch.Tensor, zc: torch.Tensor) -> torch.Tensor:  # states (R, B, Df) -> y (rows, B, D)
@@ -316,23 +330,31 @@ def _jacobi_latents(dec: Decoder, rows, guidance, temperature, z, tol, max_iters
             mu, sigma = guided_params(mu[:rows], sigma[:rows], mu[rows:], sigma[rows:], guidance)
         return mu + temperature * sigma * zc
 
-    ys, total = [], 0
+    ys, total, windows = [], 0, {}
     for c in range(0, N, chunk):
-        e, start = min(c + chunk, N), dec.length
+        k = min(c + chunk, N) - c
+        y = windows.setdefault(k, z.new_empty(rows, k, D))  # one per length (graphs read it)
+        image = torch.full((R, k), model.cfg.tokens.image_id, dtype=torch.long, device=dec.dev)
+        slots = torch.ones(R, k, dtype=torch.bool, device=dec.dev)
+
+        def iterate(zc: torch.Tensor, h0: torch.Tensor, kv_len: int) -> torch.Tensor:  # -> largest change
+            # tensors made inside, not this window's `image`/`slots`: a captured graph outlives them
+            _, h = dec._step(torch.full_like(image, model.cfg.tokens.image_id), both(y),
+                             torch.ones_like(slots), kv_len)  # (R, k, Df)
+            new = update(torch.cat([h0, h[:, :-1]], dim=1), zc)
+            delta = (new - y).abs().amax()
+            y.copy_(new)
+            return delta
+
         h0 = dec.last_flow.clone()  # (R, 1, Df): the state before the window, params of its first latent
-        image = torch.full((R, e - c), model.cfg.tokens.image_id, dtype=torch.long, device=dec.dev)
-        slots = torch.ones(R, e - c, dtype=torch.bool, device=dec.dev)
-        y = update(h0.expand(-1, e - c, -1), z[:, c:e])  # the first latent exact, the others a guess
-        for _ in range(max_iters or e - c - 1):  # by then exact: the k-th latent is final after k updates
-            _, h = dec.feed(image, both(y), slots)  # (R, e - c, Df)
-            dec.truncate(start)
-            new = update(torch.cat([h0, h[:, :-1]], dim=1), z[:, c:e])
-            delta = float((new - y).abs().max())
-            y, total = new, total + 1
+        y.copy_(update(h0.expand(-1, k, -1), z[:, c:c + k]))  # the first latent exact, the others a guess
+        for _ in range(max_iters or k - 1):  # by then exact: the k-th latent is final after k updates
+            delta = float(dec.at_next(("jacobi", rows, guidance, temperature), iterate, k, z[:, c:c + k], h0))
+            total += 1
             if delta <= tol:
                 break
         dec.feed(image, both(y), slots)
-        ys.append(y)
+        ys.append(y.clone())
     dec.stats["deep"] = total
     return torch.cat(ys, dim=1)  # (rows, N, D)
 
@@ -378,15 +400,16 @@ def finish_image(model, dec: Decoder, rows: int, y: torch.Tensor, do_denoise: bo
     if do_denoise:
         x = denoise(model, dec, rows, dec.length - N, x)
     dec.reencode_image(x.repeat(dec.rows_total // rows, 1, 1))
-    return model.fae.decode(x).clamp(-1, 1)
+    return model.fae.decode(x.to(dec.dtype)).clamp(-1, 1)  # x is fp32 under bf16 weights; the FAE is not
 
 
 @torch.no_grad()
 def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float = 0.0, temperature: float = 1.0,
                   seed: int = 0, use_cache: bool = True, do_denoise: bool = True, method: str = "sequential",
                   tol: float = 1e-4, max_iters: Optional[int] = None, graphs: Optional[bool] = None,
-                  cache: str = "static", chunk: int = 64):
+                  cache: str = "static", chunk: int = 64, z: Optional[torch.Tensor] = None):
     """Text (or interleaved) prompts -> one image each: image-start is appended to every prompt.
+    `z` (R, N, D): the deep flow's noise, instead of drawing it from `seed` (draw_noise).
     `method` ("sequential", the reference, or "jacobi" within `tol`, windows of `chunk` tokens,
     sample_latents) applies to the deep flow and the shallow flows alike; `graphs` (default: on
     CUDA for a single-process model) replays one-token steps as CUDA graphs; `cache` as Decoder.
@@ -404,7 +427,7 @@ def sample_images(model, prompts: Sequence[Sequence[Segment]], guidance: float =
     capacity = tokens.shape[1] + model.cfg.fae.n_tokens
     dec = Decoder(model, tokens.shape[0], cond_keep, use_cache, capacity, cache, graphs)
     dec.feed(tokens, flow_x, image_mask, pad, vlm_x)
-    y = sample_latents(dec, R, guidance, temperature, gen, method=method, tol=tol, max_iters=max_iters, chunk=chunk)
+    y = sample_latents(dec, R, guidance, temperature, gen, z, method=method, tol=tol, max_iters=max_iters, chunk=chunk)
     return finish_image(model, dec, R, y, do_denoise, method, tol, max_iters, graphs, chunk), dec
 
 
