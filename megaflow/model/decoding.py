@@ -117,11 +117,18 @@ def additive_mask(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def can_capture(model) -> bool:
     """CUDA graphs by default: a plain single-process module on a CUDA device. Tensor-parallel
-    layers (they carry a `tp_group`) and pipelined models communicate inside a step: run eagerly."""
+    layers (they carry a `tp_group`), pipelined models and parameters held elsewhere (ZeRO-3 leaves
+    empty tensors that its hooks gather for each forward) communicate inside a step: run eagerly."""
     if not isinstance(model, nn.Module):
         return False
     p = next(model.parameters(), None)
-    return p is not None and p.is_cuda and not any(hasattr(m, "tp_group") for m in model.modules())
+    return p is not None and p.is_cuda and not communicates_in_step(model)
+
+
+def communicates_in_step(model: nn.Module) -> bool:
+    """Tensor-parallel layers, or parameters partitioned away (ZeRO-3's empty placeholders)."""
+    return (any(hasattr(m, "tp_group") for m in model.modules())
+            or any(p.numel() == 0 for p in model.parameters()))
 
 
 @contextlib.contextmanager

@@ -77,3 +77,17 @@ def test_shallow_block_jacobi_converges_to_sequential():
     assert (seq - z).abs().max() > 1e-2, "block is the identity: test would prove nothing"
     with pytest.raises(ValueError, match="unknown sampling method"):
         block.inverse(z, method="newton")
+
+
+def test_steps_that_communicate_are_not_captured():
+    """ZeRO-3 leaves empty placeholder parameters (gathered by hooks at every forward) and TP
+    layers carry a group: both communicate inside a step, so CUDA graphs must stay off."""
+    from megaflow.model.decoding import communicates_in_step
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert not communicates_in_step(plain)
+    partitioned = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    partitioned[0].weight.data = torch.empty(0)
+    assert communicates_in_step(partitioned)
+    tp = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    tp[0].tp_group = object()
+    assert communicates_in_step(tp)
