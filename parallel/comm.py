@@ -11,6 +11,8 @@ that keeps gradients exact:
     split_seq           fwd: keep my slice of T    bwd: all-gather T     (enter sequence parallelism)
     gather_seq          fwd: all-gather T          bwd: reduce-scatter T (sharded consumers) or keep my slice (replicated consumers)
     reduce_scatter_seq  fwd: reduce-scatter T      bwd: all-gather T     (leave a row-parallel region into SP)
+    seq_to_hidden       fwd: all-to-all T -> dim   bwd: all-to-all back  (SP: a row-parallel layer reads the
+                                                                          other stream's T-sharded residual)
 
 The sequence dimension is dim 1 of (B, T, ...) tensors. Not here: which layer uses which operator
 (parallel/layers.py) and which group a layer gets (parallel/tensor_parallel.py).
@@ -66,6 +68,34 @@ def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = x.new_empty((x.shape[0] // n,) + x.shape[1:])
     _reduce_scatter_flat(out, x, group=group)
     return out.movedim(0, dim)
+
+
+def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:
+    """(B, T / n, D) -> (B, T, D / n) (`to_hidden`), or back: every rank sends each peer only the
+    slice that peer keeps, 1/n of what an all-gather of the whole tensor moves."""
+    n = group_size(group)
+    if to_hidden:
+        B, t, D = x.shape
+        send = x.reshape(B, t, n, D // n).permute(2, 0, 1, 3).contiguous()  # (n, B, T/n, D/n): feature slice j to rank j
+    else:
+        B, T, d = x.shape
+        send = x.reshape(B, n, T // n, d).permute(1, 0, 2, 3).contiguous()  # (n, B, T/n, D/n): token slice j to rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[i]: what rank i sent me
+    if to_hidden:
+        return recv.permute(1, 0, 2, 3).reshape(B, n * t, D // n)  # tokens of rank i at T slice i
+    return recv.permute(1, 2, 0, 3).reshape(B, T // n, n * d)  # features of rank i at dim slice i
+
+
+class _SeqToHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_to_all_seq(x, group, True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_to_all_seq(g, ctx.group, False), None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -157,3 +187,13 @@ def gather_seq(x, group, reduce_grad: bool = True):
 
 def reduce_scatter_seq(x, group):
     return _ReduceScatter.apply(x, group, SEQ_DIM) if _active(group) else x
+
+
+def seq_to_hidden(x, group):
+    """(B, T / tp, D) sharded along T -> (B, T, D / tp) sharded along the features, by one all-to-all."""
+    if not _active(group):
+        return x
+    n = group_size(group)
+    if x.shape[-1] % n:
+        raise ValueError(f"width {x.shape[-1]} is not divisible by the tensor-parallel degree {n}")
+    return _SeqToHidden.apply(x, group)
