@@ -169,7 +169,13 @@ def main(argv=None):
     noise = make_noise(cfg.model, batch).to(device)
     rows = []
     for mode in args.modes.split(","):
-        rows.append(run_row(args, mode, device, batch, noise))
+        try:
+            rows.append(run_row(args, mode, device, batch, noise))
+        except Exception as e:  # noqa: BLE001  (e.g. a compile failure: report it, go on with the next row)
+            print(f"rank {dist.get_rank()}: {mode} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            gc.collect()
+            dist.barrier()
+            continue
         if dist.get_rank() == 0:
             r = rows[-1]
             print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, loss {r['loss']:.4f}, peak {r['peak_GiB']:.1f} GiB",

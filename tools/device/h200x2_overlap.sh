@@ -17,7 +17,7 @@ bench() {  # tree, json name, modes, timeout
 }
 case "$1" in
 profile)
-  bench . profile "one@train.compile=off,tp2,tp2sp,one,tp2@train.compile=on,dp2,dp2@parallel.overlap=false,one_mb,pp2,pp2@parallel.overlap=false" 230
+  bench . profile "one@train.compile=off,tp2,tp2sp,one,dp2,one_mb,pp2,tp2@train.compile=on,tp2sp@train.compile=on" 220
   ;;
 compare)
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
