@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 SEQ_DIM = 1
 
-# torch >= 2.12 names the tensor collectives *_single; older releases *_into_tensor / *_tensor.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def _done(t: torch.Tensor) -> torch.Tensor:
+    """Functional collectives return, in eager mode, a tensor that waits when first used; wait here
+    (on NCCL the stream waits, the host does not). Under torch.compile they are graph nodes."""
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
 def group_size(group) -> int:
@@ -46,28 +49,22 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
+# Functional (out-of-place) collectives: torch.compile traces them as graph nodes. The in-place
+# torch.distributed calls inside these autograd Functions compiled to wrong numbers on 2 H200s (loss
+# 7.28 instead of 3.67 with train.compile=on at tp=2; docs/benchmarks.md, issue 17).
 def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    n = group_size(group)
-    x = x.movedim(dim, 0).contiguous()  # collectives work on dim 0
-    out = x.new_empty((n * x.shape[0],) + x.shape[1:])
-    _all_gather_flat(out, x, group=group)
-    return out.movedim(0, dim)
+    return _done(funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), group))
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x
+    return _done(funcol.all_reduce(x.contiguous(), "sum", group))
 
 
 def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = group_size(group)
     if x.shape[dim] % n:
         raise ValueError(f"sequence length {x.shape[dim]} is not divisible by the tensor-parallel degree {n}")
-    x = x.movedim(dim, 0).contiguous()
-    out = x.new_empty((x.shape[0] // n,) + x.shape[1:])
-    _reduce_scatter_flat(out, x, group=group)
-    return out.movedim(0, dim)
+    return _done(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim % x.dim(), group))
 
 
 def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:
@@ -80,8 +77,7 @@ def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:
     else:
         B, T, d = x.shape
         send = x.reshape(B, n, T // n, d).permute(1, 0, 2, 3).contiguous()  # (n, B, T/n, D/n): token slice j to rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[i]: what rank i sent me
+    recv = _done(funcol.all_to_all_single(send, None, None, group))  # recv[i]: what rank i sent me
     if to_hidden:
         return recv.permute(1, 0, 2, 3).reshape(B, n * t, D // n)  # tokens of rank i at T slice i
     return recv.permute(1, 2, 0, 3).reshape(B, T // n, n * d)  # features of rank i at dim slice i
@@ -106,13 +102,13 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return all_reduce(g.clone(), ctx.group), None
+        return all_reduce(g, ctx.group), None  # out of place: g is left alone
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.clone(), group)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, g):

@@ -18,6 +18,7 @@ Rows (--modes, comma-separated; `name@a.b=v;c.d=w` adds config overrides, e.g. t
     tp2sp   tensor + sequence parallel; same efficiency
     pp2     1F1B over --micro-batches; efficiency = one_mb's step / (2 x step); bubble = 1 - that,
             against theory (p-1)/(m+p-1)
+    config  the config's own parallel section, as is (what `torchrun ... megaflow profile` runs)
 
 Step time: median of --steps after --warmup (CUDA synchronised around each step). Then --profile
 steps under torch.profiler give each rank's breakdown (parallel/rank_profile.py) and, with
@@ -43,7 +44,7 @@ from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
 
 LAYOUTS = {"one": {}, "one_mb": {}, "dp2": {}, "tp2": {"tp": 2}, "tp2sp": {"tp": 2, "sequence_parallel": True},
-           "pp2": {"pp": 2}}
+           "pp2": {"pp": 2}, "config": None}
 
 
 def parse_args(argv=None):
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="tests/helpers.tiny_config instead of --config")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--modes", default="one,dp2,tp2,tp2sp,one_mb,pp2", help="rows, comma-separated (see above)")
-    p.add_argument("--rows", type=int, default=8, help="rows per step (per rank under DP)")
+    p.add_argument("--rows", type=int, default=0, help="rows per step (per rank under DP; 0: data.batch_size)")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches of one_mb and pp2")
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
@@ -79,6 +80,8 @@ def row_config(args, mode: str):
         cfg = dataclasses.replace(cfg, model=base.model, data=base.data)
     else:
         cfg = load_config(args.config, sets)
+    if LAYOUTS[name] is None:
+        return name, cfg
     m = args.micro_batches if name in ("one_mb", "pp2") else 1
     par = dataclasses.replace(cfg.parallel, micro_batches=m, **LAYOUTS[name])
     return name, dataclasses.replace(cfg, parallel=par)
@@ -162,8 +165,11 @@ def main(argv=None):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cuda.matmul.allow_tf32 = True
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     _, cfg = row_config(args, "one")
+    args.rows = args.rows or cfg.data.batch_size
     batch = {k: v.to(device) for k, v in make_batch(cfg.model, args.rows, cfg.data.seq_len, cfg.data.max_images,
                                                      seed=0).items()}
     noise = make_noise(cfg.model, batch).to(device)
@@ -176,17 +182,20 @@ def main(argv=None):
             gc.collect()
             dist.barrier()
             continue
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0:  # as it goes: a run stopped by a time limit still reports what it did
             r = rows[-1]
             print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, loss {r['loss']:.4f}, peak {r['peak_GiB']:.1f} GiB",
                   flush=True)
+            if r["ranks"][0]["profile"]:
+                print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)
     efficiencies(rows)
     if dist.get_rank() == 0:
         print(f"\n{args.rows} rows x {cfg.data.seq_len} tokens, {device.type}, world {dist.get_world_size()}\n")
         print(report(rows), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(dict(rows=rows, args=vars(args)), indent=1))
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
     return 0
 
 
