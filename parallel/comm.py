@@ -25,6 +25,10 @@ import torch.distributed._functional_collectives as funcol
 
 SEQ_DIM = 1
 
+# torch >= 2.12 names them *_single; older releases *_tensor (same arguments).
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
 
 def _done(t: torch.Tensor) -> torch.Tensor:
     """Functional collectives return, in eager mode, a tensor that waits when first used; wait here
@@ -49,11 +53,12 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
-# Functional (out-of-place) collectives: torch.compile traces them as graph nodes. The in-place
-# torch.distributed calls inside these autograd Functions compiled to wrong numbers on 2 H200s (loss
-# 7.28 instead of 3.67 with train.compile=on at tp=2; docs/benchmarks.md, issue 17).
+# Functional (out-of-place) collectives: the form torch.compile traces as graph nodes (and, out of
+# place, no clone of the input is needed). With the in-place torch.distributed calls, train.compile=on
+# at tp=2 trained on a wrong loss on 2 H200s (7.28 where eager gave 3.67; docs/benchmarks.md, issue 17);
+# on CPU (gloo) both forms compile to the eager numbers.
 def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    return _done(funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), group))
+    return _done(_all_gather(x.contiguous(), dim % x.dim(), group))
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -64,7 +69,7 @@ def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = group_size(group)
     if x.shape[dim] % n:
         raise ValueError(f"sequence length {x.shape[dim]} is not divisible by the tensor-parallel degree {n}")
-    return _done(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim % x.dim(), group))
+    return _done(_reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group))
 
 
 def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--profile", type=int, default=2, help="profiled steps per row (0: no breakdown)")
+    p.add_argument("--profile-rows", default="", help="profile only these rows (comma-separated names; '' = all)")
     p.add_argument("--trace", default="", help="write DIR/<row>.rank<r>.json Chrome traces")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
     return p.parse_args(argv)
@@ -117,7 +118,7 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         if i >= args.warmup:
             times.append(clock(device) - t0)
     prof = None
-    if args.profile:
+    if args.profile and (not args.profile_rows or name in args.profile_rows.split(",")):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
         prof = profile_steps(step, args.profile, device, trace)
     row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]),

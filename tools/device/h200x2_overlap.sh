@@ -11,7 +11,7 @@ T0=$(date +%s)
 bench() {  # tree, json name, modes, timeout
   (cd "$1" && PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 tools/bench_scaling.py \
      --config configs/h200_1b.yaml --rows 8 --micro-batches 8 --steps ${STEPS:-5} --warmup ${WARMUP:-2} \
-     --profile ${PROFILE:-1} --trace /tmp/traces/$2 --json $OUT/$2.json --modes "$3" 2>&1 \
+     --profile ${PROFILE:-1} --profile-rows "${PROFILE_ROWS:-}" --trace /tmp/traces/$2 --json $OUT/$2.json --modes "$3" 2>&1 \
      | grep -v "Warning\|warn(" | tee $OUT/$2.txt)
   echo "== $2 done at $(( $(date +%s) - T0 )) s"
 }
@@ -19,9 +19,9 @@ case "$1" in
 profile)
   bench . profile "one@train.compile=off,tp2,tp2sp,one,dp2,one_mb,pp2,tp2@train.compile=on,tp2sp@train.compile=on" 220
   ;;
-compare)
+compare)  # BASE: the tree before issue 17 (git archive 89a4fbf), run with this tree's bench script
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
-  PROFILE=0 bench "$2" before "${MODES:-one,dp2,tp2,tp2sp,one_mb,pp2}" 150
-  bench . after "${MODES:-one,dp2,tp2,tp2sp,one_mb,pp2}" 170
+  STEPS=3 PROFILE=0 bench "$2" before "dp2,tp2,tp2sp,pp2" 95
+  STEPS=3 PROFILE_ROWS=dp2,tp2,tp2sp,pp2 bench . after "one,dp2,tp2,tp2sp,one_mb,pp2,tp2@train.compile=on" 135
   ;;
 esac
