@@ -10,8 +10,10 @@ How time is split (`breakdown`). Each instant of the profiled steps counts once,
               launch until the peer's data arrives, so this is the pipeline bubble plus transfers
   idle        nothing runs: the host is behind (launch overhead, Python, a blocking read-back)
 plus `collective_total`, all collective time whether hidden or not (hidden = total - exposed).
-On CUDA the device's kernels are classified; on CPU (gloo) the host's top-level operators, which
-measures the same thing for a process whose compute runs on the host.
+On CUDA the device's kernels are classified by name; on CPU (gloo) the host's top-level operators,
+which measures the same thing for a process whose compute runs on the host. Limit: NCCL >= 2.19
+launches grouped operations (batch_isend_irecv) as `ncclDevKernel_Generic` kernels, which count as
+collectives, so under PP on NCCL pipeline waits show in the collective columns.
 
 Not here: what a step does (the engines), the single-process profile (tools/profile_step.py).
 """
@@ -60,6 +62,22 @@ def breakdown(intervals: list, windows: list) -> dict:
     return out
 
 
+STEP = "megaflow_step"  # the profiler range around each step
+
+
+def work_intervals(events, cuda: bool) -> list:
+    """(start, end, kind) of the work in a profile's events: on CUDA the device's kernels and copies,
+    never the device-side copies of profiler ranges (`is_user_annotation`: the step's range would
+    cover the whole step and count it all as compute); on CPU the operators directly inside a step."""
+    from torch.autograd import DeviceType
+    if cuda:
+        work = [e for e in events if e.device_type == DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False) and e.name != STEP]
+    else:
+        work = [e for e in events if e.cpu_parent is not None and e.cpu_parent.name == STEP]
+    return [(e.time_range.start, e.time_range.end, classify(e.name)) for e in work]
+
+
 def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
                   trace: Optional[str] = None) -> dict:
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
@@ -70,7 +88,7 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            with record_function("megaflow_step"):
+            with record_function(STEP):
                 step()
                 if cuda:
                     torch.cuda.synchronize(device)
@@ -78,13 +96,9 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
         Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(trace)
     events = prof.events()
-    windows = [(e.time_range.start, e.time_range.end) for e in events if e.name == "megaflow_step"]
-    if cuda:
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    else:  # the host's top-level operators (the step marker itself excluded)
-        kernels = [e for e in events if e.cpu_parent is not None and e.cpu_parent.name == "megaflow_step"]
-    intervals = [(e.time_range.start, e.time_range.end, classify(e.name)) for e in kernels]
-    out = breakdown(intervals, windows)
+    windows = [(e.time_range.start, e.time_range.end) for e in events
+               if e.name == STEP and e.device_type == DeviceType.CPU]
+    out = breakdown(work_intervals(events, cuda), windows)
     n = max(len(windows), 1)
     res = {k: v / 1e6 / n for k, v in out.items()}  # microseconds -> seconds per step
     res["step"] = sum(w1 - w0 for w0, w1 in windows) / 1e6 / n

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from parallel.rank_profile import breakdown, classify
+from parallel.rank_profile import STEP, breakdown, classify, work_intervals
 from tests.distributed import run_distributed
 
 
@@ -17,6 +17,22 @@ def test_breakdown_counts_each_instant_once():
     # only what lies inside the steps counts; a step with no event at all is idle
     got = breakdown([(0, 4, "compute")], [(2, 3), (20, 25)])
     assert got["compute"] == 1.0 and got["idle"] == 5.0
+
+
+def test_device_work_leaves_out_profiler_ranges():
+    """On CUDA the step's own range is also recorded on the device (a user annotation spanning the
+    whole step): counted as a kernel, it made every instant 'compute' (seen on 2 H200s)."""
+    from types import SimpleNamespace as E
+    from torch.autograd import DeviceType
+    span = lambda a, b: E(start=a, end=b)  # noqa: E731
+    events = [E(name=STEP, device_type=DeviceType.CPU, is_user_annotation=True, time_range=span(0, 10)),
+              E(name=STEP, device_type=DeviceType.CUDA, is_user_annotation=True, time_range=span(0, 10)),
+              E(name="## forward ##", device_type=DeviceType.CUDA, is_user_annotation=True, time_range=span(0, 9)),
+              E(name="sm90_gemm", device_type=DeviceType.CUDA, is_user_annotation=False, time_range=span(0, 4)),
+              E(name="ncclDevKernel_AllReduce_Sum_f32", device_type=DeviceType.CUDA, is_user_annotation=False,
+                time_range=span(3, 6))]
+    got = breakdown(work_intervals(events, cuda=True), [(0, 10)])
+    assert got == {"compute": 4.0, "collective": 2.0, "p2p_wait": 0.0, "idle": 4.0, "collective_total": 3.0}
 
 
 @pytest.mark.parametrize("name, kind", [("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "collective"),
