@@ -20,6 +20,7 @@ Rows (--modes, comma-separated; `name@a.b=v;c.d=w` adds config overrides, e.g. t
             against theory (p-1)/(m+p-1)
     config  the config's own parallel section, as is (what `torchrun ... megaflow profile` runs)
 
+Every row runs in the same processes, after `torch._dynamo.reset()` (no compile cache carried over).
 Step time: median of --steps after --warmup (CUDA synchronised around each step). Then --profile
 steps under torch.profiler give each rank's breakdown (parallel/rank_profile.py) and, with
 --trace DIR, one Chrome trace per rank and layout. Not a training loop: no data loading.
@@ -30,7 +31,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -105,6 +105,10 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     name, cfg = row_config(args, mode)
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
     gc.collect()
+    # each row starts with empty compile caches: rows of other shapes (TP's fewer heads per rank, PP's
+    # 1-row micro-batches) would otherwise exhaust the recompile limit of the compiled FlexAttention
+    # (megaflow/model/masks.py, dynamic=False), which then runs eagerly and several times slower
+    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -160,15 +164,14 @@ def report(rows: list) -> str:
 
 
 def main(argv=None):
+    from parallel.runtime import init_distributed, launch_env
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cuda.matmul.allow_tf32 = True
+    launch = launch_env()
+    if launch is None:
+        raise SystemExit("bench_scaling runs under a launcher with 2 processes: torchrun --nproc_per_node 2 ...")
     own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = init_distributed(launch, torch.device(args.device))  # NCCL on the LOCAL_RANK GPU, or gloo
+    torch.backends.cuda.matmul.allow_tf32 = True
     _, cfg = row_config(args, "one")
     args.rows = args.rows or cfg.data.batch_size
     batch = {k: v.to(device) for k, v in make_batch(cfg.model, args.rows, cfg.data.seq_len, cfg.data.max_images,
