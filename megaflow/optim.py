@@ -107,7 +107,10 @@ class MainWeights:
 
     @torch.no_grad()
     def _build_buffers(self, model, param_dtype) -> None:
-        ps = self.model_params
+        # model order (not group order): the fp32 gradients of neighbouring layers are neighbours in
+        # the flat buffer, so data-parallel buckets (reverse model order) reduce slices of it in place
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        ps = self.model_params = sorted(self.model_params, key=lambda p: order.get(id(p), len(order)))
         n, device = sum(p.numel() for p in ps), ps[0].device
         self.flat_main = torch.empty(n, dtype=torch.float32, device=device)
         self.flat_param = torch.empty(n, dtype=param_dtype, device=device)

@@ -11,6 +11,8 @@ that keeps gradients exact:
     split_seq           fwd: keep my slice of T    bwd: all-gather T     (enter sequence parallelism)
     gather_seq          fwd: all-gather T          bwd: reduce-scatter T (sharded consumers) or keep my slice (replicated consumers)
     reduce_scatter_seq  fwd: reduce-scatter T      bwd: all-gather T     (leave a row-parallel region into SP)
+    seq_to_hidden       fwd: all-to-all T -> dim   bwd: all-to-all back  (SP: a row-parallel layer reads the
+                                                                          other stream's T-sharded residual)
 
 The sequence dimension is dim 1 of (B, T, ...) tensors. Not here: which layer uses which operator
 (parallel/layers.py) and which group a layer gets (parallel/tensor_parallel.py).
@@ -19,12 +21,19 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 SEQ_DIM = 1
 
-# torch >= 2.12 names the tensor collectives *_single; older releases *_into_tensor / *_tensor.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch >= 2.12 names them *_single; older releases *_tensor (same arguments).
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
+def _done(t: torch.Tensor) -> torch.Tensor:
+    """Functional collectives return, in eager mode, a tensor that waits when first used; wait here
+    (on NCCL the stream waits, the host does not). Under torch.compile they are graph nodes."""
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
 
 def group_size(group) -> int:
@@ -44,28 +53,50 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
 
 
+# Functional (out-of-place) collectives: the form torch.compile traces as graph nodes (and, out of
+# place, no clone of the input is needed). With the in-place torch.distributed calls, train.compile=on
+# at tp=2 trained on a wrong loss on 2 H200s (7.28 where eager gave 3.67; docs/benchmarks.md, issue 17);
+# on CPU (gloo) both forms compile to the eager numbers.
 def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    n = group_size(group)
-    x = x.movedim(dim, 0).contiguous()  # collectives work on dim 0
-    out = x.new_empty((n * x.shape[0],) + x.shape[1:])
-    _all_gather_flat(out, x, group=group)
-    return out.movedim(0, dim)
+    return _done(_all_gather(x.contiguous(), dim % x.dim(), group))
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x
+    return _done(funcol.all_reduce(x.contiguous(), "sum", group))
 
 
 def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = group_size(group)
     if x.shape[dim] % n:
         raise ValueError(f"sequence length {x.shape[dim]} is not divisible by the tensor-parallel degree {n}")
-    x = x.movedim(dim, 0).contiguous()
-    out = x.new_empty((x.shape[0] // n,) + x.shape[1:])
-    _reduce_scatter_flat(out, x, group=group)
-    return out.movedim(0, dim)
+    return _done(_reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group))
+
+
+def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:
+    """(B, T / n, D) -> (B, T, D / n) (`to_hidden`), or back: every rank sends each peer only the
+    slice that peer keeps, 1/n of what an all-gather of the whole tensor moves."""
+    n = group_size(group)
+    if to_hidden:
+        B, t, D = x.shape
+        send = x.reshape(B, t, n, D // n).permute(2, 0, 1, 3).contiguous()  # (n, B, T/n, D/n): feature slice j to rank j
+    else:
+        B, T, d = x.shape
+        send = x.reshape(B, n, T // n, d).permute(1, 0, 2, 3).contiguous()  # (n, B, T/n, D/n): token slice j to rank j
+    recv = _done(funcol.all_to_all_single(send, None, None, group))  # recv[i]: what rank i sent me
+    if to_hidden:
+        return recv.permute(1, 0, 2, 3).reshape(B, n * t, D // n)  # tokens of rank i at T slice i
+    return recv.permute(1, 2, 0, 3).reshape(B, T // n, n * d)  # features of rank i at dim slice i
+
+
+class _SeqToHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_to_all_seq(x, group, True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_to_all_seq(g, ctx.group, False), None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -76,13 +107,13 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return all_reduce(g.clone(), ctx.group), None
+        return all_reduce(g, ctx.group), None  # out of place: g is left alone
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.clone(), group)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -157,3 +188,13 @@ def gather_seq(x, group, reduce_grad: bool = True):
 
 def reduce_scatter_seq(x, group):
     return _ReduceScatter.apply(x, group, SEQ_DIM) if _active(group) else x
+
+
+def seq_to_hidden(x, group):
+    """(B, T / tp, D) sharded along T -> (B, T, D / tp) sharded along the features, by one all-to-all."""
+    if not _active(group):
+        return x
+    n = group_size(group)
+    if x.shape[-1] % n:
+        raise ValueError(f"width {x.shape[-1]} is not divisible by the tensor-parallel degree {n}")
+    return _SeqToHidden.apply(x, group)

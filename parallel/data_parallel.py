@@ -1,80 +1,173 @@
-"""Data-parallel gradient all-reduce in flat buckets, for the path without ZeRO.
+"""Data-parallel gradient reduction in flat buckets, for the path without ZeRO, optionally overlapped
+with the backward pass.
 
-After backward (all micro-batches of a step), `GradBuckets.all_reduce()` packs the gradients into a
-few large flat buffers (grouped by dtype and device, filled in reverse parameter order as DDP does,
-so a future overlap with backward sends the last layers first), all-reduces every bucket over the
-data-parallel group asynchronously, and copies the results back.
+Buckets are filled in reverse parameter order (as DDP does: the last layers' gradients are ready
+first in backward). A bucket is either
+
+  in place  its gradients are adjacent views of one flat buffer (the fp32 main gradients of
+            megaflow/optim.py MainWeights, laid out in model order): the bucket IS that slice, and
+            the all-reduce runs on it, nothing copied; or
+  copied    a buffer of its own plus one flag slot per parameter that tells which ranks had a
+            gradient (a gradient None on every rank stays None: an unused parameter is skipped by
+            the optimizer, as in one process); gradients are copied in and the sums copied back.
+
+Overlap (`attach` + `arm` + `finish`): a post-accumulate-grad hook on every parameter autograd
+accumulates into counts, during the LAST backward pass of the step over a chunk (`arm(chunk)`; the
+earlier micro-batches only accumulate), which gradients are final; a bucket whose gradients are all
+final is all-reduced asynchronously at once, while backward goes on. Buckets are launched strictly
+in order (bucket i only after buckets 0..i-1), so every rank issues the same collectives in the same
+order even when a rank's parameter gets no gradient (its bucket waits for `finish`). `finish()`
+launches what is left, waits for all and copies back; call it before any other collective of the
+data-parallel group (the pipeline schedule does, parallel/pipeline_step.py). Without `arm`,
+`all_reduce()` is the same reduction after backward. The sums are bitwise the same either way
+(the same buckets, the same collective, only launched earlier): tests/parallel/test_overlap.py.
 
 Reduction is a SUM by default: the loss is normalised by GLOBAL counts (parallel/pipeline_step.py),
 so each rank's gradient is already its share of the global-batch gradient and the shares add up.
-`average=True` is for losses normalised per rank (then the mean over ranks is the right gradient
-only when every rank holds the same number of tokens).
-
-A gradient that is None on every rank stays None (an unused parameter is skipped by the optimizer,
-as in one process); each bucket carries one extra slot per parameter to tell which ranks had one.
-`allreduce_gradients(params, group)` is the stateless one-call form (averages by default).
-Not here: overlap with backward, ZeRO (parallel/zero.py).
+`average=True` is for losses normalised per rank. `allreduce_gradients(params, group)` is the
+stateless one-call form (averages by default). Not here: ZeRO (parallel/zero.py).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 
+class _Bucket:
+    def __init__(self, params: list):
+        self.params, self.work = params, None
+        self.flat = _adjacent_slice([p.grad for p in params])  # in place, or None: copied
+        self.copied = self.flat is None
+        if self.copied:
+            n = sum(p.numel() for p in params) + len(params)  # + one flag per parameter
+            self.flat = torch.zeros(n, dtype=params[0].dtype, device=params[0].device)
+        self.pending = 0  # gradients not yet final in an armed backward
+
+
+def _adjacent_slice(grads: list) -> Optional[torch.Tensor]:
+    """The 1-D slice of one flat buffer that `grads` tile exactly (in any order), or None."""
+    if any(g is None or g._base is None or g._base.dim() != 1 or not g.is_contiguous() for g in grads):
+        return None
+    base = grads[0]._base
+    if any(g._base is not base for g in grads):
+        return None
+    spans = sorted((g.storage_offset() - base.storage_offset(), g.numel()) for g in grads)
+    for (a, n), (b, _) in zip(spans, spans[1:]):
+        if a + n != b:
+            return None
+    start = spans[0][0]
+    return base[start:spans[-1][0] + spans[-1][1]]
+
+
 class GradBuckets:
+    """`params`: what gradient code works on (fp32 main weights under mixed precision, else the
+    parameters), in model order. `bucket_mb`: bucket size in MiB of gradient."""
+
     def __init__(self, params, dp_group, bucket_mb: float = 25.0, average: bool = False):
         self.group, self.average = dp_group, average
         self.world = dist.get_world_size(dp_group) if dp_group is not None else 1
         params = [p for p in params if p.requires_grad]
         limit = int(bucket_mb * 2 ** 20)
-        self.buckets = []  # (params, flat buffer with numel + len(params) slots)
-        cur, size = [], 0
+        groups, cur, size = [], [], 0
         for p in reversed(params):
             nbytes = p.numel() * p.element_size()
             if cur and (p.dtype != cur[0].dtype or p.device != cur[0].device or size + nbytes > limit):
-                self._add(cur)
+                groups.append(cur)
                 cur, size = [], 0
             cur.append(p)
             size += nbytes
         if cur:
-            self._add(cur)
+            groups.append(cur)
+        self.buckets = [_Bucket(g) for g in groups]
+        self.where = {id(p): b for b in self.buckets for p in b.params}
+        self.chunks, self.armed, self.counting, self.next = [], set(), False, 0  # overlap state (`attach`)
+        self.early = 0  # buckets launched during backward in the last step
 
-    def _add(self, params: list) -> None:
-        n = sum(p.numel() for p in params) + len(params)
-        self.buckets.append((params, torch.zeros(n, dtype=params[0].dtype, device=params[0].device)))
-
-    @torch.no_grad()
-    def all_reduce(self) -> None:
+    # ----- overlap with backward ----------------------------------------------------------------------
+    def attach(self, chunks: list, main_of=None) -> None:
+        """Count final gradients during backward. `chunks`: one list per model chunk of the tensors
+        autograd accumulates into (the bf16 model parameters under mixed precision); `main_of(p)` is
+        the bucketed tensor of `p` (default p itself). Register after any hook that moves gradients
+        (MainWeights' fp32 accumulation): hooks run in registration order."""
         if self.world == 1:
             return
-        works = []
-        for params, flat in self.buckets:
-            off = 0
-            for p in params:
+        main_of = main_of or (lambda p: p)
+        self.chunks = [[p for p in ps if p.requires_grad and id(main_of(p)) in self.where] for ps in chunks]
+        for ps in self.chunks:
+            for p in ps:
+                p.register_post_accumulate_grad_hook(self._hook(self.where[id(main_of(p))]))
+
+    def arm(self, chunk: int = 0) -> None:
+        """The next backward over `chunk` is its last of this step: its gradients become final."""
+        if self.world == 1 or chunk >= len(self.chunks):
+            return
+        if not self.counting:  # first armed chunk of the step: count every bucket's gradients again
+            for b in self.buckets:
+                b.pending = len(b.params)
+            self.counting, self.next, self.early = True, 0, 0
+        self.armed.update(id(p) for p in self.chunks[chunk])
+
+    def _hook(self, bucket: _Bucket):
+        def ready(p: torch.Tensor) -> None:
+            if id(p) in self.armed:
+                self.armed.discard(id(p))  # counted once, even if a chunk is re-armed
+                bucket.pending -= 1
+                while self.next < len(self.buckets) and self.buckets[self.next].pending == 0:
+                    self._launch(self.buckets[self.next])
+                    self.next += 1
+                    self.early += 1
+        return ready
+
+    # ----- the reduction ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _launch(self, b: _Bucket) -> None:
+        if b.copied:
+            off, flat = 0, b.flat
+            for p in b.params:
                 n = p.numel()
                 if p.grad is None:
                     flat[off:off + n].zero_()
                 else:
                     flat[off:off + n].copy_(p.grad.reshape(-1))
                 off += n
-            flags = flat[off:]  # 1 where this rank has a gradient
-            flags.copy_(torch.tensor([float(p.grad is not None) for p in params], dtype=flat.dtype))
-            works.append(dist.all_reduce(flat, group=self.group, async_op=True))
-        for (params, flat), work in zip(self.buckets, works):
-            work.wait()
+            # 1 where this rank has a gradient
+            flat[off:].copy_(torch.tensor([float(p.grad is not None) for p in b.params], dtype=flat.dtype))
+        b.work = dist.all_reduce(b.flat, group=self.group, async_op=True)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch the buckets not launched during backward (in order), wait for all, copy back."""
+        if self.world == 1:
+            return
+        for b in self.buckets:
+            if b.work is None:
+                self._launch(b)
+        self.armed.clear()
+        self.counting = False
+        for b in self.buckets:
+            b.work.wait()
+            b.work = None
             if self.average:
-                flat.div_(self.world)
-            off, flags = 0, flat[-len(params):].tolist()
-            for p, flag in zip(params, flags):
-                n = p.numel()
-                if flag > 0:
-                    if p.grad is None:
-                        p.grad = torch.empty_like(p)
-                    p.grad.copy_(flat[off:off + n].view_as(p))
-                off += n
+                b.flat.div_(self.world)
+            if b.copied:
+                off, flags = 0, b.flat[-len(b.params):].tolist()
+                for p, flag in zip(b.params, flags):
+                    n = p.numel()
+                    if flag > 0:
+                        if p.grad is None:
+                            p.grad = torch.empty_like(p)
+                        p.grad.copy_(b.flat[off:off + n].view_as(p))
+                    off += n
+
+    def all_reduce(self) -> None:
+        """The whole reduction after backward (nothing armed)."""
+        self.finish()
 
     def __repr__(self):
-        sizes = [f"{flat.numel() * flat.element_size() / 2 ** 20:.1f}MiB" for _, flat in self.buckets]
+        sizes = [f"{b.flat.numel() * b.flat.element_size() / 2 ** 20:.1f}MiB{'' if b.copied else ' in place'}"
+                 for b in self.buckets]
         return f"GradBuckets({len(self.buckets)} buckets: {', '.join(sizes)}, dp={self.world})"
 
 

@@ -1,5 +1,6 @@
 """The training engine without ZeRO for any TP x PP x DP layout: our pipeline schedule (one stage
-when pp == 1), a bucketed data-parallel gradient SUM, a gradient-norm clip that counts every element
+when pp == 1), a bucketed data-parallel gradient SUM (overlapped with the last backward when
+parallel.overlap is on), a gradient-norm clip that counts every element
 of the model once across TP and PP, and AdamW. Same interface as megaflow.train.PlainEngine and
 parallel.zero.ZeroEngine: `train_step(batch, noise, keep, lr)` -> {'loss', 'grad_norm', metrics}.
 
@@ -81,7 +82,6 @@ class ParallelEngine:
     def __init__(self, stages: list, cfg, dtype, topo, tied=None, bucket_mb: float = 25.0):
         self.stages, self.cfg, self.dtype, self.topo = stages, cfg, dtype, topo
         pcfg, tcfg = cfg.parallel, cfg.train
-        self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied)
         params = stage_parameters(stages)
         if not params:
             raise ValueError("no trainable parameters on this rank in this curriculum stage; check model.stage")
@@ -98,6 +98,10 @@ class ParallelEngine:
         if tied is not None and tied.group is not None and self.weights.mixed:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
         self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb)
+        if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)
+            self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
+        self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
+                                         grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap)
         if topo.tp > 1 and tcfg.compile == "auto":  # blocks with collectives inside: compile only when asked
             tcfg = dataclasses.replace(tcfg, compile="off")
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
@@ -109,7 +113,8 @@ class ParallelEngine:
         self.weights.zero_grad()
         with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None):
             loss, metrics = self.schedule.step(batch, noise, keep)
-        self.buckets.all_reduce()
+        if not self.cfg.parallel.overlap:
+            self.buckets.all_reduce()
         norm = clip_grad_norm(self.params, self.counted, self.cfg.train.grad_clip, self.topo)
         # NaN/Inf gradients: skip the update. The norm is global (summed over TP and PP of DP-summed
         # gradients), so every rank sees the same value and skips the same steps without another collective.

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from megaflow.model.layers import RMSNorm
 from parallel.comm import (copy_to_tp, gather_hidden, gather_seq, group_rank, group_size, reduce_from_tp,
-                           reduce_scatter_seq, split_hidden, split_seq)
+                           reduce_scatter_seq, seq_to_hidden, split_hidden, split_seq)
 from parallel.fused import all_sharded, shard_parts
 
 
@@ -96,7 +96,8 @@ class RowParallelLinear(nn.Module):
 
     `input_is_parallel=False` takes a replicated input (the Pretzel skips read the other stream's
     residual): without SP each rank keeps its slice of the features; with SP the input is first
-    all-gathered along the sequence (its residual is sharded along T there)."""
+    redistributed from T-sharded to feature-sharded by one all-to-all (its residual is sharded along
+    T there; this rank needs only its feature slice, of every token)."""
     tp_shards = {"weight": 1}
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group, input_is_parallel: bool = True,
@@ -119,10 +120,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, sp = self.tp_group, self.sequence_parallel
         if not self.input_is_parallel:
-            if sp:
-                x = gather_seq(x, g)  # (B, T, in); backward reduce-scatters the zero-padded slices below
-                k = x.shape[-1] // group_size(g)
-                x = x[..., group_rank(g) * k:(group_rank(g) + 1) * k]  # (B, T, in / tp)
+            if sp:  # (B, T / tp, in) -> (B, T, in / tp): one all-to-all, not a gather of the whole tensor
+                x = seq_to_hidden(x, g)
             else:
                 x = split_hidden(x, g)  # (B, T, in / tp)
         y = F.linear(x, self.weight)  # partial sums over the input slices

@@ -5,8 +5,10 @@ r+1 -> r, and the wrap-around links pp-1 -> 0 / 0 -> pp-1 of the interleaved sch
 all point-to-point traffic of one group runs on one stream in issue order and is matched by order,
 not by tag; giving every direction its own group means a link only ever carries messages one way,
 in the order the schedule sends them, which parallel/schedules.py checks equals the order the
-receiver asks for them. Sends are asynchronous (kept until `wait_sends`), receives block: with the
-schedules' action order this cannot deadlock (also checked there, by simulation).
+receiver asks for them. Sends are asynchronous (kept until `wait_sends`); receives can be posted
+ahead (`post_recv`, waited on later) or block (`recv`); the tensors of one message travel in one
+`batch_isend_irecv`. With the schedules' action order this cannot deadlock (also checked there, by
+simulation); posting a receive early keeps each link's receive order, so messages still match.
 
 Shapes are not exchanged: every rank of a pipeline holds the same micro-batch, so the state's
 shapes (b, T, Dv), (b, T, Df), (b, T, D), (b, 2) follow from the batch and the config. A zero-width
@@ -51,30 +53,46 @@ class PipelineComm:
         return self.topo.pp_ranks[pp_rank]
 
     def send(self, tensors: tuple, kind: str, dst_pp_rank: int) -> None:
+        """Asynchronous: the tensors of one message go out in one batch (one NCCL group call)."""
         group = self.groups[(kind, self.topo.pp_rank, dst_pp_rank)]
-        for t in tensors:
-            if t.numel():
-                t = t.detach().contiguous()
-                self.pending.append((dist.isend(t, dst=self._peer(dst_pp_rank), group=group), t))
+        peer = self._peer(dst_pp_rank)
+        ts = [t.detach().contiguous() for t in tensors if t.numel()]
+        if ts:
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer, group) for t in ts])
+            self.pending += [(w, ts) for w in works]
+
+    def post_recv(self, shapes: list, dtype, device, kind: str, src_pp_rank: int) -> "Received":
+        """Post the receives of one message now (one batch) and return at once; `.wait()` gives the
+        tensors. `dtype`: one for all tensors, or a list (one per shape, e.g. `state_dtypes`)."""
+        group = self.groups[(kind, src_pp_rank, self.topo.pp_rank)]
+        peer = self._peer(src_pp_rank)
+        dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
+        out = tuple(torch.empty(shape, dtype=dt, device=device) for shape, dt in zip(shapes, dtypes))
+        ops = [dist.P2POp(dist.irecv, t, peer, group) for t in out if t.numel()]
+        return Received(out, dist.batch_isend_irecv(ops) if ops else [])
 
     def recv(self, shapes: list, dtype, device, kind: str, src_pp_rank: int) -> tuple:
-        """`dtype`: one for all tensors, or a list (one per shape, e.g. `state_dtypes`)."""
-        group = self.groups[(kind, src_pp_rank, self.topo.pp_rank)]
-        out, works = [], []
-        dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
-        for shape, dt in zip(shapes, dtypes):
-            t = torch.empty(shape, dtype=dt, device=device)
-            if t.numel():
-                works.append(dist.irecv(t, src=self._peer(src_pp_rank), group=group))
-            out.append(t)
-        for w in works:
-            w.wait()
-        return tuple(out)
+        """Blocking form of `post_recv`."""
+        return self.post_recv(shapes, dtype, device, kind, src_pp_rank).wait()
 
     def wait_sends(self) -> None:
         for work, _ in self.pending:
             work.wait()
         self.pending.clear()
+
+
+class Received:
+    """Receives in flight: `wait()` returns the tensors once they have arrived (on NCCL: the current
+    stream waits for them, the host does not)."""
+
+    def __init__(self, tensors: tuple, works: list):
+        self.tensors, self.works = tensors, works
+
+    def wait(self) -> tuple:
+        for w in self.works:
+            w.wait()
+        self.works = []
+        return self.tensors
 
 
 def state_shapes(model, batch_size: int, seq_len: int) -> list:

@@ -8,8 +8,11 @@ micro-batches and data-parallel ranks is exactly the unsplit model's loss on the
 backward of each micro-batch loss with gradient 1 accumulates exactly its gradient. No
 1/micro_batches scaling anywhere; the data-parallel reduction is a SUM (parallel/data_parallel.py).
 
-Not here: the data-parallel gradient all-reduce (the caller runs it after `step`, once per step) and
-the optimizer.
+Data-parallel overlap: with `grad_sync` (parallel/data_parallel.py GradBuckets, attached), the
+schedule arms it just before the last backward of each model chunk, so buckets are all-reduced while
+the remaining backwards run, and finishes it before the tied-embedding and loss reductions (no other
+data-parallel collective may come between). Without it the caller reduces after `step`.
+Not here: the optimizer.
 """
 from __future__ import annotations
 
@@ -56,11 +59,14 @@ class PipelineSchedule:
     creates process groups)."""
 
     def __init__(self, stages: list, topo, schedule: str = "1f1b", micro_batches: int = 1,
-                 comm: Optional[PipelineComm] = None, tied=None):
+                 comm: Optional[PipelineComm] = None, tied=None, grad_sync=None, overlap: bool = True):
         check_schedule(schedule, topo.pp, len(stages), micro_batches)
         self.stages, self.topo, self.m, self.tied = stages, topo, micro_batches, tied
         self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
         self.actions = rank_actions(schedule, topo.pp, topo.pp_rank, micro_batches, len(stages))
+        self.grad_sync = grad_sync
+        self.overlap = overlap  # post each action's receive one action ahead (parallel.overlap)
+        self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}  # chunk -> index
         self.cfg = stages[0].module.cfg
         self.record = False  # True: keep (action, start, end) of the last step's computations (not
         # receive waits) in `timeline`; syncs the GPU around each
@@ -79,25 +85,46 @@ class PipelineSchedule:
         self._dtype, self._device = state_dtypes(module0), batch["tokens"].device
         self._ctxs, self._saved, self.timeline = {}, {}, []
         totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=self._device)
-        for a in self.actions:
+        self._posted = {}  # action index -> Received (or None: the action receives nothing)
+        for k, a in enumerate(self.actions):
+            # overlap: the next action's receive is in flight while this one computes (in action order,
+            # so every link's receives stay in send order)
+            for j in (k, k + 1) if self.overlap else (k,):
+                if j < len(self.actions) and j not in self._posted:
+                    self._posted[j] = self._post_recv(self.actions[j], forward_only)
             if a.kind == "F":
                 i = a.micro_batch
                 if i not in self._ctxs:
                     self._ctxs[i] = module0.context(mbs[i], keeps[i])
                 ctx = self._ctxs.pop(i) if a.chunk == len(self.stages) - 1 else self._ctxs[i]
-                self._forward(a, mbs[i], ctx, noises[i], counts, totals, forward_only)
+                self._forward(a, self._posted.pop(k), mbs[i], ctx, noises[i], counts, totals, forward_only)
             elif not forward_only:
-                self._backward(a)
+                if self.grad_sync is not None and self.last_backward[a.chunk] == k:
+                    self.grad_sync.arm(a.chunk)  # this chunk's gradients are final after this backward
+                self._backward(a, self._posted.pop(k))
         self.comm.wait_sends()
+        if self.grad_sync is not None and not forward_only:
+            self.grad_sync.finish()
         if self.tied is not None and not forward_only:
             self.tied.all_reduce_grads()
         return self._reduce(totals, counts)
 
-    def _forward(self, a, mb: dict, ctx, noise, counts: dict, totals: torch.Tensor, forward_only: bool) -> None:
+    def _post_recv(self, a, forward_only: bool):
+        """Post the receive action `a` needs (None if it needs none): activations from the previous
+        stage for a forward, gradients from the next one for a backward."""
+        st, pp = self.stages[a.chunk], self.topo.pp
+        if a.kind == "F" and not st.is_first:
+            return self.comm.post_recv(self._shapes, self._dtype, self._device, "act", (st.index - 1) % pp)
+        if a.kind == "B" and not forward_only and not st.is_last:
+            return self.comm.post_recv(self._shapes, self._dtype, self._device, "grad", (st.index + 1) % pp)
+        return None
+
+    def _forward(self, a, received, mb: dict, ctx, noise, counts: dict, totals: torch.Tensor,
+                 forward_only: bool) -> None:
         st, pp = self.stages[a.chunk], self.topo.pp
         inp = None
         if not st.is_first:
-            inp = self.comm.recv(self._shapes, self._dtype, self._device, "act", (st.index - 1) % pp)
+            inp = received.wait()
             if not forward_only:
                 inp = tuple(t.requires_grad_() for t in inp)
         start = self._clock()  # compute only: after the receive
@@ -114,13 +141,13 @@ class PipelineSchedule:
             self._saved[(a.chunk, a.micro_batch)] = (inp, out)
         self._record(a, start)
 
-    def _backward(self, a) -> None:
+    def _backward(self, a, received) -> None:
         st, pp = self.stages[a.chunk], self.topo.pp
         inp, out = self._saved.pop((a.chunk, a.micro_batch))
         if st.is_last:
             outs, grads = [out], [None]
         else:
-            g = self.comm.recv(self._shapes, self._dtype, self._device, "grad", (st.index + 1) % pp)
+            g = received.wait()
             outs, grads = [o for o in out if o.requires_grad], [gi for o, gi in zip(out, g) if o.requires_grad]
         start = self._clock()
         if outs and outs[0].requires_grad:

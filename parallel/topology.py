@@ -34,6 +34,7 @@ class ParallelConfig:
     micro_batches: int = 1  # micro-batches per step (gradient accumulation / pipeline fill)
     stage_layout: str = ""  # manual split: units per stage, e.g. '3,5' ('' = balanced by cost)
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = no ZeRO)
+    overlap: bool = True  # overlap communication with compute: DP buckets reduced during backward, PP receives posted ahead
 
     def __post_init__(self):
         for name in ("tp", "pp", "virtual_stages", "micro_batches"):

@@ -63,7 +63,10 @@ def build_ds_config(cfg, dtype: Optional[torch.dtype] = None) -> dict:
                          f"stage-local parameters do not support; use zero_stage=1 with pp > 1")
     if dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"ZeroEngine supports fp32 and bf16, not {dtype}")
-    zero = {"stage": stage, "reduce_scatter": True, "contiguous_gradients": True, "overlap_comm": False,
+    # overlap_comm (parallel.overlap): ZeRO-2/3 reduce-scatter gradient buckets during backward on a side
+    # stream. ZeRO-1 reduces once, at step() (our micro-batches accumulate first), so there is nothing to overlap.
+    zero = {"stage": stage, "reduce_scatter": True, "contiguous_gradients": True,
+            "overlap_comm": bool(cfg.parallel.overlap) and stage >= 2,
             "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
     if stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50_000_000)

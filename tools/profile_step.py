@@ -21,11 +21,15 @@ Peak memory: CUDA's max allocated over the timed steps; on CPU the process's pea
 (chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 30 ops with the most self time.
 What it does not do: time data loading (the batch is on the device before the clock starts) or
 measure more than one process (tools/bench_tp.py, bench_pp.py, bench_zero.py do TP / PP / ZeRO).
+Under torchrun (WORLD_SIZE > 1) it runs tools/bench_scaling.py's `config` row instead: the config's
+own parallel layout, and per rank compute, exposed communication, pipeline wait and idle time
+(parallel/rank_profile.py); `--trace DIR` then writes one trace per rank.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -386,6 +390,9 @@ def render_variants(r: dict) -> str:
 
 
 def main(argv=None) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank's breakdown of the config's layout
+        from tools.bench_scaling import main as per_rank
+        return per_rank(["--modes", "config"] + list(sys.argv[1:] if argv is None else argv))
     ap = argparse.ArgumentParser(prog="megaflow profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "default.yaml"), help="run config (YAML)")

@@ -232,3 +232,8 @@ def test_build_ds_config_maps_ours_and_refuses_zero23_with_pp():
             build_ds_config(zero_config(stage, pp=2))
     with pytest.raises(ValueError, match="0 = PlainEngine"):
         build_ds_config(zero_config(0))
+    # parallel.overlap: ZeRO-2/3 reduce-scatter during backward (ZeRO-1 reduces once, at step())
+    assert [build_ds_config(zero_config(s))["zero_optimization"]["overlap_comm"] for s in (1, 2, 3)] == [False, True, True]
+    off = zero_config(2)
+    off = dataclasses.replace(off, parallel=dataclasses.replace(off.parallel, overlap=False))
+    assert not build_ds_config(off)["zero_optimization"]["overlap_comm"]

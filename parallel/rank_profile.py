@@ -1,0 +1,135 @@
+"""Per-rank time breakdown of training steps (issue 17, item 4): compute, exposed communication,
+pipeline waits and idle time on every rank of a multi-process run, from a torch.profiler trace,
+and optionally one Chrome trace per rank.
+
+How time is split (`breakdown`). Each instant of the profiled steps counts once, in this order:
+  compute     some compute kernel runs (any kernel that is not a collective or a send/recv)
+  collective  an all-reduce / all-gather / reduce-scatter / broadcast runs and no compute does:
+              communication NOT hidden behind compute (the part overlap should remove)
+  p2p_wait    only a pipeline send/recv runs: on the receiving side a recv kernel runs from its
+              launch until the peer's data arrives, so this is the pipeline bubble plus transfers
+  idle        nothing runs: the host is behind (launch overhead, Python, a blocking read-back)
+plus `collective_total`, all collective time whether hidden or not (hidden = total - exposed).
+On CUDA the device's kernels are classified by name; on CPU (gloo) the host's top-level operators,
+which measures the same thing for a process whose compute runs on the host. Limit: NCCL >= 2.19
+launches grouped operations (batch_isend_irecv) as `ncclDevKernel_Generic` kernels, which count as
+collectives, so under PP on NCCL pipeline waits show in the collective columns.
+
+Not here: what a step does (the engines), the single-process profile (tools/profile_step.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+KINDS = ("compute", "collective", "p2p_wait", "idle")
+_P2P = ("sendrecv", "send_recv", "send", "recv")
+_COMM = ("nccl", "gloo", "c10d", "allreduce", "all_reduce", "allgather", "all_gather", "reduce_scatter",
+         "reducescatter", "broadcast", "barrier")
+
+
+def classify(name: str) -> str:
+    """'collective', 'p2p_wait' or 'compute' for a kernel or operator name."""
+    n = name.lower()
+    if any(k in n for k in _COMM) or n.startswith(("c10d::", "record_param_comms")):
+        return "p2p_wait" if any(k in n for k in _P2P) else "collective"
+    if n.startswith(("aten::isend", "aten::irecv")) or n in ("recv", "send"):
+        return "p2p_wait"
+    return "compute"
+
+
+def breakdown(intervals: list, windows: list) -> dict:
+    """Time of each kind inside `windows` [(start, end)] (the steps), from `intervals`
+    [(start, end, kind)], in the intervals' unit; plus 'collective_total'."""
+    points = sorted([(s, 1, k) for s, e, k in intervals if e > s] + [(e, -1, k) for s, e, k in intervals if e > s],
+                    key=lambda p: (p[0], p[1]))
+    out = dict.fromkeys(KINDS + ("collective_total",), 0.0)
+    active = {"compute": 0, "collective": 0, "p2p_wait": 0}
+    prev = float("-inf")
+    for t, delta, kind in points + [(float("inf"), 0, "compute")]:
+        if t > prev:  # [prev, t): what was active, clipped to the steps
+            inside = sum(max(0.0, min(t, w1) - max(prev, w0)) for w0, w1 in windows)
+            if inside:
+                out[next((k for k in ("compute", "collective", "p2p_wait") if active[k]), "idle")] += inside
+                if active["collective"]:
+                    out["collective_total"] += inside
+        active[kind] += delta
+        prev = t
+    return out
+
+
+STEP = "megaflow_step"  # the profiler range around each step
+
+
+def work_intervals(events, cuda: bool) -> list:
+    """(start, end, kind) of the work in a profile's events: on CUDA the device's kernels and copies,
+    never the device-side copies of profiler ranges (`is_user_annotation`: the step's range would
+    cover the whole step and count it all as compute); on CPU the operators directly inside a step."""
+    from torch.autograd import DeviceType
+    if cuda:
+        work = [e for e in events if e.device_type == DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False) and e.name != STEP]
+    else:
+        work = [e for e in events if e.cpu_parent is not None and e.cpu_parent.name == STEP]
+    return [(e.time_range.start, e.time_range.end, classify(e.name)) for e in work]
+
+
+def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
+                  trace: Optional[str] = None) -> dict:
+    """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
+    kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function(STEP):
+                step()
+                if cuda:
+                    torch.cuda.synchronize(device)
+    if trace:
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(trace)
+    events = prof.events()
+    windows = [(e.time_range.start, e.time_range.end) for e in events
+               if e.name == STEP and e.device_type == DeviceType.CPU]
+    out = breakdown(work_intervals(events, cuda), windows)
+    n = max(len(windows), 1)
+    res = {k: v / 1e6 / n for k, v in out.items()}  # microseconds -> seconds per step
+    res["step"] = sum(w1 - w0 for w0, w1 in windows) / 1e6 / n
+    return res
+
+
+def gather_ranks(row: dict, group=None) -> list:
+    """Every rank's `row`, in rank order, on every rank (one object collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [row]
+    rows = [None] * dist.get_world_size(group)
+    dist.all_gather_object(rows, row, group=group)
+    return rows
+
+
+def format_ranks(rows: list) -> str:
+    """A Markdown table: one line per rank, milliseconds per step and shares of the step."""
+    head = "| rank | step ms | compute | exposed collective | p2p wait (bubble) | idle | collective total (hidden) |\n"
+    head += "|---|---|---|---|---|---|---|\n"
+    lines = []
+    for r, x in enumerate(rows):
+        s = max(x["step"], 1e-12)
+        hidden = x["collective_total"] - x["collective"]
+        lines.append(f"| {r} | {x['step'] * 1e3:.1f} | " + " | ".join(
+            f"{x[k] * 1e3:.1f} ({x[k] / s:.0%})" for k in KINDS) + f" | {x['collective_total'] * 1e3:.1f} "
+            f"({hidden * 1e3:.1f}) |")
+    return head + "\n".join(lines)
+
+
+def clock(device: torch.device) -> float:
+    """Wall time after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,63 @@
+"""Per-rank profiling (issue 17, item 4): parallel/rank_profile.py splits each instant of a step
+into compute / exposed collective / pipeline wait / idle exactly once, and `megaflow profile` under
+a multi-process launch reports that for every rank of the config's layout and writes one trace per
+rank (real gloo processes, PP=2 with 2 micro-batches)."""
+import json
+
+import pytest
+
+from parallel.rank_profile import STEP, breakdown, classify, work_intervals
+from tests.distributed import run_distributed
+
+
+def test_breakdown_counts_each_instant_once():
+    # compute 0-4, an all-reduce 3-6 (1 unit hidden behind compute), a recv 7-9, nothing 6-7 and 9-10
+    got = breakdown([(0, 4, "compute"), (3, 6, "collective"), (7, 9, "p2p_wait")], [(0, 10)])
+    assert got == {"compute": 4.0, "collective": 2.0, "p2p_wait": 2.0, "idle": 2.0, "collective_total": 3.0}
+    # only what lies inside the steps counts; a step with no event at all is idle
+    got = breakdown([(0, 4, "compute")], [(2, 3), (20, 25)])
+    assert got["compute"] == 1.0 and got["idle"] == 5.0
+
+
+def test_device_work_leaves_out_profiler_ranges():
+    """On CUDA the step's own range is also recorded on the device (a user annotation spanning the
+    whole step): counted as a kernel, it made every instant 'compute' (seen on 2 H200s)."""
+    from types import SimpleNamespace as E
+    from torch.autograd import DeviceType
+    span = lambda a, b: E(start=a, end=b)  # noqa: E731
+    events = [E(name=STEP, device_type=DeviceType.CPU, is_user_annotation=True, time_range=span(0, 10)),
+              E(name=STEP, device_type=DeviceType.CUDA, is_user_annotation=True, time_range=span(0, 10)),
+              E(name="## forward ##", device_type=DeviceType.CUDA, is_user_annotation=True, time_range=span(0, 9)),
+              E(name="sm90_gemm", device_type=DeviceType.CUDA, is_user_annotation=False, time_range=span(0, 4)),
+              E(name="ncclDevKernel_AllReduce_Sum_f32", device_type=DeviceType.CUDA, is_user_annotation=False,
+                time_range=span(3, 6))]
+    got = breakdown(work_intervals(events, cuda=True), [(0, 10)])
+    assert got == {"compute": 4.0, "collective": 2.0, "p2p_wait": 0.0, "idle": 4.0, "collective_total": 3.0}
+
+
+@pytest.mark.parametrize("name, kind", [("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "collective"),
+                                        ("ncclDevKernel_SendRecv", "p2p_wait"),
+                                        ("ncclKernel_AllGather_RING_LL_Sum_bfloat16", "collective"),
+                                        ("sm90_xmma_gemm_bf16bf16_bf16f32", "compute"),
+                                        ("gloo:all_reduce", "collective"), ("aten::mm", "compute")])
+def test_classify(name, kind):
+    assert classify(name) == kind
+
+
+def _profile_cli(rank, world, out):
+    from tools.profile_step import main
+    assert main(["--tiny", "--device", "cpu", "--set", "parallel.pp=2", "--set", "parallel.micro_batches=2",
+                 "--steps", "1", "--warmup", "1", "--profile", "1", "--trace", f"{out}/traces",
+                 "--json", f"{out}/ranks.json"]) == 0
+
+
+def test_megaflow_profile_under_torchrun_reports_every_rank(tmp_path):
+    run_distributed(_profile_cli, 2, str(tmp_path))
+    rows = json.loads((tmp_path / "ranks.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["config"] and len(rows[0]["ranks"]) == 2
+    for r in rows[0]["ranks"]:
+        p = r["profile"]
+        parts = p["compute"] + p["collective"] + p["p2p_wait"] + p["idle"]
+        assert abs(parts - p["step"]) <= 1e-6 + 1e-3 * p["step"], p  # every instant counted once
+        assert p["compute"] > 0 and p["step"] > 0, p
+    assert sorted(f.name for f in (tmp_path / "traces").iterdir()) == ["config.rank0.json", "config.rank1.json"]
