@@ -608,9 +608,11 @@ class Sampling:
         if topo is not None:
             from parallel.sampling import sampling_model, sequence_parallel
             self.split = sampling_model(model, engine, topo)
-            if sequence_parallel(model) and topo.rank == 0 and (cfg.train.sample_every or cfg.train.report):
-                log.warning("parallel.sequence_parallel: no sample grids or quality report in this run (decoding "
-                            "feeds one token at a time); judge a checkpoint with tools/eval_quality.py")
+            if (self.split is None and sequence_parallel(model) and topo.rank == 0
+                    and (cfg.train.sample_every or cfg.train.report)):
+                log.warning("parallel.sequence_parallel with layers whose sequence split cannot be switched off "
+                            "for decoding (parallel.backend): no sample grids or quality report in this run; "
+                            "judge a checkpoint with tools/eval_quality.py")
 
     def run(self, fn, *args, **kwargs):
         """fn(model, *args, **kwargs) on this rank, or None where this rank sits sampling out. Several
@@ -619,7 +621,7 @@ class Sampling:
             from parallel.sampling import sampling_scope
             if self.split is None:
                 return None
-            with sampling_scope(self.engine):
+            with sampling_scope(self.model, self.engine, self.topo):
                 return fn(self.split, *args, **kwargs)
         return fn(self._one_process(), *args, **kwargs)
 

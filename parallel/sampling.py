@@ -15,8 +15,12 @@ Who takes part: ZeRO-3, every rank (its gathers are collective over data paralle
 the ranks of data-parallel replica 0 (the others get None). They run the same sampling loop with
 the same seeds and draw the same samples, so every rank that takes part computes the same figures;
 global rank 0 writes the files. The weights are the live ones (bf16 under bf16 parameters).
-Not under parallel.sequence_parallel (decoding feeds one token at a time): there the run skips its
-grids and report and says so; tools/eval_quality.py judges a checkpoint afterwards.
+Under parallel.sequence_parallel, decoding feeds one token at a time, which a sequence split cannot
+cut: `sampling_scope` turns the split off while sampling (the same tensor-parallel weights, with
+plain TP's collectives: entry norms copy instead of gathering T, row layers all-reduce instead of
+reduce-scattering, `seq_split` keeps every token) and restores it after. Layers of another backend
+(Transformer Engine) cannot be switched: there the run skips its grids and report and says so;
+tools/eval_quality.py judges a checkpoint afterwards.
 """
 from __future__ import annotations
 
@@ -35,10 +39,49 @@ def sequence_parallel(model: nn.Module) -> bool:
     return getattr(getattr(model, "seq_split", None), "tp_group", None) is not None
 
 
+def _sp_switches(module: nn.Module) -> Optional[list]:
+    """(module, attribute, value without SP) for every sequence-parallel switch in `module`, or None
+    if some layer's split cannot be switched off (not one of parallel/layers.py's)."""
+    from parallel.layers import ParallelRMSNorm, RowParallelLinear
+    out = []
+    if sequence_parallel(module):
+        out.append((module, "seq_split", nn.Identity()))
+    for m in module.modules():
+        if not getattr(m, "sequence_parallel", False):
+            continue
+        if isinstance(m, ParallelRMSNorm):  # 'gather' fed TP layers -> 'copy'; 'gather_replicated' -> plain
+            out.append((m, "entry", {"gather": "copy", "gather_replicated": None}.get(m.entry, m.entry)))
+        elif not isinstance(m, RowParallelLinear):
+            return None
+        out.append((m, "sequence_parallel", False))
+    return out
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(modules: list):
+    """Plain tensor parallelism inside the block for `modules` (see the file docstring)."""
+    saved = []
+    try:
+        for module in modules:
+            for m, name, value in _sp_switches(module):
+                saved.append((m, name, getattr(m, name)))
+                setattr(m, name, value)
+        yield
+    finally:
+        for m, name, value in reversed(saved):
+            setattr(m, name, value)
+
+
+def _modules(model: nn.Module, engine, topo) -> list:
+    return [s.module for s in engine.stages] if topo.pp > 1 else [model]
+
+
 def sampling_model(model: nn.Module, engine, topo) -> Optional[object]:
-    """See the file docstring. None everywhere under sequence parallelism: decoding feeds one token
-    at a time, which a sequence split cannot cut (the caller says so and skips sampling)."""
-    if sequence_parallel(model) or (not is_zero3(engine) and topo.dp_rank != 0):
+    """See the file docstring. None everywhere where sequence parallelism cannot be switched off
+    (the caller says so and skips sampling)."""
+    if any(_sp_switches(m) is None for m in _modules(model, engine, topo)):
+        return None
+    if not is_zero3(engine) and topo.dp_rank != 0:
         return None
     if topo.pp > 1:
         from parallel.pipeline_generate import PipelinedModel
@@ -46,12 +89,12 @@ def sampling_model(model: nn.Module, engine, topo) -> Optional[object]:
     return engine.module.model if is_zero3(engine) else model
 
 
-def sampling_scope(engine):
-    """ZeRO-3: the parameters held by modules that have children (STARFlow2.flow_start, the FAE's
-    position table, ...), which their methods read outside a forward, gathered while it is open;
-    a no-op for other engines."""
+def sampling_scope(model: nn.Module, engine, topo):
+    """Sequence parallelism switched off (see the file docstring); under ZeRO-3 the parameters held
+    by modules that have children (STARFlow2.flow_start, the FAE's position table, ...), which their
+    methods read outside a forward, gathered while it is open."""
     if not is_zero3(engine):
-        return contextlib.nullcontext()
+        return sequence_parallel_off(_modules(model, engine, topo))
     from parallel.zero import import_deepspeed
     module = engine.module.model
     deepspeed = import_deepspeed(next(module.parameters()).device.type)

@@ -1,4 +1,5 @@
-"""Sample grids and the quality report under TP2, PP2 and ZeRO-3 (DP2) run on the split model
+"""Sample grids and the quality report under TP2, TP2 with sequence parallelism (switched off while
+sampling), PP2 and ZeRO-3 (DP2) run on the split model
 (real gloo processes, configs/tiny.yaml on the digits data, randomised weights).
 
 Contract: on the same weights, for each layout, the report that rank 0 writes (report.json's
@@ -25,7 +26,8 @@ from tests.parallel.test_zero import deepspeed_ops  # noqa: F401 (fixture)
 from tests.train.conftest import TINY
 
 REPORT = ["train.report_samples=1", "train.report_images=4", "train.report_docs=1"]
-LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2, micro_batches=2), "zero3": dict(zero_stage=3)}
+LAYOUTS = {"tp2": dict(tp=2), "tp2sp": dict(tp=2, sequence_parallel=True), "pp2": dict(pp=2, micro_batches=2),
+           "zero3": dict(zero_stage=3)}
 GRID = "pp2"  # the training-time grid takes as many sampling calls as the report: checked on one layout (fast)
 
 
@@ -101,17 +103,33 @@ def test_report_and_grids_under_tp_pp_zero3_equal_one_process(tiny_sets, tmp_pat
     assert got[0]["zero3"]["held"] == got[1]["zero3"]["held"] == 0, "ZeRO-3 weights left gathered"
 
 
-def test_sequence_parallel_runs_sit_sampling_out(caplog):
-    """Under sequence parallelism (decoding feeds one token at a time, which a sequence split cannot
-    cut) no rank samples: grids and the report are skipped with a warning naming the tool that
-    judges a checkpoint afterwards, instead of failing at the end of the run."""
+def test_sequence_parallel_is_switched_off_for_sampling_and_restored(caplog):
+    """Decoding feeds one token at a time, which a sequence split cannot cut: while sampling, the
+    SP switches of parallel/layers.py's layers are off (and back on after, even on an error); a layer
+    whose split cannot be switched (another backend's) makes the run skip grids and the report with
+    a warning naming the tool that judges a checkpoint afterwards, instead of failing at the end."""
     from types import SimpleNamespace
+    from megaflow.model.layers import RMSNorm
     from megaflow.model.starflow import build_model
     from megaflow.train import Sampling
-    from parallel.layers import SequenceSplit
+    from parallel.layers import ParallelRMSNorm, SequenceSplit
+    from parallel.sampling import sequence_parallel_off
     from tests.helpers import tiny_config
     model = build_model(tiny_config())
-    model.seq_split = SequenceSplit(group=object())  # what apply_tp installs under sequence_parallel
+    split = model.seq_split = SequenceSplit(group=object())  # what apply_tp installs under sequence_parallel
+    norm = model.flow_norm = ParallelRMSNorm.from_dense(RMSNorm(model.flow_norm.weight.shape[0]), object(),
+                                                       "gather_replicated", True)
+    try:
+        with sequence_parallel_off([model]):
+            assert isinstance(model.seq_split, torch.nn.Identity) and norm.entry is None and not norm.sequence_parallel
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert model.seq_split is split and norm.entry == "gather_replicated" and norm.sequence_parallel
+
+    class OtherBackendLinear(torch.nn.Linear):
+        sequence_parallel = True
+    model.flow_in = OtherBackendLinear(2, 2)
     cfg = load_config(str(TINY), ["train.report=true"])
     topo = SimpleNamespace(rank=0, dp_rank=0, tp=2, pp=1)
     sampling = Sampling(cfg, None, model, SimpleNamespace(), topo, torch.device("cpu"))
