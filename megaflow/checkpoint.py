@@ -83,6 +83,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a file's data to disk before the commit: a power loss must not leave `latest` naming
+    torn files after older checkpoints were pruned."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _pid_alive(pid: str) -> bool:
     return pid.isdigit() and Path(f"/proc/{pid}").exists()
 
@@ -142,6 +152,9 @@ def commit_checkpoint(root: str | Path, tmp: Path, step: int, keep_last: int = 2
         paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
         sums = {k: known[k] if k in known else file_digest(tmp / k) for k in files}
+        for k in files:  # sharded files were fsync'd by their writers
+            if k not in known:
+                _fsync_file(tmp / k)
         meta = {"format": FORMAT, "step": step, "time": time.time(), "files": files, "hash": HASH,
                 "checksums": sums, **(extra_meta or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
