@@ -204,12 +204,11 @@ class PlainEngine:
         if self.dp_group is not None:
             from parallel.data_parallel import allreduce_gradients
             allreduce_gradients(self.params, self.dp_group, average=False)
-        clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        # NaN/Inf anywhere in the gradients makes the norm non-finite: the update is skipped (on CUDA the
-        # fused AdamW is gated on the device, nothing is read back). With dp_group the gradients were summed
-        # above, so every replica sees the same norm and skips the same steps.
-        skipped = self.weights.step_if_finite(norm)
+        # Clipping, then AdamW. NaN/Inf anywhere in the gradients makes the norm non-finite: the update is
+        # skipped (on CUDA the fused AdamW is gated on the device and applies the clipping itself, nothing
+        # is read back). With dp_group the gradients were summed above, so every replica sees the same
+        # norm and skips the same steps.
+        norm, skipped = self.weights.clip_and_step(self.cfg.train.grad_clip)
         value = metrics.pop("global_loss", loss.detach())
         return {"loss": value, "grad_norm": norm.detach(), "skipped": skipped, **metrics}
 

@@ -245,3 +245,39 @@ def test_pipeline_engine_bf16_weights_match_one_process():
         for got, want in zip(out["loss"], out["ref"]):
             assert abs(got - want) < 1e-3 * max(1.0, abs(want)), (out["loss"], out["ref"])
         assert out["update_mismatch"] < 0.05, out["update_mismatch"]  # measured 0.011
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 0.0])
+def test_clip_in_fused_adamw_equals_clip_grad_norm(max_norm):
+    """MainWeights.clip_and_step: the fused AdamW applies clip_grad_norm_'s clipping as its
+    grad_scale (no separate pass over the gradients); its moments, weights and gradients equal
+    torch's clip_grad_norm_ followed by the foreach AdamW, and the clipping really applied (the
+    moments differ from an unclipped step's). max_norm 0: no clipping."""
+    cfg = run_config()
+    batch = make_batch(cfg.model)
+    noise = make_noise(cfg.model, batch)
+    runs = {}
+    for way in ("fused", "reference", "unclipped"):
+        model = build_model(cfg.model, seed=0)
+        w = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.bfloat16, fused=way == "fused")
+        w.zero_grad()
+        model(batch, noise)[0].float().backward()
+        w.grads_to_main()
+        if way == "fused":
+            norm, skipped = w.clip_and_step(max_norm)
+            assert float(skipped) == 0.0
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(w.params, max_norm if way == "reference" and max_norm > 0
+                                                  else float("inf"))
+            w.step()
+        runs[way] = (w, norm)
+    (fused, n_fused), (ref, n_ref) = runs["fused"], runs["reference"]
+    torch.testing.assert_close(n_fused, n_ref, rtol=1e-5, atol=0)
+    assert float(n_ref) > 1e-2  # so max_norm 1e-3 clips
+    for p, q, u in zip(fused.params, ref.params, runs["unclipped"][0].params):
+        sp, sq, su = fused.optimizer.state[p], ref.optimizer.state[q], runs["unclipped"][0].optimizer.state[u]
+        torch.testing.assert_close(sp["exp_avg"], sq["exp_avg"], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        if max_norm > 0 and su["exp_avg"].abs().max() > 0:
+            assert not torch.allclose(sp["exp_avg"], su["exp_avg"])
