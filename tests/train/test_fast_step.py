@@ -150,10 +150,11 @@ def loss_and_grads(model, batch, noise):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode", ["ac_full", "ac_selective", "compile", "compile_ac_full"])
+@pytest.mark.parametrize("mode", ["ac_full", "ac_selective", "compile", "compile_ac_full", "compile_unit_ac_selective"])
 def test_speedups_equal_eager(mode):
-    """Activation checkpointing and per-block compilation: eager's loss and gradients; evaluation
-    and generation (no grad, or a KV cache) bypass both."""
+    """Activation checkpointing and regional compilation (per block, or per Pretzel unit and shallow
+    coupling with the blocks' checkpointing inside): eager's loss and gradients; evaluation and
+    generation (no grad, or a KV cache) bypass both."""
     cfg = tiny_config()
     batch, noise = make_batch(cfg), make_noise(cfg, make_batch(cfg))
     ref = build_model(cfg, seed=0)
@@ -162,7 +163,10 @@ def test_speedups_equal_eager(mode):
         torch._dynamo.reset()
     if "full" in mode or "selective" in mode:
         assert apply_ac(model, "full" if "full" in mode else "selective") == len(transformer_blocks(model))
-    if mode.startswith("compile"):
+    if mode.startswith("compile_unit"):
+        regions = len(model.units) + len(model.shallow.blocks)
+        assert apply_compile(model, backend="aot_eager", scope="unit") == regions
+    elif mode.startswith("compile"):
         assert apply_compile(model, backend="aot_eager") == len(transformer_blocks(model))
     loss_ref, grads_ref = loss_and_grads(ref, batch, noise)
     loss, grads = loss_and_grads(model, batch, noise)
