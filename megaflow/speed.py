@@ -111,6 +111,8 @@ def _unit_forward(self: PretzelUnit, state: tuple, ctx) -> tuple:
 def _coupling(self: ShallowFlowBlock, xo: torch.Tensor) -> tuple:
     if not torch.is_grad_enabled():
         return ShallowFlowBlock.coupling(self, xo)
+    if not xo.requires_grad:  # the first block's input (the FAE latent): one graph for every block (its
+        xo = xo.detach().requires_grad_()  # gradient, one small matmul, is computed and dropped)
     return self.compiled_coupling(self, xo)
 
 
