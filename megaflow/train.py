@@ -388,13 +388,14 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
     sharded checkpoint `ckpt` of any layout, every rank reads its own pieces of the weights and
     optimizer state (collective); init_from a sharded checkpoint: its weights, the same way. A
     one-process init_from or hf_lm: the one-process model is built on the CPU and sliced."""
+    from megaflow.model.layers import fuse_legacy
     from parallel.checkpoint import check_format, is_sharded, load_engine_state
     from parallel.runtime import build_engine, build_stages
     full = init_from = None
     if ckpt is not None:
         check_format(ckpt)
         if not is_sharded(ckpt):  # a one-process checkpoint: its model.pt, sliced; AdamW state by name
-            full = load_file(ckpt, "model.pt")
+            full = fuse_legacy(load_file(ckpt, "model.pt"))  # (written before the fused projections: fused here)
     elif cfg.train.init_from and not cfg.train.hf_lm and is_sharded(resolve(cfg.train.init_from)):
         init_from = resolve(cfg.train.init_from)  # each rank reads its own pieces, after the build
     elif cfg.train.init_from or cfg.train.hf_lm:

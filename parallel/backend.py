@@ -6,7 +6,7 @@ A backend answers three questions for a transformer block: the norm in front of 
 a column-parallel linear, a row-parallel linear. Both backends shard weights identically (output
 rows for column, input columns for row, contiguous by rank), so checkpoints move between them.
 The difference is who communicates on entry to a region: the local backend lets the norm do it once
-for q, k and v together (`ParallelRMSNorm(entry='copy'|'gather')`); Transformer Engine layers do it
+for the fused qkv (and gate/up) (`ParallelRMSNorm(entry='copy'|'gather')`); Transformer Engine layers do it
 themselves, so under 'te' the norm only keeps its sequence-parallel gradient exact.
 
 Transformer Engine is imported only when backend == 'te'. Everything outside transformer blocks
@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from megaflow.model.layers import RMSNorm
 from parallel.comm import group_size
+from parallel.fused import all_sharded
 from parallel.layers import ColumnParallelLinear, ParallelRMSNorm, RowParallelLinear, copy_shards
 
 BACKENDS = ("local", "te")
@@ -47,8 +48,8 @@ class LocalBackend:
     def entry_norm(self, norm: RMSNorm, group, sequence_parallel: bool) -> nn.Module:
         return ParallelRMSNorm.from_dense(norm, group, "gather" if sequence_parallel else "copy", sequence_parallel)
 
-    def column(self, lin: nn.Linear, group, sequence_parallel: bool) -> nn.Module:
-        return ColumnParallelLinear.from_dense(lin, group, input_comm="none")
+    def column(self, lin: nn.Linear, group, sequence_parallel: bool, parts=None) -> nn.Module:
+        return ColumnParallelLinear.from_dense(lin, group, input_comm="none", parts=parts)
 
     def row(self, lin: nn.Linear, group, sequence_parallel: bool) -> nn.Module:
         return RowParallelLinear.from_dense(lin, group, sequence_parallel=sequence_parallel)
@@ -76,17 +77,19 @@ class TEBackend:
     def entry_norm(self, norm: RMSNorm, group, sequence_parallel: bool) -> nn.Module:
         return ParallelRMSNorm.from_dense(norm, group, None, sequence_parallel)
 
-    def _linear(self, lin: nn.Linear, group, sequence_parallel: bool, mode: str) -> nn.Module:
+    def _linear(self, lin: nn.Linear, group, sequence_parallel: bool, mode: str, parts=None) -> nn.Module:
         cls = self.seq_first_linear if sequence_parallel else self.te.Linear
         new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, tp_group=group,
                   tp_size=group_size(group), parallel_mode=mode, sequence_parallel=sequence_parallel,
                   params_dtype=lin.weight.dtype, device=lin.weight.device)
         new.tp_group = group
         new.tp_shards = {"weight": 0, "bias": 0} if mode == "column" else {"weight": 1}
+        if parts is not None:  # a fused projection: each part split on its own (parallel/fused.py)
+            new.tp_parts = {"weight": all_sharded(parts), "bias": all_sharded(parts)}
         return copy_shards(new, lin)
 
-    def column(self, lin: nn.Linear, group, sequence_parallel: bool) -> nn.Module:
-        return self._linear(lin, group, sequence_parallel, "column")
+    def column(self, lin: nn.Linear, group, sequence_parallel: bool, parts=None) -> nn.Module:
+        return self._linear(lin, group, sequence_parallel, "column", parts)
 
     def row(self, lin: nn.Linear, group, sequence_parallel: bool) -> nn.Module:
         return self._linear(lin, group, sequence_parallel, "row")
@@ -101,7 +104,7 @@ class TEBackend:
         return copy_shards(new, lin)
 
 
-BLOCK_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+BLOCK_LINEARS = (("self_attn", ("qkv", "o_proj")), ("mlp", ("gate_up", "down_proj")))
 
 
 def apply_te_dense(model: nn.Module) -> nn.Module:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megaflow.checkpoint import CheckpointError, begin_checkpoint, commit_checkpoint, validate
+from megaflow.model.layers import fuse_legacy
 
 FORMAT = "megaflow-dcp-1"
 STATE = "state"
@@ -105,17 +106,22 @@ def load_engine_state(engine, ckpt: Path, topo=None, weights_only: bool = False)
 def read_sharded(ckpt: Path, weights_only: bool = False) -> tuple:
     """(weights {name: whole tensor}, optimizer {name: {'exp_avg', 'exp_avg_sq'}, 'step': int}) of
     a sharded checkpoint, in this process: for offline tools (export, conversion, inspection),
-    which hold the whole model by definition; training never calls it."""
+    which hold the whole model by definition; training never calls it. Names are the fused model's
+    also for a checkpoint written before the fusion (megaflow.model.layers.fuse_legacy)."""
     from parallel.dcp_boxes import checkpoint_keys, read_full
     d = Path(ckpt) / STATE
     keys = list(checkpoint_keys(d))
     wanted = [k for k in keys if k.startswith("model/") or (not weights_only and k.startswith("optim/"))]
     full = read_full(d, wanted)
-    weights = {k[len("model/"):]: v for k, v in full.items() if k.startswith("model/")}
+    weights = fuse_legacy({k[len("model/"):]: v for k, v in full.items() if k.startswith("model/")})
     optim: dict = {"step": int(full.get("optim/step") or 0)}
+    moments: dict = {}
     for k, v in full.items():
         if k.startswith("optim/") and k != "optim/step":
             name, moment = k[len("optim/"):].rsplit("/", 1)
+            moments.setdefault(moment, {})[name] = v
+    for moment, by_name in moments.items():  # (written before the fusion: separate q/k/v moments, fused here)
+        for name, v in fuse_legacy(by_name).items():
             optim.setdefault(name, {})[moment] = v
     return weights, optim
 

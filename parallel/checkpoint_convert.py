@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.checkpoint_state import (MOMENTS, entries, is_zero, load_targets, model_key, optim_key,
+from parallel.checkpoint_state import (MOMENTS, Placer, entries, is_zero, load_targets, model_key, optim_key,
                                        set_zero_step)
 from parallel.dcp_boxes import Boxes, checkpoint_keys, load_boxes
 
@@ -58,19 +58,26 @@ def load_engine_from_one_process(engine, model_pt: dict, optim_pt: dict, model_c
 
 @torch.no_grad()
 def load_weights(model, directory: Path, strict: bool = True) -> list:
-    """One process: the weights of a DCP checkpoint into `model` (a plain STARFlow2), whole tensors;
-    returns the keys the checkpoint lacks (an error when `strict`)."""
+    """One process: the weights of a DCP checkpoint into `model` (a plain STARFlow2), whole tensors
+    (fused projections from their old separate keys too: Placer); returns the keys the checkpoint
+    lacks (an error when `strict`)."""
     keys = checkpoint_keys(directory)
+    place = Placer([model], keys)
     state, missing = {}, []
     for name, t in entries([model]).items():
-        key = model_key(name)
-        if key not in keys:
+        found = []
+
+        def boxes(key: str, size):
+            if key not in keys:
+                found.append(False)
+                return None
+            if tuple(keys[key]) != tuple(size):
+                raise ValueError(f"{key[len('model/'):]!r} has shape {tuple(keys[key])} in the checkpoint but "
+                                 f"{tuple(size)} in this model: the checkpoint was made with another model config")
+            return state.setdefault(key, Boxes(size))
+        place.add(boxes, model_key, name, t.shape, t.data)
+        if found:
             missing.append(name)
-        elif tuple(keys[key]) != tuple(t.shape):
-            raise ValueError(f"{name!r} has shape {tuple(keys[key])} in the checkpoint but {tuple(t.shape)} in this "
-                             f"model: the checkpoint was made with another model config")
-        else:
-            state[key] = Boxes(t.shape, [([0] * t.dim(), t.data)])
     if strict and missing:
         raise ValueError(f"the checkpoint has no weights for {missing[:3]} ({len(missing)} entries): it was written "
                          f"for another model")

@@ -15,7 +15,10 @@ Who writes what (parallel/dcp_boxes.py turns it into files):
                                frozen ones and buffers: whole TP shards, like ParallelEngine
     ZeroEngine ZeRO-3          the same for every parameter (frozen ones from their partitions)
 Loading builds the same description with destinations instead of sources, so any engine at any
-layout reads any checkpoint. The last pipeline stage's copy of a tied embedding is saved as
+layout reads any checkpoint. A fused projection (qkv = [q; k; v], gate_up = [gate; up]) is stored
+fused, as the one-process model names it; a TP shard of it is several boxes, one per part
+(parallel/fused.py). Checkpoints from before the fusion (separate q_proj/k_proj/v_proj,
+gate_proj/up_proj keys) load too: each part's boxes are read from its old key (`Placer`). The last pipeline stage's copy of a tied embedding is saved as
 `lm_head.weight` (weights and moments); a checkpoint without it (one process, where the two are
 one tensor) feeds it from `embed_tokens.weight`.
 
@@ -24,15 +27,18 @@ formats (parallel/checkpoint_convert.py).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megaflow.model.layers import legacy_parts
 from parallel.checkpoint_tp import shard_layout
 from parallel.comm import group_rank, group_size
 from parallel.dcp_boxes import Boxes, add_flat, checkpoint_keys, load_boxes, save_boxes
+from parallel.fused import fused_layout, pieces
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "optim/step"
@@ -45,6 +51,10 @@ def model_key(name: str) -> str:
 
 def optim_key(name: str, moment: str) -> str:
     return f"optim/{name}/{moment}"
+
+
+def _moment_key(moment: str):
+    return lambda name: optim_key(name, moment)
 
 
 # ----- the engine's parts -------------------------------------------------------------------------
@@ -99,6 +109,63 @@ def _place(name: str, local_shape, layout: dict) -> tuple:
     return size, origin
 
 
+class Placer:
+    """Where the local tensors of `modules` go in the global (one-process) checkpoint.
+
+    `where(name, local_shape)` -> [(checkpoint name, global size, origin, local rows or None)]: one
+    piece for a plain tensor (its TP shard's place), one per part for a fused projection. With
+    `keys` (a checkpoint's), a fused entry that the checkpoint has only under its parts' old names
+    (written before the fusion) is addressed by those names instead."""
+
+    def __init__(self, modules: list, keys: Optional[dict] = None):
+        self.layout = {k: v for m in modules for k, v in shard_layout(m).items()}
+        self.fused = {k: v for m in modules for k, v in fused_layout(m).items()}
+        self.keys = keys
+
+    def _legacy(self, name: str) -> bool:
+        old = legacy_parts(name)
+        return (self.keys is not None and old is not None and model_key(name) not in self.keys
+                and all(model_key(o) in self.keys for o in old))
+
+    def where(self, name: str, local_shape) -> list:
+        size, origin = _place(name, local_shape, self.layout)
+        parts = self.fused.get(name)
+        dim, group = self.layout.get(name, (0, None))
+        n, rank = group_size(group), group_rank(group)
+        if parts is None or not local_shape or local_shape[0] != sum(p.rows for p in pieces(parts, n, rank)):
+            return [(name, size, origin, None)]  # (an empty Transformer Engine bias placeholder too)
+        rest, zeros = list(local_shape[1:]), [0] * (len(local_shape) - 1)
+        own = pieces(parts, n, rank)
+        if self._legacy(name):
+            return [(old, [parts[p.part][0]] + rest, [p.offset] + zeros, (p.local, p.rows))
+                    for p, old in zip(own, legacy_parts(name))]
+        full = [sum(rows for rows, _ in parts)] + rest
+        return [(name, full, [p.start] + zeros, (p.local, p.rows)) for p in own]
+
+    def add(self, get_boxes, key_of, name: str, local_shape, t: torch.Tensor, start: Optional[int] = None) -> None:
+        """Add `t` (the local tensor `name`, or with `start` its flat elements [start, start + numel))
+        as boxes: `get_boxes(key, global size)` -> Boxes (None: skip), `key_of(name)` -> key."""
+        row = math.prod(local_shape[1:]) if local_shape else 1
+        for pname, size, origin, rows in self.where(name, local_shape):
+            boxes = get_boxes(key_of(pname), size)
+            if boxes is None:
+                continue
+            if rows is None:
+                if start is None:
+                    boxes.add(origin, t)
+                else:
+                    add_flat(boxes, local_shape, origin, start, t)
+                continue
+            shape = [rows[1]] + list(local_shape[1:])
+            if start is None:
+                boxes.add(origin, t.narrow(0, rows[0], rows[1]))
+                continue
+            lo, hi = rows[0] * row, (rows[0] + rows[1]) * row  # the piece's flat range in the local tensor
+            a, b = max(start, lo), min(start + t.numel(), hi)
+            if a < b:
+                add_flat(boxes, shape, origin, a - lo, t[a - start:b - start])
+
+
 def _zero3_piece(p, dp_rank: int) -> tuple:
     """(start, numel) of a ZeRO-3 parameter's local partition in its flattened (TP-local) tensor."""
     part = p.ds_tensor.ds_numel
@@ -123,7 +190,7 @@ def state_to_save(engine, topo=None) -> dict:
     """{key: Boxes or object}: this rank's pieces of the training state (see the file docstring)."""
     from parallel.zero_checkpoint import ensure_optimizer_state, local_fragments
     modules = _modules(engine)
-    layout = {k: v for m in modules for k, v in shard_layout(m).items()}
+    place = Placer(modules)
     trainable = _trainable(engine, modules)
     zero = engine.stage if is_zero(engine) else 0
     dp_rank = topo.dp_rank if topo is not None else 0
@@ -131,35 +198,35 @@ def state_to_save(engine, topo=None) -> dict:
         ensure_optimizer_state(engine)  # moments exist (zeros, step 0) before the first step too
     main_of = _main_of(engine)
     state = {}
+
+    def boxes(key: str, size) -> Boxes:
+        return state.setdefault(key, Boxes(size))
+
     for name, t in entries(modules).items():
         if zero and name in trainable:
             continue  # its fp32 master fragment, below
         if name in trainable:
             t = main_of(t)  # mixed precision: the fp32 main weight, so the checkpoint keeps full precision
-        size, origin = _place(name, _local_shape(t), layout)
-        boxes = state[model_key(name)] = Boxes(size)
         if zero == 3 and hasattr(t, "ds_tensor"):
             start, n = _zero3_piece(t, dp_rank)
-            add_flat(boxes, _local_shape(t), origin, start, t.ds_tensor.detach().flatten()[:n])
+            place.add(boxes, model_key, name, _local_shape(t), t.ds_tensor.detach().flatten()[:n], start)
         else:
-            boxes.add(origin, t.detach())
+            place.add(boxes, model_key, name, _local_shape(t), t.detach())
     if zero:
         for name, (start, n, pieces) in local_fragments(engine).items():
-            p = trainable[name]
-            size, origin = _place(name, _local_shape(p), layout)
+            shape = _local_shape(trainable[name])
             for key, piece in pieces.items():
-                boxes = state.setdefault(model_key(name) if key == "fp32" else optim_key(name, key), Boxes(size))
-                add_flat(boxes, _local_shape(p), origin, start, piece.detach().flatten()[:n])
+                key_of = model_key if key == "fp32" else _moment_key(key)
+                place.add(boxes, key_of, name, shape, piece.detach().flatten()[:n], start)
         from parallel.zero_checkpoint import _adam_step
         state[STEP] = _adam_step(engine)
         return state
     opt = engine.optimizer
     for name, p in trainable.items():
-        size, origin = _place(name, p.shape, layout)
         p = main_of(p)
         st = opt.state.get(p, {})
         for k in MOMENTS:
-            state[optim_key(name, k)] = Boxes(size, [(origin, st[k] if k in st else torch.zeros_like(p))])
+            place.add(boxes, _moment_key(k), name, p.shape, st[k] if k in st else torch.zeros_like(p))
     state[STEP] = _adamw_step(opt)
     return state
 
@@ -172,11 +239,13 @@ def save_engine(engine, directory: Path, topo=None, group=None) -> None:
 # ----- load ---------------------------------------------------------------------------------------
 class _Targets:
     """The load description under construction: {checkpoint key: Boxes of destinations}, the
-    checkpoint's keys (with the tied-embedding alias), and the copies to run after the read."""
+    checkpoint's keys (with the tied-embedding alias), and the copies to run after the read.
+    `add(key_of, name, shape, t, start)`: as Placer.add; returns False when the checkpoint lacks
+    the entry (or, weights only, its kind)."""
 
-    def __init__(self, keys: dict, weights_only: bool = False):
+    def __init__(self, keys: dict, place: Placer, weights_only: bool = False):
         self.keys, self.state, self.after, self.missing = keys, {}, [], []
-        self.weights_only = weights_only
+        self.place, self.weights_only = place, weights_only
 
     def boxes(self, key: str, size) -> Optional[Boxes]:
         if self.weights_only and not key.startswith("model/"):
@@ -191,84 +260,78 @@ class _Targets:
             key = alias
         return self.state.setdefault(key, Boxes(size))
 
+    def add(self, key_of, name: str, shape, t: torch.Tensor, start: Optional[int] = None) -> bool:
+        found = []
+
+        def boxes(key: str, size):
+            found.append(self.boxes(key, size))
+            return found[-1]
+        self.place.add(boxes, key_of, name, shape, t, start)
+        return all(b is not None for b in found)
+
 
 @torch.no_grad()
 def load_targets(engine, topo, keys: dict, weights_only: bool = False) -> "_Targets":
     from parallel.zero_checkpoint import ensure_optimizer_state, local_fragments
     modules = _modules(engine)
-    layout = {k: v for m in modules for k, v in shard_layout(m).items()}
     trainable = _trainable(engine, modules)
     zero = engine.stage if is_zero(engine) else 0
     dp_rank = topo.dp_rank if topo is not None else 0
-    tg = _Targets(keys, weights_only)
+    tg = _Targets(keys, Placer(modules, keys), weights_only)
     main_of = _main_of(engine)
     for name, t in entries(modules).items():
         if zero and name in trainable:
             continue
-        size, origin = _place(name, _local_shape(t), layout)
-        boxes = tg.boxes(model_key(name), size)
-        if boxes is None:
-            continue
+        shape = _local_shape(t)
         if name in trainable and main_of(t) is not t:  # mixed precision: into the fp32 main weight, then
             main = main_of(t)                          # the (bf16) parameter from it
-            boxes.add(origin, main.data)
-            tg.after.append(lambda _step, t=t, main=main: t.data.copy_(main))
-            continue
-        if zero == 3 and hasattr(t, "ds_tensor"):
+            if tg.add(model_key, name, shape, main.data):
+                tg.after.append(lambda _step, t=t, main=main: t.data.copy_(main))
+        elif zero == 3 and hasattr(t, "ds_tensor"):
             start, n = _zero3_piece(t, dp_rank)
-            add_flat(boxes, _local_shape(t), origin, start, t.ds_tensor.data.flatten()[:n])
+            tg.add(model_key, name, shape, t.ds_tensor.data.flatten()[:n], start)
         else:
-            boxes.add(origin, t.data)
+            tg.add(model_key, name, shape, t.data)
     if zero:
         ensure_optimizer_state(engine)
         for name, (start, n, pieces) in local_fragments(engine).items():
-            _zero_targets(tg, engine, trainable[name], name, start, n, pieces, layout)
+            _zero_targets(tg, engine, trainable[name], name, start, n, pieces)
         return tg
     if weights_only:
         return tg
     bufs = {}
     trainable = {name: main_of(p) for name, p in trainable.items()}  # what AdamW steps, and keys its state by
     for name, p in trainable.items():
-        size, origin = _place(name, p.shape, layout)
         bufs[name] = {k: torch.zeros_like(p) for k in MOMENTS}
         for k in MOMENTS:
-            boxes = tg.boxes(optim_key(name, k), size)
-            if boxes is not None:
-                boxes.add(origin, bufs[name][k])
+            tg.add(_moment_key(k), name, p.shape, bufs[name][k])
     tg.after.append(lambda step: _set_adamw(engine.optimizer, trainable, bufs, step))
     return tg
 
 
-def _zero_targets(tg: _Targets, engine, p, name: str, start: int, n: int, pieces: dict, layout: dict) -> None:
+def _zero_targets(tg: _Targets, engine, p, name: str, start: int, n: int, pieces: dict) -> None:
     """ZeRO-1/2: the master fragment from a whole fp32 copy of the TP shard (which also sets the
     module's (bf16) parameter), the moments straight into DeepSpeed's partitions. ZeRO-3: buffers
     of the fragment, handed to DeepSpeed's setters."""
     shape = _local_shape(p)
-    size, origin = _place(name, shape, layout)
     if engine.stage < 3:
         whole = torch.empty(shape, dtype=torch.float32, device=pieces["fp32"].device)
-        boxes = tg.boxes(model_key(name), size)
-        if boxes is None:
+        if not tg.add(model_key, name, shape, whole):
             return  # weights only, and the checkpoint lacks it: it keeps its init
-        boxes.add(origin, whole)
 
         def copy(_step, p=p, whole=whole, piece=pieces["fp32"]):
             p.data.copy_(whole)
             piece.copy_(whole.flatten()[start:start + n])
         tg.after.append(copy)
         for k in MOMENTS:
-            boxes = tg.boxes(optim_key(name, k), size)
-            if boxes is not None:
-                add_flat(boxes, shape, origin, start, pieces[k].flatten()[:n])
+            tg.add(_moment_key(k), name, shape, pieces[k].flatten()[:n], start)
         return
     bufs = {k: torch.zeros(p.ds_tensor.ds_numel, dtype=torch.float32, device=p.ds_tensor.device)
             for k in ("fp32",) + MOMENTS}
-    if tg.boxes(model_key(name), size) is None:
+    if not tg.add(model_key, name, shape, bufs["fp32"][:n], start):
         return  # weights only, and the checkpoint lacks it: it keeps its init
-    for k, buf in bufs.items():
-        boxes = tg.boxes(model_key(name) if k == "fp32" else optim_key(name, k), size)
-        if boxes is not None:
-            add_flat(boxes, shape, origin, start, buf[:n])
+    for k in MOMENTS:
+        tg.add(_moment_key(k), name, shape, bufs[k][:n], start)
 
     def set_zero3(_step, p=p, bufs=bufs):
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state

@@ -5,7 +5,9 @@ Each layer takes its process group as an argument and is built from the dense la
 this rank's shard, so `apply_tp` works before and after initialisation. A layer names its sharded
 parameters in `tp_shards` ({param name: dim}); parameters not named there are replicated. That map is
 what checkpoint_tp.py reads to load and gather full state dicts; the Transformer Engine layers of
-backend.py carry the same map, so both backends shard (and save) weights identically.
+backend.py carry the same map, so both backends shard (and save) weights identically. A fused
+projection (QKV, gate/up) also names its parts in `tp_parts` (parallel/fused.py): each part is split
+on its own, so a rank holds its q heads and its k/v heads.
 
 Not here: which layer goes where (tensor_parallel.py), the collectives themselves (comm.py).
 """
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from megaflow.model.layers import RMSNorm
 from parallel.comm import (copy_to_tp, gather_hidden, gather_seq, group_rank, group_size, reduce_from_tp,
                            reduce_scatter_seq, split_hidden, split_seq)
+from parallel.fused import all_sharded, shard_parts
 
 
 def shard(t: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -36,13 +39,17 @@ def _param(shape, like: torch.Tensor, requires_grad: bool = True) -> nn.Paramete
 def copy_shards(new: nn.Module, old: nn.Module) -> nn.Module:
     """Fill `new`'s parameters from the dense module `old` (slicing the ones in `new.tp_shards`)
     and carry over requires_grad. On the meta device there is nothing to copy."""
-    shards = getattr(new, "tp_shards", {})
+    shards, parts = getattr(new, "tp_shards", {}), getattr(new, "tp_parts", {})
     for name, p in new.named_parameters(recurse=False):
         src = getattr(old, name, None)
         if src is None:  # e.g. an empty bias placeholder of a Transformer Engine layer
             continue
         if not src.is_meta:
-            p.copy_(shard(src, new.tp_group, shards[name]) if name in shards else src)
+            g = new.tp_group
+            if name in parts:
+                p.copy_(shard_parts(src, parts[name], group_size(g), group_rank(g)))
+            else:
+                p.copy_(shard(src, g, shards[name]) if name in shards else src)
         p.requires_grad_(src.requires_grad)
     return new
 
@@ -50,23 +57,27 @@ def copy_shards(new: nn.Module, old: nn.Module) -> nn.Module:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with the output features (rows of W, and b) split over the group: each rank
     returns its slice of the features. `input_comm`: 'none' when a ParallelRMSNorm in front already
-    entered the parallel region, 'copy' for a replicated input (backward all-reduces its gradient)."""
+    entered the parallel region, 'copy' for a replicated input (backward all-reduces its gradient).
+    `parts` (rows of each part, for a fused projection): each part is split on its own."""
     tp_shards = {"weight": 0, "bias": 0}
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group, input_comm: str = "none",
-                 like: Optional[torch.Tensor] = None):
+                 like: Optional[torch.Tensor] = None, parts: Optional[tuple] = None):
         super().__init__()
         n = group_size(group)
         assert input_comm in ("none", "copy") and out_features % n == 0
         like = like if like is not None else torch.empty(0)
         self.tp_group, self.input_comm = group, input_comm
+        if parts is not None:
+            assert sum(parts) == out_features and all(r % n == 0 for r in parts), (parts, n)
+            self.tp_parts = {"weight": all_sharded(parts), "bias": all_sharded(parts)}
         self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features // n, in_features), like)
         self.bias = _param((out_features // n,), like) if bias else None
 
     @classmethod
-    def from_dense(cls, lin: nn.Linear, group, input_comm: str = "none"):
-        new = cls(lin.in_features, lin.out_features, lin.bias is not None, group, input_comm, lin.weight)
+    def from_dense(cls, lin: nn.Linear, group, input_comm: str = "none", parts: Optional[tuple] = None):
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, group, input_comm, lin.weight, parts)
         return copy_shards(new, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,29 +137,42 @@ class RowParallelLinear(nn.Module):
 
 
 class ReplicatedKVLinear(nn.Module):
-    """k_proj / v_proj when there are fewer key/value heads than ranks: every rank keeps the full
-    weight (it is small) and uses the one head its query heads read. The weight passes through
-    copy_to_tp, so its gradient is summed over the ranks that share a head and stays replicated."""
+    """The fused QKV projection when there are fewer key/value heads than ranks: the q rows are
+    column-parallel (this rank's heads), the k and v rows whole on every rank (they are small); a rank
+    computes the one k/v head its query heads read. The k/v rows pass through copy_to_tp, so their
+    gradient is summed over the ranks and stays replicated. Output: [q_r; k_head; v_head]."""
+    tp_shards = {"weight": 0, "bias": 0}
 
-    def __init__(self, lin: nn.Linear, group, head_dim: int, kv_index: int, input_comm: str = "none"):
+    def __init__(self, lin: nn.Linear, group, sizes: tuple, head_dim: int, kv_index: int, input_comm: str = "none"):
         super().__init__()
         assert input_comm in ("none", "copy", "gather")
-        self.tp_group, self.input_comm = group, input_comm
-        self.rows = slice(kv_index * head_dim, (kv_index + 1) * head_dim)
+        n = group_size(group)
+        q, k, v = sizes
+        parts = ((q, True), (k, False), (v, False))
+        self.tp_group, self.input_comm, self.tp_parts = group, input_comm, {"weight": parts, "bias": parts}
+        self.q_rows = q // n
+        start = kv_index * head_dim  # the head's rows in k, and in v (which follows k)
+        self.k_head, self.v_head = slice(start, start + head_dim), slice(k + start, k + start + head_dim)
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.weight, self.bias = lin.weight, lin.bias  # the dense parameters themselves
+        like = lin.weight
+        self.weight = _param((self.q_rows + k + v, lin.in_features), like)
+        self.bias = _param((self.q_rows + k + v,), like) if lin.bias is not None else None
+        copy_shards(self, lin)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        kv = copy_to_tp(t[self.q_rows:], self.tp_group)  # (k + v rows, ...): whole, gradient summed
+        return torch.cat([t[:self.q_rows], kv[self.k_head], kv[self.v_head]])  # (q_r + 2 hd, ...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_comm == "copy":
             x = copy_to_tp(x, self.tp_group)
         elif self.input_comm == "gather":
             x = gather_seq(x, self.tp_group)
-        w = copy_to_tp(self.weight, self.tp_group)[self.rows]  # (head_dim, in)
-        b = copy_to_tp(self.bias, self.tp_group)[self.rows] if self.bias is not None else None
-        return F.linear(x, w, b)  # (..., head_dim)
+        return F.linear(x, self._rows(self.weight), None if self.bias is None else self._rows(self.bias))
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features} (replicated), rows={self.rows.start}:{self.rows.stop}"
+        return (f"{self.in_features}, {self.out_features} (q/{group_size(self.tp_group)}, k/v replicated), "
+                f"k rows {self.k_head.start}:{self.k_head.stop}")
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -5,8 +5,10 @@ materialisation, or on a materialised model, whose weights it then shards). The 
 changed beyond two identity hooks, `seq_split` and `vocab_gather`, that this file replaces.
 
 What goes where (tp = the VLM group, ftp = the flow group, `Topology.flow_tp_group`):
-  VLM layers (tp)      q/k/v column-parallel by heads (k/v replicated when n_kv_heads < tp), o_proj
-                       row-parallel; gate/up column, down row. Megatron's layout.
+  VLM layers (tp)      fused qkv column-parallel by heads, each rank holding its q heads AND its k/v
+                       heads (k/v replicated when n_kv_heads < tp; parallel/fused.py), o_proj
+                       row-parallel; fused gate_up column (its gate rows and its up rows), down row.
+                       Megatron's layout.
   flow layers (ftp)    the same; shallow-flow layers too (over one image's tokens, never SP).
   embed_tokens (tp)    vocab-parallel; lm_head column-parallel over the vocabulary and the loss
                        vocab-parallel (full logits are never gathered for it); `vocab_gather` gathers
@@ -39,6 +41,7 @@ from megaflow.model.starflow import STARFlow2, apply_stage
 from parallel.backend import get_backend
 from parallel.checkpoint_tp import load_full_state_dict, shard_layout
 from parallel.comm import all_gather, group_rank, group_size
+from parallel.fused import parts_layout, pieces
 from parallel.layers import (ColumnParallelLinear, ParallelRMSNorm, ReplicatedKVLinear, RowParallelLinear,
                              SequenceSplit, VocabGather, VocabParallelEmbedding, VocabParallelTextLoss)
 from parallel.topology import ParallelConfig, Topology
@@ -79,24 +82,23 @@ def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: boo
 
 
 def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, backend) -> None:
-    """Megatron's split of one pre-norm block: heads for attention, the inner size for the MLP.
-    Head counts are read from the weights (`Attention` does the same)."""
+    """Megatron's split of one pre-norm block: heads for attention, the inner size for the MLP. The
+    fused projections are split part by part; the attention's head counts become the local ones."""
     n, rank = group_size(group), group_rank(group)
     attn, mlp, sp = block.self_attn, block.mlp, sequence_parallel
-    n_kv = attn.k_proj.out_features // attn.head_dim
+    n_kv, sizes = attn.n_kv_heads, attn.qkv_sizes()
     block.input_layernorm = backend.entry_norm(block.input_layernorm, group, sp)
-    attn.q_proj = backend.column(attn.q_proj, group, sp)
     if n_kv % n == 0:
-        attn.k_proj = backend.column(attn.k_proj, group, sp)
-        attn.v_proj = backend.column(attn.v_proj, group, sp)
+        attn.qkv = backend.column(attn.qkv, group, sp, parts=sizes)
+        attn.n_kv_heads = n_kv // n
     else:  # fewer key/value heads than ranks: rank r's query heads all read kv head r // (n / n_kv)
-        kv_index, comm = rank // (n // n_kv), backend.kv_input_comm(sp)
-        attn.k_proj = ReplicatedKVLinear(attn.k_proj, group, attn.head_dim, kv_index, comm)
-        attn.v_proj = ReplicatedKVLinear(attn.v_proj, group, attn.head_dim, kv_index, comm)
+        attn.qkv = ReplicatedKVLinear(attn.qkv, group, sizes, attn.head_dim, rank // (n // n_kv),
+                                      backend.kv_input_comm(sp))
+        attn.n_kv_heads = 1
+    attn.n_heads //= n
     attn.o_proj = backend.row(attn.o_proj, group, sp)
     block.post_attention_layernorm = backend.entry_norm(block.post_attention_layernorm, group, sp)
-    mlp.gate_proj = backend.column(mlp.gate_proj, group, sp)
-    mlp.up_proj = backend.column(mlp.up_proj, group, sp)
+    mlp.gate_up = backend.column(mlp.gate_up, group, sp, parts=(mlp.down_proj.in_features,) * 2)
     mlp.down_proj = backend.row(mlp.down_proj, group, sp)
 
 
@@ -161,12 +163,19 @@ def sync_replicas(module: torch.nn.Module, topo: Topology) -> None:
     tp / flow_tp times equal their first copy (after a per-TP-rank init)."""
     if topo.tp == 1:
         return
-    layout = shard_layout(module)
+    layout, fused = shard_layout(module), parts_layout(module)
     for name, t in module.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
         if name not in layout:
             dist.broadcast(t.data, src=topo.tp_ranks[0], group=topo.tp_group)
+        elif name in fused and not all(sharded for _, sharded in fused[name]):  # replicated k/v rows
+            first = t.data.clone()
+            dist.broadcast(first, src=topo.tp_ranks[0], group=topo.tp_group)
+            dim, group = layout[name]
+            for p in pieces(fused[name], group_size(group), group_rank(group)):
+                if not fused[name][p.part][1]:
+                    t.data.narrow(0, p.local, p.rows).copy_(first.narrow(0, p.local, p.rows))
         elif layout[name][1] is topo.flow_tp_group and topo.flow_tp < topo.tp:
             every = all_gather(t.data[None], topo.tp_group, 0)  # (tp, ...)
             t.data.copy_(every[topo.flow_tp_rank])

@@ -357,7 +357,7 @@ def hf_config(mcfg: ModelConfig, max_positions: int, dtype: torch.dtype):
 
 
 def export_hf(src: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    from megaflow.hf_import import megaflow_to_hf_name
+    from megaflow.hf_import import megaflow_to_hf_name, split_fused
     from parallel.zero_checkpoint import read_full_state
     validate(src)
     cfg = read_config(src)
@@ -367,7 +367,7 @@ def export_hf(src: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
         raise ValueError(f"{str(src)!r} is a TarFlow-only model (model.vlm is None): it has no language model to export")
     r = mcfg.flow.ratio
     weights = {}
-    for name, t in state.items():
+    for name, t in split_fused(state, mcfg.vlm).items():  # our fused qkv / gate_up as HF's q/k/v, gate/up
         if mcfg.vlm.tie_embeddings and name == "lm_head.weight":
             continue  # HF ties it to model.embed_tokens.weight from tie_word_embeddings
         try:

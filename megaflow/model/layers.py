@@ -1,12 +1,16 @@
 """Transformer building blocks shared by the VLM stream, the deep flow stream and the shallow flows.
 
 Llama/Qwen2 style: RMSNorm, rotary position embeddings, grouped-query attention (optional q/k/v
-bias), SwiGLU. Leaf parameter names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`,
-`input_layernorm`, ...) so checkpoints map one-to-one.
+bias), SwiGLU. The projections are fused: one QKV GEMM (`self_attn.qkv`, rows [q; k; v]) and one
+gate/up GEMM (`mlp.gate_up`, rows [gate; up]). Other leaf names follow Hugging Face
+(`self_attn.o_proj`, `mlp.down_proj`, `input_layernorm`, ...); the HF names of the fused parts
+(`FUSED`: q_proj/k_proj/v_proj, gate_proj/up_proj) live only at the import/export boundary
+(megaflow/hf_import.py) and in old checkpoints, which `fuse_legacy` turns into the fused names on
+load (a load_state_dict pre-hook on each module does it for `model.load_state_dict`).
 
-Shapes are read from the weights, not the config (`view(B, T, -1, head_dim)`), so tensor
-parallelism can swap a projection for a sharded one from outside and the block still works.
-No rank logic lives here.
+Head counts are attributes (`Attention.n_heads`, `n_kv_heads`) that tensor parallelism sets to the
+local counts when it swaps `qkv` for a sharded one from outside (parallel/tensor_parallel.py); the
+block then works unchanged. No rank logic lives here.
 """
 from __future__ import annotations
 
@@ -21,6 +25,39 @@ from megaflow.model.masks import attend
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
+
+
+# fused parameter's module name -> the (Hugging Face) names of its parts, in row order
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def fuse_legacy(state: dict, prefix: str = "") -> dict:
+    """Old (separate-projection) entries of a state dict -> fused ones, in place; returns `state`.
+    Every `{prefix}...q_proj.weight`, `k_proj.weight`, `v_proj.weight` (and biases; gate/up alike)
+    become one `...qkv.weight` (rows concatenated). A set with a part missing is left as it is (the
+    load then reports it). Values may be tensors or anything torch.cat takes."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        mod, _, pname = key.rpartition(".")
+        base, _, leaf = mod.rpartition(".")
+        for fused, parts in FUSED.items():
+            keys = [f"{base}.{p}.{pname}" if base else f"{p}.{pname}" for p in parts]
+            if leaf == parts[0] and all(k in state for k in keys):
+                state[f"{base}.{fused}.{pname}" if base else f"{fused}.{pname}"] = torch.cat([state.pop(k) for k in keys])
+    return state
+
+
+def legacy_parts(name: str) -> Optional[tuple]:
+    """`...qkv.weight` -> (`...q_proj.weight`, `...k_proj.weight`, `...v_proj.weight`) (gate_up
+    alike); None for a name that is not a fused parameter."""
+    mod, _, pname = name.rpartition(".")
+    base, _, leaf = mod.rpartition(".")
+    if leaf not in FUSED:
+        return None
+    return tuple(f"{base}.{p}.{pname}" if base else f"{p}.{pname}" for p in FUSED[leaf])
+
+
+def _fuse_legacy_hook(state_dict, prefix, *args):
+    fuse_legacy(state_dict, prefix)
 
 
 class RMSNorm(nn.Module):
@@ -68,21 +105,31 @@ class AttnContext:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with one fused QKV projection: `qkv` rows are [q (n_heads heads);
+    k (n_kv_heads); v (n_kv_heads)], each head `head_dim` rows."""
+
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False):
         super().__init__()
-        self.head_dim = head_dim
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.head_dim, self.n_heads, self.n_kv_heads = head_dim, n_heads, n_kv_heads
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.cache_key = id(self)
+        self._register_load_state_dict_pre_hook(_fuse_legacy_hook)  # old checkpoints: q/k/v_proj
+
+    def qkv_sizes(self) -> tuple:
+        """Rows of q, k and v in `qkv` (this module's, i.e. local under tensor parallelism)."""
+        return tuple(h * self.head_dim for h in (self.n_heads, self.n_kv_heads, self.n_kv_heads))
+
+    def fused_rows(self) -> dict:
+        """{fused child: rows of each part} (checkpoint conversion reads it)."""
+        return {"qkv": self.qkv_sizes()}
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        Hq, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv(x).view(B, T, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
+        q, k = apply_rope(qkv[:, :Hq + Hkv], ctx.cos, ctx.sin).split([Hq, Hkv], dim=1)  # RoPE on q and k at once
+        v = qkv[:, Hq + Hkv:]  # (B, Hkv, T, hd)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.cache_key, k, v)  # (B, Hkv, Tk, hd): earlier positions and these
         groups = q.shape[1] // k.shape[1]
@@ -94,26 +141,31 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
     def init_weights(self, std: float, out_std: float):
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(lin.weight, std=std)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.qkv.weight, std=std)
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias)
         nn.init.normal_(self.o_proj.weight, std=out_std)
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) with one fused gate/up projection: `gate_up` rows are [gate; up]."""
+
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
-        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.gate_up = nn.Linear(dim, 2 * ffn_dim, bias=False)
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+        self._register_load_state_dict_pre_hook(_fuse_legacy_hook)  # old checkpoints: gate/up_proj
+
+    def fused_rows(self) -> dict:
+        """{fused child: rows of each part} (checkpoint conversion reads it)."""
+        return {"gate_up": (self.gate_up.out_features // 2,) * 2}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., ffn) each; under TP this rank's halves
+        return self.down_proj(F.silu(gate) * up)
 
     def init_weights(self, std: float, out_std: float):
-        nn.init.normal_(self.gate_proj.weight, std=std)
-        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.gate_up.weight, std=std)
         nn.init.normal_(self.down_proj.weight, std=out_std)
 
 

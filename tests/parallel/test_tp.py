@@ -87,7 +87,7 @@ def run_case(tp: int, sp: bool, tarflow: bool = False, tied: bool = False, flow_
     full, ref_sd = gather_full_state_dict(model), ref.state_dict()
     out["weight"] = max(rel_err(full[k], v) for k, v in ref_sd.items())
     out["keys_match"] = set(full) == set(ref_sd)
-    out["sharded"] = (model.units["0"].flow_layer.mlp.up_proj.weight.shape[0] == cfg.flow.ffn_dim // (flow_tp or tp))
+    out["sharded"] = (model.units["0"].flow_layer.mlp.gate_up.weight.shape[0] == 2 * cfg.flow.ffn_dim // (flow_tp or tp))
     return out
 
 
@@ -110,8 +110,8 @@ def init_fingerprints(tp: int) -> dict:
     cfg = replace(tiny_config(), stage="all")
     model = build_tp_model(cfg, Topology(tp=tp, flow_tp=1), ParallelConfig(tp=tp, flow_tp=1), seed=3)
     sd = model.state_dict()
-    keys = ["flow_in.weight", "flow_start", "adapter.2.bias", "units.0.vlm_layers.0.self_attn.q_proj.weight",
-            "units.0.flow_layer.mlp.up_proj.weight", "embed_tokens.weight"]
+    keys = ["flow_in.weight", "flow_start", "adapter.2.bias", "units.0.vlm_layers.0.self_attn.qkv.weight",
+            "units.0.flow_layer.mlp.gate_up.weight", "embed_tokens.weight"]
     return {k: sd[k].clone() for k in keys} | {"q_full_std": gather_full_state_dict(model)[keys[3]].std()}
 
 
@@ -126,14 +126,14 @@ def check(results, cases):
         for _, (odd, _) in results:
             assert "sequence length 47 is not divisible by the tensor-parallel degree" in odd, odd
         a, b = results[0][1][1], results[1][1][1]
-        for replicated in ("flow_in.weight", "flow_start", "units.0.flow_layer.mlp.up_proj.weight"):
+        for replicated in ("flow_in.weight", "flow_start", "units.0.flow_layer.mlp.gate_up.weight"):
             assert torch.equal(a[replicated], b[replicated]), f"{replicated} differs across TP ranks"
-        for sharded in ("units.0.vlm_layers.0.self_attn.q_proj.weight", "embed_tokens.weight"):
+        for sharded in ("units.0.vlm_layers.0.self_attn.qkv.weight", "embed_tokens.weight"):
             assert not torch.equal(a[sharded], b[sharded]), f"{sharded}: shards are the same draw"
         assert abs(float(a["q_full_std"]) - 0.02) < 0.004 and float(a["adapter.2.bias"].abs().max()) == 0.0
     results = [r for r, _ in results]
     for case, r in zip(cases, results[0]):
-        assert r["keys_match"] and r["grad_names_match"] and r["n_grads"] > 50, (case, r)
+        assert r["keys_match"] and r["grad_names_match"] and r["n_grads"] > 35, (case, r)
         assert r["sharded"], (case, "the flow MLP was not split")
         assert {"ColumnParallelLinear", "RowParallelLinear", "ParallelRMSNorm", "VocabParallelEmbedding"} <= r["kinds"], r["kinds"]
         assert ("ReplicatedKVLinear" in r["kinds"]) == (case["tp"] == 4 and not case.get("tarflow")), r["kinds"]

@@ -14,7 +14,7 @@ import importlib.util
 import pytest
 import torch
 
-from megaflow.hf_import import (find_smollm2_gguf, hf_to_megaflow_name, load_hf_lm, megaflow_to_hf_name,
+from megaflow.hf_import import (find_smollm2_gguf, fused_views, hf_to_megaflow_name, load_hf_lm, megaflow_to_hf_name,
                                 read_hf_checkpoint, starflow_config_for_hf, vlm_config_from_hf)
 from megaflow.model.config import FlowConfig, SpecialTokens
 from megaflow.model.fae import FAEConfig
@@ -129,7 +129,9 @@ def test_names_round_trip():
     assert hf_to_megaflow_name("model.layers.7.self_attn.q_proj.bias", 3) == "units.2.vlm_layers.1.self_attn.q_proj.bias"
     assert megaflow_to_hf_name("units.2.vlm_layers.1.mlp.down_proj.weight", 3) == "model.layers.7.mlp.down_proj.weight"
     model = build_model(starflow_config_for_hf(tiny_hf("qwen2", False, 4), flow=tiny_flow(2), fae=FAE))
-    vlm = [n for n, _ in model.named_parameters() if n.startswith(("embed_tokens.", "norm.", "lm_head.")) or ".vlm_layers." in n]
+    ours = {n: p for n, p in model.named_parameters() if n.startswith(("embed_tokens.", "norm.", "lm_head.")) or ".vlm_layers." in n}
+    assert len(ours) == 3 + 4 * 7  # fused: qkv (weight, bias) and gate_up stand for five HF tensors
+    vlm = fused_views(ours, model.cfg.vlm)  # the HF parts of qkv and gate_up, named on our side
     assert len(vlm) == 3 + 4 * 12
     for name in vlm:
         assert hf_to_megaflow_name(megaflow_to_hf_name(name, 2), 2) == name

@@ -1,0 +1,123 @@
+"""Sharded (DCP) checkpoints with fused projections, on real gloo processes.
+
+Contract:
+- a TP2 engine saves its fused qkv / gate_up shards (each rank's q heads AND k/v heads, gate rows
+  AND up rows) under the one-process names and global shapes: loaded into ONE process, the weights
+  equal the TP model's gathered weights exactly, and the next step's loss equals the TP run's (1e-5),
+  so the AdamW moments were placed right too;
+- a sharded checkpoint in the layout written before the fusion (separate q_proj/k_proj/v_proj,
+  gate_proj/up_proj keys for weights and moments) loads into a TP2 engine and into one process
+  (`load_weights`): the next step's loss equals the one-process run that wrote it (1e-5).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from megaflow.config import Config, TrainConfig
+from megaflow.model.layers import legacy_parts
+from parallel.topology import ParallelConfig, Topology
+from tests.distributed import run_distributed
+from tests.helpers import tiny_config
+
+TOL, LR = 1e-5, 2e-3
+
+
+def config(tp: int = 1) -> Config:
+    from data_pipeline.config import DataConfig
+    return Config(model=dataclasses.replace(tiny_config(), stage="all"),
+                  data=DataConfig(image_size=8, channels=1, patch_size=2),
+                  train=TrainConfig(lr=LR, min_lr=LR, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1),
+                  parallel=ParallelConfig(tp=tp))
+
+
+def data():
+    from tests.helpers import make_batch, make_noise
+    batch = make_batch(config().model, 2, 48)
+    return batch, make_noise(config().model, batch), torch.tensor([1.0, 0.0])
+
+
+def step(engine) -> float:
+    batch, noise, keep = data()
+    return float(engine.train_step(batch, noise, keep, LR)["loss"])
+
+
+def tp_engine(seed: int):
+    from parallel.runtime import build_engine, build_stages
+    cfg, topo = config(tp=2), Topology(tp=2)
+    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", seed, None, 48)
+    return build_engine(cfg, model, stages, tied, topo, None), topo, model
+
+
+def one_process_engine(seed: int):
+    from megaflow.model.starflow import build_model
+    from megaflow.train import PlainEngine
+    return PlainEngine(build_model(config().model, seed=seed), config(), None)
+
+
+def _tp_ranks(rank, world, root):
+    from parallel.checkpoint_state import load_engine, save_engine
+    from parallel.checkpoint_tp import gather_full_state_dict
+    engine, topo, model = tp_engine(seed=0)
+    step(engine)
+    save_engine(engine, Path(root) / "fused", topo)
+    full = gather_full_state_dict(model)
+    if rank == 0:
+        torch.save(full, Path(root) / "gathered.pt")
+    out = {"next": step(engine)}
+    old, topo, _ = tp_engine(seed=5 + rank)  # other weights: all must come from the old-layout checkpoint
+    assert load_engine(old, Path(root) / "legacy", topo) == 1
+    out["legacy_next"] = step(old)
+    return out
+
+
+def legacy_checkpoint(engine, directory: Path) -> None:
+    """What the code before the fusion saved for `engine`: its state under the separate names."""
+    from parallel.checkpoint_state import state_to_save
+    from parallel.dcp_boxes import Boxes, save_boxes
+    from parallel.fused import fused_layout
+    parts = fused_layout(engine.model)
+    state = {}
+    for key, value in state_to_save(engine).items():
+        if not isinstance(value, Boxes):
+            state[key] = value
+            continue
+        kind, name, *moment = key.split("/")
+        if name not in parts:
+            state[key] = value
+            continue
+        whole = torch.empty(value.size())
+        for offsets, t in value.boxes:  # one box per part (q, k, v): the fused tensor is saved fused
+            whole[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+        for old, t in zip(legacy_parts(name), whole.split([rows for rows, _ in parts[name]])):
+            state["/".join([kind, old, *moment])] = Boxes(t.shape, [([0] * t.dim(), t.clone())])
+    assert any("k_proj" in k for k in state) and not any(".qkv." in k or ".gate_up." in k for k in state)
+    save_boxes(state, directory)
+
+
+def test_fused_tp2_shards_and_old_layout_checkpoints_load(tmp_path):
+    from parallel.checkpoint_convert import load_weights
+    from parallel.checkpoint_state import load_engine
+    writer = one_process_engine(seed=3)
+    step(writer)
+    legacy_checkpoint(writer, tmp_path / "legacy")
+    want_legacy_next = step(writer)
+
+    ranks = run_distributed(_tp_ranks, 2, str(tmp_path))
+    for r in ranks:
+        assert abs(r["legacy_next"] - want_legacy_next) < TOL, (r["legacy_next"], want_legacy_next)
+
+    one = one_process_engine(seed=9)
+    assert load_engine(one, tmp_path / "fused") == 1
+    sd = one.model.state_dict()
+    for name, t in torch.load(tmp_path / "gathered.pt").items():
+        assert torch.equal(sd[name], t), name
+    assert abs(step(one) - ranks[0]["next"]) < TOL
+
+    plain = one_process_engine(seed=11).model
+    assert load_weights(plain, tmp_path / "legacy") == []
+    legacy_model = one_process_engine(seed=3)  # the writer as it was when it saved
+    step(legacy_model)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in legacy_model.model.state_dict().items())
