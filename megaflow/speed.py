@@ -40,6 +40,7 @@ from megaflow.model.starflow import PretzelUnit
 AC_MODES = ("none", "selective", "full")
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_SCOPES = ("block", "unit")
+BACKEND = "inductor"  # what apply_speedups compiles with (CPU tests set "aot_eager": inductor's C++ build is slow there)
 TORCH_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 _aten = torch.ops.aten
@@ -177,6 +178,6 @@ def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "blo
 def apply_speedups(model: nn.Module, tcfg, device: torch.device) -> dict:
     """Activation checkpointing, then compilation, as the run's config says (`train`)."""
     n_ac = apply_ac(model, tcfg.activation_checkpointing)
-    n_compiled = apply_compile(model, scope=tcfg.compile_scope, mode=tcfg.compile_mode) \
+    n_compiled = apply_compile(model, BACKEND, tcfg.compile_scope, tcfg.compile_mode) \
         if compile_enabled(tcfg.compile, device) else 0
     return {"checkpointed_blocks": n_ac, "compiled_regions": n_compiled}
