@@ -295,8 +295,10 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=False) as prof:
+        t0 = time.perf_counter()
         for _ in range(n_steps):
             step()
+        wall_us = (time.perf_counter() - t0) * 1e6
     prof.export_chrome_trace(str(d / "trace.json"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
@@ -304,7 +306,20 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table}
     if device.type == "cuda":
         out["kernel_categories"] = kernel_categories(prof)
+        out["gpu_busy_pct"] = round(100 * kernel_busy_us(prof) / wall_us, 1)
     return out
+
+
+def kernel_busy_us(prof) -> float:
+    """Microseconds in which at least one GPU kernel ran (the union of the kernels' intervals)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if _is_kernel(e) and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
 
 
 CATEGORIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -316,13 +331,20 @@ CATEGORIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
               ("reductions/norms", ("reduce", "norm", "softmax", "cross_entropy", "nll")))
 
 
+def _is_kernel(evt) -> bool:
+    """A GPU kernel or copy: not a GPU-side annotation range (it would count its kernels twice), not
+    the driver's "Command Buffer Full" marker (the host waiting on a full launch queue)."""
+    return getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA and \
+        not getattr(evt, "is_user_annotation", False) and \
+        not evt.name.startswith(("Optimizer.", "ProfilerStep", "Command Buffer Full"))
+
+
 def kernel_categories(prof) -> dict:
     """{category: percent of the GPU kernel time} from the profiler's device events."""
     totals, all_time = {}, 0.0
     for evt in prof.events():
-        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA or \
-                getattr(evt, "is_user_annotation", False) or evt.name.startswith(("Optimizer.", "ProfilerStep")):
-            continue  # kernels only: a GPU-side annotation range would count its kernels twice
+        if not _is_kernel(evt):
+            continue
         t = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
         name = evt.name.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
@@ -364,6 +386,7 @@ def render_extras(r: dict) -> list:
         lines.append(render_parts(r["parts"]))
     if "kernel_categories" in r:
         lines.append("  GPU kernel time by category: " + ", ".join(f"{k} {v}%" for k, v in r["kernel_categories"].items()))
+        lines.append(f"  GPU busy (some kernel running) {r['gpu_busy_pct']}% of the traced steps' wall time (profiler on)")
     if "trace" in r:
         lines += [f"  trace          {r['trace']}", r["top_ops_table"]]
     return lines
