@@ -5,7 +5,8 @@ F.rms_norm, fused AdamW directly on the bf16 weights, each block torch.compile'd
 
 It counts FLOPs by megaflow's rule (megaflow.monitor.step_flops): 6 x matmul multiply-adds per
 token (every 2-D weight but the token embedding) + 6 x 2 x T x (heads x head_dim) per token per
-layer for attention, causal masking not discounted. Not a library: one file, no options beyond
+layer for attention, causal masking not discounted. Times: the median synced step and the
+back-to-back time of as many steps (one wait at the end), as `megaflow profile` reports its own. Not a library: one file, no options beyond
 the shape.
 """
 from __future__ import annotations

@@ -17,6 +17,10 @@ multiply-adds per token + attention) / the device's peak dense bf16 FLOP/s (moni
 or --peak-tflops); on a CPU or an unknown GPU it is reported as null unless --peak-tflops is given.
 Peak memory: CUDA's max allocated over the timed steps; on CPU the process's peak resident set.
 
+Every profile also times as many steps back to back with one wait at the end ("loop"), as the
+training loop runs them (nothing waits for the GPU inside a step, so the host prepares the next step
+while the GPU finishes this one); the synced median above waits before and after each step.
+
 `--trace DIR` profiles --trace-steps more steps with torch.profiler and writes DIR/trace.json
 (chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 30 ops with the most self time.
 What it does not do: time data loading (the batch is on the device before the clock starts) or
