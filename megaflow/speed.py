@@ -88,7 +88,10 @@ _compiled = {}  # (function name, backend, mode) -> its torch.compile'd version
 def _compiled_fn(fn, backend: str, mode: str):
     key = (fn.__name__, backend, mode)
     if key not in _compiled:
-        _compiled[key] = torch.compile(fn, backend=backend, mode=None if mode == "default" else mode)
+        # static shapes: a run's shapes are fixed (rows x seq_len, images x tokens), so each region shape
+        # gets its own specialised graph; a dynamic-T graph (shared by TarFlow's 1,024-token shallow and
+        # 1,040-token deep blocks) failed an output-stride assertion on the H200 with the fused QKV
+        _compiled[key] = torch.compile(fn, backend=backend, mode=None if mode == "default" else mode, dynamic=False)
     return _compiled[key]
 
 
