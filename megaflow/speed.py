@@ -145,15 +145,19 @@ def compile_enabled(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
+def check_compile_settings(scope: str, mode: str) -> None:
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"train.compile_scope={scope!r} must be one of {COMPILE_SCOPES}")
+    if mode not in TORCH_COMPILE_MODES:
+        raise ValueError(f"train.compile_mode={mode!r} must be one of {TORCH_COMPILE_MODES}")
+
+
 def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "block", mode: str = "default") -> int:
     """torch.compile the training forward of each region of `scope` (blocks keep their activation
     checkpointing inside); returns how many regions. Every region of a kind shares one compiled
     function; dynamo compiles it once per shape and checkpointing mode (the limit on cached graphs is
     raised to allow a few of those). In "unit" scope, blocks outside any unit are compiled alone."""
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"train.compile_scope={scope!r} must be one of {COMPILE_SCOPES}")
-    if mode not in TORCH_COMPILE_MODES:
-        raise ValueError(f"train.compile_mode={mode!r} must be one of {TORCH_COMPILE_MODES}")
+    check_compile_settings(scope, mode)
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
@@ -179,7 +183,9 @@ def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "blo
 
 
 def apply_speedups(model: nn.Module, tcfg, device: torch.device) -> dict:
-    """Activation checkpointing, then compilation, as the run's config says (`train`)."""
+    """Activation checkpointing, then compilation, as the run's config says (`train`); the compile
+    settings are checked on every device (a typo fails on the CPU too, not first on the GPU)."""
+    check_compile_settings(tcfg.compile_scope, tcfg.compile_mode)
     n_ac = apply_ac(model, tcfg.activation_checkpointing)
     n_compiled = apply_compile(model, BACKEND, tcfg.compile_scope, tcfg.compile_mode) \
         if compile_enabled(tcfg.compile, device) else 0
