@@ -102,6 +102,7 @@ class Monitor:
         return {"tokens": 0, "slots": 0, "images": 0, "flops": 0.0, "steps": 0}
 
     def step(self, step: int, batch: dict, metrics: dict, lr: float) -> None:
+        """Count one step of `batch` (the host copy: counting the device batch would wait for the GPU)."""
         w = self.window
         w["tokens"] += self.dp * (int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else batch["tokens"].numel())
         w["slots"] += self.dp * batch["tokens"].numel()

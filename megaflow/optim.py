@@ -80,9 +80,10 @@ class MainWeights:
     checkpoint), then the model's parameters become `param_dtype`. The bf16 parameters and the fp32
     main weights each live in one flat buffer (the tensors are views into it), so refreshing the
     weights is one copy kernel. Gradients, two ways:
-      flat_grads=True   (one backward per step: PlainEngine) the bf16 gradients are views of one
-                        flat buffer that autograd accumulates into; one cast copies it into the fp32
-                        main gradients. Almost no host work per step.
+      flat_grads=True   (one backward per step: PlainEngine) backward hands each parameter its own
+                        bf16 gradient (nothing zeroed or accumulated into beforehand); one foreach
+                        cast copies them into the fp32 main gradients, which are views of one flat
+                        buffer, and frees them. Almost no host work per step.
       flat_grads=False  (micro-batches: the pipeline engine) a post-accumulate-grad hook adds each
                         bf16 gradient into its fp32 main gradient as soon as it is ready and frees it,
                         so micro-batches accumulate in fp32.
@@ -115,8 +116,7 @@ class MainWeights:
         self.flat_main = torch.empty(n, dtype=torch.float32, device=device)
         self.flat_param = torch.empty(n, dtype=param_dtype, device=device)
         self.flat_main_grad = torch.zeros(n, dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros(n, dtype=param_dtype, device=device) if self.flat_grads else None
-        self.main, self.grad_views, off = {}, [], 0
+        self.main, off = {}, 0
         for p in ps:
             k = p.numel()
             main = self.flat_main[off:off + k].view_as(p)
@@ -126,12 +126,11 @@ class MainWeights:
             self.main[id(p)] = main
             self.flat_param[off:off + k].copy_(p.detach().reshape(-1))
             p.data = self.flat_param[off:off + k].view_as(p)
-            if self.flat_grads:
-                self.grad_views.append(self.flat_grad[off:off + k].view_as(p))
-                p.grad = self.grad_views[-1]
-            else:
+            p.grad = None
+            if not self.flat_grads:
                 p.register_post_accumulate_grad_hook(self._to_main)
             off += k
+        self.main_grads = [self.main[id(p)].grad for p in ps]
         cast_params(model, param_dtype)  # the rest (frozen weights, buffers) follows
 
     @torch.no_grad()
@@ -143,31 +142,57 @@ class MainWeights:
         if not self.mixed:
             self.optimizer.zero_grad(set_to_none=True)
             return
-        self.flat_main_grad.zero_()
-        if self.flat_grads:
-            self.flat_grad.zero_()
-            for p, view in zip(self.model_params, self.grad_views):
-                p.grad = view  # (re)attach, in case something set it to None
-        else:
-            for p in self.model_params:
-                p.grad = None
+        if not self.flat_grads:  # the hooks accumulate into the main gradients; flat mode overwrites them
+            self.flat_main_grad.zero_()
+        for p in self.model_params:
+            p.grad = None
 
     @torch.no_grad()
     def grads_to_main(self) -> None:
         """After backward: the fp32 main gradients from the bf16 ones (flat mode; hooks did it otherwise)."""
         if not (self.mixed and self.flat_grads):
             return
-        for p, view in zip(self.model_params, self.grad_views):
-            if p.grad is not None and p.grad is not view:  # replaced by someone: take its values
-                view.copy_(p.grad)
-                p.grad = view
-        self.flat_main_grad.copy_(self.flat_grad)
+        have = [(main, p.grad) for main, p in zip(self.main_grads, self.model_params) if p.grad is not None]
+        if len(have) < len(self.model_params):  # parameters this backward did not reach: zero gradient
+            torch._foreach_zero_([main for main, p in zip(self.main_grads, self.model_params) if p.grad is None])
+        if have:
+            torch._foreach_copy_([main for main, _ in have], [g for _, g in have])  # bf16 -> fp32
+        for p, main, view in zip(self.model_params, self.params, self.main_grads):
+            p.grad = None
+            if main.grad is not view:  # replaced by someone: the optimizer reads the flat buffer again
+                main.grad = view
 
     @torch.no_grad()
     def step(self) -> None:
         self.optimizer.step()
         if self.mixed:
             self.flat_param.copy_(self.flat_main)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of all main gradients (0-d, on the device): one reduction over the flat buffer
+        under mixed precision."""
+        if self.mixed:
+            return torch.linalg.vector_norm(self.flat_main_grad)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+
+    def clip_and_step(self, max_norm: float, norm: Optional[torch.Tensor] = None) -> tuple:
+        """torch's clip_grad_norm_(params, max_norm) (no clipping when max_norm <= 0), then
+        `step_if_finite`; returns (norm, skipped) as 0-d tensors, nothing read back. `norm`: the
+        gradients' norm when the caller computed it (over a split model). The fused kernel (CUDA)
+        takes the clipping as its grad_scale (it divides each gradient as it reads it), so no separate
+        pass rewrites the gradients; elsewhere they are scaled in place first."""
+        norm = self.grad_norm() if norm is None else norm
+        if max_norm <= 0:
+            return norm, self.step_if_finite(norm)
+        if not self.optimizer.defaults.get("fused"):
+            torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
+            return norm, self.step_if_finite(norm)
+        # clip_grad_norm_ multiplies by min(max_norm / (norm + 1e-6), 1); the kernel divides by its inverse
+        self.optimizer.grad_scale = ((norm.detach() + 1e-6) / max_norm).clamp(min=1.0)
+        try:
+            return norm, self.step_if_finite(norm)
+        finally:
+            del self.optimizer.grad_scale
 
     def step_if_finite(self, norm: torch.Tensor) -> torch.Tensor:
         """`step()` unless the gradient norm is NaN/Inf; returns 1.0 (skipped) or 0.0 as a 0-d tensor.

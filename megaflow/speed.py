@@ -11,23 +11,37 @@ generation run the plain eager forward, so decoding never recompiles per length.
       selective  a block keeps the outputs of its matmuls and of attention and recomputes the
                  cheap rest (norms, RoPE, SiLU x up, residual adds): most of full's memory saving
                  on activations that are elementwise, at little recompute
-  train.compile  auto (on with CUDA) | on | off: torch.compile of each block (regional: one graph
-                 per distinct block shape, compiled once and reused by every layer of that shape)
+  train.compile  auto (on with CUDA) | on | off: regional torch.compile, one graph per distinct
+                 region shape, compiled once and reused by every region of that shape
+  train.compile_scope  what one region is:
+      block  each transformer block
+      unit   each Pretzel unit (its r VLM blocks, the skips W_vlm / W_d, its flow block) and each
+             shallow flow block's coupling (proj_in, its blocks, the head, the affine map and the
+             log-det): the skips' and the couplings' small ops fuse into the graphs and the host
+             launches a few graphs instead of hundreds of small kernels (the shallow flows at width
+             256 are launch-bound); a block inside a unit keeps its own checkpointing
+  train.compile_mode  torch.compile's mode: default | max-autotune-no-cudagraphs | reduce-overhead
 
 Not here: mixed precision (megaflow/optim.py MainWeights), the engines that call these.
 """
 from __future__ import annotations
 
+import types
 from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from megaflow.model.flow import ShallowFlowBlock
 from megaflow.model.layers import TransformerBlock
+from megaflow.model.starflow import PretzelUnit
 
 AC_MODES = ("none", "selective", "full")
 COMPILE_MODES = ("auto", "on", "off")
+COMPILE_SCOPES = ("block", "unit")
+BACKEND = "inductor"  # what apply_speedups compiles with (CPU tests set "aot_eager": inductor's C++ build is slow there)
+TORCH_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 _aten = torch.ops.aten
 _SAVE = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.linear.default,
@@ -58,19 +72,58 @@ def block_forward(block: TransformerBlock, x: torch.Tensor, ctx) -> torch.Tensor
     return checkpoint(TransformerBlock.forward, block, x, ctx, use_reentrant=False, **kwargs)
 
 
-_compiled = {}
+def unit_forward(unit: PretzelUnit, state: tuple, ctx) -> tuple:
+    """One Pretzel unit's training forward (its blocks under their `ac_mode`), shared by every unit."""
+    return PretzelUnit.forward(unit, state, ctx)
+
+
+def coupling_forward(block: ShallowFlowBlock, xo: torch.Tensor) -> tuple:
+    """One shallow flow block's coupling on block-ordered tokens, shared by every shallow block."""
+    return ShallowFlowBlock.coupling(block, xo)
+
+
+_compiled = {}  # (function name, backend, mode) -> its torch.compile'd version
+
+
+def _compiled_fn(fn, backend: str, mode: str):
+    key = (fn.__name__, backend, mode)
+    if key not in _compiled:
+        # static shapes: a run's shapes are fixed (rows x seq_len, images x tokens), so each region shape
+        # gets its own specialised graph; a dynamic-T graph (shared by TarFlow's 1,024-token shallow and
+        # 1,040-token deep blocks) failed an output-stride assertion on the H200 with the fused QKV
+        _compiled[key] = torch.compile(fn, backend=backend, mode=None if mode == "default" else mode, dynamic=False)
+    return _compiled[key]
+
+
+def _block_forward(self: TransformerBlock, x: torch.Tensor, ctx) -> torch.Tensor:
+    """A wrapped block's forward (bound to it): training -> block_forward (compiled when
+    `self.compiled`), the rest (no grad, KV cache) -> the plain eager forward. One function for
+    every block, so a compiled unit that calls its blocks does not specialise on each of them."""
+    if not _training(ctx):
+        return TransformerBlock.forward(self, x, ctx)
+    if self.compiled is not None:
+        return self.compiled(self, x, ctx)
+    return block_forward(self, x, ctx)
+
+
+def _unit_forward(self: PretzelUnit, state: tuple, ctx) -> tuple:
+    if not _training(ctx.flow):
+        return PretzelUnit.forward(self, state, ctx)
+    return self.compiled(self, state, ctx)
+
+
+def _coupling(self: ShallowFlowBlock, xo: torch.Tensor) -> tuple:
+    if not torch.is_grad_enabled():
+        return ShallowFlowBlock.coupling(self, xo)
+    if not xo.requires_grad:  # the first block's input (the FAE latent): one graph for every block (its
+        xo = xo.detach().requires_grad_()  # gradient, one small matmul, is computed and dropped)
+    return self.compiled_coupling(self, xo)
 
 
 def _wrap(block: TransformerBlock) -> None:
-    """Route the block's calls: training -> block_forward (compiled when `block.compiled`), the
-    rest (no grad, KV cache) -> the plain eager forward."""
-    def forward(x, ctx, _block=block):
-        if not _training(ctx):
-            return TransformerBlock.forward(_block, x, ctx)
-        if getattr(_block, "compiled", ""):
-            return _compiled[_block.compiled](_block, x, ctx)
-        return block_forward(_block, x, ctx)
-    block.forward = forward
+    if not hasattr(block, "compiled"):
+        block.compiled = None
+    block.forward = types.MethodType(_block_forward, block)
 
 
 def apply_ac(model: nn.Module, mode: str) -> int:
@@ -92,24 +145,48 @@ def compile_enabled(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile each transformer block's training forward (with its activation checkpointing);
-    returns how many. Every block shares one compiled function; dynamo compiles it once per block
-    shape and checkpointing mode (the limit on cached graphs is raised to allow a few of those)."""
+def check_compile_settings(scope: str, mode: str) -> None:
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"train.compile_scope={scope!r} must be one of {COMPILE_SCOPES}")
+    if mode not in TORCH_COMPILE_MODES:
+        raise ValueError(f"train.compile_mode={mode!r} must be one of {TORCH_COMPILE_MODES}")
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "block", mode: str = "default") -> int:
+    """torch.compile the training forward of each region of `scope` (blocks keep their activation
+    checkpointing inside); returns how many regions. Every region of a kind shares one compiled
+    function; dynamo compiles it once per shape and checkpointing mode (the limit on cached graphs is
+    raised to allow a few of those). In "unit" scope, blocks outside any unit are compiled alone."""
+    check_compile_settings(scope, mode)
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    if backend not in _compiled:
-        _compiled[backend] = torch.compile(block_forward, backend=backend)
-    blocks = transformer_blocks(model)
-    for block in blocks:
-        block.compiled = backend
+    regions, inside = 0, set()
+    if scope == "unit":
+        for m in model.modules():
+            if isinstance(m, PretzelUnit):
+                m.compiled = _compiled_fn(unit_forward, backend, mode)
+                m.forward = types.MethodType(_unit_forward, m)
+            elif isinstance(m, ShallowFlowBlock):
+                m.compiled_coupling = _compiled_fn(coupling_forward, backend, mode)
+                m.coupling = types.MethodType(_coupling, m)
+            else:
+                continue
+            regions += 1
+            inside.update(id(b) for b in transformer_blocks(m))
+    for block in transformer_blocks(model):
         _wrap(block)
-    return len(blocks)
+        if id(block) not in inside:
+            block.compiled = _compiled_fn(block_forward, backend, mode)
+            regions += 1
+    return regions
 
 
 def apply_speedups(model: nn.Module, tcfg, device: torch.device) -> dict:
-    """Activation checkpointing, then compilation, as the run's config says (`train`)."""
+    """Activation checkpointing, then compilation, as the run's config says (`train`); the compile
+    settings are checked on every device (a typo fails on the CPU too, not first on the GPU)."""
+    check_compile_settings(tcfg.compile_scope, tcfg.compile_mode)
     n_ac = apply_ac(model, tcfg.activation_checkpointing)
-    n_compiled = apply_compile(model) if compile_enabled(tcfg.compile, device) else 0
-    return {"checkpointed_blocks": n_ac, "compiled_blocks": n_compiled}
+    n_compiled = apply_compile(model, BACKEND, tcfg.compile_scope, tcfg.compile_mode) \
+        if compile_enabled(tcfg.compile, device) else 0
+    return {"checkpointed_blocks": n_ac, "compiled_regions": n_compiled}

@@ -89,11 +89,20 @@ def step_randomness(cfg: Config, model_cfg: ModelConfig, batch: dict, step: int,
     B, M = batch["image_valid"].shape
     noise = torch.randn(B, M, model_cfg.fae.n_tokens, model_cfg.fae.latent_dim, generator=g)
     keep = (torch.rand(B, generator=g) >= model_cfg.flow.cond_drop).float()
-    return noise.to(device), keep.to(device)
+    return host_to_device(noise, device), host_to_device(keep, device)
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: on CUDA it is staged in pinned memory
+    and copied asynchronously (a copy from pageable memory waits for the GPU's queue to drain, a host
+    sync in every step)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: (host_to_device(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def build(cfg: Config, tok, device, load_from: Optional[Path] = None) -> STARFlow2:
@@ -204,12 +213,11 @@ class PlainEngine:
         if self.dp_group is not None:
             from parallel.data_parallel import allreduce_gradients
             allreduce_gradients(self.params, self.dp_group, average=False)
-        clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        # NaN/Inf anywhere in the gradients makes the norm non-finite: the update is skipped (on CUDA the
-        # fused AdamW is gated on the device, nothing is read back). With dp_group the gradients were summed
-        # above, so every replica sees the same norm and skips the same steps.
-        skipped = self.weights.step_if_finite(norm)
+        # Clipping, then AdamW. NaN/Inf anywhere in the gradients makes the norm non-finite: the update is
+        # skipped (on CUDA the fused AdamW is gated on the device and applies the clipping itself, nothing
+        # is read back). With dp_group the gradients were summed above, so every replica sees the same
+        # norm and skips the same steps.
+        norm, skipped = self.weights.clip_and_step(self.cfg.train.grad_clip)
         value = metrics.pop("global_loss", loss.detach())
         return {"loss": value, "grad_norm": norm.detach(), "skipped": skipped, **metrics}
 
@@ -535,7 +543,8 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     metrics: dict = {}
     skipped = sum(1 for h in history if h.get("skipped"))  # over the whole run, resumes included
     for step in range(start, tcfg.steps):
-        batch = to_device(next(batches), device)
+        host = next(batches)  # the monitor counts tokens on the host copy: no read-back of the device batch
+        batch = to_device(host, device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)
         lr = lr_at(step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps)
         metrics = engine.train_step(batch, noise, keep, lr)  # 0-d tensors: the GPU is not waited for
@@ -552,7 +561,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
             skipped = check_steps(settle_history(history), skipped, tcfg, out, main_rank)
             metrics["skipped_steps"] = skipped
         if mon is not None:
-            mon.step(step + 1, batch, metrics, lr)
+            mon.step(step + 1, host, metrics, lr)
         if evaluating:
             figures = evaluate(model, eval_loader, cfg, device, dtype, tcfg.eval_batches,
                                engine if topo is not None else None)  # collective: the split model

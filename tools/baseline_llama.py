@@ -5,7 +5,8 @@ F.rms_norm, fused AdamW directly on the bf16 weights, each block torch.compile'd
 
 It counts FLOPs by megaflow's rule (megaflow.monitor.step_flops): 6 x matmul multiply-adds per
 token (every 2-D weight but the token embedding) + 6 x 2 x T x (heads x head_dim) per token per
-layer for attention, causal masking not discounted. Not a library: one file, no options beyond
+layer for attention, causal masking not discounted. Times: the median synced step and the
+back-to-back time of as many steps (one wait at the end), as `megaflow profile` reports its own. Not a library: one file, no options beyond
 the shape.
 """
 from __future__ import annotations
@@ -95,18 +96,28 @@ def run_baseline(vocab: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: 
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        sync()
-        t0 = time.perf_counter()
+
+    def step():
         loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
+    t0 = time.perf_counter()  # back to back, one wait at the end (as megaflow profile's loop figure)
+    for _ in range(steps):
+        loss = step()
+    sync()
+    loop = (time.perf_counter() - t0) / steps
     flops = model.flops_per_step(rows, seq_len)
     out = {"name": "plain-PyTorch Llama (bf16 weights, fused QKV/gate-up, SDPA, fused AdamW"
                    + (", compiled blocks)" if compile else ", eager)"),
@@ -114,6 +125,7 @@ def run_baseline(vocab: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: 
            "n_heads": n_heads, "n_kv_heads": n_kv_heads, "ffn_dim": ffn_dim, "vocab": vocab, "rows": rows,
            "seq_len": seq_len, "step_time_s": med, "tokens_per_s": rows * seq_len / med,
            "model_tflops": flops / med / 1e12, "mfu": flops / med / peak_flops if peak_flops else None,
+           "loop_step_time_s": loop, "loop_mfu": flops / loop / peak_flops if peak_flops else None,
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "last_loss": float(loss.detach())}
     del model, opt

@@ -8,6 +8,8 @@ CUDA events (perf_counter on CPU), median of a few repeats after one untimed run
   shallow flows  the shallow TarFlow blocks, on the batch's images (B*M, N, D)
   heads+losses   final norms, LM head + cross-entropy, Gaussian head + flow NLL (`loss_terms`)
   skips          the Pretzel skips W_vlm and W_d of every unit
+Under train.compile_scope=unit the blocks are compiled only inside their unit, so measured alone
+they run eager: take parts from a compile_scope=block variant (tools/device/fast_step.sh does).
 The rest of the step (embeddings, clipping, the optimizer, launch gaps) is the step time minus
 their sum. FLOPs per part follow megaflow.monitor.step_flops's rule, so the parts' FLOPs add up
 to the step's (less the embeddings' adapter and flow_in matmuls, counted in the rest).

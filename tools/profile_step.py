@@ -17,6 +17,10 @@ multiply-adds per token + attention) / the device's peak dense bf16 FLOP/s (moni
 or --peak-tflops); on a CPU or an unknown GPU it is reported as null unless --peak-tflops is given.
 Peak memory: CUDA's max allocated over the timed steps; on CPU the process's peak resident set.
 
+Every profile also times as many steps back to back with one wait at the end ("loop"), as the
+training loop runs them (nothing waits for the GPU inside a step, so the host prepares the next step
+while the GPU finishes this one); the synced median above waits before and after each step.
+
 `--trace DIR` profiles --trace-steps more steps with torch.profiler and writes DIR/trace.json
 (chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 30 ops with the most self time.
 What it does not do: time data loading (the batch is on the device before the clock starts) or
@@ -170,7 +174,7 @@ def _free(device):
 
 def profile_one(args, overrides: list, device, measure_parts: bool = False, trace_dir: str = "") -> dict:
     from megaflow.monitor import peak_flops, step_flops
-    from megaflow.train import PlainEngine, pick_dtype, read_metrics
+    from megaflow.train import PlainEngine, host_to_device, pick_dtype, read_metrics
     cfg = load_config(args.config, overrides)
     dtype = pick_dtype(cfg.train.dtype, device)
     _free(device)
@@ -190,17 +194,19 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     engine = PlainEngine(model, cfg, dtype)
     g = torch.Generator().manual_seed(1)
 
-    def step() -> tuple:
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def step(wait: bool = True) -> tuple:
         batch = next(source)
         B, M = batch["image_valid"].shape
-        noise = torch.randn(B, M, mcfg.fae.n_tokens, mcfg.fae.latent_dim, generator=g).to(device)
+        noise = host_to_device(torch.randn(B, M, mcfg.fae.n_tokens, mcfg.fae.latent_dim, generator=g), device)
         keep = torch.ones(B, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if wait:
+            sync()
         t0 = time.perf_counter()
         out = engine.train_step(batch, noise, keep, cfg.train.lr)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if wait:
+            sync()
         return time.perf_counter() - t0, batch, out
 
     losses = [float(step()[2]["loss"]) for _ in range(args.warmup)]
@@ -217,6 +223,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         images.append(int(batch["image_valid"].sum()))
         flops.append(step_flops(model, batch) * real / batch["tokens"].numel())  # real tokens only
     med = statistics.median(times)
+    loop_s, loop_flops = loop_time(step, sync, args.steps, model)
     per_step = {"tokens": statistics.median(tokens), "images": statistics.median(images),
                 "flops": statistics.median(flops)}
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
@@ -233,6 +240,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         "tokens_per_s": per_step["tokens"] / med, "images_per_s": per_step["images"] / med,
         "model_tflop_per_step": per_step["flops"] / 1e12, "model_tflops": achieved / 1e12,
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
+        "loop_step_time_s": loop_s, "loop_mfu": loop_flops / loop_s / peak if peak else None,
         "peak_memory_gib": mem, "peak_memory_kind": mem_kind, "last_loss": losses[-1],
         "last_metrics": read_metrics(out), "backend": cfg.parallel.backend, "fp8": cfg.parallel.fp8, "losses": losses,
     }
@@ -244,6 +252,19 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     del engine, model, source
     _free(device)
     return result
+
+
+def loop_time(step, sync, n: int, model) -> tuple:
+    """Seconds per step and FLOPs per step of `n` steps run back to back, as the training loop runs
+    them (nothing waits for the GPU inside a step, so the host prepares the next step while the GPU
+    finishes this one), with one wait at the end."""
+    from megaflow.monitor import step_flops
+    sync()
+    t0 = time.perf_counter()
+    batches = [step(wait=False)[1] for _ in range(n)]
+    sync()
+    dt = (time.perf_counter() - t0) / n
+    return dt, sum(step_flops(model, b) * real_tokens(b) / b["tokens"].numel() for b in batches) / n
 
 
 def real_tokens(batch: dict) -> int:
@@ -282,8 +303,10 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=False) as prof:
+        t0 = time.perf_counter()
         for _ in range(n_steps):
             step()
+        wall_us = (time.perf_counter() - t0) * 1e6
     prof.export_chrome_trace(str(d / "trace.json"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
@@ -291,7 +314,20 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table}
     if device.type == "cuda":
         out["kernel_categories"] = kernel_categories(prof)
+        out["gpu_busy_pct"] = round(100 * kernel_busy_us(prof) / wall_us, 1)
     return out
+
+
+def kernel_busy_us(prof) -> float:
+    """Microseconds in which at least one GPU kernel ran (the union of the kernels' intervals)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if _is_kernel(e) and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
 
 
 CATEGORIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -303,13 +339,20 @@ CATEGORIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
               ("reductions/norms", ("reduce", "norm", "softmax", "cross_entropy", "nll")))
 
 
+def _is_kernel(evt) -> bool:
+    """A GPU kernel or copy: not a GPU-side annotation range (it would count its kernels twice), not
+    the driver's "Command Buffer Full" marker (the host waiting on a full launch queue)."""
+    return getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA and \
+        not getattr(evt, "is_user_annotation", False) and \
+        not evt.name.startswith(("Optimizer.", "ProfilerStep", "Command Buffer Full"))
+
+
 def kernel_categories(prof) -> dict:
     """{category: percent of the GPU kernel time} from the profiler's device events."""
     totals, all_time = {}, 0.0
     for evt in prof.events():
-        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA or \
-                getattr(evt, "is_user_annotation", False) or evt.name.startswith(("Optimizer.", "ProfilerStep")):
-            continue  # kernels only: a GPU-side annotation range would count its kernels twice
+        if not _is_kernel(evt):
+            continue
         t = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
         name = evt.name.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
@@ -325,16 +368,17 @@ def render(r: dict) -> str:
     base = r.get("baseline", {})
     anchor = f" (plain-PyTorch baseline: {100 * base['mfu']:.2f} %)" if base.get("mfu") is not None else ""
     lines = [f"profile: {r['config']} on {r['device']} ({r['dtype']} compute, {r['param_dtype']} weights, "
-             f"{r['compiled_blocks']} compiled blocks, activation checkpointing {r['activation_checkpointing']}, "
+             f"{r['compiled_regions']} compiled regions, activation checkpointing {r['activation_checkpointing']}, "
              f"{r.get('backend', 'local')} layers{fp8}), "
              f"{r['rows']} x {r['seq_len']} tokens, "
              f"{r['images_per_step']} images per step; {r['warmup']} warm-up + {r['steps']} timed steps",
              f"  step time      {r['step_time_s'] * 1e3:10.2f} ms (median; min {r['step_time_min_s'] * 1e3:.2f}, "
-             f"max {r['step_time_max_s'] * 1e3:.2f})",
+             f"max {r['step_time_max_s'] * 1e3:.2f}); back to back {r['loop_step_time_s'] * 1e3:.2f} ms",
              f"  tokens/s       {r['tokens_per_s']:10,.0f}",
              f"  images/s       {r['images_per_s']:10,.1f}",
              f"  model TFLOP/s  {r['model_tflops']:10.4f} ({r['model_tflop_per_step']:.4g} TFLOP per step)",
-             f"  MFU            {100 * r['mfu']:10.2f} % of {r['peak_tflops']:.0f} TFLOP/s{anchor}" if r["mfu"] is not None else
+             f"  MFU            {100 * r['mfu']:10.2f} % of {r['peak_tflops']:.0f} TFLOP/s{anchor}; back to back "
+             f"{100 * r['loop_mfu']:.2f} %" if r["mfu"] is not None else
              f"  MFU                   n/a (no known peak for {r['device']}; pass --peak-tflops)",
              f"  peak memory    {r['peak_memory_gib']:10.3f} GiB ({r['peak_memory_kind']})"]
     lines += render_extras(r)
@@ -350,6 +394,7 @@ def render_extras(r: dict) -> list:
         lines.append(render_parts(r["parts"]))
     if "kernel_categories" in r:
         lines.append("  GPU kernel time by category: " + ", ".join(f"{k} {v}%" for k, v in r["kernel_categories"].items()))
+        lines.append(f"  GPU busy (some kernel running) {r['gpu_busy_pct']}% of the traced steps' wall time (profiler on)")
     if "trace" in r:
         lines += [f"  trace          {r['trace']}", r["top_ops_table"]]
     return lines
@@ -360,9 +405,11 @@ def render_baseline(b: dict) -> str:
         return f"  baseline failed: {b['error']}"
     mfu = f"{100 * b['mfu']:.2f} %" if b.get("mfu") is not None else "n/a"
     mem = f", {b['peak_memory_gib']:.1f} GiB" if b.get("peak_memory_gib") is not None else ""
+    loop = f"{100 * b['loop_mfu']:.2f} %" if b.get("loop_mfu") is not None else "n/a"
     return (f"  baseline: {b['name']}, {b['params'] / 1e9:.3f}B params ({b['n_layers']} x {b['dim']}, ffn "
             f"{b['ffn_dim']}, vocab {b['vocab']}), {b['rows']} x {b['seq_len']}: {b['step_time_s'] * 1e3:.1f} ms, "
-            f"{b['tokens_per_s']:,.0f} tokens/s, {b['model_tflops']:.1f} TFLOP/s, MFU {mfu}{mem}")
+            f"{b['tokens_per_s']:,.0f} tokens/s, {b['model_tflops']:.1f} TFLOP/s, MFU {mfu}{mem}; back to back "
+            f"{b['loop_step_time_s'] * 1e3:.1f} ms, MFU {loop}")
 
 
 def render_variants(r: dict) -> str:
@@ -370,15 +417,19 @@ def render_variants(r: dict) -> str:
     anchor = f"{100 * base['mfu']:.1f}" if base.get("mfu") is not None else "n/a"
     head = (f"profile: {r['config']}, one process, one row per variant (MFU counts real tokens; baseline MFU "
             f"{anchor} %)")
+    loop_anchor = f"{100 * base['loop_mfu']:.1f}" if base.get("loop_mfu") is not None else "n/a"
+    head += f"; back to back: loop ms, loop MFU %, the baseline's {loop_anchor} %"
     lines = [head, f"  {'variant':22s} {'step ms':>9s} {'tokens/s':>10s} {'images/s':>9s} {'TFLOP/s':>8s} "
-                   f"{'MFU %':>6s} {'base %':>6s} {'peak GiB':>8s} {'warm-up s':>9s}  sets"]
+                   f"{'MFU %':>6s} {'base %':>6s} {'loop ms':>8s} {'loop %':>6s} {'peak GiB':>8s} {'warm-up s':>9s}  sets"]
     for v in r["variants"]:
         if "error" in v:
             lines.append(f"  {v['variant']:22s} failed: {v['error']}")
             continue
         mfu = f"{100 * v['mfu']:6.1f}" if v["mfu"] is not None else "   n/a"
+        loop_mfu = f"{100 * v['loop_mfu']:6.1f}" if v["loop_mfu"] is not None else "   n/a"
         lines.append(f"  {v['variant']:22s} {v['step_time_s'] * 1e3:9.1f} {v['tokens_per_s']:10,.0f} "
                      f"{v['images_per_s']:9.1f} {v['model_tflops']:8.1f} {mfu} {anchor:>6s} "
+                     f"{v['loop_step_time_s'] * 1e3:8.1f} {loop_mfu} "
                      f"{v['peak_memory_gib']:8.1f} {v['warmup_s']:9.1f}  {';'.join(v['sets']) or '-'}")
     for v in r["variants"]:
         extras = render_extras(v) if "error" not in v else []

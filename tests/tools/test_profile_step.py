@@ -86,7 +86,7 @@ def test_variants_baseline_and_parts_in_one_process(tmp_path, capsys):
         assert want in text, want
     r = json.loads(out.read_text())
     rows = {v["variant"]: v for v in r["variants"]}
-    assert rows["sel"]["activation_checkpointing"] == "selective" and rows["eager"]["compiled_blocks"] == 0
+    assert rows["sel"]["activation_checkpointing"] == "selective" and rows["eager"]["compiled_regions"] == 0
     assert "train.compile" in rows["bad"]["error"] and "parts" not in rows["eager"]
     parts = rows["sel"]["parts"]["parts"]
     assert set(parts) == {"VLM stream", "deep flow", "shallow flows", "heads+losses", "skips"}
