@@ -157,8 +157,9 @@ class MainWeights:
             torch._foreach_zero_([main for main, p in zip(self.main_grads, self.model_params) if p.grad is None])
         if have:
             torch._foreach_copy_([main for main, _ in have], [g for _, g in have])  # bf16 -> fp32
-        for p, main, view in zip(self.model_params, self.params, self.main_grads):
+        for p, view in zip(self.model_params, self.main_grads):  # both in model order (`params`: group order)
             p.grad = None
+            main = self.main[id(p)]
             if main.grad is not view:  # replaced by someone: the optimizer reads the flat buffer again
                 main.grad = view
 
