@@ -10,7 +10,8 @@
 #
 # Ports: SLURM_LOCAL_PORT (slurmctld, default 6817); the nodes use the next two. Not here: no system
 # file is touched (no /etc/slurm, no /etc/hosts: the launchers read the head node's NodeAddr), and
-# nothing is started by systemd. Partitions: `debug` (default) and `high`, which preempts it
+# nothing is started by systemd. The nodes claim 2 x the real cores each (config_overrides).
+# Partitions: `debug` (default) and `high`, which preempts it
 # (PreemptMode=REQUEUE, GraceTime=15). AuthInfo=cred_expire=5 lets a requeued job restart in ~10 s.
 set -euo pipefail
 PACKAGES=(slurmctld slurmd slurm-client munge)
@@ -31,7 +32,7 @@ install_packages() {
 
 write_conf() {  # DIR PORT
   local d=$1 port=$2 cpus mem
-  cpus=$(nproc)
+  cpus=$(( 2 * $(nproc) ))  # each fake node claims twice the real cores: two 2-node test jobs run side by side
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
   cat >"$d/slurm.conf" <<EOF
 ClusterName=megaflowlocal
@@ -63,6 +64,7 @@ JobCompType=jobcomp/none
 MailProg=/bin/true
 JobRequeue=1
 ReturnToService=2
+SlurmdParameters=config_overrides
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
