@@ -20,5 +20,5 @@ else
 fi
 rc=$?
 echo "$rc" >"$name.exit"
-wait  # the tee processes have written everything
+echo "=== $(date -u +%FT%TZ) rank $RANK exited $rc" >>"$name.log"
 exit "$rc"

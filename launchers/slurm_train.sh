@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start `megaflow train` on every node of a SLURM allocation and keep the job alive across signals
 # and crashes: one torchrun per node (srun), which starts NPROC_PER_NODE workers (one per GPU, or
-# CPU workers on gloo when the nodes have no GPU); the workers meet at a c10d rendezvous on the
+# CPU workers on gloo when the nodes have no GPU); the workers meet at MASTER_ADDR:MASTER_PORT on the
 # first node. launchers/slurm.sbatch calls it as the batch shell.
 #
 #   launchers/slurm_train.sh [--set a.b=v ...]     (inside an allocation)
@@ -63,7 +63,7 @@ if [ -z "${MASTER_ADDR:-}" ]; then  # the address SLURM itself reaches the node 
   MASTER_ADDR=${MASTER_ADDR:-$HEAD}
 fi
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-LOG_DIR=$(mkdir -p "${LOG_DIR:-logs}" && cd "${LOG_DIR:-logs}" && pwd)
+LOG_DIR=$(realpath -m "${LOG_DIR:-logs}")
 RUN_DIR=$LOG_DIR/$SLURM_JOB_ID
 if [ -z "${TORCHRUN:-}" ]; then
   if [ -x .venv/bin/torchrun ]; then TORCHRUN="$REPO/.venv/bin/torchrun"; else TORCHRUN=torchrun; fi
@@ -84,23 +84,16 @@ export MEGAFLOW_RUN_DIR=$RUN_DIR
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}; fi
 # Multi-NIC clusters usually also need NCCL_SOCKET_IFNAME / NCCL_IB_HCA: set them in the environment.
 
-# The torchrun agent ignores SIGUSR1 (bash's trap '' survives the exec); its workers install their own handler.
+# One torchrun per node, node rank = SLURM_NODEID (PET_NODE_RANK is torchrun's --node_rank): static
+# rendezvous, global ranks in node order, the store in node 0's torchrun. The agent ignores SIGUSR1
+# (bash's trap '' survives the exec; torchrun would die of it); the workers install their own handler.
 CMD=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL
-     bash -c 'trap "" USR1; exec "$@"' megaflow-node
+     bash -c 'trap "" USR1; export PET_NODE_RANK=$SLURM_NODEID; exec "$@"' megaflow-node
      "$TORCHRUN" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE"
-     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"
+     --rdzv_backend static --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      --max_restarts 0 --no-python "$REPO/launchers/slurm_rank.sh"
      train --config "$CONFIG" --resume "$@")
 
-if [ "${DRY_RUN:-0}" = 1 ]; then
-  for v in MASTER_ADDR MASTER_PORT NCCL_NVLS_ENABLE NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING OMP_NUM_THREADS DS_ACCELERATOR; do
-    echo "export $v=${!v}"
-  done
-  printf '%q ' "${CMD[@]}"; echo
-  exit 0
-fi
-
-say() { echo "[$(date -u +%FT%TZ)] slurm_train.sh: job $SLURM_JOB_ID: $*"; }
 time_limit_s() {  # the job's --time in seconds, or nothing (UNLIMITED, unknown)
   local t d=0 h=0 m=0 s=0
   t=$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null || true)
@@ -118,6 +111,15 @@ if [ -n "$limit" ] && [ "$lead" -gt 0 ] && [ "$limit" -lt $(( lead + min_work ))
   exit 2
 fi
 
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  for v in MASTER_ADDR MASTER_PORT NCCL_NVLS_ENABLE NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING OMP_NUM_THREADS DS_ACCELERATOR; do
+    echo "export $v=${!v}"
+  done
+  printf '%q ' "${CMD[@]}"; echo
+  exit 0
+fi
+
+say() { echo "[$(date -u +%FT%TZ)] slurm_train.sh: job $SLURM_JOB_ID: $*"; }
 mkdir -p "$RUN_DIR"
 rm -f "$RUN_DIR"/*.exit  # this attempt's exit codes only
 say "restart ${SLURM_RESTART_COUNT:-0}: $NNODES nodes x $NPROC_PER_NODE workers ($GPUS_PER_NODE GPUs per node)," \
