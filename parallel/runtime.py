@@ -64,8 +64,18 @@ def init_distributed(launch: LaunchEnv, device: torch.device, timeout_s: float =
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
-                                world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
+        # Groups made later without a timeout (Topology's, the pipeline's, ZeRO's) take torch's module
+        # default (30 min gloo, 10 min NCCL), not the world's: make parallel.timeout_s that default.
+        import torch.distributed.distributed_c10d as c10d
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
+        except dist.DistError as e:  # a peer that died or never started: say so, not a 30-minute wait
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise RuntimeError(f"rank {launch.rank}: the {launch.world_size} ranks did not all join at {where} "
+                               f"within parallel.timeout_s={timeout_s:g} s ({e}); check that every rank started "
+                               f"(its log), or raise parallel.timeout_s for slow starts") from e
     return device
 
 
