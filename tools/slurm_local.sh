@@ -14,6 +14,7 @@
 # Partitions: `debug` (default) and `high`, which preempts it
 # (PreemptMode=REQUEUE, GraceTime=15). AuthInfo=cred_expire=5 lets a requeued job restart in ~10 s.
 set -euo pipefail
+PATH=$PATH:/usr/sbin:/sbin  # slurmctld, slurmd and munged live there
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 usage() { echo "usage: tools/slurm_local.sh install | up DIR | down DIR" >&2; exit 2; }

@@ -38,7 +38,8 @@ CPU_SBATCH = ("sbatch --nodes=2 --cpus-per-task=2 --time=15 "
 
 
 def _why_not() -> str:
-    if all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch", "munged")):
+    path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+    if all(shutil.which(p, path=path) for p in ("slurmctld", "slurmd", "sbatch", "munged")):
         return ""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "SLURM is not installed and this is not root with apt-get (tools/setup_env.sh installs it as root)"
