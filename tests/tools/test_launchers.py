@@ -150,3 +150,15 @@ def test_local_dry_run_and_a_real_one_process_run(tmp_path):
             env, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "step_000002" / "meta.json").is_file()
+
+
+def test_docs_give_the_sbatch_lines_the_real_slurm_test_runs():
+    """README and docs/ARCHITECTURE.md show the CPU line tests/launchers/test_slurm_real.py submits
+    (its script path and out_dir as placeholders) and the GPU line beside it."""
+    import re
+    from tests.launchers.test_slurm_real import CPU_SBATCH
+    cpu = CPU_SBATCH.format(script="/path/to/megaflow/launchers/slurm.sbatch", out="runs/tiny")
+    gpu = "sbatch --nodes=2 --gpus-per-node=8 --cpus-per-task=64 --time=24:00:00 --export=ALL,CONFIG="
+    for doc in ("README.md", "docs/ARCHITECTURE.md"):
+        text = re.sub(r"\s*\\\n\s*", " ", (REPO / doc).read_text())  # join continued lines
+        assert cpu in text and gpu in text, doc
