@@ -489,6 +489,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     check_out_dir(out, resume, overwrite)  # before any process group: every rank checks, all fail alike
     from megaflow.stop import StopSignals
     signals = StopSignals().install()  # from here on SIGUSR1 / SIGTERM end the run at a step boundary, saved
+    topo = None
     try:
         device, topo = setup_processes(cfg, device)
         return _run(cfg, resume, out, device, topo, overwrite, signals)
