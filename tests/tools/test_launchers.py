@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = ["launchers/slurm.sbatch", "launchers/slurm_train.sh", "launchers/local.sh"]
+SCRIPTS = ["launchers/slurm.sbatch", "launchers/slurm_train.sh", "launchers/slurm_rank.sh", "launchers/local.sh",
+           "tools/slurm_local.sh"]
 
 
 def torchrun_args(argv: list):
