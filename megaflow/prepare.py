@@ -10,6 +10,8 @@ without index.json stops the run with an error naming it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -21,6 +23,20 @@ log = logging.getLogger("megaflow")
 
 BUILTIN = ("fashion_mnist", "digits", "emoji")
 MARKER = ".megaflow-built"  # written into every dataset directory megaflow builds
+
+
+@contextlib.contextmanager
+def prepare_lock(data_dir: str):
+    """An exclusive lock (flock on DATA_DIR.lock, created beside it) held while data is prepared: the
+    first process of each node may prepare, and on a shared filesystem only one builds at a time."""
+    lock = Path(f"{str(data_dir).rstrip('/')}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def parse_mix(text: str):

@@ -282,17 +282,20 @@ def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int, engine
 
 # ----- the run --------------------------------------------------------------------------------------
 def prepare_data(cfg: Config) -> None:
-    from megaflow.prepare import ensure_dataset, ensure_tokenizer
-    name = cfg.train.dataset
-    if name:
-        ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed, cfg.train.dataset_mix,
-                       key="data.local")
-        if cfg.train.eval_data:
-            ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed,
-                           cfg.train.dataset_mix, key="train.eval_data")
-    spec = cfg.data.tokenizer
-    if spec.kind == "sentencepiece" and name:
-        ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)
+    """The built-in dataset and tokenizer, built once: under a file lock beside data.local, so the
+    first process of every node can call it (node-local paths: each node builds its own copy; a
+    shared filesystem: the first builds, the others find it)."""
+    from megaflow.prepare import ensure_dataset, ensure_tokenizer, prepare_lock
+    name, spec = cfg.train.dataset, cfg.data.tokenizer
+    with prepare_lock(cfg.data.local):
+        if name:
+            ensure_dataset(name, cfg.data.local, "train", cfg.train.dataset_limit, cfg.data.seed,
+                           cfg.train.dataset_mix, key="data.local")
+            if cfg.train.eval_data:
+                ensure_dataset(name, cfg.train.eval_data, "test", cfg.train.eval_limit, cfg.data.seed,
+                               cfg.train.dataset_mix, key="train.eval_data")
+        if spec.kind == "sentencepiece" and name:
+            ensure_tokenizer(spec.path, cfg.data.local, cfg.train.tokenizer_vocab)
 
 
 def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list, tok, topo=None,
@@ -350,7 +353,7 @@ def setup_processes(cfg: Config, device: torch.device):
         return device, None
     try:
         check_layout(p, launch.world_size)  # before any group exists: the error, not a hang
-        device = init_distributed(launch, device)
+        device = init_distributed(launch, device, p.timeout_s)
         return device, Topology(tp=p.tp, pp=p.pp, flow_tp=p.flow_tp)
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -468,18 +471,24 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         from parallel.backend import import_te
         import_te()
     check_out_dir(out, resume, overwrite)  # before any process group: every rank checks, all fail alike
-    device, topo = setup_processes(cfg, device)
+    from megaflow.stop import StopSignals
+    signals = StopSignals().install()  # from here on SIGUSR1 / SIGTERM end the run at a step boundary, saved
+    topo = None
     try:
-        return _run(cfg, resume, out, device, topo, overwrite)
+        device, topo = setup_processes(cfg, device)
+        return _run(cfg, resume, out, device, topo, overwrite, signals)
     finally:
+        signals.restore()
         if topo is not None:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
-def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = False) -> dict:
-    from parallel.runtime import barrier, broadcast_value
+def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = False, signals=None) -> dict:
+    from megaflow.stop import StopSignals
+    from parallel.runtime import AnyRank, barrier, broadcast_value, is_node_main
+    signals = signals or StopSignals()  # not installed: never set
     tcfg = cfg.train
     main_rank = topo is None or topo.rank == 0
     dtype = pick_dtype(tcfg.dtype, device)
@@ -487,6 +496,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             remove_checkpoints(out)
+    if is_node_main():
         prepare_data(cfg)
     barrier(topo)  # the data and tokenizer exist before any rank reads them
     tok = load_run_tokenizer(cfg)
@@ -542,18 +552,21 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     step = start
     metrics: dict = {}
     skipped = sum(1 for h in history if h.get("skipped"))  # over the whole run, resumes included
-    for step in range(start, tcfg.steps):
+    any_rank = AnyRank(topo, cfg.parallel.timeout_s)  # step-boundary agreement: every rank stops at the same step
+    idle, = any_rank(signals.received)  # signalled during start-up: stop before a step (the state is the checkpoint's)
+    signalled = idle
+    for step in range(start, start if idle else tcfg.steps):
         host = next(batches)  # the monitor counts tokens on the host copy: no read-back of the device batch
         batch = to_device(host, device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)
         lr = lr_at(step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps)
         metrics = engine.train_step(batch, noise, keep, lr)  # 0-d tensors: the GPU is not waited for
         history.append({"step": step + 1, "loss": metrics["loss"], "_skip": metrics.pop("skipped", False)})
-        over_time = bool(tcfg.max_minutes) and time.time() - t_start > 60 * tcfg.max_minutes
-        if tcfg.max_minutes:
-            over_time = broadcast_value(over_time, topo)  # every rank stops where rank 0's clock says
-        done = step + 1 == tcfg.steps or over_time
-        evaluating = bool(tcfg.eval_data) and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0) or done)
+        over_time = main_rank and bool(tcfg.max_minutes) and time.time() - t_start > 60 * tcfg.max_minutes
+        signalled, over_time = any_rank(signals.received, over_time)  # over_time: where rank 0's clock says
+        done = step + 1 == tcfg.steps or over_time or signalled  # a signal: save now, evaluate later
+        evaluating = bool(tcfg.eval_data) and ((tcfg.eval_every and (step + 1) % tcfg.eval_every == 0)
+                                               or (done and not signalled))
         saving = tcfg.save_every >= 0 and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or done)
         sampling = bool(tcfg.sample_every) and (step + 1) % tcfg.sample_every == 0
         if (step + 1) % tcfg.log_every == 0 or done or evaluating or saving or sampling:
@@ -579,7 +592,11 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
             break
     if saver is not None:
         saver.finish()  # the last checkpoint is committed before the run reports
-    result = {"steps": step + 1, "train": metrics, "skipped_steps": skipped, "minutes": (time.time() - t_start) / 60}
+    result = {"steps": start if idle else step + 1, "train": metrics, "skipped_steps": skipped,
+              "minutes": (time.time() - t_start) / 60}
+    if signalled:
+        result["stopped"] = stopped_by_signal(signals.received or "a signal to another rank", out, result["steps"],
+                                              not idle, topo)
     if topo is not None:
         from parallel.checkpoint import layout_of
         result["parallel"] = layout_of(topo, cfg.parallel)
@@ -588,7 +605,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     stats = loader.stats  # this rank's reader: documents read, packed, skipped, dropped (must stay 0), slot fill
     result["data"] = {"dp_rank": dp_rank, **{k: stats[k] for k in ("batches", "samples", "docs", "dropped_docs", "skipped")},
                       "slot_fill": (stats["text_tokens"] + stats["image_slots"]) / max(stats["slots"], 1)}
-    if tcfg.report:
+    if tcfg.report and not signalled:
         from megaflow.quality import prepare_classifier, write_report
         if main_rank:
             prepare_classifier(cfg)  # trained and cached once, before the other ranks read it
@@ -604,6 +621,20 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     if main_rank:
         (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
     return result  # no barrier: ranks that sit the report out return while the others write it
+
+
+def stopped_by_signal(why: str, out: Path, step: int, progressed: bool, topo) -> str:
+    """After a signalled stop (saved at `step`, when any step was made): its record in OUT_DIR/stops.json,
+    and a CheckpointError on every rank after too many stops in a row without a step."""
+    from megaflow.stop import MAX_IDLE_STOPS, idle_error, note_stop
+    from parallel.runtime import broadcast_value
+    idle = note_stop(out, step, progressed, why) if topo is None or topo.rank == 0 else 0
+    idle = broadcast_value(idle, topo)
+    if idle >= MAX_IDLE_STOPS:
+        raise CheckpointError(idle_error(why, step, idle, out))
+    log.warning("%s: stopped at step %d %s; a requeued or resubmitted run with --resume continues from there", why,
+                step, "with a checkpoint" if progressed else "before a step (nothing new to save)")
+    return why
 
 
 class Sampling:

@@ -7,7 +7,10 @@ and the Topology, and build this rank's part of the model and its engine in the 
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or SLURM's srun
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT exported by the job
-script). Backend: NCCL on CUDA (device = LOCAL_RANK), gloo on CPU.
+script). Backend: NCCL on CUDA (device = LOCAL_RANK), gloo on CPU. Every collective, and the
+start-up rendezvous, gives up after parallel.timeout_s: a rank that died or hangs (SIGSTOP, a stuck
+GPU) ends the others with an error instead of a silent wait (NCCL needs
+TORCH_NCCL_ASYNC_ERROR_HANDLING=1, which the launchers export).
 
 Not here: the loop (megaflow/train.py), checkpoint files (parallel/checkpoint.py).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -50,8 +54,9 @@ def launch_env() -> Optional[LaunchEnv]:
     return LaunchEnv(rank, world, local) if world > 1 else None
 
 
-def init_distributed(launch: LaunchEnv, device: torch.device) -> torch.device:
-    """Create the default process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
+def init_distributed(launch: LaunchEnv, device: torch.device, timeout_s: float = 600.0) -> torch.device:
+    """Create the default process group (NCCL on CUDA, gloo on CPU) whose collectives and start-up
+    wait at most `timeout_s` for the other ranks; returns this rank's device."""
     if device.type == "cuda":
         if launch.local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK={launch.local_rank} but this node has {torch.cuda.device_count()} GPUs; "
@@ -59,9 +64,44 @@ def init_distributed(launch: LaunchEnv, device: torch.device) -> torch.device:
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
-                                world_size=launch.world_size)
+        # Groups made later without a timeout (Topology's, the pipeline's, ZeRO's) take torch's module
+        # default (30 min gloo, 10 min NCCL), not the world's: make parallel.timeout_s that default.
+        import torch.distributed.distributed_c10d as c10d
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timedelta(seconds=timeout_s))
+        except dist.DistError as e:  # a peer that died or never started: say so, not a 30-minute wait
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise RuntimeError(f"rank {launch.rank}: the {launch.world_size} ranks did not all join at {where} "
+                               f"within parallel.timeout_s={timeout_s:g} s ({e}); check that every rank started "
+                               f"(its log), or raise parallel.timeout_s for slow starts") from e
     return device
+
+
+class AnyRank:
+    """Per step boundary: whether any rank holds a flag (a stop signal, rank 0's clock over
+    train.max_minutes). One all-reduce of a few numbers on the CPU, over a gloo group (the default
+    group on CPU; a second one under NCCL, so the GPU's queue is never waited for)."""
+
+    def __init__(self, topo: Optional[Topology], timeout_s: float = 600.0):
+        self.on = topo is not None and dist.is_initialized()
+        self.group = None
+        if self.on and dist.get_backend() != "gloo":  # every rank creates it, in the same order
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def __call__(self, *flags: bool) -> list:
+        if not self.on:
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(bool(f)) for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return [bool(v) for v in t.tolist()]
+
+
+def is_node_main() -> bool:
+    """Whether this process is the first of its node (or the only process): it prepares node-local files."""
+    launch = launch_env()
+    return launch is None or launch.local_rank == 0
 
 
 def check_layout(pcfg, world_size: int) -> None:

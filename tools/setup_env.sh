@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv and installs everything megaflow needs, from the project's own files only.
 # Idempotent: `make env` runs it when requirements*.txt or pyproject.toml change.
-#   - Debian packages (when run as root and missing): Fashion-MNIST and the color-emoji font (data)
+#   - Debian packages (when run as root and missing): Fashion-MNIST and the color-emoji font (data),
+#     and SLURM + munge (tools/slurm_local.sh install: ~3 MB, no daemon started) for the test that
+#     runs the launchers on a real local SLURM
 #   - requirements.txt (torch 2.13.0 CPU build in the SAME pip command as deepspeed, so that
 #     deepspeed's resolver cannot pull a multi-GB CUDA torch)
 #   - requirements-nodeps.txt with --no-deps (mosaicml-streaming without torchvision/cloud SDKs,
@@ -22,6 +24,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
          "tests that need them will skip, and the default training run needs dataset-fashion-mnist" >&2
   fi
 fi
+bash tools/slurm_local.sh install || echo "setup: WARNING: SLURM is not installed; as root with apt-get" \
+  "tests/launchers/test_slurm_real.py tries again (and fails if it cannot), elsewhere it skips" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # pip, quietly, without the "Location ... is ignored" noise of this machine's pip config; its exit code kept
 pipq() {
