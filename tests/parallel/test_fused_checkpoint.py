@@ -7,7 +7,10 @@ Contract:
   so the AdamW moments were placed right too;
 - a sharded checkpoint in the layout written before the fusion (separate q_proj/k_proj/v_proj,
   gate_proj/up_proj keys for weights and moments) loads into a TP2 engine and into one process
-  (`load_weights`): the next step's loss equals the one-process run that wrote it (1e-5).
+  (`load_weights`): the next step's loss equals the one-process run that wrote it (1e-5);
+- so does a one-process checkpoint from before the fusion (model.pt with the separate names, optim.pt
+  numbering q, k, v separately) into a TP2 engine (`load_engine_from_one_process`) and into the
+  one-process engine (`load_model_state` + `PlainEngine.load_state_dict`, what --resume runs).
 """
 from __future__ import annotations
 
@@ -70,7 +73,39 @@ def _tp_ranks(rank, world, root):
     old, topo, _ = tp_engine(seed=5 + rank)  # other weights: all must come from the old-layout checkpoint
     assert load_engine(old, Path(root) / "legacy", topo) == 1
     out["legacy_next"] = step(old)
+    from parallel.checkpoint_convert import load_engine_from_one_process
+    old, topo, _ = tp_engine(seed=7 + rank)
+    pt = torch.load(Path(root) / "legacy_pt", weights_only=False)
+    assert load_engine_from_one_process(old, pt["model"], pt["optim"], config().model, config().train, topo) == 1
+    out["legacy_pt_next"] = step(old)
     return out
+
+
+def legacy_one_process(engine) -> dict:
+    """What the code before the fusion put in model.pt and optim.pt for the one-process `engine`
+    (copies: the engine steps on)."""
+    from megaflow.optim import group_names
+    from parallel.fused import fused_layout
+    parts = fused_layout(engine.model)
+    model = {}
+    for name, t in engine.model.state_dict().items():
+        t = t.clone()
+        model.update(zip(legacy_parts(name), t.split([r for r, _ in parts[name]])) if name in parts else {name: t})
+    saved = engine.state_dict()["optimizer"]
+    names = group_names(engine.model, [{"params": g} for g in engine._group_params()])
+    state, groups, i = {}, [], 0
+    for g, ns in zip(saved["param_groups"], names):
+        ids = []
+        for j, name in zip(g["params"], ns):
+            entry = saved["state"][j]
+            rows = [r for r, _ in parts[name]] if name in parts else [entry["exp_avg"].shape[0]]
+            split = {k: entry[k].clone().split(rows) for k in ("exp_avg", "exp_avg_sq")}
+            for x in range(len(rows)):
+                state[i] = {"step": entry["step"].clone(), **{k: v[x] for k, v in split.items()}}
+                ids.append(i)
+                i += 1
+        groups.append({**g, "params": ids})
+    return {"model": model, "optim": {"optimizer": {"state": state, "param_groups": groups}}}
 
 
 def legacy_checkpoint(engine, directory: Path) -> None:
@@ -100,14 +135,25 @@ def legacy_checkpoint(engine, directory: Path) -> None:
 def test_fused_tp2_shards_and_old_layout_checkpoints_load(tmp_path):
     from parallel.checkpoint_convert import load_weights
     from parallel.checkpoint_state import load_engine
+    from megaflow.train import load_model_state
     writer = one_process_engine(seed=3)
     step(writer)
     legacy_checkpoint(writer, tmp_path / "legacy")
+    pt = legacy_one_process(writer)
+    assert "units.0.vlm_layers.0.self_attn.v_proj.weight" in pt["model"]
+    assert len(pt["optim"]["optimizer"]["state"]) > len(writer.optimizer.state_dict()["state"])
+    torch.save(pt, tmp_path / "legacy_pt")
     want_legacy_next = step(writer)
+
+    resumed = one_process_engine(seed=13)
+    load_model_state(resumed.model, pt["model"], strict=True)
+    resumed.load_state_dict(pt["optim"])
+    assert abs(step(resumed) - want_legacy_next) < TOL
 
     ranks = run_distributed(_tp_ranks, 2, str(tmp_path))
     for r in ranks:
         assert abs(r["legacy_next"] - want_legacy_next) < TOL, (r["legacy_next"], want_legacy_next)
+        assert abs(r["legacy_pt_next"] - want_legacy_next) < TOL, (r["legacy_pt_next"], want_legacy_next)
 
     one = one_process_engine(seed=9)
     assert load_engine(one, tmp_path / "fused") == 1
