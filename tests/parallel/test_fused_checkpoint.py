@@ -10,7 +10,9 @@ Contract:
   (`load_weights`): the next step's loss equals the one-process run that wrote it (1e-5);
 - so does a one-process checkpoint from before the fusion (model.pt with the separate names, optim.pt
   numbering q, k, v separately) into a TP2 engine (`load_engine_from_one_process`) and into the
-  one-process engine (`load_model_state` + `PlainEngine.load_state_dict`, what --resume runs).
+  one-process engine (`load_model_state` + `PlainEngine.load_state_dict`, what --resume runs);
+- with fewer key/value heads than TP ranks (k/v rows of the fused shard replicated), the TP2
+  engine's gradient norm (what clipping uses) equals one process's: replicated rows count once.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ from tests.helpers import tiny_config
 TOL, LR = 1e-5, 2e-3
 
 
-def config(tp: int = 1) -> Config:
+def config(tp: int = 1, n_kv_heads: int = 2) -> Config:
     from data_pipeline.config import DataConfig
-    return Config(model=dataclasses.replace(tiny_config(), stage="all"),
+    m = tiny_config()
+    return Config(model=dataclasses.replace(m, stage="all", vlm=dataclasses.replace(m.vlm, n_kv_heads=n_kv_heads)),
                   data=DataConfig(image_size=8, channels=1, patch_size=2),
                   train=TrainConfig(lr=LR, min_lr=LR, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1),
                   parallel=ParallelConfig(tp=tp))
@@ -47,17 +50,18 @@ def step(engine) -> float:
     return float(engine.train_step(batch, noise, keep, LR)["loss"])
 
 
-def tp_engine(seed: int):
+def tp_engine(seed: int, n_kv_heads: int = 2, full=None):
     from parallel.runtime import build_engine, build_stages
-    cfg, topo = config(tp=2), Topology(tp=2)
-    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", seed, None, 48)
+    cfg, topo = config(tp=2, n_kv_heads=n_kv_heads), Topology(tp=2)
+    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", seed, full, 48)
     return build_engine(cfg, model, stages, tied, topo, None), topo, model
 
 
-def one_process_engine(seed: int):
+def one_process_engine(seed: int, n_kv_heads: int = 2):
     from megaflow.model.starflow import build_model
     from megaflow.train import PlainEngine
-    return PlainEngine(build_model(config().model, seed=seed), config(), None)
+    cfg = config(n_kv_heads=n_kv_heads)
+    return PlainEngine(build_model(cfg.model, seed=seed), cfg, None)
 
 
 def _tp_ranks(rank, world, root):
@@ -78,6 +82,10 @@ def _tp_ranks(rank, world, root):
     pt = torch.load(Path(root) / "legacy_pt", weights_only=False)
     assert load_engine_from_one_process(old, pt["model"], pt["optim"], config().model, config().train, topo) == 1
     out["legacy_pt_next"] = step(old)
+    one_kv, _, model = tp_engine(0, n_kv_heads=1, full=torch.load(Path(root) / "one_kv.pt"))
+    assert "ReplicatedKVLinear" in {type(m).__name__ for m in model.modules()}
+    batch, noise, keep = data()
+    out["one_kv_norm"] = float(one_kv.train_step(batch, noise, keep, LR)["grad_norm"])
     return out
 
 
@@ -150,10 +158,16 @@ def test_fused_tp2_shards_and_old_layout_checkpoints_load(tmp_path):
     resumed.load_state_dict(pt["optim"])
     assert abs(step(resumed) - want_legacy_next) < TOL
 
+    one_kv = one_process_engine(seed=4, n_kv_heads=1)  # fewer k/v heads than ranks: k/v rows replicated
+    torch.save(one_kv.model.state_dict(), tmp_path / "one_kv.pt")
+    batch, noise, keep = data()
+    want_norm = float(one_kv.train_step(batch, noise, keep, LR)["grad_norm"])
+
     ranks = run_distributed(_tp_ranks, 2, str(tmp_path))
     for r in ranks:
         assert abs(r["legacy_next"] - want_legacy_next) < TOL, (r["legacy_next"], want_legacy_next)
         assert abs(r["legacy_pt_next"] - want_legacy_next) < TOL, (r["legacy_pt_next"], want_legacy_next)
+        assert abs(r["one_kv_norm"] - want_norm) < TOL * want_norm, (r["one_kv_norm"], want_norm)
 
     one = one_process_engine(seed=9)
     assert load_engine(one, tmp_path / "fused") == 1

@@ -191,8 +191,8 @@ def test_shallow_ffn_dim():
     """flow.shallow_ffn_dim sets the shallow blocks' SwiGLU size (0 keeps 4 x shallow_dim)."""
     default = build_model(tiny_config(), seed=0)
     sized = build_model(tiny_config(shallow_ffn_dim=24), seed=0)
-    assert default.shallow.blocks[0].layers[0].mlp.gate_proj.out_features == 4 * 16
-    assert sized.shallow.blocks[0].layers[0].mlp.gate_proj.out_features == 24
+    assert default.shallow.blocks[0].layers[0].mlp.gate_up.out_features == 2 * 4 * 16
+    assert sized.shallow.blocks[0].layers[0].mlp.gate_up.out_features == 2 * 24
     with pytest.raises(ValueError, match="shallow_ffn_dim"):
         tiny_config(shallow_ffn_dim=-1)
 
