@@ -12,7 +12,8 @@ Contract:
   numbering q, k, v separately) into a TP2 engine (`load_engine_from_one_process`) and into the
   one-process engine (`load_model_state` + `PlainEngine.load_state_dict`, what --resume runs);
 - with fewer key/value heads than TP ranks (k/v rows of the fused shard replicated), the TP2
-  engine's gradient norm (what clipping uses) equals one process's: replicated rows count once.
+  engine's gradient norm (what clipping uses) equals one process's: replicated rows count once;
+  a fresh per-rank init makes those rows equal across the ranks (the q rows stay independent draws).
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ def _tp_ranks(rank, world, root):
     assert "ReplicatedKVLinear" in {type(m).__name__ for m in model.modules()}
     batch, noise, keep = data()
     out["one_kv_norm"] = float(one_kv.train_step(batch, noise, keep, LR)["grad_norm"])
+    _, _, fresh = tp_engine(seed=0, n_kv_heads=1)  # initialised per rank: replicated k/v rows made equal
+    qkv = fresh.units["0"].vlm_layers[0].self_attn.qkv.weight.detach()  # (16 q rows + 8 k + 8 v, 32)
+    out["q_rows"], out["kv_rows"] = qkv[:16].clone().tolist(), qkv[16:].clone().tolist()
     return out
 
 
@@ -168,6 +172,7 @@ def test_fused_tp2_shards_and_old_layout_checkpoints_load(tmp_path):
         assert abs(r["legacy_next"] - want_legacy_next) < TOL, (r["legacy_next"], want_legacy_next)
         assert abs(r["legacy_pt_next"] - want_legacy_next) < TOL, (r["legacy_pt_next"], want_legacy_next)
         assert abs(r["one_kv_norm"] - want_norm) < TOL * want_norm, (r["one_kv_norm"], want_norm)
+    assert ranks[0]["kv_rows"] == ranks[1]["kv_rows"] and ranks[0]["q_rows"] != ranks[1]["q_rows"]
 
     one = one_process_engine(seed=9)
     assert load_engine(one, tmp_path / "fused") == 1
