@@ -120,7 +120,8 @@ def fused_views(tensors: dict, vlm: VLMConfig) -> dict:
             out[name] = t
             continue
         if t.shape[0] != sum(rows):
-            raise ValueError(f"{name} has {t.shape[0]} rows but vlm config {vlm} needs {sum(rows)} = {rows}")
+            raise ValueError(f"{name} has {t.shape[0]} rows but the VLM config (n_heads, n_kv_heads, head_dim, "
+                             f"ffn_dim) gives {sum(rows)} = {' + '.join(map(str, rows))}")
         out.update(zip(legacy_parts(name), t.split(rows)))
     return out
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from megaflow.model.layers import fuse_legacy, legacy_parts
+
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up to `lr` over `warmup` steps, then cosine decay to `min_lr` at `total`."""
@@ -37,6 +39,53 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def group_names(model: torch.nn.Module, groups: list) -> list:
+    """[[parameter name, ...] per group] of `groups` (param_groups' output) of `model`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in groups]
+
+
+def fuse_legacy_moments(by_name: dict) -> dict:
+    """{name: {moment: tensor}} (AdamW state by parameter name) of a checkpoint written before the
+    fused projections -> the fused model's names (q/k/v moments concatenated like the weights)."""
+    moments: dict = {}
+    for name, entry in by_name.items():
+        for k, v in entry.items():
+            moments.setdefault(k, {})[name] = v
+    out: dict = {}
+    for k, named in moments.items():
+        for name, v in fuse_legacy(named).items():
+            out.setdefault(name, {})[k] = v
+    return out
+
+
+def fuse_legacy_optimizer(state: dict, names: list) -> dict:
+    """A torch optimizer state_dict (optim.pt, entries numbered) saved before the fused projections
+    -> one for this model, whose parameters in optimizer order are `names` (`group_names`). The old
+    file numbers q, k, v (gate, up) separately where this model has one fused parameter; their
+    moments are concatenated. A state already in this layout (or in no layout we know: torch's own
+    load then says what differs) is returned as it is."""
+    sizes = [len(g["params"]) for g in state["param_groups"]]
+    old = [[o for n in group for o in (legacy_parts(n) or (n,))] for group in names]
+    if sizes == [len(g) for g in names] or sizes != [len(g) for g in old]:
+        return state
+    by_name = {n: state["state"][i] for g, ns in zip(state["param_groups"], old)
+               for i, n in zip(g["params"], ns) if i in state["state"]}
+    steps = {n: e["step"] for n, e in by_name.items() if "step" in e}
+    fused = fuse_legacy_moments({n: {k: v for k, v in e.items() if k != "step"} for n, e in by_name.items()})
+    new_state, new_groups, i = {}, [], 0
+    for g, ns in zip(state["param_groups"], names):
+        ids = []
+        for n in ns:
+            first = (legacy_parts(n) or (n,))[0]
+            if n in fused and first in steps:
+                new_state[i] = {"step": steps[first], **fused[n]}
+            ids.append(i)
+            i += 1
+        new_groups.append({**g, "params": ids})
+    return {"state": new_state, "param_groups": new_groups}
 
 
 def _ties_embeddings(module) -> bool:

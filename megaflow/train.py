@@ -244,7 +244,14 @@ class PlainEngine:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        from megaflow.optim import fuse_legacy_optimizer, group_names
+        names = group_names(self.model, [{"params": g} for g in self._group_params()])
+        self.optimizer.load_state_dict(fuse_legacy_optimizer(state["optimizer"], names))  # (an optim.pt from before the fused projections too)
+
+    def _group_params(self) -> list:
+        """The model parameters of each optimizer group, in its order."""
+        it = iter(self.weights.model_params)
+        return [[next(it) for _ in g["params"]] for g in self.optimizer.param_groups]
 
 
 # ----- evaluation -----------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ plain torch.distributed) or 'te' (NVIDIA Transformer Engine `te.Linear` with `tp
 
 A backend answers three questions for a transformer block: the norm in front of a parallel region,
 a column-parallel linear, a row-parallel linear. Both backends shard weights identically (output
-rows for column, input columns for row, contiguous by rank), so checkpoints move between them.
-The difference is who communicates on entry to a region: the local backend lets the norm do it once
-for the fused qkv (and gate/up) (`ParallelRMSNorm(entry='copy'|'gather')`); Transformer Engine layers do it
+rows for column, input columns for row, contiguous by rank; a fused QKV or gate/up weight part by
+part, parallel/fused.py), so checkpoints move between them.
+The difference is who communicates on entry to a region: the local backend lets the norm in front of
+it do it (`ParallelRMSNorm(entry='copy'|'gather')`); Transformer Engine layers do it
 themselves, so under 'te' the norm only keeps its sequence-parallel gradient exact.
 
 Transformer Engine is imported only when backend == 'te'. Everything outside transformer blocks

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megaflow.checkpoint import CheckpointError, begin_checkpoint, commit_checkpoint, validate
 from megaflow.model.layers import fuse_legacy
+from megaflow.optim import fuse_legacy_moments
 
 FORMAT = "megaflow-dcp-1"
 STATE = "state"
@@ -125,16 +126,12 @@ def read_sharded(ckpt: Path, weights_only: bool = False) -> tuple:
     wanted = [k for k in keys if k.startswith("model/") or (not weights_only and k.startswith("optim/"))]
     full = read_full(d, wanted)
     weights = fuse_legacy({k[len("model/"):]: v for k, v in full.items() if k.startswith("model/")})
-    optim: dict = {"step": int(full.get("optim/step") or 0)}
-    moments: dict = {}
+    optim: dict = {}
     for k, v in full.items():
         if k.startswith("optim/") and k != "optim/step":
             name, moment = k[len("optim/"):].rsplit("/", 1)
-            moments.setdefault(moment, {})[name] = v
-    for moment, by_name in moments.items():  # (written before the fusion: separate q/k/v moments, fused here)
-        for name, v in fuse_legacy(by_name).items():
             optim.setdefault(name, {})[moment] = v
-    return weights, optim
+    return weights, {**fuse_legacy_moments(optim), "step": int(full.get("optim/step") or 0)}
 
 
 class AsyncSave:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from megaflow.model.layers import fuse_legacy
 from parallel.checkpoint_state import (MOMENTS, Placer, entries, is_zero, load_targets, model_key, optim_key,
                                        set_zero_step)
 from parallel.dcp_boxes import Boxes, checkpoint_keys, load_boxes
@@ -25,14 +26,14 @@ def load_engine_from_one_process(engine, model_pt: dict, optim_pt: dict, model_c
     numbered in the order megaflow.optim.build_optimizer gives the one-process model (rebuilt here
     on the meta device), which names them. Returns the step."""
     from megaflow.model.starflow import STARFlow2, apply_stage
-    from megaflow.optim import param_groups
+    from megaflow.optim import fuse_legacy_optimizer, group_names, param_groups
     with torch.device("meta"):
         meta = STARFlow2(model_cfg)
     apply_stage(meta, model_cfg.stage)
-    names = {id(p): n for n, p in meta.named_parameters()}
-    order = [names[id(p)] for g in param_groups(meta, train_cfg.weight_decay) for p in g["params"]]
-    saved = optim_pt["optimizer"]["state"]
-    full = {model_key(k): v for k, v in model_pt.items()}
+    names = group_names(meta, param_groups(meta, train_cfg.weight_decay))
+    order = [n for group in names for n in group]
+    saved = fuse_legacy_optimizer(optim_pt["optimizer"], names)["state"]  # (from before the fused projections too)
+    full = {model_key(k): v for k, v in fuse_legacy(dict(model_pt)).items()}
     step = 0
     for i, name in enumerate(order):
         if i in saved:

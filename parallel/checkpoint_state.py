@@ -15,12 +15,13 @@ Who writes what (parallel/dcp_boxes.py turns it into files):
                                frozen ones and buffers: whole TP shards, like ParallelEngine
     ZeroEngine ZeRO-3          the same for every parameter (frozen ones from their partitions)
 Loading builds the same description with destinations instead of sources, so any engine at any
-layout reads any checkpoint. A fused projection (qkv = [q; k; v], gate_up = [gate; up]) is stored
-fused, as the one-process model names it; a TP shard of it is several boxes, one per part
-(parallel/fused.py). Checkpoints from before the fusion (separate q_proj/k_proj/v_proj,
-gate_proj/up_proj keys) load too: each part's boxes are read from its old key (`Placer`). The last pipeline stage's copy of a tied embedding is saved as
+layout reads any checkpoint. The last pipeline stage's copy of a tied embedding is saved as
 `lm_head.weight` (weights and moments); a checkpoint without it (one process, where the two are
 one tensor) feeds it from `embed_tokens.weight`.
+Fused projections (qkv = [q; k; v], gate_up = [gate; up]) are stored fused, as the one-process
+model names them; a TP shard of one is several boxes, one per part (parallel/fused.py). Checkpoints
+from before the fusion (separate q_proj/k_proj/v_proj, gate_proj/up_proj keys) load too: each
+part's boxes are read from its old key (`Placer`).
 
 Not here: checkpoint directories and the collective protocol (parallel/checkpoint.py), other
 formats (parallel/checkpoint_convert.py).

@@ -8,7 +8,8 @@ Exactness. The loss of each micro-batch is normalised by the step's GLOBAL count
 before any forward, parallel/pipeline_step.py), so the DP sum of the gradients is the gradient of
 the global batch and a DP run equals one process on the concatenated batch. The clipping norm is
 the single-process one: squares of TP shards summed over the TP group (a flow shard replicated
-tp / flow_tp times counted once), replicated parameters counted on TP rank 0 only, the last
+tp / flow_tp times counted once; replicated k/v rows of a fused QKV shard once), replicated
+parameters counted on TP rank 0 only, the last
 stage's copy of an embedding tied across stages not at all; then summed over the pipeline. That
 is `zero_mpu.mark_model_parallel`'s rule, applied here without DeepSpeed.
 
@@ -26,22 +27,30 @@ import torch.nn as nn
 from megaflow.optim import MainWeights, param_groups, resolve_param_dtype, set_lr
 from megaflow.speed import apply_speedups
 from parallel.checkpoint_tp import shard_layout
+from parallel.comm import group_rank, group_size
 from parallel.data_parallel import GradBuckets
+from parallel.fused import parts_layout, pieces
 from parallel.pipeline import stage_parameters
 from parallel.pipeline_step import PipelineSchedule
 
 
 def norm_counted(stages: list, topo, tied=None) -> dict:
-    """{id(parameter): True if this rank counts it in the global gradient norm}."""
+    """{id(parameter): True if this rank counts it in the global gradient norm, or the rows it
+    counts ((start, rows), ...): a fused QKV shard whose k/v rows are replicated (fewer key/value
+    heads than ranks) counts them on its group's first rank only}."""
     tied_copy = tied.weight if tied is not None and tied.group is not None and not topo.is_first_stage else None
     counted = {}
     for st in stages:
-        layout = shard_layout(st.module)
+        layout, fused = shard_layout(st.module), parts_layout(st.module)
         for name, p in st.module.named_parameters():
             if name in layout:
                 group = layout[name][1]
                 flow_replica = group is topo.flow_tp_group and topo.flow_tp < topo.tp and topo.tp_rank >= topo.flow_tp
                 counted[id(p)] = not flow_replica
+                parts = fused.get(name, ())
+                if counted[id(p)] and group_rank(group) > 0 and not all(sharded for _, sharded in parts):
+                    own = pieces(parts, group_size(group), group_rank(group))
+                    counted[id(p)] = tuple((x.local, x.rows) for x in own if parts[x.part][1])
             else:
                 counted[id(p)] = topo.tp_rank == 0
     if tied_copy is not None:
@@ -54,7 +63,8 @@ def clip_grad_norm(params: list, counted: dict, max_norm: float, topo) -> torch.
     """torch.nn.utils.clip_grad_norm_ over a model split by TP and PP (see the file docstring):
     returns the global norm and scales every local gradient by min(1, max_norm / (norm + 1e-6))."""
     grads = [p.grad for p in params if p.grad is not None]
-    mine = [p.grad for p in params if p.grad is not None and counted[id(p)]]
+    mine = [p.grad if counted[id(p)] is True else torch.cat([p.grad.narrow(0, *r) for r in counted[id(p)]])
+            for p in params if p.grad is not None and counted[id(p)]]
     device = grads[0].device if grads else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float32, device=device)
     if mine:

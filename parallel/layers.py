@@ -44,12 +44,12 @@ def copy_shards(new: nn.Module, old: nn.Module) -> nn.Module:
         src = getattr(old, name, None)
         if src is None:  # e.g. an empty bias placeholder of a Transformer Engine layer
             continue
-        if not src.is_meta:
-            g = new.tp_group
-            if name in parts:
-                p.copy_(shard_parts(src, parts[name], group_size(g), group_rank(g)))
-            else:
-                p.copy_(shard(src, g, shards[name]) if name in shards else src)
+        if src.is_meta:
+            pass
+        elif name in parts:
+            p.copy_(shard_parts(src, parts[name], group_size(new.tp_group), group_rank(new.tp_group)))
+        else:
+            p.copy_(shard(src, new.tp_group, shards[name]) if name in shards else src)
         p.requires_grad_(src.requires_grad)
     return new
 

@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megaflow.optim import fuse_legacy_moments
 from parallel.checkpoint_tp import shard_layout
 from parallel.comm import group_rank, group_size
+from parallel.fused import parts_layout, unshard_parts
 from parallel.zero import master_partitions
 
 FORMAT = "megaflow-zero-1"
@@ -114,7 +116,7 @@ def save_zero_state(engine, directory: Path) -> Path:
         p, module = engine.named[name]
         layout = shard_layout(module).get(name)
         params[name] = {"shape": tuple(p.ds_shape if engine.stage == 3 else p.shape), "start": start, "numel": numel,
-                        "tp_dim": layout[0] if layout else None,
+                        "tp_dim": layout[0] if layout else None, "tp_parts": parts_layout(module).get(name),
                         "tp_group_rank": group_rank(layout[1]) if layout else 0,
                         "tp_group_size": group_size(layout[1]) if layout else 1,
                         **{k: v.detach().float().cpu().clone() for k, v in pieces.items()}}
@@ -219,12 +221,15 @@ def read_full_state(directory) -> dict:
             full = _assemble(files, name, int(torch.Size(shape).numel()))
             shards.setdefault(name, {})[e["tp_group_rank"]] = {k: v.view(shape) for k, v in full.items()}
             meta[name] = e
-    out = {"step": blobs[0]["step"]}
+    out = {}
     for name, by_rank in shards.items():
         e = meta[name]
         if e["tp_dim"] is None:
             out[name] = by_rank[0]
         else:
-            parts = [by_rank[r] for r in range(e["tp_group_size"])]
+            n = e["tp_group_size"]
+            parts = [by_rank[r] for r in range(n)]
             out[name] = {k: torch.cat([pt[k] for pt in parts], dim=e["tp_dim"]) for k in KEYS}
-    return out
+            if e.get("tp_parts"):  # a fused projection: its shards are [q_r; k_r; v_r] (parallel/fused.py)
+                out[name] = {k: unshard_parts(v, e["tp_parts"], n) for k, v in out[name].items()}
+    return {**fuse_legacy_moments(out), "step": blobs[0]["step"]}  # (names from before the fusion: fused)

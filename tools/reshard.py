@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megaflow.checkpoint import CheckpointError, load_file, resolve, save_checkpoint, validate  # noqa: E402
 from megaflow.config import Config, saved_config_from_dict, to_dict  # noqa: E402
 from megaflow.model.config import ModelConfig  # noqa: E402
+from megaflow.model.layers import fuse_legacy  # noqa: E402
 
 # Files of a checkpoint that the single-process output rewrites; everything else is copied.
 REWRITTEN = ("model.pt", "optim.pt", "config.json", "meta.json")
@@ -63,11 +64,12 @@ def is_sharded(ckpt: Path) -> bool:
 
 
 def weights_of(ckpt: Path) -> dict:
-    """The checkpoint's weights {name: whole tensor}, whatever its format (one process: model.pt)."""
+    """The checkpoint's weights {name: whole tensor}, whatever its format (one process: model.pt),
+    under the fused model's names (also when written before the fused projections)."""
     if is_sharded(ckpt):
         from parallel.checkpoint import read_sharded
         return read_sharded(ckpt, weights_only=True)[0]
-    return load_file(ckpt, "model.pt")
+    return fuse_legacy(load_file(ckpt, "model.pt"))
 
 
 # ----- reading a checkpoint --------------------------------------------------------------------
@@ -229,7 +231,7 @@ def one_process_content(src: Path) -> tuple:
         layout = meta.get("parallel", {})
         mcfg = model_config(src, cfg, weights)
     else:
-        weights = load_file(src, "model.pt")
+        weights = weights_of(src)
         mcfg = model_config(src, cfg, weights)
         opt_state, layout = sharded_optimizer_state(src, cfg, mcfg)
     state = fp32_state(src, opt_state if has_zero(src) and not is_sharded(src) else None, weights)
@@ -285,7 +287,7 @@ def write_sharded(src: Path, out: Path) -> Path:
         meta, cfg, mcfg, weights, _, opt_state, layout = one_process_content(src)
     else:  # one process: model.pt + optim.pt, named by the one-process parameter order
         cfg = read_config(src)
-        weights = load_file(src, "model.pt")
+        weights = weights_of(src)
         mcfg = model_config(src, cfg, weights)
         opt_state, layout = one_process_optimizer_state(src, cfg, mcfg), {}
     state = {model_key(k): Boxes(v.shape, [([0] * v.dim(), v)]) for k, v in weights.items()}
@@ -308,12 +310,13 @@ def write_sharded(src: Path, out: Path) -> Path:
 
 def one_process_optimizer_state(src: Path, cfg: Config, mcfg: ModelConfig) -> dict:
     """{name: {'exp_avg', 'exp_avg_sq'}, 'step'} of a one-process optim.pt: its entries are numbered
-    in the order megaflow.optim.param_groups gives the one-process model."""
-    from megaflow.optim import param_groups
+    in the order megaflow.optim.param_groups gives the one-process model (or, from before the fused
+    projections, that order with q/k/v and gate/up separate: fused here)."""
+    from megaflow.optim import fuse_legacy_optimizer, group_names, param_groups
     model = meta_model(mcfg)
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in param_groups(model, cfg.train.weight_decay) for p in g["params"]]
-    saved = load_file(src, "optim.pt")["optimizer"]["state"]
+    names = group_names(model, param_groups(model, cfg.train.weight_decay))
+    order = [n for group in names for n in group]
+    saved = fuse_legacy_optimizer(load_file(src, "optim.pt")["optimizer"], names)["state"]
     out = {"step": 0}
     for i, name in enumerate(order):
         if i in saved:

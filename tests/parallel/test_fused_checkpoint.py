@@ -7,7 +7,13 @@ Contract:
   so the AdamW moments were placed right too;
 - a sharded checkpoint in the layout written before the fusion (separate q_proj/k_proj/v_proj,
   gate_proj/up_proj keys for weights and moments) loads into a TP2 engine and into one process
-  (`load_weights`): the next step's loss equals the one-process run that wrote it (1e-5).
+  (`load_weights`): the next step's loss equals the one-process run that wrote it (1e-5);
+- so does a one-process checkpoint from before the fusion (model.pt with the separate names, optim.pt
+  numbering q, k, v separately) into a TP2 engine (`load_engine_from_one_process`) and into the
+  one-process engine (`load_model_state` + `PlainEngine.load_state_dict`, what --resume runs);
+- with fewer key/value heads than TP ranks (k/v rows of the fused shard replicated), the TP2
+  engine's gradient norm (what clipping uses) equals one process's: replicated rows count once;
+  a fresh per-rank init makes those rows equal across the ranks (the q rows stay independent draws).
 """
 from __future__ import annotations
 
@@ -25,9 +31,10 @@ from tests.helpers import tiny_config
 TOL, LR = 1e-5, 2e-3
 
 
-def config(tp: int = 1) -> Config:
+def config(tp: int = 1, n_kv_heads: int = 2) -> Config:
     from data_pipeline.config import DataConfig
-    return Config(model=dataclasses.replace(tiny_config(), stage="all"),
+    m = tiny_config()
+    return Config(model=dataclasses.replace(m, stage="all", vlm=dataclasses.replace(m.vlm, n_kv_heads=n_kv_heads)),
                   data=DataConfig(image_size=8, channels=1, patch_size=2),
                   train=TrainConfig(lr=LR, min_lr=LR, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1),
                   parallel=ParallelConfig(tp=tp))
@@ -44,17 +51,18 @@ def step(engine) -> float:
     return float(engine.train_step(batch, noise, keep, LR)["loss"])
 
 
-def tp_engine(seed: int):
+def tp_engine(seed: int, n_kv_heads: int = 2, full=None):
     from parallel.runtime import build_engine, build_stages
-    cfg, topo = config(tp=2), Topology(tp=2)
-    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", seed, None, 48)
+    cfg, topo = config(tp=2, n_kv_heads=n_kv_heads), Topology(tp=2)
+    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", seed, full, 48)
     return build_engine(cfg, model, stages, tied, topo, None), topo, model
 
 
-def one_process_engine(seed: int):
+def one_process_engine(seed: int, n_kv_heads: int = 2):
     from megaflow.model.starflow import build_model
     from megaflow.train import PlainEngine
-    return PlainEngine(build_model(config().model, seed=seed), config(), None)
+    cfg = config(n_kv_heads=n_kv_heads)
+    return PlainEngine(build_model(cfg.model, seed=seed), cfg, None)
 
 
 def _tp_ranks(rank, world, root):
@@ -70,7 +78,46 @@ def _tp_ranks(rank, world, root):
     old, topo, _ = tp_engine(seed=5 + rank)  # other weights: all must come from the old-layout checkpoint
     assert load_engine(old, Path(root) / "legacy", topo) == 1
     out["legacy_next"] = step(old)
+    from parallel.checkpoint_convert import load_engine_from_one_process
+    old, topo, _ = tp_engine(seed=7 + rank)
+    pt = torch.load(Path(root) / "legacy_pt", weights_only=False)
+    assert load_engine_from_one_process(old, pt["model"], pt["optim"], config().model, config().train, topo) == 1
+    out["legacy_pt_next"] = step(old)
+    one_kv, _, model = tp_engine(0, n_kv_heads=1, full=torch.load(Path(root) / "one_kv.pt"))
+    assert "ReplicatedKVLinear" in {type(m).__name__ for m in model.modules()}
+    batch, noise, keep = data()
+    out["one_kv_norm"] = float(one_kv.train_step(batch, noise, keep, LR)["grad_norm"])
+    _, _, fresh = tp_engine(seed=0, n_kv_heads=1)  # initialised per rank: replicated k/v rows made equal
+    qkv = fresh.units["0"].vlm_layers[0].self_attn.qkv.weight.detach()  # (16 q rows + 8 k + 8 v, 32)
+    out["q_rows"], out["kv_rows"] = qkv[:16].clone().tolist(), qkv[16:].clone().tolist()
     return out
+
+
+def legacy_one_process(engine) -> dict:
+    """What the code before the fusion put in model.pt and optim.pt for the one-process `engine`
+    (copies: the engine steps on)."""
+    from megaflow.optim import group_names
+    from parallel.fused import fused_layout
+    parts = fused_layout(engine.model)
+    model = {}
+    for name, t in engine.model.state_dict().items():
+        t = t.clone()
+        model.update(zip(legacy_parts(name), t.split([r for r, _ in parts[name]])) if name in parts else {name: t})
+    saved = engine.state_dict()["optimizer"]
+    names = group_names(engine.model, [{"params": g} for g in engine._group_params()])
+    state, groups, i = {}, [], 0
+    for g, ns in zip(saved["param_groups"], names):
+        ids = []
+        for j, name in zip(g["params"], ns):
+            entry = saved["state"][j]
+            rows = [r for r, _ in parts[name]] if name in parts else [entry["exp_avg"].shape[0]]
+            split = {k: entry[k].clone().split(rows) for k in ("exp_avg", "exp_avg_sq")}
+            for x in range(len(rows)):
+                state[i] = {"step": entry["step"].clone(), **{k: v[x] for k, v in split.items()}}
+                ids.append(i)
+                i += 1
+        groups.append({**g, "params": ids})
+    return {"model": model, "optim": {"optimizer": {"state": state, "param_groups": groups}}}
 
 
 def legacy_checkpoint(engine, directory: Path) -> None:
@@ -100,14 +147,32 @@ def legacy_checkpoint(engine, directory: Path) -> None:
 def test_fused_tp2_shards_and_old_layout_checkpoints_load(tmp_path):
     from parallel.checkpoint_convert import load_weights
     from parallel.checkpoint_state import load_engine
+    from megaflow.train import load_model_state
     writer = one_process_engine(seed=3)
     step(writer)
     legacy_checkpoint(writer, tmp_path / "legacy")
+    pt = legacy_one_process(writer)
+    assert "units.0.vlm_layers.0.self_attn.v_proj.weight" in pt["model"]
+    assert len(pt["optim"]["optimizer"]["state"]) > len(writer.optimizer.state_dict()["state"])
+    torch.save(pt, tmp_path / "legacy_pt")
     want_legacy_next = step(writer)
+
+    resumed = one_process_engine(seed=13)
+    load_model_state(resumed.model, pt["model"], strict=True)
+    resumed.load_state_dict(pt["optim"])
+    assert abs(step(resumed) - want_legacy_next) < TOL
+
+    one_kv = one_process_engine(seed=4, n_kv_heads=1)  # fewer k/v heads than ranks: k/v rows replicated
+    torch.save(one_kv.model.state_dict(), tmp_path / "one_kv.pt")
+    batch, noise, keep = data()
+    want_norm = float(one_kv.train_step(batch, noise, keep, LR)["grad_norm"])
 
     ranks = run_distributed(_tp_ranks, 2, str(tmp_path))
     for r in ranks:
         assert abs(r["legacy_next"] - want_legacy_next) < TOL, (r["legacy_next"], want_legacy_next)
+        assert abs(r["legacy_pt_next"] - want_legacy_next) < TOL, (r["legacy_pt_next"], want_legacy_next)
+        assert abs(r["one_kv_norm"] - want_norm) < TOL * want_norm, (r["one_kv_norm"], want_norm)
+    assert ranks[0]["kv_rows"] == ranks[1]["kv_rows"] and ranks[0]["q_rows"] != ranks[1]["q_rows"]
 
     one = one_process_engine(seed=9)
     assert load_engine(one, tmp_path / "fused") == 1

@@ -162,5 +162,5 @@ def test_init_stages_materialises_only_owned_parameters():
     own = dict(stages[0].module.named_parameters())
     assert all(not p.is_meta and torch.isfinite(p).all() for p in own.values())
     assert float(own["gauss_head.weight"].detach().abs().sum()) == 0.0  # zero-init kept
-    assert model.units["0"].flow_layer.mlp.up_proj.weight.is_meta  # not ours: never allocated
+    assert model.units["0"].flow_layer.mlp.gate_up.weight.is_meta  # not ours: never allocated
     assert model.embed_tokens.weight.is_meta
