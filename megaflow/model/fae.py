@@ -106,6 +106,15 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Te
     return x.reshape(B, channels, g * p, g * p)  # (B, C, H, W)
 
 
+def dequantize(pixels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Uniform dequantisation of 8-bit data (TarFlow's): values p / 127.5 - 1 of integer pixels p in
+    0..255 (the data pipeline's scaling) -> (p + u) / 128 - 1, with u in [0, 1) of the same shape.
+    Elementwise, so it applies to patchified pixels ('pixels' latents) as well as to images. The
+    density of the result on [-1, 1) times 128 per dimension is the probability of the 8-bit value."""
+    p = ((pixels.float() + 1.0) * 127.5).round().clamp(0, 255)
+    return ((p + u.float()) / 128.0 - 1.0).to(pixels.dtype)
+
+
 class SelfAttention(nn.Module):
     """Bidirectional multi-head self-attention over the patches of one image."""
 
