@@ -105,11 +105,17 @@ def build(cfg: Config, tok, device, load_from: Optional[Path] = None) -> STARFlo
     (parallel.checkpoint.load_engine_state)."""
     from parallel.checkpoint import is_sharded
     mcfg = with_tokenizer(cfg.model, tok)
-    with torch.device("meta"):
-        model = STARFlow2(mcfg)
-    model.to_empty(device=device)
-    torch.manual_seed(cfg.train.seed)
-    model.init_weights()
+    try:
+        with torch.device("meta"):
+            model = STARFlow2(mcfg)  # an hf: encoder's architecture from its config.json, no weights yet
+        model.to_empty(device=device)
+        torch.manual_seed(cfg.train.seed)
+        model.init_weights()  # an hf: encoder's pretrained weights are read here (FAE.init_weights)
+        if load_from is None and mcfg.fae.checkpoint:  # a trained FAE; a resumed run's checkpoint holds it
+            model.fae.load_trained(mcfg.fae.checkpoint)
+            log.info("FAE weights from %s", mcfg.fae.checkpoint)
+    except ValueError as e:  # an encoder or FAE file that does not fit the config
+        raise ConfigError(str(e)) from e
     if load_from is not None and not is_sharded(load_from):
         state = load_file(load_from, "model.pt", map_location=device)
         load_model_state(model, state, strict=True)  # resuming our own checkpoint: it must match exactly
@@ -409,7 +415,8 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
     """(model, engine) of this rank: initialised per stage (parallel/runtime.py), then, from a
     sharded checkpoint `ckpt` of any layout, every rank reads its own pieces of the weights and
     optimizer state (collective); init_from a sharded checkpoint: its weights, the same way. A
-    one-process init_from or hf_lm: the one-process model is built on the CPU and sliced."""
+    one-process init_from, hf_lm or a trained FAE (model.fae.checkpoint): the one-process model is
+    built on the CPU and sliced. An hf: encoder loads its weights in each stage's init_weights."""
     from parallel.checkpoint import check_format, is_sharded, load_engine_state
     from parallel.runtime import build_engine, build_stages
     full = init_from = None
@@ -419,7 +426,7 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
             full = load_file(ckpt, "model.pt")
     elif cfg.train.init_from and not cfg.train.hf_lm and is_sharded(resolve(cfg.train.init_from)):
         init_from = resolve(cfg.train.init_from)  # each rank reads its own pieces, after the build
-    elif cfg.train.init_from or cfg.train.hf_lm:
+    elif cfg.train.init_from or cfg.train.hf_lm or cfg.model.fae.checkpoint:
         full = build(cfg, tok, torch.device("cpu")).state_dict()
     try:  # layout and schedule errors (parallel/pipeline.py, schedules.py) name the setting to change
         model, stages, tied = build_stages(with_tokenizer(cfg.model, tok), cfg.parallel, topo, device,
