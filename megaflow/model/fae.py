@@ -199,6 +199,11 @@ class HFEncoder(nn.Module):
             mean, std = pp.get("image_mean", mean), pp.get("image_std", std)
         self.mean, self.std = tuple(mean), tuple(std)  # plain floats: nothing for to_empty to wipe
         self.n_tokens = cfg.n_tokens
+        # Buffers the checkpoint does not save (SigLIP's position ids) are made persistent: a model
+        # rebuilt on meta and loaded from our state dict (sample grids, inference) then gets them too.
+        for mod in self.model.modules():
+            for name in list(mod._non_persistent_buffers_set):
+                mod.register_buffer(name, mod._buffers[name], persistent=True)
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -209,8 +214,11 @@ class HFEncoder(nn.Module):
         from transformers import AutoModel
         loaded = AutoModel.from_pretrained(self.path, local_files_only=True)
         loaded = getattr(loaded, "vision_model", loaded)
-        self.model.load_state_dict(loaded.state_dict())
-        for name, buf in loaded.named_buffers():
+        buffers = dict(loaded.named_buffers())
+        missing, unexpected = self.model.load_state_dict(loaded.state_dict(), strict=False)
+        bad = [k for k in missing if k not in buffers] + list(unexpected)
+        _check(not bad, f"fae.encoder='hf:{self.path}': its weights {bad[:3]} do not fit the model of its config.json")
+        for name, buf in buffers.items():
             self.model.get_buffer(name).copy_(buf)
 
     def train(self, mode: bool = True):

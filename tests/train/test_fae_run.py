@@ -17,8 +17,8 @@ from data_pipeline.config import DataConfig
 from megaflow.config import Config, ConfigError, load_config
 from megaflow.model.fae import IMAGENET_MEAN, IMAGENET_STD, FAEConfig
 from megaflow.model.fae_train import save_fae, train_fae
-from megaflow.model.starflow import STAGE_GROUPS, apply_stage
-from megaflow.train import PlainEngine, build, run
+from megaflow.model.starflow import STAGE_GROUPS, STARFlow2, apply_stage
+from megaflow.train import PlainEngine, build, load_model_state, run
 from tests.helpers import SPECIAL, VOCAB, make_batch, make_noise, tiny_config
 from tests.train.conftest import TINY
 
@@ -59,7 +59,8 @@ def test_hf_encoder_keeps_its_weights_through_build_and_training(tmp_path, kind)
     """Contract: a STARFlow2 built by megaflow.train.build (meta device, to_empty, init_weights)
     with fae.encoder 'hf:<dir>' computes the saved model's own features, before and after a
     training step; no encoder weight is in the optimizer or changes, in any curriculum stage,
-    while the step does move the flow."""
+    while the step does move the flow; a copy rebuilt on meta and loaded from its state dict
+    computes them too (SigLIP's position ids, a buffer HF does not save, included)."""
     path = save_hf_encoder(kind, tmp_path / kind)
     cfg = run_config(FAEConfig(**FAE_TINY, encoder=f"hf:{path}"))
     model = build(cfg, TOK, torch.device("cpu"))
@@ -80,6 +81,11 @@ def test_hf_encoder_keeps_its_weights_through_build_and_training(tmp_path, kind)
     for stage in STAGE_GROUPS:
         apply_stage(model, stage)
         assert not any(p.requires_grad for p in model.fae.parameters()), stage
+    with torch.device("meta"):  # a copy rebuilt on meta and loaded from the state dict (sample grids, inference)
+        copy = STARFlow2(model.cfg)
+    copy.to_empty(device="cpu")
+    load_model_state(copy, model.state_dict(), strict=True)
+    assert torch.allclose(copy.fae.features(images), want, atol=1e-6)
 
 
 def test_hf_encoder_that_does_not_fit_is_a_config_error(tmp_path):
