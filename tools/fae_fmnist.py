@@ -134,7 +134,6 @@ def main(argv=None) -> int:
     fae.add_argument("--held-out", type=int, default=2000, help="test images for the PSNR")
     fae.add_argument("--json", help="write the figures here too")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.cmd == "encoder":
         train_encoder(args)
     else:
