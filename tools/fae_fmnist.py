@@ -97,6 +97,7 @@ def train_fae_fmnist(args) -> None:
     x, _, _ = real_images("fashion_mnist", "train", cfg.image_size, cfg.channels)
     xt, _, _ = real_images("fashion_mnist", "test", cfg.image_size, cfg.channels)
     held_out = xt[torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))[:args.held_out]]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before training: nothing to lose at the end
     t0 = time.time()
     model, history = train_fae(cfg, x, steps=args.steps or train.get("steps", 1000), lr=train.get("lr", 1e-3),
                                batch_size=train.get("batch_size", 64), seed=train.get("seed", 0))
