@@ -4,7 +4,8 @@
       training split (its own test accuracy is reported too, and must be high for (a) to mean much);
   (b) understanding: the model's greedy answer to "What is this?" on held-out images names the
       right class;
-  (c) held-out bits/dim of the flow;
+  (c) held-out bits/dim of the flow: under the run's training noise, and in 'pixels' mode also on
+      TarFlow's scale (uniform dequantisation; megaflow.train.evaluate);
   (d) interleaved consistency: in generated documents, the model's caption after each of its own
       images names the class the classifier sees in that image.
 
@@ -295,6 +296,16 @@ def judge(model, tok, cfg, device, per_class: int = 10, n_images: int = 200, gui
     return out
 
 
+def bits_label(mcfg) -> str:
+    """What the run's `bits_per_dim` figure is (megaflow.train.evaluate), for the report."""
+    f = mcfg.flow
+    if mcfg.fae.mode != "pixels":
+        return "FAE latents: continuous NLL, not comparable with pixel bits/dim"
+    if f.dequantization == "uniform":
+        return "uniform dequantisation, TarFlow scale"
+    return f"continuous NLL under Gaussian noise sigma {f.noise_std} + log 128: not TarFlow's scale"
+
+
 def write_report(model, tok, cfg, out: Path, device, monitor=None, sampling: Optional[dict] = None,
                  write: bool = True) -> dict:
     """report.json, report.txt and samples.png (a row per class prompt) in the run's directory;
@@ -329,8 +340,11 @@ def write_report(model, tok, cfg, out: Path, device, monitor=None, sampling: Opt
                      f"classifier sees them ({res['interleaved_captioned']} captioned of {res['interleaved_images']} "
                      f"images in {res['interleaved_docs']} documents)")
     if res.get("test"):
-        lines.append(f"(c) held-out bits/dim: {res['test'].get('bits_per_dim', float('nan')):.4f}   "
-                     f"text loss: {res['test'].get('text_loss', float('nan')):.4f}")
+        lines.append(f"(c) held-out bits/dim: {res['test'].get('bits_per_dim', float('nan')):.4f} "
+                     f"({bits_label(model.cfg)})   text loss: {res['test'].get('text_loss', float('nan')):.4f}")
+        if "bits_per_dim_tarflow" in res["test"]:
+            lines.append(f"(c) held-out bits/dim (uniform dequantisation, TarFlow scale): "
+                         f"{res['test']['bits_per_dim_tarflow']:.4f}")
     lines.append("per class: " + ", ".join(f"{k} {v:.2f}" for k, v in res["generation_accuracy_per_class"].items()))
     (out / "report.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

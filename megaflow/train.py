@@ -83,11 +83,14 @@ def with_tokenizer(mcfg: ModelConfig, tok) -> ModelConfig:
 
 
 def step_randomness(cfg: Config, model_cfg: ModelConfig, batch: dict, step: int, dp_rank: int, device):
-    """Input noise (B, M, N, D) and condition-keep mask (B,) of one step: a pure function of
-    (seed, step, dp rank), identical on tensor/pipeline peers, so resume is exact without RNG state."""
+    """Input noise (B, M, N, D) (flow.dequantization: standard normal, or uniform in [0, 1)) and the
+    condition-keep mask (B,) of one step: a pure function of (seed, step, dp rank), identical on
+    tensor/pipeline peers, so resume is exact without RNG state."""
     g = torch.Generator().manual_seed(hash((cfg.train.seed, step, dp_rank)) & 0x7FFF_FFFF_FFFF)
     B, M = batch["image_valid"].shape
-    noise = torch.randn(B, M, model_cfg.fae.n_tokens, model_cfg.fae.latent_dim, generator=g)
+    shape = (B, M, model_cfg.fae.n_tokens, model_cfg.fae.latent_dim)
+    # 'uniform': u ~ U[0, 1) of the pixels' dequantisation; 'gaussian': N(0, 1), scaled in the model
+    noise = torch.rand(shape, generator=g) if model_cfg.flow.dequantization == "uniform" else torch.randn(shape, generator=g)
     keep = (torch.rand(B, generator=g) >= model_cfg.flow.cond_drop).float()
     return host_to_device(noise, device), host_to_device(keep, device)
 
@@ -111,11 +114,17 @@ def build(cfg: Config, tok, device, load_from: Optional[Path] = None) -> STARFlo
     (parallel.checkpoint.load_engine_state)."""
     from parallel.checkpoint import is_sharded
     mcfg = with_tokenizer(cfg.model, tok)
-    with torch.device("meta"):
-        model = STARFlow2(mcfg)
-    model.to_empty(device=device)
-    torch.manual_seed(cfg.train.seed)
-    model.init_weights()
+    try:
+        with torch.device("meta"):
+            model = STARFlow2(mcfg)  # an hf: encoder's architecture from its config.json, no weights yet
+        model.to_empty(device=device)
+        torch.manual_seed(cfg.train.seed)
+        model.init_weights()  # an hf: encoder's pretrained weights are read here (FAE.init_weights)
+        if load_from is None and mcfg.fae.checkpoint:  # a trained FAE; a resumed run's checkpoint holds it
+            model.fae.load_trained(mcfg.fae.checkpoint)
+            log.info("FAE weights from %s", mcfg.fae.checkpoint)
+    except ValueError as e:  # an encoder or FAE file that does not fit the config
+        raise ConfigError(str(e)) from e
     if load_from is not None and not is_sharded(load_from):
         state = load_file(load_from, "model.pt", map_location=device)
         load_model_state(model, state, strict=True)  # resuming our own checkpoint: it must match exactly
@@ -258,33 +267,60 @@ class PlainEngine:
 @torch.no_grad()
 def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int, engine=None) -> dict:
     """Text loss and image bits/dim on held-out batches (fixed noise: comparable across steps).
+      bits_per_dim: the flow's NLL under the run's training input noise (flow.dequantization), plus
+        log 128 per dimension in 'pixels' mode. With Gaussian noise it is a continuous NLL whose floor
+        is ~4.73 for a perfect model: NOT on TarFlow's scale.
+      bits_per_dim_tarflow ('pixels' mode): bits/dim (uniform dequantisation, TarFlow scale): -log2 of
+        the density of x = (p + u) / 128 - 1 (p the 8-bit pixels, u ~ U[0, 1)) per dimension, plus
+        log2 128; the images are dequantised here and the model gets no further noise. It is the same
+        pass as bits_per_dim when the run trains with flow.dequantization='uniform'.
     Multi-process (`engine`: a ParallelEngine or ZeroEngine): collective, every rank calls it and
     gets the figures; the model stays split (parallel/evaluate.py), nothing is gathered."""
+    from megaflow.model.fae import dequantize
     from megaflow.model.starflow import bits_per_dim
     model.eval()
-    sums = {"text_sum": 0.0, "flow_sum": 0.0, "text": 0, "dims": 0}
+    pixels = model.cfg.fae.mode == "pixels"
+    own_pass = pixels and model.cfg.flow.dequantization != "uniform"  # the TarFlow figure needs its own pass
+    sums = {"text_sum": 0.0, "flow_sum": 0.0, "tarflow_sum": 0.0, "text": 0, "dims": 0}
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
         batch = to_device(batch, device)
         noise, _ = step_randomness(cfg, model.cfg, batch, -1 - i, 0, device)
-        if engine is not None:
-            from parallel.evaluate import eval_terms
-            terms, counts = eval_terms(engine, batch, noise, dtype)
-        else:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                terms = model.terms(batch, noise)
-            counts = model.loss_counts(batch)
+        terms, counts = _eval_terms(model, engine, batch, noise, device, dtype)
         for k in ("text_sum", "flow_sum"):
             sums[k] += float(terms.get(k, 0.0))
         sums["text"] += int(counts["text"])
         sums["dims"] += int(counts["dims"])
+        if own_pass:
+            deq = {**batch, "images": dequantize(batch["images"], eval_dequantization(cfg, batch, i, device))}
+            sums["tarflow_sum"] += float(_eval_terms(model, engine, deq, torch.zeros_like(noise), device, dtype)[0]["flow_sum"])
     out = {}
     if sums["dims"]:
-        out["bits_per_dim"] = bits_per_dim(sums["flow_sum"] / sums["dims"], model.cfg.fae.mode == "pixels")
+        out["bits_per_dim"] = bits_per_dim(sums["flow_sum"] / sums["dims"], pixels)
+        if pixels:
+            tarflow = sums["tarflow_sum"] if own_pass else sums["flow_sum"]
+            out["bits_per_dim_tarflow"] = bits_per_dim(tarflow / sums["dims"], True)
     if sums["text"]:
         out["text_loss"] = sums["text_sum"] / sums["text"]
     return out
+
+
+def eval_dequantization(cfg: Config, batch: dict, i: int, device) -> torch.Tensor:
+    """u ~ U[0, 1) of the images (B, M, C, H, W) of held-out batch i: fixed, so the TarFlow-scale
+    bits/dim of two evaluations (and two layouts) see the same dequantised images."""
+    g = torch.Generator().manual_seed(hash((cfg.train.seed, -1 - i, -1)) & 0x7FFF_FFFF_FFFF)
+    return torch.rand(batch["images"].shape, generator=g).to(device)
+
+
+def _eval_terms(model, engine, batch: dict, noise, device, dtype) -> tuple:
+    """(summed loss terms, counts) of one held-out batch: on the split model through `engine`, or here."""
+    if engine is not None:
+        from parallel.evaluate import eval_terms
+        return eval_terms(engine, batch, noise, dtype)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        terms = model.terms(batch, noise)
+    return terms, model.loss_counts(batch)
 
 
 # ----- the run --------------------------------------------------------------------------------------
@@ -370,7 +406,8 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
     """(model, engine) of this rank: initialised per stage (parallel/runtime.py), then, from a
     sharded checkpoint `ckpt` of any layout, every rank reads its own pieces of the weights and
     optimizer state (collective); init_from a sharded checkpoint: its weights, the same way. A
-    one-process init_from or hf_lm: the one-process model is built on the CPU and sliced."""
+    one-process init_from, hf_lm or a trained FAE (model.fae.checkpoint): the one-process model is
+    built on the CPU and sliced. An hf: encoder loads its weights in each stage's init_weights."""
     from megaflow.model.layers import fuse_legacy
     from parallel.checkpoint import check_format, is_sharded, load_engine_state
     from parallel.runtime import build_engine, build_stages
@@ -381,7 +418,7 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
             full = fuse_legacy(load_file(ckpt, "model.pt"))  # (written before the fused projections: fused here)
     elif cfg.train.init_from and not cfg.train.hf_lm and is_sharded(resolve(cfg.train.init_from)):
         init_from = resolve(cfg.train.init_from)  # each rank reads its own pieces, after the build
-    elif cfg.train.init_from or cfg.train.hf_lm:
+    elif cfg.train.init_from or cfg.train.hf_lm or cfg.model.fae.checkpoint:
         full = build(cfg, tok, torch.device("cpu")).state_dict()
     try:  # layout and schedule errors (parallel/pipeline.py, schedules.py) name the setting to change
         model, stages, tied = build_stages(with_tokenizer(cfg.model, tok), cfg.parallel, topo, device,

@@ -12,6 +12,9 @@ from typing import Optional
 from megaflow.model.fae import FAEConfig
 
 
+DEQUANTIZATIONS = ("gaussian", "uniform")  # flow.dequantization
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -59,7 +62,8 @@ class FlowConfig:
     shallow_dim: int = 64  # shallow block hidden size
     shallow_heads: int = 2  # shallow block attention heads
     shallow_ffn_dim: int = 0  # shallow block SwiGLU inner size (0 = 4 x shallow_dim); set it to match a peer's size
-    noise_std: float = 0.05  # Gaussian noise added to latents in training (0.05 for pixels)
+    noise_std: float = 0.05  # std of the Gaussian noise added to latents in training (dequantization 'gaussian')
+    dequantization: str = "gaussian"  # training input noise: 'gaussian' (latent + noise_std * N(0, 1); bits/dim then is a continuous NLL, not TarFlow's scale) or 'uniform' (fae.mode 'pixels' only: 8-bit pixel p -> (p + u) / 128 - 1, u ~ U[0, 1), TarFlow's dequantisation)
     clip: float = 4.0  # soft clip c of the Gaussian parameters: c * tanh(o / c)
     rope_theta: float = 10000.0  # RoPE base of the flow layers
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -74,6 +78,8 @@ class FlowConfig:
         _check(self.shallow_ffn_dim >= 0, f"flow.shallow_ffn_dim={self.shallow_ffn_dim} must be >= 0 (0 = 4 x shallow_dim)")
         _check(self.n_shallow >= 0, f"flow.n_shallow={self.n_shallow} must be >= 0")
         _check(0.0 <= self.cond_drop < 1.0, f"flow.cond_drop={self.cond_drop} must be in [0, 1)")
+        _check(self.dequantization in DEQUANTIZATIONS,
+               f"flow.dequantization={self.dequantization!r} is not one of {DEQUANTIZATIONS}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,9 @@ class ModelConfig:
             _check(self.vlm.n_layers == want,
                    f"vlm.n_layers={self.vlm.n_layers} must equal flow.ratio * flow.n_layers = "
                    f"{self.flow.ratio} * {self.flow.n_layers} = {want}; change flow.n_layers or flow.ratio")
+        _check(self.flow.dequantization != "uniform" or self.fae.mode == "pixels",
+               f"flow.dequantization='uniform' dequantises 8-bit pixels and needs fae.mode='pixels', not "
+               f"{self.fae.mode!r}; use flow.dequantization=gaussian for FAE latents")
         special = [self.tokens.pad_id, self.tokens.bos_id, self.tokens.eos_id, self.tokens.boi_id,
                    self.tokens.eoi_id, self.tokens.image_id]
         _check(len(set(special)) == len(special), f"special token ids must be unique, got {special}")

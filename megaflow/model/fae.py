@@ -16,9 +16,11 @@ Training recipe for the 'conv' encoder: it trains jointly with the compression l
 decoders in the FAE's own phase (`fae_train.py`). Its features are the feature-reconstruction
 target through a stop-gradient, and they end in a non-affine LayerNorm so that the target cannot
 collapse to zero; the encoder itself learns only through the pixel loss. "Frozen" is its state
-once STARFlow2 trains: the model calls `freeze()`. An 'hf:' encoder is frozen from the start.
+once STARFlow2 trains (its curriculum never trains the 'fae' group). An 'hf:' encoder is frozen
+from the start. A STARFlow2 run starts from a trained FAE with `fae.checkpoint` (`FAE.load_trained`,
+called by megaflow.train.build; the run's own checkpoints then carry the FAE's weights).
 
-What it does not do: data loading, the training loop, checkpoint files (see `fae_train.py`), or
+What it does not do: data loading, the training loop, writing FAE files (see `fae_train.py`), or
 anything about ranks. Model code here is pure torch; transformers is imported lazily for 'hf:'.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ class FAEConfig:
     decoder_layers: int = 2  # transformer layers in the feature decoder
     latent_penalty: float = 1e-3  # weight of mean(latent^2) in the FAE loss, keeps the latent scale bounded
     latent_noise: float = 0.0  # std of Gaussian noise added to latents before decoding, in training only
+    checkpoint: str = ""  # a trained FAE file (`megaflow fae --out`) a STARFlow2 run starts from (frozen); '' = random init
 
     def __post_init__(self):
         _check(self.mode in MODES, f"fae.mode={self.mode!r} is not one of {MODES}")
@@ -63,6 +66,8 @@ class FAEConfig:
         _check(self.patch_size > 0, f"fae.patch_size={self.patch_size} must be positive")
         _check(self.image_size > 0 and self.image_size % self.patch_size == 0,
                f"fae.image_size={self.image_size} must be a positive multiple of fae.patch_size={self.patch_size}")
+        _check(not self.checkpoint or self.mode == "fae",
+               f"fae.checkpoint={self.checkpoint!r} needs fae.mode='fae' (pixels have no weights)")
         if self.mode == "pixels":
             return
         _check(self.encoder == "conv" or (self.encoder.startswith("hf:") and len(self.encoder) > 3),
@@ -104,6 +109,15 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Te
     x = tokens.reshape(B, g, g, p, p, channels)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, H/p, p, W/p, p)
     return x.reshape(B, channels, g * p, g * p)  # (B, C, H, W)
+
+
+def dequantize(pixels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Uniform dequantisation of 8-bit data (TarFlow's): values p / 127.5 - 1 of integer pixels p in
+    0..255 (the data pipeline's scaling) -> (p + u) / 128 - 1, with u in [0, 1) of the same shape.
+    Elementwise, so it applies to patchified pixels ('pixels' latents) as well as to images. The
+    density of the result on [-1, 1) times 128 per dimension is the probability of the 8-bit value."""
+    p = ((pixels.float() + 1.0) * 127.5).round().clamp(0, 255)
+    return ((p + u.float()) / 128.0 - 1.0).to(pixels.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -155,36 +169,57 @@ class ConvEncoder(nn.Module):
 class HFEncoder(nn.Module):
     """A frozen Hugging Face DINOv2/SigLIP vision model read from a local directory only.
 
-    Weights load at construction, so build it on a real device (not meta); `FAE.init_weights`
-    leaves it alone. Patch tokens are the last N tokens of `last_hidden_state` (this drops the
-    CLS and register tokens of DINOv2).
+    Construction builds the architecture from the directory's config.json alone, so a meta-device
+    build reads no weights; `load_pretrained` reads them (FAE.init_weights calls it, so every build
+    path, one process or each pipeline stage that holds the encoder, ends with the checkpoint's
+    weights after `to_empty`). Patch tokens are the last N tokens of `last_hidden_state` (this
+    drops the CLS and register tokens of DINOv2).
     """
 
     def __init__(self, cfg: FAEConfig):
         super().__init__()
-        path = cfg.encoder[len("hf:"):]
-        if not os.path.isdir(path):
+        self.path = cfg.encoder[len("hf:"):]
+        if not os.path.isdir(self.path):
             raise FileNotFoundError(
-                f"fae.encoder={cfg.encoder!r}: no checkpoint directory at {path!r}. Point it at a local "
+                f"fae.encoder={cfg.encoder!r}: no checkpoint directory at {self.path!r}. Point it at a local "
                 f"Hugging Face DINOv2/SigLIP vision checkpoint (nothing is downloaded), or use fae.encoder='conv'.")
-        from transformers import AutoModel  # lazy: only this encoder needs transformers
-        model = AutoModel.from_pretrained(path, local_files_only=True)
-        self.model = getattr(model, "vision_model", model)  # SigLIP's AutoModel holds a text tower too
+        from transformers import AutoConfig, AutoModel  # lazy: only this encoder needs transformers
+        model = AutoModel.from_config(AutoConfig.from_pretrained(self.path, local_files_only=True))
+        self.model = getattr(model, "vision_model", model)  # SigLIP's vision model wraps its transformer
         hcfg = self.model.config
         _check(hcfg.hidden_size == cfg.encoder_dim,
                f"fae.encoder_dim={cfg.encoder_dim} must equal the checkpoint's hidden_size={hcfg.hidden_size}")
         _check(hcfg.patch_size == cfg.patch_size,
                f"fae.patch_size={cfg.patch_size} must equal the checkpoint's patch_size={hcfg.patch_size}")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-        pre = os.path.join(path, "preprocessor_config.json")
+        pre = os.path.join(self.path, "preprocessor_config.json")
         if os.path.exists(pre):
             with open(pre) as f:
                 pp = json.load(f)
             mean, std = pp.get("image_mean", mean), pp.get("image_std", std)
         self.mean, self.std = tuple(mean), tuple(std)  # plain floats: nothing for to_empty to wipe
         self.n_tokens = cfg.n_tokens
+        # Buffers the checkpoint does not save (SigLIP's position ids) are made persistent: a model
+        # rebuilt on meta and loaded from our state dict (sample grids, inference) then gets them too.
+        for mod in self.model.modules():
+            for name in list(mod._non_persistent_buffers_set):
+                mod.register_buffer(name, mod._buffers[name], persistent=True)
         self.model.requires_grad_(False)
         self.model.eval()
+
+    @torch.no_grad()
+    def load_pretrained(self) -> None:
+        """The checkpoint's weights and buffers (non-persistent ones too, e.g. SigLIP's position ids,
+        which `to_empty` leaves as uninitialised memory) into the built architecture."""
+        from transformers import AutoModel
+        loaded = AutoModel.from_pretrained(self.path, local_files_only=True)
+        loaded = getattr(loaded, "vision_model", loaded)
+        buffers = dict(loaded.named_buffers())
+        missing, unexpected = self.model.load_state_dict(loaded.state_dict(), strict=False)
+        bad = [k for k in missing if k not in buffers] + list(unexpected)
+        _check(not bad, f"fae.encoder='hf:{self.path}': its weights {bad[:3]} do not fit the model of its config.json")
+        for name, buf in buffers.items():
+            self.model.get_buffer(name).copy_(buf)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -229,8 +264,10 @@ class FAE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every trainable-part parameter from the global RNG, in module order."""
-        if self.cfg.mode == "pixels":
+        """Initialise every trainable-part parameter from the global RNG, in module order; an 'hf:'
+        encoder's weights are read again from its directory (pretrained, not initialised). An FAE
+        still on the meta device (a pipeline stage that does not hold it) is left alone."""
+        if self.cfg.mode == "pixels" or next(self.parameters()).is_meta:
             return
         for name, m in self.named_modules():
             if name.startswith("encoder.model"):
@@ -242,6 +279,32 @@ class FAE(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
+        if isinstance(self.encoder, HFEncoder):
+            self.encoder.load_pretrained()
+
+    def load_trained(self, path: str) -> None:
+        """Every weight from a trained FAE file (`fae_train.save_fae`, `megaflow fae --out`). Its
+        config must match this FAE's in every field that shapes the model or its features (the
+        training-only fields and the encoder's directory may differ); otherwise ValueError naming
+        the field, both values and what to set."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"fae.checkpoint={path!r}: no such file; train one with `megaflow fae --config "
+                                    f"FAE.yaml --out {path}` or leave fae.checkpoint empty")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "state_dict" not in ckpt:
+            raise ValueError(f"fae.checkpoint={path!r} is not an FAE file (one written by `megaflow fae --out`)")
+        saved = ckpt["config"]
+        for name in FAEConfig.__dataclass_fields__:
+            if name in ("checkpoint", "latent_penalty", "latent_noise") or name not in saved:
+                continue
+            mine, theirs = getattr(self.cfg, name), saved[name]
+            if name == "encoder":  # the kind must agree; an hf checkpoint may have moved
+                mine, theirs = mine.split(":")[0], str(theirs).split(":")[0]
+            if mine != theirs:
+                raise ValueError(f"fae.checkpoint={path!r} was trained with fae.{name}={saved[name]!r}, but this "
+                                 f"run has fae.{name}={getattr(self.cfg, name)!r}; set model.fae.{name} to "
+                                 f"{saved[name]!r} or train an FAE with this config")
+        self.load_state_dict(ckpt["state_dict"])
 
     def freeze(self) -> "FAE":
         """No parameter trains any more and the model is in eval mode (its state under STARFlow2)."""

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaflow.model.config import ModelConfig
-from megaflow.model.fae import FAE
+from megaflow.model.fae import FAE, dequantize
 from megaflow.model.flow import ShallowFlows, at_least_fp32, gaussian_params
 from megaflow.model.layers import AttnContext, RMSNorm, TransformerBlock, rope_tables
 from megaflow.model.masks import document_mask
@@ -200,13 +200,16 @@ class STARFlow2(nn.Module):
 
     def encode_images(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None):
         """images (B, M, C, H, W) -> shallow-flow output y (B, M, N, D), log|det| (B, M), penalty (B, M)
-        and the (noised) FAE latent (B, M, N, D). `noise` (B, M, N, D) standard normal, scaled by
-        flow.noise_std (training input noise)."""
+        and the (noised) FAE latent (B, M, N, D). `noise` (B, M, N, D), the training input noise as
+        flow.dequantization says: 'gaussian': standard normal, scaled by flow.noise_std; 'uniform':
+        u ~ U[0, 1) of TarFlow's dequantisation of the 8-bit pixels (fae.dequantize)."""
         B, M = images.shape[:2]
         with torch.no_grad():
             lat = self.fae.encode(images.flatten(0, 1))  # (B*M, N, D)
         lat = lat.view(B, M, *lat.shape[1:])  # (B, M, N, D)
-        if noise is not None:
+        if noise is not None and self.cfg.flow.dequantization == "uniform":
+            lat = dequantize(lat, noise)
+        elif noise is not None:
             lat = lat + self.cfg.flow.noise_std * noise
         y, logdet, sq = self.shallow(lat.flatten(0, 1))
         return y.view_as(lat), logdet.view(B, M), sq.view(B, M), lat
@@ -309,7 +312,10 @@ class STARFlow2(nn.Module):
 
 def bits_per_dim(nll_per_dim: float, pixels: bool) -> float:
     """Nats per dimension -> bits per dimension; for 8-bit pixels scaled to [-1, 1] a bin is 1/128
-    wide, so the discrete NLL adds log(128) per dimension (TarFlow's convention)."""
+    wide, so the discrete NLL adds log(128) per dimension (TarFlow's convention). On TarFlow's scale
+    only when the NLL is of uniformly dequantised pixels (flow.dequantization='uniform', or
+    megaflow.train.evaluate's bits_per_dim_tarflow); under Gaussian input noise it is a continuous
+    NLL (floor ~4.73 for sigma 0.05)."""
     return (nll_per_dim + (math.log(128.0) if pixels else 0.0)) / math.log(2.0)
 
 

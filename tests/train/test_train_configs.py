@@ -130,6 +130,7 @@ def test_tarflow_only_trains_and_reports_bits_per_dim(tmp_path, monkeypatch, cap
     assert "understanding_accuracy" not in report and math.isfinite(report["test"]["bits_per_dim"])
     text = (out / "report.txt").read_text()
     assert "(c) held-out bits/dim" in text and "(b)" not in text
+    assert "TarFlow scale" in text and math.isfinite(report["test"]["bits_per_dim_tarflow"])
     capsys.readouterr()
 
     assert generate_cli.main(["--checkpoint", str(out), "--prompt", "a photo of a bag", "--num", "2",

@@ -156,7 +156,7 @@ def test_dp2_equals_one_process_on_the_global_batch(tiny_sets, tmp_path):
     torchrun(tiny_sets, zero3, "parallel.zero_stage=3", eval_on(tiny_sets))
     assert max(abs(a - b) for a, b in zip(_losses(zero3), got)) < 1e-5, (_losses(zero3), got)
     evals = [json.loads((d / "result.json").read_text())["eval"] for d in (dp, zero3)]
-    assert evals[0].keys() == {"bits_per_dim", "text_loss"}, evals
+    assert evals[0].keys() == {"bits_per_dim", "bits_per_dim_tarflow", "text_loss"}, evals
     assert all(abs(evals[0][k] - evals[1][k]) < 1e-5 * abs(evals[0][k]) for k in evals[0]), evals
 
 
@@ -191,7 +191,7 @@ def test_tp2_and_pp2_equal_one_process_resume_and_load(tiny_sets, tiny_run, one_
     assert norms[1] > 1.0 and abs(norms[0] - norms[1]) < 1e-5 * norms[1], norms
     # held-out evaluation, and the report, run on the split model (nothing gathered)
     evals = [r["eval"] for r in results]
-    assert evals[0].keys() == evals[1].keys() == {"bits_per_dim", "text_loss"}, evals
+    assert evals[0].keys() == evals[1].keys() == {"bits_per_dim", "bits_per_dim_tarflow", "text_loss"}, evals
     assert all(abs(evals[0][k] - evals[1][k]) < 1e-5 * abs(evals[1][k]) for k in evals[1]), evals
     report = json.loads((whole / "report.json").read_text())
     assert {"generation_accuracy", "understanding_accuracy", "interleaved_consistency"} <= report.keys()
