@@ -315,7 +315,21 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         out["kernel_categories"] = kernel_categories(prof)
         out["gpu_busy_pct"] = round(100 * kernel_busy_us(prof) / wall_us, 1)
+        out["top_kernels"] = top_kernels(prof, n_steps)
+        (d / "top_kernels.txt").write_text("\n".join(f"{ms:9.3f} ms/step {n:6d} x  {cat:26s} {name}"
+                                                     for name, ms, n, cat in out["top_kernels"]) + "\n")
     return out
+
+
+def top_kernels(prof, n_steps: int, top: int = 40) -> list:
+    """[(kernel name, GPU ms per step, launches per step, category)] of the `top` kernels by time."""
+    per = {}
+    for evt in prof.events():
+        if _is_kernel(evt):
+            t, n = per.get(evt.name, (0.0, 0))
+            per[evt.name] = (t + (evt.device_time if hasattr(evt, "device_time") else evt.cuda_time), n + 1)
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(name, round(t / n_steps / 1e3, 3), n // n_steps, kernel_category(name)) for name, (t, n) in rows]
 
 
 def kernel_busy_us(prof) -> float:
@@ -330,10 +344,12 @@ def kernel_busy_us(prof) -> float:
     return busy
 
 
+# First match wins. Inductor's fused kernels come before copies/casts: their names list the fused ops
+# ("triton_poi_fused__to_copy_add_mul..."), so a norm or SwiGLU fusion was once counted as a copy.
 CATEGORIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-              ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "splitk")),
-              ("copy/cast", ("copy", "memcpy", "memset", "cast", "convert", "fill")),
+              ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "splitk", "triton_tem")),
               ("compiled fusions (triton)", ("triton",)),
+              ("copy/cast", ("copy", "memcpy", "memset", "cast", "convert", "fill")),
               ("optimizer", ("adam", "foreach", "multi_tensor")),
               ("elementwise", ("elementwise", "vectorized", "unrolled")),
               ("reductions/norms", ("reduce", "norm", "softmax", "cross_entropy", "nll")))
@@ -347,6 +363,11 @@ def _is_kernel(evt) -> bool:
         not evt.name.startswith(("Optimizer.", "ProfilerStep", "Command Buffer Full"))
 
 
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
 def kernel_categories(prof) -> dict:
     """{category: percent of the GPU kernel time} from the profiler's device events."""
     totals, all_time = {}, 0.0
@@ -354,8 +375,7 @@ def kernel_categories(prof) -> dict:
         if not _is_kernel(evt):
             continue
         t = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
-        name = evt.name.lower()
-        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        cat = kernel_category(evt.name)
         totals[cat] = totals.get(cat, 0.0) + t
         all_time += t
     return {c: round(100 * t / all_time, 1) for c, t in sorted(totals.items(), key=lambda kv: -kv[1])} if all_time else {}
@@ -395,6 +415,9 @@ def render_extras(r: dict) -> list:
     if "kernel_categories" in r:
         lines.append("  GPU kernel time by category: " + ", ".join(f"{k} {v}%" for k, v in r["kernel_categories"].items()))
         lines.append(f"  GPU busy (some kernel running) {r['gpu_busy_pct']}% of the traced steps' wall time (profiler on)")
+    if r.get("top_kernels"):
+        lines.append("  top kernels (GPU ms per step, launches per step):")
+        lines += [f"    {ms:8.3f} {n:5d}  {cat:26s} {name[:100]}" for name, ms, n, cat in r["top_kernels"][:25]]
     if "trace" in r:
         lines += [f"  trace          {r['trace']}", r["top_ops_table"]]
     return lines
