@@ -14,13 +14,13 @@ quiet() { grep -v "Warning\|^W1130\|warn\|^ *$\|_warn_once"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 if [ "${BLOCK:-1}" = 1 ]; then
-  timeout 60 python3 tools/device/tarflow_block.py --variant default --attention 2>&1 | quiet | tee "$OUT/block_default.txt"
+  timeout 45 python3 tools/device/tarflow_block.py --variant default --attention 2>&1 | quiet | tee "$OUT/block_default.txt"
   echo "block default done after $(( $(date +%s) - T0 )) s"
-  timeout 80 python3 tools/device/tarflow_block.py --variant max-autotune 2>&1 | quiet | tail -40 | tee "$OUT/block_autotune.txt"
+  timeout 60 python3 tools/device/tarflow_block.py --variant max-autotune 2>&1 | quiet | tail -40 | tee "$OUT/block_autotune.txt"
   echo "block max-autotune done after $(( $(date +%s) - T0 )) s"
 fi
 eval "set -- ${VARIANTS:---variant after=}"
-timeout ${STEP_TIMEOUT:-150} python3 tools/profile_step.py --config configs/tarflow_imagenet64.yaml --device cuda \
+timeout ${STEP_TIMEOUT:-100} python3 tools/profile_step.py --config configs/tarflow_imagenet64.yaml --device cuda \
   --warmup $WARMUP --steps $STEPS --images-per-row 1 ${BASELINE:+--baseline} "$@" \
   --trace "$OUT/trace" --trace-steps 2 --json "$OUT/tarflow.json" 2>&1 | quiet | tee "$OUT/tarflow.txt"
 echo "step done after $(( $(date +%s) - T0 )) s"
