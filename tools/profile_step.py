@@ -141,7 +141,8 @@ def profile(args) -> dict:
         if args.variant:  # progress, so a run cut short still shows its rows
             print(f"[{name}] " + (r["error"] if "error" in r else
                   f"{r['step_time_s'] * 1e3:.1f} ms, {r['images_per_s']:.1f} img/s, MFU "
-                  f"{100 * r['mfu'] if r['mfu'] is not None else float('nan'):.1f} %, {r['peak_memory_gib']:.1f} GiB, "
+                  f"{100 * r['mfu'] if r['mfu'] is not None else float('nan'):.1f} %, {r['peak_memory_gib']:.1f} GiB"
+                  f"{'' if r.get('peak_reserved_gib') is None else ' (reserved %.1f)' % r['peak_reserved_gib']}, "
                   f"warm-up {r['warmup_s']:.0f} s"), flush=True)
     result = rows[0] if not args.variant else {"config": args.config, "variants": rows}
     if args.baseline:
@@ -242,6 +243,8 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
         "loop_step_time_s": loop_s, "loop_mfu": loop_flops / loop_s / peak if peak else None,
         "peak_memory_gib": mem, "peak_memory_kind": mem_kind, "last_loss": losses[-1],
+        # a CUDA graph's activations are in the private pool made at capture: allocated before the timed steps
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         "last_metrics": read_metrics(out), "backend": cfg.parallel.backend, "fp8": cfg.parallel.fp8, "losses": losses,
     }
     if measure_parts:
