@@ -3,12 +3,15 @@ on matrices, and a warm-up + cosine schedule that is a pure function of the step
 source of truth for every engine (plain, pipelined, DeepSpeed) and resumes without state."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
 import torch
 
 from megaflow.model.layers import fuse_legacy, legacy_parts
+
+log = logging.getLogger("megaflow")
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -143,7 +146,7 @@ class MainWeights:
     keys match an fp32 run's, so optimizer files load across param dtypes."""
 
     def __init__(self, model: torch.nn.Module, groups: list, tcfg, param_dtype: torch.dtype = torch.float32,
-                 flat_grads: bool = True, fused: Optional[bool] = None):
+                 flat_grads: bool = True, fused: Optional[bool] = None, flat_step: Optional[bool] = None):
         self.model_params = [p for g in groups for p in g["params"]]
         self.mixed, self.flat_grads = param_dtype != torch.float32, flat_grads
         if self.mixed:
@@ -154,6 +157,12 @@ class MainWeights:
         if fused if fused is not None else self.params[0].device.type == "cuda":
             kwargs["fused"] = True  # the fused kernel is exact AdamW; on CPU the foreach path is the tested one
         self.optimizer = torch.optim.AdamW(groups, **kwargs)
+        # one pass over the flat buffers (megaflow/flat_adamw.py) instead of torch's fused AdamW and the
+        # bf16 refresh copy: by default with mixed precision, flat gradients and the fused kernel (CUDA)
+        cuda = self.params[0].device.type == "cuda"
+        self.flat_step = bool(self.mixed and flat_grads and (flat_step if flat_step is not None
+                                                             else cuda and kwargs.get("fused", False)))
+        self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
 
     @torch.no_grad()
     def _build_buffers(self, model, param_dtype) -> None:
@@ -214,9 +223,81 @@ class MainWeights:
 
     @torch.no_grad()
     def step(self) -> None:
+        """One AdamW step (with the optimizer's `grad_scale` / `found_inf` when set, as torch's fused
+        kernel reads them), then the bf16 weights from the main ones."""
+        if self._flat_ready():
+            return self._flat_adamw()
         self.optimizer.step()
         if self.mixed:
             self.flat_param.copy_(self.flat_main)
+
+    def _flat_ready(self) -> bool:
+        """Whether the flat one-pass step applies now: flat_step, one lr / betas / eps for every group,
+        weight decay 0 or one value, plain AdamW (no amsgrad, maximize, capturable tricks), the main
+        gradients still the flat buffer's views; the moments are (re)pointed into flat buffers here."""
+        if not self.flat_step:
+            return False
+        groups = self.optimizer.param_groups
+        g0 = groups[0]
+        if any(g[k] != g0[k] for g in groups for k in ("lr", "betas", "eps")) or \
+                len({g["weight_decay"] for g in groups} - {0.0}) > 1 or \
+                any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable") for g in groups) or \
+                any(self.main[id(p)].grad is not v for p, v in zip(self.model_params, self.main_grads)):
+            return False
+        self._flat_moments()
+        return True
+
+    def _flat_moments(self) -> None:
+        """AdamW's state as views of two flat fp32 buffers in the main weights' layout: made at the
+        first step (zeros, step 0, as torch starts), and re-made from whatever torch's load_state_dict
+        (or a checkpoint loader) put in the state since (its values copied in)."""
+        state = self.optimizer.state
+        mains = [self.main[id(p)] for p in self.model_params]
+        if self._flat is not None and all(state.get(m) is st and st.get("exp_avg") is a and st.get("exp_avg_sq") is b
+                                          for m, (st, a, b) in zip(mains, self._flat[2])):
+            return
+        n, device = self.flat_main.numel(), self.flat_main.device
+        moments = self._flat[0] if self._flat is not None else torch.zeros(2, n, dtype=torch.float32, device=device)
+        decay = torch.zeros(n, dtype=torch.bool, device=device)
+        wd = {id(p): g["weight_decay"] for g in self.optimizer.param_groups for p in g["params"]}
+        views, off = [], 0
+        for m in mains:
+            k = m.numel()
+            st = state[m]  # a defaultdict: {} for a parameter not stepped yet
+            if wd[id(m)] != 0.0:
+                decay[off:off + k] = True
+            pair = []
+            for j, key in enumerate(("exp_avg", "exp_avg_sq")):
+                view = moments[j, off:off + k].view_as(m)
+                view.copy_(st[key]) if key in st else view.zero_()
+                st[key] = view
+                pair.append(view)
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=device)  # torch's fused layout
+            views.append((st, *pair))
+            off += k
+        self._flat = (moments, decay, views, [st["step"] for st, _, _ in views])
+
+    def _flat_adamw(self) -> None:
+        from megaflow.flat_adamw import adamw_reference, adamw_triton
+        moments, decay, _, steps = self._flat
+        opt, g = self.optimizer, self.optimizer.param_groups[0]
+        found_inf = getattr(opt, "found_inf", None)
+        # every main weight steps every time (grads_to_main gives each a gradient), so the counts agree
+        torch._foreach_add_(steps, 1 - found_inf if found_inf is not None else 1)
+        wd = max(gr["weight_decay"] for gr in opt.param_groups)
+        args = (self.flat_main, self.flat_main_grad, moments[0], moments[1], self.flat_param, decay, steps[0],
+                float(g["lr"]), g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None), found_inf)
+        if not self.flat_main.is_cuda:
+            return adamw_reference(*args)
+        try:
+            adamw_triton(*args)
+        except Exception as e:  # noqa: BLE001 - no Triton, or its build failed: nothing was written
+            log.warning("the flat AdamW kernel did not run (%s: %s); torch's fused AdamW from now on",
+                        type(e).__name__, str(e)[:200])
+            torch._foreach_sub_(steps, 1 - found_inf if found_inf is not None else 1)
+            self.flat_step = False
+            self.step()
 
     def grad_norm(self) -> torch.Tensor:
         """The 2-norm of all main gradients (0-d, on the device): one reduction over the flat buffer

@@ -15,9 +15,11 @@ generation run the plain eager forward, so decoding never recompiles per length.
                  region shape, compiled once and reused by every region of that shape
   train.compile_scope  what one region is:
       block  each transformer block
-      unit   each Pretzel unit (its r VLM blocks, the skips W_vlm / W_d, its flow block) and each
+      unit   each Pretzel unit (its r VLM blocks, the skips W_vlm / W_d, its flow block), each
              shallow flow block's coupling (proj_in, its blocks, the head, the affine map and the
-             log-det): the skips' and the couplings' small ops fuse into the graphs and the host
+             log-det) and the heads + losses (final norms, LM head, cross-entropy, Gaussian head,
+             the flow NLL: `STARFlow2.loss_terms`; only with the plain heads, not TP's vocab-parallel
+             ones): the skips', couplings' and losses' small ops fuse into the graphs and the host
              launches a few graphs instead of hundreds of small kernels (the shallow flows at width
              256 are launch-bound); a block inside a unit keeps its own checkpointing
   train.compile_mode  torch.compile's mode: default | max-autotune-no-cudagraphs | reduce-overhead
@@ -35,7 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from megaflow.model.flow import ShallowFlowBlock
 from megaflow.model.layers import TransformerBlock
-from megaflow.model.starflow import PretzelUnit
+from megaflow.model.starflow import PretzelUnit, STARFlow2, TextLoss
 
 AC_MODES = ("none", "selective", "full")
 COMPILE_MODES = ("auto", "on", "off")
@@ -82,6 +84,18 @@ def coupling_forward(block: ShallowFlowBlock, xo: torch.Tensor) -> tuple:
     return ShallowFlowBlock.coupling(block, xo)
 
 
+def loss_forward(model: STARFlow2, state: tuple, batch: dict) -> dict:
+    """The heads and summed losses of the last units' state (STARFlow2.loss_terms)."""
+    return STARFlow2.loss_terms(model, state, batch)
+
+
+def plain_heads(model: STARFlow2) -> bool:
+    """The model's own heads and loss (not tensor parallelism's vocab-parallel swaps, whose
+    collectives stay outside compiled regions here)."""
+    return type(model.text_loss) is TextLoss and type(model.lm_head) in (nn.Linear, type(None)) \
+        and type(model.gauss_head) is nn.Linear and isinstance(model.seq_split, nn.Identity)
+
+
 _compiled = {}  # (function name, backend, mode) -> its torch.compile'd version
 
 
@@ -118,6 +132,12 @@ def _coupling(self: ShallowFlowBlock, xo: torch.Tensor) -> tuple:
     if not xo.requires_grad:  # the first block's input (the FAE latent): one graph for every block (its
         xo = xo.detach().requires_grad_()  # gradient, one small matmul, is computed and dropped)
     return self.compiled_coupling(self, xo)
+
+
+def _loss_terms(self: STARFlow2, state: tuple, batch: dict) -> dict:
+    if not torch.is_grad_enabled():
+        return STARFlow2.loss_terms(self, state, batch)
+    return self.compiled_loss(self, state, batch)
 
 
 def _wrap(block: TransformerBlock) -> None:
@@ -170,6 +190,9 @@ def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "blo
             elif isinstance(m, ShallowFlowBlock):
                 m.compiled_coupling = _compiled_fn(coupling_forward, backend, mode)
                 m.coupling = types.MethodType(_coupling, m)
+            elif isinstance(m, STARFlow2) and plain_heads(m):
+                m.compiled_loss = _compiled_fn(loss_forward, backend, mode)
+                m.loss_terms = types.MethodType(_loss_terms, m)
             else:
                 continue
             regions += 1

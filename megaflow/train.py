@@ -203,6 +203,9 @@ class PlainEngine:
         self.graph = None
         try:
             if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, dp_group is not None):
+                # torch's fused AdamW (capturable, its lr a device tensor) in the graph: the flat one-pass
+                # kernel takes the lr as a host float, which a replayed graph would keep from its capture
+                self.weights.flat_step = False
                 self.graph = StepGraph(self._step, self.optimizer, device)
         except ValueError as e:
             raise ConfigError(str(e)) from e

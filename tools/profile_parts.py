@@ -2,7 +2,9 @@
 
 Each part runs alone, forward + backward, with the step's shapes and dtypes and the model's own
 modules (so compiled or checkpointed blocks run as they do in the step), timed on the GPU with
-CUDA events (perf_counter on CPU), median of a few repeats after one untimed run:
+CUDA events (perf_counter on CPU), median of a few repeats after one untimed run. A part's backward
+starts from fixed random gradients of its outputs (`torch.autograd.backward(outputs, grads)`), so
+no stand-in loss (a square and mean over the outputs in fp32) is timed with it:
   VLM stream     every VLM decoder layer, on (B, T, Dv) hidden states
   deep flow      every flow-stream layer, on (B, T, Df)
   shallow flows  the shallow TarFlow blocks, on the batch's images (B*M, N, D)
@@ -61,11 +63,16 @@ def measure_parts(model, batch: dict, dtype, device, peak: float, step_time: flo
     parts = {}
 
     def part(name: str, flops: float, fn):
+        grads = []
+
         def once():
             model.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = fn()
-            out.backward()
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if o.requires_grad]
+            if not grads:  # made in the untimed run
+                grads.extend(torch.randn(o.shape, generator=gen, device=device, dtype=o.dtype) for o in outs)
+            torch.autograd.backward(outs, grads)
         once()
         t = statistics.median(timer(once) for _ in range(repeats))
         parts[name] = {"time_s": t, "flops": flops, "mfu": flops / t / peak if peak else None}
@@ -75,7 +82,7 @@ def measure_parts(model, batch: dict, dtype, device, peak: float, step_time: flo
             h = h0
             for layer in layers:
                 h = layer(h, attn_ctx)
-            return h.float().square().mean()
+            return h
         return run
 
     vlm_layers = [layer for u in units for layer in u.vlm_layers]
@@ -90,8 +97,7 @@ def measure_parts(model, batch: dict, dtype, device, peak: float, step_time: flo
         lat = rand(M, cfg.fae.n_tokens, cfg.fae.latent_dim, dt=torch.float32, grad=False)
 
         def shallow():
-            y, logdet, sq = model.shallow(lat)
-            return y.square().mean() + logdet.mean() + sq.mean()
+            return model.shallow(lat)  # y, logdet, sq
         N = cfg.fae.n_tokens
         part("shallow flows", 6.0 * _n2d([model.shallow]) * n_img_tokens
              + 12.0 * N * f.n_shallow * f.shallow_layers * f.shallow_dim * n_img_tokens, shallow)
@@ -108,12 +114,12 @@ def measure_parts(model, batch: dict, dtype, device, peak: float, step_time: flo
         hv, hf2 = rand(B, T, v.dim), rand(B, T, f.dim)
 
         def skip():
-            out = 0.0
+            out = []
             for u in units:
                 if u.w_vlm is not None:
-                    out = out + (ctx.vlm_skip * u.w_vlm(hv)).float().square().mean()
+                    out.append(hf2 + ctx.vlm_skip * u.w_vlm(hv))  # (B, T, Df), as in PretzelUnit.forward
                 if u.w_d is not None:
-                    out = out + (ctx.image_mask * u.w_d(hf2)).float().square().mean()
+                    out.append(hv + ctx.image_mask * u.w_d(hf2))  # (B, T, Dv)
             return out
         part("skips", 6.0 * _n2d(skips) * tokens, skip)
     model.zero_grad(set_to_none=True)

@@ -317,7 +317,10 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table}
     if device.type == "cuda":
         out["kernel_categories"] = kernel_categories(prof)
-        out["gpu_busy_pct"] = round(100 * kernel_busy_us(prof) / wall_us, 1)
+        busy, idle, gaps = kernel_timeline(prof)
+        out["gpu_busy_pct"] = round(100 * busy / wall_us, 1)
+        out["gpu_idle_ms_per_step"] = round(idle / 1e3 / n_steps, 2)  # between kernels, the steps' syncs included
+        out["longest_gpu_gaps"] = gaps
         out["top_kernels"] = top_kernels(prof, n_steps)
         (d / "top_kernels.txt").write_text("\n".join(f"{ms:9.3f} ms/step {n:6d} x  {cat:26s} {name}"
                                                      for name, ms, n, cat in out["top_kernels"]) + "\n")
@@ -337,21 +340,29 @@ def top_kernels(prof, n_steps: int, top: int = 40) -> list:
 
 def kernel_busy_us(prof) -> float:
     """Microseconds in which at least one GPU kernel ran (the union of the kernels' intervals)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+    return kernel_timeline(prof)[0]
+
+
+def kernel_timeline(prof, top: int = 8) -> tuple:
+    """(busy us, idle us between the first and the last kernel, the `top` longest idle gaps as
+    (us, the kernel before, the kernel after)): where the GPU waits for the host."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if _is_kernel(e) and e.time_range.end > e.time_range.start)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
+    busy, idle, end, before, gaps = 0.0, 0.0, float("-inf"), "", []
+    for a, b, name in spans:
+        if a > end and before:
+            idle += a - end
+            gaps.append((round(a - end, 1), before[:60], name[:60]))
         if b > end:
             busy += b - max(a, end)
-            end = b
-    return busy
+            end, before = b, name
+    return busy, idle, sorted(gaps, reverse=True)[:top]
 
 
-# First match wins. Inductor's fused kernels come before copies/casts: their names list the fused ops
-# ("triton_poi_fused__to_copy_add_mul..."), so a norm or SwiGLU fusion was once counted as a copy.
 CATEGORIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
               ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "splitk", "triton_tem")),
-              ("compiled fusions (triton)", ("triton",)),
+              ("optimizer (flat AdamW)", ("adamw_kernel",)),
+              ("compiled fusions (triton)", ("triton",)),  # before copy/cast: inductor names hold "_to_copy"
               ("copy/cast", ("copy", "memcpy", "memset", "cast", "convert", "fill")),
               ("optimizer", ("adam", "foreach", "multi_tensor")),
               ("elementwise", ("elementwise", "vectorized", "unrolled")),
@@ -417,7 +428,9 @@ def render_extras(r: dict) -> list:
         lines.append(render_parts(r["parts"]))
     if "kernel_categories" in r:
         lines.append("  GPU kernel time by category: " + ", ".join(f"{k} {v}%" for k, v in r["kernel_categories"].items()))
-        lines.append(f"  GPU busy (some kernel running) {r['gpu_busy_pct']}% of the traced steps' wall time (profiler on)")
+        lines.append(f"  GPU busy (some kernel running) {r['gpu_busy_pct']}% of the traced steps' wall time (profiler on); "
+                     f"idle between kernels {r['gpu_idle_ms_per_step']} ms a step; longest gaps (us, kernel before -> after):")
+        lines += [f"    {us:9.1f}  {a} -> {b}" for us, a, b in r["longest_gpu_gaps"]]
     if r.get("top_kernels"):
         lines.append("  top kernels (GPU ms per step, launches per step):")
         lines += [f"    {ms:8.3f} {n:5d}  {cat:26s} {name[:100]}" for name, ms, n, cat in r["top_kernels"][:25]]

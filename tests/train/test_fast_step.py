@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from megaflow.config import load_config
 from megaflow.model.starflow import bits_per_dim, build_model
-from megaflow.optim import MainWeights, lr_at, param_groups
+from megaflow.optim import MainWeights, lr_at, param_groups, set_lr
 from megaflow.speed import apply_ac, apply_compile, transformer_blocks
 from megaflow.train import PlainEngine, read_metrics
 from tests.helpers import make_batch, make_noise, tiny_config
@@ -164,7 +165,7 @@ def test_speedups_equal_eager(mode):
     if "full" in mode or "selective" in mode:
         assert apply_ac(model, "full" if "full" in mode else "selective") == len(transformer_blocks(model))
     if mode.startswith("compile_unit"):
-        regions = len(model.units) + len(model.shallow.blocks)
+        regions = len(model.units) + len(model.shallow.blocks) + 1  # + the heads and losses
         assert apply_compile(model, backend="aot_eager", scope="unit") == regions
     elif mode.startswith("compile"):
         assert apply_compile(model, backend="aot_eager") == len(transformer_blocks(model))
@@ -336,3 +337,54 @@ def test_compiled_tp2_sp_equals_one_process():
         assert speedups[0]["compiled_regions"] == 2 + 2 and speedups[0]["checkpointed_blocks"] > 0
         for got, want in losses:
             assert abs(got - want) < 1e-5 * max(1.0, abs(want)), losses
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_flat_adamw_step_equals_torch_adamw(fused):
+    """MainWeights' one-pass step over the flat buffers (megaflow/flat_adamw.py; its torch definition,
+    which the CUDA Triton kernel computes) equals torch's AdamW + the bf16 refresh: 3 steps with a
+    changing lr, weight decay on matrices only, clipping (fused: as grad_scale), a skipped NaN step
+    (fused: found_inf on the device), then an optimizer state_dict round trip into a fresh
+    MainWeights whose next step still agrees. The moments stay torch's state (views of flat buffers)."""
+    cfg = run_config()
+    batch = make_batch(cfg.model)
+    runs = {}
+    for flat in (True, False):
+        model = build_model(cfg.model, seed=0)
+        w = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.bfloat16, fused=fused, flat_step=flat)
+        assert w.flat_step == flat
+        for s in range(4):
+            set_lr(w.optimizer, 1e-3 * (s + 1))
+            w.zero_grad()
+            model(batch, make_noise(cfg.model, batch, seed=s))[0].float().backward()
+            w.grads_to_main()
+            if s == 2:  # a NaN gradient: the step is skipped, nothing changes
+                w.flat_main_grad[0] = float("nan")
+            w.clip_and_step(1e-2 if s else 0.0)
+        runs[flat] = (w, model)
+    (fw, fm), (rw, rm) = runs[True], runs[False]
+    flat_storage = fw._flat[0].untyped_storage().data_ptr()  # the moments are views of one flat buffer
+    assert all(fw.optimizer.state[p][k].untyped_storage().data_ptr() == flat_storage
+               for p in fw.params for k in ("exp_avg", "exp_avg_sq"))
+    for p, q in zip(fw.params, rw.params):
+        sp, sq = fw.optimizer.state[p], rw.optimizer.state[q]
+        assert float(sp["step"]) == float(sq["step"]) == 3.0
+        torch.testing.assert_close(sp["exp_avg"], sq["exp_avg"], rtol=1e-5, atol=1e-10)
+        torch.testing.assert_close(sp["exp_avg_sq"], sq["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    for w in (fw, rw):  # the bf16 weights are the main weights, rounded
+        assert torch.equal(w.flat_param, w.flat_main.to(torch.bfloat16))
+    model = build_model(cfg.model, seed=1)
+    model.load_state_dict(fw.full_precision_state(fm))
+    w2 = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.bfloat16, fused=fused, flat_step=True)
+    w2.optimizer.load_state_dict(copy.deepcopy(fw.optimizer.state_dict()))  # as from a file: nothing shared
+    for w, m in ((w2, model), (fw, fm)):  # the loaded copy and the original go on identically
+        w.zero_grad()
+        m(batch, make_noise(cfg.model, batch, seed=9))[0].float().backward()
+        w.grads_to_main()
+        w.clip_and_step(1e-2)
+    assert w2._flat[0].data_ptr() != fw._flat[0].data_ptr()
+    for p, q in zip(w2.params, fw.params):
+        assert float(w2.optimizer.state[p]["step"]) == 4.0
+        assert torch.equal(w2.optimizer.state[p]["exp_avg"], fw.optimizer.state[q]["exp_avg"])
+        assert torch.equal(p, q)
