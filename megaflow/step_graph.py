@@ -109,6 +109,10 @@ class StepGraph:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the eager steps' cached blocks go back, so the graph's pool has room
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.step(*self.inputs, self.lr)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.step(*self.inputs, self.lr)
+        except Exception as e:  # nothing ran: a capture records the step, it does not execute it
+            raise RuntimeError(f"train.step_graph=on: this step could not be captured as a CUDA graph "
+                               f"({type(e).__name__}: {str(e)[:200]}); set train.step_graph=off") from e
         log.info("train.step_graph: the training step is captured as one CUDA graph")
