@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 PROFILE="tools/profile_step.py --config configs/tarflow_imagenet64.yaml --device cuda --warmup $WARMUP --steps $STEPS --images-per-row 1"
 if [ "${TEST:-0}" = 1 ]; then
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py 2>&1 | tail -15 | tee "$OUT/test_step_graph.txt"
+  timeout 35 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py 2>&1 | tail -15 | tee "$OUT/test_step_graph.txt"
   since test
 fi
 if [ "${BLOCK:-0}" = 1 ]; then
