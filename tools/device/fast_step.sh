@@ -32,7 +32,7 @@ fi
 if [ "${ONLY:-tarflow}" != 1b ]; then
 python3 tools/profile_step.py --config configs/tarflow_imagenet64.yaml --device cuda --warmup $WARMUP --steps $STEPS \
   --images-per-row 1 --baseline \
-  --variant "before=train.param_dtype=fp32;train.compile=off" \
+  --variant "before=train.param_dtype=fp32;train.compile=off;train.step_graph=off" \
   --variant "after=" --json "$OUT/tarflow.json" 2>&1 | quiet | tee "$OUT/tarflow.txt"
 echo "tarflow done after $(( $(date +%s) - T0 )) s"
 fi
