@@ -17,7 +17,6 @@ Nothing here is used by training; megaflow's layer is imported, not copied.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,22 +27,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megaflow.model.layers import AttnContext, TransformerBlock, rope_tables  # noqa: E402
 from megaflow.speed import block_forward  # noqa: E402
+from tools.bench_attention import timed  # noqa: E402
 from tools.profile_step import kernel_category  # noqa: E402
 
 
-def event_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def _ms(fn) -> float:
+    return timed(fn, 20, 3)  # median ms of 20 CUDA-event timings after 3 warm-up calls
 
 
 def layer_flops(B: int, T: int, dim: int, ffn: int, heads: int, hd: int) -> tuple:
@@ -83,8 +72,8 @@ def attention_layouts(B: int, T: int, heads: int, hd: int) -> str:
     for name, make in (("views of the QKV output", lambda: qkv.transpose(1, 2).split(heads, dim=1)),
                        ("contiguous (B, H, T, hd)", lambda: [t.contiguous() for t in qkv.transpose(1, 2).split(heads, dim=1)])):
         q, k, v = (t.detach().requires_grad_() for t in make())
-        fwd = event_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        both = event_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g))
+        fwd = _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        both = _ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), g))
         out.append(f"  attention, {name}: fwd {fwd:.3f} ms, fwd+bwd {both:.3f} ms")
     return "\n".join(out)
 
@@ -118,12 +107,12 @@ def main() -> None:
     fwd_bwd()
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    ms = event_ms(fwd_bwd)
+    ms = _ms(fwd_bwd)
     mm, attn = layer_flops(B, T, dim, ffn, heads, hd)
     print(f"[{a.variant}] one layer fwd+bwd {ms:.3f} ms ({(mm + attn) / ms / 1e9:.0f} TFLOP/s executed; "
           f"x64 layers = {64 * ms:.0f} ms); GEMM floor at {a.gemm_tflops:.0f} TFLOP/s {mm / a.gemm_tflops / 1e9:.3f} ms; "
           f"first call (compile) {compile_s:.1f} s", flush=True)
-    fwd = event_ms(lambda: fn(blk, x, ctx).detach())
+    fwd = _ms(lambda: fn(blk, x, ctx).detach())
     print(f"  forward alone {fwd:.3f} ms", flush=True)
     # the same work replayed from one CUDA graph: the launch gaps' share of the layer
     try:
@@ -145,7 +134,7 @@ def graphed_ms(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return event_ms(graph.replay)
+    return _ms(graph.replay)
 
 
 if __name__ == "__main__":
