@@ -130,11 +130,13 @@ def swiglu(N=16 * 1024, Fd=5632) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/h200_1b.yaml")
+    ap.add_argument("--only", default="kernel,optimizer,gqa,swiglu", help="comma-separated measurements")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    for fn in (check_kernel, lambda: optimizer_step(args.config), gqa, swiglu):
+    parts = {"kernel": check_kernel, "optimizer": lambda: optimizer_step(args.config), "gqa": gqa, "swiglu": swiglu}
+    for name in args.only.split(","):
         try:
-            fn()
+            parts[name]()
         except Exception as e:  # noqa: BLE001 - one failing measurement must not hide the others
             print(f"failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
     return 0
