@@ -182,6 +182,7 @@ class PlainEngine:
     def __init__(self, model, cfg: Config, dtype, dp_group=None):
         from megaflow.optim import MainWeights, param_groups, resolve_param_dtype
         from megaflow.speed import apply_speedups
+        from megaflow.step_graph import StepGraph, check_step_graph
         self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
         device = next(model.parameters()).device
         tcfg = cfg.train
@@ -199,12 +200,27 @@ class PlainEngine:
         self.optimizer = self.weights.optimizer
         self.params = self.weights.params  # fp32 main weights (the parameters themselves in fp32 runs)
         self.speedups = apply_speedups(model, tcfg, device)
+        self.graph = None
+        try:
+            if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, dp_group is not None):
+                # torch's fused AdamW (capturable, its lr a device tensor) in the graph: the flat one-pass
+                # kernel takes the lr as a host float, which a replayed graph would keep from its capture
+                self.weights.flat_step = False
+                self.graph = StepGraph(self._step, self.optimizer, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         self.fp8 = contextlib.nullcontext
         if cfg.parallel.fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
             from parallel.backend import fp8_context
             self.fp8 = lambda: fp8_context(cfg.parallel.fp8)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
+        """One step (as one replayed CUDA graph under train.step_graph=on, megaflow/step_graph.py)."""
+        if self.graph is not None:
+            return self.graph(batch, noise, keep, lr)
+        return self._step(batch, noise, keep, lr)
+
+    def _step(self, batch: dict, noise, keep, lr) -> dict:
         self.model.train()
         set_lr(self.optimizer, lr)
         with torch.autocast(batch["tokens"].device.type, dtype=self.dtype, enabled=self.dtype is not None), \

@@ -141,7 +141,8 @@ def profile(args) -> dict:
         if args.variant:  # progress, so a run cut short still shows its rows
             print(f"[{name}] " + (r["error"] if "error" in r else
                   f"{r['step_time_s'] * 1e3:.1f} ms, {r['images_per_s']:.1f} img/s, MFU "
-                  f"{100 * r['mfu'] if r['mfu'] is not None else float('nan'):.1f} %, {r['peak_memory_gib']:.1f} GiB, "
+                  f"{100 * r['mfu'] if r['mfu'] is not None else float('nan'):.1f} %, {r['peak_memory_gib']:.1f} GiB"
+                  f"{'' if r.get('peak_reserved_gib') is None else ' (reserved %.1f)' % r['peak_reserved_gib']}, "
                   f"warm-up {r['warmup_s']:.0f} s"), flush=True)
     result = rows[0] if not args.variant else {"config": args.config, "variants": rows}
     if args.baseline:
@@ -242,6 +243,8 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
         "loop_step_time_s": loop_s, "loop_mfu": loop_flops / loop_s / peak if peak else None,
         "peak_memory_gib": mem, "peak_memory_kind": mem_kind, "last_loss": losses[-1],
+        # a CUDA graph's activations are in the private pool made at capture: allocated before the timed steps
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         "last_metrics": read_metrics(out), "backend": cfg.parallel.backend, "fp8": cfg.parallel.fp8, "losses": losses,
     }
     if measure_parts:
@@ -318,7 +321,21 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
         out["gpu_busy_pct"] = round(100 * busy / wall_us, 1)
         out["gpu_idle_ms_per_step"] = round(idle / 1e3 / n_steps, 2)  # between kernels, the steps' syncs included
         out["longest_gpu_gaps"] = gaps
+        out["top_kernels"] = top_kernels(prof, n_steps)
+        (d / "top_kernels.txt").write_text("\n".join(f"{ms:9.3f} ms/step {n:6d} x  {cat:26s} {name}"
+                                                     for name, ms, n, cat in out["top_kernels"]) + "\n")
     return out
+
+
+def top_kernels(prof, n_steps: int, top: int = 40) -> list:
+    """[(kernel name, GPU ms per step, launches per step, category)] of the `top` kernels by time."""
+    per = {}
+    for evt in prof.events():
+        if _is_kernel(evt):
+            t, n = per.get(evt.name, (0.0, 0))
+            per[evt.name] = (t + (evt.device_time if hasattr(evt, "device_time") else evt.cuda_time), n + 1)
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(name, round(t / n_steps / 1e3, 3), n // n_steps, kernel_category(name)) for name, (t, n) in rows]
 
 
 def kernel_busy_us(prof) -> float:
@@ -343,7 +360,7 @@ def kernel_timeline(prof, top: int = 8) -> tuple:
 
 
 CATEGORIES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-              ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "splitk")),
+              ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "splitk", "triton_tem")),
               ("optimizer (flat AdamW)", ("adamw_kernel",)),
               ("compiled fusions (triton)", ("triton",)),  # before copy/cast: inductor names hold "_to_copy"
               ("copy/cast", ("copy", "memcpy", "memset", "cast", "convert", "fill")),
@@ -360,6 +377,11 @@ def _is_kernel(evt) -> bool:
         not evt.name.startswith(("Optimizer.", "ProfilerStep", "Command Buffer Full"))
 
 
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
 def kernel_categories(prof) -> dict:
     """{category: percent of the GPU kernel time} from the profiler's device events."""
     totals, all_time = {}, 0.0
@@ -367,8 +389,7 @@ def kernel_categories(prof) -> dict:
         if not _is_kernel(evt):
             continue
         t = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
-        name = evt.name.lower()
-        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        cat = kernel_category(evt.name)
         totals[cat] = totals.get(cat, 0.0) + t
         all_time += t
     return {c: round(100 * t / all_time, 1) for c, t in sorted(totals.items(), key=lambda kv: -kv[1])} if all_time else {}
@@ -410,6 +431,9 @@ def render_extras(r: dict) -> list:
         lines.append(f"  GPU busy (some kernel running) {r['gpu_busy_pct']}% of the traced steps' wall time (profiler on); "
                      f"idle between kernels {r['gpu_idle_ms_per_step']} ms a step; longest gaps (us, kernel before -> after):")
         lines += [f"    {us:9.1f}  {a} -> {b}" for us, a, b in r["longest_gpu_gaps"]]
+    if r.get("top_kernels"):
+        lines.append("  top kernels (GPU ms per step, launches per step):")
+        lines += [f"    {ms:8.3f} {n:5d}  {cat:26s} {name[:100]}" for name, ms, n, cat in r["top_kernels"][:25]]
     if "trace" in r:
         lines += [f"  trace          {r['trace']}", r["top_ops_table"]]
     return lines

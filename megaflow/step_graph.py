@@ -1,0 +1,118 @@
+"""A whole training step as one CUDA graph (`train.step_graph: on`): forward, backward, the fp32
+gradient cast, clipping and the fused AdamW, replayed with one launch.
+
+Why: a step of the TarFlow-only model at ml-tarflow's ImageNet-64 shape launches about 2,000
+kernels; the host cannot stay far enough ahead of them, and the gaps between kernels left the GPU
+idle for ~6% of the step (docs/benchmarks.md, "TarFlow at ml-tarflow's shape"). A graph has no gaps
+and no host work per kernel.
+
+How: the engine's own step function runs eagerly for `warmup` steps (its compiled regions compile,
+the optimizer creates its state), then one step is captured into a CUDA graph on static copies of
+its inputs and replayed; every later step copies its batch, noise, condition mask and learning rate
+into those copies and replays the graph. Every call is a real training step, the warm-up ones too.
+The fused AdamW runs with `capturable=True` and its learning rate as a device tensor (its step
+counts already live on the device), so nothing in the graph depends on a host value.
+
+Contract (checked by `check_step_graph`): CUDA, one process (no data-parallel collectives inside),
+not with `train.compile_mode=reduce-overhead` (graphs inside a graph), batches of one shape: a batch
+of another shape runs eagerly, with a warning once, on memory held beside the graph's. The returned
+losses and metrics are copies, so the values of earlier steps are not overwritten by later replays.
+Peak memory: the graph's activations live in a private pool made at capture, which
+`torch.cuda.max_memory_allocated` over later steps does not see; read `max_memory_reserved`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("megaflow")
+
+STEP_GRAPH_MODES = ("off", "on")
+
+
+def check_step_graph(mode: str, device: torch.device, compile_mode: str = "default", data_parallel: bool = False) -> bool:
+    """Whether to graph the step; a ValueError naming the setting when it cannot be done."""
+    if mode not in STEP_GRAPH_MODES:
+        raise ValueError(f"train.step_graph={mode!r} must be one of {STEP_GRAPH_MODES}")
+    if mode == "off":
+        return False
+    if device.type != "cuda":
+        raise ValueError(f"train.step_graph=on needs a CUDA device (this run is on {device.type}); set train.step_graph=off")
+    if compile_mode == "reduce-overhead":
+        raise ValueError("train.step_graph=on already graphs the whole step; use it with train.compile_mode=default, "
+                         "not reduce-overhead (CUDA graphs of the compiled regions)")
+    if data_parallel:
+        raise ValueError("train.step_graph=on runs in one process only (collectives are not captured); "
+                         "set train.step_graph=off for data-parallel runs")
+    return True
+
+
+def _signature(batch: dict, *tensors) -> tuple:
+    """What a captured graph is specific to: every tensor's shape, dtype and device."""
+    def sig(v):
+        return (tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) else repr(v)
+    return tuple((k, sig(v)) for k, v in sorted(batch.items())) + tuple(sig(t) for t in tensors)
+
+
+def _copy(x):
+    """A copy of a tensor, of the tensors of a dict; anything else as it is (None: no noise, say)."""
+    if isinstance(x, dict):
+        return {k: _copy(v) for k, v in x.items()}
+    return x.clone() if torch.is_tensor(x) else x
+
+
+class StepGraph:
+    """`step(batch, noise, keep, lr) -> dict of 0-d tensors`, run as one CUDA graph after `warmup` eager calls."""
+
+    def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 2):
+        self.step, self.optimizer, self.warmup = step, optimizer, warmup
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)  # the learning rate the graph reads
+        self.calls, self.graph, self.key, self.inputs, self.outputs, self.warned = 0, None, None, None, None, False
+
+    def __call__(self, batch: dict, noise: torch.Tensor, keep: torch.Tensor, lr: float) -> dict:
+        for group in self.optimizer.param_groups:  # here, not once: loading an optim.pt resets them
+            group["capturable"] = True
+        self.lr.fill_(lr)
+        key = _signature(batch, noise, keep)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            return self._side_stream(batch, noise, keep)
+        if self.graph is None:
+            self._capture(batch, noise, keep, key)
+        elif key != self.key:
+            if not self.warned:
+                log.warning("train.step_graph: a batch of another shape than the captured one runs eagerly")
+                self.warned = True
+            return self.step(batch, noise, keep, self.lr)
+        else:
+            static_batch, *static = self.inputs
+            for dst, src in [(static_batch[k], v) for k, v in batch.items()] + list(zip(static, (noise, keep))):
+                if torch.is_tensor(src):
+                    dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return _copy(self.outputs)
+
+    def _side_stream(self, batch, noise, keep) -> dict:
+        """An eager step on a side stream, as CUDA graph warm-up wants (torch.cuda.graphs' notes)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.step(batch, noise, keep, self.lr)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, batch, noise, keep, key) -> None:
+        self.key = key
+        self.inputs = (_copy(batch), *(_copy(t) for t in (noise, keep)))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager steps' cached blocks go back, so the graph's pool has room
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = self.step(*self.inputs, self.lr)
+        except Exception as e:  # nothing ran: a capture records the step, it does not execute it
+            raise RuntimeError(f"train.step_graph=on: this step could not be captured as a CUDA graph "
+                               f"({type(e).__name__}: {str(e)[:200]}); set train.step_graph=off") from e
+        log.info("train.step_graph: the training step is captured as one CUDA graph")
