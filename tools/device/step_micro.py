@@ -76,8 +76,8 @@ def optimizer_step(config: str) -> None:
     bytes_flat = n * (4 * 4 + 1 + 4 * 3 + 2)
     best = {k: min(v) for k, v in out.items()}
     print(f"optimizer step, {n / 1e9:.3f}B parameters (norm + clip + AdamW + bf16 weights): torch fused AdamW + "
-          f"copy {best[False]:.2f} ms, flat one-pass {best[True]:.2f} ms ({bytes_flat / best[True] / 1e9:.0f} GB/s "
-          f"over the step's {bytes_flat / 1e9:.1f} GB) [runs {out}]", flush=True)
+          f"copy {best[False]:.2f} ms, flat one-pass {best[True]:.2f} ms ({bytes_flat / best[True] / 1e9:.2f} TB/s "
+          f"for the kernel's {bytes_flat / 1e9:.1f} GB, the norm's pass included in the time) [runs {out}]", flush=True)
     del w, model
     torch.cuda.empty_cache()
 
