@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,21 +19,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.bench_attention import timed as timed_ms  # noqa: E402
 
 
 def timed(fn, n: int = 20) -> float:
     """Median ms of fn() over n runs (CUDA events), after 3 untimed ones."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return timed_ms(fn, n, 3)
 
 
 def check_kernel() -> None:
