@@ -9,14 +9,23 @@ Contract:
   `te.Linear` with the same weights under the same names: same loss as before the swap;
 - backend 'te' at TP2 splits the fused qkv and gate_up part by part (a rank's q AND k/v heads, gate
   AND up rows): the loss equals the single-process model's (1e-5), and the gathered state dict
-  gives back its weights.
+  gives back its weights;
+- FP8 in the engines (issue 19): the pipeline engine built by `build_stages` with backend 'te' at
+  tp=1 runs each micro-batch's forward in its own `fp8_autocast` (amax group: the topology's),
+  passes `is_first_microbatch` True on micro-batch 0 and False after it, recomputes checkpointed
+  blocks through TE's `checkpoint`, and trains to the local backend's losses;
+- `check_layout` refuses an FP8 layout whose local GEMM dimension is not divisible by 16, naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+import dataclasses
 import types
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +33,9 @@ import torch.nn.functional as F
 from megaflow.model.starflow import build_model
 from tests.distributed import run_distributed
 from tests.helpers import make_batch, make_noise, tiny_config
+
+
+CALLS = {"first": [], "autocast": [], "checkpoint": 0}
 
 
 class FakeLinear(nn.Linear):
@@ -35,8 +47,9 @@ class FakeLinear(nn.Linear):
         super().__init__(cols, rows, bias=bias, device=device, dtype=params_dtype)
         self.mode, self.group = parallel_mode, tp_group
 
-    def forward(self, x):
+    def forward(self, x, is_first_microbatch=None):
         from parallel.comm import copy_to_tp, reduce_from_tp
+        CALLS["first"].append(is_first_microbatch)
         if self.mode == "column":
             return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
         if self.mode == "row":
@@ -45,7 +58,19 @@ class FakeLinear(nn.Linear):
         return super().forward(x)
 
 
-FakeTE = types.SimpleNamespace(Linear=FakeLinear)
+@contextlib.contextmanager
+def fake_autocast(enabled, fp8_recipe, fp8_group):
+    CALLS["autocast"].append((enabled, fp8_recipe, fp8_group))
+    yield
+
+
+def fake_checkpoint(fn, *args, use_reentrant):
+    CALLS["checkpoint"] += 1
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=use_reentrant)
+
+
+FakeTE = types.SimpleNamespace(Linear=FakeLinear, fp8_autocast=fake_autocast,
+                               distributed=types.SimpleNamespace(checkpoint=fake_checkpoint))
 
 
 def reference():
@@ -85,3 +110,41 @@ def test_te_swaps_keep_fused_weights(monkeypatch):
     assert torch.allclose(dense(batch, noise)[0], ref(batch, noise)[0], atol=1e-6)
     for r in run_distributed(_te_tp2, 2):
         assert abs(r["loss"] - r["ref"]) < 1e-5 and r["weights"], r
+
+
+def test_fp8_per_micro_batch_in_the_pipeline_engine(monkeypatch):
+    import parallel.backend
+    from parallel.runtime import build_engine, build_stages
+    from parallel.topology import ParallelConfig, Topology
+    from tests.train.test_fast_step import run_config
+    monkeypatch.setattr(parallel.backend, "import_te", lambda: FakeTE)
+    monkeypatch.setattr(parallel.backend, "_fp8_recipe", lambda name: f"recipe:{name}")
+    cfg, ref, batch, noise = reference()
+    losses = {}
+    for backend, fp8 in (("local", "off"), ("te", "delayed")):
+        run = run_config(activation_checkpointing="full")
+        run = dataclasses.replace(run, model=cfg, parallel=ParallelConfig(backend=backend, fp8=fp8, micro_batches=2))
+        model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
+                                           full_state=ref.state_dict(), seq_len=48)
+        engine = build_engine(run, model, stages, tied, Topology(), None)
+        CALLS.update(first=[], autocast=[], checkpoint=0)
+        losses[backend] = [engine.train_step(batch, noise, None, 1e-3)["loss"] for _ in range(2)]
+        if backend == "te":
+            # per step (1F1B at pp=1): forward of micro-batch 0 (cast and keep the FP8 weights), its
+            # backward's recomputation (None: cast afresh), micro-batch 1 (reuse), its recomputation
+            runs = [k for k, _ in itertools.groupby(CALLS["first"])]
+            assert runs == [True, None, False, None] * 2, runs
+            assert CALLS["autocast"] == [(True, "recipe:delayed", None)] * 4
+            assert CALLS["checkpoint"] > 0
+    assert losses["te"] == pytest.approx(losses["local"], rel=1e-5)
+
+
+def test_check_layout_refuses_fp8_gemms_te_cannot_serve():
+    from parallel.runtime import check_layout
+    from parallel.topology import ParallelConfig
+    cfg = replace(tiny_config(dim=48), stage="all")  # flow width 48 (4 heads of 12), VLM 32, shallow 16
+    check_layout(ParallelConfig(backend="te", fp8="delayed"), 1, cfg)
+    with pytest.raises(ValueError, match=r"flow_layer.self_attn.qkv would be a 72 x 48 weight on each rank \(tp=2\)"
+                                         r".*divisible by 16"):
+        check_layout(ParallelConfig(tp=2, backend="te", fp8="current"), 2, cfg)
+    check_layout(ParallelConfig(tp=2, backend="te"), 2, cfg)  # bf16 TE layers: no such limit
