@@ -171,7 +171,7 @@ def fp8_forward(recipe: str, modules: list, group=None):
     for mod in modules:  # activation checkpointing recomputes inside this forward's FP8 state (megaflow/speed.py)
         for block in mod.modules():
             if isinstance(block, TransformerBlock):
-                block.ac_checkpoint = functools.partial(te.distributed.checkpoint, use_reentrant=False)
+                block.ac_checkpoint = functools.partial(te.checkpoint, use_reentrant=False)
     micros = list({id(m.micro): m.micro for mod in modules for m in mod.modules()
                    if isinstance(getattr(m, "micro", None), MicroBatch)}.values())
 

@@ -69,8 +69,7 @@ def fake_checkpoint(fn, *args, use_reentrant):
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=use_reentrant)
 
 
-FakeTE = types.SimpleNamespace(Linear=FakeLinear, fp8_autocast=fake_autocast,
-                               distributed=types.SimpleNamespace(checkpoint=fake_checkpoint))
+FakeTE = types.SimpleNamespace(Linear=FakeLinear, fp8_autocast=fake_autocast, checkpoint=fake_checkpoint)
 
 
 def reference():
