@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype of the timed steps (CUDA)")
     p.add_argument("--backend", default="local", choices=("local", "te"), help="parallel.backend")
     p.add_argument("--fp8", default="off", choices=("off", "delayed", "current"),
-                   help="parallel.fp8 of the timed TP rows (with --backend te; amax reduced over the TP group)")
+                   help="also time the TP rows with this parallel.fp8 (with --backend te; amax reduced over the TP group)")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
     return p.parse_args(argv)
 
@@ -106,13 +106,13 @@ def check(mcfg, batch, noise, topo, args, device) -> bool:
     return ok
 
 
-def time_steps(model, batch, noise, args, device) -> tuple:
+def time_steps(model, batch, noise, args, device, fp8: str = "off") -> tuple:
     """(median step seconds, peak memory bytes or 0 on CPU)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     times = []
-    fp8 = fp8_forward(args.fp8, [model], dist.group.WORLD)  # a no-op context for 'off'
+    fp8 = fp8_forward(fp8, [model], dist.group.WORLD)  # a no-op context for 'off'
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -161,13 +161,16 @@ def main(argv=None):
     ok = check(mcfg, batch, noise, topo, args, device) if args.check else True
 
     rows = []
-    for name, tp, sp in (("TP=1", 1, False), (f"TP={world}", world, False), (f"TP={world}+SP", world, True)):
+    layouts = [("TP=1", 1, False, "off"), (f"TP={world}", world, False, "off"), (f"TP={world}+SP", world, True, "off")]
+    if args.fp8 != "off":
+        layouts += [(f"TP={world} FP8", world, False, args.fp8), (f"TP={world}+SP FP8", world, True, args.fp8)]
+    for name, tp, sp, fp8 in layouts:
         if tp == 1:
             model = build_model(mcfg, device, seed=0)
         else:
             model = build_tp_model(mcfg, topo, ParallelConfig(tp=tp, sequence_parallel=sp, backend=args.backend), device)
         local = sum(p.numel() for p in model.parameters())
-        step, peak = time_steps(model, batch, noise, args, device)
+        step, peak = time_steps(model, batch, noise, args, device, fp8)
         rows.append(dict(name=name, params_per_rank_M=local / 1e6, step_ms=step * 1e3,
                          tokens_per_s=B * T / step, peak_mem_GiB=peak / 2**30))
         del model
@@ -180,7 +183,7 @@ def main(argv=None):
             print(f"{r['name']:<10} {r['params_per_rank_M']:>11.1f}M {r['step_ms']:>9.1f} "
                   f"{r['tokens_per_s']:>10.0f} {r['peak_mem_GiB']:>9.2f}")
         print(f"(median of {args.steps} steps after {args.warmup} warm-up, {args.dtype} autocast on CUDA"
-              + (f", FP8 {args.fp8} scaling in the TE layers of the TP rows)" if args.fp8 != "off" else ")"))
+              + (f"; FP8 rows: {args.fp8} scaling in the TE layers)" if args.fp8 != "off" else ")"))
         if args.check:
             print("check passed" if ok else "check FAILED")
         if args.json:

@@ -22,7 +22,7 @@ curve() {  # curve GPU FP8 NAME
   el "curve $3 done"
 }
 if [ "${PART:-all}" != data ]; then
-  ( CUDA_VISIBLE_DEVICES=0 timeout 240 python3 tools/bench_fp8.py --config $C --set data.batch_size=8 --steps 6 --warmup 2 \
+  ( CUDA_VISIBLE_DEVICES=0 timeout 240 python3 tools/bench_fp8.py --config $C --set data.batch_size=8 --steps 5 --warmup 2 \
       --variants local:off,te:off,te:delayed,te:current --set train.param_dtype=bf16 --json $OUT/bench_fp8_3b.json > $OUT/bench_fp8_3b.log 2>&1
     el "bench_fp8 3B done" ) &
   ( CUDA_VISIBLE_DEVICES=1 timeout 120 python3 tools/bench_fp8_layers.py --config $C --json $OUT/layers.json > $OUT/layers.log 2>&1
@@ -30,9 +30,7 @@ if [ "${PART:-all}" != data ]; then
   wait
   tail -9 $OUT/bench_fp8_3b.log; cat $OUT/layers.log | tail -16
   timeout 200 torchrun --nproc_per_node 2 tools/bench_tp.py --config $C --set data.batch_size=8 --backend te --check \
-    --tol 2e-3 --steps 5 --warmup 2 --json $OUT/tp2_bf16.json > $OUT/tp2_bf16.log 2>&1; el "tp2 bf16 done"; tail -9 $OUT/tp2_bf16.log
-  timeout 150 torchrun --nproc_per_node 2 tools/bench_tp.py --config $C --set data.batch_size=8 --backend te --fp8 delayed \
-    --steps 5 --warmup 2 --json $OUT/tp2_fp8.json > $OUT/tp2_fp8.log 2>&1; el "tp2 fp8 done"; tail -6 $OUT/tp2_fp8.log
+    --tol 2e-3 --fp8 delayed --steps 5 --warmup 2 --json $OUT/tp2.json > $OUT/tp2.log 2>&1; el "tp2 done"; tail -12 $OUT/tp2.log
 fi
 if [ "${PART:-all}" != speed ]; then
   curve 0 off bf16 & curve 1 delayed fp8 & wait
