@@ -2,14 +2,16 @@
 
 Transformer Engine needs CUDA, so `FakeTE.Linear` plays it: the constructor of `te.Linear`
 (tp_group, tp_size, parallel_mode, sequence_parallel, params_dtype, device), a local weight of the
-rank's rows (column) or columns (row), and the collectives TE runs itself (no sequence parallelism).
+rank's rows (column) or columns (row), and the collectives TE runs itself (under sequence
+parallelism on its (T, B, D) layout: a column layer all-gathers T, a row layer reduce-scatters it).
 
 Contract:
 - `apply_te_dense` (TP=1, the FP8 path) turns every block's qkv, o_proj, gate_up and down_proj into
   `te.Linear` with the same weights under the same names: same loss as before the swap;
 - backend 'te' at TP2 splits the fused qkv and gate_up part by part (a rank's q AND k/v heads, gate
   AND up rows): the loss equals the single-process model's (1e-5), and the gathered state dict
-  gives back its weights;
+  gives back its weights; so does TP2 with sequence parallelism (attention takes T from the
+  projection TE gathered, not from its T / tp input: on 2 H200s the old code failed there);
 - FP8 in the engines (issue 19): the pipeline engine built by `build_stages` with backend 'te' at
   tp=1 runs each micro-batch's forward in its own `fp8_autocast` (amax group: the topology's),
   passes `is_first_microbatch` True on micro-batch 0 and False after it, recomputes checkpointed
@@ -41,15 +43,19 @@ CALLS = {"first": [], "autocast": [], "checkpoint": 0}
 class FakeLinear(nn.Linear):
     def __init__(self, in_features, out_features, bias=True, tp_group=None, tp_size=1, parallel_mode=None,
                  sequence_parallel=False, params_dtype=None, device=None):
-        assert not sequence_parallel
         rows = out_features // tp_size if parallel_mode == "column" else out_features
         cols = in_features // tp_size if parallel_mode == "row" else in_features
         super().__init__(cols, rows, bias=bias, device=device, dtype=params_dtype)
-        self.mode, self.group = parallel_mode, tp_group
+        self.mode, self.group, self.sp = parallel_mode, tp_group, sequence_parallel
 
     def forward(self, x, is_first_microbatch=None):
-        from parallel.comm import copy_to_tp, reduce_from_tp
+        from parallel.comm import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter_seq
         CALLS["first"].append(is_first_microbatch)
+        if self.sp and self.mode == "column":  # x: (T / tp, B, D)
+            return F.linear(gather_seq(x.transpose(0, 1), self.group).transpose(0, 1), self.weight, self.bias)
+        if self.sp and self.mode == "row":
+            y = reduce_scatter_seq(F.linear(x, self.weight).transpose(0, 1), self.group).transpose(0, 1)
+            return y if self.bias is None else y + self.bias
         if self.mode == "column":
             return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
         if self.mode == "row":
@@ -94,7 +100,9 @@ def _te_tp2(rank, world):
     qkv = model.units["0"].vlm_layers[0].self_attn.qkv
     assert isinstance(qkv, FakeLinear) and qkv.tp_parts["weight"] == ((32, True), (16, True), (16, True))
     full = gather_full_state_dict(model)
-    return {"loss": float(model(batch, noise)[0]), "ref": float(ref(batch, noise)[0]),
+    sp = build_tp_model(cfg, Topology(tp=2), ParallelConfig(tp=2, backend="te", sequence_parallel=True),
+                        state_dict=ref.state_dict())
+    return {"loss": float(model(batch, noise)[0]), "ref": float(ref(batch, noise)[0]), "sp": float(sp(batch, noise)[0]),
             "weights": all(torch.equal(full[k], v) for k, v in ref.state_dict().items())}
 
 
@@ -108,7 +116,7 @@ def test_te_swaps_keep_fused_weights(monkeypatch):
     assert dense.state_dict().keys() == ref.state_dict().keys()
     assert torch.allclose(dense(batch, noise)[0], ref(batch, noise)[0], atol=1e-6)
     for r in run_distributed(_te_tp2, 2):
-        assert abs(r["loss"] - r["ref"]) < 1e-5 and r["weights"], r
+        assert abs(r["loss"] - r["ref"]) < 1e-5 and abs(r["sp"] - r["ref"]) < 1e-5 and r["weights"], r
 
 
 def test_fp8_per_micro_batch_in_the_pipeline_engine(monkeypatch):

@@ -14,8 +14,8 @@ export PYTHONPATH="$PYTHONPATH:$HOME/te/site"
 mkdir -p /tmp/data_cache && ln -sfn /tmp/data_cache data_cache
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 C=configs/h200_3b.yaml
-curve() {  # curve GPU FP8 NAME
-  CUDA_VISIBLE_DEVICES=$1 timeout 300 python3 -m megaflow.cli train --config $C --set data.batch_size=4 \
+curve() {  # curve GPU FP8 NAME (CURVE_B rows of 1024 tokens a step)
+  CUDA_VISIBLE_DEVICES=$1 timeout ${CURVE_S:-300} python3 -m megaflow.cli train --config $C --set data.batch_size=${CURVE_B:-4} \
     --set train.steps=300 --set train.warmup=20 --set train.log_every=10 --set train.save_every=-1 \
     --set data.num_workers=4 --set train.param_dtype=bf16 --set parallel.backend=te --set parallel.fp8=$2 --set train.out_dir=/tmp/curve_$3 \
     2>&1 | tr '\r' '\n' | grep -v overflow > $OUT/curve_$3.log
