@@ -156,10 +156,11 @@ def fp8_context(recipe: str, group=None):
     return import_te().fp8_autocast(enabled=True, fp8_recipe=_fp8_recipe(recipe), fp8_group=group)
 
 
-def fp8_forward(recipe: str, modules: list, group=None):
+def fp8_forward(recipe: str, modules: list, group=None, micro_batches: int = 1):
     """For the engines: a function of the micro-batch index giving the context of that micro-batch's
     forward: `fp8_context(recipe, group)` (its own autocast, so the schedules may interleave forwards
-    and backwards), with TE's FP8 weight copies made on micro-batch 0 and reused on the others.
+    and backwards), with TE's FP8 weight copies made on micro-batch 0 and reused on the others
+    (with one micro-batch a step there is nothing to reuse: TE casts them without keeping a copy).
     Checkpointed blocks ('selective' or 'full') recompute through TE's own `checkpoint`, which
     restores the forward's FP8 scaling state (torch's would recompute them in bf16).
     `group`: the amax-reduction group (Topology.amax_group: the TP x DP ranks of this pipeline stage,
@@ -178,7 +179,7 @@ def fp8_forward(recipe: str, modules: list, group=None):
     @contextlib.contextmanager
     def forward(i: int):
         for mb in micros:
-            mb.first = i == 0
+            mb.first = (i == 0) if micro_batches > 1 else None
         try:
             with fp8_context(recipe, group):
                 yield

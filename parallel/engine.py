@@ -113,7 +113,8 @@ class ParallelEngine:
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
                                          grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap,
-                                         forward_context=fp8_forward(pcfg.fp8, list(modules), topo.amax_group))
+                                         forward_context=fp8_forward(pcfg.fp8, list(modules), topo.amax_group,
+                                                                     pcfg.micro_batches))
         if topo.tp > 1 and tcfg.compile == "auto":  # blocks with collectives inside: compile only when asked
             tcfg = dataclasses.replace(tcfg, compile="off")
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
