@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_attention import timed  # noqa: E402  (median ms of CUDA events: fn, iters, warmup)
 
 
 def shapes(mcfg, tokens: int, image_tokens: int) -> list:
@@ -39,21 +39,6 @@ def shapes(mcfg, tokens: int, image_tokens: int) -> list:
     return rows
 
 
-def timed(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def layer_times(te, recipes: dict, m: int, k: int, n: int, warmup: int, reps: int) -> dict:
     lin = te.Linear(k, n, bias=False, params_dtype=torch.bfloat16, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -65,10 +50,10 @@ def layer_times(te, recipes: dict, m: int, k: int, n: int, warmup: int, reps: in
         y.backward(dy)
         x.grad = lin.weight.grad = None
 
-    out = {"bf16": timed(step, warmup, reps), "delayed": timed(lambda: step(recipes["delayed"]), warmup, reps)}
+    out = {"bf16": timed(step, reps, warmup), "delayed": timed(lambda: step(recipes["delayed"]), reps, warmup)}
     calls = iter(range(10 ** 9))
-    out["delayed_cached"] = timed(lambda: step(recipes["delayed"], next(calls) == 0), warmup, reps)
-    out["current"] = timed(lambda: step(recipes["current"]), warmup, reps)
+    out["delayed_cached"] = timed(lambda: step(recipes["delayed"], next(calls) == 0), reps, warmup)
+    out["current"] = timed(lambda: step(recipes["current"]), reps, warmup)
     # the three GEMMs alone, on FP8 tensors (a row-major, b column-major; scales of 1)
     f8, one = torch.float8_e4m3fn, torch.ones((), device="cuda")
     xq, wq, dyq = x.detach().to(f8), lin.weight.detach().to(f8), dy.to(f8)
@@ -78,7 +63,7 @@ def layer_times(te, recipes: dict, m: int, k: int, n: int, warmup: int, reps: in
         torch._scaled_mm(xq, wq.t(), one, one, out_dtype=torch.bfloat16)      # y = x W^T
         torch._scaled_mm(dyq, w_col, one, one, out_dtype=torch.bfloat16)     # dx = dy W
         torch._scaled_mm(dy_t, x_col, one, one, out_dtype=torch.bfloat16)     # dW = dy^T x
-    out["fp8_gemms"] = timed(gemms, warmup, reps)
+    out["fp8_gemms"] = timed(gemms, reps, warmup)
     del lin, x, dy, xq, wq, dyq, w_col, dy_t, x_col
     return out
 
@@ -100,7 +85,7 @@ def norm_fusion(te, recipe, m: int, k: int, n: int, eps: float, warmup: int, rep
             y.backward(dy)
             x.grad = None
         return step
-    out = {"fused": timed(run(fused), warmup, reps), "separate": timed(run(lambda t: lin(norm(t))), warmup, reps)}
+    out = {"fused": timed(run(fused), reps, warmup), "separate": timed(run(lambda t: lin(norm(t))), reps, warmup)}
     del fused, norm, lin, x, dy
     return out
 
