@@ -10,7 +10,11 @@
 #          CURVE_B x 1024 tokens a step, same seed; then their losses side by side
 #  pp2     both: PP2 with FP8 and full activation checkpointing, 50 steps of real data
 # curves and pp2 need the data: carry .whl (mosaicml-streaming and its compression libs) and .fmnist
-# inside this checkout copy (with TE's last part the call is too big for them: next call). Logs under $OUT.
+# inside this checkout copy (with TE's last part the call is too big for them: next call). Built here:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     mosaicml-streaming==0.13.0 zstd==1.5.7.3 python-snappy==0.7.3 cramjam==2.14.0 Brotli==1.1.0 catalogue==2.0.10
+#   mkdir .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/      (Logs under $OUT.)
 . tools/device/setup.sh
 export PYTHONPATH="$PYTHONPATH:$HOME/te/site"
 mkdir -p /tmp/data_cache && ln -sfn /tmp/data_cache data_cache
