@@ -70,6 +70,8 @@ def block_forward(block: TransformerBlock, x: torch.Tensor, ctx) -> torch.Tensor
     mode = getattr(block, "ac_mode", "none")
     if mode == "none":
         return TransformerBlock.forward(block, x, ctx)
+    if getattr(block, "ac_checkpoint", None) is not None:  # FP8: TE's checkpoint (parallel/backend.fp8_forward)
+        return block.ac_checkpoint(TransformerBlock.forward, block, x, ctx)
     kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _save_matmuls)} if mode == "selective" else {}
     return checkpoint(TransformerBlock.forward, block, x, ctx, use_reentrant=False, **kwargs)
 

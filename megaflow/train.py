@@ -211,8 +211,9 @@ class PlainEngine:
             raise ConfigError(str(e)) from e
         self.fp8 = contextlib.nullcontext
         if cfg.parallel.fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
-            from parallel.backend import fp8_context
-            self.fp8 = lambda: fp8_context(cfg.parallel.fp8)
+            from parallel.backend import fp8_forward
+            forward = fp8_forward(cfg.parallel.fp8, [model])
+            self.fp8 = lambda: forward(0)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
         """One step (as one replayed CUDA graph under train.step_graph=on, megaflow/step_graph.py)."""
@@ -409,9 +410,13 @@ def setup_processes(cfg: Config, device: torch.device):
             raise ConfigError(f"parallel.tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage} need several processes: "
                               f"launch with torchrun --nproc_per_node N (N a multiple of tp * pp = {p.tp * p.pp}) "
                               f"or srun, or set them to 1 / 0")
+    try:  # before any group exists: the error, not a hang; also what TE's FP8 GEMMs cannot serve
+        check_layout(p, launch.world_size if launch is not None else 1, cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if launch is None:
         return device, None
     try:
-        check_layout(p, launch.world_size)  # before any group exists: the error, not a hang
         device = init_distributed(launch, device, p.timeout_s)
         return device, Topology(tp=p.tp, pp=p.pp, flow_tp=p.flow_tp)
     except ValueError as e:

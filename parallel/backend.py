@@ -12,13 +12,18 @@ themselves, so under 'te' the norm only keeps its sequence-parallel gradient exa
 
 Transformer Engine is imported only when backend == 'te'. Everything outside transformer blocks
 (embeddings, heads, skips, adapter) always uses the local layers. At TP=1 in one process, 'te'
-swaps the blocks' linears for plain `te.Linear` (`apply_te_dense`); `fp8_context` then runs their
-GEMMs in FP8 (parallel.fp8: 'delayed' = DelayedScaling, 'current' = Float8CurrentScaling).
+swaps the blocks' linears for plain `te.Linear` (`apply_te_dense`, also per pipeline stage under a
+launcher); `fp8_context` then runs their GEMMs in FP8 (parallel.fp8: 'delayed' = DelayedScaling,
+'current' = Float8CurrentScaling). The engines wrap each micro-batch's forward in `fp8_forward(...)(i)`:
+its own `fp8_autocast` with the amax-reduction group, and `is_first_microbatch` (TE casts a weight to
+FP8 on micro-batch 0 and reuses that copy for the others). `te_layout_problem` names what TE's FP8
+GEMMs cannot serve (a local GEMM dimension not divisible by 16), for `check_layout`.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Optional
 
 import torch.nn as nn
 
@@ -59,31 +64,48 @@ class LocalBackend:
         return "none"  # the entry norm already communicated
 
 
+class MicroBatch:
+    """Shared by every TE linear a backend made: `first` is passed as `is_first_microbatch` (None: TE
+    casts the weight to FP8 at every forward; True: cast and keep the copy; False: reuse the copy,
+    valid because weights change only between optimizer steps)."""
+    first: Optional[bool] = None
+
+
 class TEBackend:
     name = "te"
 
     def __init__(self):
         self.te = import_te()
         te = self.te
+        self.micro = MicroBatch()
 
-        class SeqFirstLinear(te.Linear):
+        class CachedLinear(te.Linear):
+            """`te.Linear` reading `is_first_microbatch` from the backend's MicroBatch."""
+            micro = None
+
+            def forward(self, x, *args, **kwargs):
+                if self.micro is not None and self.micro.first is not None:
+                    kwargs.setdefault("is_first_microbatch", self.micro.first)
+                return super().forward(x, *args, **kwargs)
+
+        class SeqFirstLinear(CachedLinear):
             """Transformer Engine gathers and scatters sequence-parallel activations along dim 0
             (Megatron's (T, B, D) layout); our activations are (B, T, D)."""
 
             def forward(self, x, *args, **kwargs):
                 return super().forward(x.transpose(0, 1).contiguous(), *args, **kwargs).transpose(0, 1)
 
-        self.seq_first_linear = SeqFirstLinear
+        self.linear, self.seq_first_linear = CachedLinear, SeqFirstLinear
 
     def entry_norm(self, norm: RMSNorm, group, sequence_parallel: bool) -> nn.Module:
         return ParallelRMSNorm.from_dense(norm, group, None, sequence_parallel)
 
     def _linear(self, lin: nn.Linear, group, sequence_parallel: bool, mode: str, parts=None) -> nn.Module:
-        cls = self.seq_first_linear if sequence_parallel else self.te.Linear
+        cls = self.seq_first_linear if sequence_parallel else self.linear
         new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, tp_group=group,
                   tp_size=group_size(group), parallel_mode=mode, sequence_parallel=sequence_parallel,
                   params_dtype=lin.weight.dtype, device=lin.weight.device)
-        new.tp_group = group
+        new.tp_group, new.micro = group, self.micro
         new.tp_shards = {"weight": 0, "bias": 0} if mode == "column" else {"weight": 1}
         if parts is not None:  # a fused projection: each part split on its own (parallel/fused.py)
             new.tp_parts = {"weight": all_sharded(parts), "bias": all_sharded(parts)}
@@ -100,8 +122,9 @@ class TEBackend:
 
     def dense(self, lin: nn.Linear) -> nn.Module:
         """An unsharded `te.Linear` holding `lin`'s weights (TP=1)."""
-        new = self.te.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                             params_dtype=lin.weight.dtype, device=lin.weight.device)
+        new = self.linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          params_dtype=lin.weight.dtype, device=lin.weight.device)
+        new.micro = self.micro
         return copy_shards(new, lin)
 
 
@@ -111,10 +134,13 @@ BLOCK_LINEARS = (("self_attn", ("qkv", "o_proj")), ("mlp", ("gate_up", "down_pro
 def apply_te_dense(model: nn.Module) -> nn.Module:
     """TP=1: every transformer block's linears (both streams and the shallow flows) become
     `te.Linear` with the same weights and names, so checkpoints stay interchangeable with 'local'
-    (Transformer Engine's `_extra_state` entries aside). Needs a materialised model on a GPU."""
+    (Transformer Engine's `_extra_state` entries aside). Needs a materialised model (or pipeline
+    stage) on a GPU; blocks still on the meta device (other ranks' stages) are left alone."""
     from megaflow.model.layers import TransformerBlock
     backend = TEBackend()
     for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+        if block.mlp.down_proj.weight.is_meta:
+            continue
         for part, names in BLOCK_LINEARS:
             holder = getattr(block, part)
             for name in names:
@@ -128,6 +154,66 @@ def fp8_context(recipe: str, group=None):
     if recipe == "off":
         return contextlib.nullcontext()
     return import_te().fp8_autocast(enabled=True, fp8_recipe=_fp8_recipe(recipe), fp8_group=group)
+
+
+def fp8_forward(recipe: str, modules: list, group=None, micro_batches: int = 1):
+    """For the engines: a function of the micro-batch index giving the context of that micro-batch's
+    forward: `fp8_context(recipe, group)` (its own autocast, so the schedules may interleave forwards
+    and backwards), with TE's FP8 weight copies made on micro-batch 0 and reused on the others
+    (with one micro-batch a step there is nothing to reuse: TE casts them without keeping a copy).
+    Checkpointed blocks ('selective' or 'full') recompute through TE's own `checkpoint`, which
+    restores the forward's FP8 scaling state (torch's would recompute them in bf16).
+    `group`: the amax-reduction group (Topology.amax_group: the TP x DP ranks of this pipeline stage,
+    which hold the same layers). recipe 'off': no-op contexts."""
+    if recipe == "off":
+        return lambda i: contextlib.nullcontext()
+    from megaflow.model.layers import TransformerBlock
+    te = import_te()
+    for mod in modules:  # activation checkpointing recomputes inside this forward's FP8 state (megaflow/speed.py)
+        for block in mod.modules():
+            if isinstance(block, TransformerBlock):
+                block.ac_checkpoint = functools.partial(te.checkpoint, use_reentrant=False)
+    micros = list({id(m.micro): m.micro for mod in modules for m in mod.modules()
+                   if isinstance(getattr(m, "micro", None), MicroBatch)}.values())
+
+    @contextlib.contextmanager
+    def forward(i: int):
+        for mb in micros:
+            mb.first = (i == 0) if micro_batches > 1 else None
+        try:
+            with fp8_context(recipe, group):
+                yield
+        finally:  # forwards outside a step (evaluation, recomputation) cast afresh
+            for mb in micros:
+                mb.first = None
+    return forward
+
+
+def te_layout_problem(mcfg, pcfg) -> Optional[str]:
+    """Why Transformer Engine's FP8 GEMMs cannot serve this model under this layout, or None: every
+    block linear's local weight (after the TP split: VLM blocks by tp, flow blocks by flow_tp,
+    shallow blocks unsplit) needs both dimensions divisible by 16."""
+    if pcfg.fp8 == "off":
+        return None
+    import torch
+    from megaflow.model.layers import TransformerBlock
+    from megaflow.model.starflow import STARFlow2
+    with torch.device("meta"):
+        model = STARFlow2(mcfg)
+    for name, block in model.named_modules():
+        if not isinstance(block, TransformerBlock):
+            continue
+        tp = pcfg.tp if ".vlm_layers." in f".{name}." else (pcfg.flow_tp or pcfg.tp) if "flow_layer" in name else 1
+        for part, names in BLOCK_LINEARS:
+            for lname in names:
+                lin = getattr(getattr(block, part), lname)
+                col = lname in ("qkv", "gate_up")
+                out_f, in_f = lin.out_features // (tp if col else 1), lin.in_features // (1 if col else tp)
+                if out_f % 16 or in_f % 16:
+                    return (f"parallel.fp8={pcfg.fp8!r}: {name}.{part}.{lname} would be a {out_f} x {in_f} weight "
+                            f"on each rank (tp={tp}), and FP8 GEMMs need both dimensions divisible by 16; "
+                            "change the model widths or parallel.tp, or set parallel.fp8=off")
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from megaflow.optim import MainWeights, param_groups, resolve_param_dtype, set_lr
 from megaflow.speed import apply_speedups
+from parallel.backend import fp8_forward
 from parallel.checkpoint_tp import shard_layout
 from parallel.comm import group_rank, group_size
 from parallel.data_parallel import GradBuckets
@@ -111,7 +112,9 @@ class ParallelEngine:
         if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
-                                         grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap)
+                                         grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap,
+                                         forward_context=fp8_forward(pcfg.fp8, list(modules), topo.amax_group,
+                                                                     pcfg.micro_batches))
         if topo.tp > 1 and tcfg.compile == "auto":  # blocks with collectives inside: compile only when asked
             tcfg = dataclasses.replace(tcfg, compile="off")
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]

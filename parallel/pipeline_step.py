@@ -16,6 +16,8 @@ Not here: the optimizer.
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from typing import Optional
 
@@ -59,12 +61,15 @@ class PipelineSchedule:
     creates process groups)."""
 
     def __init__(self, stages: list, topo, schedule: str = "1f1b", micro_batches: int = 1,
-                 comm: Optional[PipelineComm] = None, tied=None, grad_sync=None, overlap: bool = True):
+                 comm: Optional[PipelineComm] = None, tied=None, grad_sync=None, overlap: bool = True,
+                 forward_context=None):
         check_schedule(schedule, topo.pp, len(stages), micro_batches)
         self.stages, self.topo, self.m, self.tied = stages, topo, micro_batches, tied
         self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
         self.actions = rank_actions(schedule, topo.pp, topo.pp_rank, micro_batches, len(stages))
         self.grad_sync = grad_sync
+        # micro-batch index -> the context of that forward (FP8: parallel.backend.fp8_forward)
+        self.forward_context = forward_context or (lambda i: contextlib.nullcontext())
         self.overlap = overlap  # post each action's receive one action ahead (parallel.overlap)
         self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}  # chunk -> index
         self.cfg = stages[0].module.cfg
@@ -128,7 +133,7 @@ class PipelineSchedule:
             if not forward_only:
                 inp = tuple(t.requires_grad_() for t in inp)
         start = self._clock()  # compute only: after the receive
-        with torch.set_grad_enabled(not forward_only):
+        with torch.set_grad_enabled(not forward_only), self.forward_context(a.micro_batch):
             out = st.forward(mb, ctx, inp, noise)
             if st.is_last:
                 terms = st.module.loss_terms(out, mb)

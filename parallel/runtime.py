@@ -104,8 +104,9 @@ def is_node_main() -> bool:
     return launch is None or launch.local_rank == 0
 
 
-def check_layout(pcfg, world_size: int) -> None:
-    """A ValueError that says what to launch when `world_size` processes cannot hold the layout."""
+def check_layout(pcfg, world_size: int, mcfg=None) -> None:
+    """A ValueError that says what to launch when `world_size` processes cannot hold the layout, or
+    (given the model config `mcfg`) why Transformer Engine's FP8 GEMMs cannot serve it."""
     tp, pp = pcfg.tp, pcfg.pp
     if world_size % (tp * pp):
         raise ValueError(f"{world_size} processes cannot be split into tensor-parallel groups of parallel.tp={tp} "
@@ -114,12 +115,11 @@ def check_layout(pcfg, world_size: int) -> None:
     if pcfg.zero_stage > 1 and pp > 1:
         raise ValueError(f"parallel.zero_stage={pcfg.zero_stage} with parallel.pp={pp}: ZeRO-2/3 cannot run under "
                          f"the pipeline schedule; use zero_stage=1 (or pp=1)")
-    if pcfg.fp8 != "off":
-        raise ValueError(f"parallel.fp8={pcfg.fp8!r} is wired for one process only (megaflow train without a "
-                         "launcher); multi-process FP8 (amax reduction, per-micro-batch autocast) is not yet")
-    if pcfg.backend == "te" and tp == 1:
-        raise ValueError("parallel.backend=te with tp=1 runs in one process only; with a launcher use "
-                         "parallel.tp >= 2 (Transformer Engine's tensor-parallel layers) or backend=local")
+    if mcfg is not None:
+        from parallel.backend import te_layout_problem
+        problem = te_layout_problem(mcfg, pcfg)
+        if problem:
+            raise ValueError(problem)
 
 
 @torch.no_grad()
@@ -153,6 +153,10 @@ def build_stages(mcfg, pcfg, topo: Topology, device, seed: int, full_state: Opti
             for name in FIRST_PARAMS:
                 if st.module._parameters.get(name) is not None:
                     model._parameters[name] = st.module._parameters[name]
+    if pcfg.backend == "te" and topo.tp == 1:  # no TP: this rank's blocks take unsharded TE linears
+        from parallel.backend import apply_te_dense
+        for st in stages:
+            apply_te_dense(st.module)
     tied = TiedEmbeddings(stages, topo)
     if full_state is None:
         tied.broadcast()

@@ -85,6 +85,7 @@ class Topology:
         self.pp_rank = r // (tp * self.dp)
         self.flow_tp_rank = self.tp_rank % flow_tp
         self.tp_group = self.flow_tp_group = self.pp_group = self.dp_group = None
+        self.amax_group = None  # TP x DP ranks of this pipeline stage: where FP8 delayed scaling reduces amaxes
         self.tp_ranks = self._tp_ranks(self.pp_rank, self.dp_rank)
         self.pp_ranks = [p * tp * self.dp + self.dp_rank * tp + self.tp_rank for p in range(pp)]
         self.dp_ranks = [self.pp_rank * tp * self.dp + d * tp + self.tp_rank for d in range(self.dp)]
@@ -120,6 +121,11 @@ class Topology:
                 g = dist.new_group(ranks)
                 if self.rank in ranks:
                     self.dp_group = g
+        for p in range(pp):  # the ranks that hold the same layers (TE's fp8_group, as Megatron's amax group)
+            ranks = list(range(p * tp * dp, (p + 1) * tp * dp))
+            g = dist.new_group(ranks) if pp > 1 else dist.group.WORLD
+            if self.rank in ranks:
+                self.amax_group = g
 
     @property
     def is_first_stage(self) -> bool:

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from megaflow.optim import param_groups, set_lr
 from megaflow.speed import apply_speedups
+from parallel.backend import fp8_forward
 from parallel.pipeline_step import TERM_KEYS, global_counts, split_batch
 from parallel.zero_mpu import TopologyMPU, mark_model_parallel
 
@@ -144,10 +145,12 @@ class ZeroEngine:
         device = next(p.device for m in modules for p in m.parameters())
         deepspeed = import_deepspeed(device.type)
         self.ds_config = build_ds_config(cfg, self.dtype)
+        self.fp8 = fp8_forward(cfg.parallel.fp8, modules, topo.amax_group, cfg.parallel.micro_batches)
         if stages is not None:
             from parallel.pipeline_step import PipelineSchedule
             self.module = nn.ModuleList(modules)
-            self.schedule = PipelineSchedule(stages, topo, cfg.parallel.schedule, cfg.parallel.micro_batches, tied=tied)
+            self.schedule = PipelineSchedule(stages, topo, cfg.parallel.schedule, cfg.parallel.micro_batches, tied=tied,
+                                             forward_context=self.fp8)
         else:
             self.module, self.schedule = GlobalLoss(model), None
         # full-model parameter names (as in STARFlow2.state_dict()), each parameter once
@@ -216,8 +219,9 @@ class ZeroEngine:
         keeps = keep.chunk(m) if keep is not None else [None] * m
         scale = topo.dp if self.stage == 3 else 1  # ZeRO-3 averages over dp; our loss wants the sum
         totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=batch["tokens"].device)
-        for mb, nz, kp in zip(mbs, noises, keeps):
-            loss, terms = self.engine(mb, nz, kp, counts)
+        for i, (mb, nz, kp) in enumerate(zip(mbs, noises, keeps)):
+            with self.fp8(i):
+                loss, terms = self.engine(mb, nz, kp, counts)
             self.engine.backward(loss * scale if scale != 1 else loss)
             totals += torch.stack([loss.detach().double()] + [
                 terms[k].detach().double() if k in terms else totals.new_zeros(()) for k in TERM_KEYS])

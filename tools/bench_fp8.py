@@ -46,6 +46,7 @@ def main(argv=None) -> int:
         backend, fp8 = pair.split(":")
         pargs = argparse.Namespace(config=args.config, device="cuda", warmup=args.warmup, steps=args.steps,
                                    images_per_row=-1, real_data=False, peak_tflops=0.0, trace="", trace_steps=0,
+                                   variant=[], parts="", baseline=False, doc_mask=False,
                                    overrides=[*args.overrides, f"parallel.backend={backend}", f"parallel.fp8={fp8}",
                                               "train.dtype=bf16"])
         try:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megaflow.model.starflow import build_model  # noqa: E402
+from parallel.backend import fp8_forward  # noqa: E402
 from parallel.checkpoint_tp import gather_full_grads  # noqa: E402
 from parallel.tensor_parallel import build_tp_model  # noqa: E402
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype of the timed steps (CUDA)")
     p.add_argument("--backend", default="local", choices=("local", "te"), help="parallel.backend")
+    p.add_argument("--fp8", default="off", choices=("off", "delayed", "current"),
+                   help="also time the TP rows with this parallel.fp8 (with --backend te; amax reduced over the TP group)")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
     return p.parse_args(argv)
 
@@ -103,12 +106,13 @@ def check(mcfg, batch, noise, topo, args, device) -> bool:
     return ok
 
 
-def time_steps(model, batch, noise, args, device) -> tuple:
+def time_steps(model, batch, noise, args, device, fp8: str = "off") -> tuple:
     """(median step seconds, peak memory bytes or 0 on CPU)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     times = []
+    fp8 = fp8_forward(fp8, [model], dist.group.WORLD)  # a no-op context for 'off'
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -117,7 +121,7 @@ def time_steps(model, batch, noise, args, device) -> tuple:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=cuda and dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=cuda and dtype != torch.float32), fp8(0):
             loss, _ = model(batch, noise)
         loss.backward()
         opt.step()
@@ -137,6 +141,9 @@ def time_steps(model, batch, noise, args, device) -> tuple:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.backend == "te":  # before any CUDA work (a cuDNN torch loads first can break TE's; docs/benchmarks.md)
+        from parallel.backend import import_te
+        import_te()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -154,13 +161,16 @@ def main(argv=None):
     ok = check(mcfg, batch, noise, topo, args, device) if args.check else True
 
     rows = []
-    for name, tp, sp in (("TP=1", 1, False), (f"TP={world}", world, False), (f"TP={world}+SP", world, True)):
+    layouts = [("TP=1", 1, False, "off"), (f"TP={world}", world, False, "off"), (f"TP={world}+SP", world, True, "off")]
+    if args.fp8 != "off":
+        layouts += [(f"TP={world} FP8", world, False, args.fp8), (f"TP={world}+SP FP8", world, True, args.fp8)]
+    for name, tp, sp, fp8 in layouts:
         if tp == 1:
             model = build_model(mcfg, device, seed=0)
         else:
             model = build_tp_model(mcfg, topo, ParallelConfig(tp=tp, sequence_parallel=sp, backend=args.backend), device)
         local = sum(p.numel() for p in model.parameters())
-        step, peak = time_steps(model, batch, noise, args, device)
+        step, peak = time_steps(model, batch, noise, args, device, fp8)
         rows.append(dict(name=name, params_per_rank_M=local / 1e6, step_ms=step * 1e3,
                          tokens_per_s=B * T / step, peak_mem_GiB=peak / 2**30))
         del model
@@ -172,7 +182,8 @@ def main(argv=None):
         for r in rows:
             print(f"{r['name']:<10} {r['params_per_rank_M']:>11.1f}M {r['step_ms']:>9.1f} "
                   f"{r['tokens_per_s']:>10.0f} {r['peak_mem_GiB']:>9.2f}")
-        print(f"(median of {args.steps} steps after {args.warmup} warm-up, {args.dtype} autocast on CUDA)")
+        print(f"(median of {args.steps} steps after {args.warmup} warm-up, {args.dtype} autocast on CUDA"
+              + (f"; FP8 rows: {args.fp8} scaling in the TE layers)" if args.fp8 != "off" else ")"))
         if args.check:
             print("check passed" if ok else "check FAILED")
         if args.json:

@@ -125,9 +125,10 @@ class Attention(nn.Module):
         return {"qkv": self.qkv_sizes()}
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        B, T, _ = x.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv(x).view(B, T, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
+        qkv = self.qkv(x)  # (B, T, ...): T of the whole sequence also where x is a sequence-parallel slice
+        B, T = qkv.shape[:2]  # that a layer gathering it itself (Transformer Engine's) made whole
+        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
         q, k = apply_rope(qkv[:, :Hq + Hkv], ctx.cos, ctx.sin).split([Hq, Hkv], dim=1)  # RoPE on q and k at once
         v = qkv[:, Hq + Hkv:]  # (B, Hkv, T, hd)
         if ctx.cache is not None:

@@ -236,15 +236,14 @@ def test_layout_errors_name_what_to_launch(tiny_sets, tmp_path):
     assert res.returncode != 0 and "parallel.pp=3" in res.stderr and "multiple of tp * pp = 3" in res.stderr
 
 
-def test_fp8_and_te_at_tp1_are_refused_before_any_process_group():
-    """Multi-process FP8 and the TE backend at tp=1 are not wired: check_layout (run before the
-    process group exists) says so and what to use instead."""
+def test_fp8_and_te_layouts_pass_check_layout():
+    """Multi-process FP8 and the TE backend at tp=1 (one unsharded TE linear per block on each pipeline
+    stage) are wired (issue 19): check_layout accepts them; what TE cannot serve is refused
+    (tests/parallel/test_fused_te.py)."""
     from parallel.runtime import check_layout
     from parallel.topology import ParallelConfig
-    with pytest.raises(ValueError, match="parallel.fp8='delayed' is wired for one process only"):
-        check_layout(ParallelConfig(tp=2, backend="te", fp8="delayed"), 2)
-    with pytest.raises(ValueError, match="backend=te with tp=1 runs in one process only"):
-        check_layout(ParallelConfig(backend="te"), 2)
+    check_layout(ParallelConfig(tp=2, backend="te", fp8="delayed"), 2)
+    check_layout(ParallelConfig(pp=2, backend="te", fp8="current"), 2)
     check_layout(ParallelConfig(tp=2, backend="te"), 4)  # TE's tensor-parallel layers: accepted
 
 
