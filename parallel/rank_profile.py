@@ -79,9 +79,11 @@ def work_intervals(events, cuda: bool) -> list:
 
 
 def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
-                  trace: Optional[str] = None) -> dict:
+                  trace: Optional[str] = None, top: int = 0) -> dict:
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
-    kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given."""
+    kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given. `top` > 0: also 'top',
+    a table of the operators and kernels that took the most device time (host time on CPU), and
+    'syncs', how many times per step the host waited for the device (synchronize, blocking copies)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
@@ -102,7 +104,14 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     n = max(len(windows), 1)
     res = {k: v / 1e6 / n for k, v in out.items()}  # microseconds -> seconds per step
     res["step"] = sum(w1 - w0 for w0, w1 in windows) / 1e6 / n
+    if top:
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        res["top"] = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+        res["syncs"] = sum(e.name in _SYNCS for e in events) / n - cuda  # less our own synchronize per step
     return res
+
+
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 def gather_ranks(row: dict, group=None) -> list:

@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, default=2, help="profiled steps per row (0: no breakdown)")
     p.add_argument("--profile-rows", default="", help="profile only these rows (comma-separated names; '' = all)")
     p.add_argument("--trace", default="", help="write DIR/<row>.rank<r>.json Chrome traces")
+    p.add_argument("--top", type=int, default=0, help="print rank 0's N costliest kernels of each profiled row")
+    p.add_argument("--comm-probe", action="store_true", help="first time all-reduce / all-gather / "
+                   "reduce-scatter of one TP activation (rows x seq_len x vlm.dim, bf16): bytes per second")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
     return p.parse_args(argv)
 
@@ -113,25 +116,45 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     engine, topo = build(name, cfg, device, dtype)
-    times = []
+    times, loss0 = [], None
     step = lambda: engine.train_step(batch, noise, None, 1e-5)  # noqa: E731
     for i in range(args.warmup + args.steps):
         t0 = clock(device)
         out = step()
-        float(out["loss"])
+        loss0 = float(out["loss"]) if loss0 is None else loss0
         if i >= args.warmup:
             times.append(clock(device) - t0)
     prof = None
     if args.profile and (not args.profile_rows or name in args.profile_rows.split(",")):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
-        prof = profile_steps(step, args.profile, device, trace)
-    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]),
+        prof = profile_steps(step, args.profile, device, trace, args.top)
+    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0,
                peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0)
     del engine, out
     ranks = gather_ranks(dict(row, profile=prof))
     dist.barrier()
     return dict(row, step_s=max(r["step_s"] for r in ranks), ranks=ranks, name=name,
                 tokens=args.rows * cfg.data.seq_len, m=cfg.parallel.micro_batches)
+
+
+def probe_collectives(cfg, rows: int, device, repeats: int = 10) -> None:
+    """Time the collectives of tensor parallelism on one activation of the run's shape (rank 0
+    prints ms and GB/s of the tensor's size): the floor of what a TP step's communication costs."""
+    from parallel.comm import all_gather, all_reduce, reduce_scatter
+    world = dist.group.WORLD
+    dim = cfg.model.vlm.dim if cfg.model.vlm is not None else cfg.model.flow.dim
+    x = torch.randn(rows, cfg.data.seq_len, dim, device=device, dtype=torch.bfloat16)  # (B, T, D)
+    half = x.chunk(dist.get_world_size(), dim=1)[0].contiguous()  # (B, T / n, D)
+    for name, fn in (("all_reduce", lambda: all_reduce(x, world)), ("all_gather T", lambda: all_gather(half, world, 1)),
+                     ("reduce_scatter T", lambda: reduce_scatter(x, world, 1))):
+        fn()
+        t0 = clock(device)
+        for _ in range(repeats):
+            fn()
+        ms = (clock(device) - t0) / repeats * 1e3
+        if dist.get_rank() == 0:
+            print(f"{name}: {tuple(x.shape)} bf16 ({x.numel() * 2 / 2 ** 20:.0f} MiB): {ms:.3f} ms, "
+                  f"{x.numel() * 2 / ms / 1e6:.0f} GB/s of the full tensor", flush=True)
 
 
 def efficiencies(rows: list) -> None:
@@ -177,6 +200,8 @@ def main(argv=None):
     batch = {k: v.to(device) for k, v in make_batch(cfg.model, args.rows, cfg.data.seq_len, cfg.data.max_images,
                                                      seed=0).items()}
     noise = make_noise(cfg.model, batch).to(device)
+    if args.comm_probe:
+        probe_collectives(cfg, args.rows, device)
     rows = []
     for mode in args.modes.split(","):
         try:
@@ -188,10 +213,13 @@ def main(argv=None):
             continue
         if dist.get_rank() == 0:  # as it goes: a run stopped by a time limit still reports what it did
             r = rows[-1]
-            print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, loss {r['loss']:.4f}, peak {r['peak_GiB']:.1f} GiB",
-                  flush=True)
-            if r["ranks"][0]["profile"]:
+            print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, first loss {r['loss0']:.4f}, loss {r['loss']:.4f}, "
+                  f"peak {r['peak_GiB']:.1f} GiB", flush=True)
+            prof = r["ranks"][0]["profile"]
+            if prof:
                 print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)
+            if prof and "top" in prof:
+                print(f"rank 0: {prof['syncs']:.0f} host waits per step besides the step's end\n{prof['top']}", flush=True)
     efficiencies(rows)
     if dist.get_rank() == 0:
         print(f"\n{args.rows} rows x {cfg.data.seq_len} tokens, {device.type}, world {dist.get_world_size()}\n")
