@@ -18,6 +18,8 @@ Not here: building and loading the stages (parallel/runtime.py), checkpoint file
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -82,7 +84,7 @@ class ParallelEngine:
     tied    parallel.pipeline.TiedEmbeddings (every rank constructs it)
     """
 
-    def __init__(self, stages: list, cfg, dtype, topo, tied=None, bucket_mb: float = 25.0):
+    def __init__(self, stages: list, cfg, dtype, topo, tied=None, bucket_mb: Optional[float] = None):
         self.stages, self.cfg, self.dtype, self.topo = stages, cfg, dtype, topo
         pcfg, tcfg = cfg.parallel, cfg.train
         params = stage_parameters(stages)
@@ -100,7 +102,7 @@ class ParallelEngine:
         self.counted = {id(self.weights.main_of(p)): counted[id(p)] for p in params}
         if tied is not None and tied.group is not None and self.weights.mixed:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
-        self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb)
+        self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb or pcfg.bucket_mb)
         if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,

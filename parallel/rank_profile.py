@@ -104,9 +104,10 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     n = max(len(windows), 1)
     res = {k: v / 1e6 / n for k, v in out.items()}  # microseconds -> seconds per step
     res["step"] = sum(w1 - w0 for w0, w1 in windows) / 1e6 / n
-    if top:
-        key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        res["top"] = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+    if top:  # on CUDA what the device spent its time on, then what the host did
+        ops = prof.key_averages()
+        keys = ("self_device_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",)
+        res["top"] = "\n".join(ops.table(sort_by=k, row_limit=top, max_name_column_width=60) for k in keys)
         res["syncs"] = sum(e.name in _SYNCS for e in events) / n - cuda  # less our own synchronize per step
     return res
 
