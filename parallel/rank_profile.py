@@ -83,7 +83,8 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
     kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given. `top` > 0: also 'top',
     a table of the operators and kernels that took the most device time (host time on CPU), and
-    'syncs', how many times per step the host waited for the device (synchronize, blocking copies)."""
+    'syncs', how many times per step the host may have waited for the device (synchronize calls and
+    copies between host and device: on pageable memory those block too)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
@@ -112,7 +113,8 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     return res
 
 
-_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+          "cudaMemcpyAsync")  # a copy to or from pageable host memory blocks the host too
 
 
 def gather_ranks(row: dict, group=None) -> list:

@@ -283,8 +283,8 @@ def main(argv=None):
                 print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)
             for rank, x in enumerate(r["ranks"]):
                 if x["profile"] and "top" in x["profile"]:
-                    print(f"rank {rank}: {x['profile']['syncs']:.0f} host waits per step besides the step's end\n"
-                          f"{x['profile']['top']}", flush=True)
+                    print(f"rank {rank}: {x['profile']['syncs']:.0f} synchronising calls or host<->device "
+                          f"copies per step\n{x['profile']['top']}", flush=True)
     efficiencies(rows)
     resumed = resume_check(args, args.resume, device, batch, noise) if args.resume else None
     if dist.get_rank() == 0:

@@ -28,7 +28,7 @@ profile)
 compare)  # BASE: the tree before (session 5: git archive 6b0e4c2), run with this tree's bench script;
   # its eager TP rows first, before any compiled row turned its FlexAttention eager (masks.py)
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
-  TRACE= STEPS=3 WARMUP=1 PROFILE=0 bench "$2" before "${BEFORE:-tp2,dp2,pp2}" ${BEFORE_S:-45}
-  TRACE= STEPS=3 WARMUP=1 PROFILE_ROWS=tp2 EXTRA="--top 12" bench . after "${AFTER:-one,dp2,tp2,tp2sp,one_mb,pp2}" ${AFTER_S:-100}
+  TRACE= STEPS=3 WARMUP=1 PROFILE=0 bench "$2" before "${BEFORE:-tp2,dp2,pp2}" ${BEFORE_S:-150}
+  TRACE= STEPS=3 WARMUP=1 PROFILE_ROWS=tp2 EXTRA="--top 12" bench . after "${AFTER:-one,dp2,tp2,tp2sp,one_mb,pp2}" ${AFTER_S:-240}
   ;;
 esac
