@@ -46,7 +46,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'
     dtype: str = "auto"  # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'
     param_dtype: str = "auto"  # model weights: 'auto' (bf16 with fp32 main weights in the optimizer when dtype is bf16 on GPU, else fp32), 'fp32' or 'bf16'
-    compile: str = "auto"  # regional torch.compile (train.compile_scope): 'auto' (on with CUDA, but not with parallel.tp > 1 or ZeRO-3), 'on' or 'off'
+    compile: str = "auto"  # regional torch.compile (train.compile_scope): 'auto' (on with CUDA, but not with ZeRO-3), 'on' or 'off'
     compile_scope: str = "unit"  # one compiled region: 'block' (each transformer block) or 'unit' (each Pretzel unit with its skips, each shallow flow block's coupling, the heads + losses)
     compile_mode: str = "default"  # torch.compile mode: 'default', 'max-autotune-no-cudagraphs' or 'reduce-overhead' (CUDA graphs)
     step_graph: str = "off"  # 'on': the whole training step (forward, backward, AdamW) as one CUDA graph after 2 eager steps (CUDA, one process, batches of one shape; megaflow/step_graph.py)

@@ -18,7 +18,7 @@ Not here: building and loading the stages (parallel/runtime.py), checkpoint file
 """
 from __future__ import annotations
 
-import dataclasses
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,24 +60,19 @@ def norm_counted(stages: list, topo, tied=None) -> dict:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list, counted: dict, max_norm: float, topo) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over a model split by TP and PP (see the file docstring):
-    returns the global norm and scales every local gradient by min(1, max_norm / (norm + 1e-6))."""
-    grads = [p.grad for p in params if p.grad is not None]
+def global_grad_norm(params: list, counted: dict, topo) -> torch.Tensor:
+    """The 2-norm of the gradients of a model split by TP and PP, each element counted once (see the
+    file docstring): 0-d, on the device, the same on every rank. Nothing is scaled here."""
     mine = [p.grad if counted[id(p)] is True else torch.cat([p.grad.narrow(0, *r) for r in counted[id(p)]])
             for p in params if p.grad is not None and counted[id(p)]]
-    device = grads[0].device if grads else torch.device("cpu")
+    device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
     sq = torch.zeros((), dtype=torch.float32, device=device)
     if mine:
         sq = torch.stack(torch._foreach_norm(mine)).float().pow(2).sum()
     for group, size in ((topo.tp_group, topo.tp), (topo.pp_group, topo.pp)):
         if group is not None and size > 1:
             dist.all_reduce(sq, group=group)
-    norm = sq.sqrt()
-    if max_norm > 0 and grads:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-    return norm
+    return sq.sqrt()
 
 
 class ParallelEngine:
@@ -90,7 +85,7 @@ class ParallelEngine:
     tied    parallel.pipeline.TiedEmbeddings (every rank constructs it)
     """
 
-    def __init__(self, stages: list, cfg, dtype, topo, tied=None, bucket_mb: float = 25.0):
+    def __init__(self, stages: list, cfg, dtype, topo, tied=None, bucket_mb: Optional[float] = None):
         self.stages, self.cfg, self.dtype, self.topo = stages, cfg, dtype, topo
         pcfg, tcfg = cfg.parallel, cfg.train
         params = stage_parameters(stages)
@@ -108,15 +103,15 @@ class ParallelEngine:
         self.counted = {id(self.weights.main_of(p)): counted[id(p)] for p in params}
         if tied is not None and tied.group is not None and self.weights.mixed:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
-        self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb)
+        self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb or pcfg.bucket_mb)
         if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
                                          grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap,
                                          forward_context=fp8_forward(pcfg.fp8, list(modules), topo.amax_group,
                                                                      pcfg.micro_batches))
-        if topo.tp > 1 and tcfg.compile == "auto":  # blocks with collectives inside: compile only when asked
-            tcfg = dataclasses.replace(tcfg, compile="off")
+        # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and
+        # compiled TP=2 trains on eager TP=2's losses on 2 H200s (docs/benchmarks.md, issue 17)
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
@@ -128,10 +123,11 @@ class ParallelEngine:
             loss, metrics = self.schedule.step(batch, noise, keep)
         if not self.cfg.parallel.overlap:
             self.buckets.all_reduce()
-        norm = clip_grad_norm(self.params, self.counted, self.cfg.train.grad_clip, self.topo)
-        # NaN/Inf gradients: skip the update. The norm is global (summed over TP and PP of DP-summed
-        # gradients), so every rank sees the same value and skips the same steps without another collective.
-        skipped = self.weights.step_if_finite(norm)
+        norm = global_grad_norm(self.params, self.counted, self.topo)
+        # clip (on CUDA inside the fused AdamW: no pass of its own over the gradients), then step unless
+        # NaN/Inf. The norm is global (summed over TP and PP of DP-summed gradients), so every rank sees
+        # the same value and skips the same steps without another collective.
+        norm, skipped = self.weights.clip_and_step(self.cfg.train.grad_clip, norm)
         return {"loss": float(loss), "grad_norm": float(norm), "skipped": skipped,
                 **{k: float(v) for k, v in metrics.items()}}
 

@@ -79,9 +79,12 @@ def work_intervals(events, cuda: bool) -> list:
 
 
 def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
-                  trace: Optional[str] = None) -> dict:
+                  trace: Optional[str] = None, top: int = 0) -> dict:
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
-    kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given."""
+    kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given. `top` > 0: also 'top',
+    a table of the operators and kernels that took the most device time (host time on CPU), and
+    'syncs', how many times per step the host may have waited for the device (synchronize calls and
+    copies between host and device: on pageable memory those block too)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
@@ -102,7 +105,16 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     n = max(len(windows), 1)
     res = {k: v / 1e6 / n for k, v in out.items()}  # microseconds -> seconds per step
     res["step"] = sum(w1 - w0 for w0, w1 in windows) / 1e6 / n
+    if top:  # on CUDA what the device spent its time on, then what the host did
+        ops = prof.key_averages()
+        keys = ("self_device_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",)
+        res["top"] = "\n".join(ops.table(sort_by=k, row_limit=top, max_name_column_width=60) for k in keys)
+        res["syncs"] = sum(e.name in _SYNCS for e in events) / n - cuda  # less our own synchronize per step
     return res
+
+
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+          "cudaMemcpyAsync")  # a copy to or from pageable host memory blocks the host too
 
 
 def gather_ranks(row: dict, group=None) -> list:

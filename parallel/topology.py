@@ -35,6 +35,7 @@ class ParallelConfig:
     stage_layout: str = ""  # manual split: units per stage, e.g. '3,5' ('' = balanced by cost)
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = no ZeRO)
     overlap: bool = True  # overlap communication with compute: DP buckets reduced during backward, PP receives posted ahead
+    bucket_mb: float = 25.0  # data-parallel gradient bucket (MiB of fp32 gradients) of one all-reduce, without ZeRO
     timeout_s: float = 600.0  # seconds a collective or the start-up rendezvous waits for the other ranks before the run fails (a dead or hung rank ends the job)
 
     def __post_init__(self):
@@ -52,6 +53,8 @@ class ParallelConfig:
                              "(on a GPU with FP8, e.g. H100/H200), or parallel.fp8=off")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
+        if self.bucket_mb <= 0:
+            raise ValueError(f"parallel.bucket_mb={self.bucket_mb} must be > 0 (MiB per gradient all-reduce)")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -162,8 +162,9 @@ class ZeroEngine:
                     self.named[name] = (p, m)
         # activation checkpointing and per-block compilation (megaflow/speed.py); DeepSpeed's ZeRO-3
         # parameter fetching runs in module hooks inside the blocks, so 'auto' leaves compile off there
+        # (TP's collectives are functional and compile: parallel/comm.py)
         tcfg = cfg.train
-        if (self.stage == 3 or topo.tp > 1) and tcfg.compile == "auto":  # (and TP's collectives): only when asked
+        if self.stage == 3 and tcfg.compile == "auto":
             import dataclasses
             tcfg = dataclasses.replace(tcfg, compile="off")
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]

@@ -1,24 +1,30 @@
-"""Scaling on 2 processes (issue 17): one GPU vs DP=2, TP=2, TP=2+SP and PP=2 on one config, with a
-per-rank breakdown of each layout's step (compute, exposed communication, pipeline wait, idle).
+"""Scaling over N processes (issues 17, 20): one GPU vs DP, TP, TP+SP, PP and their products on one
+config, with a per-rank breakdown of each layout's step (compute, exposed communication, pipeline
+wait, idle), and a resume of a sharded checkpoint from one layout into another.
 
     torchrun --nproc_per_node 2 tools/bench_scaling.py --config configs/h200_1b.yaml --json $OUT/s.json
     torchrun --nproc_per_node 2 tools/bench_scaling.py --tiny --device cpu                  # gloo smoke
+    torchrun --nproc_per_node 4 tools/bench_scaling.py --set parallel.zero_stage=1 \
+        --modes one,dp4,dp2tp2,one_mb@parallel.zero_stage=0,dp2pp2,dp2pp2i,tp2pp2 --resume dp2tp2:dp2pp2
 
 Every layout is built as `megaflow train` builds it (parallel/runtime.py: meta -> TP -> PP split ->
 init -> engine; the one-GPU rows: megaflow.train.PlainEngine in each process on its own) and runs
 full training steps (forward, backward, gradient reduction, clip, AdamW) on the same synthetic
-batch of --rows rows: each rank of a DP layout gets --rows rows (weak scaling), the TP and PP
-layouts share one batch of --rows rows (strong scaling; PP splits it into --micro-batches).
+batch of --rows rows: each data-parallel replica gets --rows rows (weak scaling over DP), the ranks
+of one replica's TP and PP groups share them (strong scaling; PP splits them into --micro-batches).
 Rows (--modes, comma-separated; `name@a.b=v;c.d=w` adds config overrides, e.g. tp2@train.compile=on):
 
-    one     one GPU, one backward per step (PlainEngine): the baseline of DP and TP
-    one_mb  one GPU, --micro-batches accumulated (ParallelEngine, no peers): PP's baseline
-    dp2     data parallel; efficiency = tokens/s per GPU / one's (weak scaling)
-    tp2     tensor parallel; efficiency = one's step / (2 x step) (strong scaling)
-    tp2sp   tensor + sequence parallel; same efficiency
-    pp2     1F1B over --micro-batches; efficiency = one_mb's step / (2 x step); bubble = 1 - that,
-            against theory (p-1)/(m+p-1)
-    config  the config's own parallel section, as is (what `torchrun ... megaflow profile` runs)
+    one      one GPU, one backward per step (PlainEngine): the baseline of layouts without PP
+    one_mb   one GPU, --micro-batches accumulated (ParallelEngine, no peers): the baseline with PP
+    config   the config's own parallel section, as is (what `torchrun ... megaflow profile` runs)
+    [dpD][tpT[sp]][ppP[i]]   a layout of the world: dp2, tp2, tp2sp (sequence parallel), pp2 (1F1B),
+             pp2i (interleaved, 2 chunks a rank), dp2tp2, dp2pp2i, tp2pp2, dp4, dp2tp2pp2, ...; D, if
+             given, must be what the world leaves (world / (T x P))
+Efficiency = tokens/s per GPU / the baseline's = baseline step / (T x P x step): weak scaling over
+DP, strong over TP and PP. With PP, bubble = 1 - efficiency against the theory (P-1) / (v m + P-1)
+(m micro-batches, v chunks a rank). --resume SRC:DST (two layout rows): SRC trains 2 steps, saves a
+sharded checkpoint (parallel/checkpoint.py), takes a third step; DST loads it and takes that step:
+the two losses must agree (to bf16 rounding).
 
 Every row runs in the same processes, after `torch._dynamo.reset()` (no compile cache carried over).
 Step time: median of --steps after --warmup (CUDA synchronised around each step). Then --profile
@@ -31,9 +37,11 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -43,8 +51,27 @@ from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_ste
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
 
-LAYOUTS = {"one": {}, "one_mb": {}, "dp2": {}, "tp2": {"tp": 2}, "tp2sp": {"tp": 2, "sequence_parallel": True},
-           "pp2": {"pp": 2}, "config": None}
+LAYOUT = re.compile(r"(?:dp(\d+))?(?:tp(\d+)(sp)?)?(?:pp(\d+)(i)?)?")
+
+
+def layout(name: str, world: int) -> Optional[dict]:
+    """ParallelConfig fields of a layout row name ({} for one / one_mb, None for config)."""
+    if name in ("one", "one_mb"):
+        return {}
+    if name == "config":
+        return None
+    m = LAYOUT.fullmatch(name)
+    if not name or m is None:
+        raise SystemExit(f"--modes: unknown row {name!r}; use one, one_mb, config or a layout such as "
+                         f"dp2, tp2sp, pp2i, dp2tp2, tp2pp2")
+    dp, tp, sp, pp, inter = m.groups()
+    tp, pp = int(tp or 1), int(pp or 1)
+    if world % (tp * pp) or (dp and int(dp) != world // (tp * pp)):
+        raise SystemExit(f"--modes: row {name!r} needs {int(dp or 1) * tp * pp} processes; this run has {world}")
+    out = dict(tp=tp, pp=pp, sequence_parallel=bool(sp))
+    if inter:
+        out.update(schedule="interleaved", virtual_stages=2)
+    return out
 
 
 def parse_args(argv=None):
@@ -61,7 +88,13 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, default=2, help="profiled steps per row (0: no breakdown)")
     p.add_argument("--profile-rows", default="", help="profile only these rows (comma-separated names; '' = all)")
     p.add_argument("--trace", default="", help="write DIR/<row>.rank<r>.json Chrome traces")
+    p.add_argument("--top", type=int, default=0, help="print every rank's N costliest kernels and host "
+                   "operators of each profiled row")
+    p.add_argument("--comm-probe", action="store_true", help="first time all-reduce / all-gather / "
+                   "reduce-scatter of one TP activation (rows x seq_len x vlm.dim, bf16): bytes per second")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
+    p.add_argument("--resume", default="", help="SRC:DST layout rows: resume SRC's sharded checkpoint at DST")
+    p.add_argument("--resume-dir", default="/tmp/bench_scaling_ckpt", help="where --resume saves")
     return p.parse_args(argv)
 
 
@@ -69,8 +102,7 @@ def row_config(args, mode: str):
     """(name, Config) of one row: the base config, --set, the layout and the row's own overrides."""
     from megaflow.config import Config, load_config
     name, _, extra = mode.partition("@")
-    if name not in LAYOUTS:
-        raise SystemExit(f"--modes: unknown row {name!r}; choose from {', '.join(LAYOUTS)}")
+    fields = layout(name, dist.get_world_size() if dist.is_initialized() else 1)
     sets = args.set + [s for s in extra.split(";") if s]
     if args.tiny:
         from data_pipeline.config import DataConfig
@@ -81,10 +113,10 @@ def row_config(args, mode: str):
         cfg = dataclasses.replace(cfg, model=base.model, data=base.data)
     else:
         cfg = load_config(args.config, sets)
-    if LAYOUTS[name] is None:
+    if fields is None:
         return name, cfg
-    m = args.micro_batches if name in ("one_mb", "pp2") else 1
-    par = dataclasses.replace(cfg.parallel, micro_batches=m, **LAYOUTS[name])
+    m = args.micro_batches if name == "one_mb" or fields.get("pp", 1) > 1 else 1
+    par = dataclasses.replace(cfg.parallel, micro_batches=m, **fields)
     return name, dataclasses.replace(cfg, parallel=par)
 
 
@@ -113,49 +145,73 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     engine, topo = build(name, cfg, device, dtype)
-    times = []
+    times, loss0 = [], None
     step = lambda: engine.train_step(batch, noise, None, 1e-5)  # noqa: E731
     for i in range(args.warmup + args.steps):
         t0 = clock(device)
         out = step()
-        float(out["loss"])
+        loss0 = float(out["loss"]) if loss0 is None else loss0
         if i >= args.warmup:
             times.append(clock(device) - t0)
     prof = None
     if args.profile and (not args.profile_rows or name in args.profile_rows.split(",")):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
-        prof = profile_steps(step, args.profile, device, trace)
-    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]),
+        prof = profile_steps(step, args.profile, device, trace, args.top)
+    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0,
                peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0)
     del engine, out
     ranks = gather_ranks(dict(row, profile=prof))
     dist.barrier()
+    p = cfg.parallel
     return dict(row, step_s=max(r["step_s"] for r in ranks), ranks=ranks, name=name,
-                tokens=args.rows * cfg.data.seq_len, m=cfg.parallel.micro_batches)
+                tokens=args.rows * cfg.data.seq_len, m=p.micro_batches, tp=p.tp, pp=p.pp,
+                v=p.virtual_stages if p.schedule == "interleaved" else 1,
+                gpus=1 if name in ("one", "one_mb") else dist.get_world_size())
+
+
+def probe_collectives(cfg, rows: int, device, repeats: int = 10) -> None:
+    """Time the collectives of tensor parallelism on one activation of the run's shape (rank 0
+    prints ms and GB/s of the tensor's size): the floor of what a TP step's communication costs."""
+    from parallel.comm import all_gather, all_reduce, reduce_scatter
+    world = dist.group.WORLD
+    dim = cfg.model.vlm.dim if cfg.model.vlm is not None else cfg.model.flow.dim
+    x = torch.randn(rows, cfg.data.seq_len, dim, device=device, dtype=torch.bfloat16)  # (B, T, D)
+    half = x.chunk(dist.get_world_size(), dim=1)[0].contiguous()  # (B, T / n, D)
+    for name, fn in (("all_reduce", lambda: all_reduce(x, world)), ("all_gather T", lambda: all_gather(half, world, 1)),
+                     ("reduce_scatter T", lambda: reduce_scatter(x, world, 1))):
+        fn()
+        t0 = clock(device)
+        for _ in range(repeats):
+            fn()
+        ms = (clock(device) - t0) / repeats * 1e3
+        if dist.get_rank() == 0:
+            print(f"{name}: {tuple(x.shape)} bf16 ({x.numel() * 2 / 2 ** 20:.0f} MiB): {ms:.3f} ms, "
+                  f"{x.numel() * 2 / ms / 1e6:.0f} GB/s of the full tensor", flush=True)
 
 
 def efficiencies(rows: list) -> None:
-    """Add 'efficiency' (and 'bubble' for pp2) against the baselines measured in the same run."""
+    """Add 'efficiency' (and 'bubble' with PP) against the baselines measured in the same run."""
     base = {r["name"]: r["step_s"] for r in rows if r["name"] in ("one", "one_mb")}
     for r in rows:
-        if r["name"] == "dp2" and "one" in base:
-            r["efficiency"] = base["one"] / r["step_s"]  # same tokens per GPU
-        elif r["name"] in ("tp2", "tp2sp") and "one" in base:
-            r["efficiency"] = base["one"] / (2 * r["step_s"])
-        elif r["name"] == "pp2" and "one_mb" in base:
-            r["efficiency"] = base["one_mb"] / (2 * r["step_s"])
-            r["bubble"], r["bubble_theory"] = 1 - r["efficiency"], 1 / (r["m"] + 1)
+        ref = "one_mb" if r["pp"] > 1 else "one"
+        if r["gpus"] == 1 or ref not in base:
+            continue
+        r["efficiency"] = base[ref] / (r["tp"] * r["pp"] * r["step_s"])  # tokens/s per GPU / the baseline's
+        if r["pp"] > 1:
+            p, m, v = r["pp"], r["m"], r["v"]
+            r["bubble"], r["bubble_theory"] = 1 - r["efficiency"], (p - 1) / (v * m + p - 1)
 
 
 def report(rows: list) -> str:
-    out = ["| row | step ms | tokens/s per GPU | efficiency | bubble (theory) | peak GiB (rank 0) |",
+    out = ["| row | step ms | tokens/s per GPU | efficiency | bubble (theory) | peak GiB (max over ranks) |",
            "|---|---|---|---|---|---|"]
     for r in rows:
-        gpus = 1 if r["name"] in ("one", "one_mb") else 2
-        per_gpu = r["tokens"] * (2 if r["name"] == "dp2" else 1) / r["step_s"] / gpus
+        dp = r["gpus"] // (r["tp"] * r["pp"])
+        per_gpu = r["tokens"] * dp / r["step_s"] / r["gpus"]
         eff = f"{r['efficiency']:.1%}" if "efficiency" in r else "-"
         bub = f"{r['bubble']:.3f} ({r['bubble_theory']:.3f})" if "bubble" in r else "-"
-        out.append(f"| {r['mode']} | {r['step_s'] * 1e3:.1f} | {per_gpu:.0f} | {eff} | {bub} | {r['peak_GiB']:.1f} |")
+        peak = max(x["peak_GiB"] for x in r["ranks"])
+        out.append(f"| {r['mode']} | {r['step_s'] * 1e3:.1f} | {per_gpu:.0f} | {eff} | {bub} | {peak:.1f} |")
     for r in rows:
         if r["ranks"][0]["profile"]:
             out += ["", f"{r['mode']}, per rank (ms per profiled step, share of the step):",
@@ -163,12 +219,42 @@ def report(rows: list) -> str:
     return "\n".join(out)
 
 
+def resume_check(args, spec: str, device, batch: dict, noise) -> dict:
+    """SRC:DST: SRC trains 2 steps, saves a sharded checkpoint and takes a third step; DST loads the
+    checkpoint and takes the same third step. Returns both losses and the save / load seconds."""
+    from parallel.checkpoint import load_engine_state, save_distributed, save_engine_state
+    src, _, dst = spec.partition(":")
+    out = {"resume": spec}
+    for which, mode in (("src", src), ("dst", dst)):
+        name, cfg = row_config(args, mode)
+        if name in ("one", "one_mb"):
+            raise SystemExit(f"--resume {spec!r}: both sides must be layout rows (dp2, tp2, ...), not {name!r}")
+        dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
+        gc.collect()
+        torch._dynamo.reset()
+        engine, topo = build(name, cfg, device, dtype)
+        step = lambda: float(engine.train_step(batch, noise, None, 1e-5)["loss"])  # noqa: E731
+        t0 = clock(device)
+        if which == "src":
+            step(), step()
+            t0 = clock(device)
+            out["path"] = str(save_distributed(args.resume_dir, 2, lambda d: save_engine_state(engine, d, topo),
+                                               1, topo))
+        else:
+            out["load_step"] = load_engine_state(engine, Path(out["path"]), topo)
+        out[f"{which}_s"] = clock(device) - t0
+        out[f"{which}_loss"] = step()
+        del engine
+    out["rel_diff"] = abs(out["dst_loss"] - out["src_loss"]) / max(abs(out["src_loss"]), 1e-12)
+    return out
+
+
 def main(argv=None):
     from parallel.runtime import init_distributed, launch_env
     args = parse_args(argv)
     launch = launch_env()
     if launch is None:
-        raise SystemExit("bench_scaling runs under a launcher with 2 processes: torchrun --nproc_per_node 2 ...")
+        raise SystemExit("bench_scaling runs under a launcher: torchrun --nproc_per_node N tools/bench_scaling.py ...")
     own_group = not dist.is_initialized()
     device = init_distributed(launch, torch.device(args.device))  # NCCL on the LOCAL_RANK GPU, or gloo
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -177,6 +263,8 @@ def main(argv=None):
     batch = {k: v.to(device) for k, v in make_batch(cfg.model, args.rows, cfg.data.seq_len, cfg.data.max_images,
                                                      seed=0).items()}
     noise = make_noise(cfg.model, batch).to(device)
+    if args.comm_probe:
+        probe_collectives(cfg, args.rows, device)
     rows = []
     for mode in args.modes.split(","):
         try:
@@ -188,16 +276,27 @@ def main(argv=None):
             continue
         if dist.get_rank() == 0:  # as it goes: a run stopped by a time limit still reports what it did
             r = rows[-1]
-            print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, loss {r['loss']:.4f}, peak {r['peak_GiB']:.1f} GiB",
-                  flush=True)
-            if r["ranks"][0]["profile"]:
+            print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, first loss {r['loss0']:.4f}, loss {r['loss']:.4f}, "
+                  f"peak {r['peak_GiB']:.1f} GiB", flush=True)
+            prof = r["ranks"][0]["profile"]
+            if prof:
                 print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)
+            for rank, x in enumerate(r["ranks"]):
+                if x["profile"] and "top" in x["profile"]:
+                    print(f"rank {rank}: {x['profile']['syncs']:.0f} synchronising calls or host<->device "
+                          f"copies per step\n{x['profile']['top']}", flush=True)
     efficiencies(rows)
+    resumed = resume_check(args, args.resume, device, batch, noise) if args.resume else None
     if dist.get_rank() == 0:
         print(f"\n{args.rows} rows x {cfg.data.seq_len} tokens, {device.type}, world {dist.get_world_size()}\n")
         print(report(rows), flush=True)
+        if resumed:
+            r = resumed
+            print(f"\nresume {r['resume']}: saved at step 2 in {r['src_s']:.2f} s, loaded in {r['dst_s']:.2f} s; "
+                  f"step 3 loss {r['src_loss']:.5f} (source layout) vs {r['dst_loss']:.5f} (resumed), "
+                  f"relative difference {r['rel_diff']:.1e}", flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(dict(rows=rows, args=vars(args)), indent=1))
+            Path(args.json).write_text(json.dumps(dict(rows=rows, resume=resumed, args=vars(args)), indent=1))
     if own_group:
         dist.destroy_process_group()
     return 0

@@ -32,7 +32,12 @@ FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels refuse smaller heads 
 Mask = Union[None, torch.Tensor, "BlockMask"]
 
 _KERNEL = "auto"  # "auto": flex on CUDA, dense elsewhere; "flex" / "dense" force one (tests, benchmarks)
-_compiled_flex = None
+# Made once here (compiling happens at the first call), never inside a function: a `torch.compile(...)`
+# met while dynamo traces a compiled block becomes the plain function, and the assignment of it to a
+# global is replayed, so a lazily made wrapper turned into eager flex_attention after the first
+# compiled forward: every eager call after that (evaluation, compile-off rows of a benchmark) ran
+# FlexAttention's slow reference path (1.5 s TP=2 steps on the H200, docs/benchmarks.md issue 17).
+_compiled_flex = torch.compile(flex_attention, dynamic=False) if flex_attention is not None else None
 
 
 @contextlib.contextmanager
@@ -75,12 +80,9 @@ def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, devic
 
 
 def _flex(q, k, v, block_mask):
-    global _compiled_flex
     if q.device.type != "cuda":  # eager on CPU (forward only in torch 2.13): the tests' reference
         return flex_attention(q, k, v, block_mask=block_mask)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return _compiled_flex(q, k, v, block_mask=block_mask)  # inside a compiled region: inlined
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:

@@ -148,3 +148,23 @@ def test_cpu_default_and_cached_generation_stay_dense():
     with use_kernel("flex"):
         assert document_mask(doc_ids, 2, 8, "cpu").shape == (1, 1, 2, 8)
     assert document_mask(None, 8, 8, "cpu") is None
+
+
+def test_compiled_flex_is_made_once_and_survives_compiled_callers():
+    """Issue 17: the compiled FlexAttention used by eager forwards on CUDA is made at import. It was
+    made lazily inside `_flex`; when dynamo traced a compiled block through `_flex`, it turned that
+    `torch.compile(flex_attention)` into plain `flex_attention` and stored it in the global, so every
+    later eager call (evaluation, compile-off layouts) ran FlexAttention's slow reference path. The
+    same mechanism on a stand-in global below, then the module's own wrapper."""
+    from megaflow.model import masks
+    box = {}
+
+    def lazily_compiled(x):
+        if "fn" not in box:
+            box["fn"] = torch.compile(torch.sin, dynamic=False)
+        return box["fn"](x)
+
+    torch.compile(lazily_compiled, backend="eager")(torch.randn(3))
+    assert box["fn"] is torch.sin  # what a lazily made wrapper becomes under a compiled caller
+    if masks.flex_attention is not None:
+        assert getattr(masks._compiled_flex, "_torchdynamo_orig_callable", None) is masks.flex_attention

@@ -2,7 +2,9 @@
 # Issue 17 on a lent nvidia-h200-x2: one GPU vs DP2 / TP2 / TP2+SP / PP2 (8 micro-batches) at
 # configs/h200_1b.yaml with a per-rank breakdown (compute, exposed collective, pipeline wait, idle).
 #   bash tools/device/h200x2_overlap.sh profile        # call 1: what makes each layout slow
-#   bash tools/device/h200x2_overlap.sh compare BASE   # call 2: before (the tree at BASE) / after
+#   bash tools/device/h200x2_overlap.sh compare BASE   # before (the tree at BASE) / after, one call
+#   bash tools/device/h200x2_overlap.sh diagnose       # collective bandwidth, costliest kernels of TP2 / DP2,
+#                                                      # compiled TP2 / TP2+SP losses against eager TP2
 # Results: $OUT/*.json and the tables on stdout; per-rank traces stay on the machine (/tmp/traces).
 . tools/device/setup.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -11,17 +13,22 @@ T0=$(date +%s)
 bench() {  # tree, json name, modes, timeout
   (cd "$1" && PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 tools/bench_scaling.py \
      --config configs/h200_1b.yaml --rows 8 --micro-batches 8 --steps ${STEPS:-5} --warmup ${WARMUP:-2} \
-     --profile ${PROFILE:-1} --profile-rows "${PROFILE_ROWS:-}" --trace /tmp/traces/$2 --json $OUT/$2.json --modes "$3" 2>&1 \
+     --profile ${PROFILE:-1} --profile-rows "${PROFILE_ROWS:-}" ${EXTRA:-} --trace "${TRACE-/tmp/traces/$2}" --json $OUT/$2.json --modes "$3" 2>&1 \
      | grep -v "Warning\|warn(" | tee $OUT/$2.txt)
   echo "== $2 done at $(( $(date +%s) - T0 )) s"
 }
 case "$1" in
+diagnose)  # one_mb at 1 micro-batch: the ParallelEngine's own cost against PlainEngine's (one), same work
+  TRACE= STEPS=3 PROFILE_ROWS=tp2,dp2,one_mb EXTRA="--top 22 --comm-probe --micro-batches 1" bench . diagnose \
+    "one,one_mb,dp2,tp2,tp2@train.compile=on,tp2sp@train.compile=on" 170
+  ;;
 profile)
   bench . profile "one@train.compile=off,tp2,tp2sp,one,dp2,one_mb,pp2,tp2@train.compile=on,tp2sp@train.compile=on" 220
   ;;
-compare)  # BASE: the tree before issue 17 (git archive 89a4fbf), run with this tree's bench script
+compare)  # BASE: the tree before (session 5: git archive 6b0e4c2), run with this tree's bench script;
+  # its eager TP rows first, before any compiled row turned its FlexAttention eager (masks.py)
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
-  STEPS=3 PROFILE=0 bench "$2" before "dp2,tp2,tp2sp,pp2" 95
-  STEPS=3 PROFILE_ROWS=dp2,tp2,tp2sp,pp2 bench . after "one,dp2,tp2,tp2sp,one_mb,pp2,tp2@train.compile=on" 135
+  TRACE= STEPS=3 WARMUP=1 PROFILE=0 bench "$2" before "${BEFORE:-tp2,dp2,pp2}" ${BEFORE_S:-150}
+  TRACE= STEPS=3 WARMUP=1 PROFILE_ROWS=tp2 EXTRA="--top 12" bench . after "${AFTER:-one,dp2,tp2,tp2sp,one_mb,pp2}" ${AFTER_S:-240}
   ;;
 esac
