@@ -85,9 +85,8 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
     kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given. `top` > 0: also 'top',
     tables of the operators and kernels that took the most device time, then host time (on CPU host
-    time only), and
-    'syncs', how many times per step the host may have waited for the device (synchronize calls and
-    copies between host and device: on pageable memory those block too)."""
+    time only), and 'syncs', how many times per step the host may have waited for the device
+    (synchronize calls and copies between host and device: on pageable memory those block too)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
