@@ -63,6 +63,8 @@ def breakdown(intervals: list, windows: list) -> dict:
 
 
 STEP = "megaflow_step"  # the profiler range around each step
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+          "cudaMemcpyAsync")  # a copy to or from pageable host memory blocks the host too
 
 
 def work_intervals(events, cuda: bool) -> list:
@@ -82,9 +84,9 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
                   trace: Optional[str] = None, top: int = 0) -> dict:
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
     kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given. `top` > 0: also 'top',
-    a table of the operators and kernels that took the most device time (host time on CPU), and
-    'syncs', how many times per step the host may have waited for the device (synchronize calls and
-    copies between host and device: on pageable memory those block too)."""
+    tables of the operators and kernels that took the most device time, then host time (on CPU host
+    time only), and 'syncs', how many times per step the host may have waited for the device
+    (synchronize calls and copies between host and device: on pageable memory those block too)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
@@ -111,10 +113,6 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
         res["top"] = "\n".join(ops.table(sort_by=k, row_limit=top, max_name_column_width=60) for k in keys)
         res["syncs"] = sum(e.name in _SYNCS for e in events) / n - cuda  # less our own synchronize per step
     return res
-
-
-_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-          "cudaMemcpyAsync")  # a copy to or from pageable host memory blocks the host too
 
 
 def gather_ranks(row: dict, group=None) -> list:
