@@ -100,7 +100,8 @@ def train_fae_fmnist(args) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before training: nothing to lose at the end
     t0 = time.time()
     model, history = train_fae(cfg, x, steps=args.steps or train.get("steps", 1000), lr=train.get("lr", 1e-3),
-                               batch_size=train.get("batch_size", 64), seed=train.get("seed", 0))
+                               batch_size=train.get("batch_size", 64), seed=train.get("seed", 0),
+                               min_lr=train.get("min_lr"))
     save_fae(model, args.out)
     with torch.no_grad():
         ev = model.loss(held_out[:500])
