@@ -50,12 +50,13 @@ def to_unit_range(images: torch.Tensor, cfg: FAEConfig) -> torch.Tensor:
 
 def train_fae(cfg: FAEConfig, images: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 64,
               seed: int = 0, out_path: str | None = None,
-              min_lr: float | None = None) -> tuple[FAE, list[dict[str, float]]]:
+              min_lr: float | None = None, log_every: int = 0) -> tuple[FAE, list[dict[str, float]]]:
     """Train an FAE from a fresh seeded init; returns (model in eval mode, per-step loss history).
 
     Deterministic for a seed: it seeds the init, the batch order and the latent noise. The learning
     rate is `lr` throughout, or with `min_lr` a cosine from `lr` at the first step to `min_lr` at the
-    last (a fixed budget ends better annealed than at full rate).
+    last (a fixed budget ends better annealed than at full rate). `log_every` > 0 prints the step,
+    its loss and the seconds so far every that many steps (long runs on a CPU).
     """
     if cfg.mode != "fae":
         raise ValueError(f"train_fae needs fae.mode='fae', got {cfg.mode!r} (pixels mode has no parameters)")
@@ -68,6 +69,7 @@ def train_fae(cfg: FAEConfig, images: torch.Tensor, steps: int, lr: float = 1e-3
     end = lr if min_lr is None else min_lr
     gen = torch.Generator().manual_seed(seed)
     history = []
+    t0 = time.time()
     model.train()
     for step in range(steps):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
@@ -78,6 +80,8 @@ def train_fae(cfg: FAEConfig, images: torch.Tensor, steps: int, lr: float = 1e-3
         losses["loss"].backward()
         opt.step()
         history.append({k: v.item() for k, v in losses.items()})
+        if log_every and (step + 1) % log_every == 0:
+            print(f"fae step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
     model.eval()
     if out_path is not None:
         save_fae(model, out_path)
