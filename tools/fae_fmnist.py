@@ -3,7 +3,7 @@ visual encoder, one compression layer, decoders. No pretrained vision weights ex
 encoder is trained here first, supervised on the training split, and saved as a Hugging Face
 checkpoint (`save_pretrained`) that the FAE and the STARFlow2 run read as `fae.encoder: hf:<dir>`.
 
-    python tools/fae_fmnist.py encoder --out data_cache/encoders/fmnist_vit      # 1. the encoder
+    python tools/fae_fmnist.py encoder --out data_cache/encoders/fmnist_vit --epochs 2   # 1. the encoder
     python tools/fae_fmnist.py fae --config configs/fae_fmnist32.yaml --out data_cache/fae/fmnist32.pt
     megaflow train --config configs/starflow_fae_fmnist32.yaml                  # 3. STARFlow2 in it
 
@@ -12,9 +12,12 @@ checkpoint (`save_pretrained`) that the FAE and the STARFlow2 run read as `fae.e
    classify the training split (AdamW, one-cycle); the head is dropped, the ViT saved with a
    preprocessor_config.json whose mean/std (0.5) make its input the [-1, 1] image itself.
    Prints the test accuracy of the head.
-2. `fae`: megaflow.model.fae_train.train_fae over the frozen encoder on the training split, saved
-   for `model.fae.checkpoint`; prints and writes (--json) the reconstruction PSNR on held-out
-   test images (peak-to-peak 2 for images in [-1, 1]).
+2. `fae`: megaflow.model.fae_train.train_fae over the frozen encoder on the training split (the
+   config's train: steps, lr, min_lr (cosine decay), batch_size, seed; progress every 50 steps),
+   saved for `model.fae.checkpoint`; prints and writes (--json) the reconstruction PSNR on
+   held-out test images (peak-to-peak 2 for images in [-1, 1]).
+On a CPU shared with other jobs, run each stage with OMP_NUM_THREADS=1 (docs/benchmarks.md, "The
+FAE-latent run on real Fashion-MNIST": two spinning OpenMP threads were 7x slower than one).
 What it does not do: train STARFlow2 (megaflow train does, with the configs above).
 """
 from __future__ import annotations
@@ -100,7 +103,8 @@ def train_fae_fmnist(args) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before training: nothing to lose at the end
     t0 = time.time()
     model, history = train_fae(cfg, x, steps=args.steps or train.get("steps", 1000), lr=train.get("lr", 1e-3),
-                               batch_size=train.get("batch_size", 64), seed=train.get("seed", 0))
+                               batch_size=train.get("batch_size", 64), seed=train.get("seed", 0),
+                               min_lr=train.get("min_lr"), log_every=50)
     save_fae(model, args.out)
     with torch.no_grad():
         ev = model.loss(held_out[:500])

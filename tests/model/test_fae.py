@@ -55,6 +55,18 @@ def test_training_on_digits_lowers_reconstruction_loss_deterministically(digits)
         assert torch.equal(a, b), k
 
 
+def test_cosine_schedule_ends_at_min_lr(digits):
+    """With min_lr the rate follows a cosine from lr to min_lr: at min_lr=0 the last step changes no
+    weight (AdamW without weight decay), so 2 steps equal 1 step; without it the rate stays lr."""
+    cfg = FAEConfig(**TINY)
+    one, _ = train_fae(cfg, digits[:64], steps=1, lr=2e-3, batch_size=8, seed=0)
+    two, _ = train_fae(cfg, digits[:64], steps=2, lr=2e-3, batch_size=8, seed=0, min_lr=0.0)
+    const, _ = train_fae(cfg, digits[:64], steps=2, lr=2e-3, batch_size=8, seed=0)
+    first = one.state_dict()
+    assert all(torch.equal(first[k], v) for k, v in two.state_dict().items())
+    assert not all(torch.equal(first[k], v) for k, v in const.state_dict().items())
+
+
 def test_encode_decode_shapes():
     """FAE mode: encode gives (B, N, C), decode gives images of the input shape."""
     cfg = FAEConfig(**{**TINY, "channels": 3})
