@@ -1,9 +1,10 @@
 """Run a function on N real processes with a gloo process group (CPU), for distributed tests.
 
-`run_distributed(fn, world_size, *args)` spawns `world_size` processes; each calls
-`fn(rank, world_size, *args)` after `init_process_group("gloo")` and returns a picklable value.
-Returns the list of values by rank. An exception on any rank is re-raised here with its traceback;
-a rank that hangs fails the test after `timeout` seconds instead of hanging the suite.
+`run_distributed(fn, world_size, *args)` starts `world_size` processes (forked from the test
+session's preloaded forkserver, tests/forked.py: no interpreter start-up per rank; each with this
+process's environment and output streams); each calls `fn(rank, world_size, *args)` after
+`init_process_group("gloo")` and returns a picklable value. Returns the list of values by rank.
+An exception on any rank is re-raised here with its traceback; a rank that hangs fails the test after `timeout` seconds instead of hanging the suite.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.forked import InheritFd, adopt, context
 
 
 def free_port() -> int:
@@ -22,7 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, env, cwd, stdout, stderr):
+    adopt(env, cwd, stdout, stderr)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -38,10 +41,11 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
-    ctx = mp.get_context("spawn")
+    ctx = context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, dict(os.environ), os.getcwd(),
+                                               InheritFd(1), InheritFd(2))) for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, []
