@@ -8,9 +8,9 @@ torch thread settings, signal handlers, exit code; a crash or kill is a real one
 ~0.1 s. Each child gets the parent's current environment, working directory, and stdout/stderr.
 
 - `context()`: the multiprocessing context (tests/distributed.py starts its gloo ranks with it);
-- `run_python(argv, ...)`: `python -m MODULE ARGS` or `python -c SCRIPT ARGS` as such a child,
+- `run_python(argv, cwd, env)`: `python -m MODULE ARGS` or `python -c SCRIPT ARGS` as such a child,
   returning a subprocess.CompletedProcess (returncode, stdout, stderr), like subprocess.run with
-  capture_output=True, text=True.
+  capture_output=True, text=True; `Python(argv, cwd, env)` starts one and `.wait()` collects it.
 Not for: launchers (torchrun, srun, bash scripts) and tests that signal a process they started
 with Popen; those stay real subprocesses.
 """
@@ -81,19 +81,34 @@ def _python(argv: list, env: dict, cwd: str, stdout: int, stderr: int) -> None:
         atexit._run_exitfuncs()
 
 
+class Python:
+    """`python ARGV` (ARGV = ["-m", module, ...] or ["-c", script, ...]) started in a forked child
+    with `env` (default: this process's) in `cwd`; `.wait(timeout)` collects its output as text."""
+
+    def __init__(self, argv: list, cwd, env: dict | None = None):
+        self.argv = [sys.executable, *map(str, argv)]
+        self.out, self.err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.child = context().Process(target=_python, args=(self.argv[1:], dict(os.environ if env is None else env),
+                                                             str(cwd), InheritFd(self.out.fileno()),
+                                                             InheritFd(self.err.fileno())))
+        self.child.start()
+
+    def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        """The finished child's exit code and output; subprocess.TimeoutExpired (after killing it) past
+        `timeout` seconds."""
+        try:
+            self.child.join(timeout)
+            if self.child.exitcode is None:
+                self.child.kill()
+                self.child.join()
+                raise subprocess.TimeoutExpired(self.argv, timeout)
+            self.out.seek(0), self.err.seek(0)
+            return subprocess.CompletedProcess(self.argv, self.child.exitcode, self.out.read().decode(errors="replace"),
+                                               self.err.read().decode(errors="replace"))
+        finally:
+            self.out.close(), self.err.close()
+
+
 def run_python(argv: list, cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python ARGV` (ARGV = ["-m", module, ...] or ["-c", script, ...]) in a forked child; its
-    output captured as text. Raises subprocess.TimeoutExpired (after killing it) past `timeout`."""
-    argv = [str(a) for a in argv]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = context().Process(target=_python, args=(argv, dict(os.environ if env is None else env), str(cwd),
-                                                         InheritFd(out.fileno()), InheritFd(err.fileno())))
-        child.start()
-        child.join(timeout)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
-            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
-        out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess([sys.executable, *argv], child.exitcode,
-                                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+    """`python ARGV` in a forked child, to its end: like subprocess.run(capture_output=True, text=True)."""
+    return Python(argv, cwd, env).wait(timeout)
