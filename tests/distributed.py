@@ -45,7 +45,9 @@ def _worker(rank, world_size, port, fn, args, queue, env, cwd, stdout, stderr):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
+def start_ranks(fn, world_size: int, *args) -> tuple:
+    """Start the `world_size` ranks of `fn` (see the top); returns (processes, queue): each rank puts
+    (rank, "ok", value) or (rank, "error", traceback) on the queue when it returns."""
     ctx = context()
     queue = ctx.Queue()
     port = free_port()
@@ -53,6 +55,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
                                                InheritFd(1), InheritFd(2))) for r in range(world_size)]
     for p in procs:
         p.start()
+    return procs, queue
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
+    procs, queue = start_ranks(fn, world_size, *args)
     results, errors = {}, []
     try:
         for _ in range(world_size):
