@@ -1,7 +1,7 @@
 """Child processes for the tests without paying Python's start-up every time.
 
 A fresh interpreter spends 2-6 s of CPU importing torch, the Streaming reader (which pulls in
-transformers and scikit-learn) and DeepSpeed before it does anything; the suite starts ~150 of
+transformers and scikit-learn) and DeepSpeed before it does anything; the suite started over 100 of
 them. Here one multiprocessing forkserver per test session imports all that once (PRELOAD) and
 every child is a fork of it: still its own process (own PID, memory, Streaming shared memory,
 torch thread settings, signal handlers, exit code; a crash or kill is a real one), started in
