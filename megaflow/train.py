@@ -82,11 +82,17 @@ def with_tokenizer(mcfg: ModelConfig, tok) -> ModelConfig:
     return dataclasses.replace(mcfg, flow=dataclasses.replace(mcfg.flow, n_cond_tokens=tok.vocab_size), tokens=special)
 
 
+def keyed_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints: the same key gives the same stream in every
+    process and run (the hash of a tuple of ints does not depend on PYTHONHASHSEED)."""
+    return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF)
+
+
 def step_randomness(cfg: Config, model_cfg: ModelConfig, batch: dict, step: int, dp_rank: int, device):
     """Input noise (B, M, N, D) (flow.dequantization: standard normal, or uniform in [0, 1)) and the
     condition-keep mask (B,) of one step: a pure function of (seed, step, dp rank), identical on
     tensor/pipeline peers, so resume is exact without RNG state."""
-    g = torch.Generator().manual_seed(hash((cfg.train.seed, step, dp_rank)) & 0x7FFF_FFFF_FFFF)
+    g = keyed_generator(cfg.train.seed, step, dp_rank)
     B, M = batch["image_valid"].shape
     shape = (B, M, model_cfg.fae.n_tokens, model_cfg.fae.latent_dim)
     # 'uniform': u ~ U[0, 1) of the pixels' dequantisation; 'gaussian': N(0, 1), scaled in the model
@@ -326,7 +332,7 @@ def evaluate(model, loader, cfg: Config, device, dtype, max_batches: int, engine
 def eval_dequantization(cfg: Config, batch: dict, i: int, device) -> torch.Tensor:
     """u ~ U[0, 1) of the images (B, M, C, H, W) of held-out batch i: fixed, so the TarFlow-scale
     bits/dim of two evaluations (and two layouts) see the same dequantised images."""
-    g = torch.Generator().manual_seed(hash((cfg.train.seed, -1 - i, -1)) & 0x7FFF_FFFF_FFFF)
+    g = keyed_generator(cfg.train.seed, -1 - i, -1)
     return torch.rand(batch["images"].shape, generator=g).to(device)
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_args import bench_args  # noqa: E402
 from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_steps  # noqa: E402
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
@@ -75,11 +76,7 @@ def layout(name: str, world: int) -> Optional[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/h200_1b.yaml", help="run config (model, data, train sections)")
-    p.add_argument("--set", action="append", default=[], help="override a.b=value for every row (repeatable)")
-    p.add_argument("--tiny", action="store_true", help="tests/helpers.tiny_config instead of --config")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p = bench_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--modes", default="one,dp2,tp2,tp2sp,one_mb,pp2", help="rows, comma-separated (see above)")
     p.add_argument("--rows", type=int, default=0, help="rows per step (per rank under DP; 0: data.batch_size)")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches of one_mb and pp2")

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_args import bench_args  # noqa: E402
 from megaflow.model.starflow import build_model  # noqa: E402
 from parallel.backend import fp8_forward  # noqa: E402
 from parallel.checkpoint_tp import gather_full_grads  # noqa: E402
@@ -36,11 +37,8 @@ from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic i
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/bench_tp.yaml", help="run config (model and data sections)")
-    p.add_argument("--set", action="append", default=[], help="override a.b=value (repeatable)")
-    p.add_argument("--tiny", action="store_true", help="tests/helpers.tiny_config instead of --config")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p = bench_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), config="configs/bench_tp.yaml",
+                   sections="model and data")
     p.add_argument("--check", action="store_true", help="first check TP equals TP=1 (fp32)")
     p.add_argument("--tol", type=float, default=1e-5, help="tolerance of the check (loss and gradients, relative)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")

@@ -33,17 +33,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_args import bench_args  # noqa: E402
 from megaflow.model.starflow import STARFlow2, apply_stage  # noqa: E402
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/h200_1b.yaml", help="run config (model, data, train sections)")
-    p.add_argument("--set", action="append", default=[], help="override a.b=value (repeatable)")
-    p.add_argument("--tiny", action="store_true", help="tests/helpers.tiny_config instead of --config")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p = bench_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (ZeRO-1 only)")
     p.add_argument("--micro-batches", type=int, default=0, help="micro-batches per step (0: pp, or 1)")

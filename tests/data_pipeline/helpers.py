@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict
 
 import torch
 
 from data_pipeline.config import DataConfig
+from tests.forked import Python
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 120
@@ -65,7 +64,8 @@ def config_dict(cfg: DataConfig) -> dict:
 
 
 def run_ranks(jobs: list[dict], tmp_path) -> list[dict]:
-    """Run each job (see rank_worker.py) in its own process at once; return their JSON results."""
+    """Run each job (see rank_worker.py) in its own process (forked: tests/forked.py) at once;
+    return their JSON results."""
     procs = []
     for i, job in enumerate(jobs):
         job_path = tmp_path / f"job{i}.json"
@@ -73,18 +73,16 @@ def run_ranks(jobs: list[dict], tmp_path) -> list[dict]:
         job_path.write_text(json.dumps(job))
         env = dict(os.environ, RANK=str(job["dp_rank"]), WORLD_SIZE=str(job["dp_size"]),
                    LOCAL_RANK=str(i), LOCAL_WORLD_SIZE=str(len(jobs)), PYTHONPATH=REPO)
-        procs.append((subprocess.Popen([sys.executable, "-m", "tests.data_pipeline.rank_worker",
-                                        str(job_path), str(out_path)], cwd=REPO, env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT), out_path))
+        procs.append((Python(["-m", "tests.data_pipeline.rank_worker", job_path, out_path], REPO, env), out_path))
     results = []
     try:
         for proc, out_path in procs:
-            output, _ = proc.communicate(timeout=TIMEOUT_S)
-            assert proc.returncode == 0, output.decode()[-3000:]
+            res = proc.wait(timeout=TIMEOUT_S)
+            assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
             results.append(json.loads(out_path.read_text()))
     finally:
         for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            if proc.child.exitcode is None:
+                proc.child.kill()
+                proc.child.join()
     return results

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from megaflow.checkpoint import find_latest, validate
 from parallel.topology import Topology
-from tests.distributed import _worker, free_port, run_distributed
+from tests.distributed import run_distributed, start_ranks
 from tests.parallel.test_dcp_reshard import build, config, run_steps
 
 
@@ -57,11 +56,7 @@ def _killed(rank, world, root):
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
     root = tmp_path / "ckpts"
     root.mkdir()
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, _killed, (str(root),), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
+    procs, queue = start_ranks(_killed, 2, str(root))
     deadline = time.time() + 240
     for p in procs:
         p.join(timeout=max(1.0, deadline - time.time()))

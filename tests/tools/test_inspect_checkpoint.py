@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 
 from megaflow.checkpoint import file_digest
 from megaflow.cli import main as cli_main
+from tests.forked import run_python
 from tools.inspect_checkpoint import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,9 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, "-m", "megaflow.cli", "train", "--config", "configs/tiny.yaml",
-                    "--set", "train.steps=5", "--set", f"train.out_dir={out}", "--set", "train.report=false",
-                    "--set", "train.eval_data="], cwd=REPO, check=True, capture_output=True)
+    res = run_python(["-m", "megaflow.cli", "train", "--config", "configs/tiny.yaml", "--set", "train.steps=5",
+                      "--set", f"train.out_dir={out}", "--set", "train.report=false", "--set", "train.eval_data="], REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 

@@ -1,28 +1,34 @@
 """Fixtures of the train/generate tests: the digits data and tokenizer of configs/tiny.yaml, built
 once per session into a temporary directory, and one tiny trained run to generate from.
 
-Runs go through subprocesses (`python -m megaflow.train`) the way a user runs them: each owns its
-Streaming shared memory and its torch thread settings, and a crash or kill is a real one."""
+Runs go through child processes (`python -m megaflow.cli`, forked from the session's preloaded
+forkserver: tests/forked.py) the way a user runs them: each owns its Streaming shared memory and its
+torch thread settings, and a crash or kill is a real one."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.forked import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 
+def run_env(**more: str) -> dict:
+    """The environment of the runs: this one, offline, with the repo importable."""
+    return dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false", **more)
+
+
 def megaflow(*args, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m megaflow.cli ARGS` in the repo, with the test environment; returns the result."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    res = subprocess.run([sys.executable, "-m", "megaflow.cli", *map(str, args)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    """`python -m megaflow.cli ARGS` in the repo (a child process forked from the preloaded
+    forkserver, tests/forked.py), with the test environment; returns the result."""
+    res = run_python(["-m", "megaflow.cli", *args], REPO, run_env(), timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"megaflow {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr[-3000:]}")
     return res

@@ -22,6 +22,7 @@ import torch
 from megaflow.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_file, resolve,
                                  save_checkpoint, validate)
 from megaflow.config import ConfigError, load_config
+from tests.forked import run_python
 from tests.train.conftest import REPO, TINY, megaflow, train_args
 
 
@@ -90,9 +91,7 @@ sys.exit(T.main(sys.argv[1:]))
 
 def _run_inf(tiny_sets, out: Path, inf_steps: str, *sets) -> subprocess.CompletedProcess:
     args = train_args(tiny_sets, out, "train.save_every=1", "train.keep_last=0", "train.eval_data=", *sets)[1:]
-    env = dict(os.environ, PYTHONPATH=str(REPO), INF_STEPS=inf_steps)
-    return subprocess.run([sys.executable, "-c", INF_GRADS, *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_python(["-c", INF_GRADS, *args], REPO, dict(os.environ, PYTHONPATH=str(REPO), INF_STEPS=inf_steps))
 
 
 def _load(ckpt: Path, name: str):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from tests.forked import run_python
 from tests.train.conftest import REPO, megaflow, train_args
 
 SIGNAL_AT_START = """
@@ -92,14 +93,12 @@ def test_signals_save_at_the_next_step_and_resume_exactly(tiny_sets, tmp_path):
 def test_signalled_during_start_up_twice_is_an_error(tiny_sets, tmp_path):
     out = tmp_path / "run"
     args = [*train_args(tiny_sets, out, *SETS)[1:], "--resume"]  # without the "train" word: train.main
-    first = subprocess.run([sys.executable, "-c", SIGNAL_AT_START, *map(str, args)], cwd=REPO, env=_env(),
-                           capture_output=True, text=True, timeout=120)
+    first = run_python(["-c", SIGNAL_AT_START, *args], REPO, _env(), timeout=120)
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((out / "result.json").read_text())["steps"] == 0
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     assert json.loads((out / "stops.json").read_text())["idle_stops"] == 1
-    second = subprocess.run([sys.executable, "-c", SIGNAL_AT_START, *map(str, args)], cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=120)
+    second = run_python(["-c", SIGNAL_AT_START, *args], REPO, _env(), timeout=120)
     assert second.returncode == 2
     assert "stopped the run 2 times in a row before it made a single step" in second.stderr
     assert "--time" in second.stderr and "stops.json" in second.stderr
@@ -116,9 +115,8 @@ def test_a_rank_whose_peer_never_starts_fails_after_the_timeout(tiny_sets, tmp_p
     env = dict(_env(), SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()))
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "megaflow.cli",
-                        *map(str, train_args(tiny_sets, tmp_path / "run", *SETS, "parallel.timeout_s=3"))],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = run_python(["-m", "megaflow.cli", *train_args(tiny_sets, tmp_path / "run", *SETS, "parallel.timeout_s=3")],
+                   REPO, env, timeout=120)
     assert r.returncode not in (0, 2) and time.time() - t0 < 60, r.stderr[-2000:]
     assert "parallel.timeout_s=3" in r.stderr and "did not all join" in r.stderr
 

@@ -102,11 +102,17 @@ def test_smollm2_config_builds_loads_the_gguf_and_trains_with_the_vlm_frozen(tmp
     assert moved == {"flow", "couple_in"}
 
 
+SMALL = ["model.flow.dim=64", "model.flow.ffn_dim=128", "model.flow.n_layers=2", "model.flow.n_shallow=1",
+         "model.flow.shallow_layers=1", "model.flow.shallow_dim=32", "data.batch_size=2"]
+
+
 def test_tarflow_only_trains_and_reports_bits_per_dim(tmp_path, monkeypatch, capsys):
     """Contract: configs/tarflow_fmnist.yaml (no VLM stream: captions condition the flow through its
-    own token table) trains a few steps on Fashion-MNIST with finite training and held-out bits/dim;
-    its quality report has generation accuracy and held-out bits/dim but no understanding figure
-    (no LM head). `megaflow generate --prompt` works on it; --image is refused with exit 2."""
+    own token table) builds; it trains a few steps on Fashion-MNIST with finite training and held-out
+    bits/dim; its quality report has generation accuracy and held-out bits/dim but no understanding
+    figure (no LM head). `megaflow generate --prompt` works on it; --image is refused with exit 2.
+    The run is the config at a smaller width and depth (SMALL: none of this depends on the size, and
+    the shipped size takes minutes on 2 cores); the shipped size is built on the meta device."""
     import megaflow.quality as quality
     from megaflow import generate_cli
     from megaflow.train import run
@@ -115,9 +121,13 @@ def test_tarflow_only_trains_and_reports_bits_per_dim(tmp_path, monkeypatch, cap
         def forward(self, x):
             return torch.zeros(x.shape[0], 10)
     monkeypatch.setattr(quality, "train_classifier", lambda *a, **k: (Blind(), 1.0))
+    from megaflow.model.starflow import STARFlow2
     out = tmp_path / "run"
+    with torch.device("meta"):  # the shipped size builds, without a VLM stream
+        shipped = STARFlow2(load_config(str(CONFIGS / "tarflow_fmnist.yaml")).model)
+    assert not any(param_group(n) == "vlm" for n, _ in shipped.named_parameters())
     cfg = load_config(str(CONFIGS / "tarflow_fmnist.yaml"),
-                      [f"data.local={tmp_path}/fm/train", f"train.eval_data={tmp_path}/fm/test",
+                      [*SMALL, f"data.local={tmp_path}/fm/train", f"train.eval_data={tmp_path}/fm/test",
                        f"data.tokenizer.path={tmp_path}/fm/tokenizer.model", "train.dataset_limit=40",
                        "train.eval_limit=8", "train.steps=4", "train.save_every=0", "train.eval_batches=1",
                        "train.report_samples=1", "train.threads=2", "train.device=cpu", f"train.out_dir={out}",

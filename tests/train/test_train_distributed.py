@@ -1,7 +1,9 @@
-"""`megaflow train` under torchrun (2 gloo processes on CPU, configs/tiny.yaml), the way a user runs it.
+"""`megaflow train` on several processes (2 gloo processes on CPU, configs/tiny.yaml), as torchrun runs it.
 
-Each run is a real `torchrun --nproc_per_node 2 -m megaflow.cli train ...`; losses come from the
-history in the run's checkpoints (every rank reports the global loss; rank 0 writes it).
+Each run is `torchrun --nproc_per_node 2 -m megaflow.cli train ...` without torchrun's own start-up
+(tests/distributed.launch: forked ranks with torchrun's environment; a real torchrun launches in
+tests/tools/test_reshard_train.py, tests/train/test_save_on_signal.py and the SLURM test); losses
+come from the history in the run's checkpoints (every rank reports the global loss; rank 0 writes it).
 Resume is tested by copying the step-3 checkpoint of an uninterrupted 6-step run into a fresh run
 directory and resuming it to step 6: steps 4..6 must repeat the uninterrupted run's.
 """
@@ -10,16 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.distributed import launch, run_distributed
 from tests.train.conftest import REPO, megaflow, train_args
 
-TORCHRUN = REPO / ".venv" / "bin" / "torchrun"
 STEPS = ["train.steps=6", "train.save_every=3", "train.keep_last=5", "train.eval_data="]
 
 
@@ -31,9 +31,8 @@ def eval_on(sets: list) -> str:
 def torchrun(sets: list, out: Path, *more: str, resume: bool = False, check: bool = True, nproc: int = 2):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(REPO / ".torch_extensions"))
-    args = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), "-m", "megaflow.cli",
-            *map(str, train_args(sets, out, *STEPS, *more)), *(["--resume"] if resume else [])]
-    res = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    args = ["-m", "megaflow.cli", *train_args(sets, out, *STEPS, *more), *(["--resume"] if resume else [])]
+    res = launch(nproc, args, REPO, env)
     if check and res.returncode != 0:
         raise AssertionError(f"torchrun exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     return res

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from megaflow.checkpoint import find_latest, list_checkpoints, resolve, validate
-from tests.train.conftest import REPO, megaflow, train_args
+from tests.forked import run_python
+from tests.train.conftest import REPO, megaflow, run_env, train_args
 
 CRASH_AFTER_SAVE = """
 import os, sys
@@ -41,9 +42,7 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(tiny_sets, tmp_path):
     megaflow(*train_args(tiny_sets, whole, *sets))
 
     args = train_args(tiny_sets, split, *sets)[1:]  # without the "train" command word
-    env = dict(os.environ, PYTHONPATH=str(REPO), CRASH_STEP="6")
-    crashed = subprocess.run([sys.executable, "-c", CRASH_AFTER_SAVE, *map(str, args)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+    crashed = run_python(["-c", CRASH_AFTER_SAVE, *args], REPO, run_env(CRASH_STEP="6"))
     assert crashed.returncode == 9, crashed.stderr[-2000:]
     assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_000006"]
     resumed = megaflow(*train_args(tiny_sets, split, *sets), "--resume")
