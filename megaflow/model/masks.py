@@ -83,8 +83,24 @@ def _flex(q, k, v, block_mask):
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention as two batched matmuls and an fp32 softmax; `allow` a boolean mask broadcastable to
+    (B, H, Tq, Tk), or None for plain causal (as SDPA's is_causal; Tq == Tk in every caller). The
+    same math as SDPA; on CPU in bf16 it is 2-3x faster than SDPA's flash kernel at short sequences (T ~ 64:
+    fwd+bwd 15 vs 47 ms at (128, 2, 64, 64), one thread), whose bf16 backward is slow there."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if allow is None:
+        allow = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()  # (Tq, Tk) causal
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, Tq, Tk)
+    probs = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1)
+    return probs.to(v.dtype) @ v  # (B, H, Tq, hd)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd) under `mask`."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or (
+            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)):
+        return explicit_attention(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if BlockMask is not None and isinstance(mask, BlockMask) and q.shape[-1] < FLEX_MIN_HEAD_DIM:
