@@ -10,8 +10,9 @@ Two exact implementations of that one rule:
     used on CPU (FlexAttention has no CPU backward in torch 2.13) and with a KV cache (generation).
 `document_mask` picks one for the device; `attend` runs whichever it is given (None = plain causal,
 e.g. the shallow flows, whose sequences are single images); bf16 on CPU under a dense or no mask
-runs `explicit_attention` (matmuls and an fp32 softmax) instead of SDPA's slower CPU kernel. Both streams and all their layers
-receive the same object through `AttnContext.mask` (starflow.py `context`).
+runs `explicit_attention` (matmuls and an fp32 softmax) instead of SDPA's slower CPU kernel.
+Both streams and all their layers receive the same object through `AttnContext.mask`
+(starflow.py `context`).
 
 No rank logic here; sequence-parallel layouts see the full T inside attention.
 """
