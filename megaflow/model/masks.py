@@ -9,8 +9,10 @@ Two exact implementations of that one rule:
   - the dense boolean (B, 1, Tq, Tk) mask of `layers.attention_mask` with SDPA: exact everywhere,
     used on CPU (FlexAttention has no CPU backward in torch 2.13) and with a KV cache (generation).
 `document_mask` picks one for the device; `attend` runs whichever it is given (None = plain causal,
-e.g. the shallow flows, whose sequences are single images). Both streams and all their layers
-receive the same object through `AttnContext.mask` (starflow.py `context`).
+e.g. the shallow flows, whose sequences are single images); bf16 on CPU under a dense or no mask
+runs `explicit_attention` (matmuls and an fp32 softmax) instead of SDPA's slower CPU kernel.
+Both streams and all their layers receive the same object through `AttnContext.mask`
+(starflow.py `context`).
 
 No rank logic here; sequence-parallel layouts see the full T inside attention.
 """
@@ -85,8 +87,24 @@ def _flex(q, k, v, block_mask):
     return _compiled_flex(q, k, v, block_mask=block_mask)  # inside a compiled region: inlined
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention as two batched matmuls and an fp32 softmax; `allow` a boolean mask broadcastable to
+    (B, H, Tq, Tk), or None for plain causal (as SDPA's is_causal; Tq == Tk in every caller). The
+    same math as SDPA; on CPU in bf16 it is 2-3x faster than SDPA's flash kernel, whose bf16
+    backward is slow at short sequences (fwd+bwd at (128, 2, 64, 64), one thread: 15 vs 47 ms)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if allow is None:
+        allow = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()  # (Tq, Tk) causal
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, Tq, Tk)
+    probs = torch.softmax(scores.masked_fill(~allow, float("-inf")), dim=-1)
+    return probs.to(v.dtype) @ v  # (B, H, Tq, hd)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """Scaled dot-product attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd) under `mask`."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or (
+            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)):
+        return explicit_attention(q, k, v, mask)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if BlockMask is not None and isinstance(mask, BlockMask) and q.shape[-1] < FLEX_MIN_HEAD_DIM:

@@ -10,7 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from megaflow.model.masks import BlockMask, attend, document_mask, use_kernel
+import torch.nn.functional as F
+
+from megaflow.model.masks import BlockMask, attend, document_mask, explicit_attention, use_kernel
 from tests.helpers import make_batch, make_noise, tiny_config
 from tests.model.util import randomized_model
 
@@ -168,3 +170,30 @@ def test_compiled_flex_is_made_once_and_survives_compiled_callers():
     assert box["fn"] is torch.sin  # what a lazily made wrapper becomes under a compiled caller
     if masks.flex_attention is not None:
         assert getattr(masks._compiled_flex, "_torchdynamo_orig_callable", None) is masks.flex_attention
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_bf16_attention_is_explicit_and_equals_sdpa(masked):
+    """bf16 on CPU runs `explicit_attention` (matmuls + fp32 softmax, faster than SDPA's flash kernel
+    there): in fp32 it equals SDPA (1e-5), forward and input gradients, plain causal and under a
+    document mask with padding; in bf16 `attend` takes it and stays within bf16 rounding of fp32 SDPA."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, hd = 2, 2, 24, 16
+    doc_ids = torch.full((B, T), -1)
+    doc_ids[0, :10], doc_ids[0, 10:20], doc_ids[1, :] = 0, 1, 0
+    mask = document_mask(doc_ids, T, T, "cpu") if masked else None
+    q, k, v = (torch.randn(B, H, T, hd, generator=g, requires_grad=True) for _ in range(3))
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask)
+
+    ref = sdpa(q, k, v)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    out = explicit_attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
+    assert torch.equal(attend(qb, kb, vb, mask), explicit_attention(qb, kb, vb, mask))
+    torch.testing.assert_close(attend(qb, kb, vb, mask).float(), sdpa(qb.float(), kb.float(), vb.float()),
+                               rtol=0.03, atol=0.03)
