@@ -191,8 +191,8 @@ def fp8_forward(recipe: str, modules: list, group=None, micro_batches: int = 1):
 
 def te_layout_problem(mcfg, pcfg) -> Optional[str]:
     """Why Transformer Engine's FP8 GEMMs cannot serve this model under this layout, or None: every
-    block linear's local weight (after the TP split: VLM blocks by tp, flow blocks by flow_tp,
-    shallow blocks unsplit) needs both dimensions divisible by 16."""
+    block linear's local weight (after the TP split, as `apply_tp` makes it: VLM blocks by tp, the
+    flow blocks and the shallow flows' blocks by flow_tp) needs both dimensions divisible by 16."""
     if pcfg.fp8 == "off":
         return None
     import torch
@@ -203,7 +203,7 @@ def te_layout_problem(mcfg, pcfg) -> Optional[str]:
     for name, block in model.named_modules():
         if not isinstance(block, TransformerBlock):
             continue
-        tp = pcfg.tp if ".vlm_layers." in f".{name}." else (pcfg.flow_tp or pcfg.tp) if "flow_layer" in name else 1
+        tp = pcfg.tp if ".vlm_layers." in f".{name}." else (pcfg.flow_tp or pcfg.tp)
         for part, names in BLOCK_LINEARS:
             for lname in names:
                 lin = getattr(getattr(block, part), lname)

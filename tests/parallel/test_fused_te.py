@@ -149,9 +149,16 @@ def test_fp8_per_micro_batch_in_the_pipeline_engine(monkeypatch):
 def test_check_layout_refuses_fp8_gemms_te_cannot_serve():
     from parallel.runtime import check_layout
     from parallel.topology import ParallelConfig
-    cfg = replace(tiny_config(dim=48), stage="all")  # flow width 48 (4 heads of 12), VLM 32, shallow 16
+    cfg = replace(tiny_config(dim=48, shallow_dim=32), stage="all")  # flow width 48 (4 heads of 12), VLM 32
     check_layout(ParallelConfig(backend="te", fp8="delayed"), 1, cfg)
     with pytest.raises(ValueError, match=r"flow_layer.self_attn.qkv would be a 72 x 48 weight on each rank \(tp=2\)"
                                          r".*divisible by 16"):
         check_layout(ParallelConfig(tp=2, backend="te", fp8="current"), 2, cfg)
     check_layout(ParallelConfig(tp=2, backend="te"), 2, cfg)  # bf16 TE layers: no such limit
+    # the shallow flows' blocks are split by flow_tp too (apply_tp): width 16 (2 heads of 8) serves
+    # FP8 whole, not halved
+    cfg = replace(tiny_config(dim=64), stage="all")
+    check_layout(ParallelConfig(tp=2, flow_tp=1, backend="te", fp8="delayed"), 2, cfg)
+    with pytest.raises(ValueError, match=r"shallow.blocks.0.layers.0.self_attn.qkv would be a 24 x 16 weight on each "
+                                         r"rank \(tp=2\)"):
+        check_layout(ParallelConfig(tp=2, backend="te", fp8="delayed"), 2, cfg)
