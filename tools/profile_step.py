@@ -338,13 +338,9 @@ def top_kernels(prof, n_steps: int, top: int = 40) -> list:
     return [(name, round(t / n_steps / 1e3, 3), n // n_steps, kernel_category(name)) for name, (t, n) in rows]
 
 
-def kernel_busy_us(prof) -> float:
-    """Microseconds in which at least one GPU kernel ran (the union of the kernels' intervals)."""
-    return kernel_timeline(prof)[0]
-
-
 def kernel_timeline(prof, top: int = 8) -> tuple:
-    """(busy us, idle us between the first and the last kernel, the `top` longest idle gaps as
+    """(busy us: in which at least one GPU kernel ran, the union of the kernels' intervals; idle us
+    between the first and the last kernel; the `top` longest idle gaps as
     (us, the kernel before, the kernel after)): where the GPU waits for the host."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if _is_kernel(e) and e.time_range.end > e.time_range.start)
