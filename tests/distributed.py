@@ -91,16 +91,16 @@ def launch(nproc: int, argv: list, cwd, env: dict, timeout: float = 300) -> subp
                                 "MASTER_PORT": str(port), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
              for r in range(nproc)]
     deadline, failed = time.time() + timeout, 0
-    running = {r.child.sentinel: r for r in ranks}
+    running = {r.sentinel: r for r in ranks}
     while running and not failed:
         done = wait(list(running), timeout=max(0.0, deadline - time.time()))
         if not done:
             break
-        failed = next((running[s].child.exitcode for s in done if running[s].child.exitcode), 0)
+        failed = next((running[s].exitcode for s in done if running[s].exitcode), 0)
         for s in done:
             del running[s]
     for r in running.values():
-        r.child.terminate()
+        r.terminate()
     results = [r.wait(max(1.0, deadline - time.time())) for r in ranks]
     if not failed and running:
         raise subprocess.TimeoutExpired(ranks[0].argv, timeout)

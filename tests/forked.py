@@ -93,14 +93,33 @@ class Python:
                                                              InheritFd(self.err.fileno())))
         self.child.start()
 
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit code (minus the signal that ended it), None while it runs."""
+        return self.child.exitcode
+
+    @property
+    def sentinel(self) -> int:
+        """A handle that `multiprocessing.connection.wait` sees ready when the child ends."""
+        return self.child.sentinel
+
+    def terminate(self) -> None:
+        """SIGTERM to the child (it may clean up)."""
+        self.child.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL to the child if it still runs, and reap it."""
+        if self.child.exitcode is None:
+            self.child.kill()
+            self.child.join()
+
     def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
         """The finished child's exit code and output; subprocess.TimeoutExpired (after killing it) past
         `timeout` seconds."""
         try:
             self.child.join(timeout)
             if self.child.exitcode is None:
-                self.child.kill()
-                self.child.join()
+                self.kill()
                 raise subprocess.TimeoutExpired(self.argv, timeout)
             self.out.seek(0), self.err.seek(0)
             return subprocess.CompletedProcess(self.argv, self.child.exitcode, self.out.read().decode(errors="replace"),

@@ -82,7 +82,5 @@ def run_ranks(jobs: list[dict], tmp_path) -> list[dict]:
             results.append(json.loads(out_path.read_text()))
     finally:
         for proc, _ in procs:
-            if proc.child.exitcode is None:
-                proc.child.kill()
-                proc.child.join()
+            proc.kill()
     return results
