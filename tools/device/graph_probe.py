@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-ORDER = [("triton", "1", "global"), ("triton", "1", "thread_local"), ("torch", "1", "global"),
-         ("triton", "0", "global"), ("plain", "1", "global"), ("plain", "0", "global")]
+ORDER = [("triton", "1", "global"), ("triton", "0", "global"), ("triton", "1", "thread_local"),
+         ("torch", "1", "global"), ("plain", "1", "global"), ("plain", "0", "global")]
 
 
 def apply_settings(swiglu: str, flat: str, mode: str) -> None:
