@@ -11,8 +11,10 @@ a failed capture leaves CUDA's default generator unusable in its process.
         tools/profile_step.py PROFILE_STEP_ARGS in a subprocess under those settings.
 
 Settings: --swiglu triton (megaflow/model/swiglu.py's kernel), torch (its op, torch arithmetic), plain
-(no custom op: chunk, silu, mul under autograd); --flat 1 (MainWeights' one-pass flat AdamW) or 0
+(no custom op: chunk, silu, mul under autograd); --flat 1 (MainWeights' one-pass flat AdamW; the
+probe only: PlainEngine keeps torch's under train.step_graph, since with it the capture fails) or 0
 (torch's fused AdamW, capturable); --mode: torch.cuda.graph's capture_error_mode.
+Seen on the H200 (2026-11-30): flat 1 fails to capture, flat 0 captures, the SwiGLU kernel either way.
 """
 from __future__ import annotations
 
@@ -58,13 +60,14 @@ _cuda = None
 
 
 def capture_status() -> int:
-    """0 not capturing, 1 capturing, 2 invalidated: the current stream's (driver API)."""
+    """0 not capturing, 1 capturing, 2 invalidated: the current stream's (driver API); a failing query
+    (on the H200 run of 2026-11-30 none was seen as invalidated, so the query's own error counts) is 2."""
     global _cuda
     if _cuda is None:
         _cuda = ctypes.CDLL("libcuda.so.1")
     status = ctypes.c_int(-1)
-    _cuda.cuStreamIsCapturing(ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(status))
-    return status.value
+    rc = _cuda.cuStreamIsCapturing(ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(status))
+    return 2 if rc != 0 else status.value
 
 
 class Watch(torch.utils._python_dispatch.TorchDispatchMode):
