@@ -23,6 +23,7 @@ import ctypes
 import functools
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -116,6 +117,7 @@ def probe(args) -> int:
         ok = engine.graph.graph is not None
     except Exception as e:  # noqa: BLE001 - the report is the point
         print(f"[probe {label}] FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        traceback.print_exc()  # the chained cause names the call inside the step that raised
         ok = False
     print(f"[probe {label}] {'captured' if ok else 'not captured'}; first op after the capture broke: "
           f"{watch.first}; {watch.seen} ops checked", flush=True)
