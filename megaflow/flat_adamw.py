@@ -72,7 +72,7 @@ def _build_kernel():
             return
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        size = tl.load(coef_ptr)  # step_coefficients: read on the device, so a replayed graph sees this step's
+        size = tl.load(coef_ptr)  # step_coefficients, computed on the device (the lr may be a device tensor)
         bc2_sqrt = tl.load(coef_ptr + 1)
         decay_factor = tl.load(coef_ptr + 2)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0) / tl.load(scale_ptr)
