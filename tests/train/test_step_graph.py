@@ -43,12 +43,14 @@ def test_step_graph_settings_are_checked():
         PlainEngine(build_model(cfg.model, seed=0), cfg, None)
 
 
-def train(step_graph: str, doc_ids: bool, steps: int = 6):
+def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = False):
     cfg = run_config(compile="off", step_graph=step_graph, dtype="bf16", param_dtype="bf16", grad_clip=0.5)
     device = torch.device("cuda")
     model = build_model(cfg.model, device, seed=0)
     engine = PlainEngine(model, cfg, torch.bfloat16)
-    engine.weights.flat_step = False  # both runs step torch's fused AdamW (the graph's; optim.py's flat kernel is eager only)
+    # both runs step torch's fused AdamW (the graph's); flat_step=True: the flat one-pass kernel, whose
+    # graph does not capture on the H200 yet (tools/device/graph_probe.py uses it to reproduce that)
+    engine.weights.flat_step = flat_step
     outs = []
     for s in range(steps):
         host = make_batch(cfg.model, batch_size=4, seed=s % 3, two_docs=doc_ids)
