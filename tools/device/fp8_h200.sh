@@ -11,13 +11,15 @@
 #  curves  300 steps of real Fashion-MNIST documents, CURVE_B x 1024 tokens a step, same seed and
 #          batches, FP8 then BF16 (both compiled, local layers); then text cross-entropy and image
 #          bits/dim side by side in 50-step windows (FP8: fp8_min_dim=CURVE_MIN_DIM=2048) CURVE_S=115 each
+#  trace   one FP8 step at SPEED_B x 1024 under torch.profiler (tools/profile_step.py --trace): GPU time
+#          by kernel category and the top kernels, where the FP8 overhead goes              TRACE_S=50
 # curves need the data: carry .whl (mosaicml-streaming and its compression libs) and .fmnist in
 # this checkout copy (tools/device/fp8_h200x2.sh says how they were made). Logs under $OUT.
 . tools/device/setup.sh
 mkdir -p /tmp/data_cache && ln -sfn /tmp/data_cache data_cache
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 C=configs/h200_3b.yaml
-PARTS=${PARTS:-layers speed curves}
+PARTS=${PARTS:-layers speed curves trace}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader
 if has layers; then
@@ -42,5 +44,13 @@ curve() {  # curve FP8 NAME
 if has curves; then
   curve current fp8; curve off bf16
   python3 tools/device/fp8_curves.py /tmp/curve_bf16/tb /tmp/curve_fp8/tb | tee $OUT/curves.txt
+fi
+if has trace; then
+  timeout ${TRACE_S:-50} python3 tools/profile_step.py --config $C --device cuda --set data.batch_size=${SPEED_B:-8} \
+    --set train.dtype=bf16 --set train.param_dtype=bf16 --set parallel.fp8=current --set parallel.fp8_backend=torch \
+    --set parallel.fp8_min_dim=${CURVE_MIN_DIM:-2048} --warmup 2 --steps 2 --trace $OUT/trace --trace-steps 1 \
+    > $OUT/trace.log 2>&1; el "trace done"
+  rm -f $OUT/trace/trace.json  # too big to bring back; the tables stay
+  grep -vE "^W1|^ *$" $OUT/trace.log | grep -iE -A12 "categor" | head -16; head -30 $OUT/trace/top_kernels.txt
 fi
 el total
