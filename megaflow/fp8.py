@@ -95,7 +95,7 @@ def to_float8(lin: nn.Linear) -> Float8Linear:
     return lin
 
 
-def apply_fp8(model: nn.Module, min_dim: int = 4096, where: Optional[Callable[[str, nn.Module], bool]] = None) -> list:
+def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[str, nn.Module], bool]] = None) -> list:
     """Every plain nn.Linear of `model` that passes the size rule (and `where(name, module)`, by
     default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear.
     Returns the names swapped. Call before regional torch.compile, so the graphs include the casts."""
