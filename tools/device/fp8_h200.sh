@@ -7,12 +7,12 @@
 #  layers  per-layer forward+backward, VLM then flow linears: bf16, FP8 compiled with the norm in
 #          front, FP8 GEMMs alone (tools/bench_fp8_layers.py)                         LAYERS_S=30
 #  speed   end to end, synthetic batch of SPEED_B x 1024 tokens: local:off vs torch:current:2048
-#          (FP8 on every block linear of width >= 2048; tools/bench_fp8.py; SPEED_VARIANTS) SPEED_S=100
+#          (FP8 on every block linear of width >= 2048; tools/bench_fp8.py; SPEED_VARIANTS) SPEED_S=100 (2 variants at 8 rows took 61 s; at 16 rows give it 200)
 #  curves  300 steps of real Fashion-MNIST documents, CURVE_B x 1024 tokens a step, same seed and
 #          batches, FP8 then BF16 (both compiled, local layers); then text cross-entropy and image
 #          bits/dim side by side in 50-step windows (FP8: fp8_min_dim=CURVE_MIN_DIM=2048) CURVE_S=115 each
 #  trace   one FP8 step at TRACE_B (default SPEED_B) x 1024 under torch.profiler (tools/profile_step.py --trace): GPU time
-#          by kernel category and the top kernels, where the FP8 overhead goes              TRACE_S=50
+#          by kernel category and the top kernels, where the FP8 overhead goes (45 s was too little) TRACE_S=100
 #  pp2     (2 GPUs: nvidia-h200-x2) PP2 with torch's FP8 linears, 4 micro-batches, full activation
 #          checkpointing, 50 steps of real data: a finite, falling loss                   PP2_S=90
 # On 2 GPUs, speed runs on GPU 0 while trace runs on GPU 1.
@@ -50,7 +50,7 @@ if has curves; then
   python3 tools/device/fp8_curves.py /tmp/curve_bf16/tb /tmp/curve_fp8/tb | tee $OUT/curves.txt
 fi
 if has trace; then
-  CUDA_VISIBLE_DEVICES=$(( $(nvidia-smi -L | wc -l) - 1 )) timeout ${TRACE_S:-50} python3 tools/profile_step.py --config $C --device cuda --set data.batch_size=${TRACE_B:-${SPEED_B:-8}} \
+  CUDA_VISIBLE_DEVICES=$(( $(nvidia-smi -L | wc -l) - 1 )) timeout ${TRACE_S:-100} python3 tools/profile_step.py --config $C --device cuda --set data.batch_size=${TRACE_B:-${SPEED_B:-8}} \
     --set train.dtype=bf16 --set train.param_dtype=bf16 --set parallel.fp8=current --set parallel.fp8_backend=torch \
     --set parallel.fp8_min_dim=${CURVE_MIN_DIM:-2048} --warmup 2 --steps 2 --trace $OUT/trace --trace-steps 1 \
     > $OUT/trace.log 2>&1; el "trace done"
