@@ -11,13 +11,14 @@ at the moment it is cast, so nothing is kept between steps (no amax history, unl
 scaling). Under torch.compile the amax reductions and casts are plain elementwise/reduction ops that
 inductor fuses into the neighbouring norm / SiLU / residual kernels, and only the GEMMs stay
 separate: that is what makes FP8 pay here where TE's eager casts (~1 ms a linear) did not.
-The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward.
+The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward (compiled,
+the partitioner may instead recompute x's cast from the norm before it: cheaper than storing it).
 
 FP8 runs only when a gradient is being recorded (training); evaluation and generation run the bf16
 forward of the same weights. Rows of a call not divisible by 16 (what FP8 GEMMs need) fall back to
 bf16 for that call. `apply_fp8` makes the swap from outside, after the model is built, and only on
 linears whose both dimensions are >= `min_dim` (docs/benchmarks.md "FP8 on torch._scaled_mm" has the
-per-layer table behind the default). Needs a GPU with FP8 GEMMs (compute capability >= 8.9: H100,
+measurements behind the default, 2048). Needs a GPU with FP8 GEMMs (compute capability >= 8.9: H100,
 H200, L40S, RTX 4090) for speed; torch also runs `_scaled_mm` on the CPU (slowly), which the tests
 use to check the math.
 """
