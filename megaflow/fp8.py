@@ -10,7 +10,7 @@ Scaling is dynamic and tensor-wise: each operand is scaled by (largest finite FP
 at the moment it is cast, so nothing is kept between steps (no amax history, unlike TE's delayed
 scaling). Under torch.compile the amax reductions and casts are plain elementwise/reduction ops that
 inductor fuses into the neighbouring norm / SiLU / residual kernels, and only the GEMMs stay
-separate: that is what makes FP8 pay here where TE's eager casts (~1 ms a linear) did not.
+separate (on the ~3B config: 1.29x BF16 end to end where TE's eager FP8 layers gave 1.02x).
 The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward (compiled,
 the partitioner may instead recompute x's cast from the norm before it: cheaper than storing it).
 
