@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megaflow.model.starflow import metrics_from
+from megaflow.model.starflow import metric_tensors
 from parallel.pipeline_comm import PipelineComm, state_dtypes, state_shapes
 from parallel.schedules import check_schedule, rank_actions
 
@@ -80,7 +80,8 @@ class PipelineSchedule:
     def step(self, batch: dict, noise: Optional[torch.Tensor] = None, cond_keep: Optional[torch.Tensor] = None,
              forward_only: bool = False):
         """One step on this rank's share of the batch. Returns (loss, metrics) of the global batch on
-        every rank of the pipeline; gradients are accumulated into the stage parameters."""
+        every rank of the pipeline, as 0-d device tensors (nothing read back: `read_metrics` turns
+        them into floats); gradients are accumulated into the stage parameters."""
         m, module0 = self.m, self.stages[0].module
         counts = global_counts(module0, batch, self.topo.dp_group)
         mbs = split_batch(batch, m)
@@ -181,5 +182,5 @@ class PipelineSchedule:
         if topo.pp > 1:
             dist.broadcast(totals, src=topo.pp_ranks[-1], group=topo.pp_group)
         terms = {k: totals[1 + j] for j, k in enumerate(TERM_KEYS) if k != "text_sum" or self.cfg.vlm is not None}
-        return totals[0].float(), metrics_from(terms, counts, self.cfg)
+        return totals[0].float(), metric_tensors(terms, counts, self.cfg)
 
