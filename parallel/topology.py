@@ -27,7 +27,7 @@ class ParallelConfig:
     flow_tp: int = 0  # tensor-parallel degree of the flow stream; 0 = same as tp
     pp: int = 1  # pipeline-parallel degree (stages)
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
-    async_tp: bool = False  # with sequence_parallel: overlap each all-gather / reduce-scatter with its GEMM (parallel/async_tp.py)
+    async_tp: bool = False  # with sequence_parallel (ignored without): overlap each all-gather / reduce-scatter with its GEMM (parallel/async_tp.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (needs backend 'te' on a GPU): 'off', 'delayed' or 'current' scaling
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
@@ -52,10 +52,10 @@ class ParallelConfig:
         if self.fp8 != "off" and self.backend != "te":
             raise ValueError(f"parallel.fp8={self.fp8!r} runs through Transformer Engine: set parallel.backend=te "
                              "(on a GPU with FP8, e.g. H100/H200), or parallel.fp8=off")
-        if self.async_tp and not (self.sequence_parallel and self.backend == "local"):
-            raise ValueError("parallel.async_tp=true overlaps sequence parallelism's collectives in the local "
-                             f"backend: set parallel.sequence_parallel=true and parallel.backend=local (got "
-                             f"sequence_parallel={self.sequence_parallel}, backend={self.backend!r}), or async_tp=false")
+        if self.async_tp and self.backend != "local":
+            raise ValueError(f"parallel.async_tp=true overlaps the local backend's collectives; with "
+                             f"parallel.backend={self.backend!r} set async_tp=false (Transformer Engine's layers "
+                             f"communicate themselves)")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.bucket_mb <= 0:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_args import bench_args  # noqa: E402
-from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_steps  # noqa: E402
+from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_steps, sync_points  # noqa: E402
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
 
@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--profile-rows", default="", help="profile only these rows (comma-separated names; '' = all)")
     p.add_argument("--trace", default="", help="write DIR/<row>.rank<r>.json Chrome traces")
     p.add_argument("--top", type=int, default=0, help="print every rank's N costliest kernels and host "
-                   "operators of each profiled row")
+                   "operators of each profiled row, where its host waits and copies come from, and the Python "
+                   "call sites where one more step synchronised with the GPU")
     p.add_argument("--comm-probe", action="store_true", help="first time all-reduce / all-gather / "
                    "reduce-scatter of one TP activation (rows x seq_len x vlm.dim, bf16): bytes per second")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
@@ -154,6 +155,8 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     if args.profile and (not args.profile_rows or name in args.profile_rows.split(",")):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
         prof = profile_steps(step, args.profile, device, trace, args.top)
+        if args.top:
+            prof["sync_points"] = sync_points(step, device)
     row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0,
                peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0)
     del engine, out
@@ -281,7 +284,9 @@ def main(argv=None):
             for rank, x in enumerate(r["ranks"]):
                 if x["profile"] and "top" in x["profile"]:
                     print(f"rank {rank}: {x['profile']['syncs']:.0f} synchronising calls or host<->device "
-                          f"copies per step\n{x['profile']['top']}", flush=True)
+                          f"copies per step\n{x['profile']['top']}\nwhere they come from (per step):\n"
+                          f"{x['profile']['sync_sources']}\nsynchronising Python call sites of one step "
+                          f"(torch.cuda.set_sync_debug_mode):\n{x['profile'].get('sync_points', '')}", flush=True)
     efficiencies(rows)
     resumed = resume_check(args, args.resume, device, batch, noise) if args.resume else None
     if dist.get_rank() == 0:
