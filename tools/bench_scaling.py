@@ -131,6 +131,23 @@ def build(name: str, cfg, device, dtype):
     return build_engine(cfg, model, stages, tied, topo, dtype), topo
 
 
+def count_fusions() -> dict:
+    """{fused op: how many} that inductor's micro-pipeline TP pass (parallel.async_tp on NCCL) put into the
+    graphs compiled from now on; the counts fill in as graphs compile."""
+    import torch._inductor.fx_passes.post_grad as post_grad
+    fused = {}
+    original = getattr(post_grad.micro_pipeline_tp_pass, "original", post_grad.micro_pipeline_tp_pass)
+
+    def counted(graph):
+        original(graph)
+        for node in graph.nodes:
+            if "symm_mem" in str(node.target) and "fused" in str(node.target):
+                fused[str(node.target)] = fused.get(str(node.target), 0) + 1
+    counted.original = original
+    post_grad.micro_pipeline_tp_pass = counted
+    return fused
+
+
 def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     name, cfg = row_config(args, mode)
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
@@ -139,6 +156,9 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     # 1-row micro-batches) would otherwise exhaust the recompile limit of the compiled FlexAttention
     # (megaflow/model/masks.py, dynamic=False), which then runs eagerly and several times slower
     torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+    inductor_config._micro_pipeline_tp = False  # a row with parallel.async_tp turns it on (apply_tp)
+    fused = count_fusions()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -157,7 +177,7 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         prof = profile_steps(step, args.profile, device, trace, args.top)
         if args.top:
             prof["sync_points"] = sync_points(step, device)
-    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0,
+    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0, fused=fused,
                peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0)
     del engine, out
     ranks = gather_ranks(dict(row, profile=prof))
@@ -277,7 +297,7 @@ def main(argv=None):
         if dist.get_rank() == 0:  # as it goes: a run stopped by a time limit still reports what it did
             r = rows[-1]
             print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, first loss {r['loss0']:.4f}, loss {r['loss']:.4f}, "
-                  f"peak {r['peak_GiB']:.1f} GiB", flush=True)
+                  f"peak {r['peak_GiB']:.1f} GiB" + (f", async TP fusions {r['fused']}" if r["fused"] else ""), flush=True)
             prof = r["ranks"][0]["profile"]
             if prof:
                 print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)
