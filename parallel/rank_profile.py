@@ -85,8 +85,9 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
     kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given. `top` > 0: also 'top',
     tables of the operators and kernels that took the most device time, then host time (on CPU host
-    time only), and 'syncs', how many times per step the host may have waited for the device
-    (synchronize calls and copies between host and device: on pageable memory those block too)."""
+    time only), 'syncs', how many times per step the host may have waited for the device
+    (synchronize calls and copies between host and device: on pageable memory those block too;
+    device-to-device copies left out), and 'sync_sources' (`sync_sources`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
@@ -111,7 +112,9 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
         ops = prof.key_averages()
         keys = ("self_device_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",)
         res["top"] = "\n".join(ops.table(sort_by=k, row_limit=top, max_name_column_width=60) for k in keys)
-        res["syncs"] = sum(e.name in _SYNCS for e in events) / n - cuda  # less our own synchronize per step
+        # a device-to-device copy goes through cudaMemcpyAsync too but does not block the host: not counted
+        d2d = sum(e.device_type == DeviceType.CUDA and "DtoD" in e.name for e in events)
+        res["syncs"] = (sum(e.name in _SYNCS for e in events) - d2d) / n - cuda  # less our own synchronize per step
         res["sync_sources"] = sync_sources(events, n)
     return res
 

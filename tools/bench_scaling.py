@@ -304,7 +304,7 @@ def main(argv=None):
             for rank, x in enumerate(r["ranks"]):
                 if x["profile"] and "top" in x["profile"]:
                     print(f"rank {rank}: {x['profile']['syncs']:.0f} synchronising calls or host<->device "
-                          f"copies per step\n{x['profile']['top']}\nwhere they come from (per step):\n"
+                          f"copies per step (device-to-device copies not counted)\n{x['profile']['top']}\nwhere they come from (per step):\n"
                           f"{x['profile']['sync_sources']}\nsynchronising Python call sites of one step "
                           f"(torch.cuda.set_sync_debug_mode):\n{x['profile'].get('sync_points', '')}", flush=True)
     efficiencies(rows)
