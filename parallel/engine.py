@@ -109,6 +109,7 @@ class ParallelEngine:
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
                                          grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap,
+                                         settle_grads=self.weights.settle_grads if self.weights.mixed else None,
                                          forward_context=fp8_forward(pcfg.fp8, list(modules), topo.amax_group,
                                                                      pcfg.micro_batches))
         # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and

@@ -62,7 +62,7 @@ class PipelineSchedule:
 
     def __init__(self, stages: list, topo, schedule: str = "1f1b", micro_batches: int = 1,
                  comm: Optional[PipelineComm] = None, tied=None, grad_sync=None, overlap: bool = True,
-                 forward_context=None):
+                 forward_context=None, settle_grads=None):
         check_schedule(schedule, topo.pp, len(stages), micro_batches)
         self.stages, self.topo, self.m, self.tied = stages, topo, micro_batches, tied
         self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
@@ -71,6 +71,7 @@ class PipelineSchedule:
         # micro-batch index -> the context of that forward (FP8: parallel.backend.fp8_forward)
         self.forward_context = forward_context or (lambda i: contextlib.nullcontext())
         self.overlap = overlap  # post each action's receive one action ahead (parallel.overlap)
+        self.settle_grads = settle_grads  # called after the last backward, before any gradient is reduced
         self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}  # chunk -> index
         self.cfg = stages[0].module.cfg
         self.record = False  # True: keep (action, start, end) of the last step's computations (not
@@ -109,6 +110,8 @@ class PipelineSchedule:
                     self.grad_sync.arm(a.chunk)  # this chunk's gradients are final after this backward
                 self._backward(a, self._posted.pop(k))
         self.comm.wait_sends()
+        if self.settle_grads is not None and not forward_only:
+            self.settle_grads()
         if self.grad_sync is not None and not forward_only:
             self.grad_sync.finish()
         if self.tied is not None and not forward_only:

@@ -145,3 +145,41 @@ def test_tp2_sp_async_equals_sync_and_reads_nothing_back():
         assert r["reads"] == [], r["reads"]
         for a, b in zip(r["on"], r["off"]):
             assert abs(a - b) < 1e-5 * max(1.0, abs(b)), r
+
+
+# ----- data parallelism: the fp32 accumulation hooks ---------------------------------------------------------
+def test_main_gradients_written_then_added_equal_zero_then_add():
+    """The pipeline engine's fp32 main gradients (megaflow/optim.py MainWeights, flat_grads=False) are
+    written by a parameter's first gradient of the step and added to by later ones, instead of zeroing
+    the whole buffer first (one pass over the fp32 gradients less): the sum is bitwise that of zero +
+    every gradient, and `settle_grads` zeros a gradient no backward reached this step (its slice
+    still holds the last step's)."""
+    from megaflow.optim import MainWeights, param_groups
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    weights = MainWeights(model, param_groups(model, 0.0), TrainConfig(), torch.bfloat16, flat_grads=False)
+    xs = [torch.randn(4, 8, dtype=torch.bfloat16) for _ in range(2)]
+
+    def step(layers: int) -> list:
+        """Two backward passes through the first `layers` layers; the expected fp32 sums, from autograd."""
+        weights.zero_grad()
+        params = [p for layer in model[:layers] for p in layer.parameters()]
+        want = [torch.zeros(p.shape) for p in params]
+        for x in xs:
+            loss = model[:layers](x).float().pow(2).sum()
+            for w, g in zip(want, torch.autograd.grad(loss, params, retain_graph=True)):
+                w.add_(g)  # 0 + g1 + g2 in fp32, as the old zero-then-add hooks summed
+            loss.backward()
+        return want
+
+    want = step(3)
+    weights.settle_grads()
+    for p, w in zip(model.parameters(), want):
+        assert torch.equal(weights.main_of(p).grad, w)
+    want = step(2)  # the last layer gets no gradient this step
+    last = [weights.main_of(p).grad for p in model[2].parameters()]
+    assert all(g.abs().sum() > 0 for g in last)  # last step's values, until settled
+    weights.settle_grads()
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in last)
+    for p, w in zip([p for layer in model[:2] for p in layer.parameters()], want):
+        assert torch.equal(weights.main_of(p).grad, w)
