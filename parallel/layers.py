@@ -134,7 +134,7 @@ class RowParallelLinear(nn.Module):
                 x = seq_to_hidden(x, g)
             else:
                 x = split_hidden(x, g)  # (B, T, in / tp)
-        if self.async_tp and not torch.compiler.is_compiling():
+        if self.async_tp and sp and not torch.compiler.is_compiling():  # sp: off while sampling (sampling.py)
             y = linear_scatter(x, self.weight, g)  # (B, T / tp, out): the reduction overlapped with the GEMM
         else:
             y = F.linear(x, self.weight)  # partial sums over the input slices
