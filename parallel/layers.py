@@ -89,6 +89,8 @@ class ColumnParallelLinear(nn.Module):
         elif self.input_comm == "gather":  # (B, T / tp, in) -> (B, T, out / tp)
             if not torch.compiler.is_compiling() and group_size(self.tp_group) > 1:
                 return gather_linear(x, self.weight, self.bias, self.tp_group)
+            if torch.is_autocast_enabled(x.device.type):  # gather what the GEMM reads (fp32 weights: half the
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # bytes; no cast between gather and matmul)
             x = gather_seq(x, self.tp_group)
         return F.linear(x, self.weight, self.bias)  # (..., out_features / tp)
 
