@@ -18,9 +18,9 @@ global rank 0 writes the files. The weights are the live ones (bf16 under bf16 p
 Under parallel.sequence_parallel, decoding feeds one token at a time, which a sequence split cannot
 cut: `sampling_scope` turns the split off while sampling (the same tensor-parallel weights, with
 plain TP's collectives: entry norms (or, under async TP, the column-parallel layers) copy instead of
-gathering T, row layers all-reduce instead of reduce-scattering, `seq_split` keeps every token) and restores it after. Layers of another backend
-(Transformer Engine) cannot be switched: there the run skips its grids and report and says so;
-tools/eval_quality.py judges a checkpoint afterwards.
+gathering T, row layers all-reduce instead of reduce-scattering, `seq_split` keeps every token) and
+restores it after. Layers of another backend (Transformer Engine) cannot be switched: there the run
+skips its grids and report and says so; tools/eval_quality.py judges a checkpoint afterwards.
 """
 from __future__ import annotations
 

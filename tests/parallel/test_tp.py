@@ -6,8 +6,8 @@ single-process model's weights gives
 - the same loss (within 1e-5, fp32),
 - the same gradients once gathered (each tensor within 1e-5 relative to its largest entry),
 - the same weights after 3 AdamW steps,
-at TP=2 and TP=4, with and without sequence parallelism (and with async TP: parallel/async_tp.py), for TarFlow-only, tied embeddings and a
-smaller flow degree (flow_tp=1). Sequence parallelism on a length tp does not divide is a clear
+at TP=2 and TP=4, with and without sequence parallelism (and with async TP: parallel/async_tp.py),
+for TarFlow-only, tied embeddings and a smaller flow degree (flow_tp=1). Sequence parallelism on a length tp does not divide is a clear
 error. Each rank also runs the reference, so it compares locally. Both build paths are covered:
 meta build + load_full_state_dict, and apply_tp on a materialised model.
 """
