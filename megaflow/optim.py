@@ -136,9 +136,10 @@ class MainWeights:
                         bf16 gradient (nothing zeroed or accumulated into beforehand); one foreach
                         cast copies them into the fp32 main gradients, which are views of one flat
                         buffer, and frees them. Almost no host work per step.
-      flat_grads=False  (micro-batches: the pipeline engine) a post-accumulate-grad hook adds each
-                        bf16 gradient into its fp32 main gradient as soon as it is ready and frees it,
-                        so micro-batches accumulate in fp32.
+      flat_grads=False  (micro-batches: the pipeline engine) a post-accumulate-grad hook writes
+                        each bf16 gradient into its fp32 main gradient as soon as it is ready (the
+                        step's first one copied, later ones added) and frees it, so micro-batches
+                        accumulate in fp32; `settle_grads()` zeros what no backward reached.
     With param_dtype fp32 it is a plain AdamW over the parameters themselves (nothing copied).
 
     `params` are what gradient code works on: the main tensors (`.grad` is the fp32 gradient);
@@ -162,6 +163,7 @@ class MainWeights:
         cuda = self.params[0].device.type == "cuda"
         self.flat_step = bool(self.mixed and flat_grads and (flat_step if flat_step is not None
                                                              else cuda and kwargs.get("fused", False)))
+        self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
 
     @torch.no_grad()
@@ -193,17 +195,31 @@ class MainWeights:
 
     @torch.no_grad()
     def _to_main(self, p: torch.Tensor) -> None:
-        self.main[id(p)].grad.add_(p.grad)
+        if id(p) in self._unwritten:  # the step's first gradient: written over last step's (no zero pass)
+            self._unwritten.discard(id(p))
+            self.main[id(p)].grad.copy_(p.grad)
+        else:
+            self.main[id(p)].grad.add_(p.grad)
         p.grad = None
 
     def zero_grad(self) -> None:
         if not self.mixed:
             self.optimizer.zero_grad(set_to_none=True)
             return
-        if not self.flat_grads:  # the hooks accumulate into the main gradients; flat mode overwrites them
-            self.flat_main_grad.zero_()
+        if not self.flat_grads:  # the hooks write each main gradient once, then add; `settle_grads` zeros the rest
+            self._unwritten = {id(p) for p in self.model_params}
         for p in self.model_params:
             p.grad = None
+
+    @torch.no_grad()
+    def settle_grads(self) -> None:
+        """flat_grads=False, after the step's last backward, before anything reads the main gradients:
+        zero those no backward reached this step (their slice still holds the last step's). The same
+        numbers as zeroing the whole buffer first and adding every gradient (0 + g == g), one pass over
+        the fp32 gradients less (issue 17: +3.8 ms of hooks on the 0.9B config)."""
+        if self._unwritten:
+            torch._foreach_zero_([self.main[i].grad for i in self._unwritten])
+            self._unwritten = set()
 
     @torch.no_grad()
     def grads_to_main(self) -> None:

@@ -51,19 +51,30 @@ def import_te():
 
 
 class LocalBackend:
+    """`async_tp` (under sequence parallelism): the column-parallel layer gathers its own input and the
+    row-parallel one scatters its own output, each overlapped with its GEMM (parallel/async_tp.py);
+    otherwise the entry norm gathers."""
     name = "local"
 
+    def __init__(self, async_tp: bool = False):
+        self.async_tp = async_tp
+
+    def _gathers(self, sequence_parallel: bool) -> bool:
+        return self.async_tp and sequence_parallel
+
     def entry_norm(self, norm: RMSNorm, group, sequence_parallel: bool) -> nn.Module:
-        return ParallelRMSNorm.from_dense(norm, group, "gather" if sequence_parallel else "copy", sequence_parallel)
+        entry = None if self._gathers(sequence_parallel) else "gather" if sequence_parallel else "copy"
+        return ParallelRMSNorm.from_dense(norm, group, entry, sequence_parallel)
 
     def column(self, lin: nn.Linear, group, sequence_parallel: bool, parts=None) -> nn.Module:
-        return ColumnParallelLinear.from_dense(lin, group, input_comm="none", parts=parts)
+        comm = "gather" if self._gathers(sequence_parallel) else "none"
+        return ColumnParallelLinear.from_dense(lin, group, input_comm=comm, parts=parts)
 
     def row(self, lin: nn.Linear, group, sequence_parallel: bool) -> nn.Module:
-        return RowParallelLinear.from_dense(lin, group, sequence_parallel=sequence_parallel)
+        return RowParallelLinear.from_dense(lin, group, sequence_parallel=sequence_parallel, async_tp=self.async_tp)
 
     def kv_input_comm(self, sequence_parallel: bool) -> str:
-        return "none"  # the entry norm already communicated
+        return "gather" if self._gathers(sequence_parallel) else "none"  # else the entry norm communicated
 
 
 class MicroBatch:
@@ -244,9 +255,9 @@ def _fp8_recipe(name: str):
     return te_recipe.DelayedScaling() if name == "delayed" else te_recipe.Float8CurrentScaling()
 
 
-def get_backend(name: str):
+def get_backend(name: str, async_tp: bool = False):
     if name == "local":
-        return LocalBackend()
+        return LocalBackend(async_tp)
     if name == "te":
         return TEBackend()
     raise ValueError(f"parallel.backend={name!r} must be one of {BACKENDS}")

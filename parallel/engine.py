@@ -2,7 +2,8 @@
 when pp == 1), a bucketed data-parallel gradient SUM (overlapped with the last backward when
 parallel.overlap is on), a gradient-norm clip that counts every element
 of the model once across TP and PP, and AdamW. Same interface as megaflow.train.PlainEngine and
-parallel.zero.ZeroEngine: `train_step(batch, noise, keep, lr)` -> {'loss', 'grad_norm', metrics}.
+parallel.zero.ZeroEngine: `train_step(batch, noise, keep, lr)` -> {'loss', 'grad_norm', metrics}, here
+(as PlainEngine's) 0-d device tensors that nothing reads back during the step.
 
 Exactness. The loss of each micro-batch is normalised by the step's GLOBAL counts (summed over DP
 before any forward, parallel/pipeline_step.py), so the DP sum of the gradients is the gradient of
@@ -108,6 +109,7 @@ class ParallelEngine:
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
                                          grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap,
+                                         settle_grads=self.weights.settle_grads if self.weights.mixed else None,
                                          forward_context=fp8_forward(pcfg.te_fp8, list(modules), topo.amax_group,
                                                                      pcfg.micro_batches))
         # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and
@@ -128,8 +130,9 @@ class ParallelEngine:
         # NaN/Inf. The norm is global (summed over TP and PP of DP-summed gradients), so every rank sees
         # the same value and skips the same steps without another collective.
         norm, skipped = self.weights.clip_and_step(self.cfg.train.grad_clip, norm)
-        return {"loss": float(loss), "grad_norm": float(norm), "skipped": skipped,
-                **{k: float(v) for k, v in metrics.items()}}
+        # 0-d device tensors, as PlainEngine's: the step never waits for the GPU (the loop reads them back
+        # at log steps, megaflow.model.starflow.read_metrics); a float() here cost 7 host syncs a step
+        return {"loss": loss.detach(), "grad_norm": norm.detach(), "skipped": skipped, **metrics}
 
     def model_state_dict(self, copy: bool = True) -> dict:
         """This rank's entries of the model state dict (full-model names, TP shards); copy=False:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaflow.model.layers import RMSNorm
+from parallel.async_tp import gather_linear, linear_scatter
 from parallel.comm import (copy_to_tp, gather_hidden, gather_seq, group_rank, group_size, reduce_from_tp,
                            reduce_scatter_seq, seq_to_hidden, split_hidden, split_seq)
 from parallel.fused import all_sharded, shard_parts
@@ -57,7 +58,9 @@ def copy_shards(new: nn.Module, old: nn.Module) -> nn.Module:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with the output features (rows of W, and b) split over the group: each rank
     returns its slice of the features. `input_comm`: 'none' when a ParallelRMSNorm in front already
-    entered the parallel region, 'copy' for a replicated input (backward all-reduces its gradient).
+    entered the parallel region, 'copy' for a replicated input (backward all-reduces its gradient),
+    'gather' for a T-sharded input under sequence parallelism with async TP (parallel/async_tp.py:
+    eager, the all-gather overlapped with the GEMM; compiled, the plain gather that inductor fuses).
     `parts` (rows of each part, for a fused projection): each part is split on its own."""
     tp_shards = {"weight": 0, "bias": 0}
 
@@ -65,7 +68,7 @@ class ColumnParallelLinear(nn.Module):
                  like: Optional[torch.Tensor] = None, parts: Optional[tuple] = None):
         super().__init__()
         n = group_size(group)
-        assert input_comm in ("none", "copy") and out_features % n == 0
+        assert input_comm in ("none", "copy", "gather") and out_features % n == 0
         like = like if like is not None else torch.empty(0)
         self.tp_group, self.input_comm = group, input_comm
         if parts is not None:
@@ -83,6 +86,12 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_comm == "copy":
             x = copy_to_tp(x, self.tp_group)
+        elif self.input_comm == "gather":  # (B, T / tp, in) -> (B, T, out / tp)
+            if not torch.compiler.is_compiling() and group_size(self.tp_group) > 1:
+                return gather_linear(x, self.weight, self.bias, self.tp_group)
+            if torch.is_autocast_enabled(x.device.type):  # gather what the GEMM reads (fp32 weights: half the
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # bytes; no cast between gather and matmul)
+            x = gather_seq(x, self.tp_group)
         return F.linear(x, self.weight, self.bias)  # (..., out_features / tp)
 
     def extra_repr(self):
@@ -97,24 +106,27 @@ class RowParallelLinear(nn.Module):
     `input_is_parallel=False` takes a replicated input (the Pretzel skips read the other stream's
     residual): without SP each rank keeps its slice of the features; with SP the input is first
     redistributed from T-sharded to feature-sharded by one all-to-all (its residual is sharded along
-    T there; this rank needs only its feature slice, of every token)."""
+    T there; this rank needs only its feature slice, of every token). `async_tp` (with SP): the
+    reduce-scatter overlapped with the GEMM (parallel/async_tp.py; compiled: inductor's fusion)."""
     tp_shards = {"weight": 1}
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, like: Optional[torch.Tensor] = None):
+                 sequence_parallel: bool = False, like: Optional[torch.Tensor] = None, async_tp: bool = False):
         super().__init__()
         n = group_size(group)
         assert in_features % n == 0
         like = like if like is not None else torch.empty(0)
         self.tp_group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self.async_tp = async_tp and sequence_parallel and n > 1
         self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features, in_features // n), like)
         self.bias = _param((out_features,), like) if bias else None
 
     @classmethod
-    def from_dense(cls, lin: nn.Linear, group, input_is_parallel: bool = True, sequence_parallel: bool = False):
+    def from_dense(cls, lin: nn.Linear, group, input_is_parallel: bool = True, sequence_parallel: bool = False,
+                   async_tp: bool = False):
         new = cls(lin.in_features, lin.out_features, lin.bias is not None, group, input_is_parallel,
-                  sequence_parallel, lin.weight)
+                  sequence_parallel, lin.weight, async_tp)
         return copy_shards(new, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,15 +136,19 @@ class RowParallelLinear(nn.Module):
                 x = seq_to_hidden(x, g)
             else:
                 x = split_hidden(x, g)  # (B, T, in / tp)
-        y = F.linear(x, self.weight)  # partial sums over the input slices
-        y = reduce_scatter_seq(y, g) if sp else reduce_from_tp(y, g)
+        if self.async_tp and sp and not torch.compiler.is_compiling():  # sp: off while sampling (sampling.py)
+            y = linear_scatter(x, self.weight, g)  # (B, T / tp, out): the reduction overlapped with the GEMM
+        else:
+            y = F.linear(x, self.weight)  # partial sums over the input slices
+            y = reduce_scatter_seq(y, g) if sp else reduce_from_tp(y, g)
         if self.bias is not None:
             y = y + (copy_to_tp(self.bias, g) if sp else self.bias)  # SP: each rank sees only its tokens
         return y
 
     def extra_repr(self):
         return (f"{self.in_features}/{group_size(self.tp_group)}, {self.out_features}, "
-                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}")
+                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}, "
+                f"async_tp={self.async_tp}")
 
 
 class ReplicatedKVLinear(nn.Module):

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megaflow.model.starflow import metrics_from
+from megaflow.model.starflow import metric_tensors
 from parallel.pipeline_comm import PipelineComm, state_dtypes, state_shapes
 from parallel.schedules import check_schedule, rank_actions
 
@@ -62,7 +62,7 @@ class PipelineSchedule:
 
     def __init__(self, stages: list, topo, schedule: str = "1f1b", micro_batches: int = 1,
                  comm: Optional[PipelineComm] = None, tied=None, grad_sync=None, overlap: bool = True,
-                 forward_context=None):
+                 forward_context=None, settle_grads=None):
         check_schedule(schedule, topo.pp, len(stages), micro_batches)
         self.stages, self.topo, self.m, self.tied = stages, topo, micro_batches, tied
         self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
@@ -71,6 +71,7 @@ class PipelineSchedule:
         # micro-batch index -> the context of that forward (FP8: parallel.backend.fp8_forward)
         self.forward_context = forward_context or (lambda i: contextlib.nullcontext())
         self.overlap = overlap  # post each action's receive one action ahead (parallel.overlap)
+        self.settle_grads = settle_grads  # called after the last backward, before any gradient is reduced
         self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}  # chunk -> index
         self.cfg = stages[0].module.cfg
         self.record = False  # True: keep (action, start, end) of the last step's computations (not
@@ -80,7 +81,8 @@ class PipelineSchedule:
     def step(self, batch: dict, noise: Optional[torch.Tensor] = None, cond_keep: Optional[torch.Tensor] = None,
              forward_only: bool = False):
         """One step on this rank's share of the batch. Returns (loss, metrics) of the global batch on
-        every rank of the pipeline; gradients are accumulated into the stage parameters."""
+        every rank of the pipeline, as 0-d device tensors (nothing read back: `read_metrics` turns
+        them into floats); gradients are accumulated into the stage parameters."""
         m, module0 = self.m, self.stages[0].module
         counts = global_counts(module0, batch, self.topo.dp_group)
         mbs = split_batch(batch, m)
@@ -108,6 +110,8 @@ class PipelineSchedule:
                     self.grad_sync.arm(a.chunk)  # this chunk's gradients are final after this backward
                 self._backward(a, self._posted.pop(k))
         self.comm.wait_sends()
+        if self.settle_grads is not None and not forward_only:
+            self.settle_grads()
         if self.grad_sync is not None and not forward_only:
             self.grad_sync.finish()
         if self.tied is not None and not forward_only:
@@ -181,5 +185,5 @@ class PipelineSchedule:
         if topo.pp > 1:
             dist.broadcast(totals, src=topo.pp_ranks[-1], group=topo.pp_group)
         terms = {k: totals[1 + j] for j, k in enumerate(TERM_KEYS) if k != "text_sum" or self.cfg.vlm is not None}
-        return totals[0].float(), metrics_from(terms, counts, self.cfg)
+        return totals[0].float(), metric_tensors(terms, counts, self.cfg)
 

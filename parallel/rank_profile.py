@@ -85,8 +85,9 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
     kind (`breakdown`) and 'step'; writes a Chrome trace to `trace` if given. `top` > 0: also 'top',
     tables of the operators and kernels that took the most device time, then host time (on CPU host
-    time only), and 'syncs', how many times per step the host may have waited for the device
-    (synchronize calls and copies between host and device: on pageable memory those block too)."""
+    time only), 'syncs', how many times per step the host may have waited for the device
+    (synchronize calls and copies between host and device: on pageable memory those block too;
+    device-to-device copies left out), and 'sync_sources' (`sync_sources`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
@@ -111,8 +112,68 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
         ops = prof.key_averages()
         keys = ("self_device_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",)
         res["top"] = "\n".join(ops.table(sort_by=k, row_limit=top, max_name_column_width=60) for k in keys)
-        res["syncs"] = sum(e.name in _SYNCS for e in events) / n - cuda  # less our own synchronize per step
+        # a device-to-device copy goes through cudaMemcpyAsync too but does not block the host: not counted
+        d2d = sum(e.device_type == DeviceType.CUDA and "DtoD" in e.name for e in events)
+        res["syncs"] = (sum(e.name in _SYNCS for e in events) - d2d) / n - cuda  # less our own synchronize per step
+        res["sync_sources"] = sync_sources(events, n)
     return res
+
+
+def sync_sources(events, steps: int, depth: int = 4) -> str:
+    """Where the host waited or copied, per step: each synchronising runtime call or host<->device
+    copy with its chain of calling operators (`cudaMemcpyAsync <- aten::copy_ <- aten::_to_copy <-
+    aten::to`) and its host time, and the device's copies by direction (a device-to-device copy
+    does not block the host; one to or from pageable host memory does)."""
+    from collections import defaultdict
+    from torch.autograd import DeviceType
+    calls = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name in _SYNCS:
+            chain, parent = [e.name], e.cpu_parent
+            while parent is not None and len(chain) < depth and parent.name != STEP:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            calls[" <- ".join(chain)][0] += 1
+            calls[" <- ".join(chain)][1] += e.time_range.end - e.time_range.start
+    copies = defaultdict(int)
+    for e in events:
+        if e.device_type == DeviceType.CUDA and e.name.lower().startswith("memcpy"):
+            copies[e.name] += 1
+    lines = [f"{n / steps:6.1f} x {us / steps / 1e3:8.2f} ms host  {chain}"
+             for chain, (n, us) in sorted(calls.items(), key=lambda kv: -kv[1][1])]
+    lines += [f"{n / steps:6.1f} x device {name}" for name, n in sorted(copies.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+
+def sync_points(step: Callable[[], None], device: torch.device, frames: int = 4) -> str:
+    """Run `step` once under torch.cuda.set_sync_debug_mode('warn') and list the Python call sites
+    (our files' innermost `frames` frames) where the host synchronised with the GPU, with counts.
+    '' off CUDA."""
+    import traceback
+    import warnings
+    from collections import Counter
+    if device.type != "cuda":
+        return ""
+    sites = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            ours = [f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+                    for f in traceback.extract_stack()[:-1] if "site-packages" not in f.filename
+                    and "/lib/python" not in f.filename]
+            sites[" <- ".join(reversed(ours[-frames:]))] += 1
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.current_stream(device).synchronize()  # not a counted operator: a stream call
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    return "\n".join(f"{n:4d} x {site}" for site, n in sites.most_common())
 
 
 def gather_ranks(row: dict, group=None) -> list:

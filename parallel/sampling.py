@@ -17,10 +17,10 @@ the same seeds and draw the same samples, so every rank that takes part computes
 global rank 0 writes the files. The weights are the live ones (bf16 under bf16 parameters).
 Under parallel.sequence_parallel, decoding feeds one token at a time, which a sequence split cannot
 cut: `sampling_scope` turns the split off while sampling (the same tensor-parallel weights, with
-plain TP's collectives: entry norms copy instead of gathering T, row layers all-reduce instead of
-reduce-scattering, `seq_split` keeps every token) and restores it after. Layers of another backend
-(Transformer Engine) cannot be switched: there the run skips its grids and report and says so;
-tools/eval_quality.py judges a checkpoint afterwards.
+plain TP's collectives: entry norms (or, under async TP, the column-parallel layers) copy instead of
+gathering T, row layers all-reduce instead of reduce-scattering, `seq_split` keeps every token) and
+restores it after. Layers of another backend (Transformer Engine) cannot be switched: there the run
+skips its grids and report and says so; tools/eval_quality.py judges a checkpoint afterwards.
 """
 from __future__ import annotations
 
@@ -42,11 +42,14 @@ def sequence_parallel(model: nn.Module) -> bool:
 def _sp_switches(module: nn.Module) -> Optional[list]:
     """(module, attribute, value without SP) for every sequence-parallel switch in `module`, or None
     if some layer's split cannot be switched off (not one of parallel/layers.py's)."""
-    from parallel.layers import ParallelRMSNorm, RowParallelLinear
+    from parallel.layers import ColumnParallelLinear, ParallelRMSNorm, ReplicatedKVLinear, RowParallelLinear
     out = []
     if sequence_parallel(module):
         out.append((module, "seq_split", nn.Identity()))
     for m in module.modules():
+        if isinstance(m, (ColumnParallelLinear, ReplicatedKVLinear)) and m.input_comm == "gather":
+            out.append((m, "input_comm", "copy"))  # async TP: the layer gathered T itself; plain TP copies
+            continue
         if not getattr(m, "sequence_parallel", False):
             continue
         if isinstance(m, ParallelRMSNorm):  # 'gather' fed TP layers -> 'copy'; 'gather_replicated' -> plain

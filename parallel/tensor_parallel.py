@@ -20,7 +20,8 @@ What goes where (tp = the VLM group, ftp = the flow group, `Topology.flow_tp_gro
                        shallow proj_in / proj_out / norm, the FAE.
 With sequence parallelism the residual streams between layers are sharded along T (`seq_split`
 after `embed`); norms run on local tokens (their weight gradients are all-reduced), the norm in front
-of a parallel region all-gathers T, row-parallel layers reduce-scatter T. The embeddings and the
+of a parallel region all-gathers T, row-parallel layers reduce-scatter T. With `parallel.async_tp` the
+column-parallel layer gathers its own input and each collective overlaps its GEMM (async_tp.py). The embeddings and the
 heads work on full T. Generation needs sequence_parallel=False (decoding feeds one token at a time).
 
 Weight init after a meta build: `init_tp_weights` draws sharded weights per rank and broadcasts
@@ -38,6 +39,7 @@ import torch.nn as nn
 from megaflow.model.config import ModelConfig
 from megaflow.model.layers import TransformerBlock
 from megaflow.model.starflow import STARFlow2, apply_stage
+from parallel.async_tp import enable_async_tp
 from parallel.backend import get_backend
 from parallel.checkpoint_tp import load_full_state_dict, shard_layout
 from parallel.comm import all_gather, group_rank, group_size
@@ -116,7 +118,9 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
                          f"building the Topology ({topo})")
     tp_g, sp = topo.tp_group, cfg.sequence_parallel
     flow_g = tp_g if topo.flow_tp == topo.tp else topo.flow_tp_group  # one communicator when they coincide
-    backend = get_backend(cfg.backend)
+    backend = get_backend(cfg.backend, cfg.async_tp)
+    if cfg.async_tp:
+        enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the collectives with their GEMMs
 
     if model.embed_tokens is not None:
         model.embed_tokens = VocabParallelEmbedding.from_dense(model.embed_tokens, tp_g)
@@ -136,9 +140,11 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
             parallelize_block(layer, tp_g, sp, backend)
         parallelize_block(unit.flow_layer, flow_g, sp, backend)
         if unit.w_vlm is not None:
-            unit.w_vlm = RowParallelLinear.from_dense(unit.w_vlm, tp_g, input_is_parallel=False, sequence_parallel=sp)
+            unit.w_vlm = RowParallelLinear.from_dense(unit.w_vlm, tp_g, input_is_parallel=False, sequence_parallel=sp,
+                                                      async_tp=cfg.async_tp)
         if unit.w_d is not None:
-            unit.w_d = RowParallelLinear.from_dense(unit.w_d, flow_g, input_is_parallel=False, sequence_parallel=sp)
+            unit.w_d = RowParallelLinear.from_dense(unit.w_d, flow_g, input_is_parallel=False, sequence_parallel=sp,
+                                                    async_tp=cfg.async_tp)
     for block in model.shallow.blocks:
         for layer in block.layers:
             parallelize_block(layer, flow_g, False, backend)

@@ -28,6 +28,7 @@ class ParallelConfig:
     flow_tp: int = 0  # tensor-parallel degree of the flow stream; 0 = same as tp
     pp: int = 1  # pipeline-parallel degree (stages)
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
+    async_tp: bool = False  # with sequence_parallel (ignored without): overlap each all-gather / reduce-scatter with its GEMM (parallel/async_tp.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling
     fp8_backend: str = "te"  # who runs FP8: 'te' (Transformer Engine layers, backend 'te') or 'torch' (torch._scaled_mm linears compiled with the blocks, backend 'local', scaling 'current'; megaflow/fp8.py)
@@ -65,6 +66,10 @@ class ParallelConfig:
                                  "current amax (no history); set parallel.fp8=current")
             if self.fp8_min_dim < 16:
                 raise ValueError(f"parallel.fp8_min_dim={self.fp8_min_dim} must be >= 16 (FP8 GEMM dimensions)")
+        if self.async_tp and self.backend != "local":
+            raise ValueError(f"parallel.async_tp=true overlaps the local backend's collectives; with "
+                             f"parallel.backend={self.backend!r} set async_tp=false (Transformer Engine's layers "
+                             f"communicate themselves)")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.bucket_mb <= 0:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from megaflow.model.starflow import read_metrics
 from megaflow.optim import param_groups, set_lr
 from megaflow.speed import apply_speedups
 from parallel.backend import fp8_forward
@@ -202,6 +203,7 @@ class ZeroEngine:
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
             if self.schedule is not None:
                 loss, metrics = self.schedule.step(batch, noise, keep)
+                metrics = read_metrics(metrics)
             else:
                 loss, metrics = self._forward_backward(batch, noise, keep)
         self.engine.step()  # skips the update itself on NaN/Inf gradients (the flag agreed over DP and TP x PP)

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_args import bench_args  # noqa: E402
-from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_steps  # noqa: E402
+from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_steps, sync_points  # noqa: E402
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
 
@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--profile-rows", default="", help="profile only these rows (comma-separated names; '' = all)")
     p.add_argument("--trace", default="", help="write DIR/<row>.rank<r>.json Chrome traces")
     p.add_argument("--top", type=int, default=0, help="print every rank's N costliest kernels and host "
-                   "operators of each profiled row")
+                   "operators of each profiled row, where its host waits and copies come from, and the Python "
+                   "call sites where one more step synchronised with the GPU")
     p.add_argument("--comm-probe", action="store_true", help="first time all-reduce / all-gather / "
                    "reduce-scatter of one TP activation (rows x seq_len x vlm.dim, bf16): bytes per second")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
@@ -130,6 +131,23 @@ def build(name: str, cfg, device, dtype):
     return build_engine(cfg, model, stages, tied, topo, dtype), topo
 
 
+def count_fusions() -> dict:
+    """{fused op: how many} that inductor's micro-pipeline TP pass (parallel.async_tp on NCCL) put into the
+    graphs compiled from now on; the counts fill in as graphs compile."""
+    import torch._inductor.fx_passes.post_grad as post_grad
+    fused = {}
+    original = getattr(post_grad.micro_pipeline_tp_pass, "original", post_grad.micro_pipeline_tp_pass)
+
+    def counted(graph):
+        original(graph)
+        for node in graph.nodes:
+            if "symm_mem" in str(node.target) and "fused" in str(node.target):
+                fused[str(node.target)] = fused.get(str(node.target), 0) + 1
+    counted.original = original
+    post_grad.micro_pipeline_tp_pass = counted
+    return fused
+
+
 def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     name, cfg = row_config(args, mode)
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
@@ -138,6 +156,9 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     # 1-row micro-batches) would otherwise exhaust the recompile limit of the compiled FlexAttention
     # (megaflow/model/masks.py, dynamic=False), which then runs eagerly and several times slower
     torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+    inductor_config._micro_pipeline_tp = False  # a row with parallel.async_tp turns it on (apply_tp)
+    fused = count_fusions()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -154,7 +175,9 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     if args.profile and (not args.profile_rows or name in args.profile_rows.split(",")):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
         prof = profile_steps(step, args.profile, device, trace, args.top)
-    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0,
+        if args.top:
+            prof["sync_points"] = sync_points(step, device)
+    row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0, fused=fused,
                peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0)
     del engine, out
     ranks = gather_ranks(dict(row, profile=prof))
@@ -274,14 +297,16 @@ def main(argv=None):
         if dist.get_rank() == 0:  # as it goes: a run stopped by a time limit still reports what it did
             r = rows[-1]
             print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, first loss {r['loss0']:.4f}, loss {r['loss']:.4f}, "
-                  f"peak {r['peak_GiB']:.1f} GiB", flush=True)
+                  f"peak {r['peak_GiB']:.1f} GiB" + (f", async TP fusions {r['fused']}" if r["fused"] else ""), flush=True)
             prof = r["ranks"][0]["profile"]
             if prof:
                 print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)
             for rank, x in enumerate(r["ranks"]):
                 if x["profile"] and "top" in x["profile"]:
                     print(f"rank {rank}: {x['profile']['syncs']:.0f} synchronising calls or host<->device "
-                          f"copies per step\n{x['profile']['top']}", flush=True)
+                          f"copies per step (device-to-device copies not counted)\n{x['profile']['top']}\nwhere they come from (per step):\n"
+                          f"{x['profile']['sync_sources']}\nsynchronising Python call sites of one step "
+                          f"(torch.cuda.set_sync_debug_mode):\n{x['profile'].get('sync_points', '')}", flush=True)
     efficiencies(rows)
     resumed = resume_check(args, args.resume, device, batch, noise) if args.resume else None
     if dist.get_rank() == 0:

@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from megaflow.model.starflow import STARFlow2, apply_stage, build_model
+from megaflow.model.starflow import STARFlow2, apply_stage, build_model, read_metrics
 from parallel.pipeline import (balance_layout, choose_layout, init_stages, load_stages, split_stages,
                                stage_costs)
 from parallel.pipeline_step import PipelineSchedule, split_batch
@@ -146,7 +146,11 @@ def test_micro_batching_equals_one_batch():
     torch.testing.assert_close(evaluated, got, rtol=0, atol=0)
     for g, p in zip(grads_before, [p for p in stages[0].module.parameters() if p.grad is not None]):
         assert torch.equal(g, p.grad)
+    assert all(torch.is_tensor(v) for v in got_metrics.values())  # nothing read back during the step
+    got_metrics = read_metrics(got_metrics)
     assert got_metrics.keys() == metrics.keys()
+    for k, v in metrics.items():
+        assert abs(got_metrics[k] - float(v)) <= 1e-6 * max(1.0, abs(float(v))), (k, got_metrics[k], v)
     grads = dict(stages[0].module.named_parameters())
     for name, p in ref.named_parameters():
         if p.grad is not None:

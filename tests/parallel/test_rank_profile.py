@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from parallel.rank_profile import STEP, breakdown, classify, work_intervals
+from parallel.rank_profile import STEP, breakdown, classify, sync_sources, work_intervals
 from tests.distributed import run_distributed
 
 
@@ -33,6 +33,29 @@ def test_device_work_leaves_out_profiler_ranges():
                 time_range=span(3, 6))]
     got = breakdown(work_intervals(events, cuda=True), [(0, 10)])
     assert got == {"compute": 4.0, "collective": 2.0, "p2p_wait": 0.0, "idle": 4.0, "collective_total": 3.0}
+
+
+def test_sync_sources_name_the_operator_and_the_copy_direction():
+    """Where a step's host waits and copies come from: each synchronising call or copy with its
+    calling operators and host time per step, and the device's copies by direction (on 2 H200s the
+    '30 blocking copies' of a TP=2 step were device-to-device copies under argsort and the
+    functional all-reduce, which do not block the host)."""
+    from types import SimpleNamespace as E
+    from torch.autograd import DeviceType
+    span = lambda a, b: E(start=a, end=b)  # noqa: E731
+    step = E(name=STEP, cpu_parent=None)
+    clone = E(name="aten::clone", cpu_parent=E(name="_c10d_functional::all_reduce", cpu_parent=step))
+    copy = E(name="aten::copy_", cpu_parent=clone)
+    events = [E(name="cudaMemcpyAsync", device_type=DeviceType.CPU, cpu_parent=copy, time_range=span(0, 300)),
+              E(name="cudaMemcpyAsync", device_type=DeviceType.CPU, cpu_parent=copy, time_range=span(400, 500)),
+              E(name="Memcpy DtoD (Device -> Device)", device_type=DeviceType.CUDA, time_range=span(0, 5)),
+              E(name="Memcpy DtoD (Device -> Device)", device_type=DeviceType.CUDA, time_range=span(9, 12)),
+              E(name="aten::mm", device_type=DeviceType.CPU, cpu_parent=step, time_range=span(0, 900))]
+    lines = sync_sources(events, steps=2).splitlines()
+    assert lines[0].split() == ["1.0", "x", "0.20", "ms", "host", "cudaMemcpyAsync", "<-", "aten::copy_", "<-",
+                                "aten::clone", "<-", "_c10d_functional::all_reduce"], lines
+    assert lines[1].split() == ["1.0", "x", "device", "Memcpy", "DtoD", "(Device", "->", "Device)"], lines
+    assert len(lines) == 2, lines
 
 
 @pytest.mark.parametrize("name, kind", [("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "collective"),

@@ -6,8 +6,8 @@ single-process model's weights gives
 - the same loss (within 1e-5, fp32),
 - the same gradients once gathered (each tensor within 1e-5 relative to its largest entry),
 - the same weights after 3 AdamW steps,
-at TP=2 and TP=4, with and without sequence parallelism, for TarFlow-only, tied embeddings and a
-smaller flow degree (flow_tp=1). Sequence parallelism on a length tp does not divide is a clear
+at TP=2 and TP=4, with and without sequence parallelism (and with async TP: parallel/async_tp.py),
+for TarFlow-only, tied embeddings and a smaller flow degree (flow_tp=1). Sequence parallelism on a length tp does not divide is a clear
 error. Each rank also runs the reference, so it compares locally. Both build paths are covered:
 meta build + load_full_state_dict, and apply_tp on a materialised model.
 """
@@ -48,9 +48,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(tp: int, sp: bool, tarflow: bool = False, tied: bool = False, flow_tp: int = 0,
-             path: str = "meta", steps: int = 3, **flow) -> dict:
+             path: str = "meta", steps: int = 3, async_tp: bool = False, **flow) -> dict:
     cfg, ref = reference(tarflow, tied, **flow)
-    pcfg = ParallelConfig(tp=tp, flow_tp=flow_tp, sequence_parallel=sp)
+    pcfg = ParallelConfig(tp=tp, flow_tp=flow_tp, sequence_parallel=sp, async_tp=async_tp)
     topo = Topology(tp=tp, flow_tp=flow_tp)
     if path == "meta":
         model = build_tp_model(cfg, topo, pcfg, state_dict=ref.state_dict())
@@ -153,8 +153,10 @@ CASES_2 = [
     dict(tp=2, sp=False, flow_tp=1, path="materialised"),
     dict(tp=2, sp=False, tarflow=True),
     dict(tp=2, sp=True, tarflow=True),
+    dict(tp=2, sp=True, tied=True, async_tp=True),  # collectives overlapped with the GEMMs (parallel/async_tp.py)
 ]
-CASES_4 = [dict(tp=4, sp=False, shallow_heads=4), dict(tp=4, sp=True, shallow_heads=4)]
+CASES_4 = [dict(tp=4, sp=False, shallow_heads=4), dict(tp=4, sp=True, shallow_heads=4),
+           dict(tp=4, sp=True, shallow_heads=4, async_tp=True)]  # + k/v heads replicated, chunks over 4 ranks
 
 
 def test_tp2_equals_single_process():

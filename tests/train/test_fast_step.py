@@ -306,8 +306,9 @@ def test_clip_in_fused_adamw_equals_clip_grad_norm(max_norm):
 
 
 def _tp2_compiled(rank, world):
-    """TP=2 with sequence parallelism, compiled Pretzel units and shallow couplings with selective
-    checkpointing inside (collectives inside the graphs), vs the eager one-process engine."""
+    """TP=2 with sequence parallelism and async TP (inside compiled graphs the layers emit the plain
+    collectives that inductor fuses on NCCL), compiled Pretzel units and shallow couplings with
+    selective checkpointing inside (collectives inside the graphs), vs the eager one-process engine."""
     import megaflow.speed
     from parallel.runtime import build_engine, build_stages
     from parallel.topology import Topology
@@ -316,7 +317,7 @@ def _tp2_compiled(rank, world):
     mcfg, ref = reference()
     cfg = run_config(activation_checkpointing="selective")
     cfg = dataclasses.replace(cfg, model=mcfg, train=dataclasses.replace(cfg.train, compile="on"),
-                              parallel=dataclasses.replace(cfg.parallel, tp=2, sequence_parallel=True))
+                              parallel=dataclasses.replace(cfg.parallel, tp=2, sequence_parallel=True, async_tp=True))
     model, stages, tied = build_stages(mcfg, cfg.parallel, Topology(tp=2), torch.device("cpu"), 0,
                                        full_state=ref.state_dict(), seq_len=48)
     engine = build_engine(cfg, model, stages, tied, Topology(tp=2), None)

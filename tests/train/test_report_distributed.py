@@ -1,5 +1,5 @@
-"""Sample grids and the quality report under TP2, TP2 with sequence parallelism (switched off while
-sampling), PP2 and ZeRO-3 (DP2) run on the split model
+"""Sample grids and the quality report under TP2, TP2 with sequence parallelism (also with async TP;
+switched off while sampling), PP2 and ZeRO-3 (DP2) run on the split model
 (real gloo processes, configs/tiny.yaml on the digits data, randomised weights).
 
 Contract: on the same weights, for each layout, the report that rank 0 writes (report.json's
@@ -26,7 +26,8 @@ from tests.parallel.test_zero import deepspeed_ops  # noqa: F401 (fixture)
 from tests.train.conftest import TINY
 
 REPORT = ["train.report_samples=1", "train.report_images=4", "train.report_docs=1"]
-LAYOUTS = {"tp2": dict(tp=2), "tp2sp": dict(tp=2, sequence_parallel=True), "pp2": dict(pp=2, micro_batches=2),
+LAYOUTS = {"tp2": dict(tp=2), "tp2sp": dict(tp=2, sequence_parallel=True),
+           "tp2sp_async": dict(tp=2, sequence_parallel=True, async_tp=True), "pp2": dict(pp=2, micro_batches=2),
            "zero3": dict(zero_stage=3)}
 GRID = "pp2"  # the training-time grid takes as many sampling calls as the report: checked on one layout (fast)
 
@@ -112,20 +113,24 @@ def test_sequence_parallel_is_switched_off_for_sampling_and_restored(caplog):
     from megaflow.model.layers import RMSNorm
     from megaflow.model.starflow import build_model
     from megaflow.train import Sampling
-    from parallel.layers import ParallelRMSNorm, SequenceSplit
+    from parallel.layers import ColumnParallelLinear, ParallelRMSNorm, SequenceSplit
     from parallel.sampling import sequence_parallel_off
     from tests.helpers import tiny_config
     model = build_model(tiny_config())
     split = model.seq_split = SequenceSplit(group=object())  # what apply_tp installs under sequence_parallel
     norm = model.flow_norm = ParallelRMSNorm.from_dense(RMSNorm(model.flow_norm.weight.shape[0]), object(),
                                                        "gather_replicated", True)
+    gate_up = model.units["0"].flow_layer.mlp.gate_up  # async TP: the column layer gathers T itself
+    column = model.units["0"].flow_layer.mlp.gate_up = ColumnParallelLinear.from_dense(gate_up, None, "gather")
     try:
         with sequence_parallel_off([model]):
             assert isinstance(model.seq_split, torch.nn.Identity) and norm.entry is None and not norm.sequence_parallel
+            assert column.input_comm == "copy"
             raise RuntimeError("boom")
     except RuntimeError:
         pass
     assert model.seq_split is split and norm.entry == "gather_replicated" and norm.sequence_parallel
+    assert column.input_comm == "gather"
 
     class OtherBackendLinear(torch.nn.Linear):
         sequence_parallel = True
