@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the VLM stream, the deep flow stream and the shallow flows.
 
-Llama/Qwen2 style: RMSNorm, rotary position embeddings, grouped-query attention (optional q/k/v
+Llama/Qwen2 style: RMSNorm, rotary position embeddings (rope.py), grouped-query attention (optional q/k/v
 bias), SwiGLU. The projections are fused: one QKV GEMM (`self_attn.qkv`, rows [q; k; v]) and one
 gate/up GEMM (`mlp.gate_up`, rows [gate; up]). Other leaf names follow Hugging Face
 (`self_attn.o_proj`, `mlp.down_proj`, `input_layernorm`, ...); the HF names of the fused parts
@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaflow.model.masks import attend
+from megaflow.model.rope import apply_rope, qkv_rope, rope_tables  # noqa: F401 (rope_tables: re-exported)
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -74,20 +75,6 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
-    """cos/sin tables for positions (B, T) -> each (B, 1, T, head_dim), HF's rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
-    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 @dataclass
 class AttnContext:
     """What every attention layer of one stream needs besides its input.
@@ -128,9 +115,13 @@ class Attention(nn.Module):
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv(x)  # (B, T, ...): T of the whole sequence also where x is a sequence-parallel slice
         B, T = qkv.shape[:2]  # that a layer gathering it itself (Transformer Engine's) made whole
-        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
-        q, k = apply_rope(qkv[:, :Hq + Hkv], ctx.cos, ctx.sin).split([Hq, Hkv], dim=1)  # RoPE on q and k at once
-        v = qkv[:, Hq + Hkv:]  # (B, Hkv, T, hd)
+        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # (B, T, Hq+2Hkv, hd)
+        if qkv.is_cuda and ctx.cache is None:  # one Triton kernel each way, contiguous q/k/v (rope.py)
+            q, k, v = qkv_rope(qkv, ctx.cos, ctx.sin, Hq, Hkv)  # (B, H, T, hd) each
+        else:
+            qkv = qkv.transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
+            q, k = apply_rope(qkv[:, :Hq + Hkv], ctx.cos, ctx.sin).split([Hq, Hkv], dim=1)  # RoPE on q and k at once
+            v = qkv[:, Hq + Hkv:]  # (B, Hkv, T, hd)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.cache_key, k, v)  # (B, Hkv, Tk, hd): earlier positions and these
         groups = q.shape[1] // k.shape[1]
