@@ -1,22 +1,24 @@
 """Rotary position embeddings (HF's rotate-half layout) and RoPE on a fused QKV projection's output.
 
 `rope_tables` / `apply_rope` are the definition. `qkv_rope` splits the QKV GEMM's output
-(B, T, Hq + 2 Hkv, hd) into q, k (rotated) and v, each (B, H, T, hd) and contiguous, as one op with
-its own backward; on CUDA both directions are one Triton kernel each, at the memory floor:
-  forward   reads qkv once, writes q, k, v once (v's copy costs 2 bytes/element and pays itself
-            back: cuDNN attention is ~4% faster on contiguous q/k/v than on views of qkv);
+(B, T, Hq + 2 Hkv, hd) into q, k (rotated) and v, each (B, H, T, hd) in (B, T, H, hd) memory order,
+with its own backward; on CUDA each direction is one Triton kernel, at the memory floor:
+  forward   reads q and k of qkv once, writes rotated q and k once (v stays a view of qkv);
   backward  reads dq, dk, dv once and writes the QKV gradient once, un-rotated, in qkv's layout.
 Compiled (inductor) instead, RoPE's backward and the reassembly of dq/dk/dv into the QKV gradient
 were two passes and a temporary: ~0.26 ms of a 3.6 ms layer at ml-tarflow's shape
 (docs/benchmarks.md). On CPU (and in tests) the op runs `apply_rope` itself and its backward is
-the same math in torch ops. torch.compile sees one opaque op (torch.library.custom_op); CUDA
-graphs capture its launches.
+the same math in torch ops (so does CUDA if Triton fails, with a warning). torch.compile sees an
+autograd.Function around two opaque ops (torch.library.custom_op); CUDA graphs capture their launches.
 
 Not here: the tables' positions (the callers' position_ids), attention itself (masks.attend).
 """
+import logging
 from typing import Optional, Tuple
 
 import torch
+
+log = logging.getLogger("megaflow")
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
@@ -44,28 +46,37 @@ def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 # ----- the fused op ---------------------------------------------------------------------------------
-@torch.library.custom_op("megaflow::qkv_rope", mutates_args=())
-def _qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
-              n_kv: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if qkv.is_cuda:
-        return _triton_forward(qkv, cos, sin, n_q, n_kv)
-    x = qkv.transpose(1, 2)  # (B, H, T, hd)
-    qk = apply_rope(x[:, :n_q + n_kv].float(), cos.float(), sin.float()).to(qkv.dtype)
-    q, k, v = qk[:, :n_q], qk[:, n_q:], x[:, n_q + n_kv:]
-    return tuple(t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))  # new, unaliased
+def _heads_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, hd) -> a fresh (B, H, T, hd) of the same values in (B, T, H, hd) memory order."""
+    return x.clone(memory_format=torch.contiguous_format).transpose(1, 2)
 
 
-@_qkv_rope.register_fake
+@torch.library.custom_op("megaflow::rope_qk", mutates_args=())
+def _rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
+             n_kv: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    if qkv.is_cuda and _triton_ok():
+        try:
+            return _triton_forward(qkv, cos, sin, n_q, n_kv)
+        except Exception as e:  # noqa: BLE001 - no Triton, or its build failed: nothing was written
+            _triton_failed(e)
+    qk = apply_rope(qkv[:, :, :n_q + n_kv].transpose(1, 2).float(), cos.float(), sin.float()).to(qkv.dtype)
+    return _heads_major(qk[:, :n_q].transpose(1, 2)), _heads_major(qk[:, n_q:].transpose(1, 2))
+
+
+@_rope_qk.register_fake
 def _(qkv, cos, sin, n_q, n_kv):
     B, T, _, hd = qkv.shape
-    return tuple(qkv.new_empty(B, h, T, hd) for h in (n_q, n_kv, n_kv))
+    return tuple(qkv.new_empty(B, T, h, hd).transpose(1, 2) for h in (n_q, n_kv))
 
 
 @torch.library.custom_op("megaflow::qkv_rope_backward", mutates_args=())
 def _qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor) -> torch.Tensor:
-    if dq.is_cuda:
-        return _triton_backward(dq, dk, dv, cos, sin)
+    if dq.is_cuda and _triton_ok():
+        try:
+            return _triton_backward(dq, dk, dv, cos, sin)
+        except Exception as e:  # noqa: BLE001
+            _triton_failed(e)
     dqk = rope_backward(torch.cat([dq, dk], dim=1).float(), cos.float(), sin.float()).to(dq.dtype)
     return torch.cat([dqk, dv], dim=1).transpose(1, 2).contiguous()  # (B, T, Hq + 2 Hkv, hd)
 
@@ -76,21 +87,26 @@ def _(dq, dk, dv, cos, sin):
     return dq.new_empty(B, T, Hq + dk.shape[1] + dv.shape[1], hd)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], inputs[2])
+class _QKVRope(torch.autograd.Function):
+    """q, k rotated (fresh), v a view of qkv; the backward writes the whole QKV gradient at once."""
 
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
+        ctx.save_for_backward(cos, sin)
+        q, k = _rope_qk(qkv, cos, sin, n_q, n_kv)
+        return q, k, qkv[:, :, n_q + n_kv:].transpose(1, 2)  # v: (B, n_kv, T, hd)
 
-def _backward(ctx, dq, dk, dv):
-    cos, sin = ctx.saved_tensors
-    return _qkv_rope_backward(dq, dk, dv, cos, sin), None, None, None, None
-
-
-_qkv_rope.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        return _qkv_rope_backward(dq, dk, dv, cos, sin), None, None, None, None
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int) -> tuple:
-    """qkv (B, T, n_q + 2 n_kv, hd), tables (B|1, 1, T, hd) -> q (B, n_q, T, hd), k, v (B, n_kv, T, hd),
-    q and k rotated; all contiguous. Computed in fp32, returned in qkv's dtype."""
+    """qkv (B, T, n_q + 2 n_kv, hd), tables (B|1, 1, T, hd) -> q (B, n_q, T, hd), k, v (B, n_kv, T, hd):
+    q and k rotated (computed in fp32, returned in qkv's dtype), v a view of qkv. All three keep qkv's
+    (B, T, H, hd) memory order, so attention's output (cuDNN's follows q's) reshapes to (B, T, H hd)
+    without a copy and its gradient reaches cuDNN's backward in the order it expects."""
     B, T, H, hd = qkv.shape
     if H != n_q + 2 * n_kv or hd % 2 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv_rope: qkv {tuple(qkv.shape)} (last stride {qkv.stride(-1)}) is not "
@@ -98,7 +114,7 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, 
     cos, sin = (t.expand(-1, 1, T, hd) if t.shape[2] == 1 else t for t in (cos, sin))  # decode: one position
     if cos.stride() != sin.stride():  # the kernels index both tables with cos's strides
         cos, sin = cos.contiguous(), sin.contiguous()
-    return _qkv_rope(qkv, cos, sin, n_q, n_kv)
+    return _QKVRope.apply(qkv, cos, sin, n_q, n_kv)
 
 
 # ----- Triton (CUDA) ---------------------------------------------------------------------------------
@@ -111,31 +127,28 @@ def _build_kernels() -> tuple:
     import triton.language as tl
 
     @triton.jit
-    def forward_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, n_q, n_kv,
+    def forward_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, n_q, n_kv,
                        sxb, sxt, sxh, scb, sct, HALF: tl.constexpr, BT: tl.constexpr):
-        # program (t-block, head, b): x[b, tblock, head, :] -> q/k/v[b, head', tblock, :]
+        # program (t-block, head, b): x[b, tblock, head, :] rotated -> q or k [b, tblock, head', :]
         tb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         t = tb * BT + tl.arange(0, BT)[:, None]  # (BT, 1)
         d = tl.arange(0, HALF)[None, :]  # (1, HALF)
         rows = t < T
-        src = x_ptr + b.to(tl.int64) * sxb + t * sxt + h * sxh + d
+        b64 = b.to(tl.int64)
+        src = x_ptr + b64 * sxb + t * sxt + h * sxh + d
         x1 = tl.load(src, mask=rows, other=0.0).to(tl.float32)  # (BT, HALF) first halves
         x2 = tl.load(src + HALF, mask=rows, other=0.0).to(tl.float32)
-        if h < n_q + n_kv:
-            tab = b.to(tl.int64) * scb + t * sct + d
-            c1 = tl.load(cos_ptr + tab, mask=rows, other=0.0).to(tl.float32)
-            c2 = tl.load(cos_ptr + tab + HALF, mask=rows, other=0.0).to(tl.float32)
-            s1 = tl.load(sin_ptr + tab, mask=rows, other=0.0).to(tl.float32)
-            s2 = tl.load(sin_ptr + tab + HALF, mask=rows, other=0.0).to(tl.float32)
-            y1 = x1 * c1 - x2 * s1
-            y2 = x2 * c2 + x1 * s2
-            if h < n_q:
-                dst = q_ptr + ((b.to(tl.int64) * n_q + h) * T + t) * (2 * HALF) + d
-            else:
-                dst = k_ptr + ((b.to(tl.int64) * n_kv + h - n_q) * T + t) * (2 * HALF) + d
+        tab = b64 * scb + t * sct + d
+        c1 = tl.load(cos_ptr + tab, mask=rows, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + tab + HALF, mask=rows, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + tab, mask=rows, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + tab + HALF, mask=rows, other=0.0).to(tl.float32)
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+        if h < n_q:
+            dst = q_ptr + ((b64 * T + t) * n_q + h) * (2 * HALF) + d
         else:
-            y1, y2 = x1, x2
-            dst = v_ptr + ((b.to(tl.int64) * n_kv + h - n_q - n_kv) * T + t) * (2 * HALF) + d
+            dst = k_ptr + ((b64 * T + t) * n_kv + h - n_q) * (2 * HALF) + d
         tl.store(dst, y1.to(q_ptr.dtype.element_ty), mask=rows)
         tl.store(dst + HALF, y2.to(q_ptr.dtype.element_ty), mask=rows)
 
@@ -175,6 +188,19 @@ def _build_kernels() -> tuple:
     return forward_kernel, backward_kernel
 
 
+_failed = False
+
+
+def _triton_ok() -> bool:
+    return not _failed
+
+
+def _triton_failed(e: Exception) -> None:
+    global _failed
+    _failed = True
+    log.warning("the RoPE/QKV Triton kernels did not run (%s: %s); torch ops from now on", type(e).__name__, str(e)[:200])
+
+
 def _kernels_built() -> tuple:
     global _kernels
     if _kernels is None:
@@ -195,11 +221,11 @@ def _table_strides(t: torch.Tensor) -> tuple:
 
 def _triton_forward(qkv, cos, sin, n_q, n_kv) -> tuple:
     B, T, H, hd = qkv.shape
-    q, k, v = (qkv.new_empty(B, h, T, hd) for h in (n_q, n_kv, n_kv))
-    _kernels_built()[0][_grid(B, T, H)](
-        qkv, cos, sin, q, k, v, T, n_q, n_kv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+    q, k = (qkv.new_empty(B, T, h, hd) for h in (n_q, n_kv))
+    _kernels_built()[0][_grid(B, T, n_q + n_kv)](
+        qkv, cos, sin, q, k, T, n_q, n_kv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         *_table_strides(cos), HALF=hd // 2, BT=BLOCK_T, num_warps=4)
-    return q, k, v
+    return q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd) in (B, T, H, hd) order
 
 
 def _triton_backward(dq, dk, dv, cos, sin) -> torch.Tensor:

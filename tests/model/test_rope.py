@@ -1,7 +1,8 @@
 """RoPE on the fused QKV output as one op (megaflow/model/rope.py) computes the definition.
 
 Contract:
-- `qkv_rope` (q and k rotated by `apply_rope`, v split off, each (B, H, T, hd)) and its backward
+- `qkv_rope` (q and k rotated by `apply_rope`, v split off, each (B, H, T, hd) in qkv's (B, T, H, hd)
+  memory order, so attention's output reshapes without a copy; v a view of qkv) and its backward
   (the QKV gradient, un-rotated, in qkv's layout) equal `apply_rope` on views of qkv under autograd,
   with grouped-query heads, per-row and broadcast tables, and non-contiguous incoming gradients;
 - the op traces under torch.compile (one opaque op, its backward in the backward graph) and gives
@@ -48,7 +49,9 @@ def test_op_equals_apply_rope_under_autograd(per_row):
     qkv, cos, sin, grads = case(per_row=per_row)
     got, dgot = values_and_grad(qkv_rope, qkv, cos, sin, grads, 4, 2)
     want, dwant = values_and_grad(reference, qkv, cos, sin, grads, 4, 2)
-    assert all(g.is_contiguous() for g in got) and dgot.shape == qkv.shape
+    assert all(g.transpose(1, 2).is_contiguous() for g in got[:2]) and dgot.shape == qkv.shape
+    v = qkv_rope(qkv, cos, sin, 4, 2)[2]
+    assert v.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()  # a view, not a copy
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-6), float((g - w).abs().max())
     assert torch.allclose(dgot, dwant, atol=1e-5), float((dgot - dwant).abs().max())
@@ -85,7 +88,8 @@ def test_triton_kernels_equal_the_reference(monkeypatch, dtype):
     for per_row, (T, n_q, n_kv, hd) in ((True, (70, 4, 2, 16)), (False, (128, 3, 3, 64))):
         qkv, cos, sin, grads = case(2, T, n_q, n_kv, hd, per_row, dtype, device)
         got = rope._triton_forward(qkv, cos, sin, n_q, n_kv)
-        want = reference(qkv, cos, sin, n_q, n_kv)
+        want = reference(qkv, cos, sin, n_q, n_kv)[:2]
+        assert all(g.transpose(1, 2).is_contiguous() for g in got)
         tol = 1e-6 if dtype == torch.float32 else 1e-2
         for g, w in zip(got, want):
             assert torch.allclose(g.float(), w.float(), atol=tol, rtol=tol), float((g.float() - w.float()).abs().max())
