@@ -11,35 +11,43 @@ are divided by it: MainWeights' clipping) and `found_inf` (nothing is written wh
 torch's optimizer keeps owning its state (state_dict, load_state_dict, checkpoints unchanged);
 MainWeights re-points them after a load.
 
+Capturable: the learning rate may be a 0-d device tensor (train.step_graph=on sets one), and the step
+count is one; both enter through `step_coefficients`, computed on the device, so nothing is read on the
+host and a CUDA graph of the step replays with each step's own learning rate and bias corrections.
+
 Not here: the gradient norm (MainWeights.grad_norm, computed before the step), the step counts
 (MainWeights increments torch's per-parameter `step` tensors, on the device).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
+LR = Union[float, torch.Tensor]  # a host float, or a 0-d tensor on the buffers' device (read there, not on the host)
 
-def bias_corrections(step: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
-    """(2,) fp32 on step's device: lr's divisor 1 - beta1^step and sqrt(1 - beta2^step)."""
+
+def step_coefficients(step: torch.Tensor, lr: LR, beta1: float, beta2: float, weight_decay: float) -> torch.Tensor:
+    """(3,) fp32 on step's device: the step size lr / (1 - beta1^step), the second moment's divisor
+    sqrt(1 - beta2^step), and the decay factor lr * weight_decay. `step`: the count already incremented."""
     s = step.float()
-    return torch.stack([1 - torch.pow(beta1, s), (1 - torch.pow(beta2, s)).sqrt()])
+    lr = lr.to(s.device, torch.float32) if torch.is_tensor(lr) else torch.full((), lr, device=s.device)
+    return torch.stack([lr / (1 - torch.pow(beta1, s)), (1 - torch.pow(beta2, s)).sqrt(), lr * weight_decay])
 
 
 @torch.no_grad()
-def adamw_reference(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: float, beta1: float, beta2: float,
+def adamw_reference(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                     eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                     found_inf: Optional[torch.Tensor] = None) -> None:
     """In place on 1-D buffers of n elements: main, grad, exp_avg, exp_avg_sq fp32, param (bf16) gets
     the new main weight, decay (bool) says where weight decay applies; step: the step count already
-    incremented (0-d tensor)."""
-    bc = bias_corrections(step, beta1, beta2)
+    incremented (0-d tensor); lr a float or a 0-d tensor."""
+    size, bc2_sqrt, decay_factor = step_coefficients(step, lr, beta1, beta2, weight_decay)
     g = grad / grad_scale if grad_scale is not None else grad
-    p = main - lr * weight_decay * decay.float() * main
+    p = main - decay_factor * decay.float() * main
     m = beta1 * exp_avg + (1 - beta1) * g
     v = beta2 * exp_avg_sq + (1 - beta2) * g * g
-    p = p - (lr / bc[0]) * m / (v.sqrt() / bc[1] + eps)
+    p = p - size * m / (v.sqrt() / bc2_sqrt + eps)
     if found_inf is not None:
         skip = found_inf.to(torch.bool)
         p, m, v = torch.where(skip, main, p), torch.where(skip, exp_avg, m), torch.where(skip, exp_avg_sq, v)
@@ -57,23 +65,24 @@ def _build_kernel():
     import triton.language as tl
 
     @triton.jit
-    def adamw_kernel(main_ptr, grad_ptr, m_ptr, v_ptr, param_ptr, decay_ptr, bc_ptr, scale_ptr, inf_ptr, n,
-                     lr, beta1, beta2, eps, weight_decay, BLOCK: tl.constexpr):
+    def adamw_kernel(main_ptr, grad_ptr, m_ptr, v_ptr, param_ptr, decay_ptr, coef_ptr, scale_ptr, inf_ptr, n,
+                     beta1, beta2, eps, BLOCK: tl.constexpr):
         if tl.load(inf_ptr) != 0:  # a skipped step writes nothing
             return
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        bc1 = tl.load(bc_ptr)
-        bc2_sqrt = tl.load(bc_ptr + 1)
+        size = tl.load(coef_ptr)  # step_coefficients: read on the device, so a replayed graph sees this step's
+        bc2_sqrt = tl.load(coef_ptr + 1)
+        decay_factor = tl.load(coef_ptr + 2)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0) / tl.load(scale_ptr)
         p = tl.load(main_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         d = tl.load(decay_ptr + offs, mask=mask, other=0).to(tl.float32)
-        p = p - lr * weight_decay * d * p
+        p = p - decay_factor * d * p
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
-        p = p - (lr / bc1) * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        p = p - size * m / (tl.sqrt(v) / bc2_sqrt + eps)
         tl.store(main_ptr + offs, p, mask=mask)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
@@ -83,10 +92,10 @@ def _build_kernel():
 
 
 @torch.no_grad()
-def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: float, beta1: float, beta2: float,
+def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                  eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                  found_inf: Optional[torch.Tensor] = None, block: int = 4096) -> None:
-    """adamw_reference as one Triton kernel (CUDA tensors, contiguous)."""
+    """adamw_reference as one Triton kernel (CUDA tensors, contiguous); capturable in a CUDA graph."""
     global _kernel
     if _kernel is None:
         _kernel = _build_kernel()
@@ -95,8 +104,8 @@ def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: float,
     skip = found_inf.float() if found_inf is not None else torch.zeros((), device=main.device)
     n = main.numel()
     _kernel[(triton_cdiv(n, block),)](main, grad, exp_avg, exp_avg_sq, param, decay.view(torch.uint8),
-                                     bias_corrections(step, beta1, beta2), scale, skip, n,
-                                     lr, beta1, beta2, eps, weight_decay, BLOCK=block, num_warps=8)
+                                     step_coefficients(step, lr, beta1, beta2, weight_decay), scale, skip, n,
+                                     beta1, beta2, eps, BLOCK=block, num_warps=8)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -233,13 +233,13 @@ class MainWeights:
 
     def _flat_ready(self) -> bool:
         """Whether the flat one-pass step applies now: flat_step, one lr / betas / eps for every group,
-        weight decay 0 or one value, plain AdamW (no amsgrad, maximize, capturable tricks), the main
+        weight decay 0 or one value, plain AdamW (no amsgrad, maximize, differentiable), the main
         gradients still the flat buffer's views; the moments are (re)pointed into flat buffers here."""
         if not self.flat_step:
             return False
         groups = self.optimizer.param_groups
         g0 = groups[0]
-        if any(g[k] != g0[k] for g in groups for k in ("lr", "betas", "eps")) or \
+        if any(g[k] is not g0[k] and _differ(g[k], g0[k]) for g in groups for k in ("lr", "betas", "eps")) or \
                 len({g["weight_decay"] for g in groups} - {0.0}) > 1 or \
                 any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable") for g in groups) or \
                 any(self.main[id(p)].grad is not v for p, v in zip(self.model_params, self.main_grads)):
@@ -287,7 +287,7 @@ class MainWeights:
         torch._foreach_add_(steps, 1 - found_inf if found_inf is not None else 1)
         wd = max(gr["weight_decay"] for gr in opt.param_groups)
         args = (self.flat_main, self.flat_main_grad, moments[0], moments[1], self.flat_param, decay, steps[0],
-                float(g["lr"]), g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None), found_inf)
+                g["lr"], g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None), found_inf)
         if not self.flat_main.is_cuda:
             return adamw_reference(*args)
         try:
@@ -359,6 +359,14 @@ class MainWeights:
                 main = self.main[id(p)].detach()
                 out[n] = main.clone() if copy else main
         return out
+
+
+def _differ(a, b) -> bool:
+    """Two param-group settings differ; a learning rate held as a tensor (train.step_graph's, one
+    object shared by every group) is compared by identity only, so nothing is read on the host."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return True
+    return a != b
 
 
 def resolve_param_dtype(name: str, autocast_dtype, device: torch.device) -> torch.dtype:

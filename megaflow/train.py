@@ -209,9 +209,8 @@ class PlainEngine:
         self.graph = None
         try:
             if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, dp_group is not None):
-                # torch's fused AdamW (capturable, its lr a device tensor) in the graph: the flat one-pass
-                # kernel takes the lr as a host float, which a replayed graph would keep from its capture
-                self.weights.flat_step = False
+                # the lr becomes a device tensor, which torch's fused AdamW (capturable) and the flat
+                # one-pass kernel (megaflow/flat_adamw.py) both read on the device
                 self.graph = StepGraph(self._step, self.optimizer, device)
         except ValueError as e:
             raise ConfigError(str(e)) from e

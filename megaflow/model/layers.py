@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from megaflow.model.masks import attend
 from megaflow.model.rope import apply_rope, qkv_rope, rope_tables  # noqa: F401 (rope_tables: re-exported)
+from megaflow.model.swiglu import silu_mul
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -153,8 +154,9 @@ class SwiGLU(nn.Module):
         return {"gate_up": (self.gate_up.out_features // 2,) * 2}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., ffn) each; under TP this rank's halves
-        return self.down_proj(F.silu(gate) * up)
+        # (..., 2 ffn) [gate; up] -> (..., ffn) silu(gate) * up; under TP this rank's halves. Its backward
+        # is one pass writing the gate_up gradient (megaflow/model/swiglu.py)
+        return self.down_proj(silu_mul(self.gate_up(x)))
 
     def init_weights(self, std: float, out_std: float):
         nn.init.normal_(self.gate_up.weight, std=std)

@@ -339,13 +339,29 @@ def test_compiled_tp2_sp_equals_one_process():
             assert abs(got - want) < 1e-5 * max(1.0, abs(want)), losses
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_flat_adamw_step_equals_torch_adamw(fused):
+class DeviceOnly(torch.Tensor):
+    """A tensor whose value must not be read on the host (float(), .item(), bool()): what a CUDA
+    graph's replay could not see change."""
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__bool__, torch.Tensor.tolist):
+            raise AssertionError(f"the learning rate was read on the host ({func.__name__})")
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is torch.Tensor.__deepcopy__:  # a state_dict copy: a plain tensor
+                return args[0].as_subclass(torch.Tensor).clone()
+            return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused,lr_tensor", [(False, False), (True, False), (True, True)],
+                         ids=["foreach", "fused", "fused-lr-tensor"])
+def test_flat_adamw_step_equals_torch_adamw(fused, lr_tensor):
     """MainWeights' one-pass step over the flat buffers (megaflow/flat_adamw.py; its torch definition,
     which the CUDA Triton kernel computes) equals torch's AdamW + the bf16 refresh: 3 steps with a
     changing lr, weight decay on matrices only, clipping (fused: as grad_scale), a skipped NaN step
     (fused: found_inf on the device), then an optimizer state_dict round trip into a fresh
-    MainWeights whose next step still agrees. The moments stay torch's state (views of flat buffers)."""
+    MainWeights whose next step still agrees. The moments stay torch's state (views of flat buffers).
+    lr_tensor: the flat step's lr is one 0-d tensor shared by the groups, as under train.step_graph
+    (read where the buffers are, never as a host float), against torch's AdamW with the float lr."""
     cfg = run_config()
     batch = make_batch(cfg.model)
     runs = {}
@@ -354,7 +370,8 @@ def test_flat_adamw_step_equals_torch_adamw(fused):
         w = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.bfloat16, fused=fused, flat_step=flat)
         assert w.flat_step == flat
         for s in range(4):
-            set_lr(w.optimizer, 1e-3 * (s + 1))
+            lr = 1e-3 * (s + 1)
+            set_lr(w.optimizer, torch.tensor(lr).as_subclass(DeviceOnly) if flat and lr_tensor else lr)
             w.zero_grad()
             model(batch, make_noise(cfg.model, batch, seed=s))[0].float().backward()
             w.grads_to_main()

@@ -1,0 +1,117 @@
+"""SiLU(gate) * up of a fused gate/up projection, with a one-pass backward.
+
+`silu_mul(gate_up)`: gate_up (..., 2F) holds [gate; up] (layers.SwiGLU's fused GEMM output, under
+tensor parallelism this rank's halves); the result (..., F) is F.silu(gate) * up, computed by the
+same torch ops as before, so compiled forwards fuse it as they did.
+
+Why the backward is ours: autograd's backward of `chunk` is a `cat` of dgate and dup, and inductor
+lowers that cat of two pointwise inputs to one kernel over (..., 2F) that evaluates each half with
+masked loads: dm and gate are read twice, 7 bf16 accesses per (gate, up) pair where 5 do (read dm,
+gate, up; write dgate, dup). On h200_1b it took 16 x 427 us a step, twice its memory floor
+(docs/benchmarks.md). `swiglu_backward` reads each input once and writes both halves of the
+gate_up gradient in place: one Triton kernel on CUDA, an opaque op to torch.compile
+(torch.library.custom_op), so inductor keeps it whole.
+
+On other devices (and if Triton is missing) the op is autograd's own arithmetic in torch ops:
+silu_backward(dm * up, gate) and dm * silu(gate), rounded where autograd rounds, so CPU runs are
+unchanged bit for bit. The CUDA kernel computes in fp32 and rounds once (within bf16 rounding of
+the reference; tools/device/step_micro.py checks it on the GPU).
+
+Not here: the GEMMs around it (layers.SwiGLU), tensor parallelism (a rank's [gate; up] halves are
+the same layout).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("megaflow")
+
+
+def swiglu_backward_reference(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d(gate_up) (..., 2F) of silu(gate) * up, from dm (..., F): autograd's arithmetic in torch ops."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(dm * up, gate), dm * F.silu(gate)], dim=-1)
+
+
+_kernel = None
+_triton_failed = False
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def swiglu_backward_kernel(dm_ptr, gu_ptr, out_ptr, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # (BLOCK_F,)
+        mask = (r[:, None] < rows) & (c[None, :] < F)  # (BLOCK_R, BLOCK_F)
+        g_off = r[:, None] * (2 * F) + c[None, :]  # gate's place in a row of [gate; up]; up's is F further
+        dm = tl.load(dm_ptr + r[:, None] * F + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gu_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + g_off + F, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        dgate = dm * u * s * (1.0 + g * (1.0 - s))  # d silu(g) / dg = s (1 + g (1 - s))
+        dup = dm * g * s
+        tl.store(out_ptr + g_off, dgate.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + g_off + F, dup.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return swiglu_backward_kernel
+
+
+def swiglu_backward_triton(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """swiglu_backward_reference as one Triton kernel (CUDA); computed in fp32, rounded once."""
+    global _kernel
+    if _kernel is None:
+        _kernel = _build_kernel()
+    dm, gate_up = dm.contiguous(), gate_up.contiguous()
+    Fd = dm.shape[-1]
+    rows = dm.numel() // max(Fd, 1)
+    out = torch.empty_like(gate_up)  # (..., 2F)
+    block_r, block_f = 4, 512
+    grid = ((rows + block_r - 1) // block_r, (Fd + block_f - 1) // block_f)
+    _kernel[grid](dm, gate_up, out, rows, Fd, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("megaflow::swiglu_backward", mutates_args=())
+def swiglu_backward(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d(gate_up) of silu(gate) * up: the Triton kernel on CUDA, the reference elsewhere."""
+    global _triton_failed
+    if dm.is_cuda and not _triton_failed:
+        try:
+            return swiglu_backward_triton(dm, gate_up)
+        except Exception as e:  # noqa: BLE001 - no Triton, or its build failed: nothing was written
+            _triton_failed = True
+            log.warning("the one-pass SwiGLU backward kernel did not run (%s: %s); torch ops from now on",
+                        type(e).__name__, str(e)[:200])
+    return swiglu_backward_reference(dm, gate_up)
+
+
+@swiglu_backward.register_fake
+def _(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(gate_up)
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)  # (..., F) each
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        return swiglu_backward(dm, gate_up)  # (..., 2F)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2F) [gate; up] -> (..., F) silu(gate) * up, its backward one pass (swiglu_backward)."""
+    if not (torch.is_grad_enabled() and gate_up.requires_grad):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return _SiluMul.apply(gate_up)
