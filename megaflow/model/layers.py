@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaflow.model.add_norm import add_rms_norm
 from megaflow.model.masks import attend
 from megaflow.model.rope import apply_rope, qkv_rope, rope_tables  # noqa: F401 (rope_tables: re-exported)
 from megaflow.model.swiglu import silu_mul
@@ -175,8 +176,14 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(dim, ffn_dim)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), ctx)  # (B, T, dim)
+        norm = self.post_attention_layernorm
+        if x.is_cuda and type(norm) is RMSNorm:  # the add and the norm with a one-pass backward (add_norm.py)
+            x, h = add_rms_norm(x, a, norm.weight, norm.eps)
+        else:
+            x = x + a
+            h = norm(x)
+        return x + self.mlp(h)
 
     def init_weights(self, std: float, out_std: float):
         self.input_layernorm.init_weights()

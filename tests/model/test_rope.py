@@ -7,18 +7,17 @@ Contract:
   with grouped-query heads, per-row and broadcast tables, and non-contiguous incoming gradients;
 - the op traces under torch.compile (one opaque op, its backward in the backward graph) and gives
   the eager values;
-- the Triton kernels (CUDA; or triton's interpreter on CPU where triton is installed) equal the
+- the Triton kernels (CUDA; or triton's interpreter on CPU: TRITON_INTERPRET=1) equal the
   torch reference in fp32 and bf16, including a T that is not a multiple of the kernel's block.
 """
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
 
 from megaflow.model import rope
 from megaflow.model.rope import apply_rope, qkv_rope, rope_tables
+from tests.model.util import triton_device
 
 
 def reference(qkv: torch.Tensor, cos, sin, n_q: int, n_kv: int) -> tuple:
@@ -72,19 +71,9 @@ def test_bad_layout_is_refused():
         qkv_rope(qkv, cos, sin, 4, 3)
 
 
-def _kernel_device(monkeypatch) -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("no CUDA and no triton to interpret the kernels with")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are built
-    monkeypatch.setattr(rope, "_kernels", None)
-    return "cpu"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_equal_the_reference(monkeypatch, dtype):
-    device = _kernel_device(monkeypatch)
+def test_triton_kernels_equal_the_reference(dtype):
+    device = triton_device()
     for per_row, (T, n_q, n_kv, hd) in ((True, (70, 4, 2, 16)), (False, (128, 3, 3, 64))):
         qkv, cos, sin, grads = case(2, T, n_q, n_kv, hd, per_row, dtype, device)
         got = rope._triton_forward(qkv, cos, sin, n_q, n_kv)
