@@ -47,6 +47,7 @@ TORCH_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead
 
 _aten = torch.ops.aten
 _SAVE = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.linear.default,
+         _aten._scaled_mm.default,  # FP8 linears (megaflow/fp8.py)
          _aten._scaled_dot_product_flash_attention.default,
          _aten._scaled_dot_product_efficient_attention.default,
          _aten._scaled_dot_product_cudnn_attention.default}

@@ -215,9 +215,9 @@ class PlainEngine:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         self.fp8 = contextlib.nullcontext
-        if cfg.parallel.fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
+        if cfg.parallel.te_fp8 != "off":  # Transformer Engine layers run their GEMMs in FP8 (forward only here)
             from parallel.backend import fp8_forward
-            forward = fp8_forward(cfg.parallel.fp8, [model])
+            forward = fp8_forward(cfg.parallel.te_fp8, [model])
             self.fp8 = lambda: forward(0)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
@@ -537,6 +537,12 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         raise ConfigError(f"parallel.backend=te (Transformer Engine) needs a CUDA GPU, and this run is on "
                           f"{device.type} (train.device={tcfg.device!r}); use parallel.backend=local"
                           + (" and parallel.fp8=off" if cfg.parallel.fp8 != "off" else ""))
+    if cfg.parallel.torch_fp8:
+        from megaflow.fp8 import check_fp8_device
+        try:
+            check_fp8_device(device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     if cfg.parallel.backend == "te":  # before any CUDA work: a cuDNN that torch loads first can break TE's
         from parallel.backend import import_te
         import_te()
@@ -582,9 +588,8 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         if ckpt is not None:
             check_format(ckpt)  # the old multi-process format: the command that converts it
         model = build(cfg, tok, device, ckpt)
-        if cfg.parallel.backend == "te":
-            from parallel.backend import apply_te_dense
-            apply_te_dense(model)  # after init or load: the TE layers take the same weights
+        from parallel.backend import apply_fp8_layers
+        apply_fp8_layers(model, cfg.parallel, device)  # after init or load: TE / FP8 layers take the same weights
         engine = PlainEngine(model, cfg, dtype)
         if ckpt is not None and is_sharded(ckpt):  # any layout's shards, read whole in this process
             load_engine_state(engine, ckpt)

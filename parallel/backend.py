@@ -18,6 +18,8 @@ launcher); `fp8_context` then runs their GEMMs in FP8 (parallel.fp8: 'delayed' =
 its own `fp8_autocast` with the amax-reduction group, and `is_first_microbatch` (TE casts a weight to
 FP8 on micro-batch 0 and reuses that copy for the others). `te_layout_problem` names what TE's FP8
 GEMMs cannot serve (a local GEMM dimension not divisible by 16), for `check_layout`.
+`parallel.fp8_backend='torch'` runs FP8 without TE: `apply_fp8_layers` swaps in megaflow/fp8.py's
+linears (TP=1 only), which need no context (they are FP8 whenever a gradient is recorded).
 """
 from __future__ import annotations
 
@@ -148,6 +150,20 @@ def apply_te_dense(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_fp8_layers(model: nn.Module, pcfg, device=None) -> nn.Module:
+    """The one place a built single-process model (or this rank's pipeline stage, at TP=1) gets the
+    layers its config asks for: `te.Linear` under backend 'te' (`apply_te_dense`), or, under
+    fp8_backend 'torch', torch's own FP8 linears on the block linears of both dimensions >= fp8_min_dim
+    (megaflow/fp8.py; before compile, so the casts fuse into the blocks' graphs). After init or load."""
+    if pcfg.backend == "te":
+        apply_te_dense(model)
+    if pcfg.torch_fp8:
+        from megaflow.fp8 import apply_fp8, check_fp8_device
+        check_fp8_device(device if device is not None else next(model.parameters()).device)
+        apply_fp8(model, pcfg.fp8_min_dim)
+    return model
+
+
 def fp8_context(recipe: str, group=None):
     """Context for a forward: FP8 GEMMs in Transformer Engine layers with the scaling `recipe`
     ('delayed' or 'current'); a no-op for 'off'. `group`: where delayed scaling reduces its amax."""
@@ -195,6 +211,10 @@ def te_layout_problem(mcfg, pcfg) -> Optional[str]:
     flow blocks and the shallow flows' blocks by flow_tp) needs both dimensions divisible by 16."""
     if pcfg.fp8 == "off":
         return None
+    if pcfg.torch_fp8:  # torch's FP8 linears are plain nn.Linear (too small or odd ones stay bf16)
+        return None if pcfg.tp == 1 else (
+            f"parallel.fp8_backend='torch' serves tp=1 (plain nn.Linear blocks), not parallel.tp={pcfg.tp}; "
+            "set parallel.fp8_backend=te with parallel.backend=te for FP8 under tensor parallelism")
     import torch
     from megaflow.model.layers import TransformerBlock
     from megaflow.model.starflow import STARFlow2

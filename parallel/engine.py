@@ -108,7 +108,7 @@ class ParallelEngine:
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
                                          grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap,
-                                         forward_context=fp8_forward(pcfg.fp8, list(modules), topo.amax_group,
+                                         forward_context=fp8_forward(pcfg.te_fp8, list(modules), topo.amax_group,
                                                                      pcfg.micro_batches))
         # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and
         # compiled TP=2 trains on eager TP=2's losses on 2 H200s (docs/benchmarks.md, issue 17)

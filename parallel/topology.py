@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 
 FP8_RECIPES = ("off", "delayed", "current")
+FP8_BACKENDS = ("te", "torch")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel degree (stages)
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
-    fp8: str = "off"  # FP8 GEMMs of the transformer blocks (needs backend 'te' on a GPU): 'off', 'delayed' or 'current' scaling
+    fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling
+    fp8_backend: str = "te"  # who runs FP8: 'te' (Transformer Engine layers, backend 'te') or 'torch' (torch._scaled_mm linears compiled with the blocks, backend 'local', scaling 'current'; megaflow/fp8.py)
+    fp8_min_dim: int = 4096  # fp8_backend 'torch': a block linear runs in FP8 only when both its dimensions are >= this (smaller ones lose: docs/benchmarks.md)
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     micro_batches: int = 1  # micro-batches per step (gradient accumulation / pipeline fill)
@@ -48,9 +51,20 @@ class ParallelConfig:
             raise ValueError(f"parallel.backend={self.backend!r} must be 'local' or 'te'")
         if self.fp8 not in FP8_RECIPES:
             raise ValueError(f"parallel.fp8={self.fp8!r} must be one of {FP8_RECIPES}")
-        if self.fp8 != "off" and self.backend != "te":
+        if self.fp8_backend not in FP8_BACKENDS:
+            raise ValueError(f"parallel.fp8_backend={self.fp8_backend!r} must be one of {FP8_BACKENDS}")
+        if self.fp8 != "off" and self.fp8_backend == "te" and self.backend != "te":
             raise ValueError(f"parallel.fp8={self.fp8!r} runs through Transformer Engine: set parallel.backend=te "
-                             "(on a GPU with FP8, e.g. H100/H200), or parallel.fp8=off")
+                             "(on a GPU with FP8, e.g. H100/H200), or parallel.fp8_backend=torch, or parallel.fp8=off")
+        if self.fp8 != "off" and self.fp8_backend == "torch":
+            if self.backend != "local":
+                raise ValueError("parallel.fp8_backend='torch' replaces our own linears: set parallel.backend=local "
+                                 "(or fp8_backend=te to keep Transformer Engine layers)")
+            if self.fp8 != "current":
+                raise ValueError(f"parallel.fp8={self.fp8!r} with fp8_backend='torch': it scales every tensor by its "
+                                 "current amax (no history); set parallel.fp8=current")
+            if self.fp8_min_dim < 16:
+                raise ValueError(f"parallel.fp8_min_dim={self.fp8_min_dim} must be >= 16 (FP8 GEMM dimensions)")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.bucket_mb <= 0:
@@ -59,6 +73,16 @@ class ParallelConfig:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+    @property
+    def te_fp8(self) -> str:
+        """The FP8 recipe Transformer Engine runs ('off' when FP8 is off or runs on torch's own linears)."""
+        return self.fp8 if self.fp8_backend == "te" else "off"
+
+    @property
+    def torch_fp8(self) -> bool:
+        """FP8 on torch's own linears (megaflow/fp8.py), swapped in by parallel.backend.apply_fp8_layers."""
+        return self.fp8 != "off" and self.fp8_backend == "torch"
 
 
 class Topology:

@@ -145,7 +145,7 @@ class ZeroEngine:
         device = next(p.device for m in modules for p in m.parameters())
         deepspeed = import_deepspeed(device.type)
         self.ds_config = build_ds_config(cfg, self.dtype)
-        self.fp8 = fp8_forward(cfg.parallel.fp8, modules, topo.amax_group, cfg.parallel.micro_batches)
+        self.fp8 = fp8_forward(cfg.parallel.te_fp8, modules, topo.amax_group, cfg.parallel.micro_batches)
         if stages is not None:
             from parallel.pipeline_step import PipelineSchedule
             self.module = nn.ModuleList(modules)

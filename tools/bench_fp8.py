@@ -1,13 +1,16 @@
-"""FP8 through Transformer Engine, one GPU: the same model, weights and batches trained with our
-local layers in bf16, Transformer Engine layers in bf16, and TE layers with FP8 GEMMs (delayed and
-current scaling). For each: median step time, tokens/s, MFU (bf16 peak, as everywhere in this repo)
+"""FP8 vs BF16, one GPU: the same model, weights and batches trained with our local layers in bf16,
+Transformer Engine layers in bf16, TE layers with FP8 GEMMs (delayed and current scaling), and our
+layers with torch's own FP8 linears (megaflow/fp8.py: variant `torch:current[:MIN_DIM]`, FP8 on the
+block linears of both dimensions >= MIN_DIM, compiled with the blocks). For each: median step time, tokens/s, MFU (bf16 peak, as everywhere in this repo)
 and peak memory (tools/profile_step.py's measurement); and the losses of every step side by side, so
 the speed-up comes with its numerical cost: step 1 is the same weights on the same batch, later steps
 show whether training drifts.
 
     python tools/bench_fp8.py --config configs/h200_1b.yaml --steps 10 --json fp8.json   # H100/H200
+    python tools/bench_fp8.py --config configs/h200_3b.yaml --variants local:off,torch:current,torch:current:2048
 
-Needs CUDA and Transformer Engine (shared/gpu/README.md says how it reaches the lent H200).
+Needs CUDA; the `te:` variants need Transformer Engine (shared/gpu/README.md says how it reaches
+the lent H200).
 """
 from __future__ import annotations
 
@@ -32,29 +35,33 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (their losses are kept)")
     ap.add_argument("--variants", default=",".join(f"{b}:{f}" for b, f in VARIANTS),
-                    help="backend:fp8 pairs, comma-separated")
+                    help="backend:fp8[:fp8_min_dim] variants, comma-separated; backend local, te, or torch "
+                         "(our layers + torch's FP8 linears)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fp8: needs a CUDA GPU with FP8 (H100/H200)", file=sys.stderr)
         return 2
-    if ":te" in "," + args.variants.replace("te:", ":te"):
+    variants = [v.split(":") for v in args.variants.split(",")]
+    if any(v[0] == "te" for v in variants):
         from parallel.backend import import_te
         import_te()  # before any CUDA work: a cuDNN that torch loads first can break TE's own (seen on the H200)
     rows = []
-    for pair in args.variants.split(","):
-        backend, fp8 = pair.split(":")
+    for backend, fp8, *min_dim in variants:
+        layers = [f"parallel.backend={backend}", f"parallel.fp8={fp8}"] if backend != "torch" else \
+            ["parallel.backend=local", f"parallel.fp8={fp8}", "parallel.fp8_backend=torch"]
+        layers += [f"parallel.fp8_min_dim={d}" for d in min_dim]
         pargs = argparse.Namespace(config=args.config, device="cuda", warmup=args.warmup, steps=args.steps,
                                    images_per_row=-1, real_data=False, peak_tflops=0.0, trace="", trace_steps=0,
                                    variant=[], parts="", baseline=False, doc_mask=False,
-                                   overrides=[*args.overrides, f"parallel.backend={backend}", f"parallel.fp8={fp8}",
-                                              "train.dtype=bf16"])
+                                   overrides=[*args.overrides, *layers, "train.dtype=bf16"])
         try:
             r = profile(pargs)
         except Exception:  # one variant failing (e.g. a TE build without FP8 support) still reports the rest
             import traceback
-            print(f"bench_fp8: {backend}/{fp8} failed:\n{traceback.format_exc()}", flush=True)
+            print(f"bench_fp8: {':'.join([backend, fp8, *min_dim])} failed:\n{traceback.format_exc()}", flush=True)
             continue
+        r["variant"] = ":".join([backend, fp8, *min_dim])
         print(render(r), flush=True)
         rows.append(r)
         gc.collect()
@@ -62,15 +69,15 @@ def main(argv=None) -> int:
     if not rows:
         return 1
     base = rows[0]
-    print(f"\n{'layers':8s} {'fp8':8s} {'step ms':>9s} {'speed-up':>9s} {'MFU %':>7s} {'mem GiB':>8s} "
+    print(f"\n{'variant':20s} {'step ms':>9s} {'tokens/s':>9s} {'speed-up':>9s} {'MFU %':>7s} {'mem GiB':>8s} "
           f"{'loss@1 rel.diff':>16s} {'last loss':>10s}")
     for r in rows:
         d1 = abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0])
-        print(f"{r['backend']:8s} {r['fp8']:8s} {r['step_time_s'] * 1e3:9.1f} {base['step_time_s'] / r['step_time_s']:9.2f} "
+        print(f"{r['variant']:20s} {r['step_time_s'] * 1e3:9.1f} {r['tokens_per_s']:9,.0f} {base['step_time_s'] / r['step_time_s']:9.2f} "
               f"{100 * (r['mfu'] or 0):7.1f} {r['peak_memory_gib']:8.2f} {d1:16.2e} {r['losses'][-1]:10.4f}")
     print("losses per step:")
     for r in rows:
-        print(f"  {r['backend']}/{r['fp8']}: " + " ".join(f"{x:.4f}" for x in r["losses"]))
+        print(f"  {r['variant']}: " + " ".join(f"{x:.4f}" for x in r["losses"]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -103,11 +103,10 @@ def build(cfg, device, real_data: bool):
 
 
 def te_layers(model, cfg):
-    """parallel.backend=te: the blocks' linears become Transformer Engine's, as `megaflow train` does."""
-    if cfg.parallel.backend == "te":
-        from parallel.backend import apply_te_dense
-        apply_te_dense(model)
-    return model
+    """parallel.backend=te / fp8_backend=torch: the blocks' linears become Transformer Engine's or
+    torch's FP8 ones, as `megaflow train` does."""
+    from parallel.backend import apply_fp8_layers
+    return apply_fp8_layers(model, cfg.parallel)
 
 
 def default_images(mcfg: ModelConfig, seq_len: int, max_images: int) -> int:

@@ -45,27 +45,7 @@ if has tp; then
 fi
 if has curves; then
   curve 0 off bf16 & curve 1 delayed fp8 & wait
-  python3 - <<'PY'
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-import glob
-c = {}
-for n in ("bf16", "fp8"):
-    try:
-        ea = EventAccumulator(glob.glob(f"/tmp/curve_{n}/tb")[0]); ea.Reload()
-        c[n] = {e.step: e.value for e in ea.Scalars("train/loss")}
-        st = [e.value for e in ea.Scalars("perf/step_s")]
-        print(n, "median step s", sorted(st)[len(st) // 2], "points", len(c[n]))
-    except Exception as e:
-        print(n, "no curve:", e)
-if len(c) == 2:
-    for s in sorted(set(c["bf16"]) & set(c["fp8"])):
-        print(f"step {s:4d} bf16 {c['bf16'][s]:.4f} fp8 {c['fp8'][s]:.4f} diff {c['fp8'][s] - c['bf16'][s]:+.4f}")
-    for a in range(0, 300, 50):  # 50-step windows: the mean losses
-        w = [s for s in c["bf16"] if a < s <= a + 50 and s in c["fp8"]]
-        if w:
-            mb, mf = (sum(c[n][s] for s in w) / len(w) for n in ("bf16", "fp8"))
-            print(f"steps {a + 1:3d}-{a + 50:3d}: bf16 {mb:.4f} fp8 {mf:.4f} diff {mf - mb:+.4f}")
-PY
+  python3 tools/device/fp8_curves.py /tmp/curve_bf16/tb /tmp/curve_fp8/tb | tee $OUT/curves.txt
 fi
 if has pp2; then
   timeout 240 torchrun --nproc_per_node 2 -m megaflow.cli train --config $C --set parallel.pp=2 --set parallel.micro_batches=4 \

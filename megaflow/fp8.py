@@ -1,0 +1,123 @@
+"""FP8 linears on torch's own `torch._scaled_mm`, made to be compiled with the rest of a block (the
+route torchtitan takes through torchao's float8 training), with no Transformer Engine.
+
+A `Float8Linear` is an `nn.Linear` (same parameters, same state-dict names: checkpoints move
+freely between FP8 and bf16 runs) whose training forward runs its three GEMMs in FP8:
+    forward   y  = x W^T     x, W in e4m3
+    backward  dx = dy W      dy in e5m2 (wider range, for gradients), W in e4m3
+              dW = dy^T x
+Scaling is dynamic and tensor-wise: each operand is scaled by (largest finite FP8) / amax(operand)
+at the moment it is cast, so nothing is kept between steps (no amax history, unlike TE's delayed
+scaling). Under torch.compile the amax reductions and casts are plain elementwise/reduction ops that
+inductor fuses into the neighbouring norm / SiLU / residual kernels, and only the GEMMs stay
+separate: that is what makes FP8 pay here where TE's eager casts (~1 ms a linear) did not.
+The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward.
+
+FP8 runs only when a gradient is being recorded (training); evaluation and generation run the bf16
+forward of the same weights. Rows of a call not divisible by 16 (what FP8 GEMMs need) fall back to
+bf16 for that call. `apply_fp8` makes the swap from outside, after the model is built, and only on
+linears whose both dimensions are >= `min_dim` (docs/benchmarks.md "FP8 on torch._scaled_mm" has the
+per-layer table behind the default). Needs a GPU with FP8 GEMMs (compute capability >= 8.9: H100,
+H200, L40S, RTX 4090) for speed; torch also runs `_scaled_mm` on the CPU (slowly), which the tests
+use to check the math.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """(t scaled into `dtype`'s range and cast, row-major; the inverse scale, a 0-d fp32 tensor)."""
+    fmax = torch.finfo(dtype).max
+    amax = t.detach().abs().amax().float().clamp(min=1e-12)  # an all-zero tensor stays zero, not NaN
+    scale = fmax / amax
+    q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return q.contiguous(), scale.reciprocal()
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """y = x W^T with FP8 operands in all three GEMMs (x: (M, K), W: (N, K) -> y: (M, N))."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        xq, x_inv = to_fp8(x, E4M3)  # (M, K)
+        wq, w_inv = to_fp8(w, E4M3)  # (N, K)
+        ctx.save_for_backward(xq, wq, x_inv, w_inv)
+        ctx.dtypes = (x.dtype, w.dtype)
+        # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is
+        return torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)  # (M, N)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xq, wq, x_inv, w_inv = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        dyq, dy_inv = to_fp8(dy, E5M2)  # (M, N)
+        dx = torch._scaled_mm(dyq, wq.t().contiguous().t(), scale_a=dy_inv, scale_b=w_inv,
+                              out_dtype=x_dtype)  # (M, N) @ (N, K) -> (M, K)
+        dw = torch._scaled_mm(dyq.t().contiguous(), xq.t().contiguous().t(), scale_a=dy_inv, scale_b=x_inv,
+                              out_dtype=w_dtype)  # (N, M) @ (M, K) -> (N, K)
+        return dx, dw, None
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear whose training forward runs in FP8 (module docstring); made by `to_float8`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not torch.is_grad_enabled() or rows % 16:
+            return F.linear(x, self.weight, self.bias)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), self.weight, out_dtype)  # (M, N)
+        y = y.view(*x.shape[:-1], self.out_features)  # (..., N)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def fp8_capable(lin: nn.Linear, min_dim: int) -> bool:
+    """The size rule: both dimensions >= `min_dim` and divisible by 16 (FP8 GEMMs need the latter)."""
+    n, k = lin.out_features, lin.in_features
+    return min(n, k) >= min_dim and n % 16 == 0 and k % 16 == 0
+
+
+def to_float8(lin: nn.Linear) -> Float8Linear:
+    """The same module object, now a Float8Linear: parameters, hooks and names untouched (works on
+    meta-device modules too, so it may come before or after materialisation)."""
+    if type(lin) is not nn.Linear:
+        raise TypeError(f"to_float8 takes a plain nn.Linear, not {type(lin).__name__} (tensor-parallel layers "
+                        "are served by parallel.fp8_backend='te')")
+    lin.__class__ = Float8Linear
+    return lin
+
+
+def apply_fp8(model: nn.Module, min_dim: int = 4096, where: Optional[Callable[[str, nn.Module], bool]] = None) -> list:
+    """Every plain nn.Linear of `model` that passes the size rule (and `where(name, module)`, by
+    default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear.
+    Returns the names swapped. Call before regional torch.compile, so the graphs include the casts."""
+    from megaflow.model.layers import TransformerBlock
+    if where is None:
+        inside = {id(m) for b in model.modules() if isinstance(b, TransformerBlock) for m in b.modules()}
+        where = lambda name, mod: id(mod) in inside  # noqa: E731
+    names = []
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and fp8_capable(mod, min_dim) and where(name, mod):
+            to_float8(mod)
+            names.append(name)
+    return names
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """One clear error where FP8 training cannot pay: not a CUDA GPU, or one below compute
+    capability 8.9 (the layers themselves also run on the CPU, slowly: the tests use that)."""
+    if device.type != "cuda":
+        raise ValueError(f"parallel.fp8_backend='torch' runs FP8 GEMMs on a CUDA GPU (H100/H200, L40S), and this "
+                         f"run is on {device.type}; set parallel.fp8=off")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"parallel.fp8_backend='torch' needs FP8 GEMMs (compute capability >= 8.9: H100/H200, "
+                         f"L40S), and {torch.cuda.get_device_name(device)} is {cap}; set parallel.fp8=off")

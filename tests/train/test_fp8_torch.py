@@ -1,0 +1,137 @@
+"""FP8 on torch's own `_scaled_mm` (megaflow/fp8.py, parallel.fp8_backend='torch'), on the CPU, where
+torch runs `_scaled_mm` too (slowly; the speed is the H200's business, docs/benchmarks.md).
+
+Contract:
+- a Float8Linear computes x W^T, dx and dW within FP8 rounding of the fp32 reference (e4m3 forward,
+  e5m2 gradients: a few % relative) and visibly not in bf16 (the error is above bf16's); without a
+  gradient being recorded (evaluation, generation) it is the bf16 layer exactly; its state dict is
+  the nn.Linear's;
+- `apply_fp8` swaps exactly the block linears of both dimensions >= min_dim (embeddings, heads and the
+  narrow shallow flows stay nn.Linear), and the swapped model's loss stays within FP8 rounding of the
+  original's;
+- compiled (torch.compile, aot_eager on the CPU) the FP8 block gives the eager FP8 block's output
+  and gradients;
+- the pipeline engine built by `build_stages` with fp8_backend='torch' swaps the layers and trains
+  to the bf16 losses within FP8 tolerance (no TE context is entered);
+- bad configs get one clear error: fp8_backend='torch' with backend 'te' or with delayed scaling,
+  at tp=2 (`check_layout`), and `megaflow train` on a CPU.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from megaflow.fp8 import Float8Linear, apply_fp8, to_float8
+from megaflow.model.layers import AttnContext, TransformerBlock, rope_tables
+from megaflow.model.starflow import build_model
+from tests.helpers import make_batch, make_noise, tiny_config
+
+
+def rel(a, b) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def test_float8_linear_math_against_fp32():
+    torch.manual_seed(0)
+    ref = nn.Linear(128, 96)
+    lin = to_float8(copy.deepcopy(ref))
+    assert isinstance(lin, Float8Linear) and lin.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(4, 16, 128)
+    dy = torch.randn(4, 16, 96)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, yr = lin(xa), ref(xb)
+    y.backward(dy)
+    yr.backward(dy)
+    errs = [rel(y, yr), rel(xa.grad, xb.grad), rel(lin.weight.grad, ref.weight.grad)]
+    assert all(1e-2 < e < 0.12 for e in errs), errs  # FP8 rounding: above bf16's ~4e-3, under e5m2's ~6%
+    assert torch.equal(lin.bias.grad, ref.bias.grad)
+    with torch.no_grad():  # evaluation / generation: the plain layer
+        assert torch.equal(lin(x), ref(x))
+    odd = torch.randn(3, 5, 128, requires_grad=True)  # 15 rows: not an FP8 GEMM shape, bf16 for this call
+    assert torch.equal(lin(odd), ref(odd))
+
+
+def test_apply_fp8_size_rule_and_model_loss():
+    cfg = dataclasses.replace(tiny_config(), stage="all")
+    ref = build_model(cfg, "cpu", seed=0)
+    model = copy.deepcopy(ref)
+    names = apply_fp8(model, min_dim=32)
+    kinds = {(n.split(".")[0], n.rsplit(".", 1)[-1]) for n in names}
+    assert {k for _, k in kinds} == {"qkv", "o_proj", "gate_up", "down_proj"}
+    assert not any("shallow" in n for n in names)  # width 16 < 32
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if "shallow" in n and isinstance(m, nn.Linear))
+    assert type(model.gauss_head) is nn.Linear and model.state_dict().keys() == ref.state_dict().keys()
+    batch = make_batch(cfg, batch_size=2, seq_len=48)
+    noise = make_noise(cfg, batch)
+    loss, ref_loss = model(batch, noise)[0], ref(batch, noise)[0]
+    assert 0 < abs(float(loss - ref_loss)) < 0.02 * abs(float(ref_loss)), (float(loss), float(ref_loss))
+
+
+def test_compiled_fp8_block_equals_eager():
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 4, 2, 16, 128)
+    apply_fp8(block, min_dim=64, where=lambda name, mod: True)
+    assert isinstance(block.mlp.gate_up, Float8Linear) and isinstance(block.self_attn.o_proj, Float8Linear)
+    cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
+    ctx = AttnContext(cos=cos, sin=sin)
+    x = torch.randn(2, 32, 64)
+    outs = []
+    for fn in (block, torch.compile(block, backend="aot_eager")):
+        xi = x.clone().requires_grad_()
+        y = fn(xi, ctx)
+        y.square().mean().backward()
+        outs.append((y.detach(), xi.grad, block.mlp.down_proj.weight.grad.clone()))
+        block.zero_grad()
+    for a, b in zip(*outs):
+        assert rel(a, b) < 1e-2, rel(a, b)
+
+
+def test_pipeline_engine_with_torch_fp8(monkeypatch):
+    import megaflow.fp8
+    from parallel.runtime import build_engine, build_stages
+    from parallel.topology import ParallelConfig, Topology
+    from tests.train.test_fast_step import run_config
+    monkeypatch.setattr(megaflow.fp8, "check_fp8_device", lambda device: None)  # the CPU stands in for the GPU
+    cfg = dataclasses.replace(tiny_config(), stage="all")
+    ref = build_model(cfg, "cpu", seed=0)
+    batch = make_batch(cfg, batch_size=2, seq_len=48)
+    noise = make_noise(cfg, batch)
+    losses = {}
+    for fp8 in ("off", "current"):
+        run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
+            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2))
+        model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
+                                           full_state=ref.state_dict(), seq_len=48)
+        n_fp8 = sum(isinstance(m, Float8Linear) for st in stages for m in st.module.modules())
+        assert n_fp8 == (0 if fp8 == "off" else 24), n_fp8  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+        engine = build_engine(run, model, stages, tied, Topology(), None)
+        losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"]) for _ in range(2)]
+    for a, b in zip(losses["current"], losses["off"]):
+        assert abs(a - b) < 0.02 * abs(b), losses
+    assert losses["current"] != losses["off"]
+
+
+def test_bad_fp8_configs_are_refused(tmp_path):
+    from megaflow.config import ConfigError
+    from megaflow.train import run
+    from parallel.runtime import check_layout
+    from parallel.topology import ParallelConfig
+    from tests.train.test_fast_step import run_config
+    with pytest.raises(ValueError, match="set parallel.backend=local"):
+        ParallelConfig(backend="te", fp8="current", fp8_backend="torch")
+    with pytest.raises(ValueError, match="set parallel.fp8=current"):
+        ParallelConfig(fp8="delayed", fp8_backend="torch")
+    with pytest.raises(ValueError, match="fp8_backend=torch"):
+        ParallelConfig(fp8="current")  # Transformer Engine's FP8 without its layers: says both ways out
+    assert ParallelConfig(fp8="current", fp8_backend="torch").te_fp8 == "off"
+    with pytest.raises(ValueError, match="serves tp=1"):
+        check_layout(ParallelConfig(tp=2, fp8="current", fp8_backend="torch"), 2, tiny_config())
+    cfg = run_config(device="cpu", out_dir=str(tmp_path / "run"))
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="current", fp8_backend="torch"))
+    with pytest.raises(ConfigError, match="CUDA GPU"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
