@@ -148,7 +148,7 @@ def _programs(device) -> int:
     global _sms
     if _sms is None:
         _sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return 4 * _sms
+    return 8 * _sms  # a few row slabs per SM: enough loads in flight for a memory-bound pass
 
 
 def _pow2(n: int) -> int:

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 # On CUDA: RoPE + the QKV gradient (rope.py) and the post-attention add + RMSNorm (add_norm.py) as
 # Triton kernels with one-pass backwards; False runs the torch ops inductor fuses (for comparisons:
-# tools/device/tarflow_block.py --kernels off,on).
-CUDA_KERNELS = True
+# tools/device/tarflow_block.py --kernels none,rope,rope+add_norm).
+CUDA_KERNELS = {"rope": True, "add_norm": True}
 
 # fused parameter's module name -> the (Hugging Face) names of its parts, in row order
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -123,7 +123,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # (B, T, ...): T of the whole sequence also where x is a sequence-parallel slice
         B, T = qkv.shape[:2]  # that a layer gathering it itself (Transformer Engine's) made whole
         qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # (B, T, Hq+2Hkv, hd)
-        if qkv.is_cuda and ctx.cache is None and CUDA_KERNELS:  # one Triton kernel each way (rope.py)
+        if qkv.is_cuda and ctx.cache is None and CUDA_KERNELS["rope"]:  # one Triton kernel each way (rope.py)
             q, k, v = qkv_rope(qkv, ctx.cos, ctx.sin, Hq, Hkv)  # (B, H, T, hd) each
         else:
             qkv = qkv.transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
@@ -183,7 +183,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(x), ctx)  # (B, T, dim)
         norm = self.post_attention_layernorm
-        if x.is_cuda and CUDA_KERNELS and type(norm) is RMSNorm:  # add + norm, one-pass backward (add_norm.py)
+        if x.is_cuda and CUDA_KERNELS["add_norm"] and type(norm) is RMSNorm:  # one-pass backward (add_norm.py)
             x, h = add_rms_norm(x, a, norm.weight, norm.eps)
         else:
             x = x + a

@@ -3,7 +3,7 @@ layer's time goes, kernel by kernel (issue 13, the TarFlow row). 64 such layers 
 
     python3 tools/device/tarflow_block.py --variant default          # compiled as the step compiles it
     python3 tools/device/tarflow_block.py --variant max-autotune     # inductor GEMM templates + epilogues
-    python3 tools/device/tarflow_block.py --kernels off,on           # without / with megaflow's Triton kernels
+    python3 tools/device/tarflow_block.py --kernels none,rope,rope+add_norm   # megaflow's Triton kernels, A/B
 
 The layer is megaflow's own TransformerBlock (width 768, 12 heads of 64, SwiGLU 2128) in bf16 on
 (32 images x 1,024 tokens), run through megaflow.speed.block_forward compiled in `--mode`. Prints:
@@ -83,8 +83,9 @@ def attention_layouts(B: int, T: int, heads: int, hd: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="default", help="default | max-autotune | eager")
-    ap.add_argument("--kernels", default="on", help="comma list of off|on: megaflow.model.layers.CUDA_KERNELS "
-                                                    "(RoPE/QKV and add+norm Triton kernels) for each run")
+    ap.add_argument("--kernels", default="rope+add_norm",
+                    help="comma list of runs, each the '+'-joined megaflow.model.layers.CUDA_KERNELS on in it "
+                         "(rope: RoPE/QKV kernels, add_norm: add + RMSNorm backward; none: neither)")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--gemm-tflops", type=float, default=790.0, help="measured dense bf16 GEMM rate (KINDS.md)")
@@ -105,7 +106,8 @@ def main() -> None:
         fn = torch.compile(block_forward, dynamic=False, mode="max-autotune-no-cudagraphs" if a.variant == "max-autotune" else None)
     grads = {}
     for kernels in a.kernels.split(","):
-        layers.CUDA_KERNELS = kernels == "on"  # dynamo guards on it: each setting gets its own graph
+        for name in layers.CUDA_KERNELS:  # dynamo guards on them: each setting gets its own graph
+            layers.CUDA_KERNELS[name] = name in kernels.split("+")
 
         def fwd_bwd():
             return torch.autograd.grad(fn(blk, x, ctx), [x] + params, g)
@@ -127,10 +129,12 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - the kernel table still comes
             print(f"  CUDA graph failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         print(kernel_table(fwd_bwd), flush=True)
-    if len(grads) == 2:  # the kernels' gradients against inductor's fusions of the same math
-        off, on = grads["off"], grads["on"]
-        rel = max(float((u.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12)) for u, w in zip(on, off))
-        print(f"  gradients, kernels on vs off: largest relative difference {rel:.2e} (bf16)", flush=True)
+    first = next(iter(grads))
+    for kernels, got in grads.items():  # the kernels' gradients against the first run's (e.g. inductor's fusions)
+        if kernels != first:
+            rel = max(float((u.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12))
+                      for u, w in zip(got, grads[first]))
+            print(f"  gradients, {kernels} vs {first}: largest relative difference {rel:.2e} (bf16)", flush=True)
     if a.attention:
         print(attention_layouts(B, T, heads, hd), flush=True)
 

@@ -7,8 +7,8 @@
 #     time by category, top kernels, GPU busy share); BASELINE=1 adds the Llama anchor (same process);
 #  2. BEFORE=DIR: the step of the code in DIR (e.g. `git archive` of the commit before this work),
 #     as its own default ("before"), in its own process;
-#  3. BLOCK=1: one layer (tools/device/tarflow_block.py BLOCK_ARGS, default `--kernels off,on`:
-#     without and with megaflow's Triton kernels), kernel by kernel; AUTOTUNE=1 adds inductor's
+#  3. BLOCK=1: one layer (tools/device/tarflow_block.py BLOCK_ARGS, default `--kernels
+#     none,rope,rope+add_norm`: megaflow's Triton kernels one by one), kernel by kernel; AUTOTUNE=1 adds inductor's
 #     max-autotune GEMM templates;
 #  4. EXTRA='--variant "name=k=v"': more variants of the step in a process of their own (no trace).
 # Usage on the device: bash tools/device/tarflow_step.sh   (writes under $OUT; STEPS, WARMUP;
@@ -36,7 +36,7 @@ if [ -n "${BEFORE:-}" ]; then
   since before
 fi
 if [ "${BLOCK:-0}" = 1 ]; then
-  timeout ${BLOCK_TIMEOUT:-60} python3 tools/device/tarflow_block.py ${BLOCK_ARGS:---kernels off,on} 2>&1 | quiet | tee -a "$OUT/checks.txt"
+  timeout ${BLOCK_TIMEOUT:-60} python3 tools/device/tarflow_block.py ${BLOCK_ARGS:---kernels none,rope,rope+add_norm} 2>&1 | quiet | tee -a "$OUT/checks.txt"
   since block
 fi
 if [ "${AUTOTUNE:-0}" = 1 ]; then
