@@ -11,9 +11,10 @@ are divided by it: MainWeights' clipping) and `found_inf` (nothing is written wh
 torch's optimizer keeps owning its state (state_dict, load_state_dict, checkpoints unchanged);
 MainWeights re-points them after a load.
 
-Capturable: the learning rate may be a 0-d device tensor (train.step_graph=on sets one), and the step
-count is one; both enter through `step_coefficients`, computed on the device, so nothing is read on the
-host and a CUDA graph of the step replays with each step's own learning rate and bias corrections.
+The learning rate may be a 0-d device tensor (as train.step_graph=on keeps it), like the step count;
+both enter through `step_coefficients`, computed on the device, so nothing is read on the host. Yet a
+whole step with this kernel does not capture as a CUDA graph on the H200 (the capture is invalidated,
+cause not isolated: tools/device/graph_probe.py), so train.step_graph keeps torch's fused AdamW.
 
 Not here: the gradient norm (MainWeights.grad_norm, computed before the step), the step counts
 (MainWeights increments torch's per-parameter `step` tensors, on the device).
@@ -95,7 +96,7 @@ def _build_kernel():
 def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                  eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                  found_inf: Optional[torch.Tensor] = None, block: int = 4096) -> None:
-    """adamw_reference as one Triton kernel (CUDA tensors, contiguous); capturable in a CUDA graph."""
+    """adamw_reference as one Triton kernel (CUDA tensors, contiguous)."""
     global _kernel
     if _kernel is None:
         _kernel = _build_kernel()

@@ -10,10 +10,8 @@ How: the engine's own step function runs eagerly for `warmup` steps (its compile
 the optimizer creates its state), then one step is captured into a CUDA graph on static copies of
 its inputs and replayed; every later step copies its batch, noise, condition mask and learning rate
 into those copies and replays the graph. Every call is a real training step, the warm-up ones too.
-The optimizer reads its learning rate from a device tensor (its step counts already live on the
-device): the one-pass flat AdamW (megaflow/flat_adamw.py, MainWeights' default on CUDA) computes its
-step coefficients from them on the device, torch's fused AdamW runs with `capturable=True`; so
-nothing in the graph depends on a host value.
+The fused AdamW runs with `capturable=True` and its learning rate as a device tensor (its step
+counts already live on the device), so nothing in the graph depends on a host value.
 
 Contract (checked by `check_step_graph`): CUDA, one process (no data-parallel collectives inside),
 not with `train.compile_mode=reduce-overhead` (graphs inside a graph), batches of one shape: a batch

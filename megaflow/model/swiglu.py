@@ -45,39 +45,52 @@ def _build_kernel():
     import triton.language as tl
 
     @triton.jit
-    def swiglu_backward_kernel(dm_ptr, gu_ptr, out_ptr, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    def swiglu_backward_kernel(dm_ptr, gu_ptr, out_ptr, rows, F, dm_row, gu_row, out_row,
+                               BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
         c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # (BLOCK_F,)
         mask = (r[:, None] < rows) & (c[None, :] < F)  # (BLOCK_R, BLOCK_F)
-        g_off = r[:, None] * (2 * F) + c[None, :]  # gate's place in a row of [gate; up]; up's is F further
-        dm = tl.load(dm_ptr + r[:, None] * F + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        dm = tl.load(dm_ptr + r[:, None] * dm_row + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        g_off = r[:, None] * gu_row + c[None, :]  # gate's place in a row of [gate; up]; up's is F further
         g = tl.load(gu_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(gu_ptr + g_off + F, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
         dgate = dm * u * s * (1.0 + g * (1.0 - s))  # d silu(g) / dg = s (1 + g (1 - s))
         dup = dm * g * s
-        tl.store(out_ptr + g_off, dgate.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + g_off + F, dup.to(out_ptr.dtype.element_ty), mask=mask)
+        o_off = r[:, None] * out_row + c[None, :]
+        tl.store(out_ptr + o_off, dgate.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + o_off + F, dup.to(out_ptr.dtype.element_ty), mask=mask)
 
     return swiglu_backward_kernel
 
 
+def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """t as (rows, cols) with unit column stride: a view when its rows have one stride (inductor's
+    padded rows too), else a copy."""
+    t2 = t.reshape(-1, cols)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def swiglu_backward_triton(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    """swiglu_backward_reference as one Triton kernel (CUDA); computed in fp32, rounded once."""
+    """swiglu_backward_reference as one Triton kernel (CUDA); computed in fp32, rounded once. Rows of
+    any stride are read in place; the result is contiguous."""
     global _kernel
     if _kernel is None:
         _kernel = _build_kernel()
-    dm, gate_up = dm.contiguous(), gate_up.contiguous()
     Fd = dm.shape[-1]
-    rows = dm.numel() // max(Fd, 1)
-    out = torch.empty_like(gate_up)  # (..., 2F)
-    block_r, block_f = 4, 512
+    dm2, gu2 = _rows(dm, Fd), _rows(gate_up, 2 * Fd)  # (rows, F), (rows, 2F)
+    out = gate_up.new_empty(gate_up.shape)  # (..., 2F) contiguous, as the fake implementation says
+    out2 = out.view(-1, 2 * Fd)
+    rows, block_r, block_f = dm2.shape[0], 4, 512
     grid = ((rows + block_r - 1) // block_r, (Fd + block_f - 1) // block_f)
-    _kernel[grid](dm, gate_up, out, rows, Fd, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+    _kernel[grid](dm2, gu2, out2, rows, Fd, dm2.stride(0), gu2.stride(0), out2.stride(0),
+                  BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
     return out
 
 
-@torch.library.custom_op("megaflow::swiglu_backward", mutates_args=())
+# flexible_layout: inductor hands the inputs over in the layout it made them (on CUDA it pads row
+# strides), rather than copying them into the strides seen at tracing; the kernel reads any row stride
+@torch.library.custom_op("megaflow::swiglu_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def swiglu_backward(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """d(gate_up) of silu(gate) * up: the Triton kernel on CUDA, the reference elsewhere."""
     global _triton_failed
@@ -93,7 +106,7 @@ def swiglu_backward(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 @swiglu_backward.register_fake
 def _(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(gate_up)
+    return gate_up.new_empty(gate_up.shape)
 
 
 class _SiluMul(torch.autograd.Function):

@@ -5,8 +5,9 @@
      refresh copy vs the one-pass flat step (ms, median of CUDA-event timings);
   3. causal SDPA with grouped-query heads at the VLM's shape: k/v repeated to every query head
      (what layers.Attention does) vs SDPA's enable_gqa, forward + backward, compiled;
-  4. SwiGLU of a fused gate/up output at the VLM's shape: chunk(2) vs a (..., 2, F) view, compiled
-     forward + backward, against the bytes it must move.
+  4. SwiGLU of a fused gate/up output at the VLM's shape: chunk(2) vs a (..., 2, F) view vs
+     megaflow/model/swiglu.py's one-pass backward, compiled forward + backward, against the bytes
+     it must move; the one-pass kernel alone.
     python3 tools/device/step_micro.py [--config configs/h200_1b.yaml]
 """
 from __future__ import annotations
@@ -97,6 +98,7 @@ def gqa(B=16, H=16, Hkv=8, T=1024, hd=128) -> None:
 
 
 def swiglu(N=16 * 1024, Fd=5632) -> None:
+    from megaflow.model.swiglu import silu_mul, swiglu_backward_triton
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(N, 2 * Fd, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     dy = torch.randn(N, Fd, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -111,10 +113,17 @@ def swiglu(N=16 * 1024, Fd=5632) -> None:
         gate, up = x.view(N, 2, Fd).unbind(1)
         return F.silu(gate) * up
 
-    res = {name: timed(lambda: torch.autograd.backward(fn(x), dy)) for name, fn in (("chunk", chunked), ("view", viewed))}
+    one_pass = torch.compile(silu_mul, dynamic=False)  # megaflow/model/swiglu.py: layers.SwiGLU's
+    res = {}
+    for name, fn in (("chunk", chunked), ("view", viewed), ("one_pass", one_pass), ("chunk", chunked)):
+        res[name] = min(res.get(name, 1e9), timed(lambda: torch.autograd.backward(fn(x), dy)))
+    bwd = timed(lambda: swiglu_backward_triton(dy, x.detach()))
     moved = (2 * N * 2 * Fd + 2 * N * Fd) + (2 * N * 2 * Fd + 2 * N * Fd + 2 * N * 2 * Fd)  # fwd + bwd bytes, bf16
-    print(f"SwiGLU fwd+bwd ({N} x {Fd}): chunk {res['chunk']:.3f} ms, view {res['view']:.3f} ms; "
-          f"{moved / 1e9:.2f} GB moved at least ({moved / res['chunk'] / 1e6:.0f} GB/s for chunk)", flush=True)
+    bwd_bytes = 2 * N * Fd * 5
+    print(f"SwiGLU fwd+bwd ({N} x {Fd}): chunk {res['chunk']:.3f} ms, view {res['view']:.3f} ms, one-pass backward "
+          f"{res['one_pass']:.3f} ms; {moved / 1e9:.2f} GB moved at least ({moved / res['chunk'] / 1e6:.0f} GB/s for "
+          f"chunk, {moved / res['one_pass'] / 1e6:.0f} for one-pass); the backward kernel alone {bwd:.3f} ms for "
+          f"{bwd_bytes / 1e9:.2f} GB ({bwd_bytes / bwd / 1e6:.0f} GB/s)", flush=True)
 
 
 def main() -> int:

@@ -1,0 +1,160 @@
+"""Why a training step does not capture as one CUDA graph (train.step_graph=on), and a graphed profile
+with what captures (issue 13, the h200_1b row). On the device; one process per capture attempt, since
+a failed capture leaves CUDA's default generator unusable in its process.
+
+    python3 tools/device/graph_probe.py probe [--swiglu triton|torch|plain] [--flat 1|0] [--mode global|thread_local]
+        tests/train/test_step_graph.py's tiny TarFlow-only step, captured while every dispatched op and
+        this branch's two Triton launches are checked (cuStreamIsCapturing): prints the first one after
+        which the capture was invalidated; exit status 0 when the capture succeeded.
+    python3 tools/device/graph_probe.py search -- PROFILE_STEP_ARGS
+        probes the settings below in order (subprocesses); with the first that captures, runs
+        tools/profile_step.py PROFILE_STEP_ARGS in a subprocess under those settings.
+
+Settings: --swiglu triton (megaflow/model/swiglu.py's kernel), torch (its op, torch arithmetic), plain
+(no custom op: chunk, silu, mul under autograd); --flat 1 (MainWeights' one-pass flat AdamW; the
+probe only: PlainEngine keeps torch's under train.step_graph, since with it the capture fails) or 0
+(torch's fused AdamW, capturable); --mode: torch.cuda.graph's capture_error_mode.
+Seen on the H200 (2026-11-30): flat 1 fails to capture, flat 0 captures, the SwiGLU kernel either way.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+ORDER = [("triton", "1", "global"), ("triton", "0", "global"), ("triton", "1", "thread_local"),
+         ("torch", "1", "global"), ("plain", "1", "global"), ("plain", "0", "global")]
+
+
+def apply_settings(swiglu: str, flat: str, mode: str) -> None:
+    """Process-wide switches (monkeypatches) for one attempt; nothing is written to disk."""
+    import megaflow.model.layers as layers
+    import megaflow.model.swiglu as sw
+    import megaflow.optim as optim
+    if swiglu == "torch":
+        sw._triton_failed = True
+    elif swiglu == "plain":
+        def plain(gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+        layers.silu_mul = plain
+    if flat == "0":
+        init = optim.MainWeights.__init__
+
+        @functools.wraps(init)
+        def no_flat(self, *a, **k):
+            init(self, *a, **k)
+            self.flat_step = False
+        optim.MainWeights.__init__ = no_flat
+    torch.cuda.graph = functools.partial(torch.cuda.graph, capture_error_mode=mode)
+
+
+_cuda = None
+
+
+def capture_status() -> int:
+    """0 not capturing, 1 capturing, 2 invalidated: the current stream's (driver API); a failing query
+    (on the H200 run of 2026-11-30 none was seen as invalidated, so the query's own error counts) is 2."""
+    global _cuda
+    if _cuda is None:
+        _cuda = ctypes.CDLL("libcuda.so.1")
+    status = ctypes.c_int(-1)
+    rc = _cuda.cuStreamIsCapturing(ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(status))
+    return 2 if rc != 0 else status.value
+
+
+class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the first op (or wrapped launch) after which the current stream's capture was invalidated."""
+    def __init__(self):
+        super().__init__()
+        self.first, self.previous, self.seen = None, "start", 0
+
+    def check(self, name: str) -> None:
+        self.seen += 1
+        if self.first is None and capture_status() == 2:
+            self.first = f"{name} (after {self.previous})"
+        self.previous = name
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.check(str(func))
+        return out
+
+
+def probe(args) -> int:
+    apply_settings(args.swiglu, args.flat, args.mode)
+    import megaflow.flat_adamw as fa
+    import megaflow.model.swiglu as sw
+    import megaflow.step_graph as sg
+    from tests.train import test_step_graph as t
+    watch = Watch()
+    for mod, name in ((fa, "adamw_triton"), (sw, "swiglu_backward_triton")):
+        fn = getattr(mod, name)
+
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            out = _fn(*a, **k)
+            if torch.cuda.is_current_stream_capturing():
+                watch.check(_name)
+            return out
+        setattr(mod, name, wrapped)
+    capture = sg.StepGraph._capture
+
+    def watched_capture(self, *a, **k):
+        with watch:
+            return capture(self, *a, **k)
+    sg.StepGraph._capture = watched_capture
+    label = f"swiglu={args.swiglu} flat={args.flat} mode={args.mode}"
+    try:
+        engine, outs = t.train("on", doc_ids=False, flat_step=args.flat == "1")
+        ok = engine.graph.graph is not None
+    except Exception as e:  # noqa: BLE001 - the report is the point
+        print(f"[probe {label}] FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        ok = False
+    print(f"[probe {label}] {'captured' if ok else 'not captured'}; first op after the capture broke: "
+          f"{watch.first}; {watch.seen} ops checked", flush=True)
+    return 0 if ok else 1
+
+
+def search(args, rest: list) -> int:
+    """The first setting whose tiny step captures AND whose profile's graphed rows captured too."""
+    here = [sys.executable, str(Path(__file__).resolve())]
+    for swiglu, flat, mode in ORDER:
+        setting = ["--swiglu", swiglu, "--flat", flat, "--mode", mode]
+        if subprocess.run(here + ["probe"] + setting, timeout=120).returncode != 0:
+            continue
+        print(f"[search] profiling with {' '.join(setting)}", flush=True)
+        res = subprocess.run(here + ["profile"] + setting + ["--"] + rest, capture_output=True, text=True)
+        print(res.stdout[-6000:], res.stderr[-1500:] if res.returncode else "", flush=True)
+        if "could not be captured" not in res.stdout:
+            return res.returncode
+    print("[search] no setting captured", flush=True)
+    return 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["probe", "search", "profile"])
+    ap.add_argument("--swiglu", default="triton", choices=["triton", "torch", "plain"])
+    ap.add_argument("--flat", default="1", choices=["1", "0"])
+    ap.add_argument("--mode", default="global", choices=["global", "thread_local", "relaxed"])
+    argv = sys.argv[1:]
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.what == "probe":
+        return probe(args)
+    if args.what == "search":
+        return search(args, rest)
+    apply_settings(args.swiglu, args.flat, args.mode)
+    from tools.profile_step import main as profile_main
+    return profile_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
