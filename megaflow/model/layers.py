@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
 # On CUDA: RoPE + the QKV gradient (rope.py) and the post-attention add + RMSNorm (add_norm.py) as
 # Triton kernels with one-pass backwards; False runs the torch ops inductor fuses (for comparisons:
-# tools/device/tarflow_block.py --kernels none,rope,rope+add_norm).
-CUDA_KERNELS = {"rope": True, "add_norm": True}
+# tools/device/tarflow_block.py --kernels none,rope,rope+add_norm). add_norm is opt-in: at TarFlow's
+# shape it saved 0.056 ms of kernel time a layer but only 0.010 ms replayed from a CUDA graph, and its
+# host work cost 0.155 ms a layer when launched (docs/benchmarks.md, "TarFlow ... round 2").
+CUDA_KERNELS = {"rope": True, "add_norm": False}
 
 # fused parameter's module name -> the (Hugging Face) names of its parts, in row order
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
