@@ -81,7 +81,7 @@ class ShallowFlowBlock(nn.Module):
         if slots is None:
             slots = torch.arange(T, device=x.device)
         if rope is None:
-            cos, sin = rope_tables(slots.expand(M, T), self.head_dim, self.rope_theta, act)
+            cos, sin = rope_tables(slots[None], self.head_dim, self.rope_theta, act)  # (1, 1, T, hd): every row alike
         else:
             cos, sin = rope[0].index_select(2, slots), rope[1].index_select(2, slots)  # (1, 1, T, hd)
         mask = None

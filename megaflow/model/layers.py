@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the VLM stream, the deep flow stream and the shallow flows.
 
-Llama/Qwen2 style: RMSNorm, rotary position embeddings, grouped-query attention (optional q/k/v
+Llama/Qwen2 style: RMSNorm, rotary position embeddings (rope.py), grouped-query attention (optional q/k/v
 bias), SwiGLU. The projections are fused: one QKV GEMM (`self_attn.qkv`, rows [q; k; v]) and one
 gate/up GEMM (`mlp.gate_up`, rows [gate; up]). Other leaf names follow Hugging Face
 (`self_attn.o_proj`, `mlp.down_proj`, `input_layernorm`, ...); the HF names of the fused parts
@@ -21,12 +21,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megaflow.model.add_norm import add_rms_norm
 from megaflow.model.masks import attend
+from megaflow.model.rope import apply_rope, qkv_rope, rope_tables  # noqa: F401 (rope_tables: re-exported)
 from megaflow.model.swiglu import silu_mul
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
+
+# On CUDA: RoPE + the QKV gradient (rope.py) and the post-attention add + RMSNorm (add_norm.py) as
+# Triton kernels with one-pass backwards; False runs the torch ops inductor fuses (for comparisons:
+# tools/device/tarflow_block.py --kernels none,rope,rope+add_norm). add_norm is opt-in: at TarFlow's
+# shape it saved 0.056 ms of kernel time a layer but only 0.010 ms replayed from a CUDA graph, and its
+# host work cost 0.155 ms a layer when launched (docs/benchmarks.md, "TarFlow ... round 2").
+CUDA_KERNELS = {"rope": True, "add_norm": False}
 
 # fused parameter's module name -> the (Hugging Face) names of its parts, in row order
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -75,20 +84,6 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
-    """cos/sin tables for positions (B, T) -> each (B, 1, T, head_dim), HF's rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
-    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 @dataclass
 class AttnContext:
     """What every attention layer of one stream needs besides its input.
@@ -129,9 +124,13 @@ class Attention(nn.Module):
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv(x)  # (B, T, ...): T of the whole sequence also where x is a sequence-parallel slice
         B, T = qkv.shape[:2]  # that a layer gathering it itself (Transformer Engine's) made whole
-        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
-        q, k = apply_rope(qkv[:, :Hq + Hkv], ctx.cos, ctx.sin).split([Hq, Hkv], dim=1)  # RoPE on q and k at once
-        v = qkv[:, Hq + Hkv:]  # (B, Hkv, T, hd)
+        qkv = qkv.view(B, T, Hq + 2 * Hkv, self.head_dim)  # (B, T, Hq+2Hkv, hd)
+        if qkv.is_cuda and ctx.cache is None and CUDA_KERNELS["rope"]:  # one Triton kernel each way (rope.py)
+            q, k, v = qkv_rope(qkv, ctx.cos, ctx.sin, Hq, Hkv)  # (B, H, T, hd) each
+        else:
+            qkv = qkv.transpose(1, 2)  # (B, Hq+2Hkv, T, hd)
+            q, k = apply_rope(qkv[:, :Hq + Hkv], ctx.cos, ctx.sin).split([Hq, Hkv], dim=1)  # RoPE on q and k at once
+            v = qkv[:, Hq + Hkv:]  # (B, Hkv, T, hd)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.cache_key, k, v)  # (B, Hkv, Tk, hd): earlier positions and these
         groups = q.shape[1] // k.shape[1]
@@ -184,8 +183,14 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(dim, ffn_dim)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), ctx)  # (B, T, dim)
+        norm = self.post_attention_layernorm
+        if x.is_cuda and CUDA_KERNELS["add_norm"] and type(norm) is RMSNorm:  # one-pass backward (add_norm.py)
+            x, h = add_rms_norm(x, a, norm.weight, norm.eps)
+        else:
+            x = x + a
+            h = norm(x)
+        return x + self.mlp(h)
 
     def init_weights(self, std: float, out_std: float):
         self.input_layernorm.init_weights()

@@ -3,6 +3,7 @@ layer's time goes, kernel by kernel (issue 13, the TarFlow row). 64 such layers 
 
     python3 tools/device/tarflow_block.py --variant default          # compiled as the step compiles it
     python3 tools/device/tarflow_block.py --variant max-autotune     # inductor GEMM templates + epilogues
+    python3 tools/device/tarflow_block.py --kernels none,rope,rope+add_norm   # megaflow's Triton kernels, A/B
 
 The layer is megaflow's own TransformerBlock (width 768, 12 heads of 64, SwiGLU 2128) in bf16 on
 (32 images x 1,024 tokens), run through megaflow.speed.block_forward compiled in `--mode`. Prints:
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from megaflow.model import layers  # noqa: E402
 from megaflow.model.layers import AttnContext, TransformerBlock, rope_tables  # noqa: E402
 from megaflow.speed import block_forward  # noqa: E402
 from tools.bench_attention import timed  # noqa: E402
@@ -81,6 +83,9 @@ def attention_layouts(B: int, T: int, heads: int, hd: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="default", help="default | max-autotune | eager")
+    ap.add_argument("--kernels", default="rope+add_norm",
+                    help="comma list of runs, each the '+'-joined megaflow.model.layers.CUDA_KERNELS on in it "
+                         "(rope: RoPE/QKV kernels, add_norm: add + RMSNorm backward; none: neither)")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--gemm-tflops", type=float, default=790.0, help="measured dense bf16 GEMM rate (KINDS.md)")
@@ -99,27 +104,37 @@ def main() -> None:
         fn = block_forward
     else:
         fn = torch.compile(block_forward, dynamic=False, mode="max-autotune-no-cudagraphs" if a.variant == "max-autotune" else None)
+    grads = {}
+    for kernels in a.kernels.split(","):
+        for name in layers.CUDA_KERNELS:  # dynamo guards on them: each setting gets its own graph
+            layers.CUDA_KERNELS[name] = name in kernels.split("+")
 
-    def fwd_bwd():
-        return torch.autograd.grad(fn(blk, x, ctx), [x] + params, g)
+        def fwd_bwd():
+            return torch.autograd.grad(fn(blk, x, ctx), [x] + params, g)
 
-    t0 = time.perf_counter()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-    ms = _ms(fwd_bwd)
-    mm, attn = layer_flops(B, T, dim, ffn, heads, hd)
-    print(f"[{a.variant}] one layer fwd+bwd {ms:.3f} ms ({(mm + attn) / ms / 1e9:.0f} TFLOP/s executed; "
-          f"x64 layers = {64 * ms:.0f} ms); GEMM floor at {a.gemm_tflops:.0f} TFLOP/s {mm / a.gemm_tflops / 1e9:.3f} ms; "
-          f"first call (compile) {compile_s:.1f} s", flush=True)
-    fwd = _ms(lambda: fn(blk, x, ctx).detach())
-    print(f"  forward alone {fwd:.3f} ms", flush=True)
-    # the same work replayed from one CUDA graph: the launch gaps' share of the layer
-    try:
-        print(f"  fwd+bwd replayed from one CUDA graph {graphed_ms(fwd_bwd):.3f} ms", flush=True)
-    except Exception as e:  # noqa: BLE001 - the kernel table still comes
-        print(f"  CUDA graph failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    print(kernel_table(fwd_bwd), flush=True)
+        t0 = time.perf_counter()
+        grads[kernels] = fwd_bwd()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        ms = _ms(fwd_bwd)
+        mm, attn = layer_flops(B, T, dim, ffn, heads, hd)
+        print(f"[{a.variant}, kernels {kernels}] one layer fwd+bwd {ms:.3f} ms ({(mm + attn) / ms / 1e9:.0f} TFLOP/s "
+              f"executed; x64 layers = {64 * ms:.0f} ms); GEMM floor at {a.gemm_tflops:.0f} TFLOP/s "
+              f"{mm / a.gemm_tflops / 1e9:.3f} ms; first call (compile) {compile_s:.1f} s", flush=True)
+        fwd = _ms(lambda: fn(blk, x, ctx).detach())
+        print(f"  forward alone {fwd:.3f} ms", flush=True)
+        # the same work replayed from one CUDA graph: the launch gaps' share of the layer
+        try:
+            print(f"  fwd+bwd replayed from one CUDA graph {graphed_ms(fwd_bwd):.3f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001 - the kernel table still comes
+            print(f"  CUDA graph failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        print(kernel_table(fwd_bwd), flush=True)
+    first = next(iter(grads))
+    for kernels, got in grads.items():  # the kernels' gradients against the first run's (e.g. inductor's fusions)
+        if kernels != first:
+            rel = max(float((u.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12))
+                      for u, w in zip(got, grads[first]))
+            print(f"  gradients, {kernels} vs {first}: largest relative difference {rel:.2e} (bf16)", flush=True)
     if a.attention:
         print(attention_layouts(B, T, heads, hd), flush=True)
 
