@@ -2,7 +2,7 @@
 
 - a compiled shallow coupling receives its RoPE tables as inputs: a table made inside the compiled
   region is recomputed (pow, cos, sin) for every element RoPE touches, forward and backward, which
-  was ~17% of that config's CPU step (docs/benchmarks.md, "TarFlow-only Fashion-MNIST on the CPU:
+  was 17-19% of that config's CPU step (docs/benchmarks.md, "TarFlow-only Fashion-MNIST on the CPU:
   the last 15%"); the loss and gradients equal eager's (tests/train/test_fast_step.py).
 """
 from __future__ import annotations
