@@ -161,16 +161,17 @@ class Planner:
 
 def build_batch(rows: list[list[tuple[TokenizedDoc, int, int]]], cfg: DataConfig, tokenizer: Tokenizer) -> tuple[dict, PackStats]:
     """The batch dict (see docs/DATA.md) of B rows, each a list of (document, start, end) pieces
-    placed in order, padded at the end; and what it holds."""
+    placed in order, padded at the end; and what it holds. Filled as numpy arrays and handed over
+    as tensors at the end (a few numpy slice writes per piece instead of torch ops: ~5x less CPU,
+    which the loader's worker takes from the training threads' cores)."""
     B, T, M = cfg.batch_size, cfg.seq_len, cfg.max_images
     stats = PackStats(slots=B * T)
-    tokens = torch.full((B, T), tokenizer.pad_id, dtype=torch.int64)
-    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)
-    position_ids = torch.zeros((B, T), dtype=torch.int64)
-    doc_ids = torch.full((B, T), -1, dtype=torch.int64)
-    image_mask = torch.zeros((B, T), dtype=torch.bool)
-    images = torch.zeros((B, M, cfg.channels, cfg.image_size, cfg.image_size), dtype=torch.float32)
-    image_valid = torch.zeros((B, M), dtype=torch.bool)
+    tokens = np.full((B, T), tokenizer.pad_id, dtype=np.int64)
+    targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((B, T), dtype=np.int64)
+    doc_ids = np.full((B, T), -1, dtype=np.int64)
+    images = np.zeros((B, M, cfg.channels, cfg.image_size, cfg.image_size), dtype=np.float32)
+    image_valid = np.zeros((B, M), dtype=bool)
     for r, row in enumerate(rows):
         offset, n_row_images, doc_index = 0, 0, 0
         for doc, start, end in row:
@@ -180,33 +181,30 @@ def build_batch(rows: list[list[tuple[TokenizedDoc, int, int]]], cfg: DataConfig
                 stats.dropped_docs += 1
                 continue
             span = slice(offset, offset + length)
-            piece_tokens = torch.from_numpy(doc.tokens[start:end])
-            next_is_target = np.zeros(length, bool)
-            next_is_target[:-1] = doc.is_target[start + 1 : end]  # no target across a piece's end
-            next_tokens = np.full(length, IGNORE_INDEX, np.int64)
-            next_tokens[:-1] = doc.tokens[start + 1 : end]
-            tokens[r, span] = piece_tokens
-            targets[r, span] = torch.from_numpy(np.where(next_is_target, next_tokens, IGNORE_INDEX))
-            position_ids[r, span] = torch.arange(length)
+            tokens[r, span] = doc.tokens[start:end]
+            # the next token where it may be predicted; no target across a piece's end
+            targets[r, offset : offset + length - 1] = np.where(doc.is_target[start + 1 : end],
+                                                                doc.tokens[start + 1 : end], IGNORE_INDEX)
+            position_ids[r, span] = np.arange(length)
             doc_ids[r, span] = doc_index
-            image_mask[r, span] = piece_tokens == tokenizer.image_id
             for s, pixels in zip(doc.image_starts, doc.images):
                 if start <= s < end:
-                    images[r, n_row_images] = torch.from_numpy(np.array(pixels, np.float32)) / 127.5 - 1.0
+                    images[r, n_row_images] = np.asarray(pixels, np.float32) / np.float32(127.5) - np.float32(1.0)
                     image_valid[r, n_row_images] = True
                     n_row_images += 1
             offset += length
             doc_index += 1
             stats.pieces += 1
-        stats.image_slots += int(image_mask[r].sum())
-        stats.text_tokens += offset - int(image_mask[r].sum())
+    image_mask = (tokens == tokenizer.image_id) & (doc_ids >= 0)  # placed image slots
+    stats.image_slots = int(image_mask.sum())
+    stats.text_tokens = int((doc_ids >= 0).sum()) - stats.image_slots
     batch = {
-        "tokens": tokens,  # (B, T)
-        "targets": targets,  # (B, T)
-        "position_ids": position_ids,  # (B, T)
-        "doc_ids": doc_ids,  # (B, T)
-        "image_mask": image_mask,  # (B, T)
-        "images": images,  # (B, max_images, C, H, W)
-        "image_valid": image_valid,  # (B, max_images)
+        "tokens": torch.from_numpy(tokens),  # (B, T)
+        "targets": torch.from_numpy(targets),  # (B, T)
+        "position_ids": torch.from_numpy(position_ids),  # (B, T)
+        "doc_ids": torch.from_numpy(doc_ids),  # (B, T)
+        "image_mask": torch.from_numpy(image_mask),  # (B, T)
+        "images": torch.from_numpy(images),  # (B, max_images, C, H, W)
+        "image_valid": torch.from_numpy(image_valid),  # (B, max_images)
     }
     return batch, stats

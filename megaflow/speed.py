@@ -82,9 +82,9 @@ def unit_forward(unit: PretzelUnit, state: tuple, ctx) -> tuple:
     return PretzelUnit.forward(unit, state, ctx)
 
 
-def coupling_forward(block: ShallowFlowBlock, xo: torch.Tensor) -> tuple:
+def coupling_forward(block: ShallowFlowBlock, xo: torch.Tensor, rope: tuple) -> tuple:
     """One shallow flow block's coupling on block-ordered tokens, shared by every shallow block."""
-    return ShallowFlowBlock.coupling(block, xo)
+    return ShallowFlowBlock.coupling(block, xo, rope)
 
 
 def loss_forward(model: STARFlow2, state: tuple, batch: dict) -> dict:
@@ -129,12 +129,14 @@ def _unit_forward(self: PretzelUnit, state: tuple, ctx) -> tuple:
     return self.compiled(self, state, ctx)
 
 
-def _coupling(self: ShallowFlowBlock, xo: torch.Tensor) -> tuple:
+def _coupling(self: ShallowFlowBlock, xo: torch.Tensor, rope=None) -> tuple:
     if not torch.is_grad_enabled():
-        return ShallowFlowBlock.coupling(self, xo)
+        return ShallowFlowBlock.coupling(self, xo, rope)
     if not xo.requires_grad:  # the first block's input (the FAE latent): one graph for every block (its
         xo = xo.detach().requires_grad_()  # gradient, one small matmul, is computed and dropped)
-    return self.compiled_coupling(self, xo)
+    if rope is None:  # the tables are the graph's inputs, made eagerly (ShallowFlowBlock.coupling says why)
+        rope = self.rope(xo.shape[1], xo)
+    return self.compiled_coupling(self, xo, rope)
 
 
 def _loss_terms(self: STARFlow2, state: tuple, batch: dict) -> dict:
