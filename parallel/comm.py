@@ -58,7 +58,13 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 # at tp=2 trained on a wrong loss on 2 H200s (7.28 where eager gave 3.67; docs/benchmarks.md, issue 17);
 # on CPU (gloo) both forms compile to the eager numbers.
 def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    return _done(_all_gather(x.contiguous(), dim % x.dim(), group))
+    """The ranks' `x` laid side by side along `dim`. Gathered along dim 0 and re-laid here: for any
+    other dim, torch 2.11's functional all-gather calls `torch._utils._maybe_view_chunk_cat`, which
+    dynamo refuses to trace, so every sequence-parallel gather inside a compiled block was a graph
+    break (compiled TP2+SP ran 2x slower than TP2 on 2 H200s; docs/benchmarks.md, issue 17)."""
+    dim = dim % x.dim()
+    y = _done(_all_gather(x.contiguous(), 0, group))  # (n * x.shape[0], ...): rank r's x at rows r*B..
+    return y if dim == 0 else torch.cat(y.chunk(group_size(group), 0), dim)
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
