@@ -2,7 +2,7 @@
 
 - a compiled shallow coupling receives its RoPE tables as inputs: a table made inside the compiled
   region is recomputed (pow, cos, sin) for every element RoPE touches, forward and backward, which
-  was 17-19% of that config's one-thread CPU step, ~3% of its two-thread one (docs/benchmarks.md,
+  was 17-19% of that config's one-thread CPU step (two threads: docs/benchmarks.md,
   "TarFlow-only Fashion-MNIST on the CPU: the last 15%"); the loss equals eager's.
 """
 from __future__ import annotations
