@@ -106,8 +106,8 @@ class ShallowFlowBlock(nn.Module):
         """The affine map on block-ordered tokens xo (M, N, D) -> z (M, N, D) in the same order,
         log|det dz/dx| (M,). (One region of megaflow/speed.py's compilation.) `rope`: the RoPE tables
         (`self.rope`), made outside: a table made inside a compiled region is not kept but recomputed
-        (pow, cos, sin) for every element that RoPE touches, forward and backward (17-19% of a CPU step
-        of configs/tarflow_fmnist28.yaml)."""
+        (pow, cos, sin) for every element that RoPE touches, forward and backward (17-19% of a
+        one-thread CPU step of configs/tarflow_fmnist28.yaml)."""
         mu, sigma = self._params(self._net(xo, rope=rope))  # (M, N, D) each: token i's from x_<i
         z = (xo - mu) / sigma
         return z, -sigma.log().sum(dim=(1, 2))

@@ -2,8 +2,8 @@
 
 - a compiled shallow coupling receives its RoPE tables as inputs: a table made inside the compiled
   region is recomputed (pow, cos, sin) for every element RoPE touches, forward and backward, which
-  was 17-19% of that config's CPU step (docs/benchmarks.md, "TarFlow-only Fashion-MNIST on the CPU:
-  the last 15%"); the loss and gradients equal eager's (tests/train/test_fast_step.py).
+  was 17-19% of that config's one-thread CPU step (two threads: docs/benchmarks.md,
+  "TarFlow-only Fashion-MNIST on the CPU: the last 15%"); the loss equals eager's.
 """
 from __future__ import annotations
 
