@@ -16,12 +16,11 @@ Not here: the RMSNorm module (layers.RMSNorm: its weight and eps are used), the 
 entry (its input is the previous block's output; inductor already fuses its backward with the
 residual gradient's add).
 """
-import logging
 from typing import Optional, Tuple
 
 import torch
 
-log = logging.getLogger("megaflow")
+from megaflow.model.triton_kernel import TritonKernel
 
 
 def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple:
@@ -44,15 +43,8 @@ def rms_norm_backward_reference(dh, x2, rstd, weight, dres) -> tuple:
 def rms_norm_backward(dh: torch.Tensor, x2: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                       dres: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """dh, x2, dres (N, D), rstd (N, 1) fp32, weight (D,) -> dx (N, D), dw (D,) fp32."""
-    global _failed
-    if dh.is_cuda and not _failed:
-        try:
-            return _triton_backward(dh, x2, rstd, weight, dres)
-        except Exception as e:  # noqa: BLE001 - no Triton, or its build failed: nothing was written
-            _failed = True
-            log.warning("the RMSNorm backward kernel did not run (%s: %s); torch ops from now on",
-                        type(e).__name__, str(e)[:200])
-    return rms_norm_backward_reference(dh, x2, rstd, weight, dres)
+    return _KERNEL.call(dh.is_cuda, lambda: _triton_backward(dh, x2, rstd, weight, dres),
+                        lambda: rms_norm_backward_reference(dh, x2, rstd, weight, dres))
 
 
 @rms_norm_backward.register_fake
@@ -87,8 +79,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 
 # ----- Triton (CUDA) ---------------------------------------------------------------------------------
-_kernel = None
-_failed = False
 ROWS = 4  # rows per inner step of a program
 
 
@@ -124,10 +114,10 @@ def _build_kernel():
     return backward_kernel
 
 
+_KERNEL = TritonKernel("RMSNorm backward kernel", _build_kernel)
+
+
 def _triton_backward(dh, x2, rstd, weight, dres) -> tuple:
-    global _kernel
-    if _kernel is None:
-        _kernel = _build_kernel()
     dh, x2, dres, rstd = dh.contiguous(), x2.contiguous(), dres.contiguous(), rstd.float().contiguous()
     N, D = x2.shape
     programs = _programs(dh.device)
@@ -136,8 +126,8 @@ def _triton_backward(dh, x2, rstd, weight, dres) -> tuple:
     programs = -(-N // rows)
     dx = torch.empty_like(x2)
     partial = torch.empty(programs, D, device=dh.device, dtype=torch.float32)
-    _kernel[(programs,)](dh, x2, rstd, weight.contiguous(), dres, dx, partial, N, D, rows,
-                         BD=_pow2(D), BR=ROWS, num_warps=4)
+    _KERNEL.get()[(programs,)](dh, x2, rstd, weight.contiguous(), dres, dx, partial, N, D, rows,
+                               BD=_pow2(D), BR=ROWS, num_warps=4)
     return dx, partial.sum(0)
 
 

@@ -13,12 +13,11 @@ autograd.Function around two opaque ops (torch.library.custom_op); CUDA graphs c
 
 Not here: the tables' positions (the callers' position_ids), attention itself (masks.attend).
 """
-import logging
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
-log = logging.getLogger("megaflow")
+from megaflow.model.triton_kernel import TritonKernel
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
@@ -54,11 +53,11 @@ def _heads_major(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("megaflow::rope_qk", mutates_args=())
 def _rope_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
              n_kv: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    if qkv.is_cuda and _triton_ok():
-        try:
-            return _triton_forward(qkv, cos, sin, n_q, n_kv)
-        except Exception as e:  # noqa: BLE001 - no Triton, or its build failed: nothing was written
-            _triton_failed(e)
+    return _KERNELS.call(qkv.is_cuda, lambda: _triton_forward(qkv, cos, sin, n_q, n_kv),
+                         lambda: _rope_qk_reference(qkv, cos, sin, n_q, n_kv))
+
+
+def _rope_qk_reference(qkv, cos, sin, n_q: int, n_kv: int) -> tuple:
     qk = apply_rope(qkv[:, :, :n_q + n_kv].transpose(1, 2).float(), cos.float(), sin.float()).to(qkv.dtype)
     return _heads_major(qk[:, :n_q].transpose(1, 2)), _heads_major(qk[:, n_q:].transpose(1, 2))
 
@@ -72,11 +71,11 @@ def _(qkv, cos, sin, n_q, n_kv):
 @torch.library.custom_op("megaflow::qkv_rope_backward", mutates_args=())
 def _qkv_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor) -> torch.Tensor:
-    if dq.is_cuda and _triton_ok():
-        try:
-            return _triton_backward(dq, dk, dv, cos, sin)
-        except Exception as e:  # noqa: BLE001
-            _triton_failed(e)
+    return _KERNELS.call(dq.is_cuda, lambda: _triton_backward(dq, dk, dv, cos, sin),
+                         lambda: _qkv_rope_backward_reference(dq, dk, dv, cos, sin))
+
+
+def _qkv_rope_backward_reference(dq, dk, dv, cos, sin) -> torch.Tensor:
     dqk = rope_backward(torch.cat([dq, dk], dim=1).float(), cos.float(), sin.float()).to(dq.dtype)
     return torch.cat([dqk, dv], dim=1).transpose(1, 2).contiguous()  # (B, T, Hq + 2 Hkv, hd)
 
@@ -118,7 +117,6 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, 
 
 
 # ----- Triton (CUDA) ---------------------------------------------------------------------------------
-_kernels: Optional[tuple] = None
 BLOCK_T = 64  # tokens per program: (64, hd) tiles; a token's head is hd contiguous elements
 
 
@@ -188,24 +186,7 @@ def _build_kernels() -> tuple:
     return forward_kernel, backward_kernel
 
 
-_failed = False
-
-
-def _triton_ok() -> bool:
-    return not _failed
-
-
-def _triton_failed(e: Exception) -> None:
-    global _failed
-    _failed = True
-    log.warning("the RoPE/QKV Triton kernels did not run (%s: %s); torch ops from now on", type(e).__name__, str(e)[:200])
-
-
-def _kernels_built() -> tuple:
-    global _kernels
-    if _kernels is None:
-        _kernels = _build_kernels()
-    return _kernels
+_KERNELS = TritonKernel("RoPE/QKV Triton kernels", _build_kernels)  # (forward, backward)
 
 
 def _grid(B: int, T: int, H: int) -> tuple:
@@ -222,7 +203,7 @@ def _table_strides(t: torch.Tensor) -> tuple:
 def _triton_forward(qkv, cos, sin, n_q, n_kv) -> tuple:
     B, T, H, hd = qkv.shape
     q, k = (qkv.new_empty(B, T, h, hd) for h in (n_q, n_kv))
-    _kernels_built()[0][_grid(B, T, n_q + n_kv)](
+    _KERNELS.get()[0][_grid(B, T, n_q + n_kv)](
         qkv, cos, sin, q, k, T, n_q, n_kv, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         *_table_strides(cos), HALF=hd // 2, BT=BLOCK_T, num_warps=4)
     return q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd) in (B, T, H, hd) order
@@ -233,7 +214,7 @@ def _triton_backward(dq, dk, dv, cos, sin) -> torch.Tensor:
     n_kv = dk.shape[1]
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
     dx = dq.new_empty(B, T, n_q + 2 * n_kv, hd)
-    _kernels_built()[1][_grid(B, T, n_q + 2 * n_kv)](
+    _KERNELS.get()[1][_grid(B, T, n_q + 2 * n_kv)](
         dq, dk, dv, cos, sin, dx, T, n_q, n_kv, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         *_table_strides(cos), HALF=hd // 2, BT=BLOCK_T, num_warps=4)
     return dx

@@ -22,12 +22,10 @@ the same layout).
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("megaflow")
+from megaflow.model.triton_kernel import TritonKernel
 
 
 def swiglu_backward_reference(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
@@ -36,8 +34,6 @@ def swiglu_backward_reference(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.
     return torch.cat([torch.ops.aten.silu_backward(dm * up, gate), dm * F.silu(gate)], dim=-1)
 
 
-_kernel = None
-_triton_failed = False
 
 
 def _build_kernel():
@@ -64,6 +60,9 @@ def _build_kernel():
     return swiglu_backward_kernel
 
 
+_KERNEL = TritonKernel("one-pass SwiGLU backward kernel", _build_kernel)
+
+
 def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     """t as (rows, cols) with unit column stride: a view when its rows have one stride (inductor's
     padded rows too), else a copy."""
@@ -74,17 +73,14 @@ def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
 def swiglu_backward_triton(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """swiglu_backward_reference as one Triton kernel (CUDA); computed in fp32, rounded once. Rows of
     any stride are read in place; the result is contiguous."""
-    global _kernel
-    if _kernel is None:
-        _kernel = _build_kernel()
     Fd = dm.shape[-1]
     dm2, gu2 = _rows(dm, Fd), _rows(gate_up, 2 * Fd)  # (rows, F), (rows, 2F)
     out = gate_up.new_empty(gate_up.shape)  # (..., 2F) contiguous, as the fake implementation says
     out2 = out.view(-1, 2 * Fd)
     rows, block_r, block_f = dm2.shape[0], 4, 512
     grid = ((rows + block_r - 1) // block_r, (Fd + block_f - 1) // block_f)
-    _kernel[grid](dm2, gu2, out2, rows, Fd, dm2.stride(0), gu2.stride(0), out2.stride(0),
-                  BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+    _KERNEL.get()[grid](dm2, gu2, out2, rows, Fd, dm2.stride(0), gu2.stride(0), out2.stride(0),
+                        BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
     return out
 
 
@@ -93,15 +89,8 @@ def swiglu_backward_triton(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Ten
 @torch.library.custom_op("megaflow::swiglu_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def swiglu_backward(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """d(gate_up) of silu(gate) * up: the Triton kernel on CUDA, the reference elsewhere."""
-    global _triton_failed
-    if dm.is_cuda and not _triton_failed:
-        try:
-            return swiglu_backward_triton(dm, gate_up)
-        except Exception as e:  # noqa: BLE001 - no Triton, or its build failed: nothing was written
-            _triton_failed = True
-            log.warning("the one-pass SwiGLU backward kernel did not run (%s: %s); torch ops from now on",
-                        type(e).__name__, str(e)[:200])
-    return swiglu_backward_reference(dm, gate_up)
+    return _KERNEL.call(dm.is_cuda, lambda: swiglu_backward_triton(dm, gate_up),
+                        lambda: swiglu_backward_reference(dm, gate_up))
 
 
 @swiglu_backward.register_fake
