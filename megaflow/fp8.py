@@ -24,6 +24,7 @@ use to check the math.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -46,13 +47,16 @@ class _Fp8Matmul(torch.autograd.Function):
     """y = x W^T with FP8 operands in all three GEMMs (x: (M, K), W: (N, K) -> y: (M, N))."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
         xq, x_inv = to_fp8(x, E4M3)  # (M, K)
         wq, w_inv = to_fp8(w, E4M3)  # (N, K)
         ctx.save_for_backward(xq, wq, x_inv, w_inv)
         ctx.dtypes = (x.dtype, w.dtype)
-        # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is
-        return torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)  # (M, N)
+        # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is.
+        # fast_accum: the forward GEMM accumulates without cuBLAS's periodic promotion to fp32 (what
+        # Transformer Engine and torchao do for the forward; the two gradient GEMMs keep the promotion)
+        return torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)  # (M, N)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -63,27 +67,40 @@ class _Fp8Matmul(torch.autograd.Function):
                               out_dtype=x_dtype)  # (M, N) @ (N, K) -> (M, K)
         dw = torch._scaled_mm(dyq.t().contiguous(), xq.t().contiguous().t(), scale_a=dy_inv, scale_b=x_inv,
                               out_dtype=w_dtype)  # (N, M) @ (M, K) -> (N, K)
-        return dx, dw, None
+        return dx, dw, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               fast_accum: bool = True) -> torch.Tensor:
+    """F.linear(x, weight, bias) with its three GEMMs in FP8 while a gradient is recorded (x: (..., K),
+    weight: (N, K) -> (..., N)); otherwise, or for a row count not divisible by 16, F.linear itself.
+    Also the GEMM of the tensor-parallel layers under FP8 (parallel/backend.apply_fp8_layers): each
+    rank scales its own shard by its own amax, so no amax crosses ranks."""
+    rows = x.numel() // x.shape[-1]
+    if not torch.is_grad_enabled() or rows % 16:
+        return F.linear(x, weight, bias)
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), weight, out_dtype, fast_accum)  # (M, N)
+    y = y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 class Float8Linear(nn.Linear):
-    """nn.Linear whose training forward runs in FP8 (module docstring); made by `to_float8`."""
+    """nn.Linear whose training forward runs in FP8 (module docstring); made by `to_float8`.
+    `fast_accum`: the forward GEMM's accumulation (fp8_linear)."""
+    fast_accum = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not torch.is_grad_enabled() or rows % 16:
-            return F.linear(x, self.weight, self.bias)
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), self.weight, out_dtype)  # (M, N)
-        y = y.view(*x.shape[:-1], self.out_features)  # (..., N)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return fp8_linear(x, self.weight, self.bias, self.fast_accum)
 
 
-def fp8_capable(lin: nn.Linear, min_dim: int) -> bool:
-    """The size rule: both dimensions >= `min_dim` and divisible by 16 (FP8 GEMMs need the latter)."""
+def fp8_capable(lin: nn.Module, min_dim: int) -> bool:
+    """The size rule: both of the layer's dimensions >= `min_dim` (the whole layer's, also when it is a
+    tensor-parallel shard, so the same layers run in FP8 in every layout) and both of its weight's
+    (this rank's shard) divisible by 16 (FP8 GEMMs need that)."""
     n, k = lin.out_features, lin.in_features
-    return min(n, k) >= min_dim and n % 16 == 0 and k % 16 == 0
+    return min(n, k) >= min_dim and all(d % 16 == 0 for d in lin.weight.shape)
 
 
 def to_float8(lin: nn.Linear) -> Float8Linear:
@@ -91,14 +108,22 @@ def to_float8(lin: nn.Linear) -> Float8Linear:
     meta-device modules too, so it may come before or after materialisation)."""
     if type(lin) is not nn.Linear:
         raise TypeError(f"to_float8 takes a plain nn.Linear, not {type(lin).__name__} (tensor-parallel layers "
-                        "are served by parallel.fp8_backend='te')")
+                        "take fp8_linear as their `linear`: apply_fp8)")
     lin.__class__ = Float8Linear
     return lin
 
 
-def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[str, nn.Module], bool]] = None) -> list:
+def _gemm_hook(mod: nn.Module) -> bool:
+    """Whether `mod` runs its GEMM through a `linear` attribute that is F.linear until FP8 replaces it
+    (parallel/layers.py's ColumnParallelLinear and RowParallelLinear)."""
+    return getattr(type(mod), "linear", None) is F.linear and hasattr(mod, "in_features")
+
+
+def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[str, nn.Module], bool]] = None,
+              fast_accum: bool = True) -> list:
     """Every plain nn.Linear of `model` that passes the size rule (and `where(name, module)`, by
-    default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear.
+    default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear;
+    every tensor-parallel layer with a GEMM hook that passes them runs `fp8_linear` as its GEMM.
     Returns the names swapped. Call before regional torch.compile, so the graphs include the casts."""
     from megaflow.model.layers import TransformerBlock
     if where is None:
@@ -106,9 +131,14 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
         where = lambda name, mod: id(mod) in inside  # noqa: E731
     names = []
     for name, mod in model.named_modules():
-        if type(mod) is nn.Linear and fp8_capable(mod, min_dim) and where(name, mod):
-            to_float8(mod)
-            names.append(name)
+        plain = type(mod) is nn.Linear
+        if not (plain or _gemm_hook(mod)) or not fp8_capable(mod, min_dim) or not where(name, mod):
+            continue
+        if plain:
+            to_float8(mod).fast_accum = fast_accum
+        else:
+            mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum)
+        names.append(name)
     return names
 
 

@@ -19,7 +19,8 @@ its own `fp8_autocast` with the amax-reduction group, and `is_first_microbatch` 
 FP8 on micro-batch 0 and reuses that copy for the others). `te_layout_problem` names what TE's FP8
 GEMMs cannot serve (a local GEMM dimension not divisible by 16), for `check_layout`.
 `parallel.fp8_backend='torch'` runs FP8 without TE: `apply_fp8_layers` swaps in megaflow/fp8.py's
-linears (TP=1 only), which need no context (they are FP8 whenever a gradient is recorded).
+GEMMs (plain linears and our tensor-parallel ones alike), which need no context (they are FP8
+whenever a gradient is recorded).
 """
 from __future__ import annotations
 
@@ -162,16 +163,18 @@ def apply_te_dense(model: nn.Module) -> nn.Module:
 
 
 def apply_fp8_layers(model: nn.Module, pcfg, device=None) -> nn.Module:
-    """The one place a built single-process model (or this rank's pipeline stage, at TP=1) gets the
-    layers its config asks for: `te.Linear` under backend 'te' (`apply_te_dense`), or, under
-    fp8_backend 'torch', torch's own FP8 linears on the block linears of both dimensions >= fp8_min_dim
-    (megaflow/fp8.py; before compile, so the casts fuse into the blocks' graphs). After init or load."""
-    if pcfg.backend == "te":
+    """The one place a built model (or this rank's pipeline stage) gets the layers its config asks
+    for: at TP=1, `te.Linear` under backend 'te' (`apply_te_dense`; under TP, apply_tp made TE's
+    parallel layers already); under fp8_backend 'torch', at any TP, torch's FP8 GEMMs on the block
+    linears of both dimensions >= fp8_min_dim (megaflow/fp8.py: nn.Linear become Float8Linear, the
+    tensor-parallel layers take its fp8_linear; before compile, so the casts fuse into the blocks'
+    graphs). After init or load."""
+    if pcfg.backend == "te" and pcfg.tp == 1:
         apply_te_dense(model)
     if pcfg.torch_fp8:
         from megaflow.fp8 import apply_fp8, check_fp8_device
         check_fp8_device(device if device is not None else next(model.parameters()).device)
-        apply_fp8(model, pcfg.fp8_min_dim)
+        apply_fp8(model, pcfg.fp8_min_dim, fast_accum=pcfg.fp8_fast_accum)
     return model
 
 
@@ -222,10 +225,8 @@ def te_layout_problem(mcfg, pcfg) -> Optional[str]:
     flow blocks and the shallow flows' blocks by flow_tp) needs both dimensions divisible by 16."""
     if pcfg.fp8 == "off":
         return None
-    if pcfg.torch_fp8:  # torch's FP8 linears are plain nn.Linear (too small or odd ones stay bf16)
-        return None if pcfg.tp == 1 else (
-            f"parallel.fp8_backend='torch' serves tp=1 (plain nn.Linear blocks), not parallel.tp={pcfg.tp}; "
-            "set parallel.fp8_backend=te with parallel.backend=te for FP8 under tensor parallelism")
+    if pcfg.torch_fp8:  # torch's FP8 GEMMs skip the layers they cannot serve (too small or odd: bf16)
+        return None
     import torch
     from megaflow.model.layers import TransformerBlock
     from megaflow.model.starflow import STARFlow2

@@ -63,6 +63,7 @@ class ColumnParallelLinear(nn.Module):
     eager, the all-gather overlapped with the GEMM; compiled, the plain gather that inductor fuses).
     `parts` (rows of each part, for a fused projection): each part is split on its own."""
     tp_shards = {"weight": 0, "bias": 0}
+    linear = staticmethod(F.linear)  # the GEMM; FP8 replaces it per layer (megaflow/fp8.py apply_fp8)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group, input_comm: str = "none",
                  like: Optional[torch.Tensor] = None, parts: Optional[tuple] = None):
@@ -92,7 +93,7 @@ class ColumnParallelLinear(nn.Module):
             if torch.is_autocast_enabled(x.device.type):  # gather what the GEMM reads (fp32 weights: half the
                 x = x.to(torch.get_autocast_dtype(x.device.type))  # bytes; no cast between gather and matmul)
             x = gather_seq(x, self.tp_group)
-        return F.linear(x, self.weight, self.bias)  # (..., out_features / tp)
+        return self.linear(x, self.weight, self.bias)  # (..., out_features / tp)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}/{group_size(self.tp_group)}, input_comm={self.input_comm}"
@@ -109,6 +110,7 @@ class RowParallelLinear(nn.Module):
     T there; this rank needs only its feature slice, of every token). `async_tp` (with SP): the
     reduce-scatter overlapped with the GEMM (parallel/async_tp.py; compiled: inductor's fusion)."""
     tp_shards = {"weight": 1}
+    linear = staticmethod(F.linear)  # the GEMM; FP8 replaces it per layer (megaflow/fp8.py apply_fp8)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group, input_is_parallel: bool = True,
                  sequence_parallel: bool = False, like: Optional[torch.Tensor] = None, async_tp: bool = False):
@@ -139,7 +141,7 @@ class RowParallelLinear(nn.Module):
         if self.async_tp and sp and not torch.compiler.is_compiling():  # sp: off while sampling (sampling.py)
             y = linear_scatter(x, self.weight, g)  # (B, T / tp, out): the reduction overlapped with the GEMM
         else:
-            y = F.linear(x, self.weight)  # partial sums over the input slices
+            y = self.linear(x, self.weight)  # partial sums over the input slices
             y = reduce_scatter_seq(y, g) if sp else reduce_from_tp(y, g)
         if self.bias is not None:
             y = y + (copy_to_tp(self.bias, g) if sp else self.bias)  # SP: each rank sees only its tokens

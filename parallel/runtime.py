@@ -153,10 +153,9 @@ def build_stages(mcfg, pcfg, topo: Topology, device, seed: int, full_state: Opti
             for name in FIRST_PARAMS:
                 if st.module._parameters.get(name) is not None:
                     model._parameters[name] = st.module._parameters[name]
-    if topo.tp == 1:  # no TP: this rank's blocks take unsharded TE linears or torch's FP8 ones, as configured
-        from parallel.backend import apply_fp8_layers
-        for st in stages:
-            apply_fp8_layers(st.module, pcfg, device)
+    from parallel.backend import apply_fp8_layers  # this rank's blocks: unsharded TE linears (TP=1) or FP8 GEMMs
+    for st in stages:
+        apply_fp8_layers(st.module, pcfg, device)
     tied = TiedEmbeddings(stages, topo)
     if full_state is None:
         tied.broadcast()
