@@ -35,33 +35,41 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (their losses are kept)")
     ap.add_argument("--variants", default=",".join(f"{b}:{f}" for b, f in VARIANTS),
-                    help="backend:fp8[:fp8_min_dim] variants, comma-separated; backend local, te, or torch "
-                         "(our layers + torch's FP8 linears)")
+                    help="backend:fp8[:fp8_min_dim][@a.b=v;c.d=w] variants, comma-separated; backend local, te, or "
+                         "torch (our layers + torch's FP8 linears); after @, config overrides of that variant only "
+                         "(e.g. torch:current:2048@parallel.fp8_fast_accum=false)")
+    ap.add_argument("--trace", default="", metavar="DIR", help="also profile one step of every variant after its timed "
+                    "steps (torch.profiler): DIR/<n>/ (n: the variant's index), GPU time by kernel category and "
+                    "the top kernels printed with the variant")
+    ap.add_argument("--trace-variants", default="", metavar="I,J", help="with --trace: only these variants (indices "
+                    "from 0; default all)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fp8: needs a CUDA GPU with FP8 (H100/H200)", file=sys.stderr)
         return 2
-    variants = [v.split(":") for v in args.variants.split(",")]
-    if any(v[0] == "te" for v in variants):
+    if any(v.startswith("te:") for v in args.variants.split(",")):
         from parallel.backend import import_te
         import_te()  # before any CUDA work: a cuDNN that torch loads first can break TE's own (seen on the H200)
-    rows = []
-    for backend, fp8, *min_dim in variants:
+    rows, traced = [], {int(i) for i in args.trace_variants.split(",") if i}
+    for i, name in enumerate(args.variants.split(",")):
+        spec, _, extra = name.partition("@")
+        backend, fp8, *min_dim = spec.split(":")
         layers = [f"parallel.backend={backend}", f"parallel.fp8={fp8}"] if backend != "torch" else \
             ["parallel.backend=local", f"parallel.fp8={fp8}", "parallel.fp8_backend=torch"]
-        layers += [f"parallel.fp8_min_dim={d}" for d in min_dim]
+        layers += [f"parallel.fp8_min_dim={d}" for d in min_dim] + [kv for kv in extra.split(";") if kv]
         pargs = argparse.Namespace(config=args.config, device="cuda", warmup=args.warmup, steps=args.steps,
-                                   images_per_row=-1, real_data=False, peak_tflops=0.0, trace="", trace_steps=0,
+                                   images_per_row=-1, real_data=False, peak_tflops=0.0, trace_steps=1,
+                                   trace=f"{args.trace}/{i}" if args.trace and (not traced or i in traced) else "",
                                    variant=[], parts="", baseline=False, doc_mask=False,
                                    overrides=[*args.overrides, *layers, "train.dtype=bf16"])
         try:
             r = profile(pargs)
         except Exception:  # one variant failing (e.g. a TE build without FP8 support) still reports the rest
             import traceback
-            print(f"bench_fp8: {':'.join([backend, fp8, *min_dim])} failed:\n{traceback.format_exc()}", flush=True)
+            print(f"bench_fp8: {name} failed:\n{traceback.format_exc()}", flush=True)
             continue
-        r["variant"] = ":".join([backend, fp8, *min_dim])
+        r["variant"] = name
         print(render(r), flush=True)
         rows.append(r)
         gc.collect()
@@ -69,11 +77,12 @@ def main(argv=None) -> int:
     if not rows:
         return 1
     base = rows[0]
-    print(f"\n{'variant':20s} {'step ms':>9s} {'tokens/s':>9s} {'speed-up':>9s} {'MFU %':>7s} {'mem GiB':>8s} "
+    w = max(len(r["variant"]) for r in rows)
+    print(f"\n{'variant':{w}s} {'step ms':>9s} {'tokens/s':>9s} {'speed-up':>9s} {'MFU %':>7s} {'mem GiB':>8s} "
           f"{'loss@1 rel.diff':>16s} {'last loss':>10s}")
     for r in rows:
         d1 = abs(r["losses"][0] - base["losses"][0]) / abs(base["losses"][0])
-        print(f"{r['variant']:20s} {r['step_time_s'] * 1e3:9.1f} {r['tokens_per_s']:9,.0f} {base['step_time_s'] / r['step_time_s']:9.2f} "
+        print(f"{r['variant']:{w}s} {r['step_time_s'] * 1e3:9.1f} {r['tokens_per_s']:9,.0f} {base['step_time_s'] / r['step_time_s']:9.2f} "
               f"{100 * (r['mfu'] or 0):7.1f} {r['peak_memory_gib']:8.2f} {d1:16.2e} {r['losses'][-1]:10.4f}")
     print("losses per step:")
     for r in rows:
