@@ -10,7 +10,10 @@ Scaling is dynamic and tensor-wise: each operand is scaled by (largest finite FP
 at the moment it is cast, so nothing is kept between steps (no amax history, unlike TE's delayed
 scaling). Under torch.compile the amax reductions and casts are plain elementwise/reduction ops that
 inductor fuses into the neighbouring norm / SiLU / residual kernels, and only the GEMMs stay
-separate (on the ~3B config: 1.29x BF16 end to end where TE's eager FP8 layers gave 1.02x).
+separate (on the ~3B config at 16 x 1024 tokens: 1.40x BF16 end to end, 1.34x with the flow blocks
+left in bf16; TE's eager FP8 layers gave 1.02x at 8 x 1024). What is left of the FP8 overhead is
+mostly inductor's casts that also write the transposed FP8 copies the backward's GEMMs need
+(docs/benchmarks.md "FP8 on torch._scaled_mm, round 2").
 The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward (compiled,
 the partitioner may instead recompute x's cast from the norm before it: cheaper than storing it).
 
@@ -18,7 +21,8 @@ FP8 runs only when a gradient is being recorded (training); evaluation and gener
 forward of the same weights. Rows of a call not divisible by 16 (what FP8 GEMMs need) fall back to
 bf16 for that call. `apply_fp8` makes the swap from outside, after the model is built, and only on
 linears whose both dimensions are >= `min_dim` (docs/benchmarks.md "FP8 on torch._scaled_mm" has the
-measurements behind the default, 2048). Needs a GPU with FP8 GEMMs (compute capability >= 8.9: H100,
+measurements behind the default, 2048; its round 2: 4096 keeps the ~3B config's bits/dim within 1%).
+Under tensor parallelism our column/row-parallel layers take `fp8_linear` as their GEMM. Needs a GPU with FP8 GEMMs (compute capability >= 8.9: H100,
 H200, L40S, RTX 4090) for speed; torch also runs `_scaled_mm` on the CPU (slowly), which the tests
 use to check the math.
 """
@@ -54,7 +58,8 @@ class _Fp8Matmul(torch.autograd.Function):
         ctx.dtypes = (x.dtype, w.dtype)
         # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is.
         # fast_accum: the forward GEMM accumulates without cuBLAS's periodic promotion to fp32 (what
-        # Transformer Engine and torchao do for the forward; the two gradient GEMMs keep the promotion)
+        # Transformer Engine and torchao do for the forward; the two gradient GEMMs keep the promotion;
+        # off by default: no gain measured on the H200)
         return torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
                                 use_fast_accum=fast_accum)  # (M, N)
 
@@ -71,7 +76,7 @@ class _Fp8Matmul(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               fast_accum: bool = True) -> torch.Tensor:
+               fast_accum: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) with its three GEMMs in FP8 while a gradient is recorded (x: (..., K),
     weight: (N, K) -> (..., N)); otherwise, or for a row count not divisible by 16, F.linear itself.
     Also the GEMM of the tensor-parallel layers under FP8 (parallel/backend.apply_fp8_layers): each
@@ -89,7 +94,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 class Float8Linear(nn.Linear):
     """nn.Linear whose training forward runs in FP8 (module docstring); made by `to_float8`.
     `fast_accum`: the forward GEMM's accumulation (fp8_linear)."""
-    fast_accum = True
+    fast_accum = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias, self.fast_accum)
@@ -120,7 +125,7 @@ def _gemm_hook(mod: nn.Module) -> bool:
 
 
 def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[str, nn.Module], bool]] = None,
-              fast_accum: bool = True) -> list:
+              fast_accum: bool = False) -> list:
     """Every plain nn.Linear of `model` that passes the size rule (and `where(name, module)`, by
     default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear;
     every tensor-parallel layer with a GEMM hook that passes them runs `fp8_linear` as its GEMM.

@@ -76,6 +76,10 @@ def test_apply_fp8_size_rule_and_model_loss():
         assert torch.equal(model(batch, noise)[0], ref(batch, noise)[0])
     loss, ref_loss = model(batch, noise)[0].detach(), ref(batch, noise)[0].detach()
     assert 0 < abs(float(loss - ref_loss)) < 0.02 * abs(float(ref_loss)), (float(loss), float(ref_loss))
+    fast = copy.deepcopy(ref)  # parallel.fp8_fast_accum reaches every swapped layer (default off)
+    assert apply_fp8(fast, min_dim=32, fast_accum=True) == names
+    assert all(m.fast_accum for m in fast.modules() if isinstance(m, Float8Linear))
+    assert not any(m.fast_accum for m in model.modules() if isinstance(m, Float8Linear))
 
 
 def test_compiled_fp8_block_equals_eager():
