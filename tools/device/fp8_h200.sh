@@ -5,12 +5,14 @@
 # docs/benchmarks.md "FP8 on torch._scaled_mm" and "FP8 on torch._scaled_mm, round 2" hold the figures.
 # Everything runs under one clock: each part's timeout is its own cap or what is left of its phase,
 # whichever is less (phase 1 ends P1_S seconds after the start, the call TOTAL_S seconds after it).
-# PARTS picks what runs (default: speed curves tp2 pp2; layers on request).
+# PARTS picks what runs (default: speed curves tp2 pp2; layers, probe and pp2s on request).
 # Phase 1, the two GPUs side by side:
 #  GPU 0  speed   end to end, synthetic batch of SPEED_B x 1024 tokens, the variants SPEED_VARIANTS
 #                 (tools/bench_fp8.py); variants TRACE_VARIANTS (indices, default 0,2: BF16 and FP8)
 #                 then take one profiled step (GPU time by kernel category, top kernels)    SPEED_S=210
 #         layers  then per-layer forward+backward of the VLM and flow linears (tools/bench_fp8_layers.py) LAYERS_S=30
+#         probe   then the FP8 cast / cast-transpose kernels alone, GB/s against a bf16 copy
+#                 (tools/device/fp8_cast_probe.py: the next lever's choice)                PROBE_S=60
 #  GPU 1  curves  300 steps of real Fashion-MNIST documents, CURVE_B x 1024 tokens a step, same seed and
 #                 batches, every run of CURVES (NAME:FP8[:MIN_DIM], compiled, local layers) at once on
 #                 the one GPU (~60 GiB each at 4 rows); then text cross-entropy and image bits/dim of
@@ -47,6 +49,10 @@ lane0() {
   if has layers; then
     CUDA_VISIBLE_DEVICES=0 timeout $(within ${LAYERS_S:-30} $P1) python3 tools/bench_fp8_layers.py --config $C \
       --blocks vlm,flow --warmup 3 --reps 10 --json $OUT/layers.json > $L/layers.log 2>&1; el "layers done"
+  fi
+  if has probe; then
+    CUDA_VISIBLE_DEVICES=0 timeout $(within ${PROBE_S:-60} $P1) python3 tools/device/fp8_cast_probe.py \
+      > $L/probe.log 2>&1; el "probe done"
   fi
 }
 curve() {  # curve NAME FP8 MIN_DIM: one 300-step run on GPU 1 (GPU 0 on a one-GPU machine)
@@ -96,6 +102,7 @@ if has speed; then
   for d in /tmp/speed_trace/*/; do echo "== top kernels, variant ${d%/}"; head -14 $d/top_kernels.txt 2>/dev/null; done
   for d in /tmp/speed_trace/*/; do cp $d/top_kernels.txt $L/top_kernels_$(basename $d).txt 2>/dev/null; done
 fi
+has probe && grep -vE "^W1|^ *$" $L/probe.log | tail -16
 has layers && grep -vE "^W1|^ *$" $L/layers.log | tail -8
 if has curves; then
   for f in $L/curves_*.txt; do echo "== $f"; cat $f; done
