@@ -51,7 +51,7 @@ lane0() {
       --blocks vlm,flow --warmup 3 --reps 10 --json $OUT/layers.json > $L/layers.log 2>&1; el "layers done"
   fi
   if has probe; then
-    CUDA_VISIBLE_DEVICES=0 timeout $(within ${PROBE_S:-60} $P1) python3 tools/device/fp8_cast_probe.py \
+    CUDA_VISIBLE_DEVICES=0 timeout $(within ${PROBE_S:-60} $P1) python3 tools/device/fp8_cast_probe.py --cols ${PROBE_COLS:-4096} --reps 10 \
       > $L/probe.log 2>&1; el "probe done"
   fi
 }
