@@ -22,9 +22,10 @@ forward of the same weights. Rows of a call not divisible by 16 (what FP8 GEMMs 
 bf16 for that call. `apply_fp8` makes the swap from outside, after the model is built, and only on
 linears whose both dimensions are >= `min_dim` (docs/benchmarks.md "FP8 on torch._scaled_mm" has the
 measurements behind the default, 2048; its round 2: 4096 keeps the ~3B config's bits/dim within 1%).
-Under tensor parallelism our column/row-parallel layers take `fp8_linear` as their GEMM. Needs a GPU with FP8 GEMMs (compute capability >= 8.9: H100,
-H200, L40S, RTX 4090) for speed; torch also runs `_scaled_mm` on the CPU (slowly), which the tests
-use to check the math.
+Under tensor parallelism our column/row-parallel layers take `fp8_linear` as their GEMM. Needs a GPU
+with FP8 GEMMs (compute capability >= 8.9: H100, H200, L40S, RTX 4090) for speed; torch also runs
+`_scaled_mm` on the CPU (slowly), which the tests use to check the math (in fp32: under CPU autocast
+the CPU `_scaled_mm` itself rounds differently in eager and compiled code).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class _Fp8Matmul(torch.autograd.Function):
         wq, w_inv = to_fp8(w, E4M3)  # (N, K)
         ctx.save_for_backward(xq, wq, x_inv, w_inv)
         ctx.dtypes = (x.dtype, w.dtype)
-        # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is.
+        # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is
+        # one (a view, no copy).
         # fast_accum: the forward GEMM accumulates without cuBLAS's periodic promotion to fp32 (what
         # Transformer Engine and torchao do for the forward; the two gradient GEMMs keep the promotion;
         # off by default: no gain measured on the H200)
