@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    print(f"{'K':>6s} {'variant':12s} {'ms':>8s} {'GB/s':>8s}  (M = {args.rows}; bytes: what the variant must read and write)")
+    print(f"{'K':>6s} {'variant':12s} {'ms':>8s} {'GB/s':>8s}  "
+          f"(M = {args.rows}; bytes: what the variant must read and write)")
     for k in args.cols:
         x = torch.randn(args.rows, k, device=device, dtype=torch.bfloat16)
         w = torch.ones(k, device=device, dtype=torch.bfloat16)
