@@ -1,13 +1,17 @@
 """FP8 vs BF16, one GPU: the same model, weights and batches trained with our local layers in bf16,
 Transformer Engine layers in bf16, TE layers with FP8 GEMMs (delayed and current scaling), and our
 layers with torch's own FP8 linears (megaflow/fp8.py: variant `torch:current[:MIN_DIM]`, FP8 on the
-block linears of both dimensions >= MIN_DIM, compiled with the blocks). For each: median step time, tokens/s, MFU (bf16 peak, as everywhere in this repo)
-and peak memory (tools/profile_step.py's measurement); and the losses of every step side by side, so
-the speed-up comes with its numerical cost: step 1 is the same weights on the same batch, later steps
-show whether training drifts.
+block linears of both dimensions >= MIN_DIM, compiled with the blocks; `@a.b=v;c.d=w` adds config
+overrides to one variant). For each: median step time, tokens/s, MFU (bf16 peak, as everywhere in
+this repo) and peak memory (tools/profile_step.py's measurement); and the losses of every step side
+by side, so the speed-up comes with its numerical cost: step 1 is the same weights on the same batch,
+later steps show whether training drifts. `--trace DIR` adds one profiled step per variant (GPU time
+by kernel category, the top kernels: where FP8's own work goes).
 
     python tools/bench_fp8.py --config configs/h200_1b.yaml --steps 10 --json fp8.json   # H100/H200
     python tools/bench_fp8.py --config configs/h200_3b.yaml --variants local:off,torch:current,torch:current:2048
+    python tools/bench_fp8.py --config configs/h200_3b.yaml --set data.batch_size=16 --trace /tmp/t \
+        --variants local:off,torch:current:2048@parallel.fp8_fast_accum=false,torch:current:4096
 
 Needs CUDA; the `te:` variants need Transformer Engine (shared/gpu/README.md says how it reaches
 the lent H200).
