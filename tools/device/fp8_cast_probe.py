@@ -12,7 +12,9 @@ activation, the ways of producing both layouts, each as GB moved per second agai
     cast+t      q, q^T from x in one compiled graph                         (what megaflow/fp8.py's step does)
     cast+t nd   the same with inductor's prefer_nd_tiling
     norm+cast+t RMSNorm(x) * w, then q and q^T                              (the slowest kernel of the step)
-    eager t     q^T = q.t().contiguous() in eager ATen on the FP8 tensor
+    t of q      q^T = q.t().contiguous() alone, compiled (a pure one-byte transpose: what the step
+                would run if the cast and the transposed store were not fused)
+    eager t     the same in eager ATen
 
     python3 tools/device/fp8_cast_probe.py [--rows 16384] [--cols 4096 11008]        # a GPU
     python3 tools/device/fp8_cast_probe.py --rows 64 --cols 32 --device cpu --reps 2  # logic check only
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
                 ("norm+cast+t", compiled(norm_cast_t), (x, w, s), 4 * n)]
         if device.type == "cuda":  # inductor's Triton tiling flag: GPU code only
             rows.insert(3, ("cast+t nd", compiled(cast_t, nd=True), (x, s), 4 * n))
+        rows.append(("t of q", compiled(lambda a: a.t().contiguous()), (q,), 2 * n))
         rows.append(("eager t", lambda a: a.t().contiguous(), (q,), 2 * n))
         for name, fn, fargs, nbytes in rows:
             try:
