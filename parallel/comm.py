@@ -13,6 +13,15 @@ that keeps gradients exact:
     reduce_scatter_seq  fwd: reduce-scatter T      bwd: all-gather T     (leave a row-parallel region into SP)
     seq_to_hidden       fwd: all-to-all T -> dim   bwd: all-to-all back  (SP: a row-parallel layer reads the
                                                                           other stream's T-sharded residual)
+    gather_rows         fwd: all-gather dim 0      bwd: reduce-scatter dim 0 (async TP, compiled: see below)
+    scatter_rows        fwd: reduce-scatter dim 0  bwd: all-gather dim 0
+
+Async TP under torch.compile (parallel/async_tp.py) keeps the gathered tokens in "rows" order: the
+all-gather of (B, T / n, D) along dim 0 gives (n B, T / n, D), rank r's tokens in rows r B..(r+1) B,
+and the GEMM reads that directly (a GEMM does not care about the order of its rows); `rows_to_seq`
+re-lays only its output. So the graph holds exactly all_gather -> wait -> matmul and, through
+`seq_to_rows`, matmul -> reduce_scatter, the dim-0 patterns that inductor's micro-pipeline TP pass
+fuses in every torch release that has it (no cat / split between the collective and the GEMM).
 
 The sequence dimension is dim 1 of (B, T, ...) tensors. Not here: which layer uses which operator
 (parallel/layers.py) and which group a layer gets (parallel/tensor_parallel.py).
@@ -92,6 +101,18 @@ def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:
     if to_hidden:
         return recv.permute(1, 0, 2, 3).reshape(B, n * t, D // n)  # tokens of rank i at T slice i
     return recv.permute(1, 2, 0, 3).reshape(B, T // n, n * d)  # features of rank i at dim slice i
+
+
+def rows_to_seq(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(n B, T / n, ...) in rows order -> (B, T, ...): rank r's token slice back at T slice r."""
+    return x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n, T / n, ...) -> (B, T, ...)
+
+
+def seq_to_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T, ...) -> (n B, T / n, ...): T slice r of every row in rows r B..(r+1) B."""
+    if x.shape[SEQ_DIM] % n:
+        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel degree {n}")
+    return x.unflatten(1, (n, -1)).transpose(0, 1).flatten(0, 1)  # (n, B, T / n, ...) -> (n B, T / n, ...)
 
 
 class _SeqToHidden(torch.autograd.Function):
@@ -194,6 +215,17 @@ def gather_seq(x, group, reduce_grad: bool = True):
 
 def reduce_scatter_seq(x, group):
     return _ReduceScatter.apply(x, group, SEQ_DIM) if _active(group) else x
+
+
+def gather_rows(x, group):
+    """(B, T / n, ...) -> (n B, T / n, ...) by one all-gather along dim 0 (rows order, see above); the
+    backward reduce-scatters dim 0 (the consumers are tensor-parallel)."""
+    return _Gather.apply(x, group, 0, True) if _active(group) else x
+
+
+def scatter_rows(x, group):
+    """(n B, T / n, ...) partial sums in rows order -> this rank's (B, T / n, ...), summed over the group."""
+    return _ReduceScatter.apply(x, group, 0) if _active(group) else x
 
 
 def seq_to_hidden(x, group):
