@@ -119,8 +119,8 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
     tp_g, sp = topo.tp_group, cfg.sequence_parallel
     flow_g = tp_g if topo.flow_tp == topo.tp else topo.flow_tp_group  # one communicator when they coincide
     backend = get_backend(cfg.backend, cfg.async_tp)
-    if cfg.async_tp:
-        enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the collectives with their GEMMs
+    if cfg.async_tp and sp:
+        enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the SP collectives with their GEMMs
 
     if model.embed_tokens is not None:
         model.embed_tokens = VocabParallelEmbedding.from_dense(model.embed_tokens, tp_g)
