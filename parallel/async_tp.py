@@ -41,21 +41,43 @@ _c10d = torch.ops._c10d_functional
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def enable_async_tp(group) -> bool:
-    """Turn on inductor's micro-pipeline TP for `group`'s collectives in compiled graphs; True if it
-    applies (a CUDA build with NCCL and symmetric memory, `group` an NCCL group), else False (the
-    eager chunked path still overlaps)."""
+def _symm_mem_group(group) -> bool:
+    """Register `group` for torch's symmetric memory (NVLink peer buffers); False where it cannot be
+    (no CUDA build with NCCL and symmetric memory, or `group` is not an NCCL group)."""
     if group is None or not dist.is_nccl_available() or dist.get_backend(group) != "nccl":
         return False
     try:
         from torch.distributed._symmetric_memory import enable_symm_mem_for_group
     except ImportError:
         return False
-    import torch._inductor.config as inductor_config
-    inductor_config._micro_pipeline_tp = True
     with warnings.catch_warnings():  # deprecated (a no-op need) in newer torch; torch 2.11 still needs it
         warnings.simplefilter("ignore", FutureWarning)
         enable_symm_mem_for_group(group.group_name)
+    return True
+
+
+def enable_async_tp(group) -> bool:
+    """Turn on inductor's micro-pipeline TP for `group`'s collectives in compiled graphs; True if it
+    applies (a CUDA build with NCCL and symmetric memory, `group` an NCCL group), else False (the
+    eager chunked path still overlaps)."""
+    if not _symm_mem_group(group):
+        return False
+    import torch._inductor.config as inductor_config
+    inductor_config._micro_pipeline_tp = True
+    return True
+
+
+def enable_symm_all_reduce(group, max_bytes: int = 1 << 30) -> bool:
+    """`parallel.tp_all_reduce='symm'`: inductor lowers each all-reduce of `group` in compiled graphs
+    (up to `max_bytes`) as torch's one-shot symmetric-memory all-reduce (every rank reads its peers'
+    buffers over NVLink and sums them, in one kernel) instead of NCCL's; eager collectives stay NCCL.
+    True if it applies (as enable_async_tp), else False."""
+    import torch._inductor.config as inductor_config
+    collective = getattr(inductor_config, "_collective", None)
+    if collective is None or not hasattr(collective, "auto_select") or not _symm_mem_group(group):
+        return False
+    collective.auto_select = True
+    collective.one_shot_all_reduce_threshold_bytes = max_bytes
     return True
 
 

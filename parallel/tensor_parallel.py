@@ -39,7 +39,7 @@ import torch.nn as nn
 from megaflow.model.config import ModelConfig
 from megaflow.model.layers import TransformerBlock
 from megaflow.model.starflow import STARFlow2, apply_stage
-from parallel.async_tp import enable_async_tp
+from parallel.async_tp import enable_async_tp, enable_symm_all_reduce
 from parallel.backend import get_backend
 from parallel.checkpoint_tp import load_full_state_dict, shard_layout
 from parallel.comm import all_gather, group_rank, group_size
@@ -121,6 +121,8 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
     backend = get_backend(cfg.backend, cfg.async_tp)
     if cfg.async_tp and sp:
         enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the SP collectives with their GEMMs
+    if cfg.tp_all_reduce == "symm":
+        enable_symm_all_reduce(tp_g)  # compiled graphs on NCCL: one-shot all-reduces through NVLink peer reads
 
     if model.embed_tokens is not None:
         model.embed_tokens = VocabParallelEmbedding.from_dense(model.embed_tokens, tp_g)
