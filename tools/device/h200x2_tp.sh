@@ -5,11 +5,12 @@
 #   bash tools/device/h200x2_tp.sh probe          # call 1: the rows of this tree + a collective probe
 #   bash tools/device/h200x2_tp.sh final BASE     # call 2: the tree at BASE (before) and this tree (after)
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
-# written to $OUT/inductor.tgz and read back from .cache/inductor.tgz (carry it in the next call): a
-# warm cache turns each row's cold compile (~30 s) into a load. Logs: $OUT/*.log; summary on stdout.
+# written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
+# .cache/inductor.tgz.* (copy the parts there and carry them in the next call): a warm cache turns each
+# row's cold compile (~30 s) into a load. Logs: $OUT/*.log and $OUT/logs.tgz; a summary on stdout.
 . tools/device/setup.sh
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-[ -f .cache/inductor.tgz ] && tar xzf .cache/inductor.tgz -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) restored"
+ls .cache/inductor.tgz.* >/dev/null 2>&1 && cat .cache/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) restored"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 T0=$(date +%s)
@@ -37,10 +38,10 @@ print("micro_pipeline_tp.py:", len(src), "chars; slice/cat matcher:", "_match_sl
       "; split_targets:", "split_targets" in src)
 print("symm_mem ops:", sorted(n for n in dir(torch.ops.symm_mem) if "reduce" in n or "fused" in n)[:30])
 EOF
-  cp /tmp/mptp.py $OUT/micro_pipeline_tp_211.py
+  cp /tmp/mptp.py $OUT/micro_pipeline_tp_211.py  # torch 2.11's pass, for the record (in logs.tgz)
   timeout 60 torchrun --nproc_per_node 2 tools/device/tp_comm_probe.py 2>&1 | grep -v "Warning\|warn(" | tee -a $OUT/env.log
-  PROFILE_ROWS="tp2@parallel.async_tp=true,tp2sp@parallel.async_tp=true" \
-    bench . probe "${ROWS:-one,tp2sp@parallel.async_tp=true,tp2@parallel.async_tp=true,tp2,tp2sp}" ${S:-150}
+  PROFILE_ROWS="tp2@parallel.async_tp=true;parallel.tp_all_reduce=symm,tp2sp@parallel.async_tp=true" \
+    bench . probe "${ROWS:-tp2@parallel.async_tp=true;parallel.tp_all_reduce=symm,tp2sp@parallel.async_tp=true,tp2@parallel.async_tp=true,tp2sp,tp2,one}" ${S:-150}
   summary_profiles probe
   ;;
 final)  # BASE: the tree before (git archive 820d653), run with this tree's bench script
@@ -51,7 +52,9 @@ final)  # BASE: the tree before (git archive 820d653), run with this tree's benc
   summary_profiles after
   ;;
 esac
-tar czf $OUT/inductor.tgz -C /tmp inductor 2>/dev/null && echo "inductor cache: $(du -sh $OUT/inductor.tgz | cut -f1)"
-[ $(stat -c %s $OUT/inductor.tgz) -gt 16000000 ] && rm -f $OUT/inductor.tgz && echo "(cache over 16 MB: not returned)"
-tar czf $OUT/logs.tgz -C $OUT --exclude inductor.tgz --exclude logs.tgz . 2>/dev/null
+mv $OUT/env.log $OUT/micro_pipeline_tp_211.py /tmp/ 2>/dev/null
+tar czf $OUT/logs.tgz -C /tmp env.log micro_pipeline_tp_211.py 2>/dev/null
+tar czf /tmp/inductor.tgz -C /tmp inductor 2>/dev/null && echo "inductor cache: $(du -sh /tmp/inductor.tgz | cut -f1)"
+if [ $(stat -c %s /tmp/inductor.tgz) -lt 45000000 ]; then split -b 15000000 /tmp/inductor.tgz $OUT/inductor.tgz.
+else echo "(cache over 45 MB: not returned)"; fi
 echo "total $(( $(date +%s) - T0 )) s"
