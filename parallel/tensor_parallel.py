@@ -21,7 +21,8 @@ What goes where (tp = the VLM group, ftp = the flow group, `Topology.flow_tp_gro
 With sequence parallelism the residual streams between layers are sharded along T (`seq_split`
 after `embed`); norms run on local tokens (their weight gradients are all-reduced), the norm in front
 of a parallel region all-gathers T, row-parallel layers reduce-scatter T. With `parallel.async_tp` the
-column-parallel layer gathers its own input and each collective overlaps its GEMM (async_tp.py). The embeddings and the
+column-parallel layer gathers its own input and each collective overlaps its GEMM (async_tp.py; without
+SP its backward's all-reduce overlaps the weight gradient's GEMM). The embeddings and the
 heads work on full T. Generation needs sequence_parallel=False (decoding feeds one token at a time).
 
 Weight init after a meta build: `init_tp_weights` draws sharded weights per rank and broadcasts
