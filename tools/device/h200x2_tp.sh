@@ -39,7 +39,7 @@ print("micro_pipeline_tp.py:", len(src), "chars; slice/cat matcher:", "_match_sl
 print("symm_mem ops:", sorted(n for n in dir(torch.ops.symm_mem) if "reduce" in n or "fused" in n)[:30])
 EOF
   cp /tmp/mptp.py $OUT/micro_pipeline_tp_211.py  # torch 2.11's pass, for the record (in logs.tgz)
-  timeout 60 torchrun --nproc_per_node 2 tools/device/tp_comm_probe.py 2>&1 | grep -v "Warning\|warn(" | tee -a $OUT/env.log
+  timeout 40 torchrun --nproc_per_node 2 tools/device/tp_comm_probe.py 2>&1 | grep -v "Warning\|warn(" | tee -a $OUT/env.log
   PROFILE_ROWS="tp2@parallel.async_tp=true;parallel.tp_all_reduce=symm,tp2sp@parallel.async_tp=true" \
     bench . probe "${ROWS:-tp2@parallel.async_tp=true;parallel.tp_all_reduce=symm,tp2sp@parallel.async_tp=true,tp2@parallel.async_tp=true,tp2sp,tp2,one}" ${S:-150}
   summary_profiles probe
