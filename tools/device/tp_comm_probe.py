@@ -12,25 +12,18 @@ Not a test: nothing here checks numbers beyond the fused ops' agreement with the
 from __future__ import annotations
 
 import os
-import statistics
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.bench_attention import timed as _timed  # noqa: E402  (median ms of CUDA events)
 
-def timed(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+timed = partial(_timed, iters=20, warmup=3)
 
 
 def main() -> None:
