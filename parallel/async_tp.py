@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.comm import SEQ_DIM, group_rank, group_size
+from parallel.comm import SEQ_DIM, group_rank, group_size, use_symm_all_reduce
 
 _c10d = torch.ops._c10d_functional
 
@@ -67,17 +67,16 @@ def enable_async_tp(group) -> bool:
     return True
 
 
-def enable_symm_all_reduce(group, max_bytes: int = 1 << 30) -> bool:
-    """`parallel.tp_all_reduce='symm'`: inductor lowers each all-reduce of `group` in compiled graphs
-    (up to `max_bytes`) as torch's one-shot symmetric-memory all-reduce (every rank reads its peers'
-    buffers over NVLink and sums them, in one kernel) instead of NCCL's; eager collectives stay NCCL.
-    True if it applies (as enable_async_tp), else False."""
-    import torch._inductor.config as inductor_config
-    collective = getattr(inductor_config, "_collective", None)
-    if collective is None or not hasattr(collective, "auto_select") or not _symm_mem_group(group):
+def enable_symm_all_reduce(group) -> bool:
+    """`parallel.tp_all_reduce='symm'`: the all-reduces of tensor parallelism on `group` that sit on the
+    critical path (after a row-parallel layer; a replicated input's gradient) run torch's two-shot
+    symmetric-memory all-reduce (comm.symm_all_reduce) instead of NCCL's, eager and compiled; the
+    overlapped ones (copy_linear's backward) stay NCCL. True if it applies (as enable_async_tp).
+    (Inductor's own lowering, `_collective.auto_select`, failed on torch 2.11: two graphs' buffers
+    got one allocation id, docs/benchmarks.md.)"""
+    if not _symm_mem_group(group):
         return False
-    collective.auto_select = True
-    collective.one_shot_all_reduce_threshold_bytes = max_bytes
+    use_symm_all_reduce(group)
     return True
 
 

@@ -104,8 +104,12 @@ class _HostReads(TorchDispatchMode):
 
 
 def _tp2_sp(rank, world, sp: bool):
+    import torch.distributed as dist
+    from parallel.comm import symm_all_reduce  # noqa: F401  (registers megaflow::symm_all_reduce)
     from parallel.runtime import build_engine, build_stages
     from tests.parallel.test_tp import reference
+    x = torch.arange(6.0) * (rank + 1)  # parallel.tp_all_reduce=symm's op; on CPU its NCCL/gloo fallback
+    assert torch.equal(torch.ops.megaflow.symm_all_reduce(x, dist.group.WORLD.group_name), torch.arange(6.0) * 3)
     mcfg, ref = reference()
     batch = make_batch(mcfg, 2, 48)
     noise = make_noise(mcfg, batch)
