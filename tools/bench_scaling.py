@@ -158,8 +158,11 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     torch._dynamo.reset()
     import torch._inductor.config as inductor_config
     inductor_config._micro_pipeline_tp = False  # a row with parallel.async_tp turns it on (apply_tp)
-    from parallel.comm import use_symm_all_reduce
-    use_symm_all_reduce(dist.group.WORLD, False)  # and one with parallel.tp_all_reduce=symm routes its TP group's
+    try:  # and one with parallel.tp_all_reduce=symm routes its TP group's all-reduces (trees before it: no such switch)
+        from parallel.comm import use_symm_all_reduce
+        use_symm_all_reduce(dist.group.WORLD, False)
+    except ImportError:
+        pass
     fused = count_fusions()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -54,7 +54,9 @@ final)  # BASE: the tree before (git archive 820d653), run with this tree's benc
 esac
 mv $OUT/env.log $OUT/micro_pipeline_tp_211.py /tmp/ 2>/dev/null
 tar czf $OUT/logs.tgz -C /tmp env.log micro_pipeline_tp_211.py 2>/dev/null
-tar czf /tmp/inductor.tgz -C /tmp inductor 2>/dev/null && echo "inductor cache: $(du -sh /tmp/inductor.tgz | cut -f1)"
-if [ $(stat -c %s /tmp/inductor.tgz) -lt 45000000 ]; then split -b 15000000 /tmp/inductor.tgz $OUT/inductor.tgz.
-else echo "(cache over 45 MB: not returned)"; fi
+if [ -z "$NOCACHE" ]; then  # NOCACHE=1: the last call, nothing to carry on
+  tar czf /tmp/inductor.tgz -C /tmp inductor 2>/dev/null && echo "inductor cache: $(du -sh /tmp/inductor.tgz | cut -f1)"
+  if [ $(stat -c %s /tmp/inductor.tgz) -lt 45000000 ]; then split -b 15000000 /tmp/inductor.tgz $OUT/inductor.tgz.
+  else echo "(cache over 45 MB: not returned)"; fi
+fi
 echo "total $(( $(date +%s) - T0 )) s"
