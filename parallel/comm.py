@@ -16,6 +16,10 @@ that keeps gradients exact:
     gather_rows         fwd: all-gather dim 0      bwd: reduce-scatter dim 0 (async TP, compiled: see below)
     scatter_rows        fwd: reduce-scatter dim 0  bwd: all-gather dim 0
 
+`all_reduce` (copy_to_tp's backward, reduce_from_tp's forward) runs NCCL's functional all-reduce, or,
+for a group given to `use_symm_all_reduce` (parallel.tp_all_reduce='symm'), `symm_all_reduce`: torch's
+symmetric-memory two-shot all-reduce behind one custom op.
+
 Async TP under torch.compile (parallel/async_tp.py) keeps the gathered tokens in "rows" order: the
 all-gather of (B, T / n, D) along dim 0 gives (n B, T / n, D), rank r's tokens in rows r B..(r+1) B,
 and the GEMM reads that directly (a GEMM does not care about the order of its rows); `rows_to_seq`

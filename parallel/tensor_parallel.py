@@ -123,7 +123,7 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
     if cfg.async_tp and sp:
         enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the SP collectives with their GEMMs
     if cfg.tp_all_reduce == "symm":
-        enable_symm_all_reduce(tp_g)  # compiled graphs on NCCL: one-shot all-reduces through NVLink peer reads
+        enable_symm_all_reduce(tp_g)  # on NCCL: critical-path all-reduces by two-shot NVLink peer reads (comm.py)
 
     if model.embed_tokens is not None:
         model.embed_tokens = VocabParallelEmbedding.from_dense(model.embed_tokens, tp_g)
