@@ -52,30 +52,31 @@ def import_te():
 
 
 class LocalBackend:
-    """`async_tp` (under sequence parallelism): the column-parallel layer gathers its own input and the
+    """`async_tp` under sequence parallelism: the column-parallel layer gathers its own input and the
     row-parallel one scatters its own output, each overlapped with its GEMM (parallel/async_tp.py);
-    otherwise the entry norm gathers."""
+    otherwise the entry norm gathers. `async_tp` without SP: the column-parallel layer enters the
+    region itself ('copy_async': its backward's all-reduce overlaps the weight gradient's GEMM);
+    otherwise the entry norm copies."""
     name = "local"
 
     def __init__(self, async_tp: bool = False):
         self.async_tp = async_tp
 
-    def _gathers(self, sequence_parallel: bool) -> bool:
-        return self.async_tp and sequence_parallel
-
     def entry_norm(self, norm: RMSNorm, group, sequence_parallel: bool) -> nn.Module:
-        entry = None if self._gathers(sequence_parallel) else "gather" if sequence_parallel else "copy"
+        entry = None if self.async_tp else "gather" if sequence_parallel else "copy"
         return ParallelRMSNorm.from_dense(norm, group, entry, sequence_parallel)
 
     def column(self, lin: nn.Linear, group, sequence_parallel: bool, parts=None) -> nn.Module:
-        comm = "gather" if self._gathers(sequence_parallel) else "none"
+        comm = ("gather" if sequence_parallel else "copy_async") if self.async_tp else "none"
         return ColumnParallelLinear.from_dense(lin, group, input_comm=comm, parts=parts)
 
     def row(self, lin: nn.Linear, group, sequence_parallel: bool) -> nn.Module:
         return RowParallelLinear.from_dense(lin, group, sequence_parallel=sequence_parallel, async_tp=self.async_tp)
 
     def kv_input_comm(self, sequence_parallel: bool) -> str:
-        return "gather" if self._gathers(sequence_parallel) else "none"  # else the entry norm communicated
+        if not self.async_tp:
+            return "none"  # the entry norm communicated
+        return "gather" if sequence_parallel else "copy"
 
 
 class MicroBatch:

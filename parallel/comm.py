@@ -13,6 +13,19 @@ that keeps gradients exact:
     reduce_scatter_seq  fwd: reduce-scatter T      bwd: all-gather T     (leave a row-parallel region into SP)
     seq_to_hidden       fwd: all-to-all T -> dim   bwd: all-to-all back  (SP: a row-parallel layer reads the
                                                                           other stream's T-sharded residual)
+    gather_rows         fwd: all-gather dim 0      bwd: reduce-scatter dim 0 (async TP, compiled: see below)
+    scatter_rows        fwd: reduce-scatter dim 0  bwd: all-gather dim 0
+
+`all_reduce` (copy_to_tp's backward, reduce_from_tp's forward) runs NCCL's functional all-reduce, or,
+for a group given to `use_symm_all_reduce` (parallel.tp_all_reduce='symm'), `symm_all_reduce`: torch's
+symmetric-memory two-shot all-reduce behind one custom op.
+
+Async TP under torch.compile (parallel/async_tp.py) keeps the gathered tokens in "rows" order: the
+all-gather of (B, T / n, D) along dim 0 gives (n B, T / n, D), rank r's tokens in rows r B..(r+1) B,
+and the GEMM reads that directly (a GEMM does not care about the order of its rows); `rows_to_seq`
+re-lays only its output. So the graph holds exactly all_gather -> wait -> matmul and, through
+`seq_to_rows`, matmul -> reduce_scatter, the dim-0 patterns that inductor's micro-pipeline TP pass
+fuses in every torch release that has it (no cat / split between the collective and the GEMM).
 
 The sequence dimension is dim 1 of (B, T, ...) tensors. Not here: which layer uses which operator
 (parallel/layers.py) and which group a layer gets (parallel/tensor_parallel.py).
@@ -67,7 +80,52 @@ def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return y if dim == 0 else torch.cat(y.chunk(group_size(group), 0), dim)
 
 
+_SYMM_GROUPS: set = set()  # names of the groups whose all-reduces go through symmetric memory (use_symm_all_reduce)
+_symm_buffers: dict = {}  # (group name, shape, dtype, device) -> this rank's persistent symmetric buffer
+
+
+def use_symm_all_reduce(group, on: bool = True) -> None:
+    """Route `all_reduce` on `group` (CUDA tensors) through torch's symmetric memory from now on (or
+    not, `on=False`): the caller has checked that the group can (async_tp.enable_symm_all_reduce)."""
+    (_SYMM_GROUPS.add if on else _SYMM_GROUPS.discard)(group.group_name)
+
+
+@torch.library.custom_op("megaflow::symm_all_reduce", mutates_args=())
+def symm_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The sum of `x` over the group through torch's symmetric memory: copied into this shape's
+    persistent symmetric buffer (made, and exchanged with the peers, at its first use: every rank
+    reaches it in the same order), all-reduced there by the two-shot kernel (NVLink peer reads, no
+    NCCL; on 2 H200s 0.15 ms for 32 MiB against NCCL's 0.48, docs/benchmarks.md), copied out. An
+    opaque op to torch.compile. Where symmetric memory fails (no CUDA, an unsupported size): NCCL /
+    gloo on a copy, the same sum."""
+    key = (group_name, tuple(x.shape), x.dtype, x.device)
+    if x.is_cuda:
+        try:
+            buf = _symm_buffers.get(key)
+            if buf is None:
+                import torch.distributed._symmetric_memory as symm_mem
+                buf = symm_mem.empty(x.shape, dtype=x.dtype, device=x.device)
+                symm_mem.rendezvous(buf, group_name)
+                _symm_buffers[key] = buf
+            buf.copy_(x)
+            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group_name)
+            return buf.clone()  # the buffer is reused by the next call of this shape
+        except (RuntimeError, AttributeError, NotImplementedError):
+            pass
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    out = x.clone()
+    dist.all_reduce(out, group=_resolve_process_group(group_name))
+    return out
+
+
+@symm_all_reduce.register_fake
+def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _SYMM_GROUPS and group.group_name in _SYMM_GROUPS and x.is_cuda:
+        return torch.ops.megaflow.symm_all_reduce(x.contiguous(), group.group_name)
     return _done(funcol.all_reduce(x.contiguous(), "sum", group))
 
 
@@ -92,6 +150,18 @@ def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:
     if to_hidden:
         return recv.permute(1, 0, 2, 3).reshape(B, n * t, D // n)  # tokens of rank i at T slice i
     return recv.permute(1, 2, 0, 3).reshape(B, T // n, n * d)  # features of rank i at dim slice i
+
+
+def rows_to_seq(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(n B, T / n, ...) in rows order -> (B, T, ...): rank r's token slice back at T slice r."""
+    return x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n, T / n, ...) -> (B, T, ...)
+
+
+def seq_to_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T, ...) -> (n B, T / n, ...): T slice r of every row in rows r B..(r+1) B."""
+    if x.shape[SEQ_DIM] % n:
+        raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel degree {n}")
+    return x.unflatten(1, (n, -1)).transpose(0, 1).flatten(0, 1)  # (n, B, T / n, ...) -> (n B, T / n, ...)
 
 
 class _SeqToHidden(torch.autograd.Function):
@@ -194,6 +264,17 @@ def gather_seq(x, group, reduce_grad: bool = True):
 
 def reduce_scatter_seq(x, group):
     return _ReduceScatter.apply(x, group, SEQ_DIM) if _active(group) else x
+
+
+def gather_rows(x, group):
+    """(B, T / n, ...) -> (n B, T / n, ...) by one all-gather along dim 0 (rows order, see above); the
+    backward reduce-scatters dim 0 (the consumers are tensor-parallel)."""
+    return _Gather.apply(x, group, 0, True) if _active(group) else x
+
+
+def scatter_rows(x, group):
+    """(n B, T / n, ...) partial sums in rows order -> this rank's (B, T / n, ...), summed over the group."""
+    return _ReduceScatter.apply(x, group, 0) if _active(group) else x
 
 
 def seq_to_hidden(x, group):

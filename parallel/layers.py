@@ -21,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaflow.model.layers import RMSNorm
-from parallel.async_tp import gather_linear, linear_scatter
-from parallel.comm import (copy_to_tp, gather_hidden, gather_seq, group_rank, group_size, reduce_from_tp,
-                           reduce_scatter_seq, seq_to_hidden, split_hidden, split_seq)
+from parallel.async_tp import copy_linear, gather_linear, linear_scatter
+from parallel.comm import (copy_to_tp, gather_hidden, gather_rows, gather_seq, group_rank, group_size, reduce_from_tp,
+                           reduce_scatter_seq, rows_to_seq, scatter_rows, seq_to_hidden, seq_to_rows, split_hidden,
+                           split_seq)
 from parallel.fused import all_sharded, shard_parts
 
 
@@ -59,9 +60,11 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with the output features (rows of W, and b) split over the group: each rank
     returns its slice of the features. `input_comm`: 'none' when a ParallelRMSNorm in front already
     entered the parallel region, 'copy' for a replicated input (backward all-reduces its gradient),
-    'gather' for a T-sharded input under sequence parallelism with async TP (parallel/async_tp.py:
-    eager, the all-gather overlapped with the GEMM; compiled, the plain gather that inductor fuses).
-    `parts` (rows of each part, for a fused projection): each part is split on its own."""
+    'copy_async' the same with that all-reduce overlapped with the weight gradient's GEMM (async TP
+    without SP), 'gather' for a T-sharded input under sequence parallelism with async TP
+    (parallel/async_tp.py: eager, the all-gather overlapped with the GEMM; compiled, the gather in
+    rows order that inductor fuses with the GEMM). `parts` (rows of each part, for a fused
+    projection): each part is split on its own."""
     tp_shards = {"weight": 0, "bias": 0}
     linear = staticmethod(F.linear)  # the GEMM; FP8 replaces it per layer (megaflow/fp8.py apply_fp8)
 
@@ -69,7 +72,7 @@ class ColumnParallelLinear(nn.Module):
                  like: Optional[torch.Tensor] = None, parts: Optional[tuple] = None):
         super().__init__()
         n = group_size(group)
-        assert input_comm in ("none", "copy", "gather") and out_features % n == 0
+        assert input_comm in ("none", "copy", "copy_async", "gather") and out_features % n == 0
         like = like if like is not None else torch.empty(0)
         self.tp_group, self.input_comm = group, input_comm
         if parts is not None:
@@ -85,14 +88,18 @@ class ColumnParallelLinear(nn.Module):
         return copy_shards(new, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_comm == "copy":
-            x = copy_to_tp(x, self.tp_group)
-        elif self.input_comm == "gather":  # (B, T / tp, in) -> (B, T, out / tp)
-            if not torch.compiler.is_compiling() and group_size(self.tp_group) > 1:
-                return gather_linear(x, self.weight, self.bias, self.tp_group)
+        g, n = self.tp_group, group_size(self.tp_group)
+        if self.input_comm == "copy" or (self.input_comm == "copy_async" and n == 1):
+            x = copy_to_tp(x, g)
+        elif self.input_comm == "copy_async":
+            return copy_linear(x, self.weight, self.bias, g)  # (..., out / tp)
+        elif self.input_comm == "gather" and n > 1:  # (B, T / tp, in) -> (B, T, out / tp)
+            if not torch.compiler.is_compiling():
+                return gather_linear(x, self.weight, self.bias, g)
             if torch.is_autocast_enabled(x.device.type):  # gather what the GEMM reads (fp32 weights: half the
                 x = x.to(torch.get_autocast_dtype(x.device.type))  # bytes; no cast between gather and matmul)
-            x = gather_seq(x, self.tp_group)
+            y = F.linear(gather_rows(x, g), self.weight, self.bias)  # (tp B, T / tp, out / tp): rows order
+            return rows_to_seq(y, n)
         return self.linear(x, self.weight, self.bias)  # (..., out_features / tp)
 
     def extra_repr(self):
@@ -140,6 +147,8 @@ class RowParallelLinear(nn.Module):
                 x = split_hidden(x, g)  # (B, T, in / tp)
         if self.async_tp and sp and not torch.compiler.is_compiling():  # sp: off while sampling (sampling.py)
             y = linear_scatter(x, self.weight, g)  # (B, T / tp, out): the reduction overlapped with the GEMM
+        elif self.async_tp and sp:  # compiled: GEMM -> reduce-scatter in rows order, which inductor fuses
+            y = scatter_rows(F.linear(seq_to_rows(x, group_size(g)), self.weight), g)  # (B, T / tp, out)
         else:
             y = self.linear(x, self.weight)  # partial sums over the input slices
             y = reduce_scatter_seq(y, g) if sp else reduce_from_tp(y, g)

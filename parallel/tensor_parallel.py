@@ -21,7 +21,8 @@ What goes where (tp = the VLM group, ftp = the flow group, `Topology.flow_tp_gro
 With sequence parallelism the residual streams between layers are sharded along T (`seq_split`
 after `embed`); norms run on local tokens (their weight gradients are all-reduced), the norm in front
 of a parallel region all-gathers T, row-parallel layers reduce-scatter T. With `parallel.async_tp` the
-column-parallel layer gathers its own input and each collective overlaps its GEMM (async_tp.py). The embeddings and the
+column-parallel layer gathers its own input and each collective overlaps its GEMM (async_tp.py; without
+SP its backward's all-reduce overlaps the weight gradient's GEMM). The embeddings and the
 heads work on full T. Generation needs sequence_parallel=False (decoding feeds one token at a time).
 
 Weight init after a meta build: `init_tp_weights` draws sharded weights per rank and broadcasts
@@ -39,7 +40,7 @@ import torch.nn as nn
 from megaflow.model.config import ModelConfig
 from megaflow.model.layers import TransformerBlock
 from megaflow.model.starflow import STARFlow2, apply_stage
-from parallel.async_tp import enable_async_tp
+from parallel.async_tp import enable_async_tp, enable_symm_all_reduce
 from parallel.backend import get_backend
 from parallel.checkpoint_tp import load_full_state_dict, shard_layout
 from parallel.comm import all_gather, group_rank, group_size
@@ -119,8 +120,10 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
     tp_g, sp = topo.tp_group, cfg.sequence_parallel
     flow_g = tp_g if topo.flow_tp == topo.tp else topo.flow_tp_group  # one communicator when they coincide
     backend = get_backend(cfg.backend, cfg.async_tp)
-    if cfg.async_tp:
-        enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the collectives with their GEMMs
+    if cfg.async_tp and sp:
+        enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the SP collectives with their GEMMs
+    if cfg.tp_all_reduce == "symm":
+        enable_symm_all_reduce(tp_g)  # on NCCL: critical-path all-reduces by two-shot NVLink peer reads (comm.py)
 
     if model.embed_tokens is not None:
         model.embed_tokens = VocabParallelEmbedding.from_dense(model.embed_tokens, tp_g)

@@ -28,7 +28,8 @@ class ParallelConfig:
     flow_tp: int = 0  # tensor-parallel degree of the flow stream; 0 = same as tp
     pp: int = 1  # pipeline-parallel degree (stages)
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
-    async_tp: bool = False  # with sequence_parallel (ignored without): overlap each all-gather / reduce-scatter with its GEMM (parallel/async_tp.py)
+    async_tp: bool = False  # overlap TP collectives with GEMMs (parallel/async_tp.py): with sequence_parallel each all-gather / reduce-scatter with its GEMM; without, each column-parallel layer's input-gradient all-reduce with its weight-gradient GEMM
+    tp_all_reduce: str = "nccl"  # TP's critical-path all-reduces on CUDA: 'nccl', or 'symm' (torch's two-shot symmetric-memory all-reduce over NVLink, parallel/comm.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling
     fp8_backend: str = "te"  # who runs FP8: 'te' (Transformer Engine layers, backend 'te') or 'torch' (torch._scaled_mm linears compiled with the blocks, backend 'local', scaling 'current'; megaflow/fp8.py)
@@ -67,13 +68,15 @@ class ParallelConfig:
                                  "current amax (no history); set parallel.fp8=current")
             if self.fp8_min_dim < 16:
                 raise ValueError(f"parallel.fp8_min_dim={self.fp8_min_dim} must be >= 16 (FP8 GEMM dimensions)")
-            if self.async_tp and self.sequence_parallel:
+            if self.async_tp:
                 raise ValueError("parallel.async_tp=true runs its overlapped GEMMs in bf16, not through "
-                                 "fp8_backend='torch''s FP8 GEMM; set async_tp=false for FP8 under sequence parallelism")
+                                 "fp8_backend='torch''s FP8 GEMM; set async_tp=false for FP8 under tensor parallelism")
         if self.async_tp and self.backend != "local":
             raise ValueError(f"parallel.async_tp=true overlaps the local backend's collectives; with "
                              f"parallel.backend={self.backend!r} set async_tp=false (Transformer Engine's layers "
                              f"communicate themselves)")
+        if self.tp_all_reduce not in ("nccl", "symm"):
+            raise ValueError(f"parallel.tp_all_reduce={self.tp_all_reduce!r} must be 'nccl' or 'symm'")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.bucket_mb <= 0:

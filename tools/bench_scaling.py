@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--profile", type=int, default=2, help="profiled steps per row (0: no breakdown)")
-    p.add_argument("--profile-rows", default="", help="profile only these rows (comma-separated names; '' = all)")
+    p.add_argument("--profile-rows", default="", help="profile only these rows (comma-separated names, e.g. tp2 or tp2@parallel.async_tp=true; '' = all)")
     p.add_argument("--trace", default="", help="write DIR/<row>.rank<r>.json Chrome traces")
     p.add_argument("--top", type=int, default=0, help="print every rank's N costliest kernels and host "
                    "operators of each profiled row, where its host waits and copies come from, and the Python "
@@ -158,6 +158,11 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     torch._dynamo.reset()
     import torch._inductor.config as inductor_config
     inductor_config._micro_pipeline_tp = False  # a row with parallel.async_tp turns it on (apply_tp)
+    try:  # and one with parallel.tp_all_reduce=symm routes its TP group's all-reduces (trees before it: no such switch)
+        from parallel.comm import use_symm_all_reduce
+        use_symm_all_reduce(dist.group.WORLD, False)
+    except ImportError:
+        pass
     fused = count_fusions()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -172,7 +177,7 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         if i >= args.warmup:
             times.append(clock(device) - t0)
     prof = None
-    if args.profile and (not args.profile_rows or name in args.profile_rows.split(",")):
+    if args.profile and (not args.profile_rows or {name, mode} & set(args.profile_rows.split(","))):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
         prof = profile_steps(step, args.profile, device, trace, args.top)
         if args.top:

@@ -7,7 +7,8 @@ DP=2 in fp32 and with bf16 weights + fp32 main gradients (buckets reduced in pla
 DP=2 x PP=2 interleaved (two chunks per rank armed separately, 4 micro-batches, tied embeddings,
 a micro-batch without images); and that some buckets really were launched before backward ended.
 Tensor parallelism: TP=2 + SP with async TP on gives the gradients of async TP off, and a training
-step reads nothing back to the host.
+step reads nothing back to the host; so does plain TP=2 with async TP (the input gradient's
+all-reduce in flight while the weight gradient's GEMM runs).
 """
 import dataclasses
 import traceback
@@ -102,9 +103,13 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _tp2_sp(rank, world):
+def _tp2_sp(rank, world, sp: bool):
+    import torch.distributed as dist
+    from parallel.comm import symm_all_reduce  # noqa: F401  (registers megaflow::symm_all_reduce)
     from parallel.runtime import build_engine, build_stages
     from tests.parallel.test_tp import reference
+    x = torch.arange(6.0) * (rank + 1)  # parallel.tp_all_reduce=symm's op; on CPU its NCCL/gloo fallback
+    assert torch.equal(torch.ops.megaflow.symm_all_reduce(x, dist.group.WORLD.group_name), torch.arange(6.0) * 3)
     mcfg, ref = reference()
     batch = make_batch(mcfg, 2, 48)
     noise = make_noise(mcfg, batch)
@@ -112,7 +117,7 @@ def _tp2_sp(rank, world):
     for async_tp in (False, True):
         cfg = Config(model=mcfg, data=DataConfig(image_size=8, channels=1, patch_size=2),
                      train=TrainConfig(lr=1e-3, warmup=0, steps=4, grad_clip=1.0, compile="off"),
-                     parallel=ParallelConfig(tp=2, sequence_parallel=True, async_tp=async_tp))
+                     parallel=ParallelConfig(tp=2, sequence_parallel=sp, async_tp=async_tp))
         topo = Topology(tp=2)
         model, stages, tied = build_stages(mcfg, cfg.parallel, topo, "cpu", 0, full_state=ref.state_dict(), seq_len=48)
         engine = build_engine(cfg, model, stages, tied, topo, None)
@@ -128,19 +133,22 @@ def _tp2_sp(rank, world):
                              tensors=all(torch.is_tensor(v) for v in second.values()),
                              comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})
     off, on = out[False], out[True]
-    assert "gather" in on["comms"] and "gather" not in off["comms"], (on["comms"], off["comms"])
+    comm = "gather" if sp else "copy_async"
+    assert comm in on["comms"] and comm not in off["comms"], (on["comms"], off["comms"])
     for a, b in zip(on["grads"], off["grads"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     return dict(on=on["losses"], off=off["losses"], reads=on["reads"] + off["reads"], tensors=on["tensors"])
 
 
-def test_tp2_sp_async_equals_sync_and_reads_nothing_back():
-    """TP=2 + SP through the ParallelEngine: with parallel.async_tp (each all-gather and reduce-scatter
-    overlapped with its GEMM, parallel/async_tp.py) the gradients and losses equal the plain
-    collectives'; and a whole training step (forward, backward, clip, fused AdamW) reads no tensor
-    value back to the host: the engine returns 0-d tensors, read only at log steps (on 2 H200s a
-    TP=2 step spent 21 ms of host time in blocking copies, docs/benchmarks.md)."""
-    for r in run_distributed(_tp2_sp, 2):
+@pytest.mark.parametrize("sp", [True, False], ids=["tp2sp", "tp2"])
+def test_tp2_sp_async_equals_sync_and_reads_nothing_back(sp):
+    """TP=2 (+ SP) through the ParallelEngine: with parallel.async_tp (under SP each all-gather and
+    reduce-scatter overlapped with its GEMM; without, each column-parallel layer's input-gradient
+    all-reduce with its weight-gradient GEMM: parallel/async_tp.py) the gradients and losses equal the
+    plain collectives'; and a whole training step (forward, backward, clip, fused AdamW) reads no
+    tensor value back to the host: the engine returns 0-d tensors, read only at log steps (on 2 H200s
+    a TP=2 step spent 21 ms of host time in blocking copies, docs/benchmarks.md)."""
+    for r in run_distributed(_tp2_sp, 2, sp):
         assert r["tensors"], r
         assert r["reads"] == [], r["reads"]
         for a, b in zip(r["on"], r["off"]):

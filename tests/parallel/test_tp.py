@@ -154,6 +154,7 @@ CASES_2 = [
     dict(tp=2, sp=False, tarflow=True),
     dict(tp=2, sp=True, tarflow=True),
     dict(tp=2, sp=True, tied=True, async_tp=True),  # collectives overlapped with the GEMMs (parallel/async_tp.py)
+    dict(tp=2, sp=False, async_tp=True),  # the input gradient's all-reduce overlapped with dW's GEMM
 ]
 CASES_4 = [dict(tp=4, sp=False, shallow_heads=4), dict(tp=4, sp=True, shallow_heads=4),
            dict(tp=4, sp=True, shallow_heads=4, async_tp=True)]  # + k/v heads replicated, chunks over 4 ranks

@@ -83,3 +83,10 @@ def test_local_backend_never_imports_transformer_engine():
     code = ("import sys, parallel.tensor_parallel, parallel.backend as b; b.get_backend('local'); "
             "assert not any(m.startswith('transformer_engine') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tp_all_reduce_route_is_checked():
+    """parallel.tp_all_reduce names a route (NCCL or torch's symmetric memory); a typo is one clear error."""
+    assert ParallelConfig(tp=2, tp_all_reduce="symm").tp_all_reduce == "symm"
+    with pytest.raises(ValueError, match="parallel.tp_all_reduce='nvls' must be 'nccl' or 'symm'"):
+        ParallelConfig(tp=2, tp_all_reduce="nvls")

@@ -142,6 +142,8 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     check_layout(ParallelConfig(tp=2, fp8="current", fp8_backend="torch"), 2, tiny_config())  # served since session 7
     with pytest.raises(ValueError, match="set async_tp=false"):  # its overlapped GEMMs would silently stay bf16
         ParallelConfig(tp=2, sequence_parallel=True, async_tp=True, fp8="current", fp8_backend="torch")
+    with pytest.raises(ValueError, match="set async_tp=false"):  # without SP too: copy_linear's GEMMs are bf16
+        ParallelConfig(tp=2, async_tp=True, fp8="current", fp8_backend="torch")
     cfg = run_config(device="cpu", out_dir=str(tmp_path / "run"))
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="current", fp8_backend="torch"))
     with pytest.raises(ConfigError, match="CUDA GPU"):

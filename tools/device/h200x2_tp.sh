@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 17's TP rows on a lent nvidia-h200-x2: one GPU vs TP2 / TP2+SP, plain and with parallel.async_tp,
+# configs/h200_1b.yaml, 8 x 1024 tokens (tools/bench_scaling.py), compiled; dynamo's graph breaks and
+# recompiles and inductor's micro-pipeline TP messages counted; a per-rank profile of the async rows.
+#   bash tools/device/h200x2_tp.sh probe          # call 1: the rows of this tree + a collective probe
+#   bash tools/device/h200x2_tp.sh final BASE     # call 2: the tree at BASE (before) and this tree (after)
+# Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
+# written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
+# .cache/inductor.tgz.* (copy the parts there and carry them in the next call): a warm cache turns each
+# row's cold compile (~30 s) into a load. Logs: $OUT/*.log and $OUT/logs.tgz; a summary on stdout.
+. tools/device/setup.sh
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+ls .cache/inductor.tgz.* >/dev/null 2>&1 && cat .cache/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) restored"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
+T0=$(date +%s)
+bench() {  # tree, name, rows, limit, extra args
+  (cd "$1" && TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 \
+     tools/bench_scaling.py --config configs/h200_1b.yaml --rows 8 --steps ${STEPS:-3} --warmup ${WARMUP:-1} \
+     --profile 1 --profile-rows "${PROFILE_ROWS:-}" $5 --json $OUT/$2.json --modes "$3" > $OUT/$2.log 2>&1)
+  echo "== $2 ($3) done at $(( $(date +%s) - T0 )) s: graph breaks $(grep -c 'Graph break' $OUT/$2.log)," \
+       "recompiles $(grep -c 'Recompiling' $OUT/$2.log), 'found no matching' $(grep -c 'found no matching' $OUT/$2.log)"
+  grep -a "step .* ms, first loss\|failed:\|Error\|error:" $OUT/$2.log | grep -v Warning | head -20
+  grep -a -A12 "^| row" $OUT/$2.log | head -40
+  grep -a -m3 -B2 -A8 "Graph break" $OUT/$2.log | cut -c1-300 | head -30
+}
+summary_profiles() {  # the per-rank breakdown tables of the rows profiled
+  grep -a -B1 -A4 "^| rank |" $OUT/$1.log | head -40
+}
+case "$1" in
+probe)
+  python3 - <<'EOF' 2>&1 | tee $OUT/env.log
+import inspect, torch
+import torch._inductor.fx_passes.micro_pipeline_tp as m
+src = inspect.getsource(m)
+open("/tmp/mptp.py", "w").write(src)
+print("micro_pipeline_tp.py:", len(src), "chars; slice/cat matcher:", "_match_slice_cat_all_gather" in src,
+      "; split_targets:", "split_targets" in src)
+print("symm_mem ops:", sorted(n for n in dir(torch.ops.symm_mem) if "reduce" in n or "fused" in n)[:30])
+EOF
+  cp /tmp/mptp.py $OUT/micro_pipeline_tp_211.py  # torch 2.11's pass, for the record (in logs.tgz)
+  timeout 40 torchrun --nproc_per_node 2 tools/device/tp_comm_probe.py 2>&1 | grep -v "Warning\|warn(" | tee -a $OUT/env.log
+  PROFILE_ROWS="tp2@parallel.async_tp=true;parallel.tp_all_reduce=symm,tp2sp@parallel.async_tp=true" \
+    bench . probe "${ROWS:-tp2@parallel.async_tp=true;parallel.tp_all_reduce=symm,tp2sp@parallel.async_tp=true,tp2@parallel.async_tp=true,tp2sp,tp2,one}" ${S:-150}
+  summary_profiles probe
+  ;;
+final)  # BASE: the tree before (git archive 820d653), run with this tree's bench script
+  cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
+  PROFILE_ROWS=none bench "$2" before "${BEFORE:-tp2,tp2sp}" ${BEFORE_S:-70}
+  PROFILE_ROWS="${PROFILE_ROWS_AFTER:-tp2@parallel.async_tp=true,tp2sp@parallel.async_tp=true}" \
+    bench . after "${AFTER:-one,tp2,tp2@parallel.async_tp=true,tp2sp,tp2sp@parallel.async_tp=true}" ${AFTER_S:-150}
+  summary_profiles after
+  ;;
+esac
+mv $OUT/env.log $OUT/micro_pipeline_tp_211.py /tmp/ 2>/dev/null
+tar czf $OUT/logs.tgz -C /tmp env.log micro_pipeline_tp_211.py 2>/dev/null
+if [ -z "$NOCACHE" ]; then  # NOCACHE=1: the last call, nothing to carry on
+  tar czf /tmp/inductor.tgz -C /tmp inductor 2>/dev/null && echo "inductor cache: $(du -sh /tmp/inductor.tgz | cut -f1)"
+  if [ $(stat -c %s /tmp/inductor.tgz) -lt 45000000 ]; then split -b 15000000 /tmp/inductor.tgz $OUT/inductor.tgz.
+  else echo "(cache over 45 MB: not returned)"; fi
+fi
+echo "total $(( $(date +%s) - T0 )) s"
