@@ -18,14 +18,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$(date +%s)
 bench() {  # tree, name, rows, time limit (s)
   (cd "$1" && PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 tools/bench_scaling.py \
-     --config configs/h200_1b.yaml --rows 8 --micro-batches 8 --steps "${STEPS:-3}" --warmup "${WARMUP:-1}" \
+     --config configs/h200_1b.yaml --rows 8 --micro-batches 8 --steps "${STEPS:-6}" --warmup "${WARMUP:-1}" \
      --profile "${PROFILE:-1}" --profile-rows "${PROFILE_ROWS-dp2,pp2}" --json "$OUT/$2.json" --modes "$3" 2>&1 \
      | grep -v "Warning\|warn(" | tee "$OUT/$2.txt")
   echo "== $2 done at $(( $(date +%s) - T0 )) s"
 }
 case "$1" in
 explore)
-  bench . explore "${ROWS:-one,dp2,one_mb,pp2,dp2@parallel.bucket_mb=200,dp2@parallel.dp_comm_ctas=8,one_mb@parallel.micro_batches=1,dp2@parallel.bucket_mb=200;parallel.dp_comm_ctas=8}" "${LIMIT:-150}"
+  bench . explore \
+    "${ROWS:-one,dp2,dp2@parallel.bucket_mb=200,dp2@parallel.dp_comm_ctas=8,one_mb,pp2,pp2i,dp2@parallel.bucket_mb=200;parallel.dp_comm_ctas=8,one_mb@parallel.micro_batches=1}" \
+    "${LIMIT:-115}"
   ;;
 compare)  # BASE: the tree before (git archive 820d653), run with this tree's bench script and profiler
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
@@ -34,7 +36,8 @@ compare)  # BASE: the tree before (git archive 820d653), run with this tree's be
   ;;
 *) echo "h200x2_dppp.sh: say explore or compare BASE"; exit 2 ;;
 esac
-if [ -n "${CACHE_OUT:-}" ]; then
-  tar czf - -C /tmp inductor | split -b 15m - "$OUT/inductor.tgz."
-  ls -la "$OUT"/inductor.tgz.* | awk '{s += $5} END {print "inductor cache: " NR " parts, " s / 2^20 " MiB"}'
+if [ -n "${CACHE_OUT:-}" ]; then  # at most 4 parts: 8 files come back, and what is carried must stay under 64 MiB
+  tar czf /tmp/inductor.tgz -C /tmp inductor
+  if [ "$(stat -c %s /tmp/inductor.tgz)" -le $((56 * 2**20)) ]; then split -b 15m /tmp/inductor.tgz "$OUT/inductor.tgz."; fi
+  echo "inductor cache: $(( $(stat -c %s /tmp/inductor.tgz) / 2**20 )) MiB compressed; $(ls "$OUT"/inductor.tgz.* 2>/dev/null | wc -l) parts sent back"
 fi
