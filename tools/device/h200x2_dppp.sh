@@ -31,8 +31,8 @@ explore)
   ;;
 compare)  # BASE: the tree before (git archive 820d653), run with this tree's bench script and profiler
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
-  PROFILE=0 bench "$2" before "${BEFORE:-dp2,one_mb,pp2}" "${BEFORE_S:-60}"
-  bench . after "${AFTER:-one,dp2,one_mb,pp2}" "${AFTER_S:-80}"
+  PROFILE=0 bench "$2" before "${BEFORE:-dp2}" "${BEFORE_S:-40}"
+  PROFILE_ROWS=${PROFILE_ROWS-dp2,one_mb,pp2} bench . after "${AFTER:-one,dp2,one_mb,pp2}" "${AFTER_S:-100}"
   ;;
 *) echo "h200x2_dppp.sh: say explore or compare BASE"; exit 2 ;;
 esac
