@@ -39,7 +39,7 @@ class ParallelConfig:
     stage_layout: str = ""  # manual split: units per stage, e.g. '3,5' ('' = balanced by cost)
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = no ZeRO)
     overlap: bool = True  # overlap communication with compute: DP buckets reduced during backward, PP receives posted ahead
-    bucket_mb: float = 200.0  # data-parallel gradient bucket (MiB of fp32 gradients) of one all-reduce, without ZeRO (200: 95.3% DP2 weak scaling on 2 H200s vs 90.7% at 25, docs/benchmarks.md)
+    bucket_mb: float = 200.0  # data-parallel gradient bucket (MiB of fp32 gradients) of one all-reduce, without ZeRO (on 2 H200s DP2 weak scaling 94.5-95.3% at 200 vs 90.7-91.2% at 25: fewer all-reduces take less from the backward they overlap, docs/benchmarks.md)
     dp_comm_ctas: int = 0  # NCCL: at most this many CTAs (SMs) run the data-parallel gradient all-reduce, leaving the rest to the backward it overlaps (0 = NCCL's choice; 8 was slower on 2 H200s: the all-reduces stretch past the backward)
     timeout_s: float = 600.0  # seconds a collective or the start-up rendezvous waits for the other ranks before the run fails (a dead or hung rank ends the job)
 
