@@ -25,7 +25,9 @@ data-parallel group (the pipeline schedule does, parallel/pipeline_step.py). Wit
 Reduction is a SUM by default: the loss is normalised by GLOBAL counts (parallel/pipeline_step.py),
 so each rank's gradient is already its share of the global-batch gradient and the shares add up.
 `average=True` is for losses normalised per rank. `allreduce_gradients(params, group)` is the
-stateless one-call form (averages by default). Not here: ZeRO (parallel/zero.py).
+stateless one-call form (averages by default). `reduction_group` gives the buckets a communicator
+of their own on NCCL that runs on fewer SMs (parallel.dp_comm_ctas): the all-reduces overlap the
+backward, and every SM they hold is one the backward's kernels lack. Not here: ZeRO (parallel/zero.py).
 """
 from __future__ import annotations
 
@@ -169,6 +171,24 @@ class GradBuckets:
         sizes = [f"{b.flat.numel() * b.flat.element_size() / 2 ** 20:.1f}MiB{'' if b.copied else ' in place'}"
                  for b in self.buckets]
         return f"GradBuckets({len(self.buckets)} buckets: {', '.join(sizes)}, dp={self.world})"
+
+
+def reduction_group(topo, max_ctas: int):
+    """The group the gradient buckets all-reduce over: `topo.dp_group`, or, on NCCL with max_ctas > 0,
+    a copy of it whose communicator launches at most `max_ctas` CTAs (one SM each) per collective
+    (NCCL's per-communicator maxCTAs, as Megatron's communicator configs set it). Every rank must call
+    it, with the same value (it creates one group per data-parallel group, as Topology does)."""
+    if max_ctas <= 0 or topo.dp_group is None or topo.dp == 1 or dist.get_backend(topo.dp_group) != "nccl":
+        return topo.dp_group
+    options = dist.ProcessGroupNCCL.Options()
+    options.config.max_ctas = max_ctas
+    options.config.min_ctas = 1
+    mine = None
+    for ranks in topo.dp_rank_lists():
+        group = dist.new_group(ranks, pg_options=options)
+        if topo.rank in ranks:
+            mine = group
+    return mine
 
 
 def allreduce_gradients(params, dp_group, average: bool = True, bucket_mb: float = 25.0) -> None:

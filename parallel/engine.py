@@ -30,7 +30,7 @@ from megaflow.speed import apply_speedups
 from parallel.backend import fp8_forward
 from parallel.checkpoint_tp import shard_layout
 from parallel.comm import group_rank, group_size
-from parallel.data_parallel import GradBuckets
+from parallel.data_parallel import GradBuckets, reduction_group
 from parallel.fused import parts_layout, pieces
 from parallel.pipeline import stage_parameters
 from parallel.pipeline_step import PipelineSchedule
@@ -100,11 +100,16 @@ class ParallelEngine:
         self.weights = MainWeights(modules, param_groups(modules, tcfg.weight_decay), tcfg, self.param_dtype,
                                    flat_grads=False)  # hooks: micro-batches accumulate in fp32
         self.optimizer = self.weights.optimizer
+        # the flat one-pass AdamW (megaflow/flat_adamw.py), as PlainEngine steps: weights, moments and the
+        # bf16 copy in one kernel instead of torch's fused AdamW + a refresh copy. Every main gradient is
+        # written each step (the hooks, then settle_grads), so every weight steps, as the kernel assumes
+        self.weights.flat_step = self.weights.mixed and bool(self.optimizer.defaults.get("fused"))
         self.params = [self.weights.main_of(p) for p in params]  # what gradient code works on
         self.counted = {id(self.weights.main_of(p)): counted[id(p)] for p in params}
         if tied is not None and tied.group is not None and self.weights.mixed:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
-        self.buckets = GradBuckets(self.params, topo.dp_group, bucket_mb=bucket_mb or pcfg.bucket_mb)
+        self.buckets = GradBuckets(self.params, reduction_group(topo, pcfg.dp_comm_ctas),
+                                   bucket_mb=bucket_mb or pcfg.bucket_mb)
         if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,

@@ -41,7 +41,8 @@ class ParallelConfig:
     stage_layout: str = ""  # manual split: units per stage, e.g. '3,5' ('' = balanced by cost)
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = no ZeRO)
     overlap: bool = True  # overlap communication with compute: DP buckets reduced during backward, PP receives posted ahead
-    bucket_mb: float = 25.0  # data-parallel gradient bucket (MiB of fp32 gradients) of one all-reduce, without ZeRO
+    bucket_mb: float = 200.0  # data-parallel gradient bucket (MiB of fp32 gradients) of one all-reduce, without ZeRO (on 2 H200s DP2 weak scaling 94.5-95.3% at 200 vs 90.7-91.2% at 25: fewer all-reduces take less from the backward they overlap, docs/benchmarks.md)
+    dp_comm_ctas: int = 0  # NCCL: at most this many CTAs (SMs) run the data-parallel gradient all-reduce, leaving the rest to the backward it overlaps (0 = NCCL's choice; 8 was slower on 2 H200s: the all-reduces stretch past the backward)
     timeout_s: float = 600.0  # seconds a collective or the start-up rendezvous waits for the other ranks before the run fails (a dead or hung rank ends the job)
 
     def __post_init__(self):
@@ -81,6 +82,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.bucket_mb <= 0:
             raise ValueError(f"parallel.bucket_mb={self.bucket_mb} must be > 0 (MiB per gradient all-reduce)")
+        if self.dp_comm_ctas < 0:
+            raise ValueError(f"parallel.dp_comm_ctas={self.dp_comm_ctas} must be >= 0 (0 = NCCL's choice)")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -154,17 +157,20 @@ class Topology:
                 g = dist.new_group(ranks)
                 if self.rank in ranks:
                     self.pp_group = g
-        for p in range(pp):
-            for t in range(tp):
-                ranks = [p * tp * dp + d * tp + t for d in range(dp)]
-                g = dist.new_group(ranks)
-                if self.rank in ranks:
-                    self.dp_group = g
+        for ranks in self.dp_rank_lists():
+            g = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.dp_group = g
         for p in range(pp):  # the ranks that hold the same layers (TE's fp8_group, as Megatron's amax group)
             ranks = list(range(p * tp * dp, (p + 1) * tp * dp))
             g = dist.new_group(ranks) if pp > 1 else dist.group.WORLD
             if self.rank in ranks:
                 self.amax_group = g
+
+    def dp_rank_lists(self) -> list:
+        """The ranks of every data-parallel group, in the order the groups are created."""
+        tp, pp, dp = self.tp, self.pp, self.dp
+        return [[p * tp * dp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)]
 
     @property
     def is_first_stage(self) -> bool:

@@ -15,7 +15,8 @@ of one replica's TP and PP groups share them (strong scaling; PP splits them int
 Rows (--modes, comma-separated; `name@a.b=v;c.d=w` adds config overrides, e.g. tp2@train.compile=on):
 
     one      one GPU, one backward per step (PlainEngine): the baseline of layouts without PP
-    one_mb   one GPU, --micro-batches accumulated (ParallelEngine, no peers): the baseline with PP
+    one_mb   one GPU, --micro-batches accumulated (ParallelEngine, no peers): the baseline with PP;
+             one_mb@parallel.micro_batches=1 is the ParallelEngine's own cost against `one`'s
     config   the config's own parallel section, as is (what `torchrun ... megaflow profile` runs)
     [dpD][tpT[sp]][ppP[i]]   a layout of the world: dp2, tp2, tp2sp (sequence parallel), pp2 (1F1B),
              pp2i (interleaved, 2 chunks a rank), dp2tp2, dp2pp2i, tp2pp2, dp4, dp2tp2pp2, ...; D, if
@@ -114,6 +115,8 @@ def row_config(args, mode: str):
     if fields is None:
         return name, cfg
     m = args.micro_batches if name == "one_mb" or fields.get("pp", 1) > 1 else 1
+    if any(s.startswith("parallel.micro_batches=") for s in extra.split(";")):  # the row's own count wins
+        m = cfg.parallel.micro_batches
     par = dataclasses.replace(cfg.parallel, micro_batches=m, **fields)
     return name, dataclasses.replace(cfg, parallel=par)
 
@@ -216,12 +219,14 @@ def probe_collectives(cfg, rows: int, device, repeats: int = 10) -> None:
 
 def efficiencies(rows: list) -> None:
     """Add 'efficiency' (and 'bubble' with PP) against the baselines measured in the same run."""
-    base = {r["name"]: r["step_s"] for r in rows if r["name"] in ("one", "one_mb")}
     for r in rows:
         ref = "one_mb" if r["pp"] > 1 else "one"
-        if r["gpus"] == 1 or ref not in base:
+        # the baseline row of the same micro-batch count (PP), the plain one before one with overrides
+        same = [b for b in rows if b["name"] == ref and (ref == "one" or b["m"] == r["m"])]
+        base = ([b for b in same if b.get("mode", ref) == ref] or same or [None])[0]
+        if r["gpus"] == 1 or base is None:
             continue
-        r["efficiency"] = base[ref] / (r["tp"] * r["pp"] * r["step_s"])  # tokens/s per GPU / the baseline's
+        r["efficiency"] = base["step_s"] / (r["tp"] * r["pp"] * r["step_s"])  # tokens/s per GPU / the baseline's
         if r["pp"] > 1:
             p, m, v = r["pp"], r["m"], r["v"]
             r["bubble"], r["bubble_theory"] = 1 - r["efficiency"], (p - 1) / (v * m + p - 1)

@@ -84,6 +84,37 @@ def test_dp2_pp2_interleaved_overlap_equals_no_overlap():
         assert r["early_off"] == [0, 0] and min(r["early"]) > 0, r
 
 
+def _flat_vs_torch_adamw(rank, world):
+    mcfg = _config(4)
+    batch = make_batch(mcfg, ROWS, 48)
+    noise = make_noise(mcfg, batch)
+    out = {}
+    for flat in (False, True):
+        engine, topo = _engine(True, 1, "1f1b", 1, 2, True)
+        assert not engine.weights.flat_step  # the engine's default: only with the fused AdamW (CUDA)
+        engine.weights.flat_step = flat  # as on CUDA, where the fused AdamW makes the engine choose it
+        rows = slice(topo.dp_rank * ROWS // 2, (topo.dp_rank + 1) * ROWS // 2)
+        # 2 steps: after them the two differ by fp32 rounding (~1e-7), which flips some bf16 weights' rounding,
+        # so a third step's gradients would differ by more than the optimizers do
+        for step in range(2):
+            engine.train_step({k: t[rows] for k, t in batch.items()}, noise[rows], None, 1e-3 * (step + 1))
+        out[flat] = dict(weights=engine.model_state_dict(), used=engine.weights._flat is not None,
+                         bf16=engine.weights.flat_param.clone(), main=engine.weights.flat_main.clone())
+    assert out[True]["used"] and not out[False]["used"]
+    for k, w in out[False]["weights"].items():
+        torch.testing.assert_close(out[True]["weights"][k], w, rtol=1e-5, atol=1e-6, msg=k)
+    assert torch.equal(out[True]["bf16"], out[True]["main"].to(torch.bfloat16))  # the kernel wrote the bf16 copy
+    return True
+
+
+def test_dp2_engine_steps_the_flat_adamw_like_torch_adamw():
+    """The pipeline engine steps with MainWeights' flat one-pass AdamW (on CUDA, as PlainEngine does): with
+    its fp32 main gradients written by the hooks (the step's first gradient copied, later micro-batches
+    added, what no backward reached zeroed) and all-reduced in place during backward at DP=2, 2 steps
+    (clipped, changing lr) give torch's AdamW's weights, and the bf16 weights are the main ones rounded."""
+    assert all(run_distributed(_flat_vs_torch_adamw, 2))
+
+
 # ----- tensor parallelism: async TP and host read-backs ----------------------------------------------------
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
 

@@ -32,9 +32,11 @@ def test_efficiency_and_bubble_against_the_baselines():
     row = lambda name, step, tp=1, pp=1, v=1, gpus=4: dict(name=name, step_s=step, tp=tp, pp=pp, v=v, m=8,  # noqa: E731
                                                            gpus=gpus)
     rows = [row("one", 0.1, gpus=1), row("one_mb", 0.8, gpus=1), row("dp4", 0.125), row("dp2tp2", 0.0625, tp=2),
-            row("dp2pp2", 0.5, pp=2), row("dp2pp2i", 0.45, pp=2, v=2)]
+            row("dp2pp2", 0.5, pp=2), row("dp2pp2i", 0.45, pp=2, v=2),
+            dict(row("one", 0.2, gpus=1), mode="one@train.compile=off"), dict(row("one_mb", 0.11, gpus=1), m=1)]
     efficiencies(rows)
     eff = {r["name"]: r.get("efficiency") for r in rows}
+    # neither a baseline row with overrides nor one of another micro-batch count replaces the plain one
     assert eff["one"] is None and eff["dp4"] == pytest.approx(0.8) and eff["dp2tp2"] == pytest.approx(0.8)
     assert eff["dp2pp2"] == pytest.approx(0.8) and rows[4]["bubble"] == pytest.approx(0.2)
     assert rows[4]["bubble_theory"] == pytest.approx(1 / 9) and rows[5]["bubble_theory"] == pytest.approx(1 / 17)
