@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import functools
 
 import pytest
@@ -101,7 +102,7 @@ def test_compiled_fp8_block_equals_eager():
         assert rel(a, b) < 1e-2, rel(a, b)
 
 
-def test_pipeline_engine_with_torch_fp8(monkeypatch):
+def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     import megaflow.fp8
     from parallel.runtime import build_engine, build_stages
     from parallel.topology import ParallelConfig, Topology
@@ -112,6 +113,7 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch):
     batch = make_batch(cfg, batch_size=2, seq_len=48)
     noise = make_noise(cfg, batch)
     losses = {}
+    caplog.set_level(logging.INFO, logger="megaflow")
     for fp8 in ("off", "current"):
         run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
             fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2))
@@ -119,6 +121,9 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch):
                                            full_state=ref.state_dict(), seq_len=48)
         n_fp8 = sum(isinstance(m, Float8Linear) for st in stages for m in st.module.modules())
         assert n_fp8 == (0 if fp8 == "off" else 24), n_fp8  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+        said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm)" in r.getMessage()]
+        assert said == ([] if fp8 == "off" else ["FP8 (torch._scaled_mm): 24 block linears of both dimensions >= 32"]), said
+        caplog.clear()
         engine = build_engine(run, model, stages, tied, Topology(), None)
         losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"]) for _ in range(2)]
     for a, b in zip(losses["current"], losses["off"]):
