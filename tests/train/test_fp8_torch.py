@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import functools
+import logging
 
 import pytest
 import torch
