@@ -8,11 +8,11 @@
 #                                   # 5 timed steps after 3 (2 eager + the capture); a 3-line SUMMARY
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
 # written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
-# .cache/inductor.tgz.* (copy the parts there and carry them in the next call): a warm cache turns each
+# $CACHE/inductor.tgz.* (CACHE=.cache unless set; copy the parts there and carry them in the next call): a warm cache turns each
 # row's cold compile (~30 s) into a load. Logs: $OUT/*.log and $OUT/logs.tgz; a summary on stdout.
 . tools/device/setup.sh
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-ls .cache/inductor.tgz.* >/dev/null 2>&1 && cat .cache/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) restored"
+ls ${CACHE:-.cache}/inductor.tgz.* >/dev/null 2>&1 && cat ${CACHE:-.cache}/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) restored"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 T0=$(date +%s)
@@ -54,7 +54,7 @@ final)  # BASE: the tree before (git archive 820d653), run with this tree's benc
   summary_profiles after
   ;;
 graph)  # issue 17's TP2 row as one CUDA graph a step; the graph row's last loss must equal eager tp2's (same steps)
-  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none bench . graph "${ROWS:-tp2,tp2@train.step_graph=on,one}" ${S:-70}
+  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none bench . graph "${ROWS:-tp2,tp2@train.step_graph=on,one}" ${S:-62}
   [ -f $OUT/graph.json ] || echo "SUMMARY: no $OUT/graph.json (the time limit?): the row lines above are what ran"
   [ -f $OUT/graph.json ] && python3 - "$OUT/graph.json" <<'EOF'
 import json, sys
