@@ -1,10 +1,7 @@
 """train.step_graph (megaflow/step_graph.py): the whole training step as one CUDA graph.
 
 - the setting is checked where the run is built: an unknown value, a CPU run, reduce-overhead
-  compilation and data parallelism each fail with one line naming the setting; of the multi-process
-  layouts, tensor parallelism (with or without SP, async TP without SP, micro-batches) is graphed and
-  pipelines, ZeRO, Transformer Engine and the symmetric-memory routes are refused by name; the
-  ParallelEngine and ZeroEngine check it too (before, they ignored train.step_graph silently);
+  compilation and data parallelism each fail with one line naming the setting;
 - on CUDA (skipped elsewhere), graphed steps are the eager steps: the same losses, step by step
   (earlier steps' returned values are not overwritten by later replays), the same fp32 main
   weights after a learning-rate schedule, with and without packed-document masks.
@@ -22,7 +19,6 @@ from megaflow.model.starflow import build_model
 from megaflow.optim import lr_at
 from megaflow.step_graph import check_step_graph
 from megaflow.train import PlainEngine, read_metrics, to_device
-from parallel.topology import ParallelConfig, Topology
 from tests.helpers import make_batch, make_noise, tiny_config
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -45,46 +41,6 @@ def test_step_graph_settings_are_checked():
     cfg = run_config(compile="off", step_graph="on")
     with pytest.raises(ConfigError, match="train.step_graph=on needs a CUDA device"):
         PlainEngine(build_model(cfg.model, seed=0), cfg, None)
-
-
-GRAPHED = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(tp=2, async_tp=True), dict(tp=2, micro_batches=2),
-           dict(tp=2, fp8="current", fp8_backend="torch")]
-REFUSED = [(dict(tp=2, pp=2), r"parallel.pp=2"), (dict(tp=2, zero_stage=1), r"parallel.zero_stage=1"),
-           (dict(tp=2, backend="te"), r"parallel.backend='te'"),
-           (dict(tp=2, tp_all_reduce="symm"), r"parallel.tp_all_reduce='symm'"),
-           (dict(tp=2, sequence_parallel=True, async_tp=True), r"parallel.async_tp=true under sequence_parallel")]
-
-
-@pytest.mark.parametrize("fields", GRAPHED, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
-def test_tensor_parallel_layouts_are_graphed(fields):
-    """TP steps hold only the TP group's NCCL collectives (and the fp32 norm's all-reduce): graphed."""
-    assert check_step_graph("on", torch.device("cuda"), parallel=ParallelConfig(**fields)) is True
-    assert check_step_graph("off", torch.device("cuda"), parallel=ParallelConfig(**fields)) is False
-
-
-@pytest.mark.parametrize("fields,message", REFUSED, ids=lambda x: ",".join(f"{k}={v}" for k, v in x.items())
-                         if isinstance(x, dict) else "")
-def test_what_cannot_be_graphed_is_refused_by_name(fields, message):
-    with pytest.raises(ValueError, match=rf"train.step_graph=on .*{message}.*set train.step_graph=off"):
-        check_step_graph("on", torch.device("cuda"), parallel=ParallelConfig(**fields))
-
-
-def test_parallel_engine_checks_the_setting():
-    """ParallelEngine (the TP / PP / DP engine) refuses train.step_graph=on on the CPU as PlainEngine does
-    (it used to ignore the setting) and builds with it off; a ZeRO run refuses it by name."""
-    from parallel.engine import ParallelEngine
-    from parallel.runtime import build_stages
-    from parallel.zero import ZeroEngine
-    cfg = run_config(compile="off", step_graph="on")
-    cfg = dataclasses.replace(cfg, model=tiny_config(n_layers=2))
-    topo = Topology(rank=0, world_size=1)
-    _, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, None, 48)
-    with pytest.raises(ValueError, match="train.step_graph=on needs a CUDA device"):
-        ParallelEngine(stages, cfg, None, topo, tied)
-    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, step_graph="off"))
-    assert ParallelEngine(stages, off, None, topo, tied).graph is None
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        ZeroEngine(None, cfg, None, topo, stages=stages, tied=tied)
 
 
 def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = False):
