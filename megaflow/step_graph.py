@@ -13,9 +13,21 @@ into those copies and replays the graph. Every call is a real training step, the
 The fused AdamW runs with `capturable=True` and its learning rate as a device tensor (its step
 counts already live on the device), so nothing in the graph depends on a host value.
 
-Contract (checked by `check_step_graph`): CUDA, one process (no data-parallel collectives inside),
-not with `train.compile_mode=reduce-overhead` (graphs inside a graph), batches of one shape: a batch
-of another shape runs eagerly, with a warning once, on memory held beside the graph's. The returned
+Contract (checked by `check_step_graph`): CUDA; one process (PlainEngine) or a tensor-parallel layout
+without data or pipeline parallelism (ParallelEngine, dp = pp = 1, tp >= 2, with or without sequence
+parallelism); not with `train.compile_mode=reduce-overhead` (graphs inside a graph); batches of one
+shape: a batch of another shape runs eagerly, with a warning once, on memory held beside the graph's.
+Under TP the graph holds the TP group's NCCL collectives (functional ones in the model, the gradient
+norm's all-reduce): every rank runs the same step code, so every rank captures the same collectives in
+the same order, and the eager warm-up steps have made the NCCL communicator before the capture (torch's
+NCCL watchdog queries its events in thread-local capture mode, so it does not break a capture).
+Refused, each with a ValueError naming the setting: data parallelism (the gradient buckets' hooks and
+the loss counts' all-reduce), pipelines (sends and receives posted ahead), ZeRO (DeepSpeed's step),
+Transformer Engine layers (and their FP8), and the symmetric-memory routes of TP (`parallel.tp_all_reduce=symm`,
+`parallel.async_tp` under sequence parallelism): their buffers and barriers are made and signalled
+outside NCCL, and their capture is not verified. `parallel.async_tp` without sequence parallelism
+(`copy_linear`: a functional NCCL all-reduce in flight during a GEMM) is captured like the others.
+FlexAttention runs eagerly only on the CPU, which is refused anyway. The returned
 losses and metrics are copies, so the values of earlier steps are not overwritten by later replays.
 Peak memory: the graph's activations live in a private pool made at capture, which
 `torch.cuda.max_memory_allocated` over later steps does not see; read `max_memory_reserved`.
@@ -32,8 +44,10 @@ log = logging.getLogger("megaflow")
 STEP_GRAPH_MODES = ("off", "on")
 
 
-def check_step_graph(mode: str, device: torch.device, compile_mode: str = "default", data_parallel: bool = False) -> bool:
-    """Whether to graph the step; a ValueError naming the setting when it cannot be done."""
+def check_step_graph(mode: str, device: torch.device, compile_mode: str = "default", data_parallel: bool = False,
+                     parallel=None) -> bool:
+    """Whether to graph the step; a ValueError naming the setting when it cannot be done. `parallel`: the
+    run's ParallelConfig when a multi-process engine asks (None: one process), `data_parallel`: dp > 1."""
     if mode not in STEP_GRAPH_MODES:
         raise ValueError(f"train.step_graph={mode!r} must be one of {STEP_GRAPH_MODES}")
     if mode == "off":
@@ -44,9 +58,32 @@ def check_step_graph(mode: str, device: torch.device, compile_mode: str = "defau
         raise ValueError("train.step_graph=on already graphs the whole step; use it with train.compile_mode=default, "
                          "not reduce-overhead (CUDA graphs of the compiled regions)")
     if data_parallel:
-        raise ValueError("train.step_graph=on runs in one process only (collectives are not captured); "
-                         "set train.step_graph=off for data-parallel runs")
+        raise ValueError("train.step_graph=on graphs one process or a tensor-parallel group only (data-parallel "
+                         "gradient buckets are not captured); set train.step_graph=off for data-parallel runs")
+    if parallel is not None:
+        _check_layout(parallel)
     return True
+
+
+def _check_layout(p) -> None:
+    """What a graphed multi-process step cannot hold (see the file docstring)."""
+    off = "; set train.step_graph=off"
+    if p.pp > 1:
+        raise ValueError(f"train.step_graph=on does not graph pipelines (parallel.pp={p.pp}: sends and receives "
+                         f"are posted ahead, outside one stream's order){off}")
+    if p.zero_stage:
+        raise ValueError(f"train.step_graph=on does not graph DeepSpeed's ZeRO step (parallel.zero_stage="
+                         f"{p.zero_stage}){off} or parallel.zero_stage=0")
+    if p.backend != "local":
+        raise ValueError(f"train.step_graph=on graphs the local layers only (parallel.backend={p.backend!r}: "
+                         f"Transformer Engine's layers and FP8 recipes are not captured here){off}")
+    if p.tp_all_reduce == "symm":
+        raise ValueError(f"train.step_graph=on does not capture parallel.tp_all_reduce='symm' (symmetric-memory "
+                         f"buffers and barriers, not verified under capture){off} or tp_all_reduce=nccl")
+    if p.async_tp and p.sequence_parallel:
+        raise ValueError(f"train.step_graph=on does not capture parallel.async_tp=true under sequence_parallel "
+                         f"(symmetric-memory all-gather / reduce-scatter GEMMs, not verified under capture){off} "
+                         f"or async_tp=false")
 
 
 def _signature(batch: dict, *tensors) -> tuple:

@@ -448,12 +448,12 @@ def build_parallel(cfg: Config, tok, device, dtype, topo, ckpt: Optional[Path]):
         init_from = resolve(cfg.train.init_from)  # each rank reads its own pieces, after the build
     elif cfg.train.init_from or cfg.train.hf_lm or cfg.model.fae.checkpoint:
         full = build(cfg, tok, torch.device("cpu")).state_dict()
-    try:  # layout and schedule errors (parallel/pipeline.py, schedules.py) name the setting to change
+    try:  # layout, schedule and step-graph errors (parallel/pipeline.py, schedules.py, megaflow/step_graph.py)
         model, stages, tied = build_stages(with_tokenizer(cfg.model, tok), cfg.parallel, topo, device,
-                                           cfg.train.seed, full, cfg.data.seq_len)
+                                           cfg.train.seed, full, cfg.data.seq_len)  # name the setting to change
+        engine = build_engine(cfg, model, stages, tied, topo, dtype)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    engine = build_engine(cfg, model, stages, tied, topo, dtype)
     if init_from is not None:
         load_engine_state(engine, init_from, topo, weights_only=True)
         if topo.rank == 0:

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from megaflow.optim import MainWeights, param_groups, resolve_param_dtype, set_lr
 from megaflow.speed import apply_speedups
+from megaflow.step_graph import StepGraph, check_step_graph
 from parallel.backend import fp8_forward
 from parallel.checkpoint_tp import shard_layout
 from parallel.comm import group_rank, group_size
@@ -120,8 +121,20 @@ class ParallelEngine:
         # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and
         # compiled TP=2 trains on eager TP=2's losses on 2 H200s (docs/benchmarks.md, issue 17)
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
+        # train.step_graph=on: the whole TP step as one CUDA graph (megaflow/step_graph.py: dp = pp = 1, the
+        # TP group's NCCL collectives captured in it; torch's fused capturable AdamW with its lr on the device)
+        self.graph = None
+        if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, topo.dp > 1, pcfg):
+            self.weights.flat_step = False
+            self.graph = StepGraph(self._step, self.optimizer, device)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
+        """One step (as one replayed CUDA graph under train.step_graph=on)."""
+        if self.graph is not None:
+            return self.graph(batch, noise, keep, lr)
+        return self._step(batch, noise, keep, lr)
+
+    def _step(self, batch: dict, noise, keep, lr) -> dict:
         for st in self.stages:
             st.module.train()
         set_lr(self.optimizer, lr)

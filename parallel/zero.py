@@ -31,6 +31,7 @@ import torch.nn as nn
 from megaflow.model.starflow import read_metrics
 from megaflow.optim import param_groups, set_lr
 from megaflow.speed import apply_speedups
+from megaflow.step_graph import check_step_graph
 from parallel.backend import fp8_forward
 from parallel.pipeline_step import TERM_KEYS, global_counts, split_batch
 from parallel.zero_mpu import TopologyMPU, mark_model_parallel
@@ -144,6 +145,7 @@ class ZeroEngine:
         self.stage = cfg.parallel.zero_stage
         modules = [st.module for st in stages] if stages is not None else [model]
         device = next(p.device for m in modules for p in m.parameters())
+        check_step_graph(cfg.train.step_graph, device, cfg.train.compile_mode, parallel=cfg.parallel)  # refuses ZeRO
         deepspeed = import_deepspeed(device.type)
         self.ds_config = build_ds_config(cfg, self.dtype)
         self.fp8 = fp8_forward(cfg.parallel.te_fp8, modules, topo.amax_group, cfg.parallel.micro_batches)

@@ -154,11 +154,11 @@ def count_fusions() -> dict:
 def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     name, cfg = row_config(args, mode)
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
-    gc.collect()
     # each row starts with empty compile caches: rows of other shapes (TP's fewer heads per rank, PP's
     # 1-row micro-batches) would otherwise exhaust the recompile limit of the compiled FlexAttention
     # (megaflow/model/masks.py, dynamic=False), which then runs eagerly and several times slower
     torch._dynamo.reset()
+    gc.collect()  # after the reset, whose compiled code held the previous row's model (its peak counted here)
     import torch._inductor.config as inductor_config
     inductor_config._micro_pipeline_tp = False  # a row with parallel.async_tp turns it on (apply_tp)
     try:  # and one with parallel.tp_all_reduce=symm routes its TP group's all-reduces (trees before it: no such switch)
@@ -186,7 +186,10 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         if args.top:
             prof["sync_points"] = sync_points(step, device)
     row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0, fused=fused,
-               peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0)
+               peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0,
+               # a graphed step's activations live in the graph's private pool: compare reserved memory too
+               reserved_GiB=torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else 0.0,
+               graphed=getattr(getattr(engine, "graph", None), "graph", None) is not None)  # train.step_graph
     del engine, out
     ranks = gather_ranks(dict(row, profile=prof))
     dist.barrier()
@@ -307,7 +310,9 @@ def main(argv=None):
         if dist.get_rank() == 0:  # as it goes: a run stopped by a time limit still reports what it did
             r = rows[-1]
             print(f"{mode}: step {r['step_s'] * 1e3:.1f} ms, first loss {r['loss0']:.4f}, loss {r['loss']:.4f}, "
-                  f"peak {r['peak_GiB']:.1f} GiB" + (f", async TP fusions {r['fused']}" if r["fused"] else ""), flush=True)
+                  f"peak {r['peak_GiB']:.1f} GiB (reserved {r['reserved_GiB']:.1f})"
+                  + (", one CUDA graph a step" if r["graphed"] else "")
+                  + (f", async TP fusions {r['fused']}" if r["fused"] else ""), flush=True)
             prof = r["ranks"][0]["profile"]
             if prof:
                 print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)

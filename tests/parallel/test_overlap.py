@@ -8,7 +8,9 @@ DP=2 x PP=2 interleaved (two chunks per rank armed separately, 4 micro-batches, 
 a micro-batch without images); and that some buckets really were launched before backward ended.
 Tensor parallelism: TP=2 + SP with async TP on gives the gradients of async TP off, and a training
 step reads nothing back to the host; so does plain TP=2 with async TP (the input gradient's
-all-reduce in flight while the weight gradient's GEMM runs).
+all-reduce in flight while the weight gradient's GEMM runs). The step read is the one
+`train.step_graph=on` captures on CUDA (the engine's step function, its learning rate a 0-d tensor,
+the fused AdamW capturable): a host read there would break the capture.
 """
 import dataclasses
 import traceback
@@ -157,9 +159,11 @@ def _tp2_sp(rank, world, sp: bool):
         engine.optimizer.defaults["fused"] = True
         first = engine.train_step(batch, noise, None, 1e-3)
         grads = [p.grad.clone() for p in engine.params]
+        for group in engine.optimizer.param_groups:  # the second step as train.step_graph=on captures it
+            group["capturable"] = True               # (megaflow/step_graph.py): lr a 0-d tensor, nothing read
         spy = _HostReads()
         with spy:
-            second = engine.train_step(batch, noise, None, 1e-3)
+            second = engine._step(batch, noise, None, torch.tensor(1e-3))
         out[async_tp] = dict(losses=[float(first["loss"]), float(second["loss"])], grads=grads, reads=spy.reads,
                              tensors=all(torch.is_tensor(v) for v in second.values()),
                              comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})

@@ -4,13 +4,15 @@
 # recompiles and inductor's micro-pipeline TP messages counted; a per-rank profile of the async rows.
 #   bash tools/device/h200x2_tp.sh probe          # call 1: the rows of this tree + a collective probe
 #   bash tools/device/h200x2_tp.sh final BASE     # call 2: the tree at BASE (before) and this tree (after)
+#   NOCACHE=1 bash tools/device/h200x2_tp.sh graph  # eager TP2, TP2 as one CUDA graph (train.step_graph=on), one GPU:
+#                                   # 5 timed steps after 3 (2 eager + the capture); a 3-line SUMMARY
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
 # written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
-# .cache/inductor.tgz.* (copy the parts there and carry them in the next call): a warm cache turns each
+# $CACHE/inductor.tgz.* (CACHE=.cache unless set; copy the parts there and carry them in the next call): a warm cache turns each
 # row's cold compile (~30 s) into a load. Logs: $OUT/*.log and $OUT/logs.tgz; a summary on stdout.
 . tools/device/setup.sh
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-ls .cache/inductor.tgz.* >/dev/null 2>&1 && cat .cache/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) restored"
+ls ${CACHE:-.cache}/inductor.tgz.* >/dev/null 2>&1 && cat ${CACHE:-.cache}/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) restored"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 T0=$(date +%s)
@@ -50,6 +52,25 @@ final)  # BASE: the tree before (git archive 820d653), run with this tree's benc
   PROFILE_ROWS="${PROFILE_ROWS_AFTER:-tp2@parallel.async_tp=true,tp2sp@parallel.async_tp=true}" \
     bench . after "${AFTER:-one,tp2,tp2@parallel.async_tp=true,tp2sp,tp2sp@parallel.async_tp=true}" ${AFTER_S:-150}
   summary_profiles after
+  ;;
+graph)  # issue 17's TP2 row as one CUDA graph a step; the graph row's last loss must equal eager tp2's (same steps)
+  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none bench . graph "${ROWS:-tp2,tp2@train.step_graph=on,one}" ${S:-62}
+  [ -f $OUT/graph.json ] || echo "SUMMARY: no $OUT/graph.json (the time limit?): the row lines above are what ran"
+  [ -f $OUT/graph.json ] && python3 - "$OUT/graph.json" <<'EOF'
+import json, sys
+rows = {r["mode"]: r for r in json.load(open(sys.argv[1]))["rows"]}
+one, eager, graph = (rows.get(m) for m in ("one", "tp2", "tp2@train.step_graph=on"))
+for name, r in (("tp2 eager", eager), ("tp2 graph", graph)):
+    if r:
+        eff = f"{r['efficiency']:.1%} of one GPU's {one['step_s'] * 1e3:.1f} ms" if "efficiency" in r else "no one-GPU row"
+        print(f"SUMMARY {name}: {r['step_s'] * 1e3:.1f} ms a step ({eff}); first loss {r['loss0']:.4f}, loss after "
+              f"the timed steps {r['loss']:.4f}; peak reserved {max(x['reserved_GiB'] for x in r['ranks']):.1f} GiB; "
+              f"graphed {r['graphed']}")
+if eager and graph:
+    print(f"SUMMARY graph vs eager: {eager['step_s'] / graph['step_s']:.2f}x faster; last losses differ by "
+          f"{abs(graph['loss'] - eager['loss']) / abs(eager['loss']):.1e} (relative; bf16 rounding ~1e-3), the loss "
+          f"fell by {eager['loss0'] - eager['loss']:.4f} eager and {graph['loss0'] - graph['loss']:.4f} graphed")
+EOF
   ;;
 esac
 mv $OUT/env.log $OUT/micro_pipeline_tp_211.py /tmp/ 2>/dev/null

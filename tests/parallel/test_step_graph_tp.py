@@ -1,0 +1,64 @@
+"""train.step_graph=on for multi-process layouts (megaflow/step_graph.py, parallel/engine.py): tensor
+parallelism without data or pipeline parallelism is graphed (with or without SP, async TP without SP,
+micro-batches, torch-backend FP8); pipelines, ZeRO, Transformer Engine and the symmetric-memory routes
+of TP are refused with one ValueError naming the setting; ParallelEngine and ZeroEngine check the
+setting where they are built (before, both ignored it silently). On CPU: the contract only; that the
+step function the graph captures reads nothing back to the host is tests/parallel/test_overlap.py's
+TP=2 test, and graphed TP steps against eager ones are measured on GPUs (tools/device/h200x2_tp.sh graph).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from megaflow.config import load_config
+from megaflow.step_graph import check_step_graph
+from parallel.topology import ParallelConfig, Topology
+from tests.helpers import tiny_config
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+GRAPHED = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(tp=2, async_tp=True), dict(tp=2, micro_batches=2),
+           dict(tp=2, fp8="current", fp8_backend="torch")]
+REFUSED = [(dict(tp=2, pp=2), r"parallel.pp=2"), (dict(tp=2, zero_stage=1), r"parallel.zero_stage=1"),
+           (dict(tp=2, backend="te"), r"parallel.backend='te'"),
+           (dict(tp=2, tp_all_reduce="symm"), r"parallel.tp_all_reduce='symm'"),
+           (dict(tp=2, sequence_parallel=True, async_tp=True), r"parallel.async_tp=true under sequence_parallel")]
+
+
+@pytest.mark.parametrize("fields", GRAPHED, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_tensor_parallel_layouts_are_graphed(fields):
+    """TP steps hold only the TP group's NCCL collectives (and the fp32 norm's all-reduce): graphed."""
+    assert check_step_graph("on", torch.device("cuda"), parallel=ParallelConfig(**fields)) is True
+    assert check_step_graph("off", torch.device("cuda"), parallel=ParallelConfig(**fields)) is False
+
+
+@pytest.mark.parametrize("fields,message", REFUSED, ids=lambda x: ",".join(f"{k}={v}" for k, v in x.items())
+                         if isinstance(x, dict) else "")
+def test_what_cannot_be_graphed_is_refused_by_name(fields, message):
+    with pytest.raises(ValueError, match=rf"train.step_graph=on .*{message}.*set train.step_graph=off"):
+        check_step_graph("on", torch.device("cuda"), parallel=ParallelConfig(**fields))
+
+
+def test_parallel_engine_checks_the_setting():
+    """ParallelEngine (the TP / PP / DP engine) refuses train.step_graph=on on the CPU as PlainEngine does
+    (it used to ignore the setting) and builds with it off; ZeroEngine checks the setting too (on a GPU
+    it refuses ZeRO by name, the case above)."""
+    from parallel.engine import ParallelEngine
+    from parallel.runtime import build_stages
+    from parallel.zero import ZeroEngine
+    cfg = load_config(str(TINY))
+    cfg = dataclasses.replace(cfg, model=tiny_config(n_layers=2),
+                              train=dataclasses.replace(cfg.train, compile="off", step_graph="on"))
+    topo = Topology(rank=0, world_size=1)
+    _, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, None, 48)
+    with pytest.raises(ValueError, match="train.step_graph=on needs a CUDA device"):
+        ParallelEngine(stages, cfg, None, topo, tied)
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, step_graph="off"))
+    assert ParallelEngine(stages, off, None, topo, tied).graph is None
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ZeroEngine(None, cfg, None, topo, stages=stages, tied=tied)
