@@ -49,7 +49,7 @@ def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = True
     device = torch.device("cuda")
     model = build_model(cfg.model, device, seed=0)
     engine = PlainEngine(model, cfg, torch.bfloat16)
-    assert engine.weights.flat_step  # the CUDA default, graphed or not
+    default_flat = engine.weights.flat_step  # the CUDA default, graphed or not: the flat kernel
     engine.weights.flat_step = flat_step  # False: torch's fused AdamW (capturable) instead
     outs = []
     for s in range(steps):
@@ -59,6 +59,7 @@ def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = True
         batch = to_device(host, device)
         noise = make_noise(cfg.model, host, seed=100 + s).to(device)
         outs.append(engine.train_step(batch, noise, torch.ones(4, device=device), lr_at(s, 1e-3, 1e-4, 2, steps)))
+    engine.default_flat = default_flat
     return engine, [read_metrics(o) for o in outs]
 
 
@@ -69,7 +70,8 @@ def test_graphed_steps_equal_eager_steps(doc_ids, flat_step):
     eager, eager_out = train("off", doc_ids, flat_step=flat_step)
     graphed, graphed_out = train("on", doc_ids, flat_step=flat_step)
     assert graphed.graph.graph is not None  # 2 eager warm-up steps, then captured and replayed
-    assert graphed.weights.flat_step == flat_step  # the flat kernel ran in the graph, no fallback
+    assert graphed.default_flat  # train.step_graph=on keeps the flat kernel by default
+    assert graphed.weights.flat_step == flat_step  # and it ran in the graph: no fallback to torch's
     # CUDA attention backward accumulates with atomics, so two eager runs differ in the last bits too:
     # on the H200 the graphed grad norms were within 7e-5 of the eager ones (losses within 1e-6)
     for a, b in zip(eager_out, graphed_out):
