@@ -6,9 +6,9 @@ a failed capture leaves CUDA's default generator unusable in its process.
         tests/train/test_step_graph.py's tiny TarFlow-only step, captured while every dispatched op and
         this branch's two Triton launches are checked (cuStreamIsCapturing): prints the first one after
         which the capture was invalidated; exit status 0 when the capture succeeded.
-    python3 tools/device/graph_probe.py isolate [--case kernel|flat|torch] [--mode ...]
+    python3 tools/device/graph_probe.py isolate [--case kernel|compiled|flat|torch] [--mode ...]
         the optimizer alone, captured: `kernel` the flat AdamW Triton launch (flat_adamw.adamw_triton)
-        on 1M-element buffers, `flat` MainWeights.clip_and_step with the flat kernel on a small bf16 MLP
+        on 1M-element buffers, `compiled` its torch definition through torch.compile instead, `flat` MainWeights.clip_and_step with the flat kernel on a small bf16 MLP
         (forward, backward and step in the graph), `torch` the same with torch's fused AdamW; each after
         2 eager warm-up calls on a side stream, then 2 replays checked against eager calls.
     python3 tools/device/graph_probe.py search -- PROFILE_STEP_ARGS
@@ -140,7 +140,7 @@ def isolate(args) -> int:
     dev, label = torch.device("cuda"), f"[isolate {args.case} mode={args.mode}]"
     torch.manual_seed(0)
     lr = torch.full((), 1e-3, device=dev)
-    if args.case == "kernel":
+    if args.case in ("kernel", "compiled"):
         n = 1 << 20
         bufs = [torch.randn(n, device=dev), torch.randn(n, device=dev), torch.zeros(n, device=dev), torch.zeros(n, device=dev),
                 torch.empty(n, dtype=torch.bfloat16, device=dev), torch.rand(n, device=dev) < 0.7]
@@ -148,7 +148,9 @@ def isolate(args) -> int:
         ref = [b.clone() for b in bufs]
         ref_step = step.clone()
 
-        def fn(b=bufs, s=step, f=adamw_triton):
+        fast = adamw_triton if args.case == "kernel" else torch.compile(adamw_reference, fullgraph=True, dynamic=False)
+
+        def fn(b=bufs, s=step, f=fast):
             s.add_(1)
             f(*b, s, lr, 0.9, 0.95, 1e-8, 0.1, scale, inf)
         fn_ref = functools.partial(fn, ref, ref_step, adamw_reference)
@@ -191,7 +193,7 @@ def isolate(args) -> int:
             fn_ref()
         torch.cuda.synchronize()
         err = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(state(), state_ref()))
-        flat = f", flat_step {w.flat_step}" if args.case != "kernel" else ""
+        flat = f", flat_step {w.flat_step}" if args.case in ("flat", "torch") else ""
         print(f"{label} captured and replayed; max relative difference to the eager calls {err:.2e}{flat}", flush=True)
         return 0 if err < 1e-5 else 1
     except Exception as e:  # noqa: BLE001 - the report is the point
@@ -219,7 +221,7 @@ def search(args, rest: list) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["probe", "isolate", "search", "profile"])
-    ap.add_argument("--case", default="kernel", choices=["kernel", "flat", "torch"])
+    ap.add_argument("--case", default="kernel", choices=["kernel", "compiled", "flat", "torch"])
     ap.add_argument("--swiglu", default="triton", choices=["triton", "torch", "plain"])
     ap.add_argument("--flat", default="1", choices=["1", "0"])
     ap.add_argument("--mode", default="global", choices=["global", "thread_local", "relaxed"])

@@ -17,7 +17,7 @@ PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps $STEPS"
 (
   export CUDA_VISIBLE_DEVICES=1
   timeout 60 python3 -m pytest -x -q -p no:cacheprovider tests/model/test_add_norm.py > "$L/add_norm.txt" 2>&1
-  for c in kernel flat torch; do
+  for c in kernel flat torch compiled; do
     timeout 40 python3 tools/device/graph_probe.py isolate --case $c || \
       timeout 40 python3 tools/device/graph_probe.py isolate --case $c --mode relaxed
   done > "$L/isolate.txt" 2>&1
