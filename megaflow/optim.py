@@ -296,8 +296,11 @@ class MainWeights:
         moments, decay, _, steps = self._flat
         opt, g = self.optimizer, self.optimizer.param_groups[0]
         found_inf = getattr(opt, "found_inf", None)
-        # every main weight steps every time (grads_to_main gives each a gradient), so the counts agree
-        increment = 1 - found_inf if found_inf is not None else 1
+        # every main weight steps every time (grads_to_main gives each a gradient), so the counts agree.
+        # A skipped step (found_inf) adds 0, as a list of tensors like torch's fused AdamW: given one
+        # 0-d tensor, `_foreach_add_` binds it to its Scalar overload, a host read of the device flag
+        # (a sync every step, which a CUDA graph capture refuses: train.step_graph=on failed for it)
+        increment = [1 - found_inf] * len(steps) if found_inf is not None else 1
         torch._foreach_add_(steps, increment)
         wd = max(gr["weight_decay"] for gr in opt.param_groups)
         args = (self.flat_main, self.flat_main_grad, moments[0], moments[1], self.flat_param, decay, steps[0],
