@@ -147,7 +147,8 @@ def profile(args) -> dict:
                   f"{r['step_time_s'] * 1e3:.1f} ms, {r['images_per_s']:.1f} img/s, MFU "
                   f"{100 * r['mfu'] if r['mfu'] is not None else float('nan'):.1f} %, {r['peak_memory_gib']:.1f} GiB"
                   f"{'' if r.get('peak_reserved_gib') is None else ' (reserved %.1f)' % r['peak_reserved_gib']}, "
-                  f"warm-up {r['warmup_s']:.0f} s"), flush=True)
+                  f"warm-up {r['warmup_s']:.0f} s; back to back {r['loop_step_time_s'] * 1e3:.1f} ms, MFU "
+                  f"{100 * r['loop_mfu'] if r['loop_mfu'] is not None else float('nan'):.1f} %"), flush=True)
     result = rows[0] if not args.variant else {"config": args.config, "variants": rows}
     if args.baseline:
         result["baseline"] = baseline_for(base, device, args)

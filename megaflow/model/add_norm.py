@@ -67,7 +67,9 @@ class _AddRMSNorm(torch.autograd.Function):
         dx, dw = rms_norm_backward(dh.reshape(-1, D), x2.reshape(-1, D), rstd.reshape(-1, 1), weight,
                                    dx2.reshape(-1, D))
         dx = dx.view(x2.shape)
-        return dx, dx, dw.to(weight.dtype), None
+        # x and delta get the same gradient; the second as a view of its own (no copy): torch 2.11's
+        # torch.compile lost a gradient returned twice as one tensor (x's came back all zeros)
+        return dx, dx.view_as(dx), dw.to(weight.dtype), None
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple:

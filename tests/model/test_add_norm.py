@@ -4,7 +4,8 @@
 Contract:
 - forward (x + delta and its norm) and backward (the gradients of x, delta and the norm's weight,
   with a gradient arriving on both outputs) equal autograd through RMSNorm, fp32 and bf16 weights;
-- the same under torch.compile;
+- the same under torch.compile (on torch 2.11 the compiled gradient of x was all zeros while the
+  backward returned one tensor for both x and delta);
 - the Triton kernel (CUDA; or triton's interpreter on CPU: TRITON_INTERPRET=1) equals the
   torch reference, with a row count that no program's slab divides evenly.
 """
