@@ -16,10 +16,12 @@ a failed capture leaves CUDA's default generator unusable in its process.
         tools/profile_step.py PROFILE_STEP_ARGS in a subprocess under those settings.
 
 Settings: --swiglu triton (megaflow/model/swiglu.py's kernel), torch (its op, torch arithmetic), plain
-(no custom op: chunk, silu, mul under autograd); --flat 1 (MainWeights' one-pass flat AdamW; the
-probe only: PlainEngine keeps torch's under train.step_graph, since with it the capture fails) or 0
-(torch's fused AdamW, capturable); --mode: torch.cuda.graph's capture_error_mode.
-Seen on the H200 (2026-11-30): flat 1 fails to capture, flat 0 captures, the SwiGLU kernel either way.
+(no custom op: chunk, silu, mul under autograd); --flat 1 (MainWeights' one-pass flat AdamW, the
+default) or 0 (torch's fused AdamW, capturable); --mode: torch.cuda.graph's capture_error_mode.
+Seen on the H200 (2026-11-30, session 7): `isolate` found why flat 1 failed to capture: the Triton
+kernel captures; `torch._foreach_add_(steps, 1 - found_inf)` bound the 0-d tensor to its Scalar
+overload, a host read ("operation not permitted when stream is capturing"). The per-op check of
+`probe` missed it because the failing op raised before its check ran.
 """
 from __future__ import annotations
 
