@@ -10,8 +10,7 @@ warns with `what` and runs `reference()` from then on.
 Except while a CUDA graph is being captured (train.step_graph=on): there a failure is re-raised,
 naming the kernel. A failed launch has already invalidated the capture, so switching to torch ops
 would only hide the cause behind CUDA's later "operation failed due to a previous error during
-capture"; and a kernel built or loaded for the first time inside a capture is such a failure (the
-graph's eager warm-up steps are where every kernel is built and loaded).
+capture" (the graph's eager warm-up steps build and load every kernel before the capture).
 """
 from __future__ import annotations
 
