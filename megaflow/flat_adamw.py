@@ -12,9 +12,10 @@ torch's optimizer keeps owning its state (state_dict, load_state_dict, checkpoin
 MainWeights re-points them after a load.
 
 The learning rate may be a 0-d device tensor (as train.step_graph=on keeps it), like the step count;
-both enter through `step_coefficients`, computed on the device, so nothing is read on the host. Yet a
-whole step with this kernel does not capture as a CUDA graph on the H200 (the capture is invalidated,
-cause not isolated: tools/device/graph_probe.py), so train.step_graph keeps torch's fused AdamW.
+both enter through `step_coefficients`, computed on the device, so nothing is read on the host and
+the step can be captured in a CUDA graph. The kernel is a `TritonKernel` (megaflow/model/triton_kernel.py):
+built at its first use, given up for torch's fused AdamW if it fails (MainWeights' fallback), and
+re-raised, named, if it fails inside a graph capture.
 
 Not here: the gradient norm (MainWeights.grad_norm, computed before the step), the step counts
 (MainWeights increments torch's per-parameter `step` tensors, on the device).
@@ -24,6 +25,8 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+
+from megaflow.model.triton_kernel import TritonKernel
 
 LR = Union[float, torch.Tensor]  # a host float, or a 0-d tensor on the buffers' device (read there, not on the host)
 
@@ -58,9 +61,6 @@ def adamw_reference(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR,
     param.copy_(main)
 
 
-_kernel = None
-
-
 def _build_kernel():
     import triton
     import triton.language as tl
@@ -92,21 +92,21 @@ def _build_kernel():
     return adamw_kernel
 
 
+KERNEL = TritonKernel("flat AdamW kernel", _build_kernel)
+
+
 @torch.no_grad()
 def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                  eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                  found_inf: Optional[torch.Tensor] = None, block: int = 4096) -> None:
     """adamw_reference as one Triton kernel (CUDA tensors, contiguous)."""
-    global _kernel
-    if _kernel is None:
-        _kernel = _build_kernel()
     one = torch.ones((), device=main.device)
     scale = grad_scale.float() if grad_scale is not None else one
     skip = found_inf.float() if found_inf is not None else torch.zeros((), device=main.device)
     n = main.numel()
-    _kernel[(triton_cdiv(n, block),)](main, grad, exp_avg, exp_avg_sq, param, decay.view(torch.uint8),
-                                     step_coefficients(step, lr, beta1, beta2, weight_decay), scale, skip, n,
-                                     beta1, beta2, eps, BLOCK=block, num_warps=8)
+    KERNEL.get()[(triton_cdiv(n, block),)](main, grad, exp_avg, exp_avg_sq, param, decay.view(torch.uint8),
+                                         step_coefficients(step, lr, beta1, beta2, weight_decay), scale, skip, n,
+                                         beta1, beta2, eps, BLOCK=block, num_warps=8)
 
 
 def triton_cdiv(a: int, b: int) -> int:

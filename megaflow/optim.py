@@ -3,15 +3,12 @@ on matrices, and a warm-up + cosine schedule that is a pure function of the step
 source of truth for every engine (plain, pipelined, DeepSpeed) and resumes without state."""
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional
 
 import torch
 
 from megaflow.model.layers import fuse_legacy, legacy_parts
-
-log = logging.getLogger("megaflow")
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -295,25 +292,27 @@ class MainWeights:
         self._flat = (moments, decay, views, [st["step"] for st, _, _ in views])
 
     def _flat_adamw(self) -> None:
-        from megaflow.flat_adamw import adamw_reference, adamw_triton
+        from megaflow.flat_adamw import KERNEL, adamw_reference, adamw_triton
         moments, decay, _, steps = self._flat
         opt, g = self.optimizer, self.optimizer.param_groups[0]
         found_inf = getattr(opt, "found_inf", None)
-        # every main weight steps every time (grads_to_main gives each a gradient), so the counts agree
-        torch._foreach_add_(steps, 1 - found_inf if found_inf is not None else 1)
+        # every main weight steps every time (grads_to_main gives each a gradient), so the counts agree.
+        # A skipped step (found_inf) adds 0, as a list of tensors like torch's fused AdamW: given one
+        # 0-d tensor, `_foreach_add_` binds it to its Scalar overload, a host read of the device flag
+        # (a sync every step, which a CUDA graph capture refuses: train.step_graph=on failed for it)
+        increment = [1 - found_inf] * len(steps) if found_inf is not None else 1
+        torch._foreach_add_(steps, increment)
         wd = max(gr["weight_decay"] for gr in opt.param_groups)
         args = (self.flat_main, self.flat_main_grad, moments[0], moments[1], self.flat_param, decay, steps[0],
                 g["lr"], g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None), found_inf)
         if not self.flat_main.is_cuda:
             return adamw_reference(*args)
-        try:
-            adamw_triton(*args)
-        except Exception as e:  # noqa: BLE001 - no Triton, or its build failed: nothing was written
-            log.warning("the flat AdamW kernel did not run (%s: %s); torch's fused AdamW from now on",
-                        type(e).__name__, str(e)[:200])
-            torch._foreach_sub_(steps, 1 - found_inf if found_inf is not None else 1)
+
+        def torch_adamw_instead():  # the kernel did not run (nothing written): torch's fused AdamW from now on
+            torch._foreach_sub_(steps, increment)
             self.flat_step = False
             self.step()
+        KERNEL.call(True, lambda: adamw_triton(*args), torch_adamw_instead)
 
     def grad_norm(self) -> torch.Tensor:
         """The 2-norm of all main gradients (0-d, on the device): one reduction over the flat buffer

@@ -10,8 +10,10 @@ How: the engine's own step function runs eagerly for `warmup` steps (its compile
 the optimizer creates its state), then one step is captured into a CUDA graph on static copies of
 its inputs and replayed; every later step copies its batch, noise, condition mask and learning rate
 into those copies and replays the graph. Every call is a real training step, the warm-up ones too.
-The fused AdamW runs with `capturable=True` and its learning rate as a device tensor (its step
-counts already live on the device), so nothing in the graph depends on a host value.
+AdamW is MainWeights' flat one-pass kernel (megaflow/flat_adamw.py), or torch's fused AdamW with
+`capturable=True` where the flat step does not apply; either takes its learning rate as a device
+tensor and keeps its step counts and skip flag on the device, so nothing in the graph depends on a
+host value (a host read inside the step fails the capture: tools/device/graph_probe.py finds which).
 
 Contract (checked by `check_step_graph`): CUDA; one process (PlainEngine) or a tensor-parallel layout
 without data or pipeline parallelism (ParallelEngine, dp = pp = 1, tp >= 2, with or without sequence

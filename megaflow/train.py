@@ -209,10 +209,6 @@ class PlainEngine:
         self.graph = None
         try:
             if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, dp_group is not None):
-                # torch's fused AdamW (capturable, its lr a device tensor) in the graph: with the flat
-                # one-pass kernel the capture fails on the H200 (cause not isolated yet; reproduce with
-                # tools/device/graph_probe.py probe), though it reads its lr on the device too
-                self.weights.flat_step = False
                 self.graph = StepGraph(self._step, self.optimizer, device)
         except ValueError as e:
             raise ConfigError(str(e)) from e

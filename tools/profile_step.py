@@ -19,7 +19,11 @@ Peak memory: CUDA's max allocated over the timed steps; on CPU the process's pea
 
 Every profile also times as many steps back to back with one wait at the end ("loop"), as the
 training loop runs them (nothing waits for the GPU inside a step, so the host prepares the next step
-while the GPU finishes this one); the synced median above waits before and after each step.
+while the GPU finishes this one); the synced median above waits before and after each step. On CUDA
+both timings are also read from the GPU's side (tools/gpu_timing.py): each step's time between CUDA
+events, the SM clock and power draw sampled through NVML, and the host's time per step call in the
+loop, so a back-to-back figure slower than the synced one can be told apart: the GPU waiting for the
+host, or the GPU itself running slower.
 
 `--trace DIR` profiles --trace-steps more steps with torch.profiler and writes DIR/trace.json
 (chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 30 ops with the most self time.
@@ -45,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megaflow.config import ConfigError, load_config  # noqa: E402
 from megaflow.model.config import ModelConfig  # noqa: E402
+from tools.gpu_timing import ClockSampler, StepEvents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +147,8 @@ def profile(args) -> dict:
                   f"{r['step_time_s'] * 1e3:.1f} ms, {r['images_per_s']:.1f} img/s, MFU "
                   f"{100 * r['mfu'] if r['mfu'] is not None else float('nan'):.1f} %, {r['peak_memory_gib']:.1f} GiB"
                   f"{'' if r.get('peak_reserved_gib') is None else ' (reserved %.1f)' % r['peak_reserved_gib']}, "
-                  f"warm-up {r['warmup_s']:.0f} s"), flush=True)
+                  f"warm-up {r['warmup_s']:.0f} s; back to back {r['loop_step_time_s'] * 1e3:.1f} ms, MFU "
+                  f"{100 * r['loop_mfu'] if r['loop_mfu'] is not None else float('nan'):.1f} %"), flush=True)
     result = rows[0] if not args.variant else {"config": args.config, "variants": rows}
     if args.baseline:
         result["baseline"] = baseline_for(base, device, args)
@@ -193,6 +199,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     t_build = time.perf_counter()
     engine = PlainEngine(model, cfg, dtype)
     g = torch.Generator().manual_seed(1)
+    events = StepEvents(device)
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
@@ -204,7 +211,9 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         if wait:
             sync()
         t0 = time.perf_counter()
+        events.start()
         out = engine.train_step(batch, noise, keep, cfg.train.lr)
+        events.end()
         if wait:
             sync()
         return time.perf_counter() - t0, batch, out
@@ -213,6 +222,9 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     warmup_s = time.perf_counter() - t_build
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    events.per_step_ms(False)  # the warm-up's dropped
+    clocks = ClockSampler(device)
+    t_synced = time.perf_counter()
     times, tokens, images, flops = [], [], [], []
     for _ in range(args.steps):
         dt, batch, out = step()
@@ -223,7 +235,10 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         images.append(int(batch["image_valid"].sum()))
         flops.append(step_flops(model, batch) * real / batch["tokens"].numel())  # real tokens only
     med = statistics.median(times)
-    loop_s, loop_flops = loop_time(step, sync, args.steps, model)
+    gpu_synced, t_loop = events.per_step_ms(False), time.perf_counter()
+    loop_s, loop_flops, loop_host = loop_time(step, sync, args.steps, model)
+    gpu_loop, t_end = events.per_step_ms(True), time.perf_counter()
+    clocks.stop()
     per_step = {"tokens": statistics.median(tokens), "images": statistics.median(images),
                 "flops": statistics.median(flops)}
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
@@ -241,6 +256,11 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         "model_tflop_per_step": per_step["flops"] / 1e12, "model_tflops": achieved / 1e12,
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
         "loop_step_time_s": loop_s, "loop_mfu": loop_flops / loop_s / peak if peak else None,
+        "loop_host_ms": 1e3 * statistics.median(loop_host),  # the host's time in one step call, back to back
+        "gpu_step_ms": statistics.median(gpu_synced) if gpu_synced else None,  # CUDA events, synced steps
+        "loop_gpu_step_ms": statistics.median(gpu_loop) if gpu_loop else None,  # and back to back
+        "clocks": {"synced": clocks.summary(t_synced, t_loop), "loop": clocks.summary(t_loop, t_end)}
+        if device.type == "cuda" else None,
         "peak_memory_gib": mem, "peak_memory_kind": mem_kind, "last_loss": losses[-1],
         # a CUDA graph's activations are in the private pool made at capture: allocated before the timed steps
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
@@ -259,14 +279,14 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
 def loop_time(step, sync, n: int, model) -> tuple:
     """Seconds per step and FLOPs per step of `n` steps run back to back, as the training loop runs
     them (nothing waits for the GPU inside a step, so the host prepares the next step while the GPU
-    finishes this one), with one wait at the end."""
+    finishes this one), with one wait at the end; and the host's seconds in each step call."""
     from megaflow.monitor import step_flops
     sync()
     t0 = time.perf_counter()
-    batches = [step(wait=False)[1] for _ in range(n)]
+    host, batches = zip(*[step(wait=False)[:2] for _ in range(n)])
     sync()
     dt = (time.perf_counter() - t0) / n
-    return dt, sum(step_flops(model, b) * real_tokens(b) / b["tokens"].numel() for b in batches) / n
+    return dt, sum(step_flops(model, b) * real_tokens(b) / b["tokens"].numel() for b in batches) / n, host
 
 
 def real_tokens(batch: dict) -> int:
@@ -418,6 +438,12 @@ def render(r: dict) -> str:
 
 def render_extras(r: dict) -> list:
     lines = []
+    if r.get("gpu_step_ms") is not None:
+        c = r.get("clocks") or {}
+        clock = " ".join(f"{k}: {v['sm_mhz']} MHz, {v['power_w']} W{', limits ' + str(v['limits']) if v['limits'] else ''};"
+                         for k, v in c.items() if v.get("samples")) or f"no clock samples ({c.get('synced', {}).get('error')})"
+        lines.append(f"  GPU ms a step (CUDA events): synced {r['gpu_step_ms']:.1f}, back to back {r['loop_gpu_step_ms']:.1f}; "
+                     f"host ms a step call back to back {r['loop_host_ms']:.1f}; {clock}")
     if "parts" in r:
         from tools.profile_parts import render_parts
         lines.append(render_parts(r["parts"]))

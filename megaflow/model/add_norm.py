@@ -70,9 +70,16 @@ class _AddRMSNorm(torch.autograd.Function):
         return dx, dx, dw.to(weight.dtype), None
 
 
+# torch.compile of _AddRMSNorm gives x a zero gradient on torch 2.11 (the H200 image's: the compiled
+# test's dx was all zeros, delta's returned as the same tensor or as a view alike); right on 2.13.
+# Compiled regions on older torch build the add and the norm from plain ops (inductor's backward).
+COMPILE_SAFE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple:
     """x, delta (..., D) -> (x + delta, RMSNorm(x + delta) with `weight`, `eps`)."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad or weight.requires_grad)):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad or weight.requires_grad)
+    if not needs_grad or (not COMPILE_SAFE and torch.compiler.is_compiling()):
         x2 = x + delta
         return x2, rms_norm_forward(x2, weight, eps)[0]
     return _AddRMSNorm.apply(x, delta, weight, eps)

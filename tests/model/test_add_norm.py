@@ -4,7 +4,8 @@
 Contract:
 - forward (x + delta and its norm) and backward (the gradients of x, delta and the norm's weight,
   with a gradient arriving on both outputs) equal autograd through RMSNorm, fp32 and bf16 weights;
-- the same under torch.compile;
+- the same under torch.compile: through the op where torch compiles it right (2.13), through plain
+  ops where it does not (torch 2.11 gave x an all-zero gradient; `COMPILE_SAFE` off), both checked;
 - the Triton kernel (CUDA; or triton's interpreter on CPU: TRITON_INTERPRET=1) equals the
   torch reference, with a row count that no program's slab divides evenly.
 """
@@ -51,7 +52,10 @@ def test_fused_equals_add_then_rmsnorm(dtype):
         assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol), float((got.float() - want.float()).abs().max())
 
 
-def test_fused_under_torch_compile():
+@pytest.mark.parametrize("safe", [add_norm.COMPILE_SAFE, False], ids=["this-torch", "plain-ops"])
+def test_fused_under_torch_compile(safe, monkeypatch):
+    monkeypatch.setattr(add_norm, "COMPILE_SAFE", safe)
+    torch._dynamo.reset()
     x, delta, norm, g2, gh = case(torch.float32)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     names = ("x2", "h", "dx", "ddelta", "dweight")

@@ -359,6 +359,38 @@ class DeviceOnly(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
 
+def test_flat_adamw_reads_nothing_on_the_host():
+    """The flat step on the fused path (clipping as grad_scale, the skip flag found_inf, both 0-d on
+    the device) adds the flag to the step counts as a list of tensors (`_foreach_add_.List`), never as
+    a scalar: `torch._foreach_add_(steps, 0-d tensor)` binds the tensor to the op's Scalar overload,
+    a host read (`.item()`) of a CUDA tensor in every step, which a CUDA graph capture refuses
+    (train.step_graph=on with the flat AdamW failed on the H200 for that). The step counts still
+    advance by one per step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+    cfg = run_config()
+    model = build_model(cfg.model, seed=0)
+    w = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.bfloat16, fused=True, flat_step=True)
+    batch = make_batch(cfg.model)
+    for s in range(2):
+        w.zero_grad()
+        model(batch, make_noise(cfg.model, batch, seed=s))[0].float().backward()
+        w.grads_to_main()
+        with Ops() as ops:
+            w.clip_and_step(1e-2)
+    foreach = {f for f in ops.seen if "_foreach_" in f}
+    assert "aten._foreach_add_.List" in foreach and not [f for f in foreach if f.endswith((".Scalar", ".Tensor"))], foreach
+    assert all(float(w.optimizer.state[p]["step"]) == 2.0 for p in w.params)
+
+
 @pytest.mark.parametrize("fused,lr_tensor", [(False, False), (True, False), (True, True)],
                          ids=["foreach", "fused", "fused-lr-tensor"])
 def test_flat_adamw_step_equals_torch_adamw(fused, lr_tensor):

@@ -4,7 +4,8 @@
   compilation and data parallelism each fail with one line naming the setting;
 - on CUDA (skipped elsewhere), graphed steps are the eager steps: the same losses, step by step
   (earlier steps' returned values are not overwritten by later replays), the same fp32 main
-  weights after a learning-rate schedule, with and without packed-document masks.
+  weights after a learning-rate schedule, with and without packed-document masks, with the flat
+  one-pass AdamW kernel (the default: it is captured in the graph) and with torch's fused AdamW.
 """
 from __future__ import annotations
 
@@ -43,14 +44,13 @@ def test_step_graph_settings_are_checked():
         PlainEngine(build_model(cfg.model, seed=0), cfg, None)
 
 
-def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = False):
+def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = True):
     cfg = run_config(compile="off", step_graph=step_graph, dtype="bf16", param_dtype="bf16", grad_clip=0.5)
     device = torch.device("cuda")
     model = build_model(cfg.model, device, seed=0)
     engine = PlainEngine(model, cfg, torch.bfloat16)
-    # both runs step torch's fused AdamW (the graph's); flat_step=True: the flat one-pass kernel, whose
-    # graph does not capture on the H200 yet (tools/device/graph_probe.py uses it to reproduce that)
-    engine.weights.flat_step = flat_step
+    default_flat = engine.weights.flat_step  # the CUDA default, graphed or not: the flat kernel
+    engine.weights.flat_step = flat_step  # False: torch's fused AdamW (capturable) instead
     outs = []
     for s in range(steps):
         host = make_batch(cfg.model, batch_size=4, seed=s % 3, two_docs=doc_ids)
@@ -59,15 +59,19 @@ def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = Fals
         batch = to_device(host, device)
         noise = make_noise(cfg.model, host, seed=100 + s).to(device)
         outs.append(engine.train_step(batch, noise, torch.ones(4, device=device), lr_at(s, 1e-3, 1e-4, 2, steps)))
+    engine.default_flat = default_flat
     return engine, [read_metrics(o) for o in outs]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("flat_step", [True, False], ids=["flat-adamw", "torch-adamw"])
 @pytest.mark.parametrize("doc_ids", [False, True], ids=["causal", "packed"])
-def test_graphed_steps_equal_eager_steps(doc_ids):
-    eager, eager_out = train("off", doc_ids)
-    graphed, graphed_out = train("on", doc_ids)
+def test_graphed_steps_equal_eager_steps(doc_ids, flat_step):
+    eager, eager_out = train("off", doc_ids, flat_step=flat_step)
+    graphed, graphed_out = train("on", doc_ids, flat_step=flat_step)
     assert graphed.graph.graph is not None  # 2 eager warm-up steps, then captured and replayed
+    assert graphed.default_flat  # train.step_graph=on keeps the flat kernel by default
+    assert graphed.weights.flat_step == flat_step  # and it ran in the graph: no fallback to torch's
     # CUDA attention backward accumulates with atomics, so two eager runs differ in the last bits too:
     # on the H200 the graphed grad norms were within 7e-5 of the eager ones (losses within 1e-6)
     for a, b in zip(eager_out, graphed_out):
