@@ -15,7 +15,9 @@ AdamW is MainWeights' flat one-pass kernel (megaflow/flat_adamw.py), or torch's 
 tensor and keeps its step counts and skip flag on the device, so nothing in the graph depends on a
 host value (a host read inside the step fails the capture: tools/device/graph_probe.py finds which).
 
-Contract (checked by `check_step_graph`): CUDA; one process (PlainEngine) or a tensor-parallel layout
+`train.step_graph: auto` graphs the step wherever `on` would and runs it without a graph elsewhere (a
+CPU run, data parallelism, a pipeline...), logging the reason once: the setting a config can keep
+for every layout. Contract (checked by `check_step_graph`): CUDA; one process (PlainEngine) or a tensor-parallel layout
 without data or pipeline parallelism (ParallelEngine, dp = pp = 1, tp >= 2, with or without sequence
 parallelism); not with `train.compile_mode=reduce-overhead` (graphs inside a graph); batches of one
 shape: a batch of another shape runs eagerly, with a warning once, on memory held beside the graph's.
@@ -43,17 +45,30 @@ import torch
 
 log = logging.getLogger("megaflow")
 
-STEP_GRAPH_MODES = ("off", "on")
+STEP_GRAPH_MODES = ("off", "on", "auto")
 
 
 def check_step_graph(mode: str, device: torch.device, compile_mode: str = "default", data_parallel: bool = False,
                      parallel=None) -> bool:
-    """Whether to graph the step; a ValueError naming the setting when it cannot be done. `parallel`: the
-    run's ParallelConfig when a multi-process engine asks (None: one process), `data_parallel`: dp > 1."""
+    """Whether to graph the step. 'on': a ValueError naming the setting when it cannot be done; 'auto':
+    graph where 'on' would, else run without a graph and log why once. `parallel`: the run's
+    ParallelConfig when a multi-process engine asks (None: one process), `data_parallel`: dp > 1."""
     if mode not in STEP_GRAPH_MODES:
         raise ValueError(f"train.step_graph={mode!r} must be one of {STEP_GRAPH_MODES}")
     if mode == "off":
         return False
+    try:
+        _check_run(device, compile_mode, data_parallel, parallel)
+    except ValueError as e:
+        if mode == "on":
+            raise
+        log.info("train.step_graph=auto: the step runs without a CUDA graph here (%s)", str(e).split("; set ")[0])
+        return False
+    return True
+
+
+def _check_run(device: torch.device, compile_mode: str, data_parallel: bool, parallel) -> None:
+    """What a graphed step cannot hold on this run (see the file docstring)."""
     if device.type != "cuda":
         raise ValueError(f"train.step_graph=on needs a CUDA device (this run is on {device.type}); set train.step_graph=off")
     if compile_mode == "reduce-overhead":
@@ -64,7 +79,6 @@ def check_step_graph(mode: str, device: torch.device, compile_mode: str = "defau
                          "gradient buckets are not captured); set train.step_graph=off for data-parallel runs")
     if parallel is not None:
         _check_layout(parallel)
-    return True
 
 
 def _check_layout(p) -> None:

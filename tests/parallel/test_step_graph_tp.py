@@ -44,6 +44,22 @@ def test_what_cannot_be_graphed_is_refused_by_name(fields, message):
         check_step_graph("on", torch.device("cuda"), parallel=ParallelConfig(**fields))
 
 
+@pytest.mark.parametrize("fields,message", REFUSED, ids=lambda x: ",".join(f"{k}={v}" for k, v in x.items())
+                         if isinstance(x, dict) else "")
+def test_auto_graphs_where_on_would_and_says_why_not_elsewhere(fields, message, caplog):
+    """'auto' (the setting a config keeps for every layout): graphed where 'on' is, not graphed (no error)
+    where 'on' is refused, with the reason logged; never on a CPU, nor under data parallelism."""
+    caplog.set_level("INFO", logger="megaflow")
+    assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(tp=2)) is True
+    assert check_step_graph("auto", torch.device("cuda")) is True  # one process
+    assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(**fields)) is False
+    assert any(message.replace("\\", "") in r.getMessage() for r in caplog.records), caplog.text
+    assert check_step_graph("auto", torch.device("cpu")) is False
+    assert check_step_graph("auto", torch.device("cuda"), data_parallel=True) is False
+    with pytest.raises(ValueError, match="must be one of"):
+        check_step_graph("yes", torch.device("cuda"))
+
+
 def test_parallel_engine_checks_the_setting():
     """ParallelEngine (the TP / PP / DP engine) refuses train.step_graph=on on the CPU as PlainEngine does
     (it used to ignore the setting) and builds with it off; ZeroEngine checks the setting too (on a GPU
