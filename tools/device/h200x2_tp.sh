@@ -4,7 +4,7 @@
 # recompiles and inductor's micro-pipeline TP messages counted; a per-rank profile of the async rows.
 #   bash tools/device/h200x2_tp.sh probe          # call 1: the rows of this tree + a collective probe
 #   bash tools/device/h200x2_tp.sh final BASE     # call 2: the tree at BASE (before) and this tree (after)
-#   NOCACHE=1 bash tools/device/h200x2_tp.sh graph  # eager TP2, TP2 as one CUDA graph (train.step_graph=on), one GPU:
+#   NOCACHE=1 bash tools/device/h200x2_tp.sh graph  # TP2 and one GPU, each without and with the step as one CUDA graph:
 #                                   # 5 timed steps after 3 (2 eager + the capture); a 3-line SUMMARY
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
 # written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
@@ -54,15 +54,21 @@ final)  # BASE: the tree before (git archive 820d653), run with this tree's benc
   summary_profiles after
   ;;
 graph)  # issue 17's TP2 row as one CUDA graph a step; the graph row's last loss must equal eager tp2's (same steps)
-  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none bench . graph "${ROWS:-tp2,tp2@train.step_graph=on,one}" ${S:-62}
+  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none bench . graph "${ROWS:-tp2@train.step_graph=off,tp2@train.step_graph=on,one@train.step_graph=off,one}" ${S:-62}
   [ -f $OUT/graph.json ] || echo "SUMMARY: no $OUT/graph.json (the time limit?): the row lines above are what ran"
   [ -f $OUT/graph.json ] && python3 - "$OUT/graph.json" <<'EOF'
 import json, sys
 rows = {r["mode"]: r for r in json.load(open(sys.argv[1]))["rows"]}
-one, eager, graph = (rows.get(m) for m in ("one", "tp2", "tp2@train.step_graph=on"))
+# `one` runs h200_1b's default (train.step_graph=auto: graphed), the efficiencies' baseline; one@...=off beside it
+one, one_eager = rows.get("one"), rows.get("one@train.step_graph=off")
+eager, graph = rows.get("tp2@train.step_graph=off"), rows.get("tp2@train.step_graph=on")
+if one and one_eager:
+    print(f"SUMMARY one GPU: {one['step_s'] * 1e3:.1f} ms graphed (the baseline), {one_eager['step_s'] * 1e3:.1f} ms without")
 for name, r in (("tp2 eager", eager), ("tp2 graph", graph)):
     if r:
         eff = f"{r['efficiency']:.1%} of one GPU's {one['step_s'] * 1e3:.1f} ms" if "efficiency" in r else "no one-GPU row"
+        if one_eager:
+            eff += f"; {one_eager['step_s'] / (2 * r['step_s']):.1%} of the ungraphed one's"
         print(f"SUMMARY {name}: {r['step_s'] * 1e3:.1f} ms a step ({eff}); first loss {r['loss0']:.4f}, loss after "
               f"the timed steps {r['loss']:.4f}; peak reserved {max(x['reserved_GiB'] for x in r['ranks']):.1f} GiB; "
               f"graphed {r['graphed']}")
