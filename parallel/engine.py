@@ -122,7 +122,9 @@ class ParallelEngine:
         # compiled TP=2 trains on eager TP=2's losses on 2 H200s (docs/benchmarks.md, issue 17)
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
         # train.step_graph=on: the whole TP step as one CUDA graph (megaflow/step_graph.py: dp = pp = 1, the
-        # TP group's NCCL collectives captured in it; torch's fused capturable AdamW with its lr on the device)
+        # TP group's NCCL collectives captured in it; torch's fused capturable AdamW with its lr on the device:
+        # the graphed TP step was measured with it; the flat kernel captures in PlainEngine's graph, not yet
+        # measured in this one)
         self.graph = None
         if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, topo.dp > 1, pcfg):
             self.weights.flat_step = False

@@ -95,23 +95,17 @@ def build(cfg, device, real_data: bool):
     """(model, batch source) as `megaflow train` builds them; the batch source yields device batches."""
     from megaflow.model.starflow import build_model
     from megaflow.train import to_device
+    from parallel.backend import apply_fp8_layers  # TE / FP8 linears, as `megaflow train` swaps them in
     if not real_data:
         model = build_model(cfg.model, device, seed=cfg.train.seed)
-        return te_layers(model, cfg), None
+        return apply_fp8_layers(model, cfg.parallel), None
     from data_pipeline.loader import build_loader
     from megaflow.train import _forever, load_run_tokenizer, prepare_data, with_tokenizer
     prepare_data(cfg)
     tok = load_run_tokenizer(cfg)
     model = build_model(with_tokenizer(cfg.model, tok), device, seed=cfg.train.seed)
     batches = _forever(build_loader(cfg.data, tok, 0, 1))
-    return te_layers(model, cfg), (to_device(b, device) for b in batches)
-
-
-def te_layers(model, cfg):
-    """parallel.backend=te / fp8_backend=torch: the blocks' linears become Transformer Engine's or
-    torch's FP8 ones, as `megaflow train` does."""
-    from parallel.backend import apply_fp8_layers
-    return apply_fp8_layers(model, cfg.parallel)
+    return apply_fp8_layers(model, cfg.parallel), (to_device(b, device) for b in batches)
 
 
 def default_images(mcfg: ModelConfig, seq_len: int, max_images: int) -> int:
