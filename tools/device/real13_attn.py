@@ -1,0 +1,142 @@
+"""Document-masked attention at h200_1b's real-data layouts: which kernel, at what cost per step.
+
+    python3 tools/device/real13_attn.py [--batches 4] [--iters 10]
+
+The rows are the real Fashion-MNIST layouts of tools/device/layouts_h200_1b.json (16 x 1024 tokens,
+~140 document pieces of ~112 tokens a batch, ~4% padding). For the two attention shapes of the model
+(VLM: 16 heads x 128, its 8 KV heads already repeated as megaflow.model.layers does; flow: 8 x 128),
+forward + backward of one layer (CUDA events, median), then x the layer counts (16 VLM, 8 flow) =
+attention GPU ms per step:
+  causal      SDPA is_causal (cuDNN/flash): what the synthetic batches run (ignores documents)
+  flex128     megaflow.model.masks today: a BlockMask (128-token blocks) + compiled flex_attention
+  flex64      the same rule with 64-token mask blocks (fewer partly masked blocks at ~112-token documents)
+  varlen      torch.nn.attention.varlen.varlen_attn (flash varlen) over the flattened rows, one
+              sequence per document piece and one per row's padding tail (cu_seqlens), max_q = T
+plus the BlockMask build (eager and compiled) per batch, and each kernel's largest difference from
+flex128 in bf16. Needs no data pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+LAYOUTS = Path(__file__).with_name("layouts_h200_1b.json")
+
+
+def doc_ids_of(rows: list, T: int) -> torch.Tensor:
+    """(B, T) doc ids of rows of [length, image slots] pieces; -1 after the last piece."""
+    out = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, pieces in enumerate(rows):
+        start = 0
+        for d, (length, _) in enumerate(pieces):
+            out[r, start:start + length] = d
+            start += length
+    return out
+
+
+def cu_seqlens_of(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative lengths over the flattened rows: each piece and each row's padding tail a sequence."""
+    B, T = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = torch.nonzero(starts.flatten()).flatten()
+    return torch.cat([idx, torch.tensor([B * T], device=idx.device)]).to(torch.int32)
+
+
+def timed(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    from torch.nn.attention.flex_attention import create_block_mask
+    from megaflow.model.masks import _compiled_flex, document_block_mask
+    dev = torch.device("cuda")
+    T = 1024
+    layouts = json.loads(LAYOUTS.read_text())["after"][: args.batches]
+    docs = [doc_ids_of(rows, T).to(dev) for rows in layouts]
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        varlen_attn = None
+        print(f"varlen: not in torch {torch.__version__} ({e})")
+
+    def mask_of(d, block):
+        def rule(b, h, q, k):
+            return (k <= q) & (d[b, q] == d[b, k])
+        return create_block_mask(rule, d.shape[0], None, T, T, device=dev, BLOCK_SIZE=block)
+
+    d0 = docs[0]
+    build = {"eager128": timed(lambda: document_block_mask(d0), args.iters)}
+    try:
+        build["compiled128"] = timed(lambda: create_block_mask(
+            lambda b, h, q, k: (k <= q) & (d0[b, q] == d0[b, k]), 16, None, T, T, device=dev, _compile=True), args.iters)
+    except Exception as e:  # noqa: BLE001
+        build["compiled128"] = f"{type(e).__name__}: {str(e)[:120]}"
+    print(json.dumps({"block_mask_build_ms": build}), flush=True)
+    results = {}
+    for name, H, layers in (("vlm", 16, 16), ("flow", 8, 8)):
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(16, H, T, 128, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        go = torch.randn(16, H, T, 128, device=dev, dtype=torch.bfloat16, generator=g)
+        row = {}
+        for kname in ("causal", "flex128", "flex64", "varlen"):
+            per_batch, diffs = [], []
+            try:
+                for d in docs:
+                    if kname == "causal":
+                        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+                    elif kname.startswith("flex"):
+                        m = mask_of(d, int(kname[4:]))
+                        fn = (lambda m=m: _compiled_flex(q, k, v, block_mask=m))
+                    else:
+                        if varlen_attn is None:
+                            raise RuntimeError("no varlen_attn")
+                        cu = cu_seqlens_of(d)
+
+                        def fn(cu=cu):
+                            flat = [x.transpose(1, 2).reshape(16 * T, H, 128) for x in (q, k, v)]  # (B*T, H, hd)
+                            y = varlen_attn(*flat, cu, cu, T, T, is_causal=True)
+                            return y.view(16, T, H, 128).transpose(1, 2)  # (B, H, T, hd)
+                    per_batch.append(timed(lambda: fn().backward(go), args.iters))
+                    if kname != "flex128":
+                        ref = _compiled_flex(q, k, v, block_mask=mask_of(d, 128))
+                        real = (d >= 0)[:, None, :, None]
+                        diffs.append(float(((fn() - ref).abs() * real).max()))
+                row[kname] = {"fwd_bwd_ms_per_layer": round(statistics.median(per_batch), 3),
+                              "ms_per_step": round(layers * statistics.median(per_batch), 2),
+                              "max_diff_vs_flex128_real_rows": max(diffs) if diffs else 0.0}
+            except Exception as e:  # noqa: BLE001 - one kernel failing must not hide the others
+                row[kname] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            print(json.dumps({name: {kname: row[kname]}}), flush=True)
+        results[name] = row
+    total = {k: round(sum(results[s][k].get("ms_per_step", float("nan")) for s in results), 2)
+             for k in ("causal", "flex128", "flex64", "varlen")}
+    print(json.dumps({"attention_ms_per_step_fwd_bwd (16 VLM + 8 flow layers)": total}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
