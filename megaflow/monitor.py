@@ -40,7 +40,8 @@ def piece_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
 def model_counts(model) -> dict:
     """Per-token matmul and attention widths of `model` (a meta copy is enough), for `step_flops`."""
     cfg = model.cfg
-    matmul = sum(p.numel() for name, p in model.named_parameters()
+    # remove_duplicate=False: a tied LM head shares the embedding's weight but is a matmul of its own
+    matmul = sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False)
                  if p.dim() == 2 and not name.startswith(("embed_tokens.", "flow_embed.", "fae.", "shallow.")))
     shallow = sum(p.numel() for n, p in model.shallow.named_parameters() if p.dim() == 2)
     attn_width = cfg.flow.n_layers * cfg.flow.dim

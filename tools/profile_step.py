@@ -227,7 +227,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         real = real_tokens(batch)
         tokens.append(real)
         images.append(int(batch["image_valid"].sum()))
-        flops.append(step_flops(model, batch) * real / batch["tokens"].numel())  # real tokens only
+        flops.append(step_flops(model, batch))  # real tokens only (step_flops skips padding itself)
     med = statistics.median(times)
     gpu_synced, t_loop = events.per_step_ms(False), time.perf_counter()
     loop_s, loop_flops, loop_host = loop_time(step, sync, args.steps, model)
@@ -280,7 +280,7 @@ def loop_time(step, sync, n: int, model) -> tuple:
     host, batches = zip(*[step(wait=False)[:2] for _ in range(n)])
     sync()
     dt = (time.perf_counter() - t0) / n
-    return dt, sum(step_flops(model, b) * real_tokens(b) / b["tokens"].numel() for b in batches) / n, host
+    return dt, sum(step_flops(model, b) for b in batches) / n, host
 
 
 def real_tokens(batch: dict) -> int:

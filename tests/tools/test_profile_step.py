@@ -99,3 +99,20 @@ def test_variants_baseline_and_parts_in_one_process(tmp_path, capsys):
     assert math.isclose(sum(p["flops"] for p in parts.values()) + embed, step_flops(model, b), rel_tol=1e-9)
     base = r["baseline"]
     assert base["dim"] == cfg.model.vlm.dim and base["n_layers"] == cfg.model.vlm.n_layers and base["mfu"] > 0
+
+
+def test_back_to_back_flops_of_padded_batches_count_each_real_token_once():
+    """The profile's FLOPs of a packed batch with padding are monitor.step_flops of it: step_flops
+    already counts real tokens only, so scaling it by the slot fill again (the old profile did, in
+    the synced and the back-to-back figures alike) under-counted real data's MFU by its padding."""
+    from megaflow.model.starflow import STARFlow2
+    from megaflow.monitor import step_flops
+    from tests.helpers import make_batch, tiny_config
+    from tools.profile_step import loop_time
+    cfg = tiny_config()
+    with torch.device("meta"):
+        model = STARFlow2(cfg)
+    batch = make_batch(cfg, batch_size=2, seq_len=48)
+    assert (batch["doc_ids"] < 0).any()  # padding in row 1
+    _, flops, host = loop_time(lambda wait: (0.0, batch, None), lambda: None, 3, model)
+    assert flops == step_flops(model, batch) and len(host) == 3

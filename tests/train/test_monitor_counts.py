@@ -3,6 +3,9 @@ real tokens / (B x T), MFU's FLOPs cover real tokens and attention within each d
 T x T), and the loader's dropped-document count is reported beside them."""
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from megaflow.monitor import Monitor, model_counts, piece_lengths, step_flops
@@ -45,3 +48,45 @@ def test_monitor_reports_real_tokens_slot_fill_and_dropped_docs(tmp_path):
     assert stats["slot_fill"] == real / 96 and stats["dropped_docs"] == 0
     assert 0 < stats["tokens_per_s"] and abs(stats["tokens_per_s"] * stats["step_s"] - 2 * real) < 1e-6 * real
     mon.close()
+
+
+def _pieces(batch: dict, n_tokens: int) -> list:
+    """Each document piece of a packed batch as a batch of its own: one row of exactly its tokens and
+    images, no padding, no other document (doc_ids None: plain causal attention)."""
+    out = []
+    for b in range(batch["tokens"].shape[0]):
+        d, seen = batch["doc_ids"][b], 0
+        for doc in d[d >= 0].unique().tolist():
+            sel = d == doc
+            n_img = int(batch["image_mask"][b, sel].sum()) // n_tokens
+            one = {k: batch[k][b:b + 1, sel] for k in ("tokens", "targets", "position_ids", "image_mask")}
+            one.update(doc_ids=None, images=batch["images"][b:b + 1, seen:seen + n_img],
+                       image_valid=torch.ones(1, n_img, dtype=torch.bool))
+            seen += n_img
+            out.append(one)
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_step_flops_equal_a_hand_count_of_the_real_work(tied):
+    """MFU's FLOPs (step_flops) of a packed batch with padding, two documents in a row and an unused
+    image slot equal a count made without the rule: torch's FlopCounterMode over the model's forward
+    run on each document piece ALONE (exactly its tokens and images, nothing padded or masked out),
+    x 3 for forward + backward. In bf16 on the CPU attention runs as two matmuls, which it counts.
+    Fails on a rule that counts padding, cross-document pairs or padded image slots, and (tied=True)
+    on the old rule, which dropped a tied LM head's matmul with the embedding's duplicate weight."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megaflow.model.starflow import build_model
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, vlm=dataclasses.replace(cfg.vlm, tie_embeddings=tied))
+    model = build_model(cfg).to(torch.bfloat16)
+    batch = make_batch(cfg, batch_size=2, seq_len=48)  # row 0: 2 documents; row 1: 1 image of 2 slots, padding
+    assert (batch["doc_ids"] < 0).any() and not batch["image_valid"].all()
+    hand = 0
+    with torch.no_grad():
+        for one in _pieces(batch, cfg.fae.n_tokens):
+            with FlopCounterMode(display=False) as counter:
+                model.terms(one)
+            hand += 3 * counter.get_total_flops()
+    assert step_flops(model, batch) == hand
