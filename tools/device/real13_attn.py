@@ -12,6 +12,11 @@ attention GPU ms per step:
   flex64      the same rule with 64-token mask blocks (fewer partly masked blocks at ~112-token documents)
   varlen      torch.nn.attention.varlen.varlen_attn (flash varlen) over the flattened rows, one
               sequence per document piece and one per row's padding tail (cu_seqlens), max_q = T
+  varlenS     the same with cu_seqlens padded to a fixed S = B x 32 + 1 entries (empty sequences at
+              the end): the static shape a compiled, graphed step needs
+Then the shallow flows (2 blocks x 2 layers at 256, compiled couplings as in the step, bf16), forward +
+backward replayed as one CUDA graph, on 224 image slots (16 rows x 14: real data's, ~192 of them real),
+192 and 112 (synthetic's 7 a row): what the padded image slots cost.
 plus the BlockMask build (eager and compiled) per batch, and each kernel's largest difference from
 flex128 in bf16. Needs no data pipeline.
 """
@@ -49,6 +54,11 @@ def cu_seqlens_of(doc_ids: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     idx = torch.nonzero(starts.flatten()).flatten()
     return torch.cat([idx, torch.tensor([B * T], device=idx.device)]).to(torch.int32)
+
+
+def padded(cu: torch.Tensor, n: int) -> torch.Tensor:
+    """cu_seqlens padded to n entries by repeating its last value (empty sequences)."""
+    return torch.cat([cu, cu[-1:].expand(n - len(cu))])
 
 
 def timed(fn, iters: int) -> float:
@@ -103,7 +113,7 @@ def main(argv=None) -> None:
                    for _ in range(3))
         go = torch.randn(16, H, T, 128, device=dev, dtype=torch.bfloat16, generator=g)
         row = {}
-        for kname in ("causal", "flex128", "flex64", "varlen"):
+        for kname in ("causal", "flex128", "flex64", "varlen", "varlenS"):
             per_batch, diffs = [], []
             try:
                 for d in docs:
@@ -115,7 +125,7 @@ def main(argv=None) -> None:
                     else:
                         if varlen_attn is None:
                             raise RuntimeError("no varlen_attn")
-                        cu = cu_seqlens_of(d)
+                        cu = cu_seqlens_of(d) if kname == "varlen" else padded(cu_seqlens_of(d), 16 * 32 + 1)
 
                         def fn(cu=cu):
                             flat = [x.transpose(1, 2).reshape(16 * T, H, 128) for x in (q, k, v)]  # (B*T, H, hd)
@@ -134,8 +144,44 @@ def main(argv=None) -> None:
             print(json.dumps({name: {kname: row[kname]}}), flush=True)
         results[name] = row
     total = {k: round(sum(results[s][k].get("ms_per_step", float("nan")) for s in results), 2)
-             for k in ("causal", "flex128", "flex64", "varlen")}
+             for k in ("causal", "flex128", "flex64", "varlen", "varlenS")}
     print(json.dumps({"attention_ms_per_step_fwd_bwd (16 VLM + 8 flow layers)": total}), flush=True)
+    shallow_flows(args.iters)
+
+
+def shallow_flows(iters: int) -> None:
+    from megaflow.config import load_config
+    from megaflow.model.flow import ShallowFlows
+    from megaflow.speed import apply_compile
+    mc = load_config("configs/h200_1b.yaml", []).model
+    f, N, D = mc.flow, mc.fae.n_tokens, mc.fae.latent_dim
+    torch.manual_seed(0)
+    flows = ShallowFlows(f.n_shallow, D, N, f.shallow_dim, f.shallow_heads, f.shallow_layers, f.clip, f.norm_eps,
+                         f.shallow_ffn_dim).cuda().to(torch.bfloat16)
+    for p in flows.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    apply_compile(flows, scope="unit")
+    out = {}
+    for M in (224, 192, 112):
+        try:
+            x = torch.randn(M, N, D, device="cuda")
+
+            def step():
+                y, ld, sq = flows(x)
+                (y.float().square().sum() + ld.sum() + sq.sum()).backward()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            out[M] = {"graphed_ms": round(timed(graph.replay, iters), 3), "eager_ms": round(timed(step, iters), 3)}
+        except Exception as e:  # noqa: BLE001
+            out[M] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        print(json.dumps({"shallow_flows_fwd_bwd": {M: out[M]}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\
   export CUDA_VISIBLE_DEVICES=0
   timeout ${S_S:-70} python3 tools/profile_step.py $PROF $VARS --trace /tmp/tr_syn --json $OUT/syn.json 2>&1 | quiet > /tmp/syn.txt
   since "gpu0: synthetic"; head -c 400 /tmp/syn.txt | grep "^\[" 
-  timeout ${A_S:-35} python3 tools/device/real13_attn.py --batches 3 --iters 8 2>&1 | quiet | grep "^{" > $OUT/attn.txt
+  timeout ${A_S:-45} python3 tools/device/real13_attn.py --batches 2 --iters 8 2>&1 | quiet | grep "^{" > $OUT/attn.txt
   since "gpu0: attention"
 ) &
 (
