@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 13, h200_1b's real-data row, before / after in one call on nvidia-h200-x2, each its own process:
+# GPU 0 "before" = `git archive b91a671` unpacked in before/ (its default: the graphed step), real packed
+# Fashion-MNIST (data_cache/fm1b); GPU 1 "after" = this tree, the same data, then the synthetic batch with
+# the plain-PyTorch anchor (--baseline). MFU by this tree's rule (profile_step's FLOPs of real data were
+# scaled by the slot fill twice before; the "before" figures are corrected below with its own slot fill).
+# Carries: .whl (mosaicml-streaming), data_cache/fm1b, before/, .inductor/ (unpacked when present).
+# Usage on the device: bash tools/device/real13_final.sh   (B_S A_S N_S: limits in s)
+. tools/device/setup.sh
+OUT=${OUT:-/tmp/real13_out}; mkdir -p "$OUT"; T0=$(date +%s)
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+ls .inductor/inductor.tgz.* >/dev/null 2>&1 && cat .inductor/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache restored"
+since() { echo "$1 done after $(( $(date +%s) - T0 )) s"; }
+D=$PWD/data_cache/fm1b
+PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps ${STEPS:-8}"
+REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokenizer.model --set train.dataset_limit=8000"
+quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
+(
+  export CUDA_VISIBLE_DEVICES=0
+  cd before && PYTHONPATH=$PWD:/tmp/site timeout ${B_S:-60} python3 tools/profile_step.py $PROF $REAL --json $OUT/before.json \
+    2>&1 | quiet > $OUT/before.txt
+  since "gpu0: before (b91a671), real data"
+) &
+(
+  export CUDA_VISIBLE_DEVICES=1
+  timeout ${A_S:-60} python3 tools/profile_step.py $PROF $REAL ${AFTER_SETS} --json $OUT/after.json 2>&1 | quiet > $OUT/after.txt
+  since "gpu1: after, real data"
+  timeout ${N_S:-45} python3 tools/profile_step.py $PROF --baseline --json $OUT/anchor.json 2>&1 | quiet > $OUT/anchor.txt
+  since "gpu1: after, synthetic + anchor"
+) &
+wait
+python3 - "$OUT" <<'EOF'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+for name in ("before", "after", "anchor"):
+    p = out / f"{name}.json"
+    if not p.exists():
+        print(f"{name}: no result"); continue
+    r = json.loads(p.read_text())
+    fill = r["tokens_per_s"] * r["step_time_s"] / (r["rows"] * r["seq_len"])
+    fix = 1 / fill if name == "before" else 1.0  # b91a671 scaled real-token FLOPs by the fill once more
+    b = r.get("baseline", {})
+    print(f"{name}: step {1e3 * r['step_time_s']:.1f} ms, MFU {100 * r['mfu'] * fix:.1f}% synced; back to back "
+          f"{1e3 * r['loop_step_time_s']:.1f} ms, {100 * r['loop_mfu'] * fix:.1f}%; fill {fill:.3f}; "
+          f"{r['images_per_step']} images/step; {r['model_tflop_per_step'] * fix:.2f} TFLOP/step; peak "
+          f"{r['peak_memory_gib']:.1f} GiB (reserved {r.get('peak_reserved_gib') or 0:.1f}); GPU ms synced "
+          f"{r.get('gpu_step_ms')} b2b {r.get('loop_gpu_step_ms')}; host ms b2b {r.get('loop_host_ms'):.1f}"
+          + (f"; anchor {100 * b['mfu']:.1f}% / b2b {100 * b['loop_mfu']:.1f}%" if b.get("mfu") else ""))
+EOF
+echo "all done after $(( $(date +%s) - T0 )) s"
