@@ -12,7 +12,7 @@ import torch
 
 import torch.nn.functional as F
 
-from megaflow.model.masks import BlockMask, attend, document_mask, explicit_attention, use_kernel
+from megaflow.model.masks import BlockMask, attend, document_mask, explicit_attention, set_doc_kernel, use_kernel
 from tests.helpers import make_batch, make_noise, tiny_config
 from tests.model.util import randomized_model
 
@@ -197,3 +197,73 @@ def test_cpu_bf16_attention_is_explicit_and_equals_sdpa(masked):
     assert torch.equal(attend(qb, kb, vb, mask), explicit_attention(qb, kb, vb, mask))
     torch.testing.assert_close(attend(qb, kb, vb, mask).float(), sdpa(qb.float(), kb.float(), vb.float()),
                                rtol=0.03, atol=0.03)
+
+
+@pytest.fixture
+def doc_kernel():
+    """Set masks' document kernel inside a test and restore it after."""
+    saved = []
+    yield lambda kind: saved.append(set_doc_kernel(kind))
+    if saved:
+        set_doc_kernel(saved[0])
+
+
+def test_segments_follow_the_pieces_and_give_the_document_rule(doc_kernel):
+    """'varlen' (flash varlen over the flattened rows): a sequence starts at each row start and each
+    doc-id change (pieces and the padding tail), padded with B*T to a fixed size; its rule as a
+    dense mask is the document mask's (causal, same document, padding with padding)."""
+    from megaflow.model.layers import attention_mask
+    from megaflow.model.masks import document_segments, segments_mask
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1], [0, 0, 0, 0, 0, 1, 1, 1]])
+    seg = document_segments(doc_ids, max_segments=7)
+    assert seg.cu_seqlens.tolist() == [0, 3, 5, 8, 13, 16, 16, 16] and seg.cu_seqlens.dtype == torch.int32
+    assert (seg.rows, seg.max_len) == (2, 8)
+    assert torch.equal(segments_mask(seg), attention_mask(doc_ids, 8, 8, "cpu"))
+    doc_kernel("varlen")
+    with use_kernel("flex"):  # forced: the CUDA rule on the CPU
+        assert isinstance(document_mask(doc_ids, 8, 8, "cpu"), type(seg))
+    with pytest.raises(ValueError, match="train.doc_attention='flash'"):
+        set_doc_kernel("flash")
+
+
+@pytest.mark.parametrize("tarflow_only", [False, True])
+def test_model_varlen_segments_path_equals_dense_path_forward(tarflow_only, doc_kernel):
+    """The Segments object through both streams (on the CPU attend evaluates its rule densely)."""
+    cfg = wide_config(tarflow_only=tarflow_only)
+    model = randomized_model(cfg, scale=0.2).eval()
+    batch = packed_batch(cfg)
+    noise = make_noise(cfg, batch)
+    with torch.no_grad():
+        with use_kernel("dense"):
+            dense, _ = _trace(model, batch, noise)
+        doc_kernel("varlen")
+        with use_kernel("flex"):
+            seg, ctx = _trace(model, batch, noise)
+    assert type(ctx.flow.mask).__name__ == "Segments"
+    for a, b in zip(seg, dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex64 and flash varlen train on CUDA only")
+@pytest.mark.parametrize("kind", ["flex64", "varlen"])
+def test_faster_document_kernels_equal_dense_gradients_bf16(kind, doc_kernel):
+    """On the GPU, in bf16 as the step runs (flash varlen has no fp32): the loss and every parameter's
+    gradient of the document kernel equal the dense-mask path's within bf16 rounding (2e-2 of the
+    gradient's scale)."""
+    cfg = wide_config()
+    model = randomized_model(cfg, scale=0.2).cuda()
+    batch = {k: v.cuda() for k, v in packed_batch(cfg).items()}
+    noise = make_noise(cfg, batch).cuda()
+    grads, losses = {}, {}
+    doc_kernel(kind)
+    for kernel in ("dense", "flex"):
+        model.zero_grad()
+        with use_kernel(kernel), torch.autocast("cuda", torch.bfloat16):
+            loss, _ = model(batch, noise)
+        loss.backward()
+        losses[kernel] = float(loss)
+        grads[kernel] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(losses["flex"] - losses["dense"]) <= 1e-2 * max(1.0, abs(losses["dense"]))
+    worst = max(((grads["flex"][n] - g).abs().max().item() / max(1e-3, g.abs().max().item()), n)
+                for n, g in grads["dense"].items())
+    assert worst[0] <= 2e-2, f"{kind} and dense gradients differ by {worst[0]:.2e} (relative to scale) in {worst[1]}"
