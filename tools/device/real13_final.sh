@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 13, h200_1b's real-data row, before / after in one call on nvidia-h200-x2, each its own process:
 # GPU 0 "before" = `git archive b91a671` unpacked in before/ (its default: the graphed step), real packed
-# Fashion-MNIST (data_cache/fm1b); GPU 1 "after" = this tree, the same data, then the synthetic batch with
-# the plain-PyTorch anchor (--baseline). MFU by this tree's rule (profile_step's FLOPs of real data were
-# scaled by the slot fill twice before; the "before" figures are corrected below with its own slot fill).
+# Fashion-MNIST (data_cache/fm1b), then the CUDA tests of the document kernels (tests/model/test_masks.py),
+# then this tree's synthetic batch with the plain-PyTorch anchor (--baseline); GPU 1 "after" = this tree,
+# the same data, its default and the train.doc_attention variants (varlen, flex64) in one process.
+# MFU by this tree's rule (profile_step's FLOPs of real data were scaled by the slot fill twice before;
+# the "before" figures are corrected below with its own slot fill).
 # Carries: .whl (mosaicml-streaming), data_cache/fm1b, before/, .inductor/ (unpacked when present).
-# Usage on the device: bash tools/device/real13_final.sh   (B_S A_S N_S: limits in s)
+# Usage on the device: bash tools/device/real13_final.sh   (B_S T_S N_S A_S: limits in s)
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/real13_out}; mkdir -p "$OUT"; T0=$(date +%s)
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
@@ -17,26 +19,35 @@ REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokeniz
 quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
 (
   export CUDA_VISIBLE_DEVICES=0
-  cd before && PYTHONPATH=$PWD:/tmp/site timeout ${B_S:-60} python3 tools/profile_step.py $PROF $REAL --json $OUT/before.json \
-    2>&1 | quiet > $OUT/before.txt
+  (cd before && PYTHONPATH=$PWD:/tmp/site timeout ${B_S:-60} python3 tools/profile_step.py $PROF $REAL --json $OUT/before.json \
+    2>&1 | quiet > $OUT/before.txt)
   since "gpu0: before (b91a671), real data"
+  timeout ${T_S:-30} python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py -k "gradients" 2>&1 \
+    | grep -v "^DEBUG" | tail -4 > $OUT/tests.txt
+  since "gpu0: CUDA tests"
+  timeout ${N_S:-45} python3 tools/profile_step.py $PROF --baseline --json $OUT/anchor.json 2>&1 | quiet > $OUT/anchor.txt
+  since "gpu0: after, synthetic + anchor"
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
-  timeout ${A_S:-60} python3 tools/profile_step.py $PROF $REAL ${AFTER_SETS} --json $OUT/after.json 2>&1 | quiet > $OUT/after.txt
+  timeout ${A_S:-95} python3 tools/profile_step.py $PROF $REAL --variant after= --variant varlen=train.doc_attention=varlen \
+    --variant flex64=train.doc_attention=flex64 --json $OUT/after.json 2>&1 | quiet | tee $OUT/after.txt | grep --line-buffered "^\["
   since "gpu1: after, real data"
-  timeout ${N_S:-45} python3 tools/profile_step.py $PROF --baseline --json $OUT/anchor.json 2>&1 | quiet > $OUT/anchor.txt
-  since "gpu1: after, synthetic + anchor"
 ) &
 wait
 python3 - "$OUT" <<'EOF'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
+rows = []
 for name in ("before", "after", "anchor"):
     p = out / f"{name}.json"
     if not p.exists():
-        print(f"{name}: no result"); continue
+        print(f"{name}: no result (cut by its limit?)"); continue
     r = json.loads(p.read_text())
+    rows += [(f"after:{v['variant']}", v) for v in r["variants"]] if "variants" in r else [(name, r)]
+for name, r in rows:
+    if "error" in r:
+        print(f"{name}: {r['error']}"); continue
     fill = r["tokens_per_s"] * r["step_time_s"] / (r["rows"] * r["seq_len"])
     fix = 1 / fill if name == "before" else 1.0  # b91a671 scaled real-token FLOPs by the fill once more
     b = r.get("baseline", {})
@@ -47,4 +58,5 @@ for name in ("before", "after", "anchor"):
           f"{r.get('gpu_step_ms')} b2b {r.get('loop_gpu_step_ms')}; host ms b2b {r.get('loop_host_ms'):.1f}"
           + (f"; anchor {100 * b['mfu']:.1f}% / b2b {100 * b['loop_mfu']:.1f}%" if b.get("mfu") else ""))
 EOF
+echo "=== tests"; cat $OUT/tests.txt
 echo "all done after $(( $(date +%s) - T0 )) s"
