@@ -121,11 +121,12 @@ def document_segments(doc_ids: torch.Tensor, max_segments: int = 0) -> Segments:
     S = max_segments or min(B * T, max(64, B * T // SEGMENT_TOKENS + B))  # + B: each row's padding tail
     starts = torch.ones_like(doc_ids, dtype=torch.bool)  # (B, T)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    index = torch.arange(B * T, device=doc_ids.device)
-    first = torch.where(starts.flatten(), index, B * T).sort().values  # (B*T,) starts, then B*T
+    starts = starts.flatten()  # (B*T,)
+    slot = torch.where(starts, starts.cumsum(0) - 1, S + 1).clamp(max=S + 1)  # the k-th start -> k; others -> S + 1
+    cu = torch.full((S + 2,), B * T, dtype=torch.long, device=doc_ids.device)
+    cu.scatter_(0, slot, torch.arange(B * T, device=doc_ids.device))  # slot S + 1 collects the rest, dropped
     torch._assert_async(starts.sum() <= S, "more document pieces in the batch than Segments' max_segments")
-    cu = torch.cat([first[:S], first.new_full((1,), B * T)]) if S < B * T else \
-        torch.cat([first, first.new_full((S + 1 - B * T,), B * T)])
+    cu = cu[:S + 1]  # (S + 1,)
     return Segments(cu.to(torch.int32), B, T)
 
 
