@@ -23,7 +23,7 @@ generation run the plain eager forward, so decoding never recompiles per length.
              launches a few graphs instead of hundreds of small kernels (the shallow flows at width
              256 are launch-bound); a block inside a unit keeps its own checkpointing
   train.compile_mode  torch.compile's mode: default | max-autotune-no-cudagraphs | reduce-overhead
-  train.doc_attention  flex | flex64 | varlen: which exact document-mask kernel packed batches use on
+  train.doc_attention  flex | varlen: which exact document-mask kernel packed batches use on
                  CUDA (megaflow/model/masks.py); a process-wide setting, made here with the others
 
 Not here: mixed precision (megaflow/optim.py MainWeights), the engines that call these.

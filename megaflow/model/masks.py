@@ -5,13 +5,13 @@ only (causal AND same doc_id; padding, doc_id -1, attends to padding so no row i
 Exact implementations of that one rule:
   - FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a `BlockMask` made by
     `create_block_mask`: blocks that are entirely masked (across documents, above the diagonal)
-    are skipped, so the cost follows the documents' lengths instead of T^2. Used on CUDA
-    (`doc_kernel` "flex": 128-token mask blocks; "flex64": 64-token blocks and kernel tiles, which
-    skip more of a row of ~112-token documents: 31% of the causal area is visited instead of 46%).
-  - flash attention's variable-length kernel (`doc_kernel` "varlen", CUDA, opt-in): the rows are
-    flattened and every document piece, and every row's padding tail, is one sequence of
-    `Segments.cu_seqlens`, padded to a fixed `max_segments` entries (static shapes for compiled
-    regions and the step graph) so only same-document pairs are computed.
+    are skipped, so the cost follows the documents' lengths instead of T^2. Used on CUDA.
+  - flash attention's variable-length kernel (`set_doc_kernel("varlen")`, train.doc_attention, CUDA,
+    opt-in): the rows are flattened and every document piece, and every row's padding tail, is one
+    sequence of `Segments.cu_seqlens`, padded to a fixed number of entries (static shapes for
+    compiled regions and the step graph) so only same-document pairs are computed. On h200_1b's
+    real rows (1,024 tokens, ~112-token pieces) it was slower than flex (166.1 vs 162.8 ms a step,
+    docs/benchmarks.md, round 6), hence not the default.
   - the dense boolean (B, 1, Tq, Tk) mask of `layers.attention_mask` with SDPA: exact everywhere,
     used on CPU (FlexAttention has no CPU backward in torch 2.13) and with a KV cache (generation).
 `document_mask` picks one for the device; `attend` runs whichever it is given (None = plain causal,
@@ -38,9 +38,7 @@ except ImportError:  # pragma: no cover - older torch: the dense path only
 
 FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels refuse smaller heads (seen on the H200)
 
-DOC_KERNELS = ("flex", "flex64", "varlen")
-# flex_attention tiles for 64-token mask blocks (the defaults are 128 wide and refuse them)
-FLEX64_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+DOC_KERNELS = ("flex", "varlen")
 SEGMENT_TOKENS = 64  # "varlen": room for one piece per 64 tokens of the batch on average (document_segments)
 
 
@@ -108,8 +106,7 @@ def document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
     def same_document_causal(b, h, q, k):
         return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
 
-    block = 64 if _DOC_KERNEL == "flex64" else 128
-    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device, BLOCK_SIZE=block)
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
 
 
 def document_segments(doc_ids: torch.Tensor, max_segments: int = 0) -> Segments:
@@ -154,8 +151,7 @@ def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, devic
 def _flex(q, k, v, block_mask):
     if q.device.type != "cuda":  # eager on CPU (forward only in torch 2.13): the tests' reference
         return flex_attention(q, k, v, block_mask=block_mask)
-    options = FLEX64_OPTIONS if block_mask.BLOCK_SIZE[0] == 64 else None
-    return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=options)  # inside a compiled region: inlined
+    return _compiled_flex(q, k, v, block_mask=block_mask)  # inside a compiled region: inlined
 
 
 def segments_mask(seg: Segments) -> torch.Tensor:

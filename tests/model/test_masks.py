@@ -244,12 +244,12 @@ def test_model_varlen_segments_path_equals_dense_path_forward(tarflow_only, doc_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex64 and flash varlen train on CUDA only")
-@pytest.mark.parametrize("kind", ["flex64", "varlen"])
-def test_faster_document_kernels_equal_dense_gradients_bf16(kind, doc_kernel):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen trains on CUDA only")
+def test_varlen_equals_dense_gradients_bf16(doc_kernel):
     """On the GPU, in bf16 as the step runs (flash varlen has no fp32): the loss and every parameter's
-    gradient of the document kernel equal the dense-mask path's within bf16 rounding (2e-2 of the
-    gradient's scale)."""
+    gradient through Segments and flash varlen equal the dense-mask path's within bf16 rounding (2e-2
+    of the gradient's scale)."""
+    kind = "varlen"
     cfg = wide_config()
     model = randomized_model(cfg, scale=0.2).cuda()
     batch = {k: v.cuda() for k, v in packed_batch(cfg).items()}
@@ -261,7 +261,7 @@ def test_faster_document_kernels_equal_dense_gradients_bf16(kind, doc_kernel):
         with use_kernel(kernel), torch.autocast("cuda", torch.bfloat16):
             loss, _ = model(batch, noise)
         loss.backward()
-        losses[kernel] = float(loss)
+        losses[kernel] = loss.item()
         grads[kernel] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert abs(losses["flex"] - losses["dense"]) <= 1e-2 * max(1.0, abs(losses["dense"]))
     worst = max(((grads["flex"][n] - g).abs().max().item() / max(1e-3, g.abs().max().item()), n)

@@ -9,7 +9,8 @@ forward + backward of one layer (CUDA events, median), then x the layer counts (
 attention GPU ms per step:
   causal      SDPA is_causal (cuDNN/flash): what the synthetic batches run (ignores documents)
   flex128     megaflow.model.masks today: a BlockMask (128-token blocks) + compiled flex_attention
-  flex64      the same rule with 64-token mask blocks (fewer partly masked blocks at ~112-token documents)
+  flex64      the same rule with 64-token mask blocks (fails to lower on torch 2.11 with the default
+              kernel tiles, which are 128 wide)
   varlen      torch.nn.attention.varlen.varlen_attn (flash varlen) over the flattened rows, one
               sequence per document piece and one per row's padding tail (cu_seqlens), max_q = T
   varlenS     the same with cu_seqlens padded to a fixed S = B x 32 + 1 entries (empty sequences at
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask
-    from megaflow.model.masks import _compiled_flex, document_block_mask
+    from megaflow.model.masks import _VARLEN_CAUSAL, _compiled_flex, document_block_mask
     dev = torch.device("cuda")
     T = 1024
     layouts = json.loads(LAYOUTS.read_text())["after"][: args.batches]
@@ -129,7 +130,7 @@ def main(argv=None) -> None:
 
                         def fn(cu=cu):
                             flat = [x.transpose(1, 2).reshape(16 * T, H, 128) for x in (q, k, v)]  # (B*T, H, hd)
-                            y = varlen_attn(*flat, cu, cu, T, T, is_causal=True)
+                            y = varlen_attn(*flat, cu, cu, T, T, **_VARLEN_CAUSAL)
                             return y.view(16, T, H, 128).transpose(1, 2)  # (B, H, T, hd)
                     per_batch.append(timed(lambda: fn().backward(go), args.iters))
                     if kname != "flex128":
