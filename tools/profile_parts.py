@@ -13,8 +13,9 @@ no stand-in loss (a square and mean over the outputs in fp32) is timed with it:
 Under train.compile_scope=unit the blocks are compiled only inside their unit, so measured alone
 they run eager: take parts from a compile_scope=block variant (tools/device/fast_step.sh does).
 The rest of the step (embeddings, clipping, the optimizer, launch gaps) is the step time minus
-their sum. FLOPs per part follow megaflow.monitor.step_flops's rule, so the parts' FLOPs add up
-to the step's (less the embeddings' adapter and flow_in matmuls, counted in the rest).
+their sum. FLOPs per part follow megaflow.monitor.step_flops's rule (real tokens; attention over each
+document piece), so the parts' FLOPs add up to the step's (less the embeddings' adapter and flow_in
+matmuls, counted in the rest), packed batches with padding included.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import statistics
 import time
 
 import torch
+
+from megaflow.monitor import piece_lengths
 
 
 def _timer(device):
@@ -49,7 +52,9 @@ def measure_parts(model, batch: dict, dtype, device, peak: float, step_time: flo
     cfg, units = model.cfg, list(model.units.values())
     v, f = cfg.vlm, cfg.flow
     B, T = batch["tokens"].shape
-    tokens = B * T
+    # real tokens and, for attention, the sum of L^2 over document pieces: monitor.step_flops's rule
+    lengths = piece_lengths(batch["doc_ids"]).double() if "doc_ids" in batch else torch.full((B,), float(T))
+    tokens, pairs = float(lengths.sum()), float(lengths.pow(2).sum())
     act = model.flow_in.weight.dtype
     n_img_tokens = int(batch["image_mask"].sum())
     gen = torch.Generator(device=device).manual_seed(0)
@@ -87,10 +92,10 @@ def measure_parts(model, batch: dict, dtype, device, peak: float, step_time: flo
 
     vlm_layers = [layer for u in units for layer in u.vlm_layers]
     if vlm_layers:
-        part("VLM stream", 6.0 * _n2d(vlm_layers) * tokens + 12.0 * T * v.n_layers * v.n_heads * v.hd * tokens,
+        part("VLM stream", 6.0 * _n2d(vlm_layers) * tokens + 12.0 * v.n_layers * v.n_heads * v.hd * pairs,
              stream(vlm_layers, rand(B, T, v.dim), ctx.vlm))
     flow_layers = [u.flow_layer for u in units]
-    part("deep flow", 6.0 * _n2d(flow_layers) * tokens + 12.0 * T * f.n_layers * f.dim * tokens,
+    part("deep flow", 6.0 * _n2d(flow_layers) * tokens + 12.0 * f.n_layers * f.dim * pairs,
          stream(flow_layers, rand(B, T, f.dim), ctx.flow))
     if f.n_shallow and n_img_tokens:
         M = int(batch["image_valid"].sum())

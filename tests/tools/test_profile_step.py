@@ -116,3 +116,21 @@ def test_back_to_back_flops_of_padded_batches_count_each_real_token_once():
     assert (batch["doc_ids"] < 0).any()  # padding in row 1
     _, flops, host = loop_time(lambda wait: (0.0, batch, None), lambda: None, 3, model)
     assert flops == step_flops(model, batch) and len(host) == 3
+
+
+def test_parts_count_real_tokens_and_document_attention_of_packed_batches():
+    """--parts on a packed batch with padding and two documents in a row: the parts' FLOPs (+ the
+    embeddings' matmuls over the real tokens) are monitor.step_flops of the batch, as for synthetic rows."""
+    from megaflow.model.starflow import build_model
+    from megaflow.monitor import step_flops
+    from tests.helpers import make_batch, tiny_config
+    from tools.profile_parts import measure_parts
+    cfg = tiny_config()
+    model = build_model(cfg)
+    batch = make_batch(cfg, batch_size=2, seq_len=48)
+    real = int((batch["doc_ids"] >= 0).sum())
+    assert real < batch["tokens"].numel() and int(batch["doc_ids"][0].max()) == 1
+    parts = measure_parts(model, batch, None, torch.device("cpu"), 1e12, 1.0, repeats=1)["parts"]
+    embed = 6.0 * sum(p.numel() for n, p in model.named_parameters()
+                      if p.dim() == 2 and n.startswith(("adapter.", "flow_in."))) * real
+    assert math.isclose(sum(p["flops"] for p in parts.values()) + embed, step_flops(model, batch), rel_tol=1e-9)
