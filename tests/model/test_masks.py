@@ -12,7 +12,8 @@ import torch
 
 import torch.nn.functional as F
 
-from megaflow.model.masks import BlockMask, attend, document_mask, explicit_attention, set_doc_kernel, use_kernel
+from megaflow.model.masks import (BlockMask, Segments, attend, document_mask, explicit_attention, set_doc_kernel,
+                                  use_kernel)
 from tests.helpers import make_batch, make_noise, tiny_config
 from tests.model.util import randomized_model
 
@@ -90,19 +91,32 @@ def test_attend_flex_equals_dense_with_documents_padding_and_groups():
     torch.testing.assert_close(attend(q, k, v, flex_mask), attend(q, k, v, dense_mask), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def doc_kernel():
+    """Set masks' document kernel inside a test and restore it after."""
+    saved = []
+    yield lambda kind: saved.append(set_doc_kernel(kind))
+    if saved:
+        set_doc_kernel(saved[0])
+
+
+@pytest.mark.parametrize("kind", ["flex", "varlen"])
 @pytest.mark.parametrize("tarflow_only", [False, True])
-def test_model_flex_path_equals_dense_path_forward(tarflow_only):
-    """Both streams, every unit: the same BlockMask object serves every layer of the batch."""
+def test_model_flex_path_equals_dense_path_forward(tarflow_only, kind, doc_kernel):
+    """Both streams, every unit: the same BlockMask (or, `varlen`, Segments: on the CPU attend
+    evaluates its rule densely) object serves every layer of the batch."""
     cfg = wide_config(tarflow_only=tarflow_only)
     model = randomized_model(cfg, scale=0.2).eval()
     batch = packed_batch(cfg)
     noise = make_noise(cfg, batch)
+    doc_kernel(kind)
     with torch.no_grad():
         with use_kernel("dense"):
             dense, dense_ctx = _trace(model, batch, noise)
         with use_kernel("flex"):
             flex, flex_ctx = _trace(model, batch, noise)
-    assert isinstance(flex_ctx.flow.mask, BlockMask) and not isinstance(dense_ctx.flow.mask, BlockMask)
+    assert isinstance(flex_ctx.flow.mask, BlockMask if kind == "flex" else Segments)
+    assert not isinstance(dense_ctx.flow.mask, (BlockMask, Segments))
     if not tarflow_only:
         assert flex_ctx.vlm.mask is flex_ctx.flow.mask  # built once per batch, shared by both streams
     for a, b in zip(flex, dense):
@@ -199,15 +213,6 @@ def test_cpu_bf16_attention_is_explicit_and_equals_sdpa(masked):
                                rtol=0.03, atol=0.03)
 
 
-@pytest.fixture
-def doc_kernel():
-    """Set masks' document kernel inside a test and restore it after."""
-    saved = []
-    yield lambda kind: saved.append(set_doc_kernel(kind))
-    if saved:
-        set_doc_kernel(saved[0])
-
-
 def test_segments_follow_the_pieces_and_give_the_document_rule(doc_kernel):
     """'varlen' (flash varlen over the flattened rows): a sequence starts at each row start and each
     doc-id change (pieces and the padding tail), padded with B*T to a fixed size; its rule as a
@@ -221,27 +226,9 @@ def test_segments_follow_the_pieces_and_give_the_document_rule(doc_kernel):
     assert torch.equal(segments_mask(seg), attention_mask(doc_ids, 8, 8, "cpu"))
     doc_kernel("varlen")
     with use_kernel("flex"):  # forced: the CUDA rule on the CPU
-        assert isinstance(document_mask(doc_ids, 8, 8, "cpu"), type(seg))
+        assert isinstance(document_mask(doc_ids, 8, 8, "cpu"), Segments)
     with pytest.raises(ValueError, match="train.doc_attention='flash'"):
         set_doc_kernel("flash")
-
-
-@pytest.mark.parametrize("tarflow_only", [False, True])
-def test_model_varlen_segments_path_equals_dense_path_forward(tarflow_only, doc_kernel):
-    """The Segments object through both streams (on the CPU attend evaluates its rule densely)."""
-    cfg = wide_config(tarflow_only=tarflow_only)
-    model = randomized_model(cfg, scale=0.2).eval()
-    batch = packed_batch(cfg)
-    noise = make_noise(cfg, batch)
-    with torch.no_grad():
-        with use_kernel("dense"):
-            dense, _ = _trace(model, batch, noise)
-        doc_kernel("varlen")
-        with use_kernel("flex"):
-            seg, ctx = _trace(model, batch, noise)
-    assert type(ctx.flow.mask).__name__ == "Segments"
-    for a, b in zip(seg, dense):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen trains on CUDA only")

@@ -33,6 +33,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.bench_attention import timed as _timed  # noqa: E402
+from tools.device.tarflow_block import graphed_ms  # noqa: E402
+
+
+def timed(fn, iters: int) -> float:
+    return _timed(fn, iters, 3)
 
 LAYOUTS = Path(__file__).with_name("layouts_h200_1b.json")
 
@@ -60,21 +66,6 @@ def cu_seqlens_of(doc_ids: torch.Tensor) -> torch.Tensor:
 def padded(cu: torch.Tensor, n: int) -> torch.Tensor:
     """cu_seqlens padded to n entries by repeating its last value (empty sequences)."""
     return torch.cat([cu, cu[-1:].expand(n - len(cu))])
-
-
-def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -170,16 +161,7 @@ def shallow_flows(iters: int) -> None:
             def step():
                 y, ld, sq = flows(x)
                 (y.float().square().sum() + ld.sum() + sq.sum()).backward()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            out[M] = {"graphed_ms": round(timed(graph.replay, iters), 3), "eager_ms": round(timed(step, iters), 3)}
+            out[M] = {"graphed_ms": round(graphed_ms(step), 3), "eager_ms": round(timed(step, iters), 3)}
         except Exception as e:  # noqa: BLE001
             out[M] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         print(json.dumps({"shallow_flows_fwd_bwd": {M: out[M]}}), flush=True)
