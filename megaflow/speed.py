@@ -23,8 +23,6 @@ generation run the plain eager forward, so decoding never recompiles per length.
              launches a few graphs instead of hundreds of small kernels (the shallow flows at width
              256 are launch-bound); a block inside a unit keeps its own checkpointing
   train.compile_mode  torch.compile's mode: default | max-autotune-no-cudagraphs | reduce-overhead
-  train.doc_attention  flex | varlen: which exact document-mask kernel packed batches use on
-                 CUDA (megaflow/model/masks.py); a process-wide setting, made here with the others
 
 Not here: mixed precision (megaflow/optim.py MainWeights), the engines that call these.
 """
@@ -39,7 +37,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from megaflow.model.flow import ShallowFlowBlock
 from megaflow.model.layers import TransformerBlock
-from megaflow.model.masks import set_doc_kernel
 from megaflow.model.starflow import PretzelUnit, STARFlow2, TextLoss
 
 AC_MODES = ("none", "selective", "full")
@@ -217,7 +214,6 @@ def apply_speedups(model: nn.Module, tcfg, device: torch.device) -> dict:
     """Activation checkpointing, then compilation, as the run's config says (`train`); the compile
     settings are checked on every device (a typo fails on the CPU too, not first on the GPU)."""
     check_compile_settings(tcfg.compile_scope, tcfg.compile_mode)
-    set_doc_kernel(tcfg.doc_attention)  # the process's document-mask kernel (masks.py; read when each batch's mask is made)
     n_ac = apply_ac(model, tcfg.activation_checkpointing)
     n_compiled = apply_compile(model, BACKEND, tcfg.compile_scope, tcfg.compile_mode) \
         if compile_enabled(tcfg.compile, device) else 0

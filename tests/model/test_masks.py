@@ -12,8 +12,7 @@ import torch
 
 import torch.nn.functional as F
 
-from megaflow.model.masks import (BlockMask, Segments, attend, document_mask, explicit_attention, set_doc_kernel,
-                                  use_kernel)
+from megaflow.model.masks import BlockMask, attend, document_mask, explicit_attention, use_kernel
 from tests.helpers import make_batch, make_noise, tiny_config
 from tests.model.util import randomized_model
 
@@ -91,32 +90,19 @@ def test_attend_flex_equals_dense_with_documents_padding_and_groups():
     torch.testing.assert_close(attend(q, k, v, flex_mask), attend(q, k, v, dense_mask), rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def doc_kernel():
-    """Set masks' document kernel inside a test and restore it after."""
-    saved = []
-    yield lambda kind: saved.append(set_doc_kernel(kind))
-    if saved:
-        set_doc_kernel(saved[0])
-
-
-@pytest.mark.parametrize("kind", ["flex", "varlen"])
 @pytest.mark.parametrize("tarflow_only", [False, True])
-def test_model_flex_path_equals_dense_path_forward(tarflow_only, kind, doc_kernel):
-    """Both streams, every unit: the same BlockMask (or, `varlen`, Segments: on the CPU attend
-    evaluates its rule densely) object serves every layer of the batch."""
+def test_model_flex_path_equals_dense_path_forward(tarflow_only):
+    """Both streams, every unit: the same BlockMask object serves every layer of the batch."""
     cfg = wide_config(tarflow_only=tarflow_only)
     model = randomized_model(cfg, scale=0.2).eval()
     batch = packed_batch(cfg)
     noise = make_noise(cfg, batch)
-    doc_kernel(kind)
     with torch.no_grad():
         with use_kernel("dense"):
             dense, dense_ctx = _trace(model, batch, noise)
         with use_kernel("flex"):
             flex, flex_ctx = _trace(model, batch, noise)
-    assert isinstance(flex_ctx.flow.mask, BlockMask if kind == "flex" else Segments)
-    assert not isinstance(dense_ctx.flow.mask, (BlockMask, Segments))
+    assert isinstance(flex_ctx.flow.mask, BlockMask) and not isinstance(dense_ctx.flow.mask, BlockMask)
     if not tarflow_only:
         assert flex_ctx.vlm.mask is flex_ctx.flow.mask  # built once per batch, shared by both streams
     for a, b in zip(flex, dense):
@@ -211,46 +197,3 @@ def test_cpu_bf16_attention_is_explicit_and_equals_sdpa(masked):
     assert torch.equal(attend(qb, kb, vb, mask), explicit_attention(qb, kb, vb, mask))
     torch.testing.assert_close(attend(qb, kb, vb, mask).float(), sdpa(qb.float(), kb.float(), vb.float()),
                                rtol=0.03, atol=0.03)
-
-
-def test_segments_follow_the_pieces_and_give_the_document_rule(doc_kernel):
-    """'varlen' (flash varlen over the flattened rows): a sequence starts at each row start and each
-    doc-id change (pieces and the padding tail), padded with B*T to a fixed size; its rule as a
-    dense mask is the document mask's (causal, same document, padding with padding)."""
-    from megaflow.model.layers import attention_mask
-    from megaflow.model.masks import document_segments, segments_mask
-    doc_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1], [0, 0, 0, 0, 0, 1, 1, 1]])
-    seg = document_segments(doc_ids, max_segments=7)
-    assert seg.cu_seqlens.tolist() == [0, 3, 5, 8, 13, 16, 16, 16] and seg.cu_seqlens.dtype == torch.int32
-    assert (seg.rows, seg.max_len) == (2, 8)
-    assert torch.equal(segments_mask(seg), attention_mask(doc_ids, 8, 8, "cpu"))
-    doc_kernel("varlen")
-    with use_kernel("flex"):  # forced: the CUDA rule on the CPU
-        assert isinstance(document_mask(doc_ids, 8, 8, "cpu"), Segments)
-    with pytest.raises(ValueError, match="train.doc_attention='flash'"):
-        set_doc_kernel("flash")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen trains on CUDA only")
-def test_varlen_equals_dense_gradients_bf16(doc_kernel):
-    """On the GPU, in bf16 as the step runs (flash varlen has no fp32): the loss and every parameter's
-    gradient through Segments and flash varlen equal the dense-mask path's within bf16 rounding (2e-2
-    of the gradient's scale)."""
-    kind = "varlen"
-    cfg = wide_config()
-    model = randomized_model(cfg, scale=0.2).cuda()
-    batch = {k: v.cuda() for k, v in packed_batch(cfg).items()}
-    noise = make_noise(cfg, batch).cuda()
-    grads, losses = {}, {}
-    doc_kernel(kind)
-    for kernel in ("dense", "flex"):
-        model.zero_grad()
-        with use_kernel(kernel), torch.autocast("cuda", torch.bfloat16):
-            loss, _ = model(batch, noise)
-        loss.backward()
-        losses[kernel] = loss.item()
-        grads[kernel] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert abs(losses["flex"] - losses["dense"]) <= 1e-2 * max(1.0, abs(losses["dense"]))
-    worst = max(((grads["flex"][n] - g).abs().max().item() / max(1e-3, g.abs().max().item()), n)
-                for n, g in grads["dense"].items())
-    assert worst[0] <= 2e-2, f"{kind} and dense gradients differ by {worst[0]:.2e} (relative to scale) in {worst[1]}"

@@ -24,6 +24,7 @@ flex128 in bf16. Needs no data pipeline.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -74,15 +75,17 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask
-    from megaflow.model.masks import _VARLEN_CAUSAL, _compiled_flex, document_block_mask
+    from megaflow.model.masks import _compiled_flex, document_block_mask
     dev = torch.device("cuda")
     T = 1024
     layouts = json.loads(LAYOUTS.read_text())["after"][: args.batches]
     docs = [doc_ids_of(rows, T).to(dev) for rows in layouts]
-    try:
+    try:  # causal is window (-1, 0) in newer releases, is_causal in the first ones
         from torch.nn.attention.varlen import varlen_attn
+        _VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters \
+            else {"is_causal": True}
     except ImportError as e:
-        varlen_attn = None
+        varlen_attn, _VARLEN_CAUSAL = None, {}
         print(f"varlen: not in torch {torch.__version__} ({e})")
 
     def mask_of(d, block):
