@@ -15,8 +15,8 @@ Contract:
   eager and compiled; compiled, its forward graph makes x's transposed FP8 copy by the opaque
   `megaflow::fp8_transpose` (one per FP8 linear: no transposed store for inductor to fuse into the
   norm + cast kernel) and saves it, and its backward graph never remakes it;
-- the pipeline engine built by `build_stages` with fp8_backend='torch' swaps the layers and trains
-  to the bf16 losses within FP8 tolerance (no TE context is entered);
+- the pipeline engine built by `build_stages` with fp8_backend='torch' (and fp8_split_transpose)
+  swaps the layers and trains to the bf16 losses within FP8 tolerance (no TE context is entered);
 - under tensor parallelism (2 gloo ranks, with and without sequence parallelism, built by
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
   GEMMs in FP8 (each rank scaling its own shard): loss and gathered gradients within FP8 rounding of
@@ -169,11 +169,12 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="megaflow")
     for fp8 in ("off", "current"):
         run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
-            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2))
+            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True))
         model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
                                            full_state=ref.state_dict(), seq_len=48)
         n_fp8 = sum(isinstance(m, Float8Linear) for st in stages for m in st.module.modules())
         assert n_fp8 == (0 if fp8 == "off" else 24), n_fp8  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+        assert all(m.split_t for st in stages for m in st.module.modules() if isinstance(m, Float8Linear))
         said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm)" in r.getMessage()]
         assert said == ([] if fp8 == "off" else ["FP8 (torch._scaled_mm): 24 block linears of both dimensions >= 32"]), said
         caplog.clear()
