@@ -3,6 +3,7 @@
 # most important first. docs/benchmarks.md "FP8 on torch._scaled_mm, round 3" holds the figures.
 #  pp2     both GPUs: PP2 with torch FP8 (h200_1b, its width-2048 VLM linears), eager, real packed
 #          Fashion-MNIST (.fm1b, step13's shards), 4 micro-batches, 50 steps, the loss at every step PP2_S=75
+#          (ran all 50 steps only with pp3's first-step fix of the pipeline on NCCL, commit 983289f)
 #  speed   GPU 0 and GPU 1 side by side, each its own process with its own BF16 row first:
 #          ~3B config, synthetic 16 x 1024 tokens, compiled (tools/bench_fp8.py): FP8 on the VLM blocks
 #          (fp8_min_dim 4096) with x's transposed copy split from the norm (fp8_split_transpose), without
