@@ -16,6 +16,10 @@ mostly inductor's casts that also write the transposed FP8 copies the backward's
 (docs/benchmarks.md "FP8 on torch._scaled_mm, round 2").
 The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward (compiled,
 the partitioner may instead recompute x's cast from the norm before it: cheaper than storing it).
+With `split_t` (parallel.fp8_split_transpose) it makes and saves x's transposed copy itself, by the
+opaque `fp8_transpose`, so that copy is neither fused into the norm + cast kernel (slow one-byte
+transposed stores) nor recomputed: the ~3B step 398 -> 390 ms, 1.37x BF16 synchronised with the flow
+in bf16 (round 3 of that section).
 
 FP8 runs only when a gradient is being recorded (training); evaluation and generation run the bf16
 forward of the same weights. Rows of a call not divisible by 16 (what FP8 GEMMs need) fall back to
@@ -48,14 +52,45 @@ def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple:
     return q.contiguous(), scale.reciprocal()
 
 
+@torch.library.custom_op("megaflow::fp8_transpose", mutates_args=())
+def fp8_transpose(q: torch.Tensor) -> torch.Tensor:
+    """q^T, contiguous (q: (M, K) FP8 -> (K, M)): the token-major copy of an FP8 activation that the
+    backward's dW = dy^T x needs (Hopper's FP8 GEMMs read both operands K-major). An opaque op, so
+    that inside a compiled block (a) inductor cannot fuse this one-byte transposed store into the
+    kernel that produces q (the RMSNorm + cast kernel, whose row-wise tiling made that store run at
+    ~1/10 of the bandwidth: docs/benchmarks.md "FP8 on torch._scaled_mm, round 2"), and (b) the
+    partitioner saves its output (1 byte an element) instead of recomputing norm, cast and transpose
+    in the backward. On a GPU it runs its own small compiled transpose kernel; on the CPU ATen's."""
+    if q.device.type != "cuda":
+        return q.t().contiguous()
+    return _compiled_transpose()(q)
+
+
+@fp8_transpose.register_fake
+def _(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape[1], q.shape[0])  # (K, M)
+
+
+@functools.cache
+def _compiled_transpose() -> Callable:
+    # one compiled kernel per shape (a handful: the block widths); eager ATen's one-byte transpose
+    # is ~4x slower than inductor's tiled one (fp8_cast_probe.py)
+    return torch.compile(lambda q: q.t().contiguous(), dynamic=False)
+
+
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x W^T with FP8 operands in all three GEMMs (x: (M, K), W: (N, K) -> y: (M, N))."""
+    """y = x W^T with FP8 operands in all three GEMMs (x: (M, K), W: (N, K) -> y: (M, N)).
+    `split_t`: x's transposed FP8 copy made in the forward by `fp8_transpose` and saved (else: by
+    the backward, or wherever the compiler puts it, fused with x's cast)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, fast_accum: bool,
+                split_t: bool) -> torch.Tensor:
         xq, x_inv = to_fp8(x, E4M3)  # (M, K)
         wq, w_inv = to_fp8(w, E4M3)  # (N, K)
-        ctx.save_for_backward(xq, wq, x_inv, w_inv)
+        # the backward's dW GEMM reads x column-major: its (M, K) view of a row-major (K, M) copy
+        x_col = fp8_transpose(xq).t() if split_t else xq
+        ctx.save_for_backward(x_col, wq, x_inv, w_inv)
         ctx.dtypes = (x.dtype, w.dtype)
         # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is
         # one (a view, no copy).
@@ -67,18 +102,18 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xq, wq, x_inv, w_inv = ctx.saved_tensors
+        x_col, wq, x_inv, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         dyq, dy_inv = to_fp8(dy, E5M2)  # (M, N)
         dx = torch._scaled_mm(dyq, wq.t().contiguous().t(), scale_a=dy_inv, scale_b=w_inv,
                               out_dtype=x_dtype)  # (M, N) @ (N, K) -> (M, K)
-        dw = torch._scaled_mm(dyq.t().contiguous(), xq.t().contiguous().t(), scale_a=dy_inv, scale_b=x_inv,
-                              out_dtype=w_dtype)  # (N, M) @ (M, K) -> (N, K)
-        return dx, dw, None, None
+        dw = torch._scaled_mm(dyq.t().contiguous(), x_col.t().contiguous().t(), scale_a=dy_inv, scale_b=x_inv,
+                              out_dtype=w_dtype)  # (N, M) @ (M, K) -> (N, K); no copy when x_col is column-major
+        return dx, dw, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               fast_accum: bool = False) -> torch.Tensor:
+               fast_accum: bool = False, split_t: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) with its three GEMMs in FP8 while a gradient is recorded (x: (..., K),
     weight: (N, K) -> (..., N)); otherwise, or for a row count not divisible by 16, F.linear itself.
     Also the GEMM of the tensor-parallel layers under FP8 (parallel/backend.apply_fp8_layers): each
@@ -88,18 +123,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         return F.linear(x, weight, bias)
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), weight, out_dtype, fast_accum)  # (M, N)
+    y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), weight, out_dtype, fast_accum, split_t)  # (M, N)
     y = y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
     return y if bias is None else y + bias.to(y.dtype)
 
 
 class Float8Linear(nn.Linear):
     """nn.Linear whose training forward runs in FP8 (module docstring); made by `to_float8`.
-    `fast_accum`: the forward GEMM's accumulation (fp8_linear)."""
+    `fast_accum`: the forward GEMM's accumulation; `split_t`: where x's transposed copy is made (fp8_linear)."""
     fast_accum = False
+    split_t = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.fast_accum)
+        return fp8_linear(x, self.weight, self.bias, self.fast_accum, self.split_t)
 
 
 def fp8_capable(lin: nn.Module, min_dim: int) -> bool:
@@ -127,7 +163,7 @@ def _gemm_hook(mod: nn.Module) -> bool:
 
 
 def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[str, nn.Module], bool]] = None,
-              fast_accum: bool = False) -> list:
+              fast_accum: bool = False, split_t: bool = False) -> list:
     """Every plain nn.Linear of `model` that passes the size rule (and `where(name, module)`, by
     default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear;
     every tensor-parallel layer with a GEMM hook that passes them runs `fp8_linear` as its GEMM.
@@ -142,9 +178,10 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
         if not (plain or _gemm_hook(mod)) or not fp8_capable(mod, min_dim) or not where(name, mod):
             continue
         if plain:
-            to_float8(mod).fast_accum = fast_accum
+            lin = to_float8(mod)
+            lin.fast_accum, lin.split_t = fast_accum, split_t
         else:
-            mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum)
+            mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum, split_t=split_t)
         names.append(name)
     return names
 

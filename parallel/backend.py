@@ -178,7 +178,8 @@ def apply_fp8_layers(model: nn.Module, pcfg, device=None) -> nn.Module:
     if pcfg.torch_fp8:
         from megaflow.fp8 import apply_fp8, check_fp8_device
         check_fp8_device(device if device is not None else next(model.parameters()).device)
-        names = apply_fp8(model, pcfg.fp8_min_dim, fast_accum=pcfg.fp8_fast_accum)
+        names = apply_fp8(model, pcfg.fp8_min_dim, fast_accum=pcfg.fp8_fast_accum,
+                          split_t=pcfg.fp8_split_transpose)
         log.info("FP8 (torch._scaled_mm): %d block linears of both dimensions >= %d%s", len(names),
                  pcfg.fp8_min_dim, "" if names else "; none is that large: set parallel.fp8_min_dim lower or fp8=off")
     return model

@@ -35,6 +35,7 @@ class ParallelConfig:
     fp8_backend: str = "te"  # who runs FP8: 'te' (Transformer Engine layers, backend 'te') or 'torch' (torch._scaled_mm linears compiled with the blocks, backend 'local', scaling 'current'; megaflow/fp8.py)
     fp8_min_dim: int = 2048  # fp8_backend 'torch': a block linear runs in FP8 only when both its dimensions are >= this (the width-256 shallow flows are launch-bound: nothing to gain; docs/benchmarks.md)
     fp8_fast_accum: bool = False  # fp8_backend 'torch': the forward GEMM accumulates fast (no periodic fp32 promotion), as Transformer Engine and torchao do (no gain measured on the H200: docs/benchmarks.md); the gradient GEMMs always promote
+    fp8_split_transpose: bool = False  # fp8_backend 'torch': the backward's transposed FP8 copy of each FP8 linear's input is made in the forward by its own kernel (megaflow/fp8.fp8_transpose) and saved (1 byte an element), not fused by inductor into the norm + cast kernel that makes the input (~3B config: 398 -> 390 ms a step for 4.9 GiB, docs/benchmarks.md)
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     micro_batches: int = 1  # micro-batches per step (gradient accumulation / pipeline fill)

@@ -11,8 +11,12 @@ Contract:
   original's;
 - compiled (torch.compile, aot_eager on the CPU) the FP8 block gives the eager FP8 block's output
   and gradients;
-- the pipeline engine built by `build_stages` with fp8_backend='torch' swaps the layers and trains
-  to the bf16 losses within FP8 tolerance (no TE context is entered);
+- with `split_t` (parallel.fp8_split_transpose) the block gives bit-identical outputs and gradients,
+  eager and compiled; compiled, its forward graph makes x's transposed FP8 copy by the opaque
+  `megaflow::fp8_transpose` (one per FP8 linear: no transposed store for inductor to fuse into the
+  norm + cast kernel) and saves it, and its backward graph never remakes it;
+- the pipeline engine built by `build_stages` with fp8_backend='torch' (and fp8_split_transpose)
+  swaps the layers and trains to the bf16 losses within FP8 tolerance (no TE context is entered);
 - under tensor parallelism (2 gloo ranks, with and without sequence parallelism, built by
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
   GEMMs in FP8 (each rank scaling its own shard): loss and gathered gradients within FP8 rounding of
@@ -102,6 +106,55 @@ def test_compiled_fp8_block_equals_eager():
         assert rel(a, b) < 1e-2, rel(a, b)
 
 
+def test_split_transpose_same_numbers_saved_from_the_forward():
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._functorch.aot_autograd import aot_module_simplified
+    graphs = {}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs.setdefault(kind, []).append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def backend(gm, example_inputs):  # the partitioner inductor uses, the graphs kept for inspection
+        return aot_module_simplified(gm, example_inputs, fw_compiler=capture("fw"), bw_compiler=capture("bw"),
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 4, 2, 16, 128)
+    cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
+    ctx, x = AttnContext(cos=cos, sin=sin), torch.randn(2, 32, 64)
+    outs = []
+    for split_t, compiled in ((False, False), (True, False), (True, True)):
+        blk = copy.deepcopy(block)
+        n_fp8 = len(apply_fp8(blk, min_dim=64, where=lambda name, mod: True, split_t=split_t))
+        fn = torch.compile(blk, backend=backend) if compiled else blk
+        xi = x.clone().requires_grad_()
+        y = fn(xi, ctx)
+        y.square().mean().backward()
+        outs.append([y.detach(), xi.grad, *(p.grad for p in blk.parameters())])
+    for ref, got in zip(outs[0], outs[1]):  # eager: the same FP8 values, only their layout differs
+        assert torch.equal(ref, got)
+    for ref, got in zip(outs[0], outs[2]):  # compiled: the same math (aot_eager-level graphs)
+        assert rel(got, ref) < 1e-5, rel(got, ref)
+    (fw,), (bw,) = graphs["fw"], graphs["bw"]
+
+    def calls(gm, op):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+    t_nodes = calls(fw, torch.ops.megaflow.fp8_transpose.default)
+    assert n_fp8 == 4 and len(t_nodes) == n_fp8
+
+    def base(n):  # through transposes to the tensor they view
+        return base(n.args[0]) if n.op == "call_function" and n.target == torch.ops.aten.t.default else n
+    saved = {base(n) for n in next(n for n in fw.graph.nodes if n.op == "output").args[0] if n is not None}
+    assert set(t_nodes) <= saved  # each copy goes to the backward as it is
+    assert not calls(bw, torch.ops.megaflow.fp8_transpose.default)
+    # the forward writes no transposed FP8 copy of its own (the only clones left are the backward's:
+    # W^T and dy^T)
+    assert not [n for n in calls(fw, torch.ops.aten.clone.default) if n.meta["val"].dtype == torch.float8_e4m3fn]
+
+
 def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     import megaflow.fp8
     from parallel.runtime import build_engine, build_stages
@@ -116,11 +169,12 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="megaflow")
     for fp8 in ("off", "current"):
         run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
-            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2))
+            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True))
         model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
                                            full_state=ref.state_dict(), seq_len=48)
         n_fp8 = sum(isinstance(m, Float8Linear) for st in stages for m in st.module.modules())
         assert n_fp8 == (0 if fp8 == "off" else 24), n_fp8  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+        assert all(m.split_t for st in stages for m in st.module.modules() if isinstance(m, Float8Linear))
         said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm)" in r.getMessage()]
         assert said == ([] if fp8 == "off" else ["FP8 (torch._scaled_mm): 24 block linears of both dimensions >= 32"]), said
         caplog.clear()
