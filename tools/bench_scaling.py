@@ -22,8 +22,10 @@ Rows (--modes, comma-separated; `name@a.b=v;c.d=w` adds config overrides, e.g. t
              pp2i (interleaved, 2 chunks a rank), dp2tp2, dp2pp2i, tp2pp2, dp4, dp2tp2pp2, ...; D, if
              given, must be what the world leaves (world / (T x P))
 Efficiency = tokens/s per GPU / the baseline's = baseline step / (T x P x step): weak scaling over
-DP, strong over TP and PP. With PP, bubble = 1 - efficiency against the theory (P-1) / (v m + P-1)
-(m micro-batches, v chunks a rank). --resume SRC:DST (two layout rows): SRC trains 2 steps, saves a
+DP, strong over TP and PP. PP rows are measured against `one` (--pp-baseline: the plain one-GPU step
+on the same rows, graphed under train.step_graph=auto; `one_mb` if the run has no `one` row), and
+1 - efficiency is set beside the theory (P-1) / (v m + P-1) (m micro-batches, v chunks a rank); the
+per-rank profile gives each rank's own bubble (p2p wait). --resume SRC:DST (two layout rows): SRC trains 2 steps, saves a
 sharded checkpoint (parallel/checkpoint.py), takes a third step; DST loads it and takes that step:
 the two losses must agree (to bf16 rounding).
 
@@ -81,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="one,dp2,tp2,tp2sp,one_mb,pp2", help="rows, comma-separated (see above)")
     p.add_argument("--rows", type=int, default=0, help="rows per step (per rank under DP; 0: data.batch_size)")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches of one_mb and pp2")
+    p.add_argument("--pp-baseline", default="one", choices=("one", "one_mb"), help="what PP rows are measured "
+                   "against: one (the plain one-GPU step on the same rows; one_mb when the run has no one row) or one_mb")
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--profile", type=int, default=2, help="profiled steps per row (0: no breakdown)")
@@ -220,31 +224,36 @@ def probe_collectives(cfg, rows: int, device, repeats: int = 10) -> None:
                   f"{x.numel() * 2 / ms / 1e6:.0f} GB/s of the full tensor", flush=True)
 
 
-def efficiencies(rows: list) -> None:
-    """Add 'efficiency' (and 'bubble' with PP) against the baselines measured in the same run."""
+def efficiencies(rows: list, pp_baseline: str = "one") -> None:
+    """Add 'efficiency' (and 'bubble' with PP) against the baselines measured in the same run. PP rows
+    against `pp_baseline`: 'one' (the plain one-GPU step on the same rows, at its best: a graphed step
+    under train.step_graph=auto; one_mb if the run has no one row) or 'one_mb' (the same micro-batches
+    accumulated on one GPU, whose host work per micro-batch can dwarf its GPU work: issue 17)."""
     for r in rows:
-        ref = "one_mb" if r["pp"] > 1 else "one"
+        ref = (pp_baseline if any(b["name"] == pp_baseline for b in rows) else "one_mb") if r["pp"] > 1 else "one"
         # the baseline row of the same micro-batch count (PP), the plain one before one with overrides
         same = [b for b in rows if b["name"] == ref and (ref == "one" or b["m"] == r["m"])]
         base = ([b for b in same if b.get("mode", ref) == ref] or same or [None])[0]
         if r["gpus"] == 1 or base is None:
             continue
         r["efficiency"] = base["step_s"] / (r["tp"] * r["pp"] * r["step_s"])  # tokens/s per GPU / the baseline's
+        r["baseline"] = base.get("mode", ref)
         if r["pp"] > 1:
             p, m, v = r["pp"], r["m"], r["v"]
             r["bubble"], r["bubble_theory"] = 1 - r["efficiency"], (p - 1) / (v * m + p - 1)
 
 
 def report(rows: list) -> str:
-    out = ["| row | step ms | tokens/s per GPU | efficiency | bubble (theory) | peak GiB (max over ranks) |",
-           "|---|---|---|---|---|---|"]
+    out = ["| row | step ms | tokens/s per GPU | efficiency (against) | 1 - efficiency (PP: bubble theory) | "
+           "peak GiB allocated / reserved (max over ranks) |", "|---|---|---|---|---|---|"]
     for r in rows:
         dp = r["gpus"] // (r["tp"] * r["pp"])
         per_gpu = r["tokens"] * dp / r["step_s"] / r["gpus"]
-        eff = f"{r['efficiency']:.1%}" if "efficiency" in r else "-"
+        eff = f"{r['efficiency']:.1%} ({r['baseline']})" if "efficiency" in r else "-"
         bub = f"{r['bubble']:.3f} ({r['bubble_theory']:.3f})" if "bubble" in r else "-"
         peak = max(x["peak_GiB"] for x in r["ranks"])
-        out.append(f"| {r['mode']} | {r['step_s'] * 1e3:.1f} | {per_gpu:.0f} | {eff} | {bub} | {peak:.1f} |")
+        reserved = max(x.get("reserved_GiB", 0.0) for x in r["ranks"])
+        out.append(f"| {r['mode']} | {r['step_s'] * 1e3:.1f} | {per_gpu:.0f} | {eff} | {bub} | {peak:.1f} / {reserved:.1f} |")
     for r in rows:
         if r["ranks"][0]["profile"]:
             out += ["", f"{r['mode']}, per rank (ms per profiled step, share of the step):",
@@ -322,7 +331,7 @@ def main(argv=None):
                           f"copies per step (device-to-device copies not counted)\n{x['profile']['top']}\nwhere they come from (per step):\n"
                           f"{x['profile']['sync_sources']}\nsynchronising Python call sites of one step "
                           f"(torch.cuda.set_sync_debug_mode):\n{x['profile'].get('sync_points', '')}", flush=True)
-    efficiencies(rows)
+    efficiencies(rows, args.pp_baseline)
     resumed = resume_check(args, args.resume, device, batch, noise) if args.resume else None
     if dist.get_rank() == 0:
         print(f"\n{args.rows} rows x {cfg.data.seq_len} tokens, {device.type}, world {dist.get_world_size()}\n")

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 17's PP2 row on a lent nvidia-h200-x2: configs/h200_1b.yaml (0.9B), RB synthetic rows x 1024 tokens
+# (default 32: 4-row micro-batches at m=8, real GPU work each), full training steps (tools/bench_scaling.py),
+# PP2 against the plain one-GPU step on the same 32 rows (`one`, graphed: train.step_graph=auto), measured in
+# the same run; a per-rank profile of the PP rows (compute / p2p wait = bubble / idle) and dynamo's recompiles.
+#   bash tools/device/h200x2_pp.sh probe          # rows pp2 (1F1B), one, pp2i (interleaved, v=2) of this tree
+#   bash tools/device/h200x2_pp.sh compare BASE   # BASE's pp2 (before: git archive b91a671, run with this tree's
+#                                                 # bench script) and this tree's one, pp2, pp2i (after)
+# Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s), RB (rows), TOP (N costliest host
+# and device operators of each profiled row), CACHE_OUT=1 (send the inductor cache back as $OUT/inductor.tgz.*,
+# 15 MiB parts; carried as .inductor/ it is unpacked first, so rows compile from it in seconds).
+# Logs: $OUT/<name>.log (whole), a short summary on stdout as rows finish.
+. tools/device/setup.sh
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+if ls .inductor/inductor.tgz.* >/dev/null 2>&1; then
+  cat .inductor/inductor.tgz.* | tar xzf - -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) unpacked"
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+T0=$(date +%s)
+bench() {  # tree, name, rows, time limit (s)
+  (cd "$1" && TORCH_LOGS=recompiles PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 tools/bench_scaling.py \
+     --config configs/h200_1b.yaml --rows "${RB:-32}" --micro-batches 8 --steps "${STEPS:-4}" --warmup "${WARMUP:-3}" \
+     --profile 1 --profile-rows "${PROFILE_ROWS-pp2,pp2i}" --top "${TOP:-0}" --json "$OUT/$2.json" --modes "$3" \
+     > "$OUT/$2.log" 2>&1 &
+   tail -f --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b")
+  echo "== $2 ($3) done at $(( $(date +%s) - T0 )) s; recompiles: $(grep -c 'Recompiling' "$OUT/$2.log")"
+  grep -a "Recompiling" "$OUT/$2.log" | cut -c1-240 | sort | uniq -c | head -5
+}
+case "$1" in
+probe)
+  bench . probe "${ROWS:-pp2,one,pp2i}" "${S:-120}"
+  ;;
+compare)  # BASE: the tree before, run with this tree's bench script and profiler
+  cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
+  PROFILE_ROWS=${PROFILE_ROWS_BEFORE-pp2} bench "$2" before "${BEFORE:-pp2}" "${BEFORE_S:-40}"
+  bench . after "${AFTER:-one,pp2,pp2i}" "${AFTER_S:-80}"
+  ;;
+*) echo "h200x2_pp.sh: say probe or compare BASE"; exit 2 ;;
+esac
+if [ -n "${CACHE_OUT:-}" ]; then  # at most 3 parts: 8 files come back, and what is carried must stay under 64 MiB
+  tar czf /tmp/inductor.tgz -C /tmp inductor
+  if [ "$(stat -c %s /tmp/inductor.tgz)" -le $((45 * 2**20)) ]; then split -b 15m /tmp/inductor.tgz "$OUT/inductor.tgz."; fi
+  echo "inductor cache: $(( $(stat -c %s /tmp/inductor.tgz) / 2**20 )) MiB compressed; $(ls "$OUT"/inductor.tgz.* 2>/dev/null | wc -l) parts sent back"
+fi
