@@ -17,13 +17,15 @@ Not here: the optimizer.
 from __future__ import annotations
 
 import contextlib
-
+import dataclasses
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megaflow.model.layers import AttnContext
+from megaflow.model.masks import mask_rows
 from megaflow.model.starflow import metric_tensors
 from parallel.pipeline_comm import PipelineComm, state_dtypes, state_shapes
 from parallel.schedules import check_schedule, rank_actions
@@ -43,6 +45,23 @@ def split_batch(batch: dict, micro_batches: int) -> list:
         for p, c in zip(parts, chunks):
             p[k] = c
     return parts
+
+
+def context_rows(ctx, batch: dict, start: int, stop: int):
+    """Rows start:stop of a StepContext built for the whole `batch` (masks, RoPE tables, gates): the
+    micro-batch's context, the same numbers as `context` of the micro-batch itself, without building
+    its masks and tables again (issue 17: host work per micro-batch). Tensors whose first dimension
+    is the batch's rows are sliced (views); broadcast ones (first dimension 1) kept."""
+    B = batch["tokens"].shape[0]
+
+    def rows(x):
+        if isinstance(x, AttnContext):
+            return dataclasses.replace(x, cos=rows(x.cos), sin=rows(x.sin),
+                                       mask=mask_rows(x.mask, batch.get("doc_ids"), start, stop))
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == B and B > 1:
+            return x[start:stop]
+        return x
+    return dataclasses.replace(ctx, **{f.name: rows(getattr(ctx, f.name)) for f in dataclasses.fields(ctx)})
 
 
 def global_counts(model, batch: dict, dp_group=None) -> dict:
@@ -87,10 +106,11 @@ class PipelineSchedule:
         counts = global_counts(module0, batch, self.topo.dp_group)
         mbs = split_batch(batch, m)
         noises = noise.chunk(m) if noise is not None else [None] * m
-        keeps = cond_keep.chunk(m) if cond_keep is not None else [None] * m
         self._shapes = state_shapes(module0, *mbs[0]["tokens"].shape)
         self._dtype, self._device = state_dtypes(module0), batch["tokens"].device
         self._ctxs, self._saved, self.timeline = {}, {}, []
+        # masks and RoPE tables once per step, each micro-batch's context a slice of them
+        whole, b = module0.context(batch, cond_keep), mbs[0]["tokens"].shape[0]
         totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=self._device)
         self._posted = {}  # action index -> Received (or None: the action receives nothing)
         for k, a in enumerate(self.actions):
@@ -102,7 +122,7 @@ class PipelineSchedule:
             if a.kind == "F":
                 i = a.micro_batch
                 if i not in self._ctxs:
-                    self._ctxs[i] = module0.context(mbs[i], keeps[i])
+                    self._ctxs[i] = context_rows(whole, batch, i * b, (i + 1) * b)
                 ctx = self._ctxs.pop(i) if a.chunk == len(self.stages) - 1 else self._ctxs[i]
                 self._forward(a, self._posted.pop(k), mbs[i], ctx, noises[i], counts, totals, forward_only)
             elif not forward_only:

@@ -168,3 +168,46 @@ def test_init_stages_materialises_only_owned_parameters():
     assert float(own["gauss_head.weight"].detach().abs().sum()) == 0.0  # zero-init kept
     assert model.units["0"].flow_layer.mlp.gate_up.weight.is_meta  # not ours: never allocated
     assert model.embed_tokens.weight.is_meta
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", ["dense", "flex"])
+def test_micro_batch_context_is_rows_of_the_batch_context(kernel):
+    """The pipeline builds masks and RoPE tables once per step and slices each micro-batch's context
+    from them (issue 17: host work per micro-batch): the same tensors as the micro-batch's own
+    context, the FlexAttention BlockMask's block tables too, and the same attention output (its rule
+    rebound to the rows' own documents: a sliced BlockMask keeping the batch's rule would index the
+    wrong rows)."""
+    from megaflow.model.masks import BlockMask, attend, use_kernel
+    from parallel.pipeline_step import context_rows
+    from tests.model.test_masks import packed_batch, wide_config
+    if kernel == "flex" and BlockMask is None:
+        pytest.skip("FlexAttention needs torch >= 2.5")
+    cfg = wide_config()
+    model = build_model(cfg)
+    two = packed_batch(cfg, rows=2, seq_len=128)
+    batch = {key: torch.cat([t, t.flip(0)]) for key, t in two.items()}  # rows 2, 3 = rows 1, 0
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 128, 16, generator=g) for _ in range(3))
+    with use_kernel(kernel):
+        whole = model.context(batch)
+        for start in (0, 2):
+            own = model.context({key: t[start:start + 2] for key, t in batch.items()})
+            part = context_rows(whole, batch, start, start + 2)
+            for a, b in ((part.image_mask, own.image_mask), (part.cond_gate, own.cond_gate),
+                         (part.vlm_skip, own.vlm_skip), (part.flow.cos, own.flow.cos), (part.vlm.sin, own.vlm.sin)):
+                assert torch.equal(a, b)
+            if kernel == "flex":
+                assert isinstance(part.flow.mask, BlockMask)
+                for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                             "q_num_blocks", "q_indices"):
+                    assert torch.equal(getattr(part.flow.mask, name), getattr(own.flow.mask, name)), name
+            else:
+                assert torch.equal(part.flow.mask, own.flow.mask)
+            want = attend(q, k, v, own.flow.mask)
+            torch.testing.assert_close(attend(q, k, v, part.vlm.mask), want, rtol=0, atol=0)
+            if kernel == "flex":  # the batch's own rule on the sliced tables would mask rows 2, 3 as rows 0, 1
+                wrong = BlockMask.from_kv_blocks(*(getattr(part.flow.mask, n) for n in (
+                    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")),
+                    BLOCK_SIZE=part.flow.mask.BLOCK_SIZE, mask_mod=whole.flow.mask.mask_mod)
+                assert start == 0 or not torch.allclose(attend(q, k, v, wrong), want)

@@ -4,8 +4,8 @@
 # PP2 against the plain one-GPU step on the same 32 rows (`one`, graphed: train.step_graph=auto), measured in
 # the same run; a per-rank profile of the PP rows (compute / p2p wait = bubble / idle) and dynamo's recompiles.
 #   bash tools/device/h200x2_pp.sh probe          # rows pp2 (1F1B), one, pp2i (interleaved, v=2) of this tree
-#   bash tools/device/h200x2_pp.sh compare BASE   # BASE's pp2 (before: git archive b91a671, run with this tree's
-#                                                 # bench script) and this tree's one, pp2, pp2i (after)
+#   bash tools/device/h200x2_pp.sh compare BASE   # this tree's pp2, one, pp2i (after), then BASE's pp2 (before:
+#                                                 # git archive b91a671 into BASE, run with this tree's bench script)
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s), RB (rows), TOP (N costliest host
 # and device operators of each profiled row), CACHE_OUT=1 (send the inductor cache back as $OUT/inductor.tgz.*,
 # 15 MiB parts; carried as .inductor/ it is unpacked first, so rows compile from it in seconds).
@@ -30,10 +30,11 @@ case "$1" in
 probe)
   bench . probe "${ROWS:-pp2,one,pp2i}" "${S:-120}"
   ;;
-compare)  # BASE: the tree before, run with this tree's bench script and profiler
+compare)  # BASE: the tree before, run with this tree's bench script and profiler; after first (the rows that
+  # matter most), then before, which finds the after rows' compiled graphs in the inductor cache
+  bench . after "${AFTER:-pp2,one,pp2i}" "${AFTER_S:-100}"
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
   PROFILE_ROWS=${PROFILE_ROWS_BEFORE-pp2} bench "$2" before "${BEFORE:-pp2}" "${BEFORE_S:-40}"
-  bench . after "${AFTER:-one,pp2,pp2i}" "${AFTER_S:-80}"
   ;;
 *) echo "h200x2_pp.sh: say probe or compare BASE"; exit 2 ;;
 esac
