@@ -81,7 +81,7 @@ class PipelineSchedule:
 
     def __init__(self, stages: list, topo, schedule: str = "1f1b", micro_batches: int = 1,
                  comm: Optional[PipelineComm] = None, tied=None, grad_sync=None, overlap: bool = True,
-                 forward_context=None, settle_grads=None):
+                 forward_context=None, settle_grads=None, main_grads=None):
         check_schedule(schedule, topo.pp, len(stages), micro_batches)
         self.stages, self.topo, self.m, self.tied = stages, topo, micro_batches, tied
         self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
@@ -91,6 +91,10 @@ class PipelineSchedule:
         self.forward_context = forward_context or (lambda i: contextlib.nullcontext())
         self.overlap = overlap  # post each action's receive one action ahead (parallel.overlap)
         self.settle_grads = settle_grads  # called after the last backward, before any gradient is reduced
+        # megaflow.optim.MainWeights (flat_grads=False) or None: each backward's gradients go into the fp32
+        # main gradients in one flush after it (`defer`), except a backward whose gradients the data-parallel
+        # buckets reduce as they become ready (armed: the hooks write each one first)
+        self.main_grads = main_grads
         self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}  # chunk -> index
         self.cfg = stages[0].module.cfg
         self.record = False  # True: keep (action, start, end) of the last step's computations (not
@@ -126,9 +130,10 @@ class PipelineSchedule:
                 ctx = self._ctxs.pop(i) if a.chunk == len(self.stages) - 1 else self._ctxs[i]
                 self._forward(a, self._posted.pop(k), mbs[i], ctx, noises[i], counts, totals, forward_only)
             elif not forward_only:
-                if self.grad_sync is not None and self.last_backward[a.chunk] == k:
+                armed = self.grad_sync is not None and self.last_backward[a.chunk] == k
+                if armed:
                     self.grad_sync.arm(a.chunk)  # this chunk's gradients are final after this backward
-                self._backward(a, self._posted.pop(k))
+                self._backward(a, self._posted.pop(k), per_parameter=armed)
         self.comm.wait_sends()
         if self.settle_grads is not None and not forward_only:
             self.settle_grads()
@@ -170,7 +175,7 @@ class PipelineSchedule:
             self._saved[(a.chunk, a.micro_batch)] = (inp, out)
         self._record(a, start)
 
-    def _backward(self, a, received) -> None:
+    def _backward(self, a, received, per_parameter: bool = False) -> None:
         st, pp = self.stages[a.chunk], self.topo.pp
         inp, out = self._saved.pop((a.chunk, a.micro_batch))
         if st.is_last:
@@ -179,8 +184,12 @@ class PipelineSchedule:
             g = received.wait()
             outs, grads = [o for o in out if o.requires_grad], [gi for o, gi in zip(out, g) if o.requires_grad]
         start = self._clock()
+        if self.main_grads is not None:
+            self.main_grads.defer = not per_parameter
         if outs and outs[0].requires_grad:
             torch.autograd.backward(outs, grads)
+        if self.main_grads is not None and self.main_grads.defer:
+            self.main_grads.flush_grads()
         if not st.is_first:  # zeros where an input got no gradient: the peer waits for all four
             self.comm.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in inp),
                            "grad", (st.index - 1) % pp)

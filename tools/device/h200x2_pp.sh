@@ -22,7 +22,7 @@ bench() {  # tree, name, rows, time limit (s)
      --config configs/h200_1b.yaml --rows "${RB:-32}" --micro-batches 8 --steps "${STEPS:-4}" --warmup "${WARMUP:-3}" \
      --profile 1 --profile-rows "${PROFILE_ROWS-pp2,pp2i}" --top "${TOP:-0}" --json "$OUT/$2.json" --modes "$3" \
      > "$OUT/$2.log" 2>&1 &
-   tail -f --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b")
+   tail -F --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b")
   echo "== $2 ($3) done at $(( $(date +%s) - T0 )) s; recompiles: $(grep -c 'Recompiling' "$OUT/$2.log")"
   grep -a "Recompiling" "$OUT/$2.log" | cut -c1-240 | sort | uniq -c | head -5
 }
