@@ -43,6 +43,7 @@ import json
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--comm-probe", action="store_true", help="first time all-reduce / all-gather / "
                    "reduce-scatter of one TP activation (rows x seq_len x vlm.dim, bf16): bytes per second")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
+    p.add_argument("--stacks-after", type=float, default=0, help="every rank writes its Python stacks to stderr "
+                   "after this many seconds (faulthandler; 0: never): where a row stuck at a time limit was")
     p.add_argument("--resume", default="", help="SRC:DST layout rows: resume SRC's sharded checkpoint at DST")
     p.add_argument("--resume-dir", default="/tmp/bench_scaling_ckpt", help="where --resume saves")
     return p.parse_args(argv)
@@ -174,7 +177,9 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    t_row = clock(device)
     engine, topo = build(name, cfg, device, dtype)
+    progress(f"{mode}: built in {clock(device) - t_row:.1f} s")
     times, loss0 = [], None
     step = lambda: engine.train_step(batch, noise, None, 1e-5)  # noqa: E731
     for i in range(args.warmup + args.steps):
@@ -183,6 +188,9 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         loss0 = float(out["loss"]) if loss0 is None else loss0
         if i >= args.warmup:
             times.append(clock(device) - t0)
+        if i == 0:  # compilation happens here: a row cut by a time limit says how far it got
+            progress(f"{mode}: first step (compiles) {clock(device) - t0:.1f} s")
+    progress(f"{mode}: {args.warmup + args.steps} steps done at {clock(device) - t_row:.1f} s")
     prof = None
     if args.profile and (not args.profile_rows or {name, mode} & set(args.profile_rows.split(","))):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
@@ -202,6 +210,12 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
                 tokens=args.rows * cfg.data.seq_len, m=p.micro_batches, tp=p.tp, pp=p.pp,
                 v=p.virtual_stages if p.schedule == "interleaved" else 1,
                 gpus=1 if name in ("one", "one_mb") else dist.get_world_size())
+
+
+def progress(line: str) -> None:
+    """A timestamped line from rank 0 (time limits cut rows on lent machines: say how far a row got)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
 def probe_collectives(cfg, rows: int, device, repeats: int = 10) -> None:
@@ -294,6 +308,9 @@ def resume_check(args, spec: str, device, batch: dict, noise) -> dict:
 def main(argv=None):
     from parallel.runtime import init_distributed, launch_env
     args = parse_args(argv)
+    if args.stacks_after > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     launch = launch_env()
     if launch is None:
         raise SystemExit("bench_scaling runs under a launcher: torchrun --nproc_per_node N tools/bench_scaling.py ...")

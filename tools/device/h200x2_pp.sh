@@ -21,10 +21,12 @@ bench() {  # tree, name, rows, time limit (s)
   (cd "$1" && TORCH_LOGS=recompiles PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 tools/bench_scaling.py \
      --config configs/h200_1b.yaml --rows "${RB:-32}" --micro-batches 8 --steps "${STEPS:-4}" --warmup "${WARMUP:-3}" \
      --profile 1 --profile-rows "${PROFILE_ROWS-pp2,pp2i}" --top "${TOP:-0}" --json "$OUT/$2.json" --modes "$3" \
+     --stacks-after "$(( $4 - 8 ))" \
      > "$OUT/$2.log" 2>&1 &
-   tail -F --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b")
+   tail -F --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b\|^\[..:..:..\] ")
   echo "== $2 ($3) done at $(( $(date +%s) - T0 )) s; recompiles: $(grep -c 'Recompiling' "$OUT/$2.log")"
   grep -a "Recompiling" "$OUT/$2.log" | cut -c1-240 | sort | uniq -c | head -5
+  grep -a -A14 "most recent call first" "$OUT/$2.log" | grep -a "File" | cut -c1-160 | head -24  # --stacks-after
 }
 case "$1" in
 probe)
