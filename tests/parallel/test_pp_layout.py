@@ -211,3 +211,38 @@ def test_micro_batch_context_is_rows_of_the_batch_context(kernel):
                     "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")),
                     BLOCK_SIZE=part.flow.mask.BLOCK_SIZE, mask_mod=whole.flow.mask.mask_mod)
                 assert start == 0 or not torch.allclose(attend(q, k, v, wrong), want)
+
+
+def test_compiled_stage_regions_are_reused_across_micro_batches(monkeypatch):
+    """The pipeline engine with train.compile=on: every compiled region (Pretzel unit, shallow coupling,
+    heads + losses) is traced once, at the first micro-batch, and reused by the other micro-batches
+    (their contexts are slices of the step's: views at other offsets) and by the next step: no
+    recompile, no guard failure (a counting backend sees every graph dynamo hands over)."""
+    import dataclasses as dc
+    from data_pipeline.config import DataConfig
+    from megaflow import speed
+    from megaflow.config import load_config
+    from parallel.runtime import build_engine, build_stages
+
+    class Counting:
+        graphs = 0
+
+        def __call__(self, gm, example_inputs):
+            Counting.graphs += 1
+            return gm.forward
+    torch._dynamo.reset()
+    monkeypatch.setattr(speed, "BACKEND", Counting())
+    cfg = load_config(None, ["train.compile=on", "parallel.micro_batches=4"])
+    cfg = dc.replace(cfg, model=dc.replace(tiny_config(), stage="all"),
+                     data=DataConfig(image_size=8, channels=1, patch_size=2, seq_len=48, batch_size=8, max_images=2))
+    topo = Topology()
+    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, torch.device("cpu"), 0, None, 48)
+    engine = build_engine(cfg, model, stages, tied, topo, None)
+    batch = make_batch(cfg.model, 8, 48, 2, seed=0)
+    noise = make_noise(cfg.model, batch)
+    engine.train_step(batch, noise, None, 1e-4)
+    first = Counting.graphs
+    engine.train_step(batch, noise, None, 1e-4)
+    # one graph per region kind (the unit, the shallow coupling, the heads + losses), all four micro-batches
+    assert Counting.graphs == first == 3, (first, Counting.graphs)
+    torch._dynamo.reset()
