@@ -97,6 +97,10 @@ class PipelineSchedule:
         self.main_grads = main_grads
         self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}  # chunk -> index
         self.cfg = stages[0].module.cfg
+        # (micro-batch shape, forward_only) of the steps run so far: a step of a new one posts no receive
+        # ahead, since its kernels launch for the first time, and inductor's autotuning of a new kernel
+        # synchronises the device, which would then wait on the early receive (pipeline_comm._warm_up)
+        self._seen = set()
         self.record = False  # True: keep (action, start, end) of the last step's computations (not
         # receive waits) in `timeline`; syncs the GPU around each
         self.timeline = []
@@ -117,10 +121,13 @@ class PipelineSchedule:
         whole, b = module0.context(batch, cond_keep), mbs[0]["tokens"].shape[0]
         totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=self._device)
         self._posted = {}  # action index -> Received (or None: the action receives nothing)
+        seen = (tuple(mbs[0]["tokens"].shape), forward_only)
+        ahead = self.overlap and seen in self._seen
+        self._seen.add(seen)
         for k, a in enumerate(self.actions):
             # overlap: the next action's receive is in flight while this one computes (in action order,
             # so every link's receives stay in send order)
-            for j in (k, k + 1) if self.overlap else (k,):
+            for j in (k, k + 1) if ahead else (k,):
                 if j < len(self.actions) and j not in self._posted:
                     self._posted[j] = self._post_recv(self.actions[j], forward_only)
             if a.kind == "F":

@@ -246,3 +246,33 @@ def test_compiled_stage_regions_are_reused_across_micro_batches(monkeypatch):
     # one graph per region kind (the unit, the shallow coupling, the heads + losses), all four micro-batches
     assert Counting.graphs == first == 3, (first, Counting.graphs)
     torch._dynamo.reset()
+
+
+def test_receives_are_posted_ahead_only_after_a_step_of_the_same_shape():
+    """With parallel.overlap each action's receive is posted one action ahead, except in a step whose
+    micro-batch shape is new (its kernels launch for the first time: autotuning synchronises the
+    device, which must not wait on a receive posted early; parallel/pipeline_comm.py)."""
+    cfg = tiny_config()
+    with torch.device("meta"):
+        model = STARFlow2(cfg)
+    apply_stage(model, cfg.stage)
+    stages = split_stages(model, 1, 0, micro_batches=2, verbose=False)
+    load_stages(stages, build_model(cfg).state_dict())
+    sched = PipelineSchedule(stages, Topology(), micro_batches=2)
+    events = []
+    post, forward, backward = sched._post_recv, sched._forward, sched._backward
+    sched._post_recv = lambda a, *r: events.append(("post", a)) or post(a, *r)
+    sched._forward = lambda a, *r: events.append(("run", a)) or forward(a, *r)
+    sched._backward = lambda a, *r, **k: events.append(("run", a)) or backward(a, *r, **k)
+
+    def order(batch):
+        events.clear()
+        sched.step(batch, make_noise(cfg, batch))
+        return [(kind, sched.actions.index(a)) for kind, a in events]
+    four, two = make_batch(cfg, 4, 48), make_batch(cfg, 2, 48)
+    in_turn = [(kind, i) for i in range(4) for kind in ("post", "run")]
+    ahead = [("post", 0)] + [e for i in range(4) for e in ((("post", i + 1),) if i < 3 else ()) + (("run", i),)]
+    assert order(four) == in_turn  # first step: kernels launch for the first time
+    assert order(four) == ahead
+    assert order(two) == in_turn  # a new micro-batch shape
+    assert order(two) == ahead
