@@ -223,15 +223,10 @@ def test_compiled_stage_regions_are_reused_across_micro_batches(monkeypatch):
     from megaflow import speed
     from megaflow.config import load_config
     from parallel.runtime import build_engine, build_stages
-
-    class Counting:
-        graphs = 0
-
-        def __call__(self, gm, example_inputs):
-            Counting.graphs += 1
-            return gm.forward
+    from tests.model.test_compiled_steps import Counting
     torch._dynamo.reset()
-    monkeypatch.setattr(speed, "BACKEND", Counting())
+    backend = Counting()
+    monkeypatch.setattr(speed, "BACKEND", backend)
     cfg = load_config(None, ["train.compile=on", "parallel.micro_batches=4"])
     cfg = dc.replace(cfg, model=dc.replace(tiny_config(), stage="all"),
                      data=DataConfig(image_size=8, channels=1, patch_size=2, seq_len=48, batch_size=8, max_images=2))
@@ -241,10 +236,10 @@ def test_compiled_stage_regions_are_reused_across_micro_batches(monkeypatch):
     batch = make_batch(cfg.model, 8, 48, 2, seed=0)
     noise = make_noise(cfg.model, batch)
     engine.train_step(batch, noise, None, 1e-4)
-    first = Counting.graphs
+    first = backend.graphs
     engine.train_step(batch, noise, None, 1e-4)
     # one graph per region kind (the unit, the shallow coupling, the heads + losses), all four micro-batches
-    assert Counting.graphs == first == 3, (first, Counting.graphs)
+    assert backend.graphs == first == 3, (first, backend.graphs)
     torch._dynamo.reset()
 
 
