@@ -11,10 +11,7 @@
 # 15 MiB parts; carried as .inductor/ it is unpacked first, so rows compile from it in seconds).
 # Logs: $OUT/<name>.log (whole), a short summary on stdout as rows finish.
 . tools/device/setup.sh
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-if ls .inductor/inductor.tgz.* >/dev/null 2>&1; then
-  cat .inductor/inductor.tgz.* | tar xzf - -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) unpacked"
-fi
+. tools/device/inductor_cache.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$(date +%s)
 bench() {  # tree, name, rows, time limit (s)
@@ -41,7 +38,5 @@ compare)  # BASE: the tree before, run with this tree's bench script and profile
 *) echo "h200x2_pp.sh: say probe or compare BASE"; exit 2 ;;
 esac
 if [ -n "${CACHE_OUT:-}" ]; then  # at most 3 parts: 8 files come back, and what is carried must stay under 64 MiB
-  tar czf /tmp/inductor.tgz -C /tmp inductor
-  if [ "$(stat -c %s /tmp/inductor.tgz)" -le $((45 * 2**20)) ]; then split -b 15m /tmp/inductor.tgz "$OUT/inductor.tgz."; fi
-  echo "inductor cache: $(( $(stat -c %s /tmp/inductor.tgz) / 2**20 )) MiB compressed; $(ls "$OUT"/inductor.tgz.* 2>/dev/null | wc -l) parts sent back"
+  send_inductor_cache 45
 fi
