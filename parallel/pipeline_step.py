@@ -142,6 +142,8 @@ class PipelineSchedule:
                     self.grad_sync.arm(a.chunk)  # this chunk's gradients are final after this backward
                 self._backward(a, self._posted.pop(k), per_parameter=armed)
         self.comm.wait_sends()
+        if self.main_grads is not None:
+            self.main_grads.defer = False  # outside the schedule, the hooks move each gradient again
         if self.settle_grads is not None and not forward_only:
             self.settle_grads()
         if self.grad_sync is not None and not forward_only:
