@@ -49,8 +49,8 @@ class PipelineComm:
         with receives posted ahead, a rank blocked in the handshake of a receive posted early cannot
         send what its peer waits for, and a peer that synchronises the device meanwhile (inductor
         autotunes each new kernel at its first launch) waits on its own early receive: a deadlock in
-        the first step, the likely cause of compiled PP2 rows on 2 H200s that never finished a step
-        (docs/benchmarks.md, issue 17; not yet confirmed on the GPU)."""
+        the first step. PP2 runs on 2 H200s that stalled in their first step ran once this and the
+        schedule's first-step rule (pipeline_step.py) were in (docs/benchmarks.md, issue 17)."""
         dev = _device()
         for key in sorted(self.groups):
             group, (_, src, dst) = self.groups[key], key
