@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Source on a lent GPU machine after tools/device/setup.sh: points inductor at /tmp/inductor and unpacks a carried
-# cache (.inductor/inductor.tgz.*, the parts a call sent back) into it, so compiled graphs load in seconds
+# cache ($INDUCTOR_IN/inductor.tgz.*, INDUCTOR_IN=.inductor by default: the parts a call sent back) into it, so compiled graphs load in seconds
 # instead of compiling (~30 s a row cold). `send_inductor_cache MAX_MIB` packs it into $OUT/inductor.tgz.*
 # (15 MiB parts) when it compresses to at most MAX_MIB (8 files come back; what is carried stays under 64 MiB).
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-if ls .inductor/inductor.tgz.* >/dev/null 2>&1; then
-  cat .inductor/inductor.tgz.* | tar xzf - -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) unpacked"
+if ls "${INDUCTOR_IN:-.inductor}"/inductor.tgz.* >/dev/null 2>&1; then
+  cat "${INDUCTOR_IN:-.inductor}"/inductor.tgz.* | tar xzf - -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) unpacked"
 fi
 send_inductor_cache() {
   tar czf /tmp/inductor.tgz -C /tmp inductor
