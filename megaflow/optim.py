@@ -136,7 +136,10 @@ class MainWeights:
       flat_grads=False  (micro-batches: the pipeline engine) a post-accumulate-grad hook writes
                         each bf16 gradient into its fp32 main gradient as soon as it is ready (the
                         step's first one copied, later ones added) and frees it, so micro-batches
-                        accumulate in fp32; `settle_grads()` zeros what no backward reached.
+                        accumulate in fp32; `settle_grads()` zeros what no backward reached. With
+                        `defer` set the hooks leave the gradients be and `flush_grads()`, after the
+                        backward, does the same copies and adds in two foreach calls (the same
+                        numbers, without a Python hook and a kernel launch per parameter).
     With param_dtype fp32 it is a plain AdamW over the parameters themselves (nothing copied).
 
     `params` are what gradient code works on: the main tensors (`.grad` is the fp32 gradient);
@@ -161,6 +164,7 @@ class MainWeights:
         self.flat_step = bool(self.mixed and flat_grads and (flat_step if flat_step is not None
                                                              else cuda and kwargs.get("fused", False)))
         self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
+        self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
 
     @torch.no_grad()
@@ -192,12 +196,29 @@ class MainWeights:
 
     @torch.no_grad()
     def _to_main(self, p: torch.Tensor) -> None:
+        if self.defer:
+            return
         if id(p) in self._unwritten:  # the step's first gradient: written over last step's (no zero pass)
             self._unwritten.discard(id(p))
             self.main[id(p)].grad.copy_(p.grad)
         else:
             self.main[id(p)].grad.add_(p.grad)
         p.grad = None
+
+    @torch.no_grad()
+    def flush_grads(self) -> None:
+        """flat_grads=False with `defer`: after a backward, its bf16 gradients into the fp32 main ones
+        (a parameter's first of the step copied, later ones added, as `_to_main` does) and freed."""
+        ready = [p for p in self.model_params if p.grad is not None]
+        first = [p for p in ready if id(p) in self._unwritten]
+        later = [p for p in ready if id(p) not in self._unwritten]
+        if first:
+            torch._foreach_copy_([self.main[id(p)].grad for p in first], [p.grad for p in first])
+            self._unwritten.difference_update(id(p) for p in first)
+        if later:
+            torch._foreach_add_([self.main[id(p)].grad for p in later], [p.grad for p in later])
+        for p in ready:
+            p.grad = None
 
     def zero_grad(self) -> None:
         if not self.mixed:

@@ -116,6 +116,7 @@ class ParallelEngine:
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
                                          grad_sync=self.buckets if pcfg.overlap else None, overlap=pcfg.overlap,
                                          settle_grads=self.weights.settle_grads if self.weights.mixed else None,
+                                         main_grads=self.weights if self.weights.mixed else None,
                                          forward_context=fp8_forward(pcfg.te_fp8, list(modules), topo.amax_group,
                                                                      pcfg.micro_batches))
         # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and

@@ -43,11 +43,22 @@ class PipelineComm:
         self._warm_up()
 
     def _warm_up(self):
-        """NCCL creates communicators lazily, blocking both peers; do it now, in one order on all
-        ranks, rather than in the middle of a schedule where the peer may be waiting elsewhere."""
+        """NCCL creates communicators lazily, and connects a link's point-to-point channel at its first
+        send/recv, each a handshake that blocks both peers' hosts; do both now, in one order on all
+        ranks (one message each way a link carries), rather than in the middle of a schedule. There,
+        with receives posted ahead, a rank blocked in the handshake of a receive posted early cannot
+        send what its peer waits for, and a peer that synchronises the device meanwhile (inductor
+        autotunes each new kernel at its first launch) waits on its own early receive: a deadlock in
+        the first step. PP2 runs on 2 H200s that stalled in their first step ran once this and the
+        schedule's first-step rule (pipeline_step.py) were in (docs/benchmarks.md, issue 17)."""
         dev = _device()
         for key in sorted(self.groups):
-            dist.all_reduce(torch.zeros(1, device=dev), group=self.groups[key])
+            group, (_, src, dst) = self.groups[key], key
+            dist.all_reduce(torch.zeros(1, device=dev), group=group)
+            me = self.topo.pp_rank
+            op = (dist.isend, dst) if me == src else (dist.irecv, src)
+            for work in dist.batch_isend_irecv([dist.P2POp(op[0], torch.zeros(1, device=dev), self._peer(op[1]), group)]):
+                work.wait()
 
     def _peer(self, pp_rank: int) -> int:
         return self.topo.pp_ranks[pp_rank]

@@ -17,13 +17,15 @@ Not here: the optimizer.
 from __future__ import annotations
 
 import contextlib
-
+import dataclasses
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megaflow.model.layers import AttnContext
+from megaflow.model.masks import mask_rows
 from megaflow.model.starflow import metric_tensors
 from parallel.pipeline_comm import PipelineComm, state_dtypes, state_shapes
 from parallel.schedules import check_schedule, rank_actions
@@ -45,6 +47,23 @@ def split_batch(batch: dict, micro_batches: int) -> list:
     return parts
 
 
+def context_rows(ctx, batch: dict, start: int, stop: int):
+    """Rows start:stop of a StepContext built for the whole `batch` (masks, RoPE tables, gates): the
+    micro-batch's context, the same numbers as `context` of the micro-batch itself, without building
+    its masks and tables again (issue 17: host work per micro-batch). Tensors whose first dimension
+    is the batch's rows are sliced (views); broadcast ones (first dimension 1) kept."""
+    B = batch["tokens"].shape[0]
+
+    def rows(x):
+        if isinstance(x, AttnContext):
+            return dataclasses.replace(x, cos=rows(x.cos), sin=rows(x.sin),
+                                       mask=mask_rows(x.mask, batch.get("doc_ids"), start, stop))
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == B and B > 1:
+            return x[start:stop]
+        return x
+    return dataclasses.replace(ctx, **{f.name: rows(getattr(ctx, f.name)) for f in dataclasses.fields(ctx)})
+
+
 def global_counts(model, batch: dict, dp_group=None) -> dict:
     """The loss normalisers of the whole step: this rank's batch, summed over data parallelism."""
     counts = model.loss_counts(batch)
@@ -62,7 +81,7 @@ class PipelineSchedule:
 
     def __init__(self, stages: list, topo, schedule: str = "1f1b", micro_batches: int = 1,
                  comm: Optional[PipelineComm] = None, tied=None, grad_sync=None, overlap: bool = True,
-                 forward_context=None, settle_grads=None):
+                 forward_context=None, settle_grads=None, main_grads=None):
         check_schedule(schedule, topo.pp, len(stages), micro_batches)
         self.stages, self.topo, self.m, self.tied = stages, topo, micro_batches, tied
         self.comm = comm or PipelineComm(topo, interleaved=schedule == "interleaved")
@@ -72,8 +91,16 @@ class PipelineSchedule:
         self.forward_context = forward_context or (lambda i: contextlib.nullcontext())
         self.overlap = overlap  # post each action's receive one action ahead (parallel.overlap)
         self.settle_grads = settle_grads  # called after the last backward, before any gradient is reduced
+        # megaflow.optim.MainWeights (flat_grads=False) or None: each backward's gradients go into the fp32
+        # main gradients in one flush after it (`defer`), except a backward whose gradients the data-parallel
+        # buckets reduce as they become ready (armed: the hooks write each one first)
+        self.main_grads = main_grads
         self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}  # chunk -> index
         self.cfg = stages[0].module.cfg
+        # (micro-batch shape, forward_only) of the steps run so far: a step of a new one posts no receive
+        # ahead, since its kernels launch for the first time, and inductor's autotuning of a new kernel
+        # synchronises the device, which would then wait on the early receive (pipeline_comm._warm_up)
+        self._seen = set()
         self.record = False  # True: keep (action, start, end) of the last step's computations (not
         # receive waits) in `timeline`; syncs the GPU around each
         self.timeline = []
@@ -87,29 +114,36 @@ class PipelineSchedule:
         counts = global_counts(module0, batch, self.topo.dp_group)
         mbs = split_batch(batch, m)
         noises = noise.chunk(m) if noise is not None else [None] * m
-        keeps = cond_keep.chunk(m) if cond_keep is not None else [None] * m
         self._shapes = state_shapes(module0, *mbs[0]["tokens"].shape)
         self._dtype, self._device = state_dtypes(module0), batch["tokens"].device
         self._ctxs, self._saved, self.timeline = {}, {}, []
+        # masks and RoPE tables once per step, each micro-batch's context a slice of them
+        whole, b = module0.context(batch, cond_keep), mbs[0]["tokens"].shape[0]
         totals = torch.zeros(1 + len(TERM_KEYS), dtype=torch.float64, device=self._device)
         self._posted = {}  # action index -> Received (or None: the action receives nothing)
+        seen = (tuple(mbs[0]["tokens"].shape), forward_only)
+        ahead = self.overlap and seen in self._seen
+        self._seen.add(seen)
         for k, a in enumerate(self.actions):
             # overlap: the next action's receive is in flight while this one computes (in action order,
             # so every link's receives stay in send order)
-            for j in (k, k + 1) if self.overlap else (k,):
+            for j in (k, k + 1) if ahead else (k,):
                 if j < len(self.actions) and j not in self._posted:
                     self._posted[j] = self._post_recv(self.actions[j], forward_only)
             if a.kind == "F":
                 i = a.micro_batch
                 if i not in self._ctxs:
-                    self._ctxs[i] = module0.context(mbs[i], keeps[i])
+                    self._ctxs[i] = context_rows(whole, batch, i * b, (i + 1) * b)
                 ctx = self._ctxs.pop(i) if a.chunk == len(self.stages) - 1 else self._ctxs[i]
                 self._forward(a, self._posted.pop(k), mbs[i], ctx, noises[i], counts, totals, forward_only)
             elif not forward_only:
-                if self.grad_sync is not None and self.last_backward[a.chunk] == k:
+                armed = self.grad_sync is not None and self.last_backward[a.chunk] == k
+                if armed:
                     self.grad_sync.arm(a.chunk)  # this chunk's gradients are final after this backward
-                self._backward(a, self._posted.pop(k))
+                self._backward(a, self._posted.pop(k), per_parameter=armed)
         self.comm.wait_sends()
+        if self.main_grads is not None:
+            self.main_grads.defer = False  # outside the schedule, the hooks move each gradient again
         if self.settle_grads is not None and not forward_only:
             self.settle_grads()
         if self.grad_sync is not None and not forward_only:
@@ -150,7 +184,7 @@ class PipelineSchedule:
             self._saved[(a.chunk, a.micro_batch)] = (inp, out)
         self._record(a, start)
 
-    def _backward(self, a, received) -> None:
+    def _backward(self, a, received, per_parameter: bool = False) -> None:
         st, pp = self.stages[a.chunk], self.topo.pp
         inp, out = self._saved.pop((a.chunk, a.micro_batch))
         if st.is_last:
@@ -159,8 +193,12 @@ class PipelineSchedule:
             g = received.wait()
             outs, grads = [o for o in out if o.requires_grad], [gi for o, gi in zip(out, g) if o.requires_grad]
         start = self._clock()
+        if self.main_grads is not None:
+            self.main_grads.defer = not per_parameter
         if outs and outs[0].requires_grad:
             torch.autograd.backward(outs, grads)
+        if self.main_grads is not None and self.main_grads.defer:
+            self.main_grads.flush_grads()
         if not st.is_first:  # zeros where an input got no gradient: the peer waits for all four
             self.comm.send(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in inp),
                            "grad", (st.index - 1) % pp)

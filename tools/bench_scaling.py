@@ -22,8 +22,10 @@ Rows (--modes, comma-separated; `name@a.b=v;c.d=w` adds config overrides, e.g. t
              pp2i (interleaved, 2 chunks a rank), dp2tp2, dp2pp2i, tp2pp2, dp4, dp2tp2pp2, ...; D, if
              given, must be what the world leaves (world / (T x P))
 Efficiency = tokens/s per GPU / the baseline's = baseline step / (T x P x step): weak scaling over
-DP, strong over TP and PP. With PP, bubble = 1 - efficiency against the theory (P-1) / (v m + P-1)
-(m micro-batches, v chunks a rank). --resume SRC:DST (two layout rows): SRC trains 2 steps, saves a
+DP, strong over TP and PP. PP rows are measured against `one` (--pp-baseline: the plain one-GPU step
+on the same rows, graphed under train.step_graph=auto; `one_mb` if the run has no `one` row), and
+1 - efficiency is set beside the theory (P-1) / (v m + P-1) (m micro-batches, v chunks a rank); the
+per-rank profile gives each rank's own bubble (p2p wait). --resume SRC:DST (two layout rows): SRC trains 2 steps, saves a
 sharded checkpoint (parallel/checkpoint.py), takes a third step; DST loads it and takes that step:
 the two losses must agree (to bf16 rounding).
 
@@ -41,6 +43,7 @@ import json
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -81,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="one,dp2,tp2,tp2sp,one_mb,pp2", help="rows, comma-separated (see above)")
     p.add_argument("--rows", type=int, default=0, help="rows per step (per rank under DP; 0: data.batch_size)")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches of one_mb and pp2")
+    p.add_argument("--pp-baseline", default="one", choices=("one", "one_mb"), help="what PP rows are measured "
+                   "against: one (the plain one-GPU step on the same rows; one_mb when the run has no one row) or one_mb")
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--profile", type=int, default=2, help="profiled steps per row (0: no breakdown)")
@@ -92,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--comm-probe", action="store_true", help="first time all-reduce / all-gather / "
                    "reduce-scatter of one TP activation (rows x seq_len x vlm.dim, bf16): bytes per second")
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
+    p.add_argument("--stacks-after", type=float, default=0, help="every rank writes its Python stacks to stderr "
+                   "after this many seconds (faulthandler; 0: never): where a row stuck at a time limit was")
     p.add_argument("--resume", default="", help="SRC:DST layout rows: resume SRC's sharded checkpoint at DST")
     p.add_argument("--resume-dir", default="/tmp/bench_scaling_ckpt", help="where --resume saves")
     return p.parse_args(argv)
@@ -170,7 +177,9 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    t_row = clock(device)
     engine, topo = build(name, cfg, device, dtype)
+    progress(f"{mode}: built in {clock(device) - t_row:.1f} s")
     times, loss0 = [], None
     step = lambda: engine.train_step(batch, noise, None, 1e-5)  # noqa: E731
     for i in range(args.warmup + args.steps):
@@ -179,6 +188,9 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         loss0 = float(out["loss"]) if loss0 is None else loss0
         if i >= args.warmup:
             times.append(clock(device) - t0)
+        if i == 0:  # compilation happens here: a row cut by a time limit says how far it got
+            progress(f"{mode}: first step (compiles) {clock(device) - t0:.1f} s")
+    progress(f"{mode}: {args.warmup + args.steps} steps done at {clock(device) - t_row:.1f} s")
     prof = None
     if args.profile and (not args.profile_rows or {name, mode} & set(args.profile_rows.split(","))):
         trace = f"{args.trace}/{mode.replace('@', '_').replace(';', '_')}.rank{dist.get_rank()}.json" if args.trace else None
@@ -198,6 +210,12 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
                 tokens=args.rows * cfg.data.seq_len, m=p.micro_batches, tp=p.tp, pp=p.pp,
                 v=p.virtual_stages if p.schedule == "interleaved" else 1,
                 gpus=1 if name in ("one", "one_mb") else dist.get_world_size())
+
+
+def progress(line: str) -> None:
+    """A timestamped line from rank 0 (time limits cut rows on lent machines: say how far a row got)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
 def probe_collectives(cfg, rows: int, device, repeats: int = 10) -> None:
@@ -220,31 +238,36 @@ def probe_collectives(cfg, rows: int, device, repeats: int = 10) -> None:
                   f"{x.numel() * 2 / ms / 1e6:.0f} GB/s of the full tensor", flush=True)
 
 
-def efficiencies(rows: list) -> None:
-    """Add 'efficiency' (and 'bubble' with PP) against the baselines measured in the same run."""
+def efficiencies(rows: list, pp_baseline: str = "one") -> None:
+    """Add 'efficiency' (and 'bubble' with PP) against the baselines measured in the same run. PP rows
+    against `pp_baseline`: 'one' (the plain one-GPU step on the same rows, at its best: a graphed step
+    under train.step_graph=auto; one_mb if the run has no one row) or 'one_mb' (the same micro-batches
+    accumulated on one GPU, whose host work per micro-batch can dwarf its GPU work: issue 17)."""
     for r in rows:
-        ref = "one_mb" if r["pp"] > 1 else "one"
+        ref = (pp_baseline if any(b["name"] == pp_baseline for b in rows) else "one_mb") if r["pp"] > 1 else "one"
         # the baseline row of the same micro-batch count (PP), the plain one before one with overrides
         same = [b for b in rows if b["name"] == ref and (ref == "one" or b["m"] == r["m"])]
         base = ([b for b in same if b.get("mode", ref) == ref] or same or [None])[0]
         if r["gpus"] == 1 or base is None:
             continue
         r["efficiency"] = base["step_s"] / (r["tp"] * r["pp"] * r["step_s"])  # tokens/s per GPU / the baseline's
+        r["baseline"] = base.get("mode", ref)
         if r["pp"] > 1:
             p, m, v = r["pp"], r["m"], r["v"]
             r["bubble"], r["bubble_theory"] = 1 - r["efficiency"], (p - 1) / (v * m + p - 1)
 
 
 def report(rows: list) -> str:
-    out = ["| row | step ms | tokens/s per GPU | efficiency | bubble (theory) | peak GiB (max over ranks) |",
-           "|---|---|---|---|---|---|"]
+    out = ["| row | step ms | tokens/s per GPU | efficiency (against) | 1 - efficiency (PP: bubble theory) | "
+           "peak GiB allocated / reserved (max over ranks) |", "|---|---|---|---|---|---|"]
     for r in rows:
         dp = r["gpus"] // (r["tp"] * r["pp"])
         per_gpu = r["tokens"] * dp / r["step_s"] / r["gpus"]
-        eff = f"{r['efficiency']:.1%}" if "efficiency" in r else "-"
+        eff = f"{r['efficiency']:.1%} ({r['baseline']})" if "efficiency" in r else "-"
         bub = f"{r['bubble']:.3f} ({r['bubble_theory']:.3f})" if "bubble" in r else "-"
         peak = max(x["peak_GiB"] for x in r["ranks"])
-        out.append(f"| {r['mode']} | {r['step_s'] * 1e3:.1f} | {per_gpu:.0f} | {eff} | {bub} | {peak:.1f} |")
+        reserved = max(x.get("reserved_GiB", 0.0) for x in r["ranks"])
+        out.append(f"| {r['mode']} | {r['step_s'] * 1e3:.1f} | {per_gpu:.0f} | {eff} | {bub} | {peak:.1f} / {reserved:.1f} |")
     for r in rows:
         if r["ranks"][0]["profile"]:
             out += ["", f"{r['mode']}, per rank (ms per profiled step, share of the step):",
@@ -285,6 +308,9 @@ def resume_check(args, spec: str, device, batch: dict, noise) -> dict:
 def main(argv=None):
     from parallel.runtime import init_distributed, launch_env
     args = parse_args(argv)
+    if args.stacks_after > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     launch = launch_env()
     if launch is None:
         raise SystemExit("bench_scaling runs under a launcher: torchrun --nproc_per_node N tools/bench_scaling.py ...")
@@ -322,7 +348,7 @@ def main(argv=None):
                           f"copies per step (device-to-device copies not counted)\n{x['profile']['top']}\nwhere they come from (per step):\n"
                           f"{x['profile']['sync_sources']}\nsynchronising Python call sites of one step "
                           f"(torch.cuda.set_sync_debug_mode):\n{x['profile'].get('sync_points', '')}", flush=True)
-    efficiencies(rows)
+    efficiencies(rows, args.pp_baseline)
     resumed = resume_check(args, args.resume, device, batch, noise) if args.resume else None
     if dist.get_rank() == 0:
         print(f"\n{args.rows} rows x {cfg.data.seq_len} tokens, {device.type}, world {dist.get_world_size()}\n")

@@ -61,14 +61,32 @@ def flex_available(device: torch.device) -> bool:
     return flex_attention is not None and device.type == "cuda"
 
 
+def _same_document_causal(doc_ids: torch.Tensor):
+    def same_document_causal(b, h, q, k):
+        return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+    return same_document_causal
+
+
 def document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
     """FlexAttention BlockMask of causal AND same-document for doc_ids (B, T)."""
     B, T = doc_ids.shape
+    return create_block_mask(_same_document_causal(doc_ids), B, None, T, T, device=doc_ids.device)
 
-    def same_document_causal(b, h, q, k):
-        return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
 
-    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+def mask_rows(mask: Mask, doc_ids: Optional[torch.Tensor], start: int, stop: int) -> Mask:
+    """Rows start:stop of a batch's `document_mask` (a micro-batch's mask without building it again:
+    `create_block_mask` evaluates the rule over every (q, k) block on many small kernels, a host cost
+    per call). A BlockMask's block tables are sliced (views) and its rule rebound to the rows' own
+    doc_ids (the rule indexes doc_ids by the row within its batch); a dense mask of B rows is sliced,
+    one of a single broadcast row and None are returned as they are."""
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.shape[0] == 1):
+        return mask
+    if isinstance(mask, torch.Tensor):
+        return mask[start:stop]
+    take = lambda t: None if t is None else t[start:stop]  # noqa: E731  (B, H, ...) block tables
+    return BlockMask.from_kv_blocks(take(mask.kv_num_blocks), take(mask.kv_indices), take(mask.full_kv_num_blocks),
+                                    take(mask.full_kv_indices), BLOCK_SIZE=mask.BLOCK_SIZE,
+                                    mask_mod=_same_document_causal(doc_ids[start:stop]), seq_lengths=mask.seq_lengths)
 
 
 def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device) -> Mask:

@@ -191,16 +191,19 @@ def test_tp2_sp_async_equals_sync_and_reads_nothing_back(sp):
 
 
 # ----- data parallelism: the fp32 accumulation hooks ---------------------------------------------------------
-def test_main_gradients_written_then_added_equal_zero_then_add():
+@pytest.mark.parametrize("deferred", [False, True])
+def test_main_gradients_written_then_added_equal_zero_then_add(deferred):
     """The pipeline engine's fp32 main gradients (megaflow/optim.py MainWeights, flat_grads=False) are
     written by a parameter's first gradient of the step and added to by later ones, instead of zeroing
     the whole buffer first (one pass over the fp32 gradients less): the sum is bitwise that of zero +
     every gradient, and `settle_grads` zeros a gradient no backward reached this step (its slice
-    still holds the last step's)."""
+    still holds the last step's). Deferred (what the pipeline does outside a data-parallel bucket's
+    backward): the hooks keep the gradients and one `flush_grads` per backward moves them, bitwise the same."""
     from megaflow.optim import MainWeights, param_groups
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     weights = MainWeights(model, param_groups(model, 0.0), TrainConfig(), torch.bfloat16, flat_grads=False)
+    weights.defer = deferred
     xs = [torch.randn(4, 8, dtype=torch.bfloat16) for _ in range(2)]
 
     def step(layers: int) -> list:
@@ -213,6 +216,10 @@ def test_main_gradients_written_then_added_equal_zero_then_add():
             for w, g in zip(want, torch.autograd.grad(loss, params, retain_graph=True)):
                 w.add_(g)  # 0 + g1 + g2 in fp32, as the old zero-then-add hooks summed
             loss.backward()
+            assert all((p.grad is not None) == deferred for p in params)  # kept for the flush, or moved by the hooks
+            if deferred:
+                weights.flush_grads()
+                assert all(p.grad is None for p in params)
         return want
 
     want = step(3)

@@ -168,3 +168,106 @@ def test_init_stages_materialises_only_owned_parameters():
     assert float(own["gauss_head.weight"].detach().abs().sum()) == 0.0  # zero-init kept
     assert model.units["0"].flow_layer.mlp.gate_up.weight.is_meta  # not ours: never allocated
     assert model.embed_tokens.weight.is_meta
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", ["dense", "flex"])
+def test_micro_batch_context_is_rows_of_the_batch_context(kernel):
+    """The pipeline builds masks and RoPE tables once per step and slices each micro-batch's context
+    from them (issue 17: host work per micro-batch): the same tensors as the micro-batch's own
+    context, the FlexAttention BlockMask's block tables too, and the same attention output (its rule
+    rebound to the rows' own documents: a sliced BlockMask keeping the batch's rule would index the
+    wrong rows)."""
+    from megaflow.model.masks import BlockMask, attend, use_kernel
+    from parallel.pipeline_step import context_rows
+    from tests.model.test_masks import packed_batch, wide_config
+    if kernel == "flex" and BlockMask is None:
+        pytest.skip("FlexAttention needs torch >= 2.5")
+    cfg = wide_config()
+    model = build_model(cfg)
+    two = packed_batch(cfg, rows=2, seq_len=128)
+    batch = {key: torch.cat([t, t.flip(0)]) for key, t in two.items()}  # rows 2, 3 = rows 1, 0
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 128, 16, generator=g) for _ in range(3))
+    with use_kernel(kernel):
+        whole = model.context(batch)
+        for start in (0, 2):
+            own = model.context({key: t[start:start + 2] for key, t in batch.items()})
+            part = context_rows(whole, batch, start, start + 2)
+            for a, b in ((part.image_mask, own.image_mask), (part.cond_gate, own.cond_gate),
+                         (part.vlm_skip, own.vlm_skip), (part.flow.cos, own.flow.cos), (part.vlm.sin, own.vlm.sin)):
+                assert torch.equal(a, b)
+            if kernel == "flex":
+                assert isinstance(part.flow.mask, BlockMask)
+                for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                             "q_num_blocks", "q_indices"):
+                    assert torch.equal(getattr(part.flow.mask, name), getattr(own.flow.mask, name)), name
+            else:
+                assert torch.equal(part.flow.mask, own.flow.mask)
+            want = attend(q, k, v, own.flow.mask)
+            torch.testing.assert_close(attend(q, k, v, part.vlm.mask), want, rtol=0, atol=0)
+            if kernel == "flex":  # the batch's own rule on the sliced tables would mask rows 2, 3 as rows 0, 1
+                wrong = BlockMask.from_kv_blocks(*(getattr(part.flow.mask, n) for n in (
+                    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")),
+                    BLOCK_SIZE=part.flow.mask.BLOCK_SIZE, mask_mod=whole.flow.mask.mask_mod)
+                assert start == 0 or not torch.allclose(attend(q, k, v, wrong), want)
+
+
+def test_compiled_stage_regions_are_reused_across_micro_batches(monkeypatch):
+    """The pipeline engine with train.compile=on: every compiled region (Pretzel unit, shallow coupling,
+    heads + losses) is traced once, at the first micro-batch, and reused by the other micro-batches
+    (their contexts are slices of the step's: views at other offsets) and by the next step: no
+    recompile, no guard failure (a counting backend sees every graph dynamo hands over)."""
+    import dataclasses as dc
+    from data_pipeline.config import DataConfig
+    from megaflow import speed
+    from megaflow.config import load_config
+    from parallel.runtime import build_engine, build_stages
+    from tests.model.test_compiled_steps import Counting
+    torch._dynamo.reset()
+    backend = Counting()
+    monkeypatch.setattr(speed, "BACKEND", backend)
+    cfg = load_config(None, ["train.compile=on", "parallel.micro_batches=4"])
+    cfg = dc.replace(cfg, model=dc.replace(tiny_config(), stage="all"),
+                     data=DataConfig(image_size=8, channels=1, patch_size=2, seq_len=48, batch_size=8, max_images=2))
+    topo = Topology()
+    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, torch.device("cpu"), 0, None, 48)
+    engine = build_engine(cfg, model, stages, tied, topo, None)
+    batch = make_batch(cfg.model, 8, 48, 2, seed=0)
+    noise = make_noise(cfg.model, batch)
+    engine.train_step(batch, noise, None, 1e-4)
+    first = backend.graphs
+    engine.train_step(batch, noise, None, 1e-4)
+    # one graph per region kind (the unit, the shallow coupling, the heads + losses), all four micro-batches
+    assert backend.graphs == first == 3, (first, backend.graphs)
+    torch._dynamo.reset()
+
+
+def test_receives_are_posted_ahead_only_after_a_step_of_the_same_shape():
+    """With parallel.overlap each action's receive is posted one action ahead, except in a step whose
+    micro-batch shape is new (its kernels launch for the first time: autotuning synchronises the
+    device, which must not wait on a receive posted early; parallel/pipeline_comm.py)."""
+    cfg = tiny_config()
+    with torch.device("meta"):
+        model = STARFlow2(cfg)
+    apply_stage(model, cfg.stage)
+    stages = split_stages(model, 1, 0, micro_batches=2, verbose=False)
+    load_stages(stages, build_model(cfg).state_dict())
+    sched = PipelineSchedule(stages, Topology(), micro_batches=2)
+    events = []
+    post, forward, backward = sched._post_recv, sched._forward, sched._backward
+    sched._post_recv = lambda a, *r: events.append(("post", a)) or post(a, *r)
+    sched._forward = lambda a, *r: events.append(("run", a)) or forward(a, *r)
+    sched._backward = lambda a, *r, **k: events.append(("run", a)) or backward(a, *r, **k)
+
+    def order(batch):
+        events.clear()
+        sched.step(batch, make_noise(cfg, batch))
+        return [(kind, sched.actions.index(a)) for kind, a in events]
+    four, two = make_batch(cfg, 4, 48), make_batch(cfg, 2, 48)
+    in_turn = [(kind, i) for i in range(4) for kind in ("post", "run")]
+    ahead = [("post", 0)] + [e for i in range(4) for e in ((("post", i + 1),) if i < 3 else ()) + (("run", i),)]
+    assert order(four) == in_turn  # first step: kernels launch for the first time
+    assert order(four) == ahead
+    assert order(two) == in_turn  # a new micro-batch shape
+    assert order(two) == ahead

@@ -34,12 +34,19 @@ def test_efficiency_and_bubble_against_the_baselines():
     rows = [row("one", 0.1, gpus=1), row("one_mb", 0.8, gpus=1), row("dp4", 0.125), row("dp2tp2", 0.0625, tp=2),
             row("dp2pp2", 0.5, pp=2), row("dp2pp2i", 0.45, pp=2, v=2),
             dict(row("one", 0.2, gpus=1), mode="one@train.compile=off"), dict(row("one_mb", 0.11, gpus=1), m=1)]
-    efficiencies(rows)
+    efficiencies(rows, pp_baseline="one_mb")
     eff = {r["name"]: r.get("efficiency") for r in rows}
     # neither a baseline row with overrides nor one of another micro-batch count replaces the plain one
     assert eff["one"] is None and eff["dp4"] == pytest.approx(0.8) and eff["dp2tp2"] == pytest.approx(0.8)
     assert eff["dp2pp2"] == pytest.approx(0.8) and rows[4]["bubble"] == pytest.approx(0.2)
     assert rows[4]["bubble_theory"] == pytest.approx(1 / 9) and rows[5]["bubble_theory"] == pytest.approx(1 / 17)
+    # the default: PP against the plain one-GPU step on the same rows (0.1 s), not the host-bound one_mb
+    efficiencies(rows)
+    assert rows[4]["efficiency"] == pytest.approx(0.1) and rows[4]["baseline"] == "one"
+    assert rows[5]["efficiency"] == pytest.approx(0.1 / 0.9)
+    # without a one row, PP falls back to one_mb
+    efficiencies(rows[1:6])
+    assert rows[4]["efficiency"] == pytest.approx(0.8) and rows[4]["baseline"] == "one_mb"
 
 
 def _bench(rank, world, out):

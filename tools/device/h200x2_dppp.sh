@@ -10,10 +10,7 @@
 # as .inductor/ in the next call it is unpacked first: the same device image, so inductor's FX-graph and AOT
 # caches hit and a row compiles in seconds instead of ~30 s (compile time is never inside the timed steps).
 . tools/device/setup.sh
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-if ls .inductor/inductor.tgz.* >/dev/null 2>&1; then
-  cat .inductor/inductor.tgz.* | tar xzf - -C /tmp && echo "inductor cache: $(du -sh /tmp/inductor | cut -f1) unpacked"
-fi
+. tools/device/inductor_cache.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$(date +%s)
 bench() {  # tree, name, rows, time limit (s)
@@ -37,7 +34,5 @@ compare)  # BASE: the tree before (git archive 820d653), run with this tree's be
 *) echo "h200x2_dppp.sh: say explore or compare BASE"; exit 2 ;;
 esac
 if [ -n "${CACHE_OUT:-}" ]; then  # at most 4 parts: 8 files come back, and what is carried must stay under 64 MiB
-  tar czf /tmp/inductor.tgz -C /tmp inductor
-  if [ "$(stat -c %s /tmp/inductor.tgz)" -le $((56 * 2**20)) ]; then split -b 15m /tmp/inductor.tgz "$OUT/inductor.tgz."; fi
-  echo "inductor cache: $(( $(stat -c %s /tmp/inductor.tgz) / 2**20 )) MiB compressed; $(ls "$OUT"/inductor.tgz.* 2>/dev/null | wc -l) parts sent back"
+  send_inductor_cache 56
 fi

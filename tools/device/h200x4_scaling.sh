@@ -5,8 +5,9 @@
 #           tp2pp2; then a sharded checkpoint of dp2tp2 resumed at dp2pp2
 #   8 GPUs  one, dp8, one_mb, dp2tp2pp2; then dp2tp2pp2 resumed at dp8
 #   2 GPUs  the dry run (what a lent nvidia-h200-x2 can prove): one, dp2, one_mb, pp2i; dp2 resumed at pp2i
-# Per row: tokens/s per GPU, efficiency against one GPU (one_mb for the pipelined rows), peak memory
-# per GPU, bubble (pipelined rows); the resume: save / load seconds and the next step's loss on both
+# Per row: tokens/s per GPU, efficiency against one GPU (the pipelined rows too: bench_scaling's
+# --pp-baseline one; one_mb, the same micro-batches accumulated on one GPU, is printed beside), peak memory
+# per GPU, 1 - efficiency beside the bubble's theory (pipelined rows); the resume: save / load seconds and the next step's loss on both
 # layouts. Results: $OUT/scaling_<NGPU>gpu.{txt,json}.
 #   bash tools/device/h200x4_scaling.sh            # NGPU = the GPUs nvidia-smi lists
 #   NGPU=2 ROWS=... RESUME=... bash tools/device/h200x4_scaling.sh
@@ -30,7 +31,7 @@ ZERO=1
 if ! python3 -c "import deepspeed" 2>/dev/null; then
   ZERO=0; echo "no DeepSpeed here (.whl_ds not carried): every row runs WITHOUT ZeRO (ParallelEngine)"
 fi
-# one_mb is the pipelined rows' one-GPU baseline: plain gradient accumulation, no ZeRO
+# one_mb: one GPU accumulating the pipelined rows' micro-batches (plain gradient accumulation, no ZeRO)
 MODES=$(echo "${ROWS:-$DEF_ROWS}" | sed 's/\bone_mb\b/one_mb@parallel.zero_stage=0/')
 T0=$(date +%s)
 set -o pipefail
