@@ -5,8 +5,8 @@
 #   bash tools/device/h200x2_dp.sh explore        # call 1: one GPU (graphed: the baseline), DP2 graphed (per-rank
 #                                                 # profile), DP2 eager, DP2's levers graphed (the buckets' NCCL stream
 #                                                 # at high priority, a small last bucket), one GPU without the graph
-#   bash tools/device/h200x2_dp.sh compare BASE   # call 2: the tree at BASE (before: its default, DP2 eager) then
-#                                                 # this tree (after), one GPU graphed and not, DP2 graphed and not
+#   bash tools/device/h200x2_dp.sh compare BASE   # call 2: this tree (after: one GPU graphed and not, DP2 graphed
+#                                                 # and not), then the tree at BASE (before: its default, DP2 eager)
 # ROWS / BEFORE / AFTER replace a mode's rows; S (explore) / BEFORE_S, AFTER_S (compare): each run's time limit (s).
 # Steps: WARMUP untimed (3: two eager steps, then the capture) then STEPS timed. Each row prints as it finishes;
 # a SUMMARY line per row at the end (efficiency = the graphed one GPU's step / DP2's step: weak scaling).
@@ -26,29 +26,31 @@ bench() {  # tree, name, rows, time limit (s)
      | grep --line-buffered -v "Warning\|warn(\|^  warnings\|^W1\|^I1" | tee "$OUT/$2.txt" | grep -a --line-buffered "step .* ms, first loss\|failed\|Error\|^| \|per rank")
   echo "== $2 done at $(( $(date +%s) - T0 )) s"
 }
-summary() {  # the rows of one JSON: step, graphed or not, losses, efficiency against the `one` row
+summary() {  # name [baseline name]: each row's step, graphed or not, losses, efficiency against the `one` row (of
+             # the baseline run's JSON when given: the before tree's DP2 against the after run's one GPU, same call)
   [ -f "$OUT/$1.json" ] || { echo "SUMMARY $1: no JSON (cut by its time limit?): the row lines above are what ran"; return; }
-  python3 - "$OUT/$1.json" "$1" <<'EOF'
-import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-one = next((r for r in rows if r["mode"] == "one"), None)
+  python3 - "$1" "$OUT/$1.json" "$OUT/${2:-$1}.json" <<'EOF'
+import json, os, sys
+name, path, base = sys.argv[1:]
+rows = json.load(open(path))["rows"]
+one = next((r for r in (json.load(open(base))["rows"] if os.path.exists(base) else []) if r["mode"] == "one"), None)
 for r in rows:
     eff = f", {one['step_s'] / r['step_s']:.1%} of `one` ({one['step_s'] * 1e3:.1f} ms)" if one and r["gpus"] > 1 else ""
-    print(f"SUMMARY {sys.argv[2]} {r['mode']}: {r['step_s'] * 1e3:.1f} ms, graphed {r['graphed']}{eff}; first loss "
+    print(f"SUMMARY {name} {r['mode']}: {r['step_s'] * 1e3:.1f} ms, graphed {r['graphed']}{eff}; first loss "
           f"{r['loss0']:.4f}, after the timed steps {r['loss']:.4f}; reserved {max(x['reserved_GiB'] for x in r['ranks']):.1f} GiB")
 EOF
 }
 case "$1" in
 explore)
-  bench . explore "${ROWS:-one,dp2,dp2@train.step_graph=off,dp2@parallel.dp_comm_priority=true,dp2@parallel.last_bucket_mb=40,one@train.step_graph=off}" "${S:-60}"
+  PROFILE_ROWS=${PROFILE_ROWS:-dp2@train.step_graph=on} bench . explore "${ROWS:-one,dp2@train.step_graph=on,dp2@train.step_graph=off,dp2@parallel.dp_comm_priority=true,dp2@parallel.last_bucket_mb=40,one@train.step_graph=off}" "${S:-85}"
   summary explore
   ;;
 compare)  # BASE: the tree before (git archive b91a671), run with this tree's bench script and profiler
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
-  PROFILE=0 bench "$2" before "${BEFORE:-one,dp2}" "${BEFORE_S:-40}"
-  PROFILE=0 bench . after "${AFTER:-one,dp2,dp2@train.step_graph=off,one@train.step_graph=off}" "${AFTER_S:-50}"
-  summary before
+  PROFILE=0 bench . after "${AFTER:-one,dp2,dp2@train.step_graph=off,one@train.step_graph=off}" "${AFTER_S:-60}"
+  PROFILE=0 bench "$2" before "${BEFORE:-dp2}" "${BEFORE_S:-35}"  # the one-GPU baseline: the after run's `one`
   summary after
+  summary before after
   ;;
 *) echo "h200x2_dp.sh: say explore or compare BASE"; exit 2 ;;
 esac
