@@ -6,8 +6,10 @@
 #                                                 # profile), DP2 eager, DP2's levers graphed (the buckets' NCCL stream
 #                                                 # at high priority, a small last bucket), one GPU without the graph
 #   bash tools/device/h200x2_dp.sh compare BASE   # call 2: this tree (after: one GPU graphed and not, DP2 graphed
-#                                                 # and not), then the tree at BASE (before: its default, DP2 eager)
-# ROWS / BEFORE / AFTER replace a mode's rows; S (explore) / BEFORE_S, AFTER_S (compare): each run's time limit (s).
+#                                                 # and not), then the tree at BASE (before: its default, DP2 eager),
+#                                                 # then this tree at the config's 16 rows a replica (AFTER16_S=0: not)
+# ROWS / BEFORE / AFTER / AFTER16 replace a run's rows; S (explore) / BEFORE_S, AFTER_S, AFTER16_S (compare): each
+# run's time limit (s); NROWS: rows per replica (8).
 # Steps: WARMUP untimed (3: two eager steps, then the capture) then STEPS timed. Each row prints as it finishes;
 # a SUMMARY line per row at the end (efficiency = the graphed one GPU's step / DP2's step: weak scaling).
 # CONFIG_ARGS replaces `--config configs/h200_1b.yaml` (a CPU smoke: CONFIG_ARGS="--tiny --device cpu").
@@ -21,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv,noheader
 T0=$(date +%s)
 bench() {  # tree, name, rows, time limit (s)
   (cd "$1" && PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 tools/bench_scaling.py \
-     ${CONFIG_ARGS:---config configs/h200_1b.yaml} --rows 8 --steps "${STEPS:-6}" --warmup "${WARMUP:-3}" \
+     ${CONFIG_ARGS:---config configs/h200_1b.yaml} --rows "${NROWS:-8}" --steps "${STEPS:-6}" --warmup "${WARMUP:-3}" \
      --profile "${PROFILE:-1}" --profile-rows "${PROFILE_ROWS:-dp2}" --json "$OUT/$2.json" --modes "$3" 2>&1 \
      | grep --line-buffered -v "Warning\|warn(\|^  warnings\|^W1\|^I1" | tee "$OUT/$2.txt" | grep -a --line-buffered "step .* ms, first loss\|failed\|Error\|^| \|per rank")
   echo "== $2 done at $(( $(date +%s) - T0 )) s"
@@ -49,8 +51,11 @@ compare)  # BASE: the tree before (git archive b91a671), run with this tree's be
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
   PROFILE=0 bench . after "${AFTER:-one,dp2,dp2@train.step_graph=off,one@train.step_graph=off}" "${AFTER_S:-60}"
   PROFILE=0 bench "$2" before "${BEFORE:-dp2}" "${BEFORE_S:-35}"  # the one-GPU baseline: the after run's `one`
+  # the config's own batch (data.batch_size 16 rows a replica): twice the compute over the same gradient bytes
+  [ "${AFTER16_S:-50}" -gt 0 ] && NROWS=16 PROFILE=0 bench . after16 "${AFTER16:-one,dp2}" "${AFTER16_S:-50}"
   summary after
   summary before after
+  summary after16
   ;;
 *) echo "h200x2_dp.sh: say explore or compare BASE"; exit 2 ;;
 esac
