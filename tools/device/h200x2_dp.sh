@@ -7,8 +7,9 @@
 #                                                 # at high priority, a small last bucket), one GPU without the graph
 #   bash tools/device/h200x2_dp.sh compare BASE   # call 2: this tree (after: one GPU graphed and not, DP2 graphed
 #                                                 # and not), then the tree at BASE (before: its default, DP2 eager),
-#                                                 # then this tree at the config's 16 rows a replica (AFTER16_S=0: not)
-# ROWS / BEFORE / AFTER / AFTER16 replace a run's rows; S (explore) / BEFORE_S, AFTER_S, AFTER16_S (compare): each
+#                                                 # then DP2 under NCCL_CTA_POLICY=1 (CTA_S=0: not), and with
+#                                                 # AFTER16_S > 0 this tree at the config's 16 rows a replica
+# ROWS / BEFORE / AFTER / CTA / AFTER16 replace a run's rows; S (explore) / BEFORE_S, AFTER_S, CTA_S, AFTER16_S: each
 # run's time limit (s); NROWS: rows per replica (8).
 # Steps: WARMUP untimed (3: two eager steps, then the capture) then STEPS timed. Each row prints as it finishes;
 # a SUMMARY line per row at the end (efficiency = the graphed one GPU's step / DP2's step: weak scaling).
@@ -49,13 +50,18 @@ explore)
   ;;
 compare)  # BASE: the tree before (git archive b91a671), run with this tree's bench script and profiler
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
-  PROFILE=0 bench . after "${AFTER:-one,dp2,dp2@train.step_graph=off,one@train.step_graph=off}" "${AFTER_S:-60}"
+  python3 -c "import torch, torch.distributed as dist; print('NCCL', torch.cuda.nccl.version(), '; ProcessGroupNCCL config has cta_policy:', hasattr(dist.ProcessGroupNCCL.Options().config, 'cta_policy'))" 2>&1 | tail -1
+  PROFILE=0 bench . after "${AFTER:-one,dp2,dp2@train.step_graph=off,one@train.step_graph=off,dp2@parallel.dp_comm_ctas=16}" "${AFTER_S:-60}"
   PROFILE=0 bench "$2" before "${BEFORE:-dp2}" "${BEFORE_S:-35}"  # the one-GPU baseline: the after run's `one`
+  # NCCL's CTA policy (NCCL >= 2.27; process-wide, read once): 1 = EFFICIENCY, the fewest CTAs that keep decent
+  # bandwidth, meant for collectives that overlap compute
+  [ "${CTA_S:-30}" -gt 0 ] && NCCL_CTA_POLICY=${CTA_POLICY:-1} PROFILE=0 bench . cta "${CTA:-dp2}" "${CTA_S:-30}"
   # the config's own batch (data.batch_size 16 rows a replica): twice the compute over the same gradient bytes
-  [ "${AFTER16_S:-50}" -gt 0 ] && NROWS=16 PROFILE=0 bench . after16 "${AFTER16:-one,dp2}" "${AFTER16_S:-50}"
+  [ "${AFTER16_S:-0}" -gt 0 ] && NROWS=16 PROFILE=0 bench . after16 "${AFTER16:-dp2,one}" "${AFTER16_S:-0}"
   summary after
   summary before after
-  summary after16
+  summary cta after
+  [ "${AFTER16_S:-0}" -gt 0 ] && summary after16
   ;;
 *) echo "h200x2_dp.sh: say explore or compare BASE"; exit 2 ;;
 esac
