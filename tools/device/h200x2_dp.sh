@@ -61,7 +61,7 @@ compare)  # BASE: the tree before (git archive b91a671), run with this tree's be
   summary after
   summary before after
   summary cta after
-  [ "${AFTER16_S:-0}" -gt 0 ] && summary after16
+  if [ "${AFTER16_S:-0}" -gt 0 ]; then summary after16; fi
   ;;
 *) echo "h200x2_dp.sh: say explore or compare BASE"; exit 2 ;;
 esac
