@@ -26,8 +26,10 @@ Reduction is a SUM by default: the loss is normalised by GLOBAL counts (parallel
 so each rank's gradient is already its share of the global-batch gradient and the shares add up.
 `average=True` is for losses normalised per rank. `allreduce_gradients(params, group)` is the
 stateless one-call form (averages by default). `reduction_group` gives the buckets a communicator
-of their own on NCCL that runs on fewer SMs (parallel.dp_comm_ctas): the all-reduces overlap the
-backward, and every SM they hold is one the backward's kernels lack. Not here: ZeRO (parallel/zero.py).
+of their own on NCCL that runs on fewer SMs (parallel.dp_comm_ctas) or on a high-priority stream
+(parallel.dp_comm_priority): the all-reduces overlap the backward, and every SM they hold is one the
+backward's kernels lack. In-place buckets read nothing on the host, so `train.step_graph` captures them
+(megaflow/step_graph.py). Not here: ZeRO (parallel/zero.py).
 """
 from __future__ import annotations
 
