@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megaflow.optim import weak_hook
+
 
 class _Bucket:
     def __init__(self, params: list):
@@ -109,7 +111,8 @@ class GradBuckets:
         self.chunks = [[p for p in ps if p.requires_grad and id(main_of(p)) in self.where] for ps in chunks]
         for ps in self.chunks:
             for p in ps:
-                p.register_post_accumulate_grad_hook(self._hook(self.where[id(main_of(p))]))
+                index = self.buckets.index(self.where[id(main_of(p))])
+                p.register_post_accumulate_grad_hook(weak_hook(self, lambda buckets, q, i=index: buckets._ready(i, q)))
 
     def arm(self, chunk: int = 0) -> None:
         """The next backward over `chunk` is its last of this step: its gradients become final."""
@@ -121,16 +124,15 @@ class GradBuckets:
             self.counting, self.next, self.early = True, 0, 0
         self.armed.update(id(p) for p in self.chunks[chunk])
 
-    def _hook(self, bucket: _Bucket):
-        def ready(p: torch.Tensor) -> None:
-            if id(p) in self.armed:
-                self.armed.discard(id(p))  # counted once, even if a chunk is re-armed
-                bucket.pending -= 1
-                while self.next < len(self.buckets) and self.buckets[self.next].pending == 0:
-                    self._launch(self.buckets[self.next])
-                    self.next += 1
-                    self.early += 1
-        return ready
+    def _ready(self, index: int, p: torch.Tensor) -> None:
+        """Parameter `p` of bucket `index` has its gradient of this backward (a hook: see `attach`)."""
+        if id(p) in self.armed:
+            self.armed.discard(id(p))  # counted once, even if a chunk is re-armed
+            self.buckets[index].pending -= 1
+            while self.next < len(self.buckets) and self.buckets[self.next].pending == 0:
+                self._launch(self.buckets[self.next])
+                self.next += 1
+                self.early += 1
 
     # ----- the reduction ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,7 +13,9 @@ all-reduce in flight while the weight gradient's GEMM runs). The step read is th
 the fused AdamW capturable): a host read there would break the capture.
 """
 import dataclasses
+import gc
 import traceback
+import weakref
 
 import pytest
 import torch
@@ -121,9 +123,10 @@ def _dp2_as_captured(rank, world):
     mcfg = _config(4)
     batch = make_batch(mcfg, ROWS, 48)
     noise = make_noise(mcfg, batch)
-    out = {}
+    out, alive = {}, []
     for layout in ("one", "eager", "captured"):
         engine, topo = _engine(True, 1, "1f1b", 1, 2, True, one_process=layout == "one")
+        alive.append(weakref.ref(engine.weights.model_params[0]))  # a bf16 weight the gradient hooks sit on
         for group in engine.optimizer.param_groups:  # as on CUDA: the fused AdamW's skip and clip stay on the device,
             group["fused"] = True                    # and the engine steps the flat kernel (the graph keeps it)
         engine.optimizer.defaults["fused"] = engine.weights.flat_step = True
@@ -145,6 +148,11 @@ def _dp2_as_captured(rank, world):
                            grads=grads,
                            copied=sum(b.copied for b in engine.buckets.buckets), early=engine.buckets.early,
                            world=engine.buckets.world)
+        del engine
+        gc.collect()
+    # the engines are freed with their weights: the hooks hold them weakly (Python's gc does not look into a
+    # tensor's hooks, so a hook that held its engine kept it, and each ParallelEngine of a bench run stayed on the GPU)
+    assert [ref() for ref in alive] == [None] * 3
     one, eager, captured = out["one"], out["eager"], out["captured"]
     assert one["world"] == 1 and captured["world"] == 2 and captured["copied"] == 0 and captured["early"] > 0, out
     assert captured["reads"] == [], captured["reads"]
@@ -168,7 +176,8 @@ def test_dp2_step_as_the_graph_captures_it_reads_nothing_back_and_equals_one_pro
     run eagerly at DP=2 over gloo (bf16 weights: every bucket a slice of the flat fp32 gradient buffer, reduced
     in place during backward; 2 micro-batches; the flat AdamW with the lr a 0-d tensor and capturable groups),
     reads no tensor value back to the host (a read there breaks the capture), equals the eager step bitwise
-    (losses, weights after 2 steps) and equals one process on the whole batch (to bf16 GEMM rounding)."""
+    (losses, weights after 2 steps) and equals one process on the whole batch (to bf16 GEMM rounding). And an
+    engine, once dropped, is freed with its weights (its gradient hooks hold it weakly)."""
     assert all(run_distributed(_dp2_as_captured, 2))
 
 
