@@ -4,7 +4,8 @@ source of truth for every engine (plain, pipelined, DeepSpeed) and resumes witho
 from __future__ import annotations
 
 import math
-from typing import Optional
+import weakref
+from typing import Callable, Optional
 
 import torch
 
@@ -105,6 +106,20 @@ def build_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def weak_hook(owner, fn: Callable) -> Callable:
+    """`fn(owner, tensor)` as a tensor hook that holds `owner` weakly. A hook that held it would keep it alive for
+    good, with every tensor it holds: Python's garbage collector does not look inside a tensor's hooks, so the
+    cycle tensor -> hook -> owner -> tensor is never freed (a training engine built after another one found
+    the first one's weights, gradients and optimizer state still on the GPU)."""
+    ref = weakref.ref(owner)
+
+    def hook(tensor: torch.Tensor) -> None:
+        alive = ref()
+        if alive is not None:
+            fn(alive, tensor)
+    return hook
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -189,7 +204,7 @@ class MainWeights:
             p.data = self.flat_param[off:off + k].view_as(p)
             p.grad = None
             if not self.flat_grads:
-                p.register_post_accumulate_grad_hook(self._to_main)
+                p.register_post_accumulate_grad_hook(weak_hook(self, MainWeights._to_main))
             off += k
         self.main_grads = [self.main[id(p)].grad for p in ps]
         cast_params(model, param_dtype)  # the rest (frozen weights, buffers) follows

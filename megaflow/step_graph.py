@@ -16,21 +16,28 @@ tensor and keeps its step counts and skip flag on the device, so nothing in the 
 host value (a host read inside the step fails the capture: tools/device/graph_probe.py finds which).
 
 `train.step_graph: auto` graphs the step wherever `on` would and runs it without a graph elsewhere (a
-CPU run, data parallelism, a pipeline...), logging the reason once: the setting a config can keep
-for every layout. Contract (checked by `check_step_graph`): CUDA; one process (PlainEngine) or a tensor-parallel layout
-without data or pipeline parallelism (ParallelEngine, dp = pp = 1, tp >= 2, with or without sequence
-parallelism); not with `train.compile_mode=reduce-overhead` (graphs inside a graph); batches of one
-shape: a batch of another shape runs eagerly, with a warning once, on memory held beside the graph's.
-Under TP the graph holds the TP group's NCCL collectives (functional ones in the model, the gradient
-norm's all-reduce): every rank runs the same step code, so every rank captures the same collectives in
-the same order, and the eager warm-up steps have made the NCCL communicator before the capture (torch's
-NCCL watchdog queries its events in thread-local capture mode, so it does not break a capture).
-Refused, each with a ValueError naming the setting: data parallelism (the gradient buckets' hooks and
-the loss counts' all-reduce), pipelines (sends and receives posted ahead), ZeRO (DeepSpeed's step),
-Transformer Engine layers (and their FP8), and the symmetric-memory routes of TP (`parallel.tp_all_reduce=symm`,
-`parallel.async_tp` under sequence parallelism): their buffers and barriers are made and signalled
-outside NCCL, and their capture is not verified. `parallel.async_tp` without sequence parallelism
-(`copy_linear`: a functional NCCL all-reduce in flight during a GEMM) is captured like the others.
+CPU run, a pipeline...), logging the reason once: the setting a config can keep for every layout.
+Contract (checked by `check_step_graph`): CUDA; one process (PlainEngine) or a layout of ParallelEngine
+without pipeline parallelism (pp = 1): tensor parallelism (with or without sequence parallelism), data
+parallelism, or both; not with `train.compile_mode=reduce-overhead` (graphs inside a graph); batches of
+one shape: a batch of another shape runs eagerly, with a warning once, on memory held beside the graph's.
+The graph holds the step's NCCL collectives: under TP the TP group's (functional ones in the model, the
+gradient norm's all-reduce); under DP the loss counts' and totals' all-reduces and the gradient buckets'
+(parallel/data_parallel.py: fp32, in place in the flat main-gradient buffer, launched from gradient hooks
+as buckets fill, on NCCL's stream, so in the graph they run beside the rest of the backward; `finish`'s
+waits join that stream back, a stream-to-stream wait, not a host one). Every rank runs the same step
+code and launches its buckets strictly in order, so every rank captures the same collectives in the same
+order, and the eager warm-up steps have made the NCCL communicators before the capture (torch's NCCL
+watchdog queries its events in thread-local capture mode, so it does not break a capture).
+Refused, each with a ValueError naming the setting: data-parallel buckets that copy gradients (fp32
+weights, `train.param_dtype=fp32`: flags and copies read on the host) and PlainEngine's data-parallel path
+(a reduction after backward, made anew each step); pipelines (sends and receives posted ahead), ZeRO
+(DeepSpeed's step), Transformer Engine layers (and their FP8), and the symmetric-memory routes of TP
+(`parallel.tp_all_reduce=symm`, `parallel.async_tp` under sequence parallelism): their buffers and barriers
+are made and signalled outside NCCL, and their capture is not verified. `parallel.async_tp` without
+sequence parallelism (`copy_linear`: a functional NCCL all-reduce in flight during a GEMM) is captured
+like the others. Micro-batches are captured as they run: the hooks arm the buckets during the last
+backward of each step, the same in every step.
 FlexAttention runs eagerly only on the CPU, which is refused anyway. The returned
 losses and metrics are copies, so the values of earlier steps are not overwritten by later replays.
 Peak memory: the graph's activations live in a private pool made at capture, which
@@ -49,16 +56,17 @@ STEP_GRAPH_MODES = ("off", "on", "auto")
 
 
 def check_step_graph(mode: str, device: torch.device, compile_mode: str = "default", data_parallel: bool = False,
-                     parallel=None) -> bool:
+                     parallel=None, copied_buckets: bool = False) -> bool:
     """Whether to graph the step. 'on': a ValueError naming the setting when it cannot be done; 'auto':
     graph where 'on' would, else run without a graph and log why once. `parallel`: the run's
-    ParallelConfig when a multi-process engine asks (None: one process), `data_parallel`: dp > 1."""
+    ParallelConfig when a multi-process engine asks (None: one process); `data_parallel`: PlainEngine's
+    data-parallel path (not graphed); `copied_buckets`: ParallelEngine's gradient buckets copy gradients."""
     if mode not in STEP_GRAPH_MODES:
         raise ValueError(f"train.step_graph={mode!r} must be one of {STEP_GRAPH_MODES}")
     if mode == "off":
         return False
     try:
-        _check_run(device, compile_mode, data_parallel, parallel)
+        _check_run(device, compile_mode, data_parallel, parallel, copied_buckets)
     except ValueError as e:
         if mode == "on":
             raise
@@ -67,7 +75,7 @@ def check_step_graph(mode: str, device: torch.device, compile_mode: str = "defau
     return True
 
 
-def _check_run(device: torch.device, compile_mode: str, data_parallel: bool, parallel) -> None:
+def _check_run(device: torch.device, compile_mode: str, data_parallel: bool, parallel, copied_buckets: bool) -> None:
     """What a graphed step cannot hold on this run (see the file docstring)."""
     if device.type != "cuda":
         raise ValueError(f"train.step_graph=on needs a CUDA device (this run is on {device.type}); set train.step_graph=off")
@@ -75,8 +83,13 @@ def _check_run(device: torch.device, compile_mode: str, data_parallel: bool, par
         raise ValueError("train.step_graph=on already graphs the whole step; use it with train.compile_mode=default, "
                          "not reduce-overhead (CUDA graphs of the compiled regions)")
     if data_parallel:
-        raise ValueError("train.step_graph=on graphs one process or a tensor-parallel group only (data-parallel "
-                         "gradient buckets are not captured); set train.step_graph=off for data-parallel runs")
+        raise ValueError("train.step_graph=on graphs data parallelism through the parallel engine (megaflow train "
+                         "under torchrun), not the one-process engine's after-backward reduction; set "
+                         "train.step_graph=off here")
+    if copied_buckets:
+        raise ValueError("train.step_graph=on graphs data-parallel gradient buckets that are slices of the flat fp32 "
+                         "main-gradient buffer (bf16 weights); this run's copy gradients (fp32 weights, train.param_dtype="
+                         "fp32) and read flags on the host; set train.step_graph=off or train.param_dtype=bf16")
     if parallel is not None:
         _check_layout(parallel)
 

@@ -26,8 +26,10 @@ Reduction is a SUM by default: the loss is normalised by GLOBAL counts (parallel
 so each rank's gradient is already its share of the global-batch gradient and the shares add up.
 `average=True` is for losses normalised per rank. `allreduce_gradients(params, group)` is the
 stateless one-call form (averages by default). `reduction_group` gives the buckets a communicator
-of their own on NCCL that runs on fewer SMs (parallel.dp_comm_ctas): the all-reduces overlap the
-backward, and every SM they hold is one the backward's kernels lack. Not here: ZeRO (parallel/zero.py).
+of their own on NCCL that runs on fewer SMs (parallel.dp_comm_ctas) or on a high-priority stream
+(parallel.dp_comm_priority): the all-reduces overlap the backward, and every SM they hold is one the
+backward's kernels lack. In-place buckets read nothing on the host, so `train.step_graph` captures them
+(megaflow/step_graph.py). Not here: ZeRO (parallel/zero.py).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megaflow.optim import weak_hook
 
 
 class _Bucket:
@@ -63,25 +67,33 @@ def _adjacent_slice(grads: list) -> Optional[torch.Tensor]:
     return base[start:spans[-1][0] + spans[-1][1]]
 
 
+def _fill(params: list, limit: int) -> list:
+    """`params` in order, cut into runs of one dtype and device of at most `limit` bytes (at least one each)."""
+    groups, cur, size = [], [], 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if cur and (p.dtype != cur[0].dtype or p.device != cur[0].device or size + nbytes > limit):
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += nbytes
+    return groups + [cur] if cur else groups
+
+
 class GradBuckets:
     """`params`: what gradient code works on (fp32 main weights under mixed precision, else the
-    parameters), in model order. `bucket_mb`: bucket size in MiB of gradient."""
+    parameters), in model order. `bucket_mb`: bucket size in MiB of gradient. `last_mb` > 0: the last
+    bucket holds only the first parameters of the model, at most `last_mb` MiB of them: their gradients
+    are ready last, so its all-reduce, the one nothing is left to overlap, is short (0: every bucket
+    up to `bucket_mb`)."""
 
-    def __init__(self, params, dp_group, bucket_mb: float = 25.0, average: bool = False):
+    def __init__(self, params, dp_group, bucket_mb: float = 25.0, average: bool = False, last_mb: float = 0.0):
         self.group, self.average = dp_group, average
         self.world = dist.get_world_size(dp_group) if dp_group is not None else 1
         params = [p for p in params if p.requires_grad]
-        limit = int(bucket_mb * 2 ** 20)
-        groups, cur, size = [], [], 0
-        for p in reversed(params):
-            nbytes = p.numel() * p.element_size()
-            if cur and (p.dtype != cur[0].dtype or p.device != cur[0].device or size + nbytes > limit):
-                groups.append(cur)
-                cur, size = [], 0
-            cur.append(p)
-            size += nbytes
-        if cur:
-            groups.append(cur)
+        first = _fill(params, int(last_mb * 2 ** 20))[0] if last_mb > 0 and params else []
+        first = first if sum(p.numel() * p.element_size() for p in first) <= last_mb * 2 ** 20 else []
+        groups = _fill(params[len(first):][::-1], int(bucket_mb * 2 ** 20)) + ([first[::-1]] if first else [])
         self.buckets = [_Bucket(g) for g in groups]
         self.where = {id(p): b for b in self.buckets for p in b.params}
         self.chunks, self.armed, self.counting, self.next = [], set(), False, 0  # overlap state (`attach`)
@@ -99,7 +111,8 @@ class GradBuckets:
         self.chunks = [[p for p in ps if p.requires_grad and id(main_of(p)) in self.where] for ps in chunks]
         for ps in self.chunks:
             for p in ps:
-                p.register_post_accumulate_grad_hook(self._hook(self.where[id(main_of(p))]))
+                index = self.buckets.index(self.where[id(main_of(p))])
+                p.register_post_accumulate_grad_hook(weak_hook(self, lambda buckets, q, i=index: buckets._ready(i, q)))
 
     def arm(self, chunk: int = 0) -> None:
         """The next backward over `chunk` is its last of this step: its gradients become final."""
@@ -111,16 +124,15 @@ class GradBuckets:
             self.counting, self.next, self.early = True, 0, 0
         self.armed.update(id(p) for p in self.chunks[chunk])
 
-    def _hook(self, bucket: _Bucket):
-        def ready(p: torch.Tensor) -> None:
-            if id(p) in self.armed:
-                self.armed.discard(id(p))  # counted once, even if a chunk is re-armed
-                bucket.pending -= 1
-                while self.next < len(self.buckets) and self.buckets[self.next].pending == 0:
-                    self._launch(self.buckets[self.next])
-                    self.next += 1
-                    self.early += 1
-        return ready
+    def _ready(self, index: int, p: torch.Tensor) -> None:
+        """Parameter `p` of bucket `index` has its gradient of this backward (a hook: see `attach`)."""
+        if id(p) in self.armed:
+            self.armed.discard(id(p))  # counted once, even if a chunk is re-armed
+            self.buckets[index].pending -= 1
+            while self.next < len(self.buckets) and self.buckets[self.next].pending == 0:
+                self._launch(self.buckets[self.next])
+                self.next += 1
+                self.early += 1
 
     # ----- the reduction ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,16 +185,21 @@ class GradBuckets:
         return f"GradBuckets({len(self.buckets)} buckets: {', '.join(sizes)}, dp={self.world})"
 
 
-def reduction_group(topo, max_ctas: int):
-    """The group the gradient buckets all-reduce over: `topo.dp_group`, or, on NCCL with max_ctas > 0,
-    a copy of it whose communicator launches at most `max_ctas` CTAs (one SM each) per collective
-    (NCCL's per-communicator maxCTAs, as Megatron's communicator configs set it). Every rank must call
-    it, with the same value (it creates one group per data-parallel group, as Topology does)."""
-    if max_ctas <= 0 or topo.dp_group is None or topo.dp == 1 or dist.get_backend(topo.dp_group) != "nccl":
+def reduction_group(topo, max_ctas: int, high_priority: bool = False):
+    """The group the gradient buckets all-reduce over: `topo.dp_group`, or, on NCCL with max_ctas > 0 or
+    high_priority, a copy of it whose communicator launches at most `max_ctas` CTAs (one SM each) per
+    collective (NCCL's per-communicator maxCTAs, as Megatron's communicator configs set it) and whose
+    stream has the device's highest priority (the all-reduce's kernels are scheduled ahead of the
+    backward's when both wait for SMs; a CUDA graph keeps that priority per kernel: torch instantiates
+    graphs with cudaGraphInstantiateFlagUseNodePriority). Every rank must call it, with the same values
+    (it creates one group per data-parallel group, as Topology does)."""
+    if (max_ctas <= 0 and not high_priority) or topo.dp_group is None or topo.dp == 1 or \
+            dist.get_backend(topo.dp_group) != "nccl":
         return topo.dp_group
-    options = dist.ProcessGroupNCCL.Options()
-    options.config.max_ctas = max_ctas
-    options.config.min_ctas = 1
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=high_priority)
+    if max_ctas > 0:
+        options.config.max_ctas = max_ctas
+        options.config.min_ctas = 1
     mine = None
     for ranks in topo.dp_rank_lists():
         group = dist.new_group(ranks, pg_options=options)

@@ -109,8 +109,8 @@ class ParallelEngine:
         self.counted = {id(self.weights.main_of(p)): counted[id(p)] for p in params}
         if tied is not None and tied.group is not None and self.weights.mixed:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
-        self.buckets = GradBuckets(self.params, reduction_group(topo, pcfg.dp_comm_ctas),
-                                   bucket_mb=bucket_mb or pcfg.bucket_mb)
+        self.buckets = GradBuckets(self.params, reduction_group(topo, pcfg.dp_comm_ctas, pcfg.dp_comm_priority),
+                                   bucket_mb=bucket_mb or pcfg.bucket_mb, last_mb=pcfg.last_bucket_mb)
         if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
@@ -122,13 +122,14 @@ class ParallelEngine:
         # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and
         # compiled TP=2 trains on eager TP=2's losses on 2 H200s (docs/benchmarks.md, issue 17)
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
-        # train.step_graph=on: the whole TP step as one CUDA graph (megaflow/step_graph.py: dp = pp = 1, the
-        # TP group's NCCL collectives captured in it; torch's fused capturable AdamW with its lr on the device:
-        # the graphed TP step was measured with it; the flat kernel captures in PlainEngine's graph, not yet
-        # measured in this one)
+        # train.step_graph=on: the whole step as one CUDA graph (megaflow/step_graph.py: pp = 1; the TP group's
+        # and the data-parallel buckets' NCCL collectives captured in it, the buckets in place: bf16 weights).
+        # TP-only layouts step torch's fused capturable AdamW with its lr on the device (the graphed TP step was
+        # measured with it); data-parallel ones keep the flat kernel, as their eager step does
         self.graph = None
-        if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, topo.dp > 1, pcfg):
-            self.weights.flat_step = False
+        copied = topo.dp > 1 and any(b.copied for b in self.buckets.buckets)
+        if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, parallel=pcfg, copied_buckets=copied):
+            self.weights.flat_step = self.weights.flat_step and topo.dp > 1
             self.graph = StepGraph(self._step, self.optimizer, device)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:

@@ -44,6 +44,8 @@ class ParallelConfig:
     overlap: bool = True  # overlap communication with compute: DP buckets reduced during backward, PP receives posted ahead
     bucket_mb: float = 200.0  # data-parallel gradient bucket (MiB of fp32 gradients) of one all-reduce, without ZeRO (on 2 H200s DP2 weak scaling 94.5-95.3% at 200 vs 90.7-91.2% at 25: fewer all-reduces take less from the backward they overlap, docs/benchmarks.md)
     dp_comm_ctas: int = 0  # NCCL: at most this many CTAs (SMs) run the data-parallel gradient all-reduce, leaving the rest to the backward it overlaps (0 = NCCL's choice; 8 was slower on 2 H200s: the all-reduces stretch past the backward)
+    last_bucket_mb: float = 0.0  # > 0: the last data-parallel bucket holds only the model's first parameters, at most this many MiB (their gradients are ready last: its all-reduce is the one backward cannot hide); 0 = every bucket up to bucket_mb (40 gained nothing for h200_1b's graphed DP2 on 2 H200s, docs/benchmarks.md)
+    dp_comm_priority: bool = False  # NCCL: the data-parallel gradient all-reduce runs on a high-priority stream (its kernels scheduled ahead of the backward's; kept per kernel inside train.step_graph's CUDA graph; no gain for h200_1b's DP2 on 2 H200s)
     timeout_s: float = 600.0  # seconds a collective or the start-up rendezvous waits for the other ranks before the run fails (a dead or hung rank ends the job)
 
     def __post_init__(self):
@@ -85,6 +87,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.bucket_mb={self.bucket_mb} must be > 0 (MiB per gradient all-reduce)")
         if self.dp_comm_ctas < 0:
             raise ValueError(f"parallel.dp_comm_ctas={self.dp_comm_ctas} must be >= 0 (0 = NCCL's choice)")
+        if self.last_bucket_mb < 0:
+            raise ValueError(f"parallel.last_bucket_mb={self.last_bucket_mb} must be >= 0 (0 = no smaller last bucket)")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.zero_stage not in (0, 1, 2, 3):

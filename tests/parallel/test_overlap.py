@@ -13,7 +13,9 @@ all-reduce in flight while the weight gradient's GEMM runs). The step read is th
 the fused AdamW capturable): a host read there would break the capture.
 """
 import dataclasses
+import gc
 import traceback
+import weakref
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ from tests.parallel.test_pp_dist import _config
 ROWS = 8
 
 
-def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool):
+def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False):
     from parallel.engine import ParallelEngine
     from parallel.runtime import build_stages
     mcfg = _config(4, tie=pp > 1)
@@ -38,7 +40,7 @@ def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool):
                                    dtype="bf16" if bf16 else "fp32", param_dtype="bf16" if bf16 else "fp32"),
                  parallel=ParallelConfig(pp=pp, schedule=schedule, virtual_stages=v, micro_batches=m,
                                          overlap=overlap))
-    topo = Topology(pp=pp)
+    topo = Topology(pp=pp) if not one_process else Topology(rank=0, world_size=1)
     model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, None, 48)
     engine = ParallelEngine(stages, cfg, torch.bfloat16 if bf16 else None, topo, tied, bucket_mb=0.004)
     return engine, topo
@@ -115,6 +117,68 @@ def test_dp2_engine_steps_the_flat_adamw_like_torch_adamw():
     added, what no backward reached zeroed) and all-reduced in place during backward at DP=2, 2 steps
     (clipped, changing lr) give torch's AdamW's weights, and the bf16 weights are the main ones rounded."""
     assert all(run_distributed(_flat_vs_torch_adamw, 2))
+
+
+def _dp2_as_captured(rank, world):
+    mcfg = _config(4)
+    batch = make_batch(mcfg, ROWS, 48)
+    noise = make_noise(mcfg, batch)
+    out, alive = {}, []
+    for layout in ("one", "eager", "captured"):
+        engine, topo = _engine(True, 1, "1f1b", 1, 2, True, one_process=layout == "one")
+        alive.append(weakref.ref(engine.weights.model_params[0]))  # a bf16 weight the gradient hooks sit on
+        for group in engine.optimizer.param_groups:  # as on CUDA: the fused AdamW's skip and clip stay on the device,
+            group["fused"] = True                    # and the engine steps the flat kernel (the graph keeps it)
+        engine.optimizer.defaults["fused"] = engine.weights.flat_step = True
+        rows = slice(topo.dp_rank * ROWS // topo.dp, (topo.dp_rank + 1) * ROWS // topo.dp)
+        part = ({k: t[rows] for k, t in batch.items()}, noise[rows], None)
+        spy, losses, grads = _HostReads(), [], None
+        for step in range(2):
+            if step == 1:
+                grads = [p.grad.clone() for p in engine.params]
+            lr = 1e-3 * (step + 1)
+            if layout != "captured":
+                losses.append(engine.train_step(*part, lr)["loss"])
+                continue
+            for group in engine.optimizer.param_groups:  # what megaflow/step_graph.py's StepGraph sets
+                group["capturable"] = True
+            with spy:  # the step function the graph captures: its lr a 0-d tensor
+                losses.append(engine._step(*part, torch.tensor(lr))["loss"])
+        out[layout] = dict(losses=[float(x) for x in losses], weights=engine.model_state_dict(), reads=spy.reads,
+                           grads=grads,
+                           copied=sum(b.copied for b in engine.buckets.buckets), early=engine.buckets.early,
+                           world=engine.buckets.world)
+        del engine
+        gc.collect()
+    # the engines are freed with their weights: the hooks hold them weakly (Python's gc does not look into a
+    # tensor's hooks, so a hook that held its engine kept it, and each ParallelEngine of a bench run stayed on the GPU)
+    assert [ref() for ref in alive] == [None] * 3
+    one, eager, captured = out["one"], out["eager"], out["captured"]
+    assert one["world"] == 1 and captured["world"] == 2 and captured["copied"] == 0 and captured["early"] > 0, out
+    assert captured["reads"] == [], captured["reads"]
+    assert captured["losses"] == eager["losses"], (captured["losses"], eager["losses"])
+    for k, w in eager["weights"].items():
+        assert torch.equal(captured["weights"][k], w), k
+    # against one process on the whole batch: bf16 GEMMs over 4 rows vs 8 round differently, nothing else differs
+    # (weights are not compared: AdamW turns a rounding-sized gradient of either sign into a whole +-lr step)
+    torch.testing.assert_close(captured["losses"], one["losses"], rtol=1e-4, atol=0)
+    # the step's DP-summed fp32 gradients: the whole and each tensor within 2% and 3% (a reduction that lost or
+    # doubled a rank's share would be off by ~50-100%)
+    diff = [(a - b).norm() for a, b in zip(captured["grads"], one["grads"])]
+    norm = [b.norm() for b in one["grads"]]
+    assert torch.stack(diff).norm() <= 2e-2 * torch.stack(norm).norm(), (torch.stack(diff).norm(), torch.stack(norm).norm())
+    assert all(d <= 3e-2 * n + 1e-7 for d, n in zip(diff, norm)), max(float(d / n) for d, n in zip(diff, norm) if n > 0)
+    return True
+
+
+def test_dp2_step_as_the_graph_captures_it_reads_nothing_back_and_equals_one_process():
+    """train.step_graph=on graphs data-parallel layouts (megaflow/step_graph.py): the step function it captures,
+    run eagerly at DP=2 over gloo (bf16 weights: every bucket a slice of the flat fp32 gradient buffer, reduced
+    in place during backward; 2 micro-batches; the flat AdamW with the lr a 0-d tensor and capturable groups),
+    reads no tensor value back to the host (a read there breaks the capture), equals the eager step bitwise
+    (losses, weights after 2 steps) and equals one process on the whole batch (to bf16 GEMM rounding). And an
+    engine, once dropped, is freed with its weights (its gradient hooks hold it weakly)."""
+    assert all(run_distributed(_dp2_as_captured, 2))
 
 
 # ----- tensor parallelism: async TP and host read-backs ----------------------------------------------------
@@ -233,3 +297,30 @@ def test_main_gradients_written_then_added_equal_zero_then_add(deferred):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in last)
     for p, w in zip([p for layer in model[:2] for p in layer.parameters()], want):
         assert torch.equal(weights.main_of(p).grad, w)
+
+
+def test_last_bucket_holds_only_the_first_parameters():
+    """parallel.last_bucket_mb: buckets fill in reverse model order (the order backward makes gradients ready),
+    and with last_mb the LAST bucket holds only the model's first parameters (ready last), at most last_mb MiB, so
+    the all-reduce left after backward is short; every bucket stays a slice of the flat gradient buffer. Without
+    it the layout is the plain reverse fill (the last bucket whatever is left, here 4 of 6 parameters)."""
+    from parallel.data_parallel import GradBuckets
+    sizes = [1, 1, 2, 4, 4, 4]  # x 2**16 fp32 elements = 0.25 MiB each
+    flat = torch.zeros(sum(sizes) * 2 ** 16)
+    params, off = [], 0
+    for n in sizes:
+        p = torch.zeros(n * 2 ** 16, requires_grad=True)
+        p.grad = flat[off:off + n * 2 ** 16]
+        params.append(p)
+        off += n * 2 ** 16
+    index = {id(p): i for i, p in enumerate(params)}
+
+    def layout(**kw):
+        buckets = GradBuckets(params, None, bucket_mb=2.0, **kw).buckets
+        assert all(not b.copied for b in buckets)
+        return [sorted(index[id(p)] for p in b.params) for b in buckets]
+
+    assert layout() == [[4, 5], [0, 1, 2, 3]]  # 2 MiB each: 1 + 1, then 1 + 0.5 + 0.25 + 0.25
+    assert layout(last_mb=1.0) == [[4, 5], [3], [0, 1, 2]]  # the first 1 MiB of the model (0.25 + 0.25 + 0.5) last
+    assert layout(last_mb=0.3) == [[4, 5], [1, 2, 3], [0]]
+    assert layout(last_mb=0.1) == layout()  # the first parameter alone is larger: no smaller bucket

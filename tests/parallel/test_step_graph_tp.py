@@ -1,10 +1,13 @@
 """train.step_graph=on for multi-process layouts (megaflow/step_graph.py, parallel/engine.py): tensor
-parallelism without data or pipeline parallelism is graphed (with or without SP, async TP without SP,
-micro-batches, torch-backend FP8); pipelines, ZeRO, Transformer Engine and the symmetric-memory routes
-of TP are refused with one ValueError naming the setting; ParallelEngine and ZeroEngine check the
-setting where they are built (before, both ignored it silently). On CPU: the contract only; that the
-step function the graph captures reads nothing back to the host is tests/parallel/test_overlap.py's
-TP=2 test, and graphed TP steps against eager ones are measured on GPUs (tools/device/h200x2_tp.sh graph).
+parallelism, data parallelism and both, without pipeline parallelism, are graphed (TP with or without SP,
+async TP without SP, micro-batches, torch-backend FP8; DP with its gradient buckets in place, their
+priority stream or smaller last bucket); pipelines, ZeRO, Transformer Engine, the symmetric-memory routes
+of TP, data-parallel buckets that copy gradients (fp32 weights) and PlainEngine's data-parallel path are
+refused with one ValueError naming the setting; 'auto' graphs where 'on' would, so DP2 is graphed;
+ParallelEngine and ZeroEngine check the setting where they are built. On CPU: the contract only; that the
+step functions the graph captures read nothing back to the host is tests/parallel/test_overlap.py's TP=2
+and DP=2 tests, and graphed steps against eager ones are measured on GPUs (tools/device/h200x2_tp.sh graph,
+tools/device/h200x2_dp.sh).
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 GRAPHED = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(tp=2, async_tp=True), dict(tp=2, micro_batches=2),
-           dict(tp=2, fp8="current", fp8_backend="torch")]
+           dict(tp=2, fp8="current", fp8_backend="torch"),
+           # data parallelism (dp = world / (tp x pp) is not a ParallelConfig field: these hold for any world size)
+           dict(), dict(micro_batches=4), dict(overlap=False), dict(dp_comm_priority=True, last_bucket_mb=40.0)]
 REFUSED = [(dict(tp=2, pp=2), r"parallel.pp=2"), (dict(tp=2, zero_stage=1), r"parallel.zero_stage=1"),
            (dict(tp=2, backend="te"), r"parallel.backend='te'"),
            (dict(tp=2, tp_all_reduce="symm"), r"parallel.tp_all_reduce='symm'"),
@@ -55,7 +60,8 @@ def test_auto_graphs_where_on_would_and_says_why_not_elsewhere(fields, message, 
     assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(**fields)) is False
     assert any(message.replace("\\", "") in r.getMessage() for r in caplog.records), caplog.text
     assert check_step_graph("auto", torch.device("cpu")) is False
-    assert check_step_graph("auto", torch.device("cuda"), data_parallel=True) is False
+    assert check_step_graph("auto", torch.device("cuda"), data_parallel=True) is False  # PlainEngine's DP path
+    assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig()) is True  # DP2 (ParallelEngine)
     with pytest.raises(ValueError, match="must be one of"):
         check_step_graph("yes", torch.device("cuda"))
 
@@ -78,3 +84,16 @@ def test_parallel_engine_checks_the_setting():
     assert ParallelEngine(stages, off, None, topo, tied).graph is None
     with pytest.raises(ValueError, match="needs a CUDA device"):
         ZeroEngine(None, cfg, None, topo, stages=stages, tied=tied)
+
+
+def test_data_parallel_buckets_that_copy_gradients_are_refused(caplog):
+    """Graphed DP needs every gradient bucket to be a slice of the flat fp32 main-gradient buffer (bf16 weights);
+    buckets that copy gradients (fp32 weights) read flags on the host: refused by name, and 'auto' says why."""
+    caplog.set_level("INFO", logger="megaflow")
+    with pytest.raises(ValueError, match=r"train.step_graph=on graphs data-parallel gradient buckets .*param_dtype=fp32"
+                                         r".*set train.step_graph=off or train.param_dtype=bf16"):
+        check_step_graph("on", torch.device("cuda"), parallel=ParallelConfig(), copied_buckets=True)
+    assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(), copied_buckets=True) is False
+    assert any("copy gradients (fp32 weights" in r.getMessage() for r in caplog.records), caplog.text
+    with pytest.raises(ValueError, match="through the parallel engine"):
+        check_step_graph("on", torch.device("cuda"), data_parallel=True)

@@ -1,7 +1,7 @@
 """train.step_graph (megaflow/step_graph.py): the whole training step as one CUDA graph.
 
 - the setting is checked where the run is built: an unknown value, a CPU run, reduce-overhead
-  compilation and data parallelism each fail with one line naming the setting;
+  compilation and PlainEngine's data parallelism each fail with one line naming the setting;
 - on CUDA (skipped elsewhere), graphed steps are the eager steps: the same losses, step by step
   (earlier steps' returned values are not overwritten by later replays), the same fp32 main
   weights after a learning-rate schedule, with and without packed-document masks, with the flat
@@ -37,8 +37,8 @@ def test_step_graph_settings_are_checked():
         check_step_graph("maybe", cuda)
     with pytest.raises(ValueError, match="reduce-overhead"):
         check_step_graph("on", cuda, compile_mode="reduce-overhead")
-    with pytest.raises(ValueError, match="data-parallel gradient buckets are not captured"):
-        check_step_graph("on", cuda, data_parallel=True)
+    with pytest.raises(ValueError, match="not the one-process engine's after-backward reduction"):
+        check_step_graph("on", cuda, data_parallel=True)  # PlainEngine's DP path (the parallel engine's is graphed)
     cfg = run_config(compile="off", step_graph="on")
     with pytest.raises(ConfigError, match="train.step_graph=on needs a CUDA device"):
         PlainEngine(build_model(cfg.model, seed=0), cfg, None)
