@@ -6,6 +6,9 @@
 #   bash tools/device/h200x2_tp.sh final BASE     # call 2: the tree at BASE (before) and this tree (after)
 #   NOCACHE=1 bash tools/device/h200x2_tp.sh graph  # TP2 and one GPU, each without and with the step as one CUDA graph:
 #                                   # 5 timed steps after 3 (2 eager + the capture); a 3-line SUMMARY
+#   NOCACHE=1 bash tools/device/h200x2_tp.sh graphed BASE  # round 5: this tree's graphed TP2 / TP2+SP rows (NCCL and
+#                                   # tp_all_reduce=symm, one graphed step profiled per rank) and the graphed one GPU,
+#                                   # then the tree at BASE's graphed TP2 / TP2+SP (before); SUMMARY lines from the logs
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
 # written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
 # $CACHE/inductor.tgz.* (CACHE=.cache unless set; copy the parts there and carry them in the next call): a warm cache turns each
@@ -76,6 +79,28 @@ if eager and graph:
     print(f"SUMMARY graph vs eager: {eager['step_s'] / graph['step_s']:.2f}x faster; last losses differ by "
           f"{abs(graph['loss'] - eager['loss']) / abs(eager['loss']):.1e} (relative; bf16 rounding ~1e-3), the loss "
           f"fell by {eager['loss0'] - eager['loss']:.4f} eager and {graph['loss0'] - graph['loss']:.4f} graphed")
+EOF
+  ;;
+graphed)  # issue 17 round 5 (helper tp3): after first (most important row first), then before; each part its own limit
+  G="train.step_graph=on"; S="parallel.tp_all_reduce=symm"
+  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS="${PROFILE_ROWS:-tp2@$G,tp2@$G;$S,tp2sp@$G;$S}" \
+    bench . after "${AFTER:-tp2@$G,one,tp2@$G;$S,tp2sp@$G;$S,tp2sp@$G}" ${AFTER_S:-120} "--top 12"
+  summary_profiles after
+  [ -n "$2" ] && STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none \
+    bench "$2" before "${BEFORE:-tp2@$G,tp2sp@$G}" ${BEFORE_S:-40}
+  python3 - $OUT/after.log $OUT/before.log <<'EOF'
+import re, sys
+rows = {}  # (tree, row) -> step ms, from the rows' progress lines (a part cut by its limit keeps what it printed)
+for path, tree in zip(sys.argv[1:], ("after", "before")):
+    try:
+        for m in re.finditer(r"^(\S+): step ([\d.]+) ms, first loss ([\d.]+), loss ([\d.]+)", open(path).read(), re.M):
+            rows[tree, m[1]] = (float(m[2]), m[3], m[4])
+    except OSError:
+        pass
+one = rows.get(("after", "one"))
+for (tree, row), (ms, l0, l1) in rows.items():
+    eff = f"; efficiency {one[0] / (2 * ms):.1%} of the graphed one GPU's {one[0]:.1f} ms" if one and row != "one" else ""
+    print(f"SUMMARY {tree:6s} {row}: {ms:.1f} ms{eff}; first loss {l0}, after the timed steps {l1}")
 EOF
   ;;
 esac
