@@ -83,8 +83,8 @@ EOF
   ;;
 graphed)  # issue 17 round 5 (helper tp3): after first (most important row first), then before; each part its own limit
   G="train.step_graph=on"; S="parallel.tp_all_reduce=symm"
-  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS="${PROFILE_ROWS:-tp2@$G,tp2@$G;$S,tp2sp@$G;$S}" \
-    bench . after "${AFTER:-tp2@$G,one,tp2@$G;$S,tp2sp@$G;$S,tp2sp@$G}" ${AFTER_S:-120} "--top 12"
+  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS="${PROFILE_ROWS:-tp2@$G,tp2@$G;$S,tp2sp@$G}" \
+    bench . after "${AFTER:-tp2@$G,one,tp2@$G;$S,tp2sp@$G,tp2sp@$G;$S,tp2@$G;$S;parallel.async_tp=true}" ${AFTER_S:-120} "--top 12"
   summary_profiles after
   [ -n "$2" ] && STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none \
     bench "$2" before "${BEFORE:-tp2@$G,tp2sp@$G}" ${BEFORE_S:-40}
