@@ -81,26 +81,42 @@ if eager and graph:
           f"fell by {eager['loss0'] - eager['loss']:.4f} eager and {graph['loss0'] - graph['loss']:.4f} graphed")
 EOF
   ;;
-graphed)  # issue 17 round 5 (helper tp3): after first (most important row first), then before; each part its own limit
+graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all started together (tools/bench_turns.py:
+  # they compile side by side, then take turns on the GPUs); rows of this tree (after) and of BASE (before, run
+  # with this tree's bench script); a row's line prints as it ends; each process under LIMIT s
   G="train.step_graph=on"; S="parallel.tp_all_reduce=symm"
-  STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS="${PROFILE_ROWS:-tp2@$G,tp2@$G;$S,tp2sp@$G}" \
-    bench . after "${AFTER:-tp2@$G,one,tp2@$G;$S,tp2sp@$G,tp2sp@$G;$S,tp2@$G;$S;parallel.async_tp=true}" ${AFTER_S:-120} "--top 12"
-  summary_profiles after
-  [ -n "$2" ] && STEPS=${STEPS:-5} WARMUP=${WARMUP:-3} PROFILE_ROWS=none \
-    bench "$2" before "${BEFORE:-tp2@$G,tp2sp@$G}" ${BEFORE_S:-40}
-  python3 - $OUT/after.log $OUT/before.log <<'EOF'
-import re, sys
-rows = {}  # (tree, row) -> step ms, from the rows' progress lines (a part cut by its limit keeps what it printed)
-for path, tree in zip(sys.argv[1:], ("after", "before")):
-    try:
-        for m in re.finditer(r"^(\S+): step ([\d.]+) ms, first loss ([\d.]+), loss ([\d.]+)", open(path).read(), re.M):
-            rows[tree, m[1]] = (float(m[2]), m[3], m[4])
-    except OSError:
-        pass
+  AFTER_ROWS=${AFTER:-"tp2@$G one tp2@$G;$S tp2sp@$G tp2sp@$G;$S"}; BEFORE_ROWS=${BEFORE:-"tp2@$G tp2sp@$G"}
+  PROFILED=${PROFILED:-"tp2@$G tp2@$G;$S tp2sp@$G"}
+  [ -n "$2" ] && cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/" || BEFORE_ROWS=""
+  n=$(( $(echo $AFTER_ROWS | wc -w) + $(echo $BEFORE_ROWS | wc -w) )); i=0
+  rm -rf /tmp/turns /tmp/rows; mkdir -p /tmp/turns /tmp/rows
+  one_row() {  # tree, name, row
+    local prof=0; case " $PROFILED " in *" $3 "*) [ "$1" = . ] && prof=1;; esac
+    (cd "$1" && TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 timeout ${LIMIT:-150} \
+       torchrun --master_port $((29600 + i)) --nproc_per_node 2 tools/bench_scaling.py --config configs/h200_1b.yaml \
+       --rows 8 --steps 5 --warmup 3 --profile $prof --top 12 --turns /tmp/turns --turns-n $n \
+       --turns-wait ${WAIT:-110} --json /tmp/rows/$2.json --modes "$3" > /tmp/rows/$2.log 2>&1)
+    echo "== $2 [$3] ended at $(( $(date +%s) - T0 )) s: $(grep -a 'step .* ms, first loss' /tmp/rows/$2.log || \
+      grep -a 'failed:\|Error' /tmp/rows/$2.log | grep -v Warning | head -2 | cut -c1-300)"
+  }
+  for row in $AFTER_ROWS; do one_row . "after$i" "$row" & i=$((i + 1)); done
+  for row in $BEFORE_ROWS; do one_row "$2" "before$i" "$row" & i=$((i + 1)); done
+  wait
+  for f in /tmp/rows/after*.log; do grep -a -B1 -A4 "^| rank |" $f | head -12; grep -a -A14 "Name .*Self CUDA" $f | head -16; done
+  grep -a -c "Graph break" /tmp/rows/*.log | tr '\n' ' '; echo "(graph breaks per row log)"
+  tar czf $OUT/rows.tgz -C /tmp rows
+  python3 - /tmp/rows <<'EOF'
+import json, pathlib, sys
+rows = {}  # (tree, row) -> its json row
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    for r in json.loads(f.read_text())["rows"]:
+        rows["after" if f.name.startswith("after") else "before", r["mode"]] = r
 one = rows.get(("after", "one"))
-for (tree, row), (ms, l0, l1) in rows.items():
-    eff = f"; efficiency {one[0] / (2 * ms):.1%} of the graphed one GPU's {one[0]:.1f} ms" if one and row != "one" else ""
-    print(f"SUMMARY {tree:6s} {row}: {ms:.1f} ms{eff}; first loss {l0}, after the timed steps {l1}")
+for (tree, mode), r in rows.items():
+    ms = r["step_s"] * 1e3
+    eff = f"; {one['step_s'] / (2 * r['step_s']):.1%} of the graphed one GPU's {one['step_s'] * 1e3:.1f} ms" if one and mode != "one" else ""
+    print(f"SUMMARY {tree:6s} {mode}: {ms:.1f} ms{eff}; first loss {r['loss0']:.4f}, after the timed steps {r['loss']:.4f}; "
+          f"reserved {max(x['reserved_GiB'] for x in r['ranks']):.1f} GiB; graphed {r['graphed']}")
 EOF
   ;;
 esac
