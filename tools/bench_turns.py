@@ -32,6 +32,8 @@ class Turns:
         self.dir, self.n, self.wait_s = Path(path) if path else None, n, wait_s
         self.id = os.environ.get("MASTER_PORT", str(os.getpid()))  # one per torchrun
         self.turn, self.lock = 0, None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def _sync(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
