@@ -15,11 +15,7 @@ that keeps gradients exact:
 
 `all_reduce` (copy_to_tp's backward, reduce_from_tp's forward) runs NCCL's functional all-reduce, or,
 for a group given to `use_symm_all_reduce` (parallel.tp_all_reduce='symm'), `symm_all_reduce`: torch's
-symmetric-memory two-shot all-reduce behind one custom op; on such a group `all_gather` and
-`reduce_scatter` (sequence parallelism's) run torch's symmetric-memory copy-engine all-gather and
-reduce-scatter (`symm_all_gather`, `symm_reduce_scatter`), also custom ops. All three capture in a
-CUDA graph (train.step_graph) once their buffers exist; being opaque to inductor, they are not fused
-with GEMMs by async TP's micro-pipeline pass (parallel/async_tp.py), which matches NCCL's ops only.
+symmetric-memory two-shot all-reduce behind one custom op.
 
 Async TP under torch.compile (parallel/async_tp.py) keeps the gathered tokens in "rows" order: the
 all-gather of (B, T / n, D) along dim 0 gives (n B, T / n, D), rank r's tokens in rows r B..(r+1) B,
@@ -77,66 +73,18 @@ def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     dynamo refuses to trace, so every sequence-parallel gather inside a compiled block was a graph
     break (compiled TP2+SP ran 2x slower than TP2 on 2 H200s; docs/benchmarks.md, issue 17)."""
     dim = dim % x.dim()
-    if _symm(group, x):
-        y = torch.ops.megaflow.symm_all_gather(x.contiguous(), group.group_name)  # (n * x.shape[0], ...)
-    else:
-        y = _done(_all_gather(x.contiguous(), 0, group))  # (n * x.shape[0], ...): rank r's x at rows r*B..
+    y = _done(_all_gather(x.contiguous(), 0, group))  # (n * x.shape[0], ...): rank r's x at rows r*B..
     return y if dim == 0 else torch.cat(y.chunk(group_size(group), 0), dim)
 
 
-_SYMM_GROUPS: set = set()  # names of the groups whose collectives go through symmetric memory (use_symm_all_reduce)
+_SYMM_GROUPS: set = set()  # names of the groups whose all-reduces go through symmetric memory (use_symm_all_reduce)
 _symm_buffers: dict = {}  # (group name, shape, dtype, device) -> this rank's persistent symmetric buffer
 
 
 def use_symm_all_reduce(group, on: bool = True) -> None:
-    """Route `all_reduce`, `all_gather` and `reduce_scatter` on `group` (CUDA tensors) through torch's
-    symmetric memory from now on (or not, `on=False`): the caller has checked that the group can
-    (async_tp.enable_symm_all_reduce)."""
+    """Route `all_reduce` on `group` (CUDA tensors) through torch's symmetric memory from now on (or
+    not, `on=False`): the caller has checked that the group can (async_tp.enable_symm_all_reduce)."""
     (_SYMM_GROUPS.add if on else _SYMM_GROUPS.discard)(group.group_name)
-
-
-def _symm(group, x: torch.Tensor) -> bool:
-    return bool(_SYMM_GROUPS) and x.is_cuda and group.group_name in _SYMM_GROUPS
-
-
-@torch.library.custom_op("megaflow::symm_all_gather", mutates_args=())
-def symm_all_gather(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """The ranks' `x` stacked along dim 0, (n B, ...), through torch's symmetric memory
-    (`_low_contention_all_gather`: each rank copies the peers' slices out of their symmetric workspace
-    with the copy engines, between two peer barriers, no NCCL kernel holding SMs). Capturable once its
-    workspace exists (made in eager use). Where symmetric memory fails: NCCL / gloo, the same tensor."""
-    if x.is_cuda:
-        try:
-            return torch.ops.symm_mem._low_contention_all_gather(x, group_name).flatten(0, 1)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            pass
-    return _done(_all_gather(x, 0, group_name)).clone()
-
-
-@symm_all_gather.register_fake
-def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    n = dist.get_world_size(_resolve_process_group(group_name))
-    return x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
-
-
-@torch.library.custom_op("megaflow::symm_reduce_scatter", mutates_args=())
-def symm_reduce_scatter(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """This rank's slice along dim 0 of the sum of `x` over the group, (n B, ...) -> (B, ...), through
-    torch's symmetric memory (`_low_contention_reduce_scatter`), as symm_all_gather."""
-    if x.is_cuda:
-        try:
-            return torch.ops.symm_mem._low_contention_reduce_scatter(x, "sum", group_name)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            pass
-    return _done(_reduce_scatter(x, "sum", 0, group_name)).clone()
-
-
-@symm_reduce_scatter.register_fake
-def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    n = dist.get_world_size(_resolve_process_group(group_name))
-    return x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
 
 
 @torch.library.custom_op("megaflow::symm_all_reduce", mutates_args=())
@@ -176,7 +124,7 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if _symm(group, x):
+    if _SYMM_GROUPS and group.group_name in _SYMM_GROUPS and x.is_cuda:
         return torch.ops.megaflow.symm_all_reduce(x.contiguous(), group.group_name)
     return _done(funcol.all_reduce(x.contiguous(), "sum", group))
 
@@ -185,11 +133,7 @@ def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = group_size(group)
     if x.shape[dim] % n:
         raise ValueError(f"sequence length {x.shape[dim]} is not divisible by the tensor-parallel degree {n}")
-    dim = dim % x.dim()
-    if _symm(group, x):  # along dim 0: the n slices of `dim` stacked first, (n, ..., shape[dim] / n, ...)
-        stacked = x.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous()
-        return torch.ops.megaflow.symm_reduce_scatter(stacked, group.group_name).squeeze(0)
-    return _done(_reduce_scatter(x.contiguous(), "sum", dim, group))
+    return _done(_reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group))
 
 
 def rows_to_seq(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel degree (stages)
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
     async_tp: bool = False  # overlap TP collectives with GEMMs (parallel/async_tp.py): with sequence_parallel each all-gather / reduce-scatter with its GEMM; without, each column-parallel layer's input-gradient all-reduce with its weight-gradient GEMM
-    tp_all_reduce: str = "nccl"  # TP's critical-path all-reduces (and SP's all-gathers / reduce-scatters) on CUDA: 'nccl', or 'symm' (torch's symmetric-memory two-shot all-reduce and copy-engine all-gather / reduce-scatter over NVLink, parallel/comm.py; capturable by train.step_graph)
+    tp_all_reduce: str = "nccl"  # TP's critical-path all-reduces on CUDA: 'nccl', or 'symm' (torch's two-shot symmetric-memory all-reduce over NVLink, parallel/comm.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling
     fp8_backend: str = "te"  # who runs FP8: 'te' (Transformer Engine layers, backend 'te') or 'torch' (torch._scaled_mm linears compiled with the blocks, backend 'local', scaling 'current'; megaflow/fp8.py)

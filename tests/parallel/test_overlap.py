@@ -141,19 +141,8 @@ def _tp2_sp(rank, world, sp: bool):
     from parallel.comm import symm_all_reduce  # noqa: F401  (registers megaflow::symm_all_reduce)
     from parallel.runtime import build_engine, build_stages
     from tests.parallel.test_tp import reference
-    x = torch.arange(6.0) * (rank + 1)  # parallel.tp_all_reduce=symm's ops; on CPU their NCCL/gloo fallbacks
-    name = dist.group.WORLD.group_name
-    assert torch.equal(torch.ops.megaflow.symm_all_reduce(x, name), torch.arange(6.0) * 3)
-    both = torch.cat([torch.arange(6.0), torch.arange(6.0) * 2])  # (2 x 6,): rank 0's rows, then rank 1's
-    assert torch.equal(torch.ops.megaflow.symm_all_gather(x, name), both)
-    assert torch.equal(torch.ops.megaflow.symm_reduce_scatter(both * (rank + 1), name), both.chunk(2)[rank] * 3)
-    import parallel.comm as comm  # SP's gather / reduce-scatter along T routed through those ops (CUDA only: forced here)
-    h = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(rank))  # (B, T, D)
-    plain = comm.all_gather(h, dist.group.WORLD, 1), comm.reduce_scatter(h, dist.group.WORLD, 1)
-    symm, comm._symm = comm._symm, lambda group, x: True
-    routed = comm.all_gather(h, dist.group.WORLD, 1), comm.reduce_scatter(h, dist.group.WORLD, 1)
-    comm._symm = symm
-    assert all(torch.equal(a, b) for a, b in zip(plain, routed)) and routed[1].shape == (2, 2, 3)
+    x = torch.arange(6.0) * (rank + 1)  # parallel.tp_all_reduce=symm's op; on CPU its NCCL/gloo fallback
+    assert torch.equal(torch.ops.megaflow.symm_all_reduce(x, dist.group.WORLD.group_name), torch.arange(6.0) * 3)
     mcfg, ref = reference()
     batch = make_batch(mcfg, 2, 48)
     noise = make_noise(mcfg, batch)
