@@ -27,13 +27,12 @@ the same order, and the eager warm-up steps have made the NCCL communicator befo
 NCCL watchdog queries its events in thread-local capture mode, so it does not break a capture).
 Refused, each with a ValueError naming the setting: data parallelism (the gradient buckets' hooks and
 the loss counts' all-reduce), pipelines (sends and receives posted ahead), ZeRO (DeepSpeed's step),
-Transformer Engine layers (and their FP8), and `parallel.async_tp` under sequence parallelism (inductor's
-fused symmetric-memory GEMMs allocate their buffers as they run; their capture is not verified).
-`parallel.async_tp` without sequence parallelism (`copy_linear`: a functional NCCL all-reduce in flight
-during a GEMM) is captured like the others, and so is `parallel.tp_all_reduce=symm` (parallel/comm.py's
-two-shot all-reduce on persistent symmetric buffers): the eager warm-up steps allocate and exchange
-every buffer the step uses, so the graph holds only copies and the all-reduce kernel with its
-peer barriers, which each replay signals afresh (every rank replays the same number of times).
+Transformer Engine layers (and their FP8), and the symmetric-memory routes of TP (`parallel.tp_all_reduce=symm`,
+`parallel.async_tp` under sequence parallelism): their buffers and barriers are made and signalled
+outside NCCL; on 2 H200s (torch 2.11) the graphed TP2 step with `tp_all_reduce=symm` (its buffers made in
+the eager warm-up steps) never finished its row (docs/benchmarks.md, round 5). `parallel.async_tp`
+without sequence parallelism (`copy_linear`: a functional NCCL all-reduce in flight during a GEMM) is
+captured like the others.
 FlexAttention runs eagerly only on the CPU, which is refused anyway. The returned
 losses and metrics are copies, so the values of earlier steps are not overwritten by later replays.
 Peak memory: the graph's activations live in a private pool made at capture, which
@@ -96,6 +95,10 @@ def _check_layout(p) -> None:
     if p.backend != "local":
         raise ValueError(f"train.step_graph=on graphs the local layers only (parallel.backend={p.backend!r}: "
                          f"Transformer Engine's layers and FP8 recipes are not captured here){off}")
+    if p.tp_all_reduce == "symm":
+        raise ValueError(f"train.step_graph=on does not capture parallel.tp_all_reduce='symm' (on 2 H200s, torch 2.11, "
+                         f"the graphed TP2 step with it never finished: symmetric-memory barriers outside NCCL; "
+                         f"docs/benchmarks.md){off} or tp_all_reduce=nccl")
     if p.async_tp and p.sequence_parallel:
         raise ValueError(f"train.step_graph=on does not capture parallel.async_tp=true under sequence_parallel "
                          f"(symmetric-memory all-gather / reduce-scatter GEMMs, not verified under capture){off} "

@@ -93,15 +93,12 @@ def symm_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     persistent symmetric buffer (made, and exchanged with the peers, at its first use: every rank
     reaches it in the same order), all-reduced there by the two-shot kernel (NVLink peer reads, no
     NCCL; on 2 H200s 0.15 ms for 32 MiB against NCCL's 0.48, docs/benchmarks.md), copied out. An
-    opaque op to torch.compile, and capturable in a CUDA graph (train.step_graph) once its buffer
-    exists: a shape first met under capture, where no buffer can be exchanged, takes the fallback.
-    Where symmetric memory fails (no CUDA, an unsupported size): NCCL / gloo on a copy, the same sum."""
+    opaque op to torch.compile. Where symmetric memory fails (no CUDA, an unsupported size): NCCL /
+    gloo on a copy, the same sum."""
     key = (group_name, tuple(x.shape), x.dtype, x.device)
     if x.is_cuda:
         try:
             buf = _symm_buffers.get(key)
-            if buf is None and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("a new symmetric buffer cannot be made under CUDA graph capture")  # -> NCCL
             if buf is None:
                 import torch.distributed._symmetric_memory as symm_mem
                 buf = symm_mem.empty(x.shape, dtype=x.dtype, device=x.device)

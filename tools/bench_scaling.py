@@ -313,6 +313,7 @@ def main(argv=None):
             rows.append(run_row(args, mode, device, batch, noise, turns))
         except Exception as e:  # noqa: BLE001  (e.g. a compile failure: report it, go on with the next row)
             print(f"rank {dist.get_rank()}: {mode} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            turns.ready()
             gc.collect()
             dist.barrier()
             continue

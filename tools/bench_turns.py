@@ -40,13 +40,18 @@ class Turns:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # what a waiting process does not use, the turn's holder may
 
+    def ready(self) -> None:
+        """Count this process as ready (its row compiled, or failed: the others need not wait for it)."""
+        if self.dir is not None and dist.get_rank() == 0:
+            (self.dir / f"ready.{self.id}").touch()
+
     def start(self) -> None:
         if self.dir is None:
             return
         self._sync()
         owner, me = self.dir / "owner", f"{self.id}:{self.turn}"
         if dist.get_rank() == 0:
-            (self.dir / f"ready.{self.id}").touch()
+            self.ready()
             deadline = time.time() + self.wait_s
             while len(list(self.dir.glob("ready.*"))) < self.n and time.time() < deadline:
                 time.sleep(0.1)

@@ -1,7 +1,7 @@
 """train.step_graph=on for multi-process layouts (megaflow/step_graph.py, parallel/engine.py): tensor
 parallelism without data or pipeline parallelism is graphed (with or without SP, async TP without SP,
-micro-batches, torch-backend FP8, the symmetric-memory all-reduce); pipelines, ZeRO, Transformer Engine
-and async TP under SP (inductor's symmetric-memory GEMMs) are refused with one ValueError naming the setting; ParallelEngine and ZeroEngine check the
+micro-batches, torch-backend FP8); pipelines, ZeRO, Transformer Engine and the symmetric-memory routes
+of TP are refused with one ValueError naming the setting; ParallelEngine and ZeroEngine check the
 setting where they are built (before, both ignored it silently). On CPU: the contract only; that the
 step function the graph captures reads nothing back to the host is tests/parallel/test_overlap.py's
 TP=2 test, and graphed TP steps against eager ones are measured on GPUs (tools/device/h200x2_tp.sh graph).
@@ -23,10 +23,10 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 GRAPHED = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(tp=2, async_tp=True), dict(tp=2, micro_batches=2),
-           dict(tp=2, fp8="current", fp8_backend="torch"), dict(tp=2, tp_all_reduce="symm"),
-           dict(tp=2, sequence_parallel=True, tp_all_reduce="symm")]
+           dict(tp=2, fp8="current", fp8_backend="torch")]
 REFUSED = [(dict(tp=2, pp=2), r"parallel.pp=2"), (dict(tp=2, zero_stage=1), r"parallel.zero_stage=1"),
            (dict(tp=2, backend="te"), r"parallel.backend='te'"),
+           (dict(tp=2, tp_all_reduce="symm"), r"parallel.tp_all_reduce='symm'"),
            (dict(tp=2, sequence_parallel=True, async_tp=True), r"parallel.async_tp=true under sequence_parallel")]
 
 

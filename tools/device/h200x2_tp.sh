@@ -85,8 +85,10 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
   # they compile side by side, then take turns on the GPUs); rows of this tree (after) and of BASE (before, run
   # with this tree's bench script); a row's line prints as it ends; each process under LIMIT s
   G="train.step_graph=on"; S="parallel.tp_all_reduce=symm"
-  AFTER_ROWS=${AFTER:-"tp2@$G one tp2@$G;$S tp2sp@$G tp2sp@$G;$S"}; BEFORE_ROWS=${BEFORE:-"tp2@$G tp2sp@$G"}
-  PROFILED=${PROFILED:-"tp2@$G tp2@$G;$S tp2sp@$G"}
+  # (tp_all_reduce=symm is refused under the graph: its graphed TP2 row hung in round 5's first call, spinning
+  # the GPUs under every other row's turn: AFTER="... tp2@$G;$S" no longer runs)
+  AFTER_ROWS=${AFTER:-"tp2@$G one tp2sp@$G one@train.step_graph=off"}; BEFORE_ROWS=${BEFORE:-"tp2@$G tp2sp@$G"}
+  PROFILED=${PROFILED:-"tp2@$G tp2sp@$G"}
   [ -n "$2" ] && cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/" || BEFORE_ROWS=""
   n=$(( $(echo $AFTER_ROWS | wc -w) + $(echo $BEFORE_ROWS | wc -w) )); i=0
   rm -rf /tmp/turns /tmp/rows; mkdir -p /tmp/turns /tmp/rows
@@ -95,12 +97,16 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
     (cd "$1" && TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 timeout ${LIMIT:-150} \
        torchrun --master_port $((29600 + i)) --nproc_per_node 2 tools/bench_scaling.py --config configs/h200_1b.yaml \
        --rows 8 --steps 5 --warmup 3 --profile $prof --top 12 --turns /tmp/turns --turns-n $n \
-       --turns-wait ${WAIT:-110} --json /tmp/rows/$2.json --modes "$3" > /tmp/rows/$2.log 2>&1)
+       --turns-wait ${WAIT:-110} --json /tmp/rows/$2.json --modes "$3" > /tmp/rows/$2.log 2>&1 & echo $! > /tmp/rows/$2.pid
+       wait $!)
     echo "== $2 [$3] ended at $(( $(date +%s) - T0 )) s: $(grep -a 'step .* ms, first loss' /tmp/rows/$2.log || \
       grep -a 'failed:\|Error' /tmp/rows/$2.log | grep -v Warning | head -2 | cut -c1-300)"
   }
   for row in $AFTER_ROWS; do one_row . "after$i" "$row" & i=$((i + 1)); done
   for row in $BEFORE_ROWS; do one_row "$2" "before$i" "$row" & i=$((i + 1)); done
+  # a process's json is its last act; NCCL's teardown can then hang until the limit: stop them once all wrote
+  for _ in $(seq ${LIMIT:-150}); do [ $(ls /tmp/rows/*.json 2>/dev/null | wc -l) -ge $n ] && break; sleep 1; done
+  sleep 3; for f in /tmp/rows/*.pid; do kill $(cat $f) 2>/dev/null; done
   wait
   for f in /tmp/rows/after*.log; do grep -a -B1 -A4 "^| rank |" $f | head -12; grep -a -A14 "Name .*Self CUDA" $f | head -16; done
   grep -a -c "Graph break" /tmp/rows/*.log | tr '\n' ' '; echo "(graph breaks per row log)"
@@ -111,10 +117,11 @@ rows = {}  # (tree, row) -> its json row
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     for r in json.loads(f.read_text())["rows"]:
         rows["after" if f.name.startswith("after") else "before", r["mode"]] = r
-one = rows.get(("after", "one"))
+one, eager = rows.get(("after", "one")), rows.get(("after", "one@train.step_graph=off"))  # one GPU graphed / not
 for (tree, mode), r in rows.items():
     ms = r["step_s"] * 1e3
-    eff = f"; {one['step_s'] / (2 * r['step_s']):.1%} of the graphed one GPU's {one['step_s'] * 1e3:.1f} ms" if one and mode != "one" else ""
+    eff = f"; {one['step_s'] / (2 * r['step_s']):.1%} of the graphed one GPU's {one['step_s'] * 1e3:.1f} ms" if one and mode[:3] != "one" else ""
+    eff += f", {eager['step_s'] / (2 * r['step_s']):.1%} of the ungraphed one's" if eager and eff else ""
     print(f"SUMMARY {tree:6s} {mode}: {ms:.1f} ms{eff}; first loss {r['loss0']:.4f}, after the timed steps {r['loss']:.4f}; "
           f"reserved {max(x['reserved_GiB'] for x in r['ranks']):.1f} GiB; graphed {r['graphed']}")
 EOF
