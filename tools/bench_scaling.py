@@ -179,8 +179,8 @@ def run_row(args, mode: str, device, batch: dict, noise, turns) -> dict:
     times, loss0 = [], None
     step = lambda: engine.train_step(batch, noise, None, 1e-5)  # noqa: E731
     for i in range(args.warmup + args.steps):
-        if i == min(1, args.warmup):  # after the compile step (--turns: the GPUs are this process's from here)
-            turns.start()
+        if i == (min(1, args.warmup) if turns.turn == 0 else 0):  # --turns: the GPUs are this process's from here
+            turns.start()  # (a first row compiles before, side by side with the other processes; a later one inside)
         t0 = clock(device)
         out = step()
         loss0 = float(out["loss"]) if loss0 is None else loss0

@@ -7,7 +7,7 @@ that compile one after the other spend most of it compiling. With --turns, sever
 compile) at once, then says it is ready and waits, its GPU idle, until every process is ready (or
 `wait_s` has passed: a process that died does not hold the others), and then they take turns: one
 process at a time holds DIR/lock for the rest of its row (the other warm-up steps, the CUDA graph
-capture, the timed steps, the profile). Nothing of another process runs on the GPUs during a turn:
+capture, the timed steps, the profile); a process's later rows hold it for the whole row. Nothing of another process runs on the GPUs during a turn:
 the waiting ones are synchronised and idle, and kernels of different processes would otherwise
 time-slice the GPU.
 

@@ -87,18 +87,23 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
   G="train.step_graph=on"; S="parallel.tp_all_reduce=symm"
   # (tp_all_reduce=symm is refused under the graph: its graphed TP2 row hung in round 5's first call, spinning
   # the GPUs under every other row's turn: AFTER="... tp2@$G;$S" no longer runs)
-  AFTER_ROWS=${AFTER:-"tp2@$G one tp2sp@$G one@train.step_graph=off"}; BEFORE_ROWS=${BEFORE:-"tp2@$G tp2sp@$G"}
+  # a row is one process: rows joined by '+' share one; '%VAR=VALUE' sets that process's environment (NCCL reads
+  # NCCL_PROTO once per process): NCCL picked its LL protocol for every TP collective in call 1's profiles
+  AFTER_ROWS=${AFTER:-"tp2@$G one+one@train.step_graph=off tp2sp@$G tp2@$G%NCCL_PROTO=Simple tp2sp@$G%NCCL_PROTO=Simple"}
+  BEFORE_ROWS=${BEFORE:-"tp2@$G tp2sp@$G"}
   PROFILED=${PROFILED:-"tp2@$G tp2sp@$G"}
   [ -n "$2" ] && cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/" || BEFORE_ROWS=""
   n=$(( $(echo $AFTER_ROWS | wc -w) + $(echo $BEFORE_ROWS | wc -w) )); i=0
   rm -rf /tmp/turns /tmp/rows; mkdir -p /tmp/turns /tmp/rows
-  one_row() {  # tree, name, row
-    local prof=0; case " $PROFILED " in *" $3 "*) [ "$1" = . ] && prof=1;; esac
-    (cd "$1" && TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 timeout ${LIMIT:-150} \
+  one_row() {  # tree, name, row[+row...][%VAR=VALUE]
+    local prof=0 rows=${3%%\%*} env=; [ "$rows" != "$3" ] && env=${3#*%}
+    case " $PROFILED " in *" $rows "*) [ "$1" = . ] && prof=1;; esac
+    (cd "$1" && env $env TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 timeout ${LIMIT:-150} \
        torchrun --master_port $((29600 + i)) --nproc_per_node 2 tools/bench_scaling.py --config configs/h200_1b.yaml \
        --rows 8 --steps 5 --warmup 3 --profile $prof --top 12 --turns /tmp/turns --turns-n $n \
-       --turns-wait ${WAIT:-110} --json /tmp/rows/$2.json --modes "$3" > /tmp/rows/$2.log 2>&1 & echo $! > /tmp/rows/$2.pid
+       --turns-wait ${WAIT:-110} --json /tmp/rows/$2.json --modes "${rows//+/,}" > /tmp/rows/$2.log 2>&1 & echo $! > /tmp/rows/$2.pid
        wait $!)
+    echo "$env" > /tmp/rows/$2.env
     echo "== $2 [$3] ended at $(( $(date +%s) - T0 )) s: $(grep -a 'step .* ms, first loss' /tmp/rows/$2.log || \
       grep -a 'failed:\|Error' /tmp/rows/$2.log | grep -v Warning | head -2 | cut -c1-300)"
   }
@@ -115,8 +120,9 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
 import json, pathlib, sys
 rows = {}  # (tree, row) -> its json row
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    env = (pathlib.Path(sys.argv[1]) / (f.stem + ".env")).read_text().strip()
     for r in json.loads(f.read_text())["rows"]:
-        rows["after" if f.name.startswith("after") else "before", r["mode"]] = r
+        rows["after" if f.name.startswith("after") else "before", r["mode"] + (f" [{env}]" if env else "")] = r
 one, eager = rows.get(("after", "one")), rows.get(("after", "one@train.step_graph=off"))  # one GPU graphed / not
 for (tree, mode), r in rows.items():
     ms = r["step_s"] * 1e3
