@@ -89,14 +89,14 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
   # the GPUs under every other row's turn: AFTER="... tp2@$G;$S" no longer runs)
   # a row is one process: rows joined by '+' share one; '%VAR=VALUE' sets that process's environment (NCCL reads
   # NCCL_PROTO once per process): NCCL picked its LL protocol for every TP collective in call 1's profiles
-  AFTER_ROWS=${AFTER:-"tp2@$G one+one@train.step_graph=off tp2sp@$G tp2@$G%NCCL_PROTO=Simple tp2sp@$G%NCCL_PROTO=Simple"}
+  AFTER_ROWS=${AFTER:-"tp2@$G%NCCL_DEBUG=INFO%NCCL_DEBUG_SUBSYS=INIT one+one@train.step_graph=off tp2sp@$G tp2@$G%NCCL_PROTO=Simple tp2sp@$G%NCCL_PROTO=Simple"}
   BEFORE_ROWS=${BEFORE:-"tp2@$G tp2sp@$G"}
   PROFILED=${PROFILED:-"tp2@$G tp2sp@$G"}
   [ -n "$2" ] && cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/" || BEFORE_ROWS=""
   n=$(( $(echo $AFTER_ROWS | wc -w) + $(echo $BEFORE_ROWS | wc -w) )); i=0
   rm -rf /tmp/turns /tmp/rows; mkdir -p /tmp/turns /tmp/rows
   one_row() {  # tree, name, row[+row...][%VAR=VALUE]
-    local prof=0 rows=${3%%\%*} env=; [ "$rows" != "$3" ] && env=${3#*%}
+    local prof=0 rows=${3%%\%*} env=; [ "$rows" != "$3" ] && env=${3#*%} && env=${env//%/ }
     case " $PROFILED " in *" $rows "*) [ "$1" = . ] && prof=1;; esac
     (cd "$1" && env $env TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 timeout ${LIMIT:-150} \
        torchrun --master_port $((29600 + i)) --nproc_per_node 2 tools/bench_scaling.py --config configs/h200_1b.yaml \
@@ -114,6 +114,7 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
   sleep 3; for f in /tmp/rows/*.pid; do kill $(cat $f) 2>/dev/null; done
   wait
   for f in /tmp/rows/after*.log; do grep -a -B1 -A4 "^| rank |" $f | head -12; grep -a -A14 "Name .*Self CUDA" $f | head -16; done
+  grep -a -h "NCCL INFO .*via\|NCCL INFO .*nChannels\|NCCL INFO .*comm 0x.*Init COMPLETE" /tmp/rows/after*.log | sort | uniq -c | head -8
   grep -a -c "Graph break" /tmp/rows/*.log | tr '\n' ' '; echo "(graph breaks per row log)"
   tar czf $OUT/rows.tgz -C /tmp rows
   python3 - /tmp/rows <<'EOF'
