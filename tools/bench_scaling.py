@@ -97,6 +97,7 @@ def parse_args(argv=None):
                    "its rows' first step at once, then they take turns for the rest (tools/bench_turns.py)")
     p.add_argument("--turns-n", type=int, default=1, help="how many processes share --turns")
     p.add_argument("--turns-wait", type=float, default=120.0, help="longest wait (s) for the others to be ready")
+    p.add_argument("--turns-order", type=int, default=-1, help="this process's place in the turns (0 first; -1 any)")
     p.add_argument("--resume", default="", help="SRC:DST layout rows: resume SRC's sharded checkpoint at DST")
     p.add_argument("--resume-dir", default="/tmp/bench_scaling_ckpt", help="where --resume saves")
     return p.parse_args(argv)
@@ -307,13 +308,13 @@ def main(argv=None):
     if args.comm_probe:
         probe_collectives(cfg, args.rows, device)
     rows = []
-    turns = Turns(args.turns, args.turns_n, args.turns_wait)
+    turns = Turns(args.turns, args.turns_n, args.turns_wait, args.turns_order)
     for mode in args.modes.split(","):
         try:
             rows.append(run_row(args, mode, device, batch, noise, turns))
         except Exception as e:  # noqa: BLE001  (e.g. a compile failure: report it, go on with the next row)
             print(f"rank {dist.get_rank()}: {mode} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
-            turns.ready()
+            turns.give_up()
             gc.collect()
             dist.barrier()
             continue

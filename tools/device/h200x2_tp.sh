@@ -82,35 +82,40 @@ if eager and graph:
 EOF
   ;;
 graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all started together (tools/bench_turns.py:
-  # they compile side by side, then take turns on the GPUs); rows of this tree (after) and of BASE (before, run
-  # with this tree's bench script); a row's line prints as it ends; each process under LIMIT s
-  G="train.step_graph=on"; S="parallel.tp_all_reduce=symm"
+  # they compile side by side, then take turns on the GPUs in the order listed); rows of this tree (a:) and of
+  # BASE (b:, before; its tools/ needs bench_scaling.py and bench_turns.py of this tree); a SUMMARY line as each
+  # process ends, the efficiencies at the end; LIMIT s in all (WAIT s at most for every process to compile).
   # (tp_all_reduce=symm is refused under the graph: its graphed TP2 row hung in round 5's first call, spinning
-  # the GPUs under every other row's turn: AFTER="... tp2@$G;$S" no longer runs)
-  # a row is one process: rows joined by '+' share one; '%VAR=VALUE' sets that process's environment (NCCL reads
-  # NCCL_PROTO once per process): NCCL picked its LL protocol for every TP collective in call 1's profiles
-  AFTER_ROWS=${AFTER:-"tp2@$G%NCCL_DEBUG=INFO%NCCL_DEBUG_SUBSYS=INIT one+one@train.step_graph=off tp2sp@$G tp2@$G%NCCL_PROTO=Simple tp2sp@$G%NCCL_PROTO=Simple"}
-  BEFORE_ROWS=${BEFORE:-"tp2@$G tp2sp@$G"}
-  PROFILED=${PROFILED:-"tp2@$G tp2sp@$G"}
-  [ -n "$2" ] && cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/" || BEFORE_ROWS=""
-  n=$(( $(echo $AFTER_ROWS | wc -w) + $(echo $BEFORE_ROWS | wc -w) )); i=0
+  # the GPUs under every other row's turn.) A row is one process: rows joined by '+' share one; '%VAR=VALUE' sets
+  # that process's environment (NCCL reads NCCL_PROTO once per process; call 1's profiles showed NCCL's LL
+  # protocol on every TP collective)
+  G="train.step_graph=on"; P=NCCL_PROTO=Simple
+  ROWS=${ROWS:-"a:tp2@$G%NCCL_DEBUG=INFO%NCCL_DEBUG_SUBSYS=INIT a:one+one@train.step_graph=off b:tp2@$G a:tp2sp@$G b:tp2sp@$G a:tp2@$G%$P a:tp2sp@$G%$P"}
+  PROFILED=${PROFILED:-"a:tp2@$G a:tp2sp@$G"}
+  [ -f "$2/tools/bench_turns.py" ] || cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/"
+  n=$(echo $ROWS | wc -w); i=0
   rm -rf /tmp/turns /tmp/rows; mkdir -p /tmp/turns /tmp/rows
-  one_row() {  # tree, name, row[+row...][%VAR=VALUE]
+  one_row() {  # tree, name, rows[%VAR=VALUE...]
     local prof=0 rows=${3%%\%*} env=; [ "$rows" != "$3" ] && env=${3#*%} && env=${env//%/ }
-    case " $PROFILED " in *" $rows "*) [ "$1" = . ] && prof=1;; esac
-    (cd "$1" && env $env TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 timeout ${LIMIT:-150} \
-       torchrun --master_port $((29600 + i)) --nproc_per_node 2 tools/bench_scaling.py --config configs/h200_1b.yaml \
-       --rows 8 --steps 5 --warmup 3 --profile $prof --top 12 --turns /tmp/turns --turns-n $n \
-       --turns-wait ${WAIT:-110} --json /tmp/rows/$2.json --modes "${rows//+/,}" > /tmp/rows/$2.log 2>&1 & echo $! > /tmp/rows/$2.pid
+    case " $PROFILED " in *" ${2:0:1}:$rows "*) prof=1;; esac
+    (cd "$1" && env $env TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 \
+       timeout $(( ${LIMIT:-135} - $(date +%s) + T1 )) torchrun --master_port $((29600 + i)) --nproc_per_node 2 \
+       tools/bench_scaling.py --config configs/h200_1b.yaml --rows 8 --steps 5 --warmup 3 --profile $prof --top 12 \
+       --turns /tmp/turns --turns-n $n --turns-order $i --turns-wait ${WAIT:-80} --json /tmp/rows/$2.json \
+       --modes "${rows//+/,}" > /tmp/rows/$2.log 2>&1 & echo $! > /tmp/rows/$2.pid
        wait $!)
     echo "$env" > /tmp/rows/$2.env
-    echo "== $2 [$3] ended at $(( $(date +%s) - T0 )) s: $(grep -a 'step .* ms, first loss' /tmp/rows/$2.log || \
-      grep -a 'failed:\|Error' /tmp/rows/$2.log | grep -v Warning | head -2 | cut -c1-300)"
+    if grep -a -q "step .* ms, first loss" /tmp/rows/$2.log; then
+      grep -a "step .* ms, first loss" /tmp/rows/$2.log | sed "s|^|SUMMARY $2 at $(( $(date +%s) - T1 )) s ($env): |"
+    else echo "SUMMARY $2 [$3]: no row: $(grep -a 'failed:\|Error' /tmp/rows/$2.log | grep -v Warning | head -2 | cut -c1-300)"; fi
   }
-  for row in $AFTER_ROWS; do one_row . "after$i" "$row" & i=$((i + 1)); done
-  for row in $BEFORE_ROWS; do one_row "$2" "before$i" "$row" & i=$((i + 1)); done
+  T1=$(date +%s)
+  for spec in $ROWS; do
+    tree=.; [ "${spec%%:*}" = b ] && tree="$2"
+    one_row "$tree" "$( [ "$tree" = . ] && echo after || echo before )$i" "${spec#*:}" & i=$((i + 1))
+  done
   # a process's json is its last act; NCCL's teardown can then hang until the limit: stop them once all wrote
-  for _ in $(seq ${LIMIT:-150}); do [ $(ls /tmp/rows/*.json 2>/dev/null | wc -l) -ge $n ] && break; sleep 1; done
+  for _ in $(seq ${LIMIT:-135}); do [ $(ls /tmp/rows/*.json 2>/dev/null | wc -l) -ge $n ] && break; sleep 1; done
   sleep 3; for f in /tmp/rows/*.pid; do kill $(cat $f) 2>/dev/null; done
   wait
   for f in /tmp/rows/after*.log; do grep -a -B1 -A4 "^| rank |" $f | head -12; grep -a -A14 "Name .*Self CUDA" $f | head -16; done
