@@ -90,7 +90,7 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
   # that process's environment (NCCL reads NCCL_PROTO once per process; call 1's profiles showed NCCL's LL
   # protocol on every TP collective)
   G="train.step_graph=on"; P=NCCL_PROTO=Simple
-  ROWS=${ROWS:-"a:tp2@$G%NCCL_DEBUG=INFO%NCCL_DEBUG_SUBSYS=INIT a:one+one@train.step_graph=off b:tp2@$G a:tp2sp@$G b:tp2sp@$G a:tp2@$G%$P a:tp2sp@$G%$P"}
+  ROWS=${ROWS:-"a:tp2@$G%NCCL_DEBUG=INFO%NCCL_DEBUG_SUBSYS=INIT b:tp2@$G a:one+one@train.step_graph=off a:tp2sp@$G b:tp2sp@$G a:tp2@$G%$P a:tp2sp@$G%$P"}
   PROFILED=${PROFILED:-"a:tp2@$G a:tp2sp@$G"}
   [ -f "$2/tools/bench_turns.py" ] || cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/"
   n=$(echo $ROWS | wc -w); i=0
@@ -99,9 +99,9 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
     local prof=0 rows=${3%%\%*} env=; [ "$rows" != "$3" ] && env=${3#*%} && env=${env//%/ }
     case " $PROFILED " in *" ${2:0:1}:$rows "*) prof=1;; esac
     (cd "$1" && env $env TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 \
-       timeout $(( ${LIMIT:-135} - $(date +%s) + T1 )) torchrun --master_port $((29600 + i)) --nproc_per_node 2 \
+       timeout $(( ${LIMIT:-138} - $(date +%s) + T1 )) torchrun --master_port $((29600 + i)) --nproc_per_node 2 \
        tools/bench_scaling.py --config configs/h200_1b.yaml --rows 8 --steps 5 --warmup 3 --profile $prof --top 12 \
-       --turns /tmp/turns --turns-n $n --turns-order $i --turns-wait ${WAIT:-80} --json /tmp/rows/$2.json \
+       --turns /tmp/turns --turns-n $n --turns-order $i --turns-wait ${WAIT:-90} --json /tmp/rows/$2.json \
        --modes "${rows//+/,}" > /tmp/rows/$2.log 2>&1 & echo $! > /tmp/rows/$2.pid
        wait $!)
     echo "$env" > /tmp/rows/$2.env
@@ -115,7 +115,7 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
     one_row "$tree" "$( [ "$tree" = . ] && echo after || echo before )$i" "${spec#*:}" & i=$((i + 1))
   done
   # a process's json is its last act; NCCL's teardown can then hang until the limit: stop them once all wrote
-  for _ in $(seq ${LIMIT:-135}); do [ $(ls /tmp/rows/*.json 2>/dev/null | wc -l) -ge $n ] && break; sleep 1; done
+  for _ in $(seq ${LIMIT:-138}); do [ $(ls /tmp/rows/*.json 2>/dev/null | wc -l) -ge $n ] && break; sleep 1; done
   sleep 3; for f in /tmp/rows/*.pid; do kill $(cat $f) 2>/dev/null; done
   wait
   for f in /tmp/rows/after*.log; do grep -a -B1 -A4 "^| rank |" $f | head -12; grep -a -A14 "Name .*Self CUDA" $f | head -16; done
