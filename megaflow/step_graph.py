@@ -34,7 +34,8 @@ weights, `train.param_dtype=fp32`: flags and copies read on the host) and PlainE
 (a reduction after backward, made anew each step); pipelines (sends and receives posted ahead), ZeRO
 (DeepSpeed's step), Transformer Engine layers (and their FP8), and the symmetric-memory routes of TP
 (`parallel.tp_all_reduce=symm`, `parallel.async_tp` under sequence parallelism): their buffers and barriers
-are made and signalled outside NCCL, and their capture is not verified. `parallel.async_tp` without
+are made and signalled outside NCCL; on 2 H200s (torch 2.11) the graphed TP2 step with `tp_all_reduce=symm`
+(its buffers made in the eager warm-up steps) never finished its row (docs/benchmarks.md, TP round 5). `parallel.async_tp` without
 sequence parallelism (`copy_linear`: a functional NCCL all-reduce in flight during a GEMM) is captured
 like the others. Micro-batches are captured as they run: the hooks arm the buckets during the last
 backward of each step, the same in every step.
@@ -107,8 +108,9 @@ def _check_layout(p) -> None:
         raise ValueError(f"train.step_graph=on graphs the local layers only (parallel.backend={p.backend!r}: "
                          f"Transformer Engine's layers and FP8 recipes are not captured here){off}")
     if p.tp_all_reduce == "symm":
-        raise ValueError(f"train.step_graph=on does not capture parallel.tp_all_reduce='symm' (symmetric-memory "
-                         f"buffers and barriers, not verified under capture){off} or tp_all_reduce=nccl")
+        raise ValueError(f"train.step_graph=on does not capture parallel.tp_all_reduce='symm' (on 2 H200s, torch 2.11, "
+                         f"the graphed TP2 step with it never finished: symmetric-memory barriers outside NCCL; "
+                         f"docs/benchmarks.md){off} or tp_all_reduce=nccl")
     if p.async_tp and p.sequence_parallel:
         raise ValueError(f"train.step_graph=on does not capture parallel.async_tp=true under sequence_parallel "
                          f"(symmetric-memory all-gather / reduce-scatter GEMMs, not verified under capture){off} "

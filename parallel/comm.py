@@ -6,13 +6,10 @@ that keeps gradients exact:
 
     copy_to_tp          fwd: identity              bwd: all-reduce       (enter a column-parallel region)
     reduce_from_tp      fwd: all-reduce            bwd: identity         (leave a row-parallel region)
-    split_hidden        fwd: keep my slice of dim  bwd: all-gather dim   (feed a row-parallel layer a replicated input)
     gather_hidden       fwd: all-gather dim        bwd: keep my slice    (replicate a sharded output)
     split_seq           fwd: keep my slice of T    bwd: all-gather T     (enter sequence parallelism)
     gather_seq          fwd: all-gather T          bwd: reduce-scatter T (sharded consumers) or keep my slice (replicated consumers)
     reduce_scatter_seq  fwd: reduce-scatter T      bwd: all-gather T     (leave a row-parallel region into SP)
-    seq_to_hidden       fwd: all-to-all T -> dim   bwd: all-to-all back  (SP: a row-parallel layer reads the
-                                                                          other stream's T-sharded residual)
     gather_rows         fwd: all-gather dim 0      bwd: reduce-scatter dim 0 (async TP, compiled: see below)
     scatter_rows        fwd: reduce-scatter dim 0  bwd: all-gather dim 0
 
@@ -136,22 +133,6 @@ def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return _done(_reduce_scatter(x.contiguous(), "sum", dim % x.dim(), group))
 
 
-def all_to_all_seq(x: torch.Tensor, group, to_hidden: bool) -> torch.Tensor:
-    """(B, T / n, D) -> (B, T, D / n) (`to_hidden`), or back: every rank sends each peer only the
-    slice that peer keeps, 1/n of what an all-gather of the whole tensor moves."""
-    n = group_size(group)
-    if to_hidden:
-        B, t, D = x.shape
-        send = x.reshape(B, t, n, D // n).permute(2, 0, 1, 3).contiguous()  # (n, B, T/n, D/n): feature slice j to rank j
-    else:
-        B, T, d = x.shape
-        send = x.reshape(B, n, T // n, d).permute(1, 0, 2, 3).contiguous()  # (n, B, T/n, D/n): token slice j to rank j
-    recv = _done(funcol.all_to_all_single(send, None, None, group))  # recv[i]: what rank i sent me
-    if to_hidden:
-        return recv.permute(1, 0, 2, 3).reshape(B, n * t, D // n)  # tokens of rank i at T slice i
-    return recv.permute(1, 2, 0, 3).reshape(B, T // n, n * d)  # features of rank i at dim slice i
-
-
 def rows_to_seq(x: torch.Tensor, n: int) -> torch.Tensor:
     """(n B, T / n, ...) in rows order -> (B, T, ...): rank r's token slice back at T slice r."""
     return x.unflatten(0, (n, -1)).transpose(0, 1).flatten(1, 2)  # (B, n, T / n, ...) -> (B, T, ...)
@@ -162,17 +143,6 @@ def seq_to_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     if x.shape[SEQ_DIM] % n:
         raise ValueError(f"sequence length {x.shape[SEQ_DIM]} is not divisible by the tensor-parallel degree {n}")
     return x.unflatten(1, (n, -1)).transpose(0, 1).flatten(0, 1)  # (n, B, T / n, ...) -> (n B, T / n, ...)
-
-
-class _SeqToHidden(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_to_all_seq(x, group, True)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_to_all_seq(g, ctx.group, False), None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -243,10 +213,6 @@ def reduce_from_tp(x, group):
     return _ReduceFromTP.apply(x, group) if _active(group) else x
 
 
-def split_hidden(x, group, dim: int = -1):
-    return _Split.apply(x, group, dim % x.dim()) if _active(group) else x
-
-
 def gather_hidden(x, group, dim: int = -1):
     return _Gather.apply(x, group, dim % x.dim(), False) if _active(group) else x
 
@@ -275,13 +241,3 @@ def gather_rows(x, group):
 def scatter_rows(x, group):
     """(n B, T / n, ...) partial sums in rows order -> this rank's (B, T / n, ...), summed over the group."""
     return _ReduceScatter.apply(x, group, 0) if _active(group) else x
-
-
-def seq_to_hidden(x, group):
-    """(B, T / tp, D) sharded along T -> (B, T, D / tp) sharded along the features, by one all-to-all."""
-    if not _active(group):
-        return x
-    n = group_size(group)
-    if x.shape[-1] % n:
-        raise ValueError(f"width {x.shape[-1]} is not divisible by the tensor-parallel degree {n}")
-    return _SeqToHidden.apply(x, group)

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from megaflow.model.layers import RMSNorm
 from parallel.async_tp import copy_linear, gather_linear, linear_scatter
 from parallel.comm import (copy_to_tp, gather_hidden, gather_rows, gather_seq, group_rank, group_size, reduce_from_tp,
-                           reduce_scatter_seq, rows_to_seq, scatter_rows, seq_to_hidden, seq_to_rows, split_hidden,
-                           split_seq)
+                           reduce_scatter_seq, rows_to_seq, scatter_rows, seq_to_rows, split_seq)
 from parallel.fused import all_sharded, shard_parts
 
 
@@ -109,42 +108,31 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with the input features (columns of W) split over the group; partial outputs
     are all-reduced, or reduce-scattered along the sequence under sequence parallelism. The bias is
-    replicated and added after the reduction.
-
-    `input_is_parallel=False` takes a replicated input (the Pretzel skips read the other stream's
-    residual): without SP each rank keeps its slice of the features; with SP the input is first
-    redistributed from T-sharded to feature-sharded by one all-to-all (its residual is sharded along
-    T there; this rank needs only its feature slice, of every token). `async_tp` (with SP): the
-    reduce-scatter overlapped with the GEMM (parallel/async_tp.py; compiled: inductor's fusion)."""
+    replicated and added after the reduction. `async_tp` (with SP): the reduce-scatter overlapped
+    with the GEMM (parallel/async_tp.py; compiled: inductor's fusion)."""
     tp_shards = {"weight": 1}
     linear = staticmethod(F.linear)  # the GEMM; FP8 replaces it per layer (megaflow/fp8.py apply_fp8)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, like: Optional[torch.Tensor] = None, async_tp: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group, sequence_parallel: bool = False,
+                 like: Optional[torch.Tensor] = None, async_tp: bool = False):
         super().__init__()
         n = group_size(group)
         assert in_features % n == 0
         like = like if like is not None else torch.empty(0)
-        self.tp_group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        self.tp_group, self.sequence_parallel = group, sequence_parallel
         self.async_tp = async_tp and sequence_parallel and n > 1
         self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features, in_features // n), like)
         self.bias = _param((out_features,), like) if bias else None
 
     @classmethod
-    def from_dense(cls, lin: nn.Linear, group, input_is_parallel: bool = True, sequence_parallel: bool = False,
-                   async_tp: bool = False):
-        new = cls(lin.in_features, lin.out_features, lin.bias is not None, group, input_is_parallel,
-                  sequence_parallel, lin.weight, async_tp)
+    def from_dense(cls, lin: nn.Linear, group, sequence_parallel: bool = False, async_tp: bool = False):
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, group, sequence_parallel, lin.weight,
+                  async_tp)
         return copy_shards(new, lin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, sp = self.tp_group, self.sequence_parallel
-        if not self.input_is_parallel:
-            if sp:  # (B, T / tp, in) -> (B, T, in / tp): one all-to-all, not a gather of the whole tensor
-                x = seq_to_hidden(x, g)
-            else:
-                x = split_hidden(x, g)  # (B, T, in / tp)
         if self.async_tp and sp and not torch.compiler.is_compiling():  # sp: off while sampling (sampling.py)
             y = linear_scatter(x, self.weight, g)  # (B, T / tp, out): the reduction overlapped with the GEMM
         elif self.async_tp and sp:  # compiled: GEMM -> reduce-scatter in rows order, which inductor fuses
@@ -158,8 +146,32 @@ class RowParallelLinear(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_features}/{group_size(self.tp_group)}, {self.out_features}, "
-                f"input_is_parallel={self.input_is_parallel}, sequence_parallel={self.sequence_parallel}, "
+                f"sequence_parallel={self.sequence_parallel}, "
                 f"async_tp={self.async_tp}")
+
+
+class SequenceParallelLinear(nn.Linear):
+    """A replicated linear on T-sharded tokens, the Pretzel skips' layer under sequence parallelism:
+    each rank multiplies its own tokens by the whole weight, so the forward moves no activation (a
+    row-parallel skip took an all-to-all of its input and a reduce-scatter of its output, and their
+    pair in backward); the weight's gradient, a partial sum over this rank's tokens, is all-reduced
+    through copy_to_tp, as ParallelRMSNorm's. Same numbers as the dense layer on the gathered tokens.
+    (Without SP a skip stays a plain replicated nn.Linear: both streams are whole on every rank, so
+    each rank computes the same product and the same weight gradient with no collective at all.)"""
+
+    @classmethod
+    def from_dense(cls, lin: nn.Linear, group):
+        with torch.device("meta"):
+            new = cls(lin.in_features, lin.out_features, lin.bias is not None)
+        new.tp_group, new.weight, new.bias = group, lin.weight, lin.bias  # the same Parameters: nothing to shard
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T / tp, in) -> (B, T / tp, out)
+        g = self.tp_group
+        return F.linear(x, copy_to_tp(self.weight, g), None if self.bias is None else copy_to_tp(self.bias, g))
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, replicated on T-sharded tokens"
 
 
 class ReplicatedKVLinear(nn.Module):

@@ -14,8 +14,10 @@ What goes where (tp = the VLM group, ftp = the flow group, `Topology.flow_tp_gro
                        vocab-parallel (full logits are never gathered for it); `vocab_gather` gathers
                        them for sampling only. flow_embed (TarFlow-only, ftp) vocab-parallel.
   adapter (tp)         Linear column-parallel, GELU, Linear row-parallel.
-  Pretzel skips        w_vlm row-parallel over tp, w_d over ftp; each reads the other stream's
-                       replicated residual and splits it itself.
+  Pretzel skips        w_vlm, w_d replicated: without SP each rank computes the whole (small) skip
+                       on the whole streams, with no collective (row-parallel, each skip cost an
+                       all-reduce forward and an all-gather backward); under SP each rank computes
+                       it on its own tokens, its weight gradient all-reduced (SequenceParallelLinear).
   replicated           flow_in, flow_start, gauss_head (2 x latent_dim outputs: too few to split),
                        shallow proj_in / proj_out / norm, the FAE.
 With sequence parallelism the residual streams between layers are sharded along T (`seq_split`
@@ -46,7 +48,8 @@ from parallel.checkpoint_tp import load_full_state_dict, shard_layout
 from parallel.comm import all_gather, group_rank, group_size
 from parallel.fused import parts_layout, pieces
 from parallel.layers import (ColumnParallelLinear, ParallelRMSNorm, ReplicatedKVLinear, RowParallelLinear,
-                             SequenceSplit, VocabGather, VocabParallelEmbedding, VocabParallelTextLoss)
+                             SequenceParallelLinear, SequenceSplit, VocabGather, VocabParallelEmbedding,
+                             VocabParallelTextLoss)
 from parallel.topology import ParallelConfig, Topology
 
 
@@ -142,12 +145,10 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
         for layer in unit.vlm_layers:
             parallelize_block(layer, tp_g, sp, backend)
         parallelize_block(unit.flow_layer, flow_g, sp, backend)
-        if unit.w_vlm is not None:
-            unit.w_vlm = RowParallelLinear.from_dense(unit.w_vlm, tp_g, input_is_parallel=False, sequence_parallel=sp,
-                                                      async_tp=cfg.async_tp)
-        if unit.w_d is not None:
-            unit.w_d = RowParallelLinear.from_dense(unit.w_d, flow_g, input_is_parallel=False, sequence_parallel=sp,
-                                                    async_tp=cfg.async_tp)
+        if sp and unit.w_vlm is not None:  # without SP the skips stay replicated nn.Linear: no collective
+            unit.w_vlm = SequenceParallelLinear.from_dense(unit.w_vlm, tp_g)
+        if sp and unit.w_d is not None:
+            unit.w_d = SequenceParallelLinear.from_dense(unit.w_d, tp_g)  # SP: flow_tp == tp
     for block in model.shallow.blocks:
         for layer in block.layers:
             parallelize_block(layer, flow_g, False, backend)

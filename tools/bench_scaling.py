@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_args import bench_args  # noqa: E402
+from tools.bench_turns import Turns  # noqa: E402
 from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_steps, sync_points  # noqa: E402
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
@@ -99,6 +100,11 @@ def parse_args(argv=None):
     p.add_argument("--json", default="", help="also write the results here (rank 0)")
     p.add_argument("--stacks-after", type=float, default=0, help="every rank writes its Python stacks to stderr "
                    "after this many seconds (faulthandler; 0: never): where a row stuck at a time limit was")
+    p.add_argument("--turns", default="", help="DIR shared by bench processes started side by side: each compiles "
+                   "its rows' first step at once, then they take turns for the rest (tools/bench_turns.py)")
+    p.add_argument("--turns-n", type=int, default=1, help="how many processes share --turns")
+    p.add_argument("--turns-wait", type=float, default=120.0, help="longest wait (s) for the others to be ready")
+    p.add_argument("--turns-order", type=int, default=-1, help="this process's place in the turns (0 first; -1 any)")
     p.add_argument("--resume", default="", help="SRC:DST layout rows: resume SRC's sharded checkpoint at DST")
     p.add_argument("--resume-dir", default="/tmp/bench_scaling_ckpt", help="where --resume saves")
     return p.parse_args(argv)
@@ -158,7 +164,7 @@ def count_fusions() -> dict:
     return fused
 
 
-def run_row(args, mode: str, device, batch: dict, noise) -> dict:
+def run_row(args, mode: str, device, batch: dict, noise, turns) -> dict:
     name, cfg = row_config(args, mode)
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" and device.type == "cuda" else None
     # each row starts with empty compile caches: rows of other shapes (TP's fewer heads per rank, PP's
@@ -183,6 +189,8 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
     times, loss0 = [], None
     step = lambda: engine.train_step(batch, noise, None, 1e-5)  # noqa: E731
     for i in range(args.warmup + args.steps):
+        if i == (min(1, args.warmup) if turns.turn == 0 else 0):  # --turns: the GPUs are this process's from here
+            turns.start()  # (a first row compiles before, side by side with the other processes; a later one inside)
         t0 = clock(device)
         out = step()
         loss0 = float(out["loss"]) if loss0 is None else loss0
@@ -197,6 +205,7 @@ def run_row(args, mode: str, device, batch: dict, noise) -> dict:
         prof = profile_steps(step, args.profile, device, trace, args.top)
         if args.top:
             prof["sync_points"] = sync_points(step, device)
+    turns.end()
     row = dict(mode=mode, step_s=statistics.median(times), loss=float(out["loss"]), loss0=loss0, fused=fused,
                peak_GiB=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0,
                # a graphed step's activations live in the graph's private pool: compare reserved memory too
@@ -325,11 +334,13 @@ def main(argv=None):
     if args.comm_probe:
         probe_collectives(cfg, args.rows, device)
     rows = []
+    turns = Turns(args.turns, args.turns_n, args.turns_wait, args.turns_order)
     for mode in args.modes.split(","):
         try:
-            rows.append(run_row(args, mode, device, batch, noise))
+            rows.append(run_row(args, mode, device, batch, noise, turns))
         except Exception as e:  # noqa: BLE001  (e.g. a compile failure: report it, go on with the next row)
             print(f"rank {dist.get_rank()}: {mode} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            turns.give_up()
             gc.collect()
             dist.barrier()
             continue

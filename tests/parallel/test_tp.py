@@ -138,6 +138,8 @@ def check(results, cases):
         assert {"ColumnParallelLinear", "RowParallelLinear", "ParallelRMSNorm", "VocabParallelEmbedding"} <= r["kinds"], r["kinds"]
         assert ("ReplicatedKVLinear" in r["kinds"]) == (case["tp"] == 4 and not case.get("tarflow")), r["kinds"]
         assert ("SequenceSplit" in r["kinds"]) == case["sp"], r["kinds"]
+        # the Pretzel skips: replicated, moving no activation (SP: each rank's tokens; without SP plain nn.Linear)
+        assert ("SequenceParallelLinear" in r["kinds"]) == (case["sp"] and not case.get("tarflow")), r["kinds"]
         assert r["loss"] < TOL, (case, r)
         assert r["grad"] < TOL, (case, r)
         assert r["weight"] < TOL, (case, r)

@@ -53,12 +53,14 @@ def _bench(rank, world, out):
     from tools.bench_scaling import main
     assert main(["--tiny", "--device", "cpu", "--modes", "one,dp2",
                  "--steps", "1", "--warmup", "0", "--profile", "0", "--resume", "dp2:tp2",
-                 "--resume-dir", f"{out}/ckpt", "--json", f"{out}/s.json"]) == 0
+                 "--resume-dir", f"{out}/ckpt", "--json", f"{out}/s.json", "--turns", f"{out}/turns"]) == 0
 
 
 def test_resume_from_one_layout_into_another(tmp_path):
     run_distributed(_bench, 2, str(tmp_path))
     res = json.loads((tmp_path / "s.json").read_text())
     assert [r["mode"] for r in res["rows"]] == ["one", "dp2"] and "efficiency" in res["rows"][1]
+    turns = tmp_path / "turns"  # --turns (tools/bench_turns.py): this process said it was ready, took its turns, gave them back
+    assert [p.name for p in turns.glob("ready.*")] and (turns / "owner").read_text() == ""
     r = res["resume"]
     assert r["load_step"] == 2 and r["rel_diff"] < 1e-5, r  # fp32 on CPU: the same loss up to reduction order

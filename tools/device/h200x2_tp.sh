@@ -6,6 +6,9 @@
 #   bash tools/device/h200x2_tp.sh final BASE     # call 2: the tree at BASE (before) and this tree (after)
 #   NOCACHE=1 bash tools/device/h200x2_tp.sh graph  # TP2 and one GPU, each without and with the step as one CUDA graph:
 #                                   # 5 timed steps after 3 (2 eager + the capture); a 3-line SUMMARY
+#   NOCACHE=1 bash tools/device/h200x2_tp.sh graphed BASE  # round 5: this tree's graphed TP2 / TP2+SP rows (NCCL and
+#                                   # tp_all_reduce=symm, one graphed step profiled per rank) and the graphed one GPU,
+#                                   # then the tree at BASE's graphed TP2 / TP2+SP (before); SUMMARY lines from the logs
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
 # written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
 # $CACHE/inductor.tgz.* (CACHE=.cache unless set; copy the parts there and carry them in the next call): a warm cache turns each
@@ -76,6 +79,63 @@ if eager and graph:
     print(f"SUMMARY graph vs eager: {eager['step_s'] / graph['step_s']:.2f}x faster; last losses differ by "
           f"{abs(graph['loss'] - eager['loss']) / abs(eager['loss']):.1e} (relative; bf16 rounding ~1e-3), the loss "
           f"fell by {eager['loss0'] - eager['loss']:.4f} eager and {graph['loss0'] - graph['loss']:.4f} graphed")
+EOF
+  ;;
+graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all started together (tools/bench_turns.py:
+  # they compile side by side, then take turns on the GPUs in the order listed); rows of this tree (a:) and of
+  # BASE (b:, before; its tools/ needs bench_scaling.py and bench_turns.py of this tree); a SUMMARY line as each
+  # process ends, the efficiencies at the end; LIMIT s in all (WAIT s at most for every process to compile).
+  # (tp_all_reduce=symm is refused under the graph: its graphed TP2 row hung in round 5's first call, spinning
+  # the GPUs under every other row's turn.) A row is one process: rows joined by '+' share one; '%VAR=VALUE' sets
+  # that process's environment (NCCL reads NCCL_PROTO once per process; call 1's profiles showed NCCL's LL
+  # protocol on every TP collective)
+  G="train.step_graph=on"; P=NCCL_PROTO=Simple
+  ROWS=${ROWS:-"a:tp2@$G%NCCL_DEBUG=INFO%NCCL_DEBUG_SUBSYS=INIT b:tp2@$G a:one+one@train.step_graph=off a:tp2sp@$G b:tp2sp@$G a:tp2@$G%$P a:tp2sp@$G%$P"}
+  PROFILED=${PROFILED:-"a:tp2@$G a:tp2sp@$G"}
+  [ -f "$2/tools/bench_turns.py" ] || cp tools/bench_scaling.py tools/bench_turns.py "$2/tools/"
+  n=$(echo $ROWS | wc -w); i=0
+  rm -rf /tmp/turns /tmp/rows; mkdir -p /tmp/turns /tmp/rows
+  one_row() {  # tree, name, rows[%VAR=VALUE...]
+    local prof=0 rows=${3%%\%*} env=; [ "$rows" != "$3" ] && env=${3#*%} && env=${env//%/ }
+    case " $PROFILED " in *" ${2:0:1}:$rows "*) prof=1;; esac
+    (cd "$1" && env $env TORCH_LOGS=graph_breaks,recompiles PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=4 \
+       timeout $(( ${LIMIT:-138} - $(date +%s) + T1 )) torchrun --master_port $((29600 + i)) --nproc_per_node 2 \
+       tools/bench_scaling.py --config configs/h200_1b.yaml --rows 8 --steps 5 --warmup 3 --profile $prof --top 12 \
+       --turns /tmp/turns --turns-n $n --turns-order $i --turns-wait ${WAIT:-90} --json /tmp/rows/$2.json \
+       --modes "${rows//+/,}" > /tmp/rows/$2.log 2>&1 & echo $! > /tmp/rows/$2.pid
+       wait $!)
+    echo "$env" > /tmp/rows/$2.env
+    if grep -a -q "step .* ms, first loss" /tmp/rows/$2.log; then
+      grep -a "step .* ms, first loss" /tmp/rows/$2.log | sed "s|^|SUMMARY $2 at $(( $(date +%s) - T1 )) s ($env): |"
+    else echo "SUMMARY $2 [$3]: no row: $(grep -a 'failed:\|Error' /tmp/rows/$2.log | grep -v Warning | head -2 | cut -c1-300)"; fi
+  }
+  T1=$(date +%s)
+  for spec in $ROWS; do
+    tree=.; [ "${spec%%:*}" = b ] && tree="$2"
+    one_row "$tree" "$( [ "$tree" = . ] && echo after || echo before )$i" "${spec#*:}" & i=$((i + 1))
+  done
+  # a process's json is its last act; NCCL's teardown can then hang until the limit: stop them once all wrote
+  for _ in $(seq ${LIMIT:-138}); do [ $(ls /tmp/rows/*.json 2>/dev/null | wc -l) -ge $n ] && break; sleep 1; done
+  sleep 3; for f in /tmp/rows/*.pid; do kill $(cat $f) 2>/dev/null; done
+  wait
+  for f in /tmp/rows/after*.log; do grep -a -B1 -A4 "^| rank |" $f | head -12; grep -a -A14 "Name .*Self CUDA" $f | head -16; done
+  grep -a -h "NCCL INFO .*via\|NCCL INFO .*nChannels\|NCCL INFO .*comm 0x.*Init COMPLETE" /tmp/rows/after*.log | sort | uniq -c | head -8
+  grep -a -c "Graph break" /tmp/rows/*.log | tr '\n' ' '; echo "(graph breaks per row log)"
+  tar czf $OUT/rows.tgz -C /tmp rows
+  python3 - /tmp/rows <<'EOF'
+import json, pathlib, sys
+rows = {}  # (tree, row) -> its json row
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    env = (pathlib.Path(sys.argv[1]) / (f.stem + ".env")).read_text().strip()
+    for r in json.loads(f.read_text())["rows"]:
+        rows["after" if f.name.startswith("after") else "before", r["mode"] + (f" [{env}]" if env else "")] = r
+one, eager = rows.get(("after", "one")), rows.get(("after", "one@train.step_graph=off"))  # one GPU graphed / not
+for (tree, mode), r in rows.items():
+    ms = r["step_s"] * 1e3
+    eff = f"; {one['step_s'] / (2 * r['step_s']):.1%} of the graphed one GPU's {one['step_s'] * 1e3:.1f} ms" if one and mode[:3] != "one" else ""
+    eff += f", {eager['step_s'] / (2 * r['step_s']):.1%} of the ungraphed one's" if eager and eff else ""
+    print(f"SUMMARY {tree:6s} {mode}: {ms:.1f} ms{eff}; first loss {r['loss0']:.4f}, after the timed steps {r['loss']:.4f}; "
+          f"reserved {max(x['reserved_GiB'] for x in r['ranks']):.1f} GiB; graphed {r['graphed']}")
 EOF
   ;;
 esac
