@@ -118,6 +118,10 @@ graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all start
   for _ in $(seq ${LIMIT:-138}); do [ $(ls /tmp/rows/*.json 2>/dev/null | wc -l) -ge $n ] && break; sleep 1; done
   sleep 3; for f in /tmp/rows/*.pid; do kill $(cat $f) 2>/dev/null; done
   wait
+  # torchrun's workers can outlive the kill (NCCL teardown): in the lead's session-8 call they still held ~17 GiB
+  # each on both GPUs when the next part started, which then ran out of memory. Kill them, wait for the memory.
+  pkill -9 -f "tools/[b]ench_scaling.py" 2>/dev/null
+  for _ in $(seq 30); do [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | sort -n | tail -1)" -lt 2000 ] && break; sleep 1; done
   for f in /tmp/rows/after*.log; do grep -a -B1 -A4 "^| rank |" $f | head -12; grep -a -A14 "Name .*Self CUDA" $f | head -16; done
   grep -a -h "NCCL INFO .*via\|NCCL INFO .*nChannels\|NCCL INFO .*comm 0x.*Init COMPLETE" /tmp/rows/after*.log | sort | uniq -c | head -8
   grep -a -c "Graph break" /tmp/rows/*.log | tr '\n' ' '; echo "(graph breaks per row log)"
