@@ -71,9 +71,17 @@ def check_step_graph(mode: str, device: torch.device, compile_mode: str = "defau
     except ValueError as e:
         if mode == "on":
             raise
-        log.info("train.step_graph=auto: the step runs without a CUDA graph here (%s)", str(e).split("; set ")[0])
+        log.info("train.step_graph=auto: the step runs without a CUDA graph here (%s)", _auto_reason(str(e)))
         return False
     return True
+
+
+def _auto_reason(refusal: str) -> str:
+    """A refusal of 'on' as 'auto' logs it: without its advice to turn the graph off (auto already
+    did), with the other setting that would graph the step when the refusal names one."""
+    why, _, advice = refusal.partition("; set ")
+    other = advice.split(" or ", 1)[1] if " or " in advice else ""
+    return f"{why}; to graph it set {other}" if other else why
 
 
 def _check_run(device: torch.device, compile_mode: str, data_parallel: bool, parallel, copied_buckets: bool) -> None:

@@ -208,7 +208,8 @@ class PlainEngine:
         self.speedups = apply_speedups(model, tcfg, device)
         self.graph = None
         try:
-            if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, dp_group is not None):
+            if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, dp_group is not None,
+                                parallel=cfg.parallel):  # e.g. parallel.backend=te: refused by name
                 self.graph = StepGraph(self._step, self.optimizer, device)
         except ValueError as e:
             raise ConfigError(str(e)) from e

@@ -95,5 +95,11 @@ def test_data_parallel_buckets_that_copy_gradients_are_refused(caplog):
         check_step_graph("on", torch.device("cuda"), parallel=ParallelConfig(), copied_buckets=True)
     assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(), copied_buckets=True) is False
     assert any("copy gradients (fp32 weights" in r.getMessage() for r in caplog.records), caplog.text
+    # auto's line drops "set train.step_graph=off" (done) and keeps the setting that would graph the step
+    assert any(r.getMessage().endswith("; to graph it set train.param_dtype=bf16)") for r in caplog.records), caplog.text
+    caplog.clear()
+    assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(zero_stage=1)) is False
+    assert any(r.getMessage().endswith("(parallel.zero_stage=1); to graph it set parallel.zero_stage=0)")
+               for r in caplog.records), caplog.text
     with pytest.raises(ValueError, match="through the parallel engine"):
         check_step_graph("on", torch.device("cuda"), data_parallel=True)

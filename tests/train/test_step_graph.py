@@ -44,6 +44,19 @@ def test_step_graph_settings_are_checked():
         PlainEngine(build_model(cfg.model, seed=0), cfg, None)
 
 
+def test_one_process_checks_its_parallel_settings(monkeypatch):
+    """PlainEngine asks with the run's parallel settings, so Transformer Engine layers (not captured) are
+    refused in one process as in the parallel engine (it used to pass none: a te run went into the graph).
+    The device check is moved past (a CUDA device as the check sees it) so the CPU reaches that rule."""
+    import megaflow.step_graph as step_graph
+    real = step_graph.check_step_graph
+    monkeypatch.setattr(step_graph, "check_step_graph", lambda mode, device, *a, **k: real(mode, torch.device("cuda"), *a, **k))
+    cfg = run_config(compile="off", step_graph="on", param_dtype="fp32")
+    te = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, backend="te"))
+    with pytest.raises(ConfigError, match=r"graphs the local layers only \(parallel.backend='te'"):
+        PlainEngine(build_model(cfg.model, seed=0), te, None)
+
+
 def train(step_graph: str, doc_ids: bool, steps: int = 6, flat_step: bool = True):
     cfg = run_config(compile="off", step_graph=step_graph, dtype="bf16", param_dtype="bf16", grad_clip=0.5)
     device = torch.device("cuda")
