@@ -95,7 +95,7 @@ class GradBuckets:
         first = first if sum(p.numel() * p.element_size() for p in first) <= last_mb * 2 ** 20 else []
         groups = _fill(params[len(first):][::-1], int(bucket_mb * 2 ** 20)) + ([first[::-1]] if first else [])
         self.buckets = [_Bucket(g) for g in groups]
-        self.where = {id(p): b for b in self.buckets for p in b.params}
+        self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}  # param -> its bucket's index
         self.chunks, self.armed, self.counting, self.next = [], set(), False, 0  # overlap state (`attach`)
         self.early = 0  # buckets launched during backward in the last step
 
@@ -111,7 +111,7 @@ class GradBuckets:
         self.chunks = [[p for p in ps if p.requires_grad and id(main_of(p)) in self.where] for ps in chunks]
         for ps in self.chunks:
             for p in ps:
-                index = self.buckets.index(self.where[id(main_of(p))])
+                index = self.where[id(main_of(p))]
                 p.register_post_accumulate_grad_hook(weak_hook(self, lambda buckets, q, i=index: buckets._ready(i, q)))
 
     def arm(self, chunk: int = 0) -> None:
