@@ -53,6 +53,10 @@ class Turns:
         if self.dir is None or dist.get_rank() != 0:
             return
         self.ready()
+        self._release()
+
+    def _release(self) -> None:
+        """Rank 0: this process's turn is over (counted done in the order) and the GPUs are free."""
         if self.order >= 0:
             (self.dir / f"done.{self.order}").touch()
         if self.lock is not None:
@@ -86,9 +90,5 @@ class Turns:
         dist.barrier()  # every rank of this process is done with the GPUs
         if self.lock is not None:
             (self.dir / "owner").write_text("")
-            if self.order >= 0:
-                (self.dir / f"done.{self.order}").touch()
-            fcntl.flock(self.lock, fcntl.LOCK_UN)
-            self.lock.close()
-            self.lock = None
+            self._release()
         self.turn += 1
