@@ -40,7 +40,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline import streaming_compat as sc
-from data_pipeline.config import DataConfig
+from data_pipeline.config import PACKINGS, DataConfig
 from data_pipeline.packing import PackStats, Planner, TokenizedDoc, build_batch, split_document, tokenize_document
 from data_pipeline.schema import BadSampleError, decode_sample
 from data_pipeline.tokenizer import Tokenizer
@@ -330,6 +330,7 @@ class Loader:
                 validate_hash="xxh64" if (cfg.validate_hashes and cfg.remote) else None)
         self.builder = BatchBuilder(self.dataset, cfg, tokenizer)
         self.epoch, self.next_index, self.carry = 0, 0, []
+        self.packing = cfg.packing  # a resumed run's is its loader state's (load_state_dict)
         self._pieces: dict[int, list] = {}  # sample id -> its pieces (lengths only), kept across epochs
         self.stats = {"batches": 0, **asdict(PackStats())}
         self.last_sample_ids: list[int] = []
@@ -383,7 +384,7 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         planner = Planner(self.epoch_order(self.epoch), self._measure, self.dp_size * cfg.batch_size,
-                          cfg.seq_len, cfg.max_images, cfg.lookahead, self.next_index, self.carry)
+                          cfg.seq_len, cfg.max_images, cfg.lookahead, self.next_index, self.carry, self.packing)
         if planner.done:  # nothing left of this epoch (an empty dataset): move on
             self.epoch, self.next_index, self.carry = self.epoch + 1, 0, []
             return
@@ -403,7 +404,8 @@ class Loader:
         order documents were read, and the pieces read but not yet placed (`carry`)."""
         cfg = self.cfg
         return {"version": _STATE_VERSION, "epoch": self.epoch, "next_index": self.next_index,
-                "carry": [list(p) for p in self.carry], "num_canonical_nodes": cfg.num_canonical_nodes,
+                "carry": [list(p) for p in self.carry], "packing": self.packing,
+                "num_canonical_nodes": cfg.num_canonical_nodes,
                 "seed": cfg.seed, "shuffle": cfg.shuffle, "seq_len": cfg.seq_len, "max_images": cfg.max_images,
                 "image_tokens": cfg.image_tokens, "dp_size": self.dp_size, "batch_size": cfg.batch_size}
 
@@ -425,6 +427,13 @@ class Loader:
                                  f"{key}={state[key]}, this config has {ours}; keep it unchanged")
         self.epoch, self.next_index = int(state["epoch"]), int(state["next_index"])
         self.carry = [tuple(p) for p in state["carry"]]
+        # states written before data.packing existed were packed first-fit: the run goes on the same way
+        self.packing = state.get("packing", "first_fit")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"the loader state has packing={self.packing!r}, this megaflow knows {PACKINGS}")
+        if self.packing != cfg.packing:
+            log.warning(f"resuming with the loader state's packing={self.packing} (data.packing={cfg.packing} "
+                        "applies to runs started fresh): the batches are those of the uninterrupted run")
 
     def close(self) -> None:
         """Release this loader's shared memory and lock files now (also done at process exit)."""

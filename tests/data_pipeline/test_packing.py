@@ -1,11 +1,15 @@
 """Packing contract on hand-made documents: rows of exactly T, images never split, long documents
 cut at text only, targets only on text-like next tokens of the same document; the planner fills
-rows to the token budget and carries what does not fit into later steps, never dropping it."""
+rows to the token budget and carries what does not fit into later steps, never dropping it; the
+`fullest` packing gives each row the subset that fills it most (checked against brute force)."""
+
+import itertools
+import random
 
 import numpy as np
 
 from data_pipeline.config import DataConfig
-from data_pipeline.packing import Planner, build_batch, split_document, tokenize_document
+from data_pipeline.packing import Planner, build_batch, fullest_subset, split_document, tokenize_document
 from data_pipeline.schema import Segment
 from tests.data_pipeline.helpers import check_batch
 
@@ -21,13 +25,14 @@ def _doc(tok, segments, name):
     return tokenize_document(segments, tok, CFG.image_tokens, name)
 
 
-def _plan(docs, cfg=CFG, lookahead=2.0):
+def _plan(docs, cfg=CFG, lookahead=2.0, packing="fullest"):
     """Every step of a Planner over `docs` (sample id = index), as rows of (doc, start, end)."""
     def measure(i):
         doc = docs[i]
         return [(i, s, e, sum(1 for b in doc.image_starts if s <= b < e))
                 for s, e in split_document(doc, cfg.seq_len, cfg.max_images, cfg.image_tokens)]
-    planner = Planner(list(range(len(docs))), measure, cfg.batch_size, cfg.seq_len, cfg.max_images, lookahead)
+    planner = Planner(list(range(len(docs))), measure, cfg.batch_size, cfg.seq_len, cfg.max_images, lookahead,
+                      packing=packing)
     steps = []
     while (rows := planner.step()) is not None:
         steps.append([[(docs[i], s, e) for i, s, e, _ in row] for row in rows])
@@ -100,7 +105,7 @@ def test_first_fit_fills_gaps_from_the_look_ahead(tok):
     short = [_doc(tok, [Segment("text", True, text="z " * 5)], f"s{i}") for i in range(6)]  # 8 tokens
     images = [_doc(tok, [_image(i)], f"img{i}") for i in range(4)]  # 20 tokens, 1 image
     docs = [long, long, long] + images + short
-    steps = _plan(docs, lookahead=3.0)
+    steps = _plan(docs, lookahead=3.0, packing="first_fit")
     first = steps[0]
     assert [d.source for d, _, _ in first[0]] == ["long", "s0", "s1"]  # 32 + 8 + 8 = 48: the images (20) wait
     for rows in steps:
@@ -115,3 +120,39 @@ def test_deterministic(tok):
     second = [build_batch(rows, CFG, tok)[0] for rows in _plan(docs)]
     assert len(first) == len(second) == 2
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, second) for k in a)
+
+
+def test_fullest_subset_is_the_best_fill_by_brute_force():
+    """On random small candidate sets: the most tokens within the room and the image limit, and
+    among those the fewest images (checked over every subset); the keys come back in order."""
+    rng = random.Random(0)
+    for _ in range(200):
+        cands = [(k, rng.randint(1, 30), rng.choice((0, 0, 1, 3))) for k in range(rng.randint(1, 9))]
+        room, image_room = rng.randint(1, 80), rng.randint(0, 5)
+        best = max((sum(c[1] for c in sub), -sum(c[2] for c in sub))
+                   for n in range(len(cands) + 1) for sub in itertools.combinations(cands, n)
+                   if sum(c[1] for c in sub) <= room and sum(c[2] for c in sub) <= image_room)
+        keys = fullest_subset(cands, room, image_room)
+        chosen = [c for c in cands if c[0] in keys]
+        assert keys == sorted(set(keys))
+        assert (sum(c[1] for c in chosen), -sum(c[2] for c in chosen)) == best
+
+
+def test_fullest_fills_rows_that_first_fit_leaves_short(tok):
+    """Nine pieces of 20, 17 and 14 tokens (144) in three 48-token rows: first-fit decreasing puts
+    20 + 20 in one row and 14 x 3 in another (40, 48, 42: 14 slots empty, a piece carried over);
+    `fullest` finds 20 + 14 + 14 and 17 + 17 + 14: three full rows.
+    Every document is still placed exactly once, within the token and image limits."""
+    sizes = {20: "z " * 17, 17: "z " * 14, 14: "z " * 11}  # + bos, eos; the tokenizer makes one id a "z "
+    docs = [_doc(tok, [Segment("text", True, text=sizes[n])], f"{n}.{i}")
+            for i, n in enumerate([20, 14, 17, 20, 14, 17, 14, 14, 14])]
+    assert [len(d.tokens) for d in docs] == [20, 14, 17, 20, 14, 17, 14, 14, 14]
+    fills = {}
+    for packing in ("first_fit", "fullest"):
+        steps = _plan(docs, lookahead=3.0, packing=packing)
+        rows = [row for rows in steps for row in rows]
+        assert sorted(d.source for row in rows for d, _, _ in row) == sorted(d.source for d in docs)
+        assert all(sum(e - s for _, s, e in row) <= CFG.seq_len for row in rows)
+        fills[packing] = [sum(e - s for _, s, e in row) for row in steps[0]]
+    assert fills["fullest"] == [48, 48, 48]
+    assert fills["first_fit"] == [40, 48, 42]
