@@ -133,11 +133,8 @@ class Attention(nn.Module):
             v = qkv[:, Hq + Hkv:]  # (B, Hkv, T, hd)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.cache_key, k, v)  # (B, Hkv, Tk, hd): earlier positions and these
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Tk, hd)
-            v = v.repeat_interleave(groups, dim=1)
-        y = attend(q, k, v, ctx.mask)  # (B, Hq, Tq, hd): plain causal, dense mask or FlexAttention (masks.py)
+        y = attend(q, k, v, ctx.mask)  # (B, Hq, Tq, hd): plain causal, dense mask or FlexAttention (masks.py;
+        # grouped heads: FlexAttention reads the Hkv heads in place, the other kernels get them repeated)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*hd)
         return self.o_proj(y)
 

@@ -100,9 +100,12 @@ def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, devic
 
 
 def _flex(q, k, v, block_mask):
+    """q (B, Hq, T, hd), k and v (B, Hkv, T, hd): grouped heads read in place, not repeated (the
+    repeat's copies and its gradient's sum cost ~0.1 ms a layer at h200_1b's VLM shape)."""
+    gqa = q.shape[1] != k.shape[1]
     if q.device.type != "cuda":  # eager on CPU (forward only in torch 2.13): the tests' reference
-        return flex_attention(q, k, v, block_mask=block_mask)
-    return _compiled_flex(q, k, v, block_mask=block_mask)  # inside a compiled region: inlined
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)  # inside a compiled region: inlined
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: Optional[torch.Tensor]) -> torch.Tensor:
@@ -119,20 +122,27 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
-    """Scaled dot-product attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd) under `mask`."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or (
-            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)):
-        return explicit_attention(q, k, v, mask)
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if BlockMask is not None and isinstance(mask, BlockMask) and q.shape[-1] < FLEX_MIN_HEAD_DIM:
-        # heads too small for FlexAttention (tiny models): the same rule as a dense mask, built here
-        dense = create_mask(mask.mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)  # (B, 1, Tq, Tk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    if BlockMask is not None and isinstance(mask, BlockMask):
+    """Scaled dot-product attention of q (B, Hq, Tq, hd) over k, v (B, Hkv, Tk, hd) under `mask`,
+    Hq a multiple of Hkv (grouped-query). FlexAttention reads each shared k/v head in place
+    (`enable_gqa`); the other kernels get k and v repeated to Hq heads (for SDPA's cuDNN kernel, which
+    takes no groups)."""
+    if BlockMask is not None and isinstance(mask, BlockMask) and q.shape[-1] >= FLEX_MIN_HEAD_DIM:
         kind = q.device.type
         if torch.is_autocast_enabled(kind):  # SDPA is autocast to bf16; flex_attention is not: cast as SDPA would
             dtype = torch.get_autocast_dtype(kind)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _flex(q, k, v, mask)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Tk, hd)
+        v = v.repeat_interleave(groups, dim=1)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and (mask is None or (
+            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool)):
+        return explicit_attention(q, k, v, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        # heads too small for FlexAttention (tiny models): the same rule as a dense mask, built here
+        dense = create_mask(mask.mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)  # (B, 1, Tq, Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

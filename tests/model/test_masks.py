@@ -75,19 +75,25 @@ def wide_config(tarflow_only: bool = False):
 
 
 def test_attend_flex_equals_dense_with_documents_padding_and_groups():
-    """One kernel call: 3 documents + padding per row, grouped heads (already repeated), fp32."""
+    """One kernel call: 3 documents + padding per row, fp32, 4 query heads over 2 shared k/v heads
+    handed over unrepeated (flex reads them in place, the dense path repeats them), and over 4."""
     g = torch.Generator().manual_seed(0)
     B, H, T, hd = 2, 4, 160, 16
     doc_ids = torch.full((B, T), -1)
     doc_ids[0, :50], doc_ids[0, 50:120], doc_ids[0, 120:150] = 0, 1, 2
     doc_ids[1, :100], doc_ids[1, 100:] = 0, 1
-    q, k, v = (torch.randn(B, H, T, hd, generator=g) for _ in range(3))
+    q = torch.randn(B, H, T, hd, generator=g)
+    k, v = (torch.randn(B, H // 2, T, hd, generator=g) for _ in range(2))  # (B, Hkv, T, hd)
     with use_kernel("flex"):
         flex_mask = document_mask(doc_ids, T, T, "cpu")
     with use_kernel("dense"):
         dense_mask = document_mask(doc_ids, T, T, "cpu")
     assert isinstance(flex_mask, BlockMask) and dense_mask.dtype == torch.bool
-    torch.testing.assert_close(attend(q, k, v, flex_mask), attend(q, k, v, dense_mask), rtol=1e-5, atol=1e-5)
+    repeated = [x.repeat_interleave(2, dim=1) for x in (k, v)]  # (B, H, T, hd)
+    reference = attend(q, *repeated, dense_mask)
+    torch.testing.assert_close(attend(q, k, v, flex_mask), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, dense_mask), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attend(q, *repeated, flex_mask), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tarflow_only", [False, True])
