@@ -35,28 +35,6 @@ quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\
   since "gpu1: after, real data"
 ) &
 wait
-python3 - "$OUT" <<'EOF'
-import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-rows = []
-for name in ("before", "after", "anchor"):
-    p = out / f"{name}.json"
-    if not p.exists():
-        print(f"{name}: no result (cut by its limit?)"); continue
-    r = json.loads(p.read_text())
-    rows += [(f"after:{v['variant']}", v) for v in r["variants"]] if "variants" in r else [(name, r)]
-for name, r in rows:
-    if "error" in r:
-        print(f"{name}: {r['error']}"); continue
-    fill = r["tokens_per_s"] * r["step_time_s"] / (r["rows"] * r["seq_len"])
-    fix = 1 / fill if name == "before" else 1.0  # b91a671 scaled real-token FLOPs by the fill once more
-    b = r.get("baseline", {})
-    print(f"{name}: step {1e3 * r['step_time_s']:.1f} ms, MFU {100 * r['mfu'] * fix:.1f}% synced; back to back "
-          f"{1e3 * r['loop_step_time_s']:.1f} ms, {100 * r['loop_mfu'] * fix:.1f}%; fill {fill:.3f}; "
-          f"{r['images_per_step']} images/step; {r['model_tflop_per_step'] * fix:.2f} TFLOP/step; peak "
-          f"{r['peak_memory_gib']:.1f} GiB (reserved {r.get('peak_reserved_gib') or 0:.1f}); GPU ms synced "
-          f"{r.get('gpu_step_ms')} b2b {r.get('loop_gpu_step_ms')}; host ms b2b {r.get('loop_host_ms'):.1f}"
-          + (f"; anchor {100 * b['mfu']:.1f}% / b2b {100 * b['loop_mfu']:.1f}%" if b.get("mfu") else ""))
-EOF
+python3 tools/device/real_rows.py "$OUT" before after anchor --fill-fix before
 echo "=== tests"; cat $OUT/tests.txt
 echo "all done after $(( $(date +%s) - T0 )) s"

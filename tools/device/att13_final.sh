@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 13, h200_1b's real-data row (helper att13): before / after in one call on nvidia-h200-x2, each its own
+# process, real packed Fashion-MNIST (.fm1b = data_cache/fm1b, h200_1b's mix, 8,000 documents).
+# GPU 1 (the most important rows first): this tree, `--variant after=` (its defaults: data.packing=fullest,
+#   FlexAttention reading the grouped k/v heads in place) and `--variant first_fit=data.packing=first_fit`
+#   (the old packing: the same batches as "before", so its losses check the attention change), then the
+#   CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py).
+# GPU 0: "before" = `git archive 5bb1260` unpacked in before/ (its default), the same data; then this tree's
+#   synthetic batch with the plain-PyTorch anchor (--baseline).
+# Carries: .whl (mosaicml-streaming), .fm1b, before/, .inductor/ (unpacked when present).
+# Usage on the device: bash tools/device/att13_final.sh   (B_S N_S A_S T_S: per-part limits in s; STEPS)
+. tools/device/setup.sh
+OUT=${OUT:-/tmp/att13_out}; mkdir -p "$OUT"; T0=$(date +%s)
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+ls .inductor/inductor.tgz.* >/dev/null 2>&1 && cat .inductor/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache restored"
+since() { echo "$1 done after $(( $(date +%s) - T0 )) s"; }
+D=$PWD/.fm1b
+PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps ${STEPS:-6}"
+REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokenizer.model --set train.dataset_limit=8000"
+quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
+(
+  export CUDA_VISIBLE_DEVICES=1
+  timeout ${A_S:-80} python3 tools/profile_step.py $PROF $REAL --variant after= \
+    --variant first_fit=data.packing=first_fit --json $OUT/after.json 2>&1 | quiet > $OUT/after.txt
+  since "gpu1: after, real data (fullest, first_fit)"
+  timeout ${T_S:-25} python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py -k "gradients or groups" 2>&1 \
+    | grep -v "^DEBUG" | tail -3 > $OUT/tests.txt
+  since "gpu1: CUDA tests"
+) &
+(
+  export CUDA_VISIBLE_DEVICES=0
+  (cd before && PYTHONPATH=$PWD:/tmp/site timeout ${B_S:-55} python3 tools/profile_step.py $PROF $REAL \
+    --json $OUT/before.json 2>&1 | quiet > $OUT/before.txt)
+  since "gpu0: before (5bb1260), real data"
+  timeout ${N_S:-45} python3 tools/profile_step.py $PROF --baseline --json $OUT/anchor.json 2>&1 | quiet > $OUT/anchor.txt
+  since "gpu0: after, synthetic + anchor"
+) &
+wait
+python3 tools/device/real_rows.py "$OUT" before after anchor
+echo "=== tests"; cat $OUT/tests.txt
+for f in before after anchor; do echo "=== $f (errors)"; grep -i "error\|Traceback\|failed" $OUT/$f.txt | head -5 | cut -c1-300; done
+echo "all done after $(( $(date +%s) - T0 )) s"
