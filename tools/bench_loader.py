@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             d = load_config(args.config, args.overrides).data
             fields.update(seq_len=d.seq_len, batch_size=d.batch_size, max_images=d.max_images, lookahead=d.lookahead,
                           image_size=d.image_size, channels=d.channels, patch_size=d.patch_size,
-                          image_fit=d.image_fit, num_canonical_nodes=d.num_canonical_nodes, seed=d.seed)
+                          image_fit=d.image_fit, num_canonical_nodes=d.num_canonical_nodes, seed=d.seed,
+                          packing=d.packing)
         if args.lookahead is not None:
             fields["lookahead"] = args.lookahead
         results, layouts = {}, {}
