@@ -124,18 +124,30 @@ def test_deterministic(tok):
 
 def test_fullest_subset_is_the_best_fill_by_brute_force():
     """On random small candidate sets: the most tokens within the room and the image limit, and
-    among those the fewest images (checked over every subset); the keys come back in order."""
+    among those the fewest images (checked over every subset; for an exact fill, over the subsets
+    of the shortest prefix of candidates that has one, where the search stops); keys in order."""
     rng = random.Random(0)
-    for _ in range(200):
+
+    def fills(cands, room, image_room):
+        return [(sum(c[1] for c in sub), -sum(c[2] for c in sub)) for n in range(len(cands) + 1)
+                for sub in itertools.combinations(cands, n)
+                if sum(c[1] for c in sub) <= room and sum(c[2] for c in sub) <= image_room]
+
+    exact = 0
+    for _ in range(300):
         cands = [(k, rng.randint(1, 30), rng.choice((0, 0, 1, 3))) for k in range(rng.randint(1, 9))]
         room, image_room = rng.randint(1, 80), rng.randint(0, 5)
-        best = max((sum(c[1] for c in sub), -sum(c[2] for c in sub))
-                   for n in range(len(cands) + 1) for sub in itertools.combinations(cands, n)
-                   if sum(c[1] for c in sub) <= room and sum(c[2] for c in sub) <= image_room)
+        best = max(fills(cands, room, image_room))
+        if best[0] == room:  # an exact fill: the search stops at the first candidate completing one
+            exact += 1
+            n = next(n for n in range(len(cands) + 1) if max(fills(cands[:n], room, image_room))[0] == room)
+            best = max(fills(cands[:n], room, image_room))
         keys = fullest_subset(cands, room, image_room)
         chosen = [c for c in cands if c[0] in keys]
         assert keys == sorted(set(keys))
+        assert sum(c[2] for c in chosen) <= image_room
         assert (sum(c[1] for c in chosen), -sum(c[2] for c in chosen)) == best
+    assert 30 < exact < 270  # both cases were checked
 
 
 def test_fullest_fills_rows_that_first_fit_leaves_short(tok):
