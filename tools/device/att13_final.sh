@@ -4,11 +4,12 @@
 # GPU 1 (the most important rows first): this tree, `--variant after=` (its defaults: data.packing=fullest,
 #   FlexAttention reading the grouped k/v heads in place) and `--variant first_fit=data.packing=first_fit`
 #   (the old packing: the same batches as "before", so its losses check the attention change), then the
-#   CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py).
+#   CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py),
+#   then, in what is left of END_S, the kernels alone (real13_attn.py: flex128, grouped heads, 64-token blocks).
 # GPU 0: "before" = `git archive 5bb1260` unpacked in before/ (its default), the same data; then this tree's
 #   synthetic batch with the plain-PyTorch anchor (--baseline).
 # Carries: .whl (mosaicml-streaming), .fm1b, before/, .inductor/ (unpacked when present).
-# Usage on the device: bash tools/device/att13_final.sh   (B_S N_S A_S T_S: per-part limits in s; STEPS)
+# Usage on the device: bash tools/device/att13_final.sh   (B_S N_S A_S T_S: per-part limits in s; END_S; STEPS)
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/att13_out}; mkdir -p "$OUT"; T0=$(date +%s)
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
@@ -26,6 +27,10 @@ quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\
   timeout ${T_S:-25} python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py -k "gradients or groups" 2>&1 \
     | grep -v "^DEBUG" | tail -3 > $OUT/tests.txt
   since "gpu1: CUDA tests"
+  REM=$(( ${END_S:-100} - ($(date +%s) - T0) ))  # GPU 1's spare time while GPU 0 still runs: the kernels alone
+  [ $REM -gt 15 ] && timeout $REM python3 tools/device/real13_attn.py --batches 1 --iters 5 --no-shallow --no-build \
+    --kernels flex128,flexgqa,flex64at 2>&1 | quiet | grep --line-buffered "^{" > $OUT/attn.txt
+  since "gpu1: attention kernels"
 ) &
 (
   export CUDA_VISIBLE_DEVICES=0
@@ -38,5 +43,6 @@ quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\
 wait
 python3 tools/device/real_rows.py "$OUT" before after anchor
 echo "=== tests"; cat $OUT/tests.txt
+echo "=== attention kernels"; cat $OUT/attn.txt 2>/dev/null | cut -c1-300
 for f in before after anchor; do echo "=== $f (errors)"; grep -i "error\|Traceback\|failed" $OUT/$f.txt | head -5 | cut -c1-300; done
 echo "all done after $(( $(date +%s) - T0 )) s"

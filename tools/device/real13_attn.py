@@ -1,6 +1,6 @@
 """Document-masked attention at h200_1b's real-data layouts: which kernel, at what cost per step.
 
-    python3 tools/device/real13_attn.py [--batches 4] [--iters 10]
+    python3 tools/device/real13_attn.py [--batches 4] [--iters 10] [--kernels causal,flex128,...] [--no-shallow] [--no-build]
 
 The rows are the real Fashion-MNIST layouts of tools/device/layouts_h200_1b.json (16 x 1024 tokens,
 ~140 document pieces of ~112 tokens a batch, ~4% padding). For the two attention shapes of the model
@@ -11,6 +11,12 @@ attention GPU ms per step:
   flex128     megaflow.model.masks today: a BlockMask (128-token blocks) + compiled flex_attention
   flex64      the same rule with 64-token mask blocks (fails to lower on torch 2.11 with the default
               kernel tiles, which are 128 wide)
+  flexgqa     flex128 with the VLM's 8 k/v heads read in place (enable_gqa), as megaflow.model.masks
+              runs it since att13 (no repeated copies; the flow's heads are not grouped)
+  flex64at    64-token blocks, grouped heads in place, flex_attention compiled with
+              mode="max-autotune-no-cudagraphs": its backward's tile choices include 32/64-wide ones
+              that divide 64-token blocks (the default sm90 backward tile, 64 x 128 / 128 x 64, does
+              not, and kernel_options cannot replace a tile that the divisibility check removed)
   varlen      torch.nn.attention.varlen.varlen_attn (flash varlen) over the flattened rows, one
               sequence per document piece and one per row's padding tail (cu_seqlens), max_q = T
   varlenS     the same with cu_seqlens padded to a fixed S = B x 32 + 1 entries (empty sequences at
@@ -73,9 +79,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--kernels", default="causal,flex128,flex64,flexgqa,flex64at,varlen,varlenS",
+                    help="comma-separated rows to time (default: all)")
+    ap.add_argument("--no-shallow", action="store_true", help="skip the shallow flows' rows")
+    ap.add_argument("--no-build", action="store_true", help="skip timing the BlockMask build")
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention
     from megaflow.model.masks import _compiled_flex, document_block_mask
+    _autotuned_flex = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
     dev = torch.device("cuda")
     T = 1024
     layouts = json.loads(LAYOUTS.read_text())["after"][: args.batches]
@@ -94,13 +106,15 @@ def main(argv=None) -> None:
         return create_block_mask(rule, d.shape[0], None, T, T, device=dev, BLOCK_SIZE=block)
 
     d0 = docs[0]
-    build = {"eager128": timed(lambda: document_block_mask(d0), args.iters)}
-    try:
-        build["compiled128"] = timed(lambda: create_block_mask(
-            lambda b, h, q, k: (k <= q) & (d0[b, q] == d0[b, k]), 16, None, T, T, device=dev, _compile=True), args.iters)
-    except Exception as e:  # noqa: BLE001
-        build["compiled128"] = f"{type(e).__name__}: {str(e)[:120]}"
-    print(json.dumps({"block_mask_build_ms": build}), flush=True)
+    if not args.no_build:
+        build = {"eager128": timed(lambda: document_block_mask(d0), args.iters)}
+        try:
+            build["compiled128"] = timed(lambda: create_block_mask(
+                lambda b, h, q, k: (k <= q) & (d0[b, q] == d0[b, k]), 16, None, T, T, device=dev, _compile=True),
+                args.iters)
+        except Exception as e:  # noqa: BLE001
+            build["compiled128"] = f"{type(e).__name__}: {str(e)[:120]}"
+        print(json.dumps({"block_mask_build_ms": build}), flush=True)
     results = {}
     for name, H, layers in (("vlm", 16, 16), ("flow", 8, 8)):
         g = torch.Generator(device=dev).manual_seed(0)
@@ -108,12 +122,20 @@ def main(argv=None) -> None:
                    for _ in range(3))
         go = torch.randn(16, H, T, 128, device=dev, dtype=torch.bfloat16, generator=g)
         row = {}
-        for kname in ("causal", "flex128", "flex64", "varlen", "varlenS"):
+        kv_heads = 8 if name == "vlm" else H  # h200_1b's VLM: 16 query heads over 8 k/v heads
+        kg, vg = (x.detach()[:, ::H // kv_heads].clone().requires_grad_() for x in (k, v))  # (B, Hkv, T, hd)
+        for kname in args.kernels.split(","):
             per_batch, diffs = [], []
             try:
                 for d in docs:
                     if kname == "causal":
                         fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+                    elif kname == "flexgqa":
+                        m = mask_of(d, 128)
+                        fn = (lambda m=m: _compiled_flex(q, kg, vg, block_mask=m, enable_gqa=kv_heads != H))
+                    elif kname == "flex64at":
+                        m = mask_of(d, 64)
+                        fn = (lambda m=m: _autotuned_flex(q, kg, vg, block_mask=m, enable_gqa=kv_heads != H))
                     elif kname.startswith("flex"):
                         m = mask_of(d, int(kname[4:]))
                         fn = (lambda m=m: _compiled_flex(q, k, v, block_mask=m))
@@ -127,8 +149,10 @@ def main(argv=None) -> None:
                             y = varlen_attn(*flat, cu, cu, T, T, **_VARLEN_CAUSAL)
                             return y.view(16, T, H, 128).transpose(1, 2)  # (B, H, T, hd)
                     per_batch.append(timed(lambda: fn().backward(go), args.iters))
-                    if kname != "flex128":
-                        ref = _compiled_flex(q, k, v, block_mask=mask_of(d, 128))
+                    if kname != "flex128":  # the reference: flex128 over the grouped heads repeated
+                        kr, vr = (x.repeat_interleave(H // kv_heads, 1) for x in (kg, vg)) if "gqa" in kname \
+                            or kname == "flex64at" else (k, v)
+                        ref = _compiled_flex(q, kr, vr, block_mask=mask_of(d, 128))
                         real = (d >= 0)[:, None, :, None]
                         diffs.append(float(((fn() - ref).abs() * real).max()))
                 row[kname] = {"fwd_bwd_ms_per_layer": round(statistics.median(per_batch), 3),
@@ -139,9 +163,10 @@ def main(argv=None) -> None:
             print(json.dumps({name: {kname: row[kname]}}), flush=True)
         results[name] = row
     total = {k: round(sum(results[s][k].get("ms_per_step", float("nan")) for s in results), 2)
-             for k in ("causal", "flex128", "flex64", "varlen", "varlenS")}
+             for k in results["vlm"]}
     print(json.dumps({"attention_ms_per_step_fwd_bwd (16 VLM + 8 flow layers)": total}), flush=True)
-    shallow_flows(args.iters)
+    if not args.no_shallow:
+        shallow_flows(args.iters)
 
 
 def shallow_flows(iters: int) -> None:
