@@ -9,7 +9,8 @@
 # GPU 0: "before" = `git archive 5bb1260` unpacked in before/ (its default), the same data; then this tree's
 #   synthetic batch with the plain-PyTorch anchor (--baseline).
 # Carries: .whl (mosaicml-streaming), .fm1b, before/, .inductor/ (unpacked when present).
-# Usage on the device: bash tools/device/att13_final.sh   (B_S N_S A_S T_S: per-part limits in s; END_S; STEPS)
+# Usage on the device: bash tools/device/att13_final.sh   (B_S N_S A_S T_S: per-part limits in s; END_S; STEPS;
+# GPUS=1: one GPU, the parts in turn: after, before, anchor, tests)
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/att13_out}; mkdir -p "$OUT"; T0=$(date +%s)
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
@@ -19,28 +20,38 @@ D=$PWD/.fm1b
 PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps ${STEPS:-6}"
 REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokenizer.model --set train.dataset_limit=8000"
 quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
-(
-  export CUDA_VISIBLE_DEVICES=1
+after() {
   timeout ${A_S:-80} python3 tools/profile_step.py $PROF $REAL --variant after= \
     --variant first_fit=data.packing=first_fit --json $OUT/after.json 2>&1 | quiet > $OUT/after.txt
-  since "gpu1: after, real data (fullest, first_fit)"
+  since "after, real data (fullest, first_fit)"; grep "^\[" $OUT/after.txt
+}
+cuda_tests() {
   timeout ${T_S:-25} python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py -k "gradients or groups" 2>&1 \
     | grep -v "^DEBUG" | tail -3 > $OUT/tests.txt
-  since "gpu1: CUDA tests"
-  REM=$(( ${END_S:-100} - ($(date +%s) - T0) ))  # GPU 1's spare time while GPU 0 still runs: the kernels alone
+  since "CUDA tests"
+}
+kernels() {  # in what is left of END_S: the kernels alone
+  REM=$(( ${END_S:-100} - ($(date +%s) - T0) ))
   [ $REM -gt 15 ] && timeout $REM python3 tools/device/real13_attn.py --batches 1 --iters 5 --no-shallow --no-build \
     --kernels flex128,flexgqa,flex64at 2>&1 | quiet | grep --line-buffered "^{" > $OUT/attn.txt
-  since "gpu1: attention kernels"
-) &
-(
-  export CUDA_VISIBLE_DEVICES=0
+  since "attention kernels"
+}
+before() {
   (cd before && PYTHONPATH=$PWD:/tmp/site timeout ${B_S:-55} python3 tools/profile_step.py $PROF $REAL \
     --json $OUT/before.json 2>&1 | quiet > $OUT/before.txt)
-  since "gpu0: before (5bb1260), real data"
+  since "before (5bb1260), real data"; grep "^\[" $OUT/before.txt
+}
+anchor() {
   timeout ${N_S:-45} python3 tools/profile_step.py $PROF --baseline --json $OUT/anchor.json 2>&1 | quiet > $OUT/anchor.txt
-  since "gpu0: after, synthetic + anchor"
-) &
-wait
+  since "after, synthetic + anchor"; grep "^\[" $OUT/anchor.txt
+}
+if [ "${GPUS:-2}" = 1 ]; then  # one GPU: the parts one after the other, the most important first
+  export CUDA_VISIBLE_DEVICES=0; after; before; anchor; cuda_tests
+else
+  (export CUDA_VISIBLE_DEVICES=1; after; cuda_tests; kernels) &
+  (export CUDA_VISIBLE_DEVICES=0; before; anchor) &
+  wait
+fi
 python3 tools/device/real_rows.py "$OUT" before after anchor
 echo "=== tests"; cat $OUT/tests.txt
 echo "=== attention kernels"; cat $OUT/attn.txt 2>/dev/null | cut -c1-300
