@@ -1,14 +1,14 @@
 """The 12 GEMMs of one TarFlow layer at ml-tarflow's shape (configs/tarflow_imagenet64.yaml: width 768,
-QKV 2304, SwiGLU 2 x 2128; 32 images x 1,024 tokens), bf16: cuBLAS's default pick against the best
-cuBLASLt algorithm that PyTorch's TunableOp finds by timing them (torch.cuda.tunable).
+QKV 2304, SwiGLU 2 x 2128; 32 images x 1,024 tokens), bf16: torch's default BLAS path (cuBLAS) against
+its cuBLASLt path (`torch.backends.cuda.preferred_blas_library("cublaslt")`, process-wide). (PyTorch's
+TunableOp would time candidate algorithms, but on CUDA builds its only candidate is the default cuBLAS
+call: its docs.)
 
-    python3 tools/device/tarflow_gemms.py [--tokens 32768] [--iters 20] [--tuning-ms 50]
+    python3 tools/device/tarflow_gemms.py [--tokens 32768] [--iters 20]
 
 Per linear (x (M, in), W (out, in), dy (M, out)): forward x @ W^T, input gradient dy @ W, weight
 gradient dy^T @ x, as torch.mm gets them from F.linear's autograd (transposed views, no copies).
 Prints each GEMM's ms and TFLOP/s both ways, and the layer's sum x 64 layers = GEMM ms a step.
-A TunableOp pick that is faster would apply to the step through PYTORCH_TUNABLEOP_ENABLED=1 (tuned
-in the warm-up steps, before the step graph is captured); this script only measures.
 """
 from __future__ import annotations
 
@@ -34,28 +34,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--tuning-ms", type=int, default=50, help="TunableOp's time budget per GEMM")
     ap.add_argument("--layers", type=int, default=64)
     a = ap.parse_args()
     cases = gemms(a.tokens)
     default = [timed(lambda: torch.mm(x, y), a.iters, 3) for _, x, y in cases]
-    tuned = [float("nan")] * len(cases)
+    lt = [float("nan")] * len(cases)
     try:
-        import torch.cuda.tunable as tunable
-        tunable.enable(True)
-        tunable.tuning_enable(True)
-        tunable.set_max_tuning_duration(a.tuning_ms)
-        tunable.set_filename("/tmp/tarflow_tunableop.csv")
-        tuned = [timed(lambda: torch.mm(x, y), a.iters, 3) for _, x, y in cases]
-        print(f"TunableOp: {len(tunable.get_results())} results", flush=True)
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        lt = [timed(lambda: torch.mm(x, y), a.iters, 3) for _, x, y in cases]
     except Exception as e:  # noqa: BLE001 - report, keep the default column
-        print(f"TunableOp failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    for (name, x, y), d, t in zip(cases, default, tuned):
+        print(f"cuBLASLt path failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    finally:
+        torch.backends.cuda.preferred_blas_library("cublas")
+    for (name, x, y), d, t in zip(cases, default, lt):
         flop = 2 * x.shape[0] * x.shape[1] * y.shape[1]
         print(f"{name:16s} {tuple(x.shape)} @ {tuple(y.shape)}: cuBLAS {d:.3f} ms ({flop / d / 1e9:.0f} TFLOP/s), "
-              f"TunableOp {t:.3f} ms ({flop / t / 1e9:.0f} TFLOP/s)", flush=True)
-    print(f"layer: cuBLAS {sum(default):.3f} ms, TunableOp {sum(tuned):.3f} ms; x {a.layers} layers: "
-          f"{a.layers * sum(default):.1f} / {a.layers * sum(tuned):.1f} ms", flush=True)
+              f"cuBLASLt {t:.3f} ms ({flop / t / 1e9:.0f} TFLOP/s)", flush=True)
+    print(f"layer: cuBLAS {sum(default):.3f} ms, cuBLASLt {sum(lt):.3f} ms; x {a.layers} layers: "
+          f"{a.layers * sum(default):.1f} / {a.layers * sum(lt):.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,40 +1,53 @@
 #!/usr/bin/env bash
-# Issue 13, the TarFlow row, round 3, one call on nvidia-h200-x2 (both GPUs at once, each its own processes):
+# Issue 13, the TarFlow row, round 3, in one call (nvidia-h200-x2: both GPUs at once; one GPU: one part after another):
 #   GPU 0: "after" = this tree (configs/tarflow_imagenet64.yaml, batch 32, its default) with a trace, then
 #          "before" = the tree in $BEFORE (`git archive 5bb1260`) in its own process: same GPU, one after the other;
 #   GPU 1: attention kernels at TarFlow's shape (tools/device/sdpa_backends.py: cuDNN / flash / efficient /
-#          cuDNN on the model's layout / FlexAttention), the layer's 12 GEMMs cuBLAS vs TunableOp
-#          (tools/device/tarflow_gemms.py), then batch 64 ("the largest batch that fits") of this tree.
-# Every part has its own timeout (all end by ~$LIMIT s) and prints as it goes; logs under $OUT.
+#          cuDNN on the model's layout / FlexAttention), the layer's 12 GEMMs cuBLAS vs cuBLASLt
+#          (tools/device/tarflow_gemms.py), then $ROWS (default batch 64, "the largest batch that fits") of this tree.
+# With one GPU: after, before, the attention kernels, in that order (the rest left out). Every part has its
+# own timeout (all end by ~$LIMIT s after the start) and prints a line as it ends; logs come back in $OUT/logs.tgz.
 # Usage on the device, from this tree: BEFORE=$PWD/base bash tools/device/tarflow_r3.sh
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/tarflow_r3}; mkdir -p "$OUT"; T0=$(date +%s); LIMIT=${LIMIT:-110}
-STEPS=${STEPS:-6}; WARMUP=${WARMUP:-3}
-left() { echo $(( LIMIT - ($(date +%s) - T0) )); }  # seconds until the whole script must be done
+STEPS=${STEPS:-6}; WARMUP=${WARMUP:-3}; ROWS=${ROWS:---variant b64=data.batch_size=64}
+NGPU=$(nvidia-smi -L | wc -l)
+left() { echo $(( LIMIT - ($(date +%s) - T0) - ${1:-0} )); }  # seconds until the script must end, less $1
+at() { echo "$1 done at $(( $(date +%s) - T0 )) s"; }
 quiet() { grep -v "Warning\|^W1[12]\|warn\|^ *$\|_warn_once"; }
 PROFILE="tools/profile_step.py --config configs/tarflow_imagenet64.yaml --device cuda --warmup $WARMUP --steps $STEPS --images-per-row 1"
 nvidia-smi --query-gpu=index,name,clocks.max.sm,power.limit --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuDNN', torch.backends.cudnn.version())"
-(
-  export CUDA_VISIBLE_DEVICES=0
-  timeout $(( $(left) - 40 )) python3 $PROFILE --variant after= --trace "$OUT/trace" --trace-steps 2 \
+pair() {  # after (traced), then before, on GPU $1
+  CUDA_VISIBLE_DEVICES=$1 timeout $(left $2) python3 $PROFILE --variant after= --trace "$OUT/trace" --trace-steps 2 \
     --json "$OUT/after.json" 2>&1 | quiet > "$OUT/after.txt"
-  grep "^\[after\]" "$OUT/after.txt" | sed 's/^/GPU0 /'; echo "GPU0 after done at $(( $(date +%s) - T0 )) s"
+  grep "^\[after\]" "$OUT/after.txt"; at "GPU$1 after"
   rm -f "$OUT"/trace/trace.json "$OUT"/trace/top_ops.txt
-  [ -n "${BEFORE:-}" ] && (cd "$BEFORE" && timeout $(left) python3 $PROFILE --variant before= \
-    --json "$OUT/before.json" 2>&1 | quiet > "$OUT/before.txt"
-    grep "^\[before\]" "$OUT/before.txt" | sed 's/^/GPU0 /'; echo "GPU0 before done at $(( $(date +%s) - T0 )) s")
-) &
-(
-  export CUDA_VISIBLE_DEVICES=1
-  timeout 35 python3 tools/device/sdpa_backends.py 2>&1 | quiet | tee "$OUT/attn.txt" | sed 's/^/GPU1 /'
-  timeout 20 python3 tools/device/tarflow_gemms.py 2>&1 | quiet | tee "$OUT/gemms.txt" | sed 's/^/GPU1 /'
-  echo "GPU1 micro-benchmarks done at $(( $(date +%s) - T0 )) s"
-  timeout $(left) python3 $PROFILE --variant b64=data.batch_size=64 --json "$OUT/b64.json" 2>&1 | quiet > "$OUT/b64.txt"
-  grep "^\[b64\]" "$OUT/b64.txt" | sed 's/^/GPU1 /'; echo "GPU1 b64 done at $(( $(date +%s) - T0 )) s"
-) &
-wait
+  if [ -n "${BEFORE:-}" ]; then
+    (cd "$BEFORE" && CUDA_VISIBLE_DEVICES=$1 timeout $(left $3) python3 $PROFILE --variant before= \
+      --json "$OUT/before.json" 2>&1 | quiet > "$OUT/before.txt")
+    grep "^\[before\]" "$OUT/before.txt"; at "GPU$1 before"
+  fi
+}
+micro() {  # attention kernels, then (with $2 = full) the GEMMs and the $ROWS step rows, on GPU $1
+  CUDA_VISIBLE_DEVICES=$1 timeout 40 python3 tools/device/sdpa_backends.py 2>&1 | quiet | tee "$OUT/attn.txt"
+  at "GPU$1 attention"
+  [ "$2" = full ] || return 0
+  CUDA_VISIBLE_DEVICES=$1 timeout 20 python3 tools/device/tarflow_gemms.py 2>&1 | quiet | tee "$OUT/gemms.txt"
+  at "GPU$1 GEMMs"
+  eval "set -- $ROWS"
+  CUDA_VISIBLE_DEVICES=$1 timeout $(left) python3 $PROFILE "$@" --json "$OUT/rows.json" 2>&1 | quiet > "$OUT/rows.txt"
+  grep "^\[" "$OUT/rows.txt"; at "GPU1 rows"
+}
+if [ "$NGPU" -ge 2 ]; then
+  pair 0 40 0 | sed -u 's/^/GPU0 /' &
+  micro 1 full | sed -u 's/^/GPU1 /' &
+  wait
+else
+  pair 0 80 40
+  micro 0 short
+fi
 cd "$OUT" || exit 1
-echo "--- after, in full:"; sed -n '/profile:/,/top kernels/p' after.txt | head -20
+echo "--- after, in full:"; sed -n '/profile:/,/top kernels/p' after.txt | head -20 | cut -c1-220
 sed -n '/top kernels/,/trace /p' after.txt | head -45 | cut -c1-160
-tar czf logs.tgz *.txt trace 2>/dev/null && rm -rf *.txt trace; ls "$OUT"  # 8 files come back at most
+tar czf logs.tgz *.txt trace 2>/dev/null && rm -rf ./*.txt trace; ls "$OUT"  # 8 files come back at most
