@@ -149,6 +149,8 @@ def _coupling(self: ShallowFlowBlock, xo: torch.Tensor, rope=None) -> tuple:
 def _affine(self: ShallowFlowBlock, h: torch.Tensor, xo: torch.Tensor) -> tuple:
     if not torch.is_grad_enabled():
         return ShallowFlowBlock.affine(self, h, xo)
+    if not xo.requires_grad:  # the first block's input, as in _coupling: one graph for every block
+        xo = xo.detach().requires_grad_()
     return self.compiled_affine(self, h, xo)
 
 
