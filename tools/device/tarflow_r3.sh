@@ -4,8 +4,9 @@
 #          "before" = the tree in $BEFORE (`git archive 5bb1260`) in its own process: same GPU, one after the other;
 #   GPU 1: attention kernels at TarFlow's shape (tools/device/sdpa_backends.py: cuDNN / flash / efficient /
 #          cuDNN on the model's layout / FlexAttention), the layer's 12 GEMMs cuBLAS vs cuBLASLt
-#          (tools/device/tarflow_gemms.py), then $ROWS (default batch 64, "the largest batch that fits") of this tree.
-# With one GPU: after, before, the attention kernels, in that order (the rest left out). Every part has its
+#          (tools/device/tarflow_gemms.py), the SwiGLU backward's tiles (tools/device/tarflow_kernels.py), then
+#          $ROWS (default batch 64, "the largest batch that fits") of this tree.
+# With one GPU: after, before, the attention kernels, the SwiGLU tiles, in that order (the rest left out). Every part has its
 # own timeout (all end by ~$LIMIT s after the start) and prints a line as it ends; logs come back in $OUT/logs.tgz.
 # Usage on the device, from this tree: BEFORE=$PWD/base bash tools/device/tarflow_r3.sh
 . tools/device/setup.sh
@@ -32,8 +33,10 @@ pair() {  # after (traced), then before, on GPU $1
 micro() {  # attention kernels, then (with $2 = full) the GEMMs and the $ROWS step rows, on GPU $1
   CUDA_VISIBLE_DEVICES=$1 timeout 40 python3 tools/device/sdpa_backends.py 2>&1 | quiet | tee "$OUT/attn.txt"
   at "GPU$1 attention"
+  CUDA_VISIBLE_DEVICES=$1 timeout 20 python3 tools/device/tarflow_kernels.py 2>&1 | quiet | tee "$OUT/kernels.txt"
+  at "GPU$1 SwiGLU tiles"
   [ "$2" = full ] || return 0
-  CUDA_VISIBLE_DEVICES=$1 timeout 20 python3 tools/device/tarflow_gemms.py 2>&1 | quiet | tee "$OUT/gemms.txt"
+  CUDA_VISIBLE_DEVICES=$1 timeout 15 python3 tools/device/tarflow_gemms.py 2>&1 | quiet | tee "$OUT/gemms.txt"
   at "GPU$1 GEMMs"
   eval "set -- $ROWS"
   CUDA_VISIBLE_DEVICES=$1 timeout $(left) python3 $PROFILE "$@" --json "$OUT/rows.json" 2>&1 | quiet > "$OUT/rows.txt"
