@@ -3,9 +3,8 @@
 #   GPU 0: "after" = this tree (configs/tarflow_imagenet64.yaml, batch 32, its default) with a trace, then
 #          "before" = the tree in $BEFORE (`git archive 5bb1260`) in its own process: same GPU, one after the other;
 #   GPU 1: attention kernels at TarFlow's shape (tools/device/sdpa_backends.py: cuDNN / flash / efficient /
-#          cuDNN on the model's layout / FlexAttention), the layer's 12 GEMMs cuBLAS vs cuBLASLt
-#          (tools/device/tarflow_gemms.py, last), the SwiGLU backward's tiles (tools/device/tarflow_kernels.py),
-#          $ROWS (default batch 64, "the largest batch that fits") of this tree.
+#          cuDNN on the model's layout / FlexAttention), the SwiGLU backward's tiles (tools/device/tarflow_kernels.py),
+#          then $ROWS (default batch 64, "the largest batch that fits") of this tree.
 # With one GPU: after, before, the attention kernels, the SwiGLU tiles, in that order (the rest left out). Every part has its
 # own timeout (all end by ~$LIMIT s after the start) and prints a line as it ends; logs come back in $OUT/logs.tgz.
 # Usage on the device, from this tree: BEFORE=$PWD/base bash tools/device/tarflow_r3.sh
@@ -31,17 +30,15 @@ pair() {  # after (traced), then before, on GPU $1
     grep "^\[before\]" "$OUT/before.txt"; at "GPU$1 before"
   fi
 }
-micro() {  # attention kernels, SwiGLU tiles, then (with $2 = full) the $ROWS step rows and the GEMMs, on GPU $1
+micro() {  # attention kernels, SwiGLU tiles, then (with $2 = full) the $ROWS step rows, on GPU $1
   CUDA_VISIBLE_DEVICES=$1 timeout $(cap 40) python3 tools/device/sdpa_backends.py 2>&1 | quiet | tee "$OUT/attn.txt"
   at "GPU$1 attention"
   CUDA_VISIBLE_DEVICES=$1 timeout $(cap 20) python3 tools/device/tarflow_kernels.py 2>&1 | quiet | tee "$OUT/kernels.txt"
   at "GPU$1 SwiGLU tiles"
   [ "$2" = full ] || return 0
   local gpu=$1; eval "set -- $ROWS"
-  CUDA_VISIBLE_DEVICES=$gpu timeout $(left 12) python3 $PROFILE "$@" --json "$OUT/rows.json" 2>&1 | quiet > "$OUT/rows.txt"
+  CUDA_VISIBLE_DEVICES=$gpu timeout $(left) python3 $PROFILE "$@" --json "$OUT/rows.json" 2>&1 | quiet > "$OUT/rows.txt"
   grep "^\[" "$OUT/rows.txt"; at "GPU$gpu rows"
-  CUDA_VISIBLE_DEVICES=$gpu timeout $(left) python3 tools/device/tarflow_gemms.py 2>&1 | quiet | tee "$OUT/gemms.txt"
-  at "GPU$gpu GEMMs"
 }
 if [ "$NGPU" -ge 2 ]; then
   pair 0 40 0 | sed -u 's/^/GPU0 /' &
