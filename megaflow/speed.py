@@ -207,23 +207,20 @@ def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "blo
         if scope == "unit" and isinstance(m, PretzelUnit):
             m.compiled = _compiled_fn(unit_forward, backend, mode)
             m.forward = types.MethodType(_unit_forward, m)
+            inside.update(id(b) for b in transformer_blocks(m))
         elif scope == "unit" and isinstance(m, ShallowFlowBlock):
             m.compiled_coupling = _compiled_fn(coupling_forward, backend, mode)
             m.coupling = types.MethodType(_coupling, m)
-        elif isinstance(m, ShallowFlowBlock):  # block scope: its layers are regions, the affine map one more
+            inside.update(id(b) for b in transformer_blocks(m))
+        elif isinstance(m, ShallowFlowBlock):  # block scope: its blocks are regions below, its affine map one more
             m.compiled_affine = _compiled_fn(affine_forward, backend, mode)
             m.affine = types.MethodType(_affine, m)
-            regions += 1
-            continue
-        elif isinstance(m, STARFlow2) and plain_heads(m):  # the heads + losses: no block inside
+        elif isinstance(m, STARFlow2) and plain_heads(m):  # the heads + losses (no block inside)
             m.compiled_loss = _compiled_fn(loss_forward, backend, mode)
             m.loss_terms = types.MethodType(_loss_terms, m)
-            regions += 1
-            continue
         else:
             continue
         regions += 1
-        inside.update(id(b) for b in transformer_blocks(m))
     for block in transformer_blocks(model):
         _wrap(block)
         if id(block) not in inside:
