@@ -47,7 +47,7 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'
     param_dtype: str = "auto"  # model weights: 'auto' (bf16 with fp32 main weights in the optimizer when dtype is bf16 on GPU, else fp32), 'fp32' or 'bf16'
     compile: str = "auto"  # regional torch.compile (train.compile_scope): 'auto' (on with CUDA, but not with ZeRO-3), 'on' or 'off'
-    compile_scope: str = "unit"  # one compiled region: 'block' (each transformer block) or 'unit' (each Pretzel unit with its skips, each shallow flow block's coupling, the heads + losses)
+    compile_scope: str = "unit"  # one compiled region: 'block' (each transformer block, each shallow flow block's affine map, the heads + losses) or 'unit' (each Pretzel unit with its skips, each shallow flow block's coupling, the heads + losses)
     compile_mode: str = "default"  # torch.compile mode: 'default', 'max-autotune-no-cudagraphs' or 'reduce-overhead' (CUDA graphs)
     step_graph: str = "off"  # 'auto': graphed where 'on' would work, else not (the reason logged); 'on': the whole training step (forward, backward, AdamW) as one CUDA graph after 2 eager steps (CUDA; one process, or tensor and/or data parallelism without pipeline parallelism, DP with bf16 weights; batches of one shape; megaflow/step_graph.py)
     activation_checkpointing: str = "none"  # recompute activations in backward: 'none', 'selective' (keep matmul and attention outputs) or 'full' (keep block inputs)

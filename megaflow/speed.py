@@ -14,7 +14,9 @@ generation run the plain eager forward, so decoding never recompiles per length.
   train.compile  auto (on with CUDA) | on | off: regional torch.compile, one graph per distinct
                  region shape, compiled once and reused by every region of that shape
   train.compile_scope  what one region is:
-      block  each transformer block
+      block  each transformer block, and the small ops around them: each shallow flow block's
+             affine map (its final norm, head, Gaussian parameters, z and log-det) and the heads +
+             losses (as in unit scope); eager, those ran as separate fp32 kernels
       unit   each Pretzel unit (its r VLM blocks, the skips W_vlm / W_d, its flow block), each
              shallow flow block's coupling (proj_in, its blocks, the head, the affine map and the
              log-det) and the heads + losses (final norms, LM head, cross-entropy, Gaussian head,
@@ -87,6 +89,11 @@ def coupling_forward(block: ShallowFlowBlock, xo: torch.Tensor, rope: tuple) -> 
     return ShallowFlowBlock.coupling(block, xo, rope)
 
 
+def affine_forward(block: ShallowFlowBlock, h: torch.Tensor, xo: torch.Tensor) -> tuple:
+    """One shallow flow block's affine map from its last layer's output, shared by every shallow block."""
+    return ShallowFlowBlock.affine(block, h, xo)
+
+
 def loss_forward(model: STARFlow2, state: tuple, batch: dict) -> dict:
     """The heads and summed losses of the last units' state (STARFlow2.loss_terms)."""
     return STARFlow2.loss_terms(model, state, batch)
@@ -139,6 +146,14 @@ def _coupling(self: ShallowFlowBlock, xo: torch.Tensor, rope=None) -> tuple:
     return self.compiled_coupling(self, xo, rope)
 
 
+def _affine(self: ShallowFlowBlock, h: torch.Tensor, xo: torch.Tensor) -> tuple:
+    if not torch.is_grad_enabled():
+        return ShallowFlowBlock.affine(self, h, xo)
+    if not xo.requires_grad:  # the first block's input, as in _coupling: one graph for every block
+        xo = xo.detach().requires_grad_()
+    return self.compiled_affine(self, h, xo)
+
+
 def _loss_terms(self: STARFlow2, state: tuple, batch: dict) -> dict:
     if not torch.is_grad_enabled():
         return STARFlow2.loss_terms(self, state, batch)
@@ -181,27 +196,31 @@ def apply_compile(model: nn.Module, backend: str = "inductor", scope: str = "blo
     """torch.compile the training forward of each region of `scope` (blocks keep their activation
     checkpointing inside); returns how many regions. Every region of a kind shares one compiled
     function; dynamo compiles it once per shape and checkpointing mode (the limit on cached graphs is
-    raised to allow a few of those). In "unit" scope, blocks outside any unit are compiled alone."""
+    raised to allow a few of those). In "unit" scope, blocks outside any unit are compiled alone; in
+    "block" scope the shallow blocks' affine maps and the heads + losses are regions too."""
     check_compile_settings(scope, mode)
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     regions, inside = 0, set()
-    if scope == "unit":
-        for m in model.modules():
-            if isinstance(m, PretzelUnit):
-                m.compiled = _compiled_fn(unit_forward, backend, mode)
-                m.forward = types.MethodType(_unit_forward, m)
-            elif isinstance(m, ShallowFlowBlock):
-                m.compiled_coupling = _compiled_fn(coupling_forward, backend, mode)
-                m.coupling = types.MethodType(_coupling, m)
-            elif isinstance(m, STARFlow2) and plain_heads(m):
-                m.compiled_loss = _compiled_fn(loss_forward, backend, mode)
-                m.loss_terms = types.MethodType(_loss_terms, m)
-            else:
-                continue
-            regions += 1
+    for m in model.modules():
+        if scope == "unit" and isinstance(m, PretzelUnit):
+            m.compiled = _compiled_fn(unit_forward, backend, mode)
+            m.forward = types.MethodType(_unit_forward, m)
             inside.update(id(b) for b in transformer_blocks(m))
+        elif scope == "unit" and isinstance(m, ShallowFlowBlock):
+            m.compiled_coupling = _compiled_fn(coupling_forward, backend, mode)
+            m.coupling = types.MethodType(_coupling, m)
+            inside.update(id(b) for b in transformer_blocks(m))
+        elif isinstance(m, ShallowFlowBlock):  # block scope: its blocks are regions below, its affine map one more
+            m.compiled_affine = _compiled_fn(affine_forward, backend, mode)
+            m.affine = types.MethodType(_affine, m)
+        elif isinstance(m, STARFlow2) and plain_heads(m):  # the heads + losses (no block inside)
+            m.compiled_loss = _compiled_fn(loss_forward, backend, mode)
+            m.loss_terms = types.MethodType(_loss_terms, m)
+        else:
+            continue
+        regions += 1
     for block in transformer_blocks(model):
         _wrap(block)
         if id(block) not in inside:

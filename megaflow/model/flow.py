@@ -91,11 +91,18 @@ class ShallowFlowBlock(nn.Module):
         if cache is not None:
             mask = additive_mask(causal_slot_mask(slots, kv_len), act)  # (1, 1, T, kv_len)
             cache.slots, cache.kv_len = slots, kv_len
-        ctx = AttnContext(cos, sin, mask, cache)
-        h = self.proj_in(x.to(act))  # (M, T, dim)
+        return self.head(self.trunk(x, AttnContext(cos, sin, mask, cache)))
+
+    def trunk(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Tokens x (M, T, D) in fp32 -> the last layer's hidden states (M, T, dim) in the stream's dtype."""
+        h = self.proj_in(x.to(self.proj_in.weight.dtype))  # (M, T, dim)
         for layer in self.layers:
             h = layer(h, ctx)
-        return at_least_fp32(self.proj_out(self.norm(h)))  # (M, T, 2D): the flow's parameters in fp32
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (M, T, dim) -> raw params (M, T, 2D), the flow's parameters in fp32."""
+        return at_least_fp32(self.proj_out(self.norm(h)))
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None):
         """x (M, N, D) -> z (M, N, D), log|det dz/dx| (M,). `rope`: `self.rope(N, x)`, made here if not given."""
@@ -108,7 +115,16 @@ class ShallowFlowBlock(nn.Module):
         (`self.rope`), made outside: a table made inside a compiled region is not kept but recomputed
         (pow, cos, sin) for every element that RoPE touches, forward and backward (17-19% of a
         one-thread CPU step of configs/tarflow_fmnist28.yaml)."""
-        mu, sigma = self._params(self._net(xo, rope=rope))  # (M, N, D) each: token i's from x_<i
+        if rope is None:
+            rope = self.rope(xo.shape[1], xo)
+        return self.affine(self.trunk(xo, AttnContext(*rope)), xo)
+
+    def affine(self, h: torch.Tensor, xo: torch.Tensor):
+        """The last layer's hidden states h (M, N, dim) and the block-ordered tokens xo (M, N, D) ->
+        z (M, N, D), log|det dz/dx| (M,): the final norm, the head, the Gaussian parameters and the
+        affine map with its log-det. (Its own compiled region in megaflow/speed.py's block scope, where
+        eager it would run its fp32 norm and small ops as separate kernels.)"""
+        mu, sigma = self._params(self.head(h))  # (M, N, D) each: token i's from x_<i
         z = (xo - mu) / sigma
         return z, -sigma.log().sum(dim=(1, 2))
 

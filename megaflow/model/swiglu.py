@@ -70,17 +70,19 @@ def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def swiglu_backward_triton(dm: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_backward_triton(dm: torch.Tensor, gate_up: torch.Tensor, block_r: int = 4, block_f: int = 512,
+                           num_warps: int = 4) -> torch.Tensor:
     """swiglu_backward_reference as one Triton kernel (CUDA); computed in fp32, rounded once. Rows of
-    any stride are read in place; the result is contiguous."""
+    any stride are read in place; the result is contiguous. Tiles of block_r rows x block_f columns
+    (tools/device/tarflow_kernels.py times others)."""
     Fd = dm.shape[-1]
     dm2, gu2 = _rows(dm, Fd), _rows(gate_up, 2 * Fd)  # (rows, F), (rows, 2F)
     out = gate_up.new_empty(gate_up.shape)  # (..., 2F) contiguous, as the fake implementation says
     out2 = out.view(-1, 2 * Fd)
-    rows, block_r, block_f = dm2.shape[0], 4, 512
+    rows = dm2.shape[0]
     grid = ((rows + block_r - 1) // block_r, (Fd + block_f - 1) // block_f)
     _KERNEL.get()[grid](dm2, gu2, out2, rows, Fd, dm2.stride(0), gu2.stride(0), out2.stride(0),
-                        BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4)
+                        BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
     return out
 
 

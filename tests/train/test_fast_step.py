@@ -153,9 +153,10 @@ def loss_and_grads(model, batch, noise):
 
 @pytest.mark.parametrize("mode", ["ac_full", "ac_selective", "compile", "compile_ac_full", "compile_unit_ac_selective"])
 def test_speedups_equal_eager(mode):
-    """Activation checkpointing and regional compilation (per block, or per Pretzel unit and shallow
-    coupling with the blocks' checkpointing inside): eager's loss and gradients; evaluation and
-    generation (no grad, or a KV cache) bypass both."""
+    """Activation checkpointing and regional compilation (per block with the shallow blocks' affine
+    maps and the losses as regions of their own, or per Pretzel unit and shallow coupling with the
+    blocks' checkpointing inside): eager's loss and gradients; evaluation and generation (no grad,
+    or a KV cache) bypass both."""
     cfg = tiny_config()
     batch, noise = make_batch(cfg), make_noise(cfg, make_batch(cfg))
     ref = build_model(cfg, seed=0)
@@ -167,8 +168,9 @@ def test_speedups_equal_eager(mode):
     if mode.startswith("compile_unit"):
         regions = len(model.units) + len(model.shallow.blocks) + 1  # + the heads and losses
         assert apply_compile(model, backend="aot_eager", scope="unit") == regions
-    elif mode.startswith("compile"):
-        assert apply_compile(model, backend="aot_eager") == len(transformer_blocks(model))
+    elif mode.startswith("compile"):  # every block, every shallow block's affine map, the heads + losses
+        regions = len(transformer_blocks(model)) + len(model.shallow.blocks) + 1
+        assert apply_compile(model, backend="aot_eager") == regions
     loss_ref, grads_ref = loss_and_grads(ref, batch, noise)
     loss, grads = loss_and_grads(model, batch, noise)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
