@@ -372,8 +372,10 @@ def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list
     def write_rest(d: Path):
         if not main_rank:
             return
+        from megaflow.fp8 import fp8_state  # delayed FP8 scaling's amax histories (one process; else they restart)
         torch.save({"step": step, "loader": loader.state_dict(), "history": history,
-                    "torch_rng": torch.get_rng_state()}, d / "trainer.pt")
+                    "torch_rng": torch.get_rng_state(), "fp8": fp8_state(model) if topo is None else {}},
+                   d / "trainer.pt")
         (d / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         tok.save(str(d / "tokenizer"))
         tokdir = d / "tokenizer"
@@ -605,6 +607,9 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         start, history = trainer["step"], trainer["history"]
         loader.load_state_dict(trainer["loader"])
         torch.set_rng_state(trainer["torch_rng"])
+        if trainer.get("fp8"):
+            from megaflow.fp8 import load_fp8_state
+            load_fp8_state(model, trainer["fp8"])
         if main_rank:
             log.info("resumed from %s at step %d", ckpt, start)
 

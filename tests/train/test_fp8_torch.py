@@ -21,8 +21,15 @@ Contract:
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
   GEMMs in FP8 (each rank scaling its own shard): loss and gathered gradients within FP8 rounding of
   the fp32 single-process model and of the single-process FP8 model, and visibly not bf16-exact;
-- bad configs get one clear error: fp8_backend='torch' with backend 'te', with delayed scaling, with
-  async TP under sequence parallelism, and `megaflow train` on a CPU.
+- delayed scaling (parallel.fp8=delayed): a layer's first FP8 call is current scaling's exactly and
+  fills the (x, W, dy) amax history; later calls scale by the history's maxima, within FP8 rounding of
+  current scaling and not equal to it; compiled (aot_eager and inductor's graph, one graph for the filling
+  call and one after) as eager; two forwards before their backwards (micro-batches) work; the
+  history survives `fp8_state` -> `load_fp8_state` (a resumed layer continues exactly as the
+  uninterrupted one) and a cast to bf16 parameters; `fp8_bf16_ends` keeps the first and last VLM
+  blocks bf16 (also in pipeline stages);
+- bad configs get one clear error: fp8_backend='torch' with backend 'te', with async TP under
+  sequence parallelism, a negative fp8_bf16_ends, and `megaflow train` on a CPU.
 """
 from __future__ import annotations
 
@@ -35,9 +42,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from megaflow.fp8 import Float8Linear, apply_fp8, to_float8
+from megaflow.fp8 import Float8Linear, apply_fp8, fp8_state, load_fp8_state, to_float8
 from megaflow.model.layers import AttnContext, TransformerBlock, rope_tables
 from megaflow.model.starflow import build_model
+from megaflow.optim import cast_params
 from tests.helpers import make_batch, make_noise, tiny_config
 
 
@@ -155,6 +163,58 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
     assert not [n for n in calls(fw, torch.ops.aten.clone.default) if n.meta["val"].dtype == torch.float8_e4m3fn]
 
 
+def _block_steps(block, xs, ctx, compile_backend=None, micro: bool = False) -> list:
+    """(y, dx) of each input of `xs` through `block` (its weights fixed, so only the scaling differs
+    between calls); `micro`: the inputs in pairs, both forwards before the two backwards."""
+    fn = torch.compile(block, backend=compile_backend, fullgraph=True) if compile_backend else block
+    out, pending = [], []
+    for x in xs:
+        xi = x.clone().requires_grad_()
+        pending.append((xi, fn(xi, ctx)))
+        if not micro or len(pending) == 2:
+            for xi, y in pending:
+                y.square().mean().backward()
+                out.append((y.detach(), xi.grad))
+            pending = []
+    return out
+
+
+def test_delayed_scaling_tracks_current_compiles_and_resumes():
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 4, 2, 16, 128)
+    cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
+    ctx = AttnContext(cos=cos, sin=sin)
+    xs = [torch.randn(2, 32, 64) * (1 + i / 4) for i in range(4)]  # growing amaxes: delayed scales lag
+    runs, blocks = {}, {}
+    for name, delayed, backend, micro in (("current", False, None, False), ("delayed", True, None, False),
+                                          ("aot_eager", True, "aot_eager", False), ("micro", True, None, True)):
+        blocks[name] = blk = copy.deepcopy(block)
+        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, delayed=delayed, split_t=True)) == 4
+        runs[name] = _block_steps(blk, xs, ctx, backend, micro)
+    for got, ref in zip(runs["delayed"][0], runs["current"][0]):  # the first call: current scaling exactly
+        assert torch.equal(got, ref)
+    for (y, dx), (yr, dxr) in zip(runs["delayed"][1:], runs["current"][1:]):
+        assert 1e-4 < rel(y, yr) < 0.03 and 1e-4 < rel(dx, dxr) < 0.08, (rel(y, yr), rel(dx, dxr))
+    for name in ("aot_eager", "micro"):  # compiled, and with micro-batches: delayed scaling's own numbers
+        for got, ref in zip(runs[name], runs["delayed"]):
+            assert rel(got[0], ref[0]) < 1e-5 and rel(got[1], ref[1]) < 1e-5, name
+    hist = blocks["delayed"].mlp.gate_up.fp8_amax_history  # (3, 16): x, W, dy; the last 4 calls at the end
+    assert hist.shape == (3, 16) and hist.dtype == torch.float32 and (hist[:, :-4] == 0).all() and (hist[:, -4:] > 0).all()
+    assert torch.equal(hist[1, -4:], blocks["delayed"].mlp.gate_up.weight.abs().amax().expand(4))
+    assert fp8_state(blocks["current"]) == {}
+    saved = fp8_state(blocks["delayed"])
+    assert sorted(saved) == ["mlp.down_proj", "mlp.gate_up", "self_attn.o_proj", "self_attn.qkv"]
+    resumed = copy.deepcopy(block)
+    apply_fp8(resumed, min_dim=64, where=lambda n, m: True, delayed=True, split_t=True)
+    cast = copy.deepcopy(resumed)
+    cast_params(cast, torch.bfloat16)  # bf16 parameters (train.param_dtype=bf16): the histories stay fp32
+    assert cast.mlp.gate_up.weight.dtype == torch.bfloat16 and cast.mlp.gate_up.fp8_amax_history.dtype == torch.float32
+    assert load_fp8_state(resumed, saved) == 4
+    x5 = [torch.randn(2, 32, 64) * 2]
+    for got, ref in zip(_block_steps(resumed, x5, ctx)[0], _block_steps(blocks["delayed"], x5, ctx)[0]):
+        assert torch.equal(got, ref)  # the resumed layer scales as the uninterrupted one
+
+
 def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     import megaflow.fp8
     from parallel.runtime import build_engine, build_stages
@@ -167,22 +227,30 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     noise = make_noise(cfg, batch)
     losses = {}
     caplog.set_level(logging.INFO, logger="megaflow")
-    for fp8 in ("off", "current"):
+    expect = {"off": (0, ""), "current": (24, "FP8 (torch._scaled_mm, current scaling): 24 block linears of both "
+                                          "dimensions >= 32"),  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+              "delayed": (16, "FP8 (torch._scaled_mm, delayed scaling): 16 block linears of both dimensions >= 32, "
+                              "the first and last 1 VLM blocks in bf16")}  # VLM blocks 0 and 3 stay bf16
+    for fp8, (n, msg) in expect.items():
         run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
-            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True))
+            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True,
+            fp8_bf16_ends=1 if fp8 == "delayed" else 0))
         model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
                                            full_state=ref.state_dict(), seq_len=48)
-        n_fp8 = sum(isinstance(m, Float8Linear) for st in stages for m in st.module.modules())
-        assert n_fp8 == (0 if fp8 == "off" else 24), n_fp8  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+        fp8_names = [n for st in stages for n, m in st.module.named_modules() if isinstance(m, Float8Linear)]
+        assert len(fp8_names) == n, fp8_names
+        assert fp8 != "delayed" or not any(n.startswith(("units.0.vlm_layers.0.", "units.1.vlm_layers.1."))
+                                           for n in fp8_names)
         assert all(m.split_t for st in stages for m in st.module.modules() if isinstance(m, Float8Linear))
-        said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm)" in r.getMessage()]
-        assert said == ([] if fp8 == "off" else ["FP8 (torch._scaled_mm): 24 block linears of both dimensions >= 32"]), said
+        said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm" in r.getMessage()]
+        assert said == ([msg] if msg else []), said
         caplog.clear()
         engine = build_engine(run, model, stages, tied, Topology(), None)
         losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"]) for _ in range(2)]
-    for a, b in zip(losses["current"], losses["off"]):
-        assert abs(a - b) < 0.02 * abs(b), losses
-    assert losses["current"] != losses["off"]
+    for fp8 in ("current", "delayed"):
+        for a, b in zip(losses[fp8], losses["off"]):
+            assert abs(a - b) < 0.02 * abs(b), losses
+        assert losses[fp8] != losses["off"]
 
 
 def test_bad_fp8_configs_are_refused(tmp_path):
@@ -193,8 +261,8 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     from tests.train.test_fast_step import run_config
     with pytest.raises(ValueError, match="set parallel.backend=local"):
         ParallelConfig(backend="te", fp8="current", fp8_backend="torch")
-    with pytest.raises(ValueError, match="set parallel.fp8=current"):
-        ParallelConfig(fp8="delayed", fp8_backend="torch")
+    with pytest.raises(ValueError, match="fp8_bf16_ends=-1 must be >= 0"):
+        ParallelConfig(fp8="delayed", fp8_backend="torch", fp8_bf16_ends=-1)
     with pytest.raises(ValueError, match="fp8_backend=torch"):
         ParallelConfig(fp8="current")  # Transformer Engine's FP8 without its layers: says both ways out
     assert ParallelConfig(fp8="current", fp8_backend="torch").te_fp8 == "off"
