@@ -147,10 +147,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     weight: (N, K) -> (..., N)); otherwise, or for a row count not divisible by 16, F.linear itself.
     Also the GEMM of the tensor-parallel layers under FP8 (parallel/backend.apply_fp8_layers): each
     rank scales its own shard by its own amax, so no amax crosses ranks.
-    `state`: under delayed scaling, the layer holding the amax history (`add_history`); its first
-    FP8 call scales by the current amaxes and fills the history, later calls scale by it."""
+    `state`: the layer; under delayed scaling it holds the amax history (`add_history`): its first
+    FP8 call scales by the current amaxes and fills the history, later calls scale by it; its
+    `fp8_on` False (`set_fp8_on`): the bf16 GEMM."""
     rows = x.numel() // x.shape[-1]
-    if not torch.is_grad_enabled() or rows % 16:
+    if not torch.is_grad_enabled() or rows % 16 or not getattr(state, "fp8_on", True):
         return F.linear(x, weight, bias)
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -191,6 +192,14 @@ def load_fp8_state(model: nn.Module, state: dict) -> int:
     return n
 
 
+def set_fp8_on(model: nn.Module, on: bool) -> None:
+    """FP8 GEMMs of every FP8 layer of `model` on or off (off: the layer's bf16 GEMM; parallel.fp8_start_step).
+    A host flag the compiled blocks guard on: the first call after a switch compiles them again."""
+    for m in model.modules():
+        if isinstance(m, Float8Linear) or isinstance(getattr(m, "linear", None), functools.partial):
+            m.fp8_on = on
+
+
 class Float8Linear(nn.Linear):
     """nn.Linear whose training forward runs in FP8 (module docstring); made by `to_float8`.
     `fast_accum`: the forward GEMM's accumulation; `split_t`: where x's transposed copy is made;
@@ -199,6 +208,7 @@ class Float8Linear(nn.Linear):
     split_t = False
     split_dy = False
     fp8_calibrated = False
+    fp8_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias, self.fast_accum, self.split_t, self, self.split_dy)
@@ -253,8 +263,8 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
             lin = to_float8(mod)
             lin.fast_accum, lin.split_t, lin.split_dy = fast_accum, split_t, split_dy
         else:
-            mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum, split_t=split_t,
-                                           state=mod if delayed else None, split_dy=split_dy)
+            mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum, split_t=split_t, state=mod,
+                                           split_dy=split_dy)
         names.append(name)
     return names
 

@@ -538,6 +538,11 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         raise ConfigError(f"parallel.backend=te (Transformer Engine) needs a CUDA GPU, and this run is on "
                           f"{device.type} (train.device={tcfg.device!r}); use parallel.backend=local"
                           + (" and parallel.fp8=off" if cfg.parallel.fp8 != "off" else ""))
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if cfg.parallel.torch_fp8 and cfg.parallel.fp8_start_step and (tcfg.step_graph != "off" or not one_process):
+        raise ConfigError(f"parallel.fp8_start_step={cfg.parallel.fp8_start_step} switches FP8 on in one process's "
+                          f"training loop (a step graph would keep the bf16 GEMMs it captured); set train.step_graph=off "
+                          f"and run one process, or parallel.fp8_start_step=0")
     if cfg.parallel.torch_fp8:
         from megaflow.fp8 import check_fp8_device
         try:
@@ -634,7 +639,13 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     any_rank = AnyRank(topo, cfg.parallel.timeout_s)  # step-boundary agreement: every rank stops at the same step
     idle, = any_rank(signals.received)  # signalled during start-up: stop before a step (the state is the checkpoint's)
     signalled = idle
+    fp8_from = cfg.parallel.fp8_start_step if cfg.parallel.torch_fp8 else 0
+    if fp8_from:  # parallel.fp8_start_step: bf16 GEMMs before it (one process, checked at the start)
+        from megaflow.fp8 import set_fp8_on
+        set_fp8_on(model, start >= fp8_from)
     for step in range(start, start if idle else tcfg.steps):
+        if fp8_from and step == fp8_from:
+            set_fp8_on(model, True)
         host = next(batches)  # the monitor counts tokens on the host copy: no read-back of the device batch
         batch = to_device(host, device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)

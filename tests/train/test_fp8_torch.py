@@ -20,16 +20,19 @@ Contract:
 - under tensor parallelism (2 gloo ranks, with and without sequence parallelism, built by
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
   GEMMs in FP8 (each rank scaling its own shard): loss and gathered gradients within FP8 rounding of
-  the fp32 single-process model and of the single-process FP8 model, and visibly not bf16-exact;
+  the fp32 single-process model and of the single-process FP8 model, and visibly not bf16-exact
+  (with sequence parallelism under delayed scaling, whose histories each layer fills);
 - delayed scaling (parallel.fp8=delayed): a layer's first FP8 call is current scaling's exactly and
   fills the (x, W, dy) amax history; later calls scale by the history's maxima, within FP8 rounding of
   current scaling and not equal to it; compiled (aot_eager and inductor's graph, one graph for the filling
   call and one after) as eager; two forwards before their backwards (micro-batches) work; the
   history survives `fp8_state` -> `load_fp8_state` (a resumed layer continues exactly as the
   uninterrupted one) and a cast to bf16 parameters; `fp8_bf16_ends` keeps the first and last VLM
-  blocks bf16 (also in pipeline stages);
+  blocks bf16 (also in pipeline stages); `set_fp8_on(False)` (parallel.fp8_start_step) gives the
+  bf16 layer exactly and leaves the history alone;
 - bad configs get one clear error: fp8_backend='torch' with backend 'te', with async TP under
-  sequence parallelism, a negative fp8_bf16_ends, and `megaflow train` on a CPU.
+  sequence parallelism, a negative fp8_bf16_ends or fp8_start_step, fp8_start_step with a step graph,
+  and `megaflow train` on a CPU.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from megaflow.fp8 import Float8Linear, apply_fp8, fp8_state, load_fp8_state, to_float8
+from megaflow.fp8 import Float8Linear, apply_fp8, fp8_state, load_fp8_state, set_fp8_on, to_float8
 from megaflow.model.layers import AttnContext, TransformerBlock, rope_tables
 from megaflow.model.starflow import build_model
 from megaflow.optim import cast_params
@@ -202,6 +205,11 @@ def test_delayed_scaling_tracks_current_compiles_and_resumes():
     assert hist.shape == (3, 16) and hist.dtype == torch.float32 and (hist[:, :-4] == 0).all() and (hist[:, -4:] > 0).all()
     assert torch.equal(hist[1, -4:], blocks["delayed"].mlp.gate_up.weight.abs().amax().expand(4))
     assert fp8_state(blocks["current"]) == {}
+    off = copy.deepcopy(blocks["delayed"])  # parallel.fp8_start_step: before it the bf16 GEMMs, history untouched
+    set_fp8_on(off, False)
+    for got, ref in zip(_block_steps(off, xs[:1], ctx)[0], _block_steps(copy.deepcopy(block), xs[:1], ctx)[0]):
+        assert torch.equal(got, ref)
+    assert torch.equal(off.mlp.gate_up.fp8_amax_history, hist)
     saved = fp8_state(blocks["delayed"])
     assert sorted(saved) == ["mlp.down_proj", "mlp.gate_up", "self_attn.o_proj", "self_attn.qkv"]
     resumed = copy.deepcopy(block)
@@ -275,6 +283,12 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="current", fp8_backend="torch"))
     with pytest.raises(ConfigError, match="CUDA GPU"):
         run(cfg)
+    with pytest.raises(ValueError, match="fp8_start_step=-1 must be >= 0"):
+        ParallelConfig(fp8="current", fp8_backend="torch", fp8_start_step=-1)
+    late = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="delayed", fp8_backend="torch", fp8_start_step=20),
+                               train=dataclasses.replace(cfg.train, step_graph="auto"))
+    with pytest.raises(ConfigError, match="set train.step_graph=off"):  # a captured graph would keep bf16
+        run(late)
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
@@ -301,14 +315,17 @@ def _tp_fp8_worker(rank, world):
         singles[name] = (loss.detach(), flat({n: p.grad for n, p in model.named_parameters()}))
     out = {}
     for sp in (False, True):
-        pcfg = ParallelConfig(tp=2, sequence_parallel=sp, fp8="current", fp8_backend="torch", fp8_min_dim=32)
+        pcfg = ParallelConfig(tp=2, sequence_parallel=sp, fp8="delayed" if sp else "current", fp8_backend="torch",
+                              fp8_min_dim=32)  # delayed scaling's first step is current scaling's
         model, _, _ = build_stages(cfg, pcfg, Topology(tp=2), torch.device("cpu"), 0, full_state=ref.state_dict(),
                                    seq_len=48)
         n_fp8 = sum(isinstance(getattr(m, "linear", None), functools.partial) for m in model.modules())
         loss = model(batch, noise)[0]
         loss.backward()
         grads = gather_full_grads(model)
-        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), **{
+        hists = [m.fp8_amax_history for m in model.modules() if hasattr(m, "fp8_amax_history")]
+        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), n_hist=len(hists),
+                       filled=all(bool((h[:, -1] > 0).all()) for h in hists), **{
             f"{k}_{name}": rel(v, ref_v) for name, (ref_loss, ref_grad) in singles.items()
             for k, v, ref_v in (("loss", loss, ref_loss), ("grad", flat(grads), ref_grad))})
     return out
@@ -319,6 +336,7 @@ def test_tp2_with_torch_fp8():
     from tests.distributed import run_distributed
     for sp, r in run_distributed(_tp_fp8_worker, 2)[0].items():
         assert r["n_fp8"] == 24, r  # 4 VLM + 2 flow blocks x 4 linears; not the width-16 shallow flows
+        assert r["n_hist"] == (24 if sp else 0) and r["filled"], r  # delayed (with SP): x, W, dy amaxes recorded
         assert r["names_match"], r
         assert 1e-4 < r["loss_fp32"] < 0.02 and r["loss_fp8"] < 0.02, (sp, r)  # FP8 rounding, not bf16-exact
         assert 1e-3 < r["grad_fp32"] < 0.12 and r["grad_fp8"] < 0.15, (sp, r)  # e5m2 gradients: ~7-9%

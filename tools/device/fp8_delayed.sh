@@ -3,11 +3,11 @@
 # important row first; docs/benchmarks.md "FP8 on torch._scaled_mm, round 4" holds the figures.
 #  speed   GPU 0 and GPU 1 side by side, each its own process with its own BF16 row first (~3B config,
 #          synthetic 16 x 1024 tokens, compiled, tools/bench_fp8.py; the config's fp8_fast_accum and
-#          fp8_split_transpose): GPU 0 delayed scaling + dy's split transpose, then round 3's current
-#          scaling; GPU 1 delayed + dy split + the first/last VLM block in bf16, then delayed alone. SPEED_S=165
-#  curves  300 steps of real Fashion-MNIST (the command and seed of rounds 1-3): GPU 0 BF16 seed 0 alone,
-#          GPU 1 FP8 with CURVE_FP8="SCALING a.b=v ..." (and, with SEED2=1, BF16 seed 1 beside it on GPU 1);
-#          then tools/device/fp8_curves.py for each pair                                   CURVE_S=170
+#          fp8_split_transpose): on both GPUs delayed scaling + dy's split transpose; then on GPU 0
+#          round 3's current scaling, on GPU 1 the same + the first/last VLM block in bf16       SPEED_S=150
+#  curves  300-step runs of real Fashion-MNIST (the command and seed of rounds 1-3), all at once, up to two
+#          on a GPU (~60 GiB each): CURVE_RUNS="NAME:GPU:SCALING[:a.b=v,c.d=w] ...", the first the
+#          reference; then tools/device/fp8_curves.py of each against it                      CURVE_S=170
 # Carry .whl (mosaicml-streaming) and .fmnist (raw Fashion-MNIST) for `curves`.
 # Usage on the device: PARTS="speed" bash tools/device/fp8_delayed.sh   (logs: $OUT/fp8d_logs.tgz)
 . tools/device/setup.sh
@@ -20,13 +20,13 @@ quiet() { tr '\r' '\n' | grep --line-buffered -v "Warning\|warn\|overflow\|^ *$\
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader
 S="parallel.fp8_split_transpose=true"; DY="parallel.fp8_split_dy=true"; ENDS="parallel.fp8_bf16_ends=1"
 speed() {  # speed GPU NAME VARIANTS
-  CUDA_VISIBLE_DEVICES=$1 timeout ${SPEED_S:-165} python3 tools/bench_fp8.py --config $C --set data.batch_size=16 \
+  CUDA_VISIBLE_DEVICES=$1 timeout ${SPEED_S:-150} python3 tools/bench_fp8.py --config $C --set data.batch_size=16 \
     --steps 5 --warmup 2 --set train.param_dtype=bf16 --json $OUT/speed_$2.json --variants "$3" 2>&1 | quiet > $L/speed_$2.log
   el "speed $2 done"
 }
 if has speed; then
   speed 0 gpu0 "local:off,torch:delayed:4096@$S;$DY,torch:current:4096@$S" &
-  speed 1 gpu1 "local:off,torch:delayed:4096@$S;$DY;$ENDS,torch:delayed:4096@$S" &
+  speed 1 gpu1 "local:off,torch:delayed:4096@$S;$DY,torch:delayed:4096@$S;$DY;$ENDS" &
   wait
   for g in gpu0 gpu1; do echo "== speed $g"; grep -E "^== variant|failed|Error" $L/speed_$g.log | head -8
     grep -A6 "^variant " $L/speed_$g.log; done
@@ -41,17 +41,17 @@ curve() {  # curve GPU NAME FP8 EXTRA...: one 300-step run
   el "curve $name done"; grep -E "Error|Traceback|OutOfMemory" $L/curve_$name.log | head -3
   grep -E " step [0-9]+ loss" $L/curve_$name.log | tail -1
 }
-if has curves; then
-  # FP8 with the config's split transpose and fast accumulation; CURVE_FP8: the rest (scaling first)
-  read -r -a extra <<< "${CURVE_FP8:-delayed}"
-  FP8ARGS=(); for kv in "${extra[@]:1}"; do FP8ARGS+=(--set "$kv"); done
-  curve 0 bf16 off &
-  curve 1 fp8 "${extra[0]}" "${FP8ARGS[@]}" &
-  if [ "${SEED2:-0}" = 1 ]; then curve 1 bf16s1 off --set train.seed=1 & fi  # beside FP8: its step is the shorter
+if has curves; then  # CURVE_RUNS: NAME:GPU:SCALING[:a.b=v,c.d=w] ..., the first the reference (BF16)
+  RUNS=(${CURVE_RUNS:-bf16:0:off fp8:1:delayed:parallel.fp8_split_dy=true})
+  for r in "${RUNS[@]}"; do
+    IFS=: read -r name gpu fp8 kvs <<< "$r"; args=()
+    for kv in ${kvs//,/ }; do args+=(--set "$kv"); done
+    curve $gpu $name $fp8 "${args[@]}" &
+  done
   wait
-  echo "== FP8 vs BF16"; python3 tools/device/fp8_curves.py /tmp/curve_bf16/tb /tmp/curve_fp8/tb 2>&1 | tee $L/curves.txt
-  if [ -d /tmp/curve_bf16s1/tb ]; then echo "== BF16 seed 1 vs BF16 seed 0"
-    python3 tools/device/fp8_curves.py /tmp/curve_bf16/tb /tmp/curve_bf16s1/tb 2>&1 | tee $L/curves_seed.txt; fi
+  ref=${RUNS[0]%%:*}
+  for r in "${RUNS[@]:1}"; do name=${r%%:*}; echo "== $name vs $ref"
+    python3 tools/device/fp8_curves.py /tmp/curve_$ref/tb /tmp/curve_$name/tb 2>&1 | tee $L/curves_$name.txt; done
 fi
 tar czf $OUT/fp8d_logs.tgz -C $OUT logs && rm -rf $L
 el total
