@@ -6,11 +6,17 @@ freely between FP8 and bf16 runs) whose training forward runs its three GEMMs in
     forward   y  = x W^T     x, W in e4m3
     backward  dx = dy W      dy in e5m2 (wider range, for gradients), W in e4m3
               dW = dy^T x
-Scaling is dynamic and tensor-wise: each operand is scaled by (largest finite FP8) / amax(operand)
-at the moment it is cast, so nothing is kept between steps (no amax history, unlike TE's delayed
-scaling). Under torch.compile the amax reductions and casts are plain elementwise/reduction ops that
-inductor fuses into the neighbouring norm / SiLU / residual kernels, and only the GEMMs stay
-separate (on the ~3B config at 16 x 1024 tokens: 1.40x BF16 end to end, 1.34x with the flow blocks
+Scaling is tensor-wise. Current scaling (parallel.fp8=current): each operand is scaled by (largest
+finite FP8) / amax(operand) at the moment it is cast, so each cast waits for a reduction over its
+tensor. Delayed scaling (parallel.fp8=delayed, Transformer Engine's default recipe): each layer keeps
+an amax history of x, W and dy (`add_history`: fp32 buffers updated in place inside the compiled
+graphs, no host read) and scales by its maxima, so the cast needs no pass before it and the amax it
+records is read by the same graph; a layer's first call scales by the current amaxes and fills the
+history (one more compiled graph), and checkpoints carry the histories (`fp8_state`; under
+activation checkpointing the recomputed forward scales by a history that already holds its own
+amax: within FP8 rounding of the first forward). Under torch.compile the amax reductions and casts
+are plain elementwise/reduction ops that inductor fuses into the neighbouring norm / SiLU / residual
+kernels, and only the GEMMs stay separate (on the ~3B config at 16 x 1024 tokens: 1.40x BF16 end to end, 1.34x with the flow blocks
 left in bf16; TE's eager FP8 layers gave 1.02x at 8 x 1024). What is left of the FP8 overhead is
 mostly inductor's casts that also write the transposed FP8 copies the backward's GEMMs need
 (docs/benchmarks.md "FP8 on torch._scaled_mm, round 2").
