@@ -4,7 +4,8 @@
 #  speed   GPU 0 and GPU 1 side by side, each its own process with its own BF16 row first (~3B config,
 #          synthetic 16 x 1024 tokens, compiled, tools/bench_fp8.py; the config's fp8_fast_accum and
 #          fp8_split_transpose): on both GPUs delayed scaling + dy's split transpose; then on GPU 0
-#          round 3's current scaling, on GPU 1 the same + the first/last VLM block in bf16       SPEED_S=150
+#          round 3's current scaling, on GPU 1 the same + the first/last VLM block in bf16; on a
+#          one-GPU machine all of them on GPU 0 (SPEED0 / SPEED1: other variant lists)            SPEED_S=150
 #  curves  300-step runs of real Fashion-MNIST (the command and seed of rounds 1-3), all at once, up to two
 #          on a GPU (~60 GiB each): CURVE_RUNS="NAME:GPU:SCALING[:a.b=v,c.d=w] ...", the first the
 #          reference; then tools/device/fp8_curves.py of each against it                      CURVE_S=170
@@ -25,11 +26,16 @@ speed() {  # speed GPU NAME VARIANTS
   el "speed $2 done"
 }
 if has speed; then
-  speed 0 gpu0 "local:off,torch:delayed:4096@$S;$DY,torch:current:4096@$S" &
-  speed 1 gpu1 "local:off,torch:delayed:4096@$S;$DY,torch:delayed:4096@$S;$DY;$ENDS" &
+  A="torch:delayed:4096@$S;$DY"
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    speed 0 gpu0 "${SPEED0:-local:off,$A,torch:current:4096@$S}" &
+    speed 1 gpu1 "${SPEED1:-local:off,$A,$A;$ENDS}" &
+  else  # one GPU: its rows one after the other
+    speed 0 gpu0 "${SPEED0:-local:off,$A,$A;$ENDS,torch:current:4096@$S}" &
+  fi
   wait
-  for g in gpu0 gpu1; do echo "== speed $g"; grep -E "^== variant|failed|Error" $L/speed_$g.log | head -8
-    grep -A6 "^variant " $L/speed_$g.log; done
+  for g in gpu0 gpu1; do [ -f $L/speed_$g.log ] || continue; echo "== speed $g"
+    grep -E "^== variant|failed|Error" $L/speed_$g.log | head -8; grep -A6 "^variant " $L/speed_$g.log; done
 fi
 curve() {  # curve GPU NAME FP8 EXTRA...: one 300-step run
   local gpu=$1 name=$2 fp8=$3; shift 3
