@@ -54,11 +54,13 @@ HISTORY_BUFFER = "fp8_amax_history"
 def to_fp8(t: torch.Tensor, dtype: torch.dtype, amax: Optional[torch.Tensor] = None) -> tuple:
     """(t scaled into `dtype`'s range and cast, row-major; the inverse scale, a 0-d fp32 tensor).
     `amax`: what to scale by (delayed scaling: the largest amax of the earlier calls; values beyond it
-    saturate at the largest FP8 value); None: t's own amax (current scaling)."""
+    saturate at the largest FP8 value; 0: scale 1); None: t's own amax (current scaling)."""
     fmax = torch.finfo(dtype).max
     if amax is None:
-        amax = t.detach().abs().amax().float()
-    scale = fmax / amax.clamp(min=1e-12)  # an all-zero tensor stays zero, not NaN
+        amax = t.detach().abs().amax().float().clamp(min=1e-12)  # an all-zero tensor stays zero, not NaN
+    else:  # a history of zeros only (a zero-initialised layer's first gradients): scale 1, as TE starts
+        amax = torch.where(amax > 0, amax, fmax)
+    scale = fmax / amax
     q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
     return q.contiguous(), scale.reciprocal()
 

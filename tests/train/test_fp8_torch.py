@@ -340,3 +340,33 @@ def test_tp2_with_torch_fp8():
         assert r["names_match"], r
         assert 1e-4 < r["loss_fp32"] < 0.02 and r["loss_fp8"] < 0.02, (sp, r)  # FP8 rounding, not bf16-exact
         assert 1e-3 < r["grad_fp32"] < 0.12 and r["grad_fp8"] < 0.15, (sp, r)  # e5m2 gradients: ~7-9%
+
+
+FP8_ON_CPU = """
+import sys
+import megaflow.fp8, megaflow.train as T
+megaflow.fp8.check_fp8_device = lambda device: None  # the CPU stands in for the GPU
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def test_delayed_scaling_resumes_exactly_through_megaflow_train(tiny_sets, tmp_path):
+    """Contract: `megaflow train` with delayed FP8 scaling keeps every FP8 layer's amax history in the
+    checkpoint (trainer.pt "fp8"); 4 steps in one go and 2 steps + `--resume` to 4 end with the same
+    weights bit for bit (a resume that restarted the histories would scale step 3 afresh)."""
+    from tests.forked import run_python
+    from tests.train.conftest import REPO, run_env, train_args
+    sets = ["train.steps=4", "train.save_every=2", "train.keep_last=5", "train.eval_data=", "parallel.fp8=delayed",
+            "parallel.fp8_backend=torch", "parallel.fp8_min_dim=32", "train.threads=1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for out, more in ((whole, []), (split, ["train.steps=2"])):
+        res = run_python(["-c", FP8_ON_CPU, *train_args(tiny_sets, out, *sets, *more)[1:]], REPO, run_env())
+        assert res.returncode == 0, res.stderr[-2000:]
+    res = run_python(["-c", FP8_ON_CPU, *train_args(tiny_sets, split, *sets)[1:], "--resume"], REPO, run_env())
+    assert res.returncode == 0 and "step_000002 at step 2" in res.stderr, res.stderr[-2000:]
+    a, b = (torch.load(d / "checkpoints" / "step_000004" / f, map_location="cpu", weights_only=False)
+            for d in (whole, split) for f in ("model.pt",))
+    saved = torch.load(split / "checkpoints" / "step_000002" / "trainer.pt", weights_only=False)["fp8"]
+    assert len(saved) == 16, sorted(saved)  # 2 VLM + 2 flow blocks x 4 linears
+    assert all(h.shape == (3, 16) and (h[:2, -2:] > 0).all() and (h[:, :-2] == 0).all() for h in saved.values())
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ"
