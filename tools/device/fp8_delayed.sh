@@ -35,7 +35,7 @@ if has speed; then
   fi
   wait
   for g in gpu0 gpu1; do [ -f $L/speed_$g.log ] || continue; echo "== speed $g"
-    grep -E "^== variant|failed|Error" $L/speed_$g.log | head -8; grep -A6 "^variant " $L/speed_$g.log; done
+    grep -E "^== variant|step time|peak memory|failed|Error" $L/speed_$g.log | head -16; grep -A6 "^variant " $L/speed_$g.log; done
 fi
 curve() {  # curve GPU NAME FP8 EXTRA...: one 300-step run
   local gpu=$1 name=$2 fp8=$3; shift 3
