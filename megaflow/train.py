@@ -646,6 +646,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     for step in range(start, start if idle else tcfg.steps):
         if fp8_from and step == fp8_from:
             set_fp8_on(model, True)
+            log.info("parallel.fp8_start_step=%d: FP8 GEMMs on from step %d (bf16 before)", fp8_from, step + 1)
         host = next(batches)  # the monitor counts tokens on the host copy: no read-back of the device batch
         batch = to_device(host, device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)
