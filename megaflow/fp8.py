@@ -16,8 +16,9 @@ history (one more compiled graph), and checkpoints carry the histories (`fp8_sta
 activation checkpointing the recomputed forward scales by a history that already holds its own
 amax: within FP8 rounding of the first forward). Under torch.compile the amax reductions and casts
 are plain elementwise/reduction ops that inductor fuses into the neighbouring norm / SiLU / residual
-kernels, and only the GEMMs stay separate (on the ~3B config at 16 x 1024 tokens: 1.40x BF16 end to end, 1.34x with the flow blocks
-left in bf16; TE's eager FP8 layers gave 1.02x at 8 x 1024). What is left of the FP8 overhead is
+kernels, and only the GEMMs stay separate (on the ~3B config at 16 x 1024 tokens: 1.40x BF16 end to
+end, 1.34x with the flow blocks left in bf16; TE's eager FP8 layers gave 1.02x at 8 x 1024; delayed
+scaling was no faster than current there, round 4). What is left of the FP8 overhead is
 mostly inductor's casts that also write the transposed FP8 copies the backward's GEMMs need
 (docs/benchmarks.md "FP8 on torch._scaled_mm, round 2").
 The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward (compiled,

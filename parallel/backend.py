@@ -186,7 +186,6 @@ def apply_fp8_layers(model: nn.Module, pcfg, device=None, mcfg=None) -> nn.Modul
                  len(names), pcfg.fp8_min_dim, f", the first and last {pcfg.fp8_bf16_ends} VLM blocks in bf16"
                  if ends else "", "" if names else "; none is that large: set parallel.fp8_min_dim lower or fp8=off")
     return model
-    return model
 
 
 def vlm_end_blocks(mcfg, n: int) -> tuple:
