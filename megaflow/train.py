@@ -541,8 +541,8 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
     if cfg.parallel.torch_fp8 and cfg.parallel.fp8_start_step and (tcfg.step_graph != "off" or not one_process):
         raise ConfigError(f"parallel.fp8_start_step={cfg.parallel.fp8_start_step} switches FP8 on in one process's "
-                          f"training loop (a step graph would keep the bf16 GEMMs it captured); set train.step_graph=off "
-                          f"and run one process, or parallel.fp8_start_step=0")
+                          f"training loop (a step graph would keep the bf16 GEMMs it captured); set "
+                          f"train.step_graph=off and run one process, or parallel.fp8_start_step=0")
     if cfg.parallel.torch_fp8:
         from megaflow.fp8 import check_fp8_device
         try:

@@ -202,7 +202,8 @@ def test_delayed_scaling_tracks_current_compiles_and_resumes():
         for got, ref in zip(runs[name], runs["delayed"]):
             assert rel(got[0], ref[0]) < 1e-5 and rel(got[1], ref[1]) < 1e-5, name
     hist = blocks["delayed"].mlp.gate_up.fp8_amax_history  # (3, 16): x, W, dy; the last 4 calls at the end
-    assert hist.shape == (3, 16) and hist.dtype == torch.float32 and (hist[:, :-4] == 0).all() and (hist[:, -4:] > 0).all()
+    assert hist.shape == (3, 16) and hist.dtype == torch.float32
+    assert (hist[:, :-4] == 0).all() and (hist[:, -4:] > 0).all()
     assert torch.equal(hist[1, -4:], blocks["delayed"].mlp.gate_up.weight.abs().amax().expand(4))
     assert fp8_state(blocks["current"]) == {}
     off = copy.deepcopy(blocks["delayed"])  # parallel.fp8_start_step: before it the bf16 GEMMs, history untouched
@@ -235,8 +236,8 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     noise = make_noise(cfg, batch)
     losses = {}
     caplog.set_level(logging.INFO, logger="megaflow")
-    expect = {"off": (0, ""), "current": (24, "FP8 (torch._scaled_mm, current scaling): 24 block linears of both "
-                                          "dimensions >= 32"),  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+    expect = {"off": (0, ""),  # current: 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+              "current": (24, "FP8 (torch._scaled_mm, current scaling): 24 block linears of both dimensions >= 32"),
               "delayed": (16, "FP8 (torch._scaled_mm, delayed scaling): 16 block linears of both dimensions >= 32, "
                               "the first and last 1 VLM blocks in bf16")}  # VLM blocks 0 and 3 stay bf16
     for fp8, (n, msg) in expect.items():
