@@ -538,11 +538,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         raise ConfigError(f"parallel.backend=te (Transformer Engine) needs a CUDA GPU, and this run is on "
                           f"{device.type} (train.device={tcfg.device!r}); use parallel.backend=local"
                           + (" and parallel.fp8=off" if cfg.parallel.fp8 != "off" else ""))
-    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if cfg.parallel.torch_fp8 and cfg.parallel.fp8_start_step and (tcfg.step_graph != "off" or not one_process):
-        raise ConfigError(f"parallel.fp8_start_step={cfg.parallel.fp8_start_step} switches FP8 on in one process's "
-                          f"training loop (a step graph would keep the bf16 GEMMs it captured); set "
-                          f"train.step_graph=off and run one process, or parallel.fp8_start_step=0")
+    if cfg.parallel.torch_fp8 and cfg.parallel.fp8_start_step and tcfg.step_graph != "off":
+        raise ConfigError(f"parallel.fp8_start_step={cfg.parallel.fp8_start_step} switches FP8 on in the training "
+                          f"loop, and train.step_graph={tcfg.step_graph!r} would keep the bf16 GEMMs it captured; set "
+                          f"train.step_graph=off, or parallel.fp8_start_step=0")
     if cfg.parallel.torch_fp8:
         from megaflow.fp8 import check_fp8_device
         try:
@@ -640,7 +639,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     idle, = any_rank(signals.received)  # signalled during start-up: stop before a step (the state is the checkpoint's)
     signalled = idle
     fp8_from = cfg.parallel.fp8_start_step if cfg.parallel.torch_fp8 else 0
-    if fp8_from:  # parallel.fp8_start_step: bf16 GEMMs before it (one process, checked at the start)
+    if fp8_from:  # parallel.fp8_start_step: bf16 GEMMs before it (the stages share the model's layers)
         from megaflow.fp8 import set_fp8_on
         set_fp8_on(model, start >= fp8_from)
     for step in range(start, start if idle else tcfg.steps):

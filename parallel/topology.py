@@ -36,7 +36,7 @@ class ParallelConfig:
     fp8_min_dim: int = 2048  # fp8_backend 'torch': a block linear runs in FP8 only when both its dimensions are >= this (the width-256 shallow flows are launch-bound: nothing to gain; docs/benchmarks.md)
     fp8_fast_accum: bool = False  # fp8_backend 'torch': the forward GEMM accumulates fast (no periodic fp32 promotion), as Transformer Engine and torchao do (no gain measured on the H200: docs/benchmarks.md); the gradient GEMMs always promote
     fp8_split_dy: bool = False  # fp8_backend 'torch': the backward's transposed FP8 copy of each FP8 linear's output gradient dy (for dW) made by its own kernel (megaflow/fp8.fp8_transpose), not fused by inductor into dy's cast
-    fp8_start_step: int = 0  # fp8_backend 'torch': the steps before this one run the FP8 layers' GEMMs in bf16 (e.g. the LR warm-up, where FP8's curve left BF16's on the ~3B config); one process, train.step_graph=off
+    fp8_start_step: int = 0  # fp8_backend 'torch': the steps before this one run the FP8 layers' GEMMs in bf16 (e.g. the LR warm-up, where FP8's curve left BF16's on the ~3B config); needs train.step_graph=off
     fp8_bf16_ends: int = 0  # fp8_backend 'torch': the first and the last this many VLM blocks keep bf16 GEMMs (the accuracy lever of NVIDIA's FP8 recipes)
     fp8_split_transpose: bool = False  # fp8_backend 'torch': the backward's transposed FP8 copy of each FP8 linear's input is made in the forward by its own kernel (megaflow/fp8.fp8_transpose) and saved (1 byte an element), not fused by inductor into the norm + cast kernel that makes the input (~3B config: 398 -> 390 ms a step for 4.9 GiB, docs/benchmarks.md)
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'

@@ -29,7 +29,7 @@ Contract:
   history survives `fp8_state` -> `load_fp8_state` (a resumed layer continues exactly as the
   uninterrupted one) and a cast to bf16 parameters; `fp8_bf16_ends` keeps the first and last VLM
   blocks bf16 (also in pipeline stages); `set_fp8_on(False)` (parallel.fp8_start_step) gives the
-  bf16 layer exactly and leaves the history alone;
+  bf16 layer exactly and leaves the history alone (in pipeline stages too, switched through the model);
 - bad configs get one clear error: fp8_backend='torch' with backend 'te', with async TP under
   sequence parallelism, a negative fp8_bf16_ends or fp8_start_step, fp8_start_step with a step graph,
   and `megaflow train` on a CPU.
@@ -255,7 +255,14 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
         assert said == ([msg] if msg else []), said
         caplog.clear()
         engine = build_engine(run, model, stages, tied, Topology(), None)
-        losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"]) for _ in range(2)]
+        if fp8 == "delayed":  # parallel.fp8_start_step's switch reaches the stages' layers through the model
+            set_fp8_on(model, False)
+            losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"])]
+            assert losses[fp8] == losses["off"][:1]  # bf16 GEMMs: the bf16 step exactly
+            set_fp8_on(model, True)
+            losses[fp8].append(float(engine.train_step(batch, noise, None, 1e-3)["loss"]))
+        else:
+            losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"]) for _ in range(2)]
     for fp8 in ("current", "delayed"):
         for a, b in zip(losses[fp8], losses["off"]):
             assert abs(a - b) < 0.02 * abs(b), losses
