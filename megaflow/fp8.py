@@ -6,12 +6,19 @@ freely between FP8 and bf16 runs) whose training forward runs its three GEMMs in
     forward   y  = x W^T     x, W in e4m3
     backward  dx = dy W      dy in e5m2 (wider range, for gradients), W in e4m3
               dW = dy^T x
-Scaling is dynamic and tensor-wise: each operand is scaled by (largest finite FP8) / amax(operand)
-at the moment it is cast, so nothing is kept between steps (no amax history, unlike TE's delayed
-scaling). Under torch.compile the amax reductions and casts are plain elementwise/reduction ops that
-inductor fuses into the neighbouring norm / SiLU / residual kernels, and only the GEMMs stay
-separate (on the ~3B config at 16 x 1024 tokens: 1.40x BF16 end to end, 1.34x with the flow blocks
-left in bf16; TE's eager FP8 layers gave 1.02x at 8 x 1024). What is left of the FP8 overhead is
+Scaling is tensor-wise. Current scaling (parallel.fp8=current): each operand is scaled by (largest
+finite FP8) / amax(operand) at the moment it is cast, so each cast waits for a reduction over its
+tensor. Delayed scaling (parallel.fp8=delayed, Transformer Engine's default recipe): each layer keeps
+an amax history of x, W and dy (`add_history`: fp32 buffers updated in place inside the compiled
+graphs, no host read) and scales by its maxima, so the cast needs no pass before it and the amax it
+records is read by the same graph; a layer's first call scales by the current amaxes and fills the
+history (one more compiled graph), and checkpoints carry the histories (`fp8_state`; under
+activation checkpointing the recomputed forward scales by a history that already holds its own
+amax: within FP8 rounding of the first forward). Under torch.compile the amax reductions and casts
+are plain elementwise/reduction ops that inductor fuses into the neighbouring norm / SiLU / residual
+kernels, and only the GEMMs stay separate (on the ~3B config at 16 x 1024 tokens: 1.40x BF16 end to
+end, 1.34x with the flow blocks left in bf16; TE's eager FP8 layers gave 1.02x at 8 x 1024; delayed
+scaling was no faster than current there, round 4). What is left of the FP8 overhead is
 mostly inductor's casts that also write the transposed FP8 copies the backward's GEMMs need
 (docs/benchmarks.md "FP8 on torch._scaled_mm, round 2").
 The forward saves the FP8 copies of x and W (half the bytes of bf16) for the backward (compiled,
@@ -41,15 +48,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+AMAX_HISTORY = 16  # delayed scaling: calls whose amaxes scale the next one (torchao's default; TE's is 1024)
+HISTORY_BUFFER = "fp8_amax_history"
 
 
-def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """(t scaled into `dtype`'s range and cast, row-major; the inverse scale, a 0-d fp32 tensor)."""
+def to_fp8(t: torch.Tensor, dtype: torch.dtype, amax: Optional[torch.Tensor] = None) -> tuple:
+    """(t scaled into `dtype`'s range and cast, row-major; the inverse scale, a 0-d fp32 tensor).
+    `amax`: what to scale by (delayed scaling: the largest amax of the earlier calls; values beyond it
+    saturate at the largest FP8 value; 0: scale 1); None: t's own amax (current scaling)."""
     fmax = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().float().clamp(min=1e-12)  # an all-zero tensor stays zero, not NaN
+    if amax is None:
+        amax = t.detach().abs().amax().float().clamp(min=1e-12)  # an all-zero tensor stays zero, not NaN
+    else:  # a history of zeros only (a zero-initialised layer's first gradients): scale 1, as TE starts
+        amax = torch.where(amax > 0, amax, fmax)
     scale = fmax / amax
     q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
     return q.contiguous(), scale.reciprocal()
+
+
+def record_amax(row: torch.Tensor, t: torch.Tensor) -> None:
+    """Delayed scaling's history, in place (no host read; a few-element op in the same graph as the
+    cast, which inductor may fuse with the cast's own read of t): `row` (H,) drops its oldest amax and
+    ends with t's."""
+    row.copy_(torch.cat([row[1:], t.detach().abs().amax().float()[None]]))
 
 
 @torch.library.custom_op("megaflow::fp8_transpose", mutates_args=())
@@ -81,17 +102,30 @@ def _compiled_transpose() -> Callable:
 class _Fp8Matmul(torch.autograd.Function):
     """y = x W^T with FP8 operands in all three GEMMs (x: (M, K), W: (N, K) -> y: (M, N)).
     `split_t`: x's transposed FP8 copy made in the forward by `fp8_transpose` and saved (else: by
-    the backward, or wherever the compiler puts it, fused with x's cast)."""
+    the backward, or wherever the compiler puts it, fused with x's cast).
+    `hist`: delayed scaling's (3, H) amax history of x, W and dy (updated in place: the forward
+    records x's and W's, the backward dy's); `use_hist`: scale by its maxima (else by the current
+    amaxes, as on the first call, which fills it). `split_dy`: dy's transposed FP8 copy for dW made
+    by `fp8_transpose` too (else fused by inductor into dy's cast)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, fast_accum: bool,
-                split_t: bool) -> torch.Tensor:
-        xq, x_inv = to_fp8(x, E4M3)  # (M, K)
-        wq, w_inv = to_fp8(w, E4M3)  # (N, K)
+                split_t: bool, hist: Optional[torch.Tensor] = None, use_hist: bool = False,
+                split_dy: bool = False) -> torch.Tensor:
+        prev = hist[:2].amax(dim=1) if use_hist else (None, None)  # (2,): read before this call records
+        xq, x_inv = to_fp8(x, E4M3, prev[0])  # (M, K)
+        wq, w_inv = to_fp8(w, E4M3, prev[1])  # (N, K)
+        if hist is not None:
+            record_amax(hist[0], x)
+            record_amax(hist[1], w)
         # the backward's dW GEMM reads x column-major: its (M, K) view of a row-major (K, M) copy
         x_col = fp8_transpose(xq).t() if split_t else xq
         ctx.save_for_backward(x_col, wq, x_inv, w_inv)
         ctx.dtypes = (x.dtype, w.dtype)
+        # hist: not saved_tensors (the next micro-batch's forward updates it before this backward); dy's
+        # row is read when the backward runs: every backward but the first call's finds it filled, also
+        # when several forwards run before their backwards (pipelines)
+        ctx.hist, ctx.use_hist, ctx.split_dy = hist, use_hist, split_dy
         # _scaled_mm takes a row-major first and a column-major second operand: W^T of a row-major W is
         # one (a view, no copy).
         # fast_accum: the forward GEMM accumulates without cuBLAS's periodic promotion to fp32 (what
@@ -104,38 +138,89 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x_col, wq, x_inv, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        dyq, dy_inv = to_fp8(dy, E5M2)  # (M, N)
+        dyq, dy_inv = to_fp8(dy, E5M2, ctx.hist[2].amax() if ctx.use_hist else None)  # (M, N)
+        if ctx.hist is not None:
+            record_amax(ctx.hist[2], dy)
         dx = torch._scaled_mm(dyq, wq.t().contiguous().t(), scale_a=dy_inv, scale_b=w_inv,
                               out_dtype=x_dtype)  # (M, N) @ (N, K) -> (M, K)
-        dw = torch._scaled_mm(dyq.t().contiguous(), x_col.t().contiguous().t(), scale_a=dy_inv, scale_b=x_inv,
+        dy_t = fp8_transpose(dyq) if ctx.split_dy else dyq.t().contiguous()  # (N, M)
+        dw = torch._scaled_mm(dy_t, x_col.t().contiguous().t(), scale_a=dy_inv, scale_b=x_inv,
                               out_dtype=w_dtype)  # (N, M) @ (M, K) -> (N, K); no copy when x_col is column-major
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               fast_accum: bool = False, split_t: bool = False) -> torch.Tensor:
+               fast_accum: bool = False, split_t: bool = False, state: Optional[nn.Module] = None,
+               split_dy: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) with its three GEMMs in FP8 while a gradient is recorded (x: (..., K),
     weight: (N, K) -> (..., N)); otherwise, or for a row count not divisible by 16, F.linear itself.
     Also the GEMM of the tensor-parallel layers under FP8 (parallel/backend.apply_fp8_layers): each
-    rank scales its own shard by its own amax, so no amax crosses ranks."""
+    rank scales its own shard by its own amax, so no amax crosses ranks.
+    `state`: the layer; under delayed scaling it holds the amax history (`add_history`): its first
+    FP8 call scales by the current amaxes and fills the history, later calls scale by it; its
+    `fp8_on` False (`set_fp8_on`): the bf16 GEMM."""
     rows = x.numel() // x.shape[-1]
-    if not torch.is_grad_enabled() or rows % 16:
+    if not torch.is_grad_enabled() or rows % 16 or not getattr(state, "fp8_on", True):
         return F.linear(x, weight, bias)
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), weight, out_dtype, fast_accum, split_t)  # (M, N)
+    hist = getattr(state, HISTORY_BUFFER, None)
+    use_hist = hist is not None and state.fp8_calibrated  # a host flag: one more graph, no host read a step
+    y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), weight, out_dtype, fast_accum, split_t,
+                         hist, use_hist, split_dy)  # (M, N)
+    if hist is not None and not use_hist:
+        state.fp8_calibrated = True
     y = y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def add_history(mod: nn.Module, length: int = AMAX_HISTORY) -> None:
+    """Delayed scaling for one FP8 layer: a (3, length) fp32 amax history of x, W and dy (maxima
+    over the last `length` calls scale the next call: Transformer Engine's DelayedScaling recipe with
+    its 'max' rule), a non-persistent buffer (the model's state dict stays the nn.Linear's; `fp8_state`
+    and `load_fp8_state` carry it through checkpoints), and its not-yet-filled flag."""
+    mod.register_buffer(HISTORY_BUFFER, torch.zeros(3, length, device=mod.weight.device), persistent=False)
+    mod.fp8_calibrated = False
+
+
+def fp8_state(model: nn.Module) -> dict:
+    """{layer name: its amax history} of every delayed-scaling FP8 layer (empty when none): what a
+    checkpoint keeps so that a resumed run scales as the uninterrupted one would."""
+    return {name: getattr(m, HISTORY_BUFFER).detach().cpu().clone() for name, m in model.named_modules()
+            if getattr(m, HISTORY_BUFFER, None) is not None and m.fp8_calibrated}
+
+
+def load_fp8_state(model: nn.Module, state: dict) -> int:
+    """Puts `fp8_state`'s histories back (layers missing from it start afresh: their first call fills
+    theirs); returns how many were restored."""
+    n = 0
+    for name, m in model.named_modules():
+        if name in state and getattr(m, HISTORY_BUFFER, None) is not None:
+            getattr(m, HISTORY_BUFFER).copy_(state[name])
+            m.fp8_calibrated, n = True, n + 1
+    return n
+
+
+def set_fp8_on(model: nn.Module, on: bool) -> None:
+    """FP8 GEMMs of every FP8 layer of `model` on or off (off: the layer's bf16 GEMM; parallel.fp8_start_step).
+    A host flag the compiled blocks guard on: the first call after a switch compiles them again."""
+    for m in model.modules():
+        if isinstance(m, Float8Linear) or isinstance(getattr(m, "linear", None), functools.partial):
+            m.fp8_on = on
+
+
 class Float8Linear(nn.Linear):
     """nn.Linear whose training forward runs in FP8 (module docstring); made by `to_float8`.
-    `fast_accum`: the forward GEMM's accumulation; `split_t`: where x's transposed copy is made (fp8_linear)."""
+    `fast_accum`: the forward GEMM's accumulation; `split_t`: where x's transposed copy is made;
+    with `add_history`, delayed scaling (fp8_linear)."""
     fast_accum = False
     split_t = False
+    split_dy = False
+    fp8_calibrated = False
+    fp8_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.fast_accum, self.split_t)
+        return fp8_linear(x, self.weight, self.bias, self.fast_accum, self.split_t, self, self.split_dy)
 
 
 def fp8_capable(lin: nn.Module, min_dim: int) -> bool:
@@ -163,11 +248,14 @@ def _gemm_hook(mod: nn.Module) -> bool:
 
 
 def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[str, nn.Module], bool]] = None,
-              fast_accum: bool = False, split_t: bool = False) -> list:
+              fast_accum: bool = False, split_t: bool = False, delayed: bool = False, exclude: tuple = (),
+              split_dy: bool = False) -> list:
     """Every plain nn.Linear of `model` that passes the size rule (and `where(name, module)`, by
     default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear;
     every tensor-parallel layer with a GEMM hook that passes them runs `fp8_linear` as its GEMM.
-    Returns the names swapped. Call before regional torch.compile, so the graphs include the casts."""
+    `delayed`: each gets an amax history (`add_history`: delayed scaling); `exclude`: name prefixes
+    that stay bf16 (parallel.fp8_bf16_ends). Returns the names swapped. Call before regional
+    torch.compile, so the graphs include the casts."""
     from megaflow.model.layers import TransformerBlock
     if where is None:
         inside = {id(m) for b in model.modules() if isinstance(b, TransformerBlock) for m in b.modules()}
@@ -175,13 +263,17 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
     names = []
     for name, mod in model.named_modules():
         plain = type(mod) is nn.Linear
-        if not (plain or _gemm_hook(mod)) or not fp8_capable(mod, min_dim) or not where(name, mod):
+        if not (plain or _gemm_hook(mod)) or not fp8_capable(mod, min_dim) or not where(name, mod) \
+                or (exclude and name.startswith(exclude)):
             continue
+        if delayed:
+            add_history(mod)
         if plain:
             lin = to_float8(mod)
-            lin.fast_accum, lin.split_t = fast_accum, split_t
+            lin.fast_accum, lin.split_t, lin.split_dy = fast_accum, split_t, split_dy
         else:
-            mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum, split_t=split_t)
+            mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum, split_t=split_t, state=mod,
+                                           split_dy=split_dy)
         names.append(name)
     return names
 

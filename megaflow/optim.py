@@ -129,9 +129,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the model's floating parameters and buffers to `dtype` in place (tied parameters stay
     tied: the Parameter objects are kept). The FAE keeps its dtype: its encoder turns pixels into the
-    flow's variables, which stay fp32."""
+    flow's variables, which stay fp32; so do FP8 amax histories (megaflow/fp8.py)."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.dtype != dtype and "fae" not in name.split("."):
+        if t.is_floating_point() and t.dtype != dtype and "fae" not in name.split(".") \
+                and not name.endswith(".fp8_amax_history"):
             t.data = t.data.to(dtype)
 
 

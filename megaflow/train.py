@@ -372,8 +372,10 @@ def save(out: Path, step: int, cfg: Config, model, engine, loader, history: list
     def write_rest(d: Path):
         if not main_rank:
             return
+        from megaflow.fp8 import fp8_state  # delayed FP8 scaling's amax histories (one process; else they restart)
         torch.save({"step": step, "loader": loader.state_dict(), "history": history,
-                    "torch_rng": torch.get_rng_state()}, d / "trainer.pt")
+                    "torch_rng": torch.get_rng_state(), "fp8": fp8_state(model) if topo is None else {}},
+                   d / "trainer.pt")
         (d / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         tok.save(str(d / "tokenizer"))
         tokdir = d / "tokenizer"
@@ -536,6 +538,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         raise ConfigError(f"parallel.backend=te (Transformer Engine) needs a CUDA GPU, and this run is on "
                           f"{device.type} (train.device={tcfg.device!r}); use parallel.backend=local"
                           + (" and parallel.fp8=off" if cfg.parallel.fp8 != "off" else ""))
+    if cfg.parallel.torch_fp8 and cfg.parallel.fp8_start_step and tcfg.step_graph != "off":
+        raise ConfigError(f"parallel.fp8_start_step={cfg.parallel.fp8_start_step} switches FP8 on in the training "
+                          f"loop, and train.step_graph={tcfg.step_graph!r} would keep the bf16 GEMMs it captured; set "
+                          f"train.step_graph=off, or parallel.fp8_start_step=0")
     if cfg.parallel.torch_fp8:
         from megaflow.fp8 import check_fp8_device
         try:
@@ -605,6 +611,9 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
         start, history = trainer["step"], trainer["history"]
         loader.load_state_dict(trainer["loader"])
         torch.set_rng_state(trainer["torch_rng"])
+        if trainer.get("fp8"):
+            from megaflow.fp8 import load_fp8_state
+            load_fp8_state(model, trainer["fp8"])
         if main_rank:
             log.info("resumed from %s at step %d", ckpt, start)
 
@@ -629,7 +638,14 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     any_rank = AnyRank(topo, cfg.parallel.timeout_s)  # step-boundary agreement: every rank stops at the same step
     idle, = any_rank(signals.received)  # signalled during start-up: stop before a step (the state is the checkpoint's)
     signalled = idle
+    fp8_from = cfg.parallel.fp8_start_step if cfg.parallel.torch_fp8 else 0
+    if fp8_from:  # parallel.fp8_start_step: bf16 GEMMs before it (the stages share the model's layers)
+        from megaflow.fp8 import set_fp8_on
+        set_fp8_on(model, start >= fp8_from)
     for step in range(start, start if idle else tcfg.steps):
+        if fp8_from and step == fp8_from:
+            set_fp8_on(model, True)
+            log.info("parallel.fp8_start_step=%d: FP8 GEMMs on from step %d (bf16 before)", fp8_from, step + 1)
         host = next(batches)  # the monitor counts tokens on the host copy: no read-back of the device batch
         batch = to_device(host, device)
         noise, keep = step_randomness(cfg, model.cfg, batch, step, dp_rank, device)

@@ -166,23 +166,37 @@ def apply_te_dense(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_fp8_layers(model: nn.Module, pcfg, device=None) -> nn.Module:
+def apply_fp8_layers(model: nn.Module, pcfg, device=None, mcfg=None) -> nn.Module:
     """The one place a built model (or this rank's pipeline stage) gets the layers its config asks
     for: at TP=1, `te.Linear` under backend 'te' (`apply_te_dense`; under TP, apply_tp made TE's
     parallel layers already); under fp8_backend 'torch', at any TP, torch's FP8 GEMMs on the block
     linears of both dimensions >= fp8_min_dim (megaflow/fp8.py: nn.Linear become Float8Linear, the
     tensor-parallel layers take its fp8_linear; before compile, so the casts fuse into the blocks'
-    graphs). After init or load."""
+    graphs; `fp8=delayed`: each with its amax history; the first and last `fp8_bf16_ends` VLM blocks
+    of the model `mcfg` describes (default: `model.cfg`) stay bf16). After init or load."""
     if pcfg.backend == "te" and pcfg.tp == 1:
         apply_te_dense(model)
     if pcfg.torch_fp8:
         from megaflow.fp8 import apply_fp8, check_fp8_device
         check_fp8_device(device if device is not None else next(model.parameters()).device)
-        names = apply_fp8(model, pcfg.fp8_min_dim, fast_accum=pcfg.fp8_fast_accum,
-                          split_t=pcfg.fp8_split_transpose)
-        log.info("FP8 (torch._scaled_mm): %d block linears of both dimensions >= %d%s", len(names),
-                 pcfg.fp8_min_dim, "" if names else "; none is that large: set parallel.fp8_min_dim lower or fp8=off")
+        ends = vlm_end_blocks(mcfg if mcfg is not None else model.cfg, pcfg.fp8_bf16_ends)
+        names = apply_fp8(model, pcfg.fp8_min_dim, fast_accum=pcfg.fp8_fast_accum, split_t=pcfg.fp8_split_transpose,
+                          delayed=pcfg.fp8 == "delayed", exclude=ends, split_dy=pcfg.fp8_split_dy)
+        log.info("FP8 (torch._scaled_mm, %s scaling): %d block linears of both dimensions >= %d%s%s", pcfg.fp8,
+                 len(names), pcfg.fp8_min_dim, f", the first and last {pcfg.fp8_bf16_ends} VLM blocks in bf16"
+                 if ends else "", "" if names else "; none is that large: set parallel.fp8_min_dim lower or fp8=off")
     return model
+
+
+def vlm_end_blocks(mcfg, n: int) -> tuple:
+    """Name prefixes of the first and the last `n` VLM blocks of a STARFlow2 of config `mcfg` (the
+    VLM block k*ratio + j is `units.k.vlm_layers.j`: its name in the model and in every pipeline
+    stage); () for n = 0 or a model without a VLM."""
+    if n <= 0 or mcfg.vlm is None:
+        return ()
+    total = mcfg.flow.n_layers * mcfg.flow.ratio
+    ends = sorted(set(range(min(n, total))) | set(range(max(total - n, 0), total)))
+    return tuple(f"units.{i // mcfg.flow.ratio}.vlm_layers.{i % mcfg.flow.ratio}." for i in ends)
 
 
 def fp8_context(recipe: str, group=None):

@@ -155,7 +155,7 @@ def build_stages(mcfg, pcfg, topo: Topology, device, seed: int, full_state: Opti
                     model._parameters[name] = st.module._parameters[name]
     from parallel.backend import apply_fp8_layers  # this rank's blocks: unsharded TE linears (TP=1) or FP8 GEMMs
     for st in stages:
-        apply_fp8_layers(st.module, pcfg, device)
+        apply_fp8_layers(st.module, pcfg, device, mcfg)
     tied = TiedEmbeddings(stages, topo)
     if full_state is None:
         tied.broadcast()

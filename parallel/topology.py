@@ -32,9 +32,12 @@ class ParallelConfig:
     tp_all_reduce: str = "nccl"  # TP's critical-path all-reduces on CUDA: 'nccl', or 'symm' (torch's two-shot symmetric-memory all-reduce over NVLink, parallel/comm.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling
-    fp8_backend: str = "te"  # who runs FP8: 'te' (Transformer Engine layers, backend 'te') or 'torch' (torch._scaled_mm linears compiled with the blocks, backend 'local', scaling 'current'; megaflow/fp8.py)
+    fp8_backend: str = "te"  # who runs FP8: 'te' (Transformer Engine layers, backend 'te') or 'torch' (torch._scaled_mm linears compiled with the blocks, backend 'local', scaling 'current' or 'delayed'; megaflow/fp8.py)
     fp8_min_dim: int = 2048  # fp8_backend 'torch': a block linear runs in FP8 only when both its dimensions are >= this (the width-256 shallow flows are launch-bound: nothing to gain; docs/benchmarks.md)
     fp8_fast_accum: bool = False  # fp8_backend 'torch': the forward GEMM accumulates fast (no periodic fp32 promotion), as Transformer Engine and torchao do (no gain measured on the H200: docs/benchmarks.md); the gradient GEMMs always promote
+    fp8_split_dy: bool = False  # fp8_backend 'torch': the backward's transposed FP8 copy of each FP8 linear's output gradient dy (for dW) made by its own kernel (megaflow/fp8.fp8_transpose), not fused by inductor into dy's cast
+    fp8_start_step: int = 0  # fp8_backend 'torch': the steps before this one run the FP8 layers' GEMMs in bf16 (e.g. the LR warm-up, where FP8's curve left BF16's on the ~3B config); needs train.step_graph=off
+    fp8_bf16_ends: int = 0  # fp8_backend 'torch': the first and the last this many VLM blocks keep bf16 GEMMs (the accuracy lever of NVIDIA's FP8 recipes)
     fp8_split_transpose: bool = False  # fp8_backend 'torch': the backward's transposed FP8 copy of each FP8 linear's input is made in the forward by its own kernel (megaflow/fp8.fp8_transpose) and saved (1 byte an element), not fused by inductor into the norm + cast kernel that makes the input (~3B config: 398 -> 390 ms a step for 4.9 GiB, docs/benchmarks.md)
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
@@ -67,9 +70,11 @@ class ParallelConfig:
             if self.backend != "local":
                 raise ValueError("parallel.fp8_backend='torch' replaces our own linears: set parallel.backend=local "
                                  "(or fp8_backend=te to keep Transformer Engine layers)")
-            if self.fp8 != "current":
-                raise ValueError(f"parallel.fp8={self.fp8!r} with fp8_backend='torch': it scales every tensor by its "
-                                 "current amax (no history); set parallel.fp8=current")
+            if self.fp8_start_step < 0:
+                raise ValueError(f"parallel.fp8_start_step={self.fp8_start_step} must be >= 0 (0: FP8 from the first step)")
+            if self.fp8_bf16_ends < 0:
+                raise ValueError(f"parallel.fp8_bf16_ends={self.fp8_bf16_ends} must be >= 0 (VLM blocks kept in bf16 "
+                                 "at each end)")
             if self.fp8_min_dim < 16:
                 raise ValueError(f"parallel.fp8_min_dim={self.fp8_min_dim} must be >= 16 (FP8 GEMM dimensions)")
             if self.async_tp:

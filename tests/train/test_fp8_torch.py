@@ -20,9 +20,19 @@ Contract:
 - under tensor parallelism (2 gloo ranks, with and without sequence parallelism, built by
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
   GEMMs in FP8 (each rank scaling its own shard): loss and gathered gradients within FP8 rounding of
-  the fp32 single-process model and of the single-process FP8 model, and visibly not bf16-exact;
-- bad configs get one clear error: fp8_backend='torch' with backend 'te', with delayed scaling, with
-  async TP under sequence parallelism, and `megaflow train` on a CPU.
+  the fp32 single-process model and of the single-process FP8 model, and visibly not bf16-exact
+  (with sequence parallelism under delayed scaling, whose histories each layer fills);
+- delayed scaling (parallel.fp8=delayed): a layer's first FP8 call is current scaling's exactly and
+  fills the (x, W, dy) amax history; later calls scale by the history's maxima, within FP8 rounding of
+  current scaling and not equal to it; compiled (aot_eager and inductor's graph, one graph for the filling
+  call and one after) as eager; two forwards before their backwards (micro-batches) work; the
+  history survives `fp8_state` -> `load_fp8_state` (a resumed layer continues exactly as the
+  uninterrupted one) and a cast to bf16 parameters; `fp8_bf16_ends` keeps the first and last VLM
+  blocks bf16 (also in pipeline stages); `set_fp8_on(False)` (parallel.fp8_start_step) gives the
+  bf16 layer exactly and leaves the history alone (in pipeline stages too, switched through the model);
+- bad configs get one clear error: fp8_backend='torch' with backend 'te', with async TP under
+  sequence parallelism, a negative fp8_bf16_ends or fp8_start_step, fp8_start_step with a step graph,
+  and `megaflow train` on a CPU.
 """
 from __future__ import annotations
 
@@ -35,9 +45,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from megaflow.fp8 import Float8Linear, apply_fp8, to_float8
+from megaflow.fp8 import Float8Linear, apply_fp8, fp8_state, load_fp8_state, set_fp8_on, to_float8
 from megaflow.model.layers import AttnContext, TransformerBlock, rope_tables
 from megaflow.model.starflow import build_model
+from megaflow.optim import cast_params
 from tests.helpers import make_batch, make_noise, tiny_config
 
 
@@ -155,6 +166,64 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
     assert not [n for n in calls(fw, torch.ops.aten.clone.default) if n.meta["val"].dtype == torch.float8_e4m3fn]
 
 
+def _block_steps(block, xs, ctx, compile_backend=None, micro: bool = False) -> list:
+    """(y, dx) of each input of `xs` through `block` (its weights fixed, so only the scaling differs
+    between calls); `micro`: the inputs in pairs, both forwards before the two backwards."""
+    fn = torch.compile(block, backend=compile_backend, fullgraph=True) if compile_backend else block
+    out, pending = [], []
+    for x in xs:
+        xi = x.clone().requires_grad_()
+        pending.append((xi, fn(xi, ctx)))
+        if not micro or len(pending) == 2:
+            for xi, y in pending:
+                y.square().mean().backward()
+                out.append((y.detach(), xi.grad))
+            pending = []
+    return out
+
+
+def test_delayed_scaling_tracks_current_compiles_and_resumes():
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 4, 2, 16, 128)
+    cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
+    ctx = AttnContext(cos=cos, sin=sin)
+    xs = [torch.randn(2, 32, 64) * (1 + i / 4) for i in range(4)]  # growing amaxes: delayed scales lag
+    runs, blocks = {}, {}
+    for name, delayed, backend, micro in (("current", False, None, False), ("delayed", True, None, False),
+                                          ("aot_eager", True, "aot_eager", False), ("micro", True, None, True)):
+        blocks[name] = blk = copy.deepcopy(block)
+        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, delayed=delayed, split_t=True)) == 4
+        runs[name] = _block_steps(blk, xs, ctx, backend, micro)
+    for got, ref in zip(runs["delayed"][0], runs["current"][0]):  # the first call: current scaling exactly
+        assert torch.equal(got, ref)
+    for (y, dx), (yr, dxr) in zip(runs["delayed"][1:], runs["current"][1:]):
+        assert 1e-4 < rel(y, yr) < 0.03 and 1e-4 < rel(dx, dxr) < 0.08, (rel(y, yr), rel(dx, dxr))
+    for name in ("aot_eager", "micro"):  # compiled, and with micro-batches: delayed scaling's own numbers
+        for got, ref in zip(runs[name], runs["delayed"]):
+            assert rel(got[0], ref[0]) < 1e-5 and rel(got[1], ref[1]) < 1e-5, name
+    hist = blocks["delayed"].mlp.gate_up.fp8_amax_history  # (3, 16): x, W, dy; the last 4 calls at the end
+    assert hist.shape == (3, 16) and hist.dtype == torch.float32
+    assert (hist[:, :-4] == 0).all() and (hist[:, -4:] > 0).all()
+    assert torch.equal(hist[1, -4:], blocks["delayed"].mlp.gate_up.weight.abs().amax().expand(4))
+    assert fp8_state(blocks["current"]) == {}
+    off = copy.deepcopy(blocks["delayed"])  # parallel.fp8_start_step: before it the bf16 GEMMs, history untouched
+    set_fp8_on(off, False)
+    for got, ref in zip(_block_steps(off, xs[:1], ctx)[0], _block_steps(copy.deepcopy(block), xs[:1], ctx)[0]):
+        assert torch.equal(got, ref)
+    assert torch.equal(off.mlp.gate_up.fp8_amax_history, hist)
+    saved = fp8_state(blocks["delayed"])
+    assert sorted(saved) == ["mlp.down_proj", "mlp.gate_up", "self_attn.o_proj", "self_attn.qkv"]
+    resumed = copy.deepcopy(block)
+    apply_fp8(resumed, min_dim=64, where=lambda n, m: True, delayed=True, split_t=True)
+    cast = copy.deepcopy(resumed)
+    cast_params(cast, torch.bfloat16)  # bf16 parameters (train.param_dtype=bf16): the histories stay fp32
+    assert cast.mlp.gate_up.weight.dtype == torch.bfloat16 and cast.mlp.gate_up.fp8_amax_history.dtype == torch.float32
+    assert load_fp8_state(resumed, saved) == 4
+    x5 = [torch.randn(2, 32, 64) * 2]
+    for got, ref in zip(_block_steps(resumed, x5, ctx)[0], _block_steps(blocks["delayed"], x5, ctx)[0]):
+        assert torch.equal(got, ref)  # the resumed layer scales as the uninterrupted one
+
+
 def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     import megaflow.fp8
     from parallel.runtime import build_engine, build_stages
@@ -167,22 +236,37 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     noise = make_noise(cfg, batch)
     losses = {}
     caplog.set_level(logging.INFO, logger="megaflow")
-    for fp8 in ("off", "current"):
+    expect = {"off": (0, ""),  # current: 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+              "current": (24, "FP8 (torch._scaled_mm, current scaling): 24 block linears of both dimensions >= 32"),
+              "delayed": (16, "FP8 (torch._scaled_mm, delayed scaling): 16 block linears of both dimensions >= 32, "
+                              "the first and last 1 VLM blocks in bf16")}  # VLM blocks 0 and 3 stay bf16
+    for fp8, (n, msg) in expect.items():
         run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
-            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True))
+            fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True,
+            fp8_bf16_ends=1 if fp8 == "delayed" else 0))
         model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
                                            full_state=ref.state_dict(), seq_len=48)
-        n_fp8 = sum(isinstance(m, Float8Linear) for st in stages for m in st.module.modules())
-        assert n_fp8 == (0 if fp8 == "off" else 24), n_fp8  # 4 VLM + 2 flow blocks x 4 linears (not the shallow ones)
+        fp8_names = [n for st in stages for n, m in st.module.named_modules() if isinstance(m, Float8Linear)]
+        assert len(fp8_names) == n, fp8_names
+        assert fp8 != "delayed" or not any(n.startswith(("units.0.vlm_layers.0.", "units.1.vlm_layers.1."))
+                                           for n in fp8_names)
         assert all(m.split_t for st in stages for m in st.module.modules() if isinstance(m, Float8Linear))
-        said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm)" in r.getMessage()]
-        assert said == ([] if fp8 == "off" else ["FP8 (torch._scaled_mm): 24 block linears of both dimensions >= 32"]), said
+        said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm" in r.getMessage()]
+        assert said == ([msg] if msg else []), said
         caplog.clear()
         engine = build_engine(run, model, stages, tied, Topology(), None)
-        losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"]) for _ in range(2)]
-    for a, b in zip(losses["current"], losses["off"]):
-        assert abs(a - b) < 0.02 * abs(b), losses
-    assert losses["current"] != losses["off"]
+        if fp8 == "delayed":  # parallel.fp8_start_step's switch reaches the stages' layers through the model
+            set_fp8_on(model, False)
+            losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"])]
+            assert losses[fp8] == losses["off"][:1]  # bf16 GEMMs: the bf16 step exactly
+            set_fp8_on(model, True)
+            losses[fp8].append(float(engine.train_step(batch, noise, None, 1e-3)["loss"]))
+        else:
+            losses[fp8] = [float(engine.train_step(batch, noise, None, 1e-3)["loss"]) for _ in range(2)]
+    for fp8 in ("current", "delayed"):
+        for a, b in zip(losses[fp8], losses["off"]):
+            assert abs(a - b) < 0.02 * abs(b), losses
+        assert losses[fp8] != losses["off"]
 
 
 def test_bad_fp8_configs_are_refused(tmp_path):
@@ -193,8 +277,8 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     from tests.train.test_fast_step import run_config
     with pytest.raises(ValueError, match="set parallel.backend=local"):
         ParallelConfig(backend="te", fp8="current", fp8_backend="torch")
-    with pytest.raises(ValueError, match="set parallel.fp8=current"):
-        ParallelConfig(fp8="delayed", fp8_backend="torch")
+    with pytest.raises(ValueError, match="fp8_bf16_ends=-1 must be >= 0"):
+        ParallelConfig(fp8="delayed", fp8_backend="torch", fp8_bf16_ends=-1)
     with pytest.raises(ValueError, match="fp8_backend=torch"):
         ParallelConfig(fp8="current")  # Transformer Engine's FP8 without its layers: says both ways out
     assert ParallelConfig(fp8="current", fp8_backend="torch").te_fp8 == "off"
@@ -207,6 +291,12 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="current", fp8_backend="torch"))
     with pytest.raises(ConfigError, match="CUDA GPU"):
         run(cfg)
+    with pytest.raises(ValueError, match="fp8_start_step=-1 must be >= 0"):
+        ParallelConfig(fp8="current", fp8_backend="torch", fp8_start_step=-1)
+    late = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="delayed", fp8_backend="torch", fp8_start_step=20),
+                               train=dataclasses.replace(cfg.train, step_graph="auto"))
+    with pytest.raises(ConfigError, match="set train.step_graph=off"):  # a captured graph would keep bf16
+        run(late)
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
@@ -233,14 +323,17 @@ def _tp_fp8_worker(rank, world):
         singles[name] = (loss.detach(), flat({n: p.grad for n, p in model.named_parameters()}))
     out = {}
     for sp in (False, True):
-        pcfg = ParallelConfig(tp=2, sequence_parallel=sp, fp8="current", fp8_backend="torch", fp8_min_dim=32)
+        pcfg = ParallelConfig(tp=2, sequence_parallel=sp, fp8="delayed" if sp else "current", fp8_backend="torch",
+                              fp8_min_dim=32)  # delayed scaling's first step is current scaling's
         model, _, _ = build_stages(cfg, pcfg, Topology(tp=2), torch.device("cpu"), 0, full_state=ref.state_dict(),
                                    seq_len=48)
         n_fp8 = sum(isinstance(getattr(m, "linear", None), functools.partial) for m in model.modules())
         loss = model(batch, noise)[0]
         loss.backward()
         grads = gather_full_grads(model)
-        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), **{
+        hists = [m.fp8_amax_history for m in model.modules() if hasattr(m, "fp8_amax_history")]
+        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), n_hist=len(hists),
+                       filled=all(bool((h[:, -1] > 0).all()) for h in hists), **{
             f"{k}_{name}": rel(v, ref_v) for name, (ref_loss, ref_grad) in singles.items()
             for k, v, ref_v in (("loss", loss, ref_loss), ("grad", flat(grads), ref_grad))})
     return out
@@ -251,6 +344,37 @@ def test_tp2_with_torch_fp8():
     from tests.distributed import run_distributed
     for sp, r in run_distributed(_tp_fp8_worker, 2)[0].items():
         assert r["n_fp8"] == 24, r  # 4 VLM + 2 flow blocks x 4 linears; not the width-16 shallow flows
+        assert r["n_hist"] == (24 if sp else 0) and r["filled"], r  # delayed (with SP): x, W, dy amaxes recorded
         assert r["names_match"], r
         assert 1e-4 < r["loss_fp32"] < 0.02 and r["loss_fp8"] < 0.02, (sp, r)  # FP8 rounding, not bf16-exact
         assert 1e-3 < r["grad_fp32"] < 0.12 and r["grad_fp8"] < 0.15, (sp, r)  # e5m2 gradients: ~7-9%
+
+
+FP8_ON_CPU = """
+import sys
+import megaflow.fp8, megaflow.train as T
+megaflow.fp8.check_fp8_device = lambda device: None  # the CPU stands in for the GPU
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def test_delayed_scaling_resumes_exactly_through_megaflow_train(tiny_sets, tmp_path):
+    """Contract: `megaflow train` with delayed FP8 scaling keeps every FP8 layer's amax history in the
+    checkpoint (trainer.pt "fp8"); 4 steps in one go and 2 steps + `--resume` to 4 end with the same
+    weights bit for bit (a resume that restarted the histories would scale step 3 afresh)."""
+    from tests.forked import run_python
+    from tests.train.conftest import REPO, run_env, train_args
+    sets = ["train.steps=4", "train.save_every=2", "train.keep_last=5", "train.eval_data=", "parallel.fp8=delayed",
+            "parallel.fp8_backend=torch", "parallel.fp8_min_dim=32", "train.threads=1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for out, more in ((whole, []), (split, ["train.steps=2"])):
+        res = run_python(["-c", FP8_ON_CPU, *train_args(tiny_sets, out, *sets, *more)[1:]], REPO, run_env())
+        assert res.returncode == 0, res.stderr[-2000:]
+    res = run_python(["-c", FP8_ON_CPU, *train_args(tiny_sets, split, *sets)[1:], "--resume"], REPO, run_env())
+    assert res.returncode == 0 and "step_000002 at step 2" in res.stderr, res.stderr[-2000:]
+    a, b = (torch.load(d / "checkpoints" / "step_000004" / f, map_location="cpu", weights_only=False)
+            for d in (whole, split) for f in ("model.pt",))
+    saved = torch.load(split / "checkpoints" / "step_000002" / "trainer.pt", weights_only=False)["fp8"]
+    assert len(saved) == 16, sorted(saved)  # 2 VLM + 2 flow blocks x 4 linears
+    assert all(h.shape == (3, 16) and (h[:2, -2:] > 0).all() and (h[:, :-2] == 0).all() for h in saved.values())
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ"
