@@ -334,7 +334,7 @@ class MainWeights:
         self._flat = (moments, decay, views, [st["step"] for st, _, _ in views])
 
     def _flat_adamw(self) -> None:
-        from megaflow.flat_adamw import KERNEL, adamw_reference, adamw_triton
+        from megaflow.flat_adamw import KERNEL, adamw_reference, adamw_triton, step_coefficients
         moments, decay, _, steps = self._flat
         opt, g = self.optimizer, self.optimizer.param_groups[0]
         found_inf = getattr(opt, "found_inf", None)
@@ -346,12 +346,14 @@ class MainWeights:
         torch._foreach_add_(steps, increment)
         wd = max(gr["weight_decay"] for gr in opt.param_groups)
         rest = (steps[0], g["lr"], g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None), found_inf)
-        for a, b, then in self.ranges or [(0, self.flat_main.numel(), None)]:
+        ranges = self.ranges or [(0, self.flat_main.numel(), None)]
+        coef = step_coefficients(steps[0], g["lr"], g["betas"][0], g["betas"][1], wd) if len(ranges) > 1 else None  # once
+        for a, b, then in ranges:
             args = (self.flat_main[a:b], self.flat_main_grad[a:b], moments[0, a:b], moments[1, a:b],
                     self.flat_param[a:b], decay[a:b], *rest)
             if not self.flat_main.is_cuda:
                 adamw_reference(*args)
-            elif not KERNEL.call(True, lambda: adamw_triton(*args) or True, lambda: False):
+            elif not KERNEL.call(True, lambda: adamw_triton(*args, coef=coef) or True, lambda: False):
                 # the kernel did not run (nothing written; it is built, and so fails, at the first range):
                 # torch's fused AdamW from now on
                 torch._foreach_sub_(steps, increment)
