@@ -3,8 +3,9 @@
 Contract, on real gloo processes (DP=2 and DP=3; tiny buckets, some of which do not split evenly, so the
 all-reduced remainder is exercised): with gradient buckets reduce-scattered during backward, AdamW stepping only
 this rank's shard and the bf16 weights all-gathered, 2 steps (clipped, changing lr, 2 micro-batches) give
-  - the all-reduce path's DP-summed gradients on every element this rank owns (bitwise at DP=2), its losses and
-    its weights (to fp32 rounding: the norm is summed in another order), and one process's losses;
+  - the all-reduce path's DP-summed gradients on every element this rank owns (bitwise at DP=2), its gradient
+    norms (summed from the shards; > 1, so the steps are clipped), losses and weights (to fp32 rounding: the norm
+    is summed in another order), and one process's losses;
   - bitwise the same with overlap off (buckets reduce-scattered after backward) as on;
   - bitwise the same when the step function runs as train.step_graph captures it (lr a 0-d tensor, capturable
     groups), which reads nothing back to the host.
@@ -57,21 +58,22 @@ def _sharded(rank, world):
                                shard=name in ("sharded", "sharded_no_overlap", "captured"))
         _fused(engine)
         part = _part(batch, noise, topo) if name != "one" else (batch, noise, None)
-        spy, losses, grads = _HostReads(), [], None
+        spy, losses, norms, grads = _HostReads(), [], [], None
         for step in range(2):
             lr = 1e-3 * (step + 1)
             if name != "captured":
-                losses.append(float(engine.train_step(*part, lr)["loss"]))
+                res = engine.train_step(*part, lr)
             else:
                 for group in engine.optimizer.param_groups:  # what megaflow/step_graph.py's StepGraph sets
                     group["capturable"] = True
                 engine.sharded.stale = True  # train_step's, as the graph's replay does
                 with spy:
-                    loss = engine._step(*part, torch.tensor(lr))["loss"]
-                losses.append(float(loss))
+                    res = engine._step(*part, torch.tensor(lr))
+            losses.append(float(res["loss"]))
+            norms.append(float(res["grad_norm"]))
             if step == 0:
                 grads = engine.weights.flat_main_grad.clone()
-        out[name] = dict(losses=losses, grads=grads, weights=engine.model_state_dict(), reads=spy.reads,
+        out[name] = dict(losses=losses, norms=norms, grads=grads, weights=engine.model_state_dict(), reads=spy.reads,
                          owned=_owned(engine) if engine.sharded is not None else None, early=engine.buckets.early,
                          uneven=sum(b.flat.numel() % world > 0 for b in engine.buckets.buckets))
     ref, sharded = out["all_reduce"], out["sharded"]
@@ -82,11 +84,15 @@ def _sharded(rank, world):
         assert torch.equal(sharded["grads"][owned], ref["grads"][owned])
     torch.testing.assert_close(sharded["grads"][owned], ref["grads"][owned], rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(sharded["losses"], ref["losses"], rtol=1e-5, atol=0)
+    # the norm from the shards (one all-reduce of the owned squares) is the whole gradient's; > 1: clipped
+    torch.testing.assert_close(sharded["norms"], ref["norms"], rtol=1e-5, atol=0)
+    assert min(ref["norms"]) > 1.0, ref["norms"]
     for k, w in ref["weights"].items():  # whole on every rank (sync_state), the all-reduce path's to fp32 rounding
         torch.testing.assert_close(sharded["weights"][k], w, rtol=1e-5, atol=1e-6, msg=k)
     torch.testing.assert_close(sharded["losses"], out["one"]["losses"], rtol=1e-4, atol=0)
     for other in ("sharded_no_overlap", "captured") if world == 2 else ():
         assert out[other]["losses"] == sharded["losses"], (other, out[other]["losses"], sharded["losses"])
+        assert out[other]["norms"] == sharded["norms"], other
         assert torch.equal(out[other]["grads"][owned], sharded["grads"][owned]), other
         for k, w in sharded["weights"].items():
             assert torch.equal(out[other]["weights"][k], w), (other, k)
