@@ -98,7 +98,8 @@ KERNEL = TritonKernel("flat AdamW kernel", _build_kernel)
 @torch.no_grad()
 def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                  eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
-                 found_inf: Optional[torch.Tensor] = None, block: int = 4096, coef: Optional[torch.Tensor] = None) -> None:
+                 found_inf: Optional[torch.Tensor] = None, block: int = 4096,
+                 coef: Optional[torch.Tensor] = None) -> None:
     """adamw_reference as one Triton kernel (CUDA tensors, contiguous). `coef`: step_coefficients when the caller
     made them already (one step over several ranges of the buffers: parallel/dist_optimizer.py)."""
     scale = grad_scale.float() if grad_scale is not None else torch.ones((), device=main.device)

@@ -345,9 +345,11 @@ class MainWeights:
         increment = [1 - found_inf] * len(steps) if found_inf is not None else 1
         torch._foreach_add_(steps, increment)
         wd = max(gr["weight_decay"] for gr in opt.param_groups)
-        rest = (steps[0], g["lr"], g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None), found_inf)
+        rest = (steps[0], g["lr"], g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None),
+                found_inf)
         ranges = self.ranges or [(0, self.flat_main.numel(), None)]
-        coef = step_coefficients(steps[0], g["lr"], g["betas"][0], g["betas"][1], wd) if len(ranges) > 1 and self.flat_main.is_cuda else None
+        several = len(ranges) > 1 and self.flat_main.is_cuda  # the step's coefficients made once for every range
+        coef = step_coefficients(steps[0], g["lr"], g["betas"][0], g["betas"][1], wd) if several else None
         for a, b, then in ranges:
             args = (self.flat_main[a:b], self.flat_main_grad[a:b], moments[0, a:b], moments[1, a:b],
                     self.flat_param[a:b], decay[a:b], *rest)

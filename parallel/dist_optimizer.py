@@ -41,8 +41,8 @@ class DistributedOptimizer:
         self.group, self.world, self.rank = buckets.group, buckets.world, buckets.rank
         base = weights.flat_main_grad.storage_offset()
         # per bucket: (start, whole, end) in the flat buffers; [start, start + whole) splits into `world` chunks
-        self.spans = [(b.flat.storage_offset() - base, b.chunk * self.world, b.flat.numel()) for b in buckets.buckets]
-        self.spans = [(s, whole, s + n) for s, whole, n in self.spans]
+        starts = [b.flat.storage_offset() - base for b in buckets.buckets]
+        self.spans = [(s, b.chunk * self.world, s + b.flat.numel()) for s, b in zip(starts, buckets.buckets)]
         self.gathers, self.stale = [], False
         ranges = []
         for i, (s, whole, end) in enumerate(self.spans):
@@ -52,7 +52,9 @@ class DistributedOptimizer:
             if s + whole < end:  # the remainder: every rank has its sum and steps it alike
                 ranges.append((s + whole, end, None))
         weights.ranges = ranges
-        weights.flat_step = weights.mixed  # the sharded step is the flat one (torch's AdamW: whole buffers, below)
+        # the sharded step is the flat one; where it cannot run, torch's AdamW steps every weight and the
+        # all-gathers then overwrite what other ranks own (MainWeights.step)
+        weights.flat_step = weights.mixed
 
     def _owned(self, flat: torch.Tensor, i: int) -> tuple:
         """(bucket i's whole-chunk span of `flat`, this rank's chunk of it)."""
@@ -79,7 +81,8 @@ class DistributedOptimizer:
         return sq.sqrt()
 
     def finish(self) -> None:
-        """Wait for the step's all-gathers (a stream-to-stream wait on CUDA); the fp32 state is stale from now on."""
+        """Wait for the step's all-gathers (a stream-to-stream wait on CUDA). The fp32 state of the chunks other
+        ranks own is stale after a step (`stale`, set by ParallelEngine.train_step: a graph replays this code)."""
         for work in self.gathers:
             work.wait()
         self.gathers = []

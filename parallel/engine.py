@@ -153,7 +153,10 @@ class ParallelEngine:
             loss, metrics = self.schedule.step(batch, noise, keep)
         if not self.cfg.parallel.overlap:
             self.buckets.all_reduce()
-        norm = global_grad_norm(self.params, self.counted, self.topo) if self.sharded is None else self.sharded.grad_norm()
+        if self.sharded is None:
+            norm = global_grad_norm(self.params, self.counted, self.topo)
+        else:  # parallel.dp_shard_optimizer: each rank holds the sums of its shard only
+            norm = self.sharded.grad_norm()
         # clip (on CUDA inside the fused AdamW: no pass of its own over the gradients), then step unless
         # NaN/Inf. The norm is global (summed over TP and PP of DP-summed gradients), so every rank sees
         # the same value and skips the same steps without another collective.
