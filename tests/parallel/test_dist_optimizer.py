@@ -1,7 +1,7 @@
 """The distributed optimizer (parallel.dp_shard_optimizer, parallel/dist_optimizer.py) trains as the all-reduce path.
 
-Contract, on real gloo processes (DP=2 and DP=3; tiny buckets, some of which do not split evenly, so the
-all-reduced remainder is exercised): with gradient buckets reduce-scattered during backward, AdamW stepping only
+Contract, on real gloo processes (DP=2 and DP=3; tiny buckets, at DP=3 some of which do not split evenly, so
+the all-reduced remainder is exercised): with gradient buckets reduce-scattered during backward, AdamW stepping only
 this rank's shard and the bf16 weights all-gathered, 2 steps (clipped, changing lr, 2 micro-batches) give
   - the all-reduce path's DP-summed gradients on every element this rank owns (bitwise at DP=2), its gradient
     norms (summed from the shards; > 1, so the steps are clipped), losses and weights (to fp32 rounding: the norm
