@@ -98,15 +98,16 @@ KERNEL = TritonKernel("flat AdamW kernel", _build_kernel)
 @torch.no_grad()
 def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                  eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
-                 found_inf: Optional[torch.Tensor] = None, block: int = 4096) -> None:
-    """adamw_reference as one Triton kernel (CUDA tensors, contiguous)."""
-    one = torch.ones((), device=main.device)
-    scale = grad_scale.float() if grad_scale is not None else one
+                 found_inf: Optional[torch.Tensor] = None, block: int = 4096,
+                 coef: Optional[torch.Tensor] = None) -> None:
+    """adamw_reference as one Triton kernel (CUDA tensors, contiguous). `coef`: step_coefficients when the caller
+    made them already (one step over several ranges of the buffers: parallel/dist_optimizer.py)."""
+    scale = grad_scale.float() if grad_scale is not None else torch.ones((), device=main.device)
     skip = found_inf.float() if found_inf is not None else torch.zeros((), device=main.device)
+    coef = step_coefficients(step, lr, beta1, beta2, weight_decay) if coef is None else coef
     n = main.numel()
     KERNEL.get()[(triton_cdiv(n, block),)](main, grad, exp_avg, exp_avg_sq, param, decay.view(torch.uint8),
-                                         step_coefficients(step, lr, beta1, beta2, weight_decay), scale, skip, n,
-                                         beta1, beta2, eps, BLOCK=block, num_warps=8)
+                                         coef, scale, skip, n, beta1, beta2, eps, BLOCK=block, num_warps=8)
 
 
 def triton_cdiv(a: int, b: int) -> int:

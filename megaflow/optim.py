@@ -179,6 +179,9 @@ class MainWeights:
         cuda = self.params[0].device.type == "cuda"
         self.flat_step = bool(self.mixed and flat_grads and (flat_step if flat_step is not None
                                                              else cuda and kwargs.get("fused", False)))
+        # [(start, end, then)] or None (all): the flat step updates only these ranges of the flat buffers, calling
+        # then() (if not None) after each (parallel/dist_optimizer.py: this rank's shard, each chunk's all-gather)
+        self.ranges: Optional[list] = None
         self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
         self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
@@ -280,6 +283,9 @@ class MainWeights:
         self.optimizer.step()
         if self.mixed:
             self.flat_param.copy_(self.flat_main)
+        for _, _, then in self.ranges or ():  # every range stepped (more than asked: the owners' values win)
+            if then is not None:
+                then()
 
     def _flat_ready(self) -> bool:
         """Whether the flat one-pass step applies now: flat_step, one lr / betas / eps for every group,
@@ -329,7 +335,7 @@ class MainWeights:
         self._flat = (moments, decay, views, [st["step"] for st, _, _ in views])
 
     def _flat_adamw(self) -> None:
-        from megaflow.flat_adamw import KERNEL, adamw_reference, adamw_triton
+        from megaflow.flat_adamw import KERNEL, adamw_reference, adamw_triton, step_coefficients
         moments, decay, _, steps = self._flat
         opt, g = self.optimizer, self.optimizer.param_groups[0]
         found_inf = getattr(opt, "found_inf", None)
@@ -340,16 +346,24 @@ class MainWeights:
         increment = [1 - found_inf] * len(steps) if found_inf is not None else 1
         torch._foreach_add_(steps, increment)
         wd = max(gr["weight_decay"] for gr in opt.param_groups)
-        args = (self.flat_main, self.flat_main_grad, moments[0], moments[1], self.flat_param, decay, steps[0],
-                g["lr"], g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None), found_inf)
-        if not self.flat_main.is_cuda:
-            return adamw_reference(*args)
-
-        def torch_adamw_instead():  # the kernel did not run (nothing written): torch's fused AdamW from now on
-            torch._foreach_sub_(steps, increment)
-            self.flat_step = False
-            self.step()
-        KERNEL.call(True, lambda: adamw_triton(*args), torch_adamw_instead)
+        rest = (steps[0], g["lr"], g["betas"][0], g["betas"][1], g["eps"], wd, getattr(opt, "grad_scale", None),
+                found_inf)
+        ranges = self.ranges or [(0, self.flat_main.numel(), None)]
+        several = len(ranges) > 1 and self.flat_main.is_cuda  # the step's coefficients made once for every range
+        coef = step_coefficients(steps[0], g["lr"], g["betas"][0], g["betas"][1], wd) if several else None
+        for a, b, then in ranges:
+            args = (self.flat_main[a:b], self.flat_main_grad[a:b], moments[0, a:b], moments[1, a:b],
+                    self.flat_param[a:b], decay[a:b], *rest)
+            if not self.flat_main.is_cuda:
+                adamw_reference(*args)
+            elif not KERNEL.call(True, lambda: adamw_triton(*args, coef=coef) or True, lambda: False):
+                # the kernel did not run (nothing written; it is built, and so fails, at the first range):
+                # torch's fused AdamW from now on
+                torch._foreach_sub_(steps, increment)
+                self.flat_step = False
+                return self.step()
+            if then is not None:
+                then()
 
     def grad_norm(self) -> torch.Tensor:
         """The 2-norm of all main gradients (0-d, on the device): one reduction over the flat buffer

@@ -27,7 +27,8 @@ gradient norm's all-reduce); under DP the loss counts' and totals' all-reduces a
 as buckets fill, on NCCL's stream, so in the graph they run beside the rest of the backward; `finish`'s
 waits join that stream back, a stream-to-stream wait, not a host one). Every rank runs the same step
 code and launches its buckets strictly in order, so every rank captures the same collectives in the same
-order, and the eager warm-up steps have made the NCCL communicators before the capture (torch's NCCL
+order (under `parallel.dp_shard_optimizer` the buckets' reduce-scatters and, after each shard's AdamW, the bf16
+weights' all-gathers: parallel/dist_optimizer.py), and the eager warm-up steps have made the NCCL communicators before the capture (torch's NCCL
 watchdog queries its events in thread-local capture mode, so it does not break a capture).
 Refused, each with a ValueError naming the setting: data-parallel buckets that copy gradients (fp32
 weights, `train.param_dtype=fp32`: flags and copies read on the host) and PlainEngine's data-parallel path

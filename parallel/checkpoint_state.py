@@ -190,6 +190,8 @@ def _adamw_step(optimizer) -> int:
 def state_to_save(engine, topo=None) -> dict:
     """{key: Boxes or object}: this rank's pieces of the training state (see the file docstring)."""
     from parallel.zero_checkpoint import ensure_optimizer_state, local_fragments
+    if getattr(engine, "sharded", None) is not None:  # parallel.dp_shard_optimizer: the other ranks' shards made whole
+        engine.sharded.sync_state()
     modules = _modules(engine)
     place = Placer(modules)
     trainable = _trainable(engine, modules)

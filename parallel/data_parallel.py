@@ -29,7 +29,14 @@ stateless one-call form (averages by default). `reduction_group` gives the bucke
 of their own on NCCL that runs on fewer SMs (parallel.dp_comm_ctas) or on a high-priority stream
 (parallel.dp_comm_priority): the all-reduces overlap the backward, and every SM they hold is one the
 backward's kernels lack. In-place buckets read nothing on the host, so `train.step_graph` captures them
-(megaflow/step_graph.py). Not here: ZeRO (parallel/zero.py).
+(megaflow/step_graph.py).
+
+`shard=True` (parallel.dp_shard_optimizer, in-place buckets only): each bucket is REDUCE-SCATTERED instead:
+its first `chunk * world` elements cut into `world` equal chunks, rank r receiving the sum of chunk r
+(`chunk = len // world`; NCCL's in-place form, the output a view of the input), and the few elements
+left over (fewer than `world`) all-reduced. Half an all-reduce's bytes at DP2; only the owned chunk and
+the remainder hold sums afterwards (parallel/dist_optimizer.py steps just those). Not here: ZeRO
+(parallel/zero.py).
 """
 from __future__ import annotations
 
@@ -42,13 +49,14 @@ from megaflow.optim import weak_hook
 
 
 class _Bucket:
-    def __init__(self, params: list):
-        self.params, self.work = params, None
+    def __init__(self, params: list, world: int):
+        self.params, self.works = params, []
         self.flat = _adjacent_slice([p.grad for p in params])  # in place, or None: copied
         self.copied = self.flat is None
         if self.copied:
             n = sum(p.numel() for p in params) + len(params)  # + one flag per parameter
             self.flat = torch.zeros(n, dtype=params[0].dtype, device=params[0].device)
+        self.chunk = self.flat.numel() // world  # shard=True: each rank's share; [chunk * world:] all-reduced
         self.pending = 0  # gradients not yet final in an armed backward
 
 
@@ -85,16 +93,23 @@ class GradBuckets:
     parameters), in model order. `bucket_mb`: bucket size in MiB of gradient. `last_mb` > 0: the last
     bucket holds only the first parameters of the model, at most `last_mb` MiB of them: their gradients
     are ready last, so its all-reduce, the one nothing is left to overlap, is short (0: every bucket
-    up to `bucket_mb`)."""
+    up to `bucket_mb`). `shard`: reduce-scatter the buckets (see the file docstring; needs in-place buckets)."""
 
-    def __init__(self, params, dp_group, bucket_mb: float = 25.0, average: bool = False, last_mb: float = 0.0):
+    def __init__(self, params, dp_group, bucket_mb: float = 25.0, average: bool = False, last_mb: float = 0.0,
+                 shard: bool = False):
         self.group, self.average = dp_group, average
         self.world = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.rank = dist.get_rank(dp_group) if dp_group is not None else 0
         params = [p for p in params if p.requires_grad]
         first = _fill(params, int(last_mb * 2 ** 20))[0] if last_mb > 0 and params else []
         first = first if sum(p.numel() * p.element_size() for p in first) <= last_mb * 2 ** 20 else []
         groups = _fill(params[len(first):][::-1], int(bucket_mb * 2 ** 20)) + ([first[::-1]] if first else [])
-        self.buckets = [_Bucket(g) for g in groups]
+        self.buckets = [_Bucket(g, self.world) for g in groups]
+        self.shard = shard and self.world > 1
+        if self.shard and any(b.copied for b in self.buckets):
+            raise ValueError("parallel.dp_shard_optimizer=true reduce-scatters buckets that are slices of the flat fp32 "
+                             "main-gradient buffer (bf16 weights); this run's copy gradients (fp32 weights, "
+                             "train.param_dtype=fp32); set train.param_dtype=bf16 or parallel.dp_shard_optimizer=false")
         self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}  # param -> its bucket's index
         self.chunks, self.armed, self.counting, self.next = [], set(), False, 0  # overlap state (`attach`)
         self.early = 0  # buckets launched during backward in the last step
@@ -148,7 +163,12 @@ class GradBuckets:
                 off += n
             # 1 where this rank has a gradient
             flat[off:].copy_(torch.tensor([float(p.grad is not None) for p in b.params], dtype=flat.dtype))
-        b.work = dist.all_reduce(b.flat, group=self.group, async_op=True)
+        whole = b.chunk * self.world if self.shard else 0
+        if whole:  # in place: rank r's chunk of the bucket receives the sum of every rank's chunk r
+            mine = b.flat[self.rank * b.chunk:(self.rank + 1) * b.chunk]
+            b.works.append(dist.reduce_scatter_tensor(mine, b.flat[:whole], group=self.group, async_op=True))
+        if whole < b.flat.numel():
+            b.works.append(dist.all_reduce(b.flat[whole:], group=self.group, async_op=True))
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -156,14 +176,15 @@ class GradBuckets:
         if self.world == 1:
             return
         for b in self.buckets:
-            if b.work is None:
+            if not b.works:
                 self._launch(b)
         self.armed.clear()
         self.counting = False
         for b in self.buckets:
-            b.work.wait()
-            b.work = None
-            if self.average:
+            for work in b.works:
+                work.wait()
+            b.works = []
+            if self.average:  # (shard: other ranks' chunks hold no sums; divided too, read by nobody)
                 b.flat.div_(self.world)
             if b.copied:
                 off, flags = 0, b.flat[-len(b.params):].tolist()
@@ -182,7 +203,7 @@ class GradBuckets:
     def __repr__(self):
         sizes = [f"{b.flat.numel() * b.flat.element_size() / 2 ** 20:.1f}MiB{'' if b.copied else ' in place'}"
                  for b in self.buckets]
-        return f"GradBuckets({len(self.buckets)} buckets: {', '.join(sizes)}, dp={self.world})"
+        return f"GradBuckets({len(self.buckets)} buckets: {', '.join(sizes)}, dp={self.world}{', sharded' if self.shard else ''})"
 
 
 def reduction_group(topo, max_ctas: int, high_priority: bool = False):

@@ -32,6 +32,7 @@ from parallel.backend import fp8_forward
 from parallel.checkpoint_tp import shard_layout
 from parallel.comm import group_rank, group_size
 from parallel.data_parallel import GradBuckets, reduction_group
+from parallel.dist_optimizer import DistributedOptimizer
 from parallel.fused import parts_layout, pieces
 from parallel.pipeline import stage_parameters
 from parallel.pipeline_step import PipelineSchedule
@@ -110,7 +111,10 @@ class ParallelEngine:
         if tied is not None and tied.group is not None and self.weights.mixed:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
         self.buckets = GradBuckets(self.params, reduction_group(topo, pcfg.dp_comm_ctas, pcfg.dp_comm_priority),
-                                   bucket_mb=bucket_mb or pcfg.bucket_mb, last_mb=pcfg.last_bucket_mb)
+                                   bucket_mb=bucket_mb or pcfg.bucket_mb, last_mb=pcfg.last_bucket_mb,
+                                   shard=pcfg.dp_shard_optimizer)
+        # parallel.dp_shard_optimizer: reduce-scatter, AdamW on this rank's shard, all-gather (parallel/dist_optimizer.py)
+        self.sharded = DistributedOptimizer(self.weights, self.buckets) if self.buckets.shard else None
         if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)
             self.buckets.attach([list(st.module.parameters()) for st in stages], self.weights.main_of)
         self.schedule = PipelineSchedule(stages, topo, pcfg.schedule, pcfg.micro_batches, tied=tied,
@@ -134,6 +138,8 @@ class ParallelEngine:
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:
         """One step (as one replayed CUDA graph under train.step_graph=on)."""
+        if self.sharded is not None:
+            self.sharded.stale = True  # the fp32 state of other ranks' shards, from this step on
         if self.graph is not None:
             return self.graph(batch, noise, keep, lr)
         return self._step(batch, noise, keep, lr)
@@ -147,25 +153,35 @@ class ParallelEngine:
             loss, metrics = self.schedule.step(batch, noise, keep)
         if not self.cfg.parallel.overlap:
             self.buckets.all_reduce()
-        norm = global_grad_norm(self.params, self.counted, self.topo)
+        if self.sharded is None:
+            norm = global_grad_norm(self.params, self.counted, self.topo)
+        else:  # parallel.dp_shard_optimizer: each rank holds the sums of its shard only
+            norm = self.sharded.grad_norm()
         # clip (on CUDA inside the fused AdamW: no pass of its own over the gradients), then step unless
         # NaN/Inf. The norm is global (summed over TP and PP of DP-summed gradients), so every rank sees
         # the same value and skips the same steps without another collective.
         norm, skipped = self.weights.clip_and_step(self.cfg.train.grad_clip, norm)
+        if self.sharded is not None:
+            self.sharded.finish()  # the bf16 weights' all-gathers, launched chunk by chunk during the step
         # 0-d device tensors, as PlainEngine's: the step never waits for the GPU (the loop reads them back
         # at log steps, megaflow.model.starflow.read_metrics); a float() here cost 7 host syncs a step
         return {"loss": loss.detach(), "grad_norm": norm.detach(), "skipped": skipped, **metrics}
 
     def model_state_dict(self, copy: bool = True) -> dict:
         """This rank's entries of the model state dict (full-model names, TP shards); copy=False:
-        nothing copied, to read only (MainWeights.full_precision_state)."""
+        nothing copied, to read only (MainWeights.full_precision_state). Collective under parallel.dp_shard_optimizer."""
+        if self.sharded is not None:
+            self.sharded.sync_state()
         out = {}
         for st in self.stages:  # fp32 main weights under mixed precision
             out.update({k: v.detach() for k, v in self.weights.full_precision_state(st.module, copy).items()})
         return out
 
     def state_dict(self) -> dict:
-        """This rank's optimizer state (identical on the DP replicas of one TP x PP coordinate)."""
+        """This rank's optimizer state (identical on the DP replicas of one TP x PP coordinate). Collective under
+        parallel.dp_shard_optimizer."""
+        if self.sharded is not None:
+            self.sharded.sync_state()
         t = self.topo
         return {"optimizer": self.optimizer.state_dict(), "tp": t.tp, "pp": t.pp, "flow_tp": t.flow_tp,
                 "tp_rank": t.tp_rank, "pp_rank": t.pp_rank, "n_params": len(self.params)}

@@ -31,7 +31,8 @@ from tests.parallel.test_pp_dist import _config
 ROWS = 8
 
 
-def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False):
+def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False,
+            shard: bool = False):
     from parallel.engine import ParallelEngine
     from parallel.runtime import build_stages
     mcfg = _config(4, tie=pp > 1)
@@ -39,7 +40,7 @@ def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, o
                  train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1,
                                    dtype="bf16" if bf16 else "fp32", param_dtype="bf16" if bf16 else "fp32"),
                  parallel=ParallelConfig(pp=pp, schedule=schedule, virtual_stages=v, micro_batches=m,
-                                         overlap=overlap))
+                                         overlap=overlap, dp_shard_optimizer=shard))
     topo = Topology(pp=pp) if not one_process else Topology(rank=0, world_size=1)
     model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, None, 48)
     engine = ParallelEngine(stages, cfg, torch.bfloat16 if bf16 else None, topo, tied, bucket_mb=0.004)

@@ -9,6 +9,12 @@
 #                                                 # and not), then the tree at BASE (before: its default, DP2 eager),
 #                                                 # then DP2 under NCCL_CTA_POLICY=1 (CTA_S=0: not), and with
 #                                                 # AFTER16_S > 0 this tree at the config's 16 rows a replica
+#   bash tools/device/h200x2_dp.sh shard BASE     # issue 17 round 6 (parallel.dp_shard_optimizer), one call, the
+#                                                 # config's 16 rows a replica (NROWS): this tree's DP2 sharded (first:
+#                                                 # the row that matters), one GPU (each process on its own GPU at once:
+#                                                 # GPU 0's and GPU 1's steps), DP2 all-reduce; then the tree at BASE
+#                                                 # (before: its default, DP2 all-reduce, graphed); SEND_CACHE=1 sends
+#                                                 # the inductor cache back (3 parts) for a later call
 # ROWS / BEFORE / AFTER / CTA / AFTER16 replace a run's rows; S (explore) / BEFORE_S, AFTER_S, CTA_S, AFTER16_S: each
 # run's time limit (s); NROWS: rows per replica (8).
 # Steps: WARMUP untimed (3: two eager steps, then the capture) then STEPS timed. Each row prints as it finishes;
@@ -39,6 +45,10 @@ rows = json.load(open(path))["rows"]
 one = next((r for r in (json.load(open(base))["rows"] if os.path.exists(base) else []) if r["mode"] == "one"), None)
 for r in rows:
     eff = f", {one['step_s'] / r['step_s']:.1%} of `one` ({one['step_s'] * 1e3:.1f} ms)" if one and r["gpus"] > 1 else ""
+    if one and r["gpus"] > 1:  # against each GPU's own one-GPU step (the two clock differently under the power cap)
+        eff += " = " + ", ".join(f"{x['step_s'] / r['step_s']:.1%} of GPU {i}'s" for i, x in enumerate(one["ranks"]))
+    if r["mode"] == "one":
+        eff = " (per GPU: " + ", ".join(f"GPU {i} {x['step_s'] * 1e3:.1f} ms" for i, x in enumerate(r["ranks"])) + ")"
     print(f"SUMMARY {name} {r['mode']}: {r['step_s'] * 1e3:.1f} ms, graphed {r['graphed']}{eff}; first loss "
           f"{r['loss0']:.4f}, after the timed steps {r['loss']:.4f}; reserved {max(x['reserved_GiB'] for x in r['ranks']):.1f} GiB")
 EOF
@@ -63,5 +73,17 @@ compare)  # BASE: the tree before (git archive b91a671), run with this tree's be
   summary cta after
   if [ "${AFTER16_S:-0}" -gt 0 ]; then summary after16; fi
   ;;
-*) echo "h200x2_dp.sh: say explore or compare BASE"; exit 2 ;;
+shard)  # BASE: the tree before (git archive 5bb1260), run with this tree's bench script and profiler
+  cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
+  NROWS=${NROWS:-16} PROFILE_ROWS=${PROFILE_ROWS:-dp2@parallel.dp_shard_optimizer=true} bench . after \
+    "${AFTER:-dp2@parallel.dp_shard_optimizer=true,one,dp2}" "${AFTER_S:-80}"
+  [ "${BEFORE_S:-35}" -gt 0 ] && NROWS=${NROWS:-16} PROFILE=0 bench "$2" before "${BEFORE:-dp2}" "${BEFORE_S:-35}"
+  summary after
+  summary before after
+  if [ "${SEND_CACHE:-0}" = 1 ]; then
+    tar czf /tmp/inductor.tgz -C /tmp inductor && split -b 15m /tmp/inductor.tgz "$OUT/inductor.tgz."
+    echo "inductor cache: $(( $(stat -c %s /tmp/inductor.tgz) / 2**20 )) MiB compressed, sent back"
+  fi
+  ;;
+*) echo "h200x2_dp.sh: say explore, compare BASE or shard BASE"; exit 2 ;;
 esac
