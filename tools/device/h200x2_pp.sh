@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's PP2 row on a lent nvidia-h200-x2: configs/h200_1b.yaml (0.9B), RB synthetic rows x 1024 tokens
+# (h200_1b's train.step_graph: auto graphs the PP rows since session 9, each rank's whole schedule one CUDA graph;
+# `pp2@train.step_graph=off` is the eager schedule)
 # (default 32: 4-row micro-batches at m=8, real GPU work each), full training steps (tools/bench_scaling.py),
 # PP2 against the plain one-GPU step on the same 32 rows (`one`, graphed: train.step_graph=auto), measured in
 # the same run; a per-rank profile of the PP rows (compute / p2p wait = bubble / idle) and dynamo's recompiles.
@@ -7,7 +9,7 @@
 #                                                 # pp2i, then BASE's pp2 (28 s); SUMMARY lines as rows finish
 #   bash tools/device/h200x2_pp.sh probe          # rows pp2 (1F1B), one, pp2i (interleaved, v=2) of this tree
 #   bash tools/device/h200x2_pp.sh compare BASE   # this tree's pp2, one, pp2i (after), then BASE's pp2 (before:
-#                                                 # git archive b91a671 into BASE, run with this tree's bench script)
+#                                                 # git archive 5bb1260 into BASE, run with this tree's bench script)
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s), RB (rows), TOP (N costliest host
 # and device operators of each profiled row), CACHE_OUT=1 (send the inductor cache back as $OUT/inductor.tgz.*,
 # 15 MiB parts; carried as .inductor/, or the folder INDUCTOR_IN names, it is unpacked first, so rows compile from
@@ -34,7 +36,8 @@ summary() {  # SUMMARY lines of a run's log (also of one cut by its limit): each
 import re, sys
 log, name, limit = open(sys.argv[1], errors="replace").read(), sys.argv[2], sys.argv[3]
 steps = dict(re.findall(r"^([^ \[]+): step ([0-9.]+) ms, first loss", log, re.M))
-for row, theory in (("pp2", 1 / 9), ("pp2i", 1 / 17)):
+for row in [r for r in steps if r.startswith("pp")]:  # pp2, pp2i and their variants (pp2@train.step_graph=off)
+    theory = 1 / 17 if row.split("@")[0].endswith("i") else 1 / 9
     if row in steps and "one" in steps:
         eff = float(steps["one"]) / (2 * float(steps[row]))
         print(f"SUMMARY {name} {row}: {float(steps[row]):.1f} ms vs one GPU {float(steps['one']):.1f} ms on the same rows: "
@@ -49,7 +52,7 @@ PYEOF
 }
 case "$1" in
 final)  # the lead's merged call, from the repo root: after = this tree's pp2, one, pp2i; before (if BASE is given
-  # and exists: git archive b91a671 into BASE) = BASE's pp2 with a short limit: b91a671 stalls in its first step
+  # and exists: git archive 5bb1260 into BASE) = BASE's pp2 with a short limit: b91a671 stalls in its first step
   bench . after "${AFTER:-pp2,one,pp2i}" "${AFTER_S:-110}"
   summary after "${AFTER_S:-110}"
   if [ -n "${2:-}" ] && [ -d "${2:-}" ] && [ "${BEFORE_S:-28}" -gt 0 ]; then
