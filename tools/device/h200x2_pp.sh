@@ -37,7 +37,9 @@ import re, sys
 log, name, limit = open(sys.argv[1], errors="replace").read(), sys.argv[2], sys.argv[3]
 steps = dict(re.findall(r"^([^ \[]+): step ([0-9.]+) ms, first loss", log, re.M))
 for row in [r for r in steps if r.startswith("pp")]:  # pp2, pp2i and their variants (pp2@train.step_graph=off)
-    theory = 1 / 17 if row.split("@")[0].endswith("i") else 1 / 9
+    p, inter, v = re.match(r"pp(\d+)(i(\d*))?", row).groups()  # pp2i4: interleaved, 4 chunks a rank
+    v = int(v or 2) if inter else 1
+    theory = (int(p) - 1) / (v * 8 + int(p) - 1)
     if row in steps and "one" in steps:
         eff = float(steps["one"]) / (2 * float(steps[row]))
         print(f"SUMMARY {name} {row}: {float(steps[row]):.1f} ms vs one GPU {float(steps['one']):.1f} ms on the same rows: "
