@@ -125,12 +125,12 @@ class ParallelEngine:
         # train.step_graph=on: the whole step as one CUDA graph (megaflow/step_graph.py; the TP group's, the
         # data-parallel buckets' (in place: bf16 weights) and the pipeline's NCCL ops captured in it: each rank's
         # whole schedule). TP-only layouts step torch's fused capturable AdamW with its lr on the device (the
-        # graphed TP step was measured with it); data-parallel and pipeline ones keep the flat kernel, as their
+        # graphed TP step was measured with it); the others (one process, DP, PP) keep the flat kernel, as their
         # eager step does
         self.graph = None
         copied = topo.dp > 1 and any(b.copied for b in self.buckets.buckets)
         if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, parallel=pcfg, copied_buckets=copied):
-            self.weights.flat_step = self.weights.flat_step and (topo.dp > 1 or topo.pp > 1)
+            self.weights.flat_step = self.weights.flat_step and (topo.tp == 1 or topo.dp > 1 or topo.pp > 1)
             self.graph = StepGraph(self._step, self.optimizer, device)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:

@@ -8,6 +8,8 @@
 #   bash tools/device/h200x2_pp.sh final [BASE]   # the merged call (~145 s with compile): this tree's pp2, one,
 #                                                 # pp2i, then BASE's pp2 (28 s); SUMMARY lines as rows finish
 #   bash tools/device/h200x2_pp.sh probe          # rows pp2 (1F1B), one, pp2i (interleaved, v=2) of this tree
+#   bash tools/device/h200x2_pp.sh mb1            # one GPU: one vs one_mb (8 micro-batches accumulated), graphed
+#                                                 # and not: PP's ceiling without a bubble, one_mb's top kernels
 #   bash tools/device/h200x2_pp.sh compare BASE   # this tree's pp2, one, pp2i (after), then BASE's pp2 (before:
 #                                                 # git archive 5bb1260 into BASE, run with this tree's bench script)
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s), RB (rows), TOP (N costliest host
@@ -20,7 +22,7 @@
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 T0=$(date +%s)
 bench() {  # tree, name, rows, time limit (s)
-  (cd "$1" && TORCH_LOGS=recompiles PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node 2 tools/bench_scaling.py \
+  (cd "$1" && TORCH_LOGS=recompiles PYTHONPATH=$PWD timeout "$4" torchrun --nproc_per_node "${NPROC:-2}" tools/bench_scaling.py \
      --config configs/h200_1b.yaml --rows "${RB:-32}" --micro-batches 8 --steps "${STEPS:-4}" --warmup "${WARMUP:-3}" \
      --profile 1 --profile-rows "${PROFILE_ROWS-pp2,pp2i}" --top "${TOP:-0}" --json "$OUT/$2.json" --modes "$3" \
      --stacks-after "$(( $4 - 8 ))" \
@@ -66,13 +68,26 @@ final)  # the lead's merged call, from the repo root: after = this tree's pp2, o
 probe)
   bench . probe "${ROWS:-pp2,one,pp2i}" "${S:-120}"
   ;;
+mb1)  # one GPU (a lent nvidia-h200 will do): the plain step on RB rows against the same rows as 8 micro-batches
+  # accumulated (one_mb, graphed and not): the GPU work the pipeline's micro-batches add, PP2's ceiling with no
+  # bubble (one / one_mb), and one_mb's costliest kernels
+  NPROC=1 PROFILE_ROWS=one_mb TOP=${TOP:-12} bench . mb1 "${ROWS:-one,one_mb,one_mb@train.step_graph=off}" "${S:-85}"
+  python3 - "$OUT/mb1.log" <<'PYEOF'
+import re, sys
+steps = dict(re.findall(r"^([^ \[]+): step ([0-9.]+) ms, first loss", open(sys.argv[1], errors="replace").read(), re.M))
+for row in [r for r in steps if r.startswith("one_mb")]:
+    if "one" in steps:
+        print(f"SUMMARY mb1 {row}: {float(steps[row]):.1f} ms vs one {float(steps['one']):.1f} ms: the micro-batches' GPU work "
+              f"caps PP2 at {float(steps['one']) / float(steps[row]):.1%} of one GPU with no bubble", flush=True)
+PYEOF
+  ;;
 compare)  # BASE: the tree before, run with this tree's bench script and profiler; after first (the rows that
   # matter most), then before, which finds the after rows' compiled graphs in the inductor cache
   bench . after "${AFTER:-pp2,one,pp2i}" "${AFTER_S:-100}"
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
   PROFILE_ROWS=${PROFILE_ROWS_BEFORE-pp2} bench "$2" before "${BEFORE:-pp2}" "${BEFORE_S:-40}"
   ;;
-*) echo "h200x2_pp.sh: say final [BASE], probe or compare BASE"; exit 2 ;;
+*) echo "h200x2_pp.sh: say final [BASE], probe, mb1 or compare BASE"; exit 2 ;;
 esac
 if [ -n "${CACHE_OUT:-}" ]; then  # at most 3 parts: 8 files come back, and what is carried must stay under 64 MiB
   send_inductor_cache 45
