@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import re
 import statistics
 import sys
@@ -321,6 +322,9 @@ def main(argv=None):
         import faulthandler
         faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     launch = launch_env()
+    if launch is None and os.environ.get("WORLD_SIZE") == "1":  # torchrun --nproc_per_node 1: the one-GPU rows alone
+        from parallel.runtime import LaunchEnv
+        launch = LaunchEnv(0, 1, int(os.environ.get("LOCAL_RANK", 0)))
     if launch is None:
         raise SystemExit("bench_scaling runs under a launcher: torchrun --nproc_per_node N tools/bench_scaling.py ...")
     own_group = not dist.is_initialized()
