@@ -29,6 +29,7 @@ bench() {  # tree, name, rows, time limit (s)
      > "$OUT/$2.log" 2>&1 &
    tail -F --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b\|^\[..:..:..\] " \
      | sed -u "s/^\([^ []*: step .* ms, first loss\)/SUMMARY $2 \1/")
+  pkill -9 -f "tools/[b]ench_scaling.py" && sleep 3  # workers a time limit left behind hold GPU memory (the [b]: not this line)
   echo "== $2 ($3) done at $(( $(date +%s) - T0 )) s; recompiles: $(grep -c 'Recompiling' "$OUT/$2.log")"
   grep -a "Recompiling" "$OUT/$2.log" | cut -c1-240 | sort | uniq -c | head -5
   grep -a -A14 "most recent call first" "$OUT/$2.log" | grep -a "File" | cut -c1-160 | head -24  # --stacks-after
