@@ -16,7 +16,8 @@ tensor and keeps its step counts and skip flag on the device, so nothing in the 
 host value (a host read inside the step fails the capture: tools/device/graph_probe.py finds which).
 
 `train.step_graph: auto` graphs the step wherever `on` would and runs it without a graph elsewhere (a
-CPU run, ZeRO...), logging the reason once: the setting a config can keep for every layout.
+CPU run, ZeRO...), logging the reason once: the setting a config can keep for every layout. Pipelines
+are graphed by `on` only, until their whole-schedule capture has run on GPUs (`auto` leaves them eager).
 Contract (checked by `check_step_graph`): CUDA; one process (PlainEngine) or any layout of ParallelEngine:
 tensor parallelism (with or without sequence parallelism), data parallelism, pipeline parallelism (1F1B or
 interleaved), and their products; not with `train.compile_mode=reduce-overhead` (graphs inside a graph); batches of
@@ -77,6 +78,10 @@ def check_step_graph(mode: str, device: torch.device, compile_mode: str = "defau
         return False
     try:
         _check_run(device, compile_mode, data_parallel, parallel, copied_buckets)
+        if mode == "auto" and parallel is not None and parallel.pp > 1:
+            raise ValueError(f"train.step_graph=auto leaves pipelines (parallel.pp={parallel.pp}) ungraphed: their "
+                             f"whole-schedule capture is CPU-tested but not yet run on GPUs; set train.step_graph=off "
+                             f"or train.step_graph=on")
     except ValueError as e:
         if mode == "on":
             raise
