@@ -72,6 +72,8 @@ def main() -> None:
         ok = ok and same
         print(f"replay {i}: equals the eager step bitwise: {same}", flush=True)
     torch.cuda.synchronize()
+    del graph, static_out  # before the communicators go: on 2 H200s (torch 2.11) the first run of this probe, which
+    # kept its graph alive through destroy_process_group, printed its result and then did not exit
     print(f"PROBE p2p capture: {'OK' if ok else 'MISMATCH'} (torch {torch.__version__}, NCCL "
           f"{'.'.join(map(str, torch.cuda.nccl.version()))})", flush=True)
     dist.destroy_process_group()
