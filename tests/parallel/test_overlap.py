@@ -10,7 +10,9 @@ Tensor parallelism: TP=2 + SP with async TP on gives the gradients of async TP o
 step reads nothing back to the host; so does plain TP=2 with async TP (the input gradient's
 all-reduce in flight while the weight gradient's GEMM runs). The step read is the one
 `train.step_graph=on` captures on CUDA (the engine's step function, its learning rate a 0-d tensor,
-the fused AdamW capturable): a host read there would break the capture.
+the fused AdamW capturable): a host read there would break the capture. The same for DP=2 and for
+PP=2's whole schedule (1F1B and interleaved): no host read, bitwise the eager step, one process's
+loss and gradients to bf16 rounding.
 """
 import dataclasses
 import gc
