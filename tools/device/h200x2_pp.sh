@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's PP2 row on a lent nvidia-h200-x2: configs/h200_1b.yaml (0.9B), RB synthetic rows x 1024 tokens
-# (`pp2@train.step_graph=on`: each rank's whole schedule as one CUDA graph, session 9; h200_1b's `auto` leaves
-# pipelines eager until that has run on GPUs)
+# (h200_1b's train.step_graph: auto graphs the PP rows since session 9, each rank's whole schedule one CUDA graph;
+# `pp2@train.step_graph=off` is the eager schedule)
 # (default 32: 4-row micro-batches at m=8, real GPU work each), full training steps (tools/bench_scaling.py),
 # PP2 against the plain one-GPU step on the same 32 rows (`one`, graphed: train.step_graph=auto), measured in
 # the same run; a per-rank profile of the PP rows (compute / p2p wait = bubble / idle) and dynamo's recompiles.
