@@ -49,7 +49,7 @@ class TrainConfig:
     compile: str = "auto"  # regional torch.compile (train.compile_scope): 'auto' (on with CUDA, but not with ZeRO-3), 'on' or 'off'
     compile_scope: str = "unit"  # one compiled region: 'block' (each transformer block, each shallow flow block's affine map, the heads + losses) or 'unit' (each Pretzel unit with its skips, each shallow flow block's coupling, the heads + losses)
     compile_mode: str = "default"  # torch.compile mode: 'default', 'max-autotune-no-cudagraphs' or 'reduce-overhead' (CUDA graphs)
-    step_graph: str = "off"  # 'auto': graphed where 'on' would work, else not (the reason logged); 'on': the whole training step (forward, backward, AdamW) as one CUDA graph after 2 eager steps (CUDA; one process, or tensor and/or data parallelism without pipeline parallelism, DP with bf16 weights; batches of one shape; megaflow/step_graph.py)
+    step_graph: str = "off"  # 'auto': graphed where 'on' would work, else not (the reason logged); 'on': the whole training step (forward, backward, AdamW) as one CUDA graph after 2 eager steps (CUDA; one process, or tensor, data and/or pipeline parallelism without ZeRO, DP with bf16 weights; batches of one shape; megaflow/step_graph.py)
     activation_checkpointing: str = "none"  # recompute activations in backward: 'none', 'selective' (keep matmul and attention outputs) or 'full' (keep block inputs)
     threads: int = 0  # torch CPU threads (0 = all cores)
     out_dir: str = "runs/default"  # checkpoints, TensorBoard logs, samples and the report go here

@@ -126,14 +126,15 @@ class ParallelEngine:
         # train.compile=auto compiles under TP too: the collectives are functional (parallel/comm.py), and
         # compiled TP=2 trains on eager TP=2's losses on 2 H200s (docs/benchmarks.md, issue 17)
         self.speedups = [apply_speedups(m, tcfg, device) for m in modules]
-        # train.step_graph=on: the whole step as one CUDA graph (megaflow/step_graph.py: pp = 1; the TP group's
-        # and the data-parallel buckets' NCCL collectives captured in it, the buckets in place: bf16 weights).
-        # TP-only layouts step torch's fused capturable AdamW with its lr on the device (the graphed TP step was
-        # measured with it); data-parallel ones keep the flat kernel, as their eager step does
+        # train.step_graph=on: the whole step as one CUDA graph (megaflow/step_graph.py; the TP group's, the
+        # data-parallel buckets' (in place: bf16 weights) and the pipeline's NCCL ops captured in it: each rank's
+        # whole schedule). TP-only layouts step torch's fused capturable AdamW with its lr on the device (the
+        # graphed TP step was measured with it); the others (one process, DP, PP) keep the flat kernel, as their
+        # eager step does
         self.graph = None
         copied = topo.dp > 1 and any(b.copied for b in self.buckets.buckets)
         if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, parallel=pcfg, copied_buckets=copied):
-            self.weights.flat_step = self.weights.flat_step and topo.dp > 1
+            self.weights.flat_step = self.weights.flat_step and (topo.tp == 1 or topo.dp > 1 or topo.pp > 1)
             self.graph = StepGraph(self._step, self.optimizer, device)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:

@@ -19,7 +19,7 @@ Rows (--modes, comma-separated; `name@a.b=v;c.d=w` adds config overrides, e.g. t
              one_mb@parallel.micro_batches=1 is the ParallelEngine's own cost against `one`'s
     config   the config's own parallel section, as is (what `torchrun ... megaflow profile` runs)
     [dpD][tpT[sp]][ppP[i]]   a layout of the world: dp2, tp2, tp2sp (sequence parallel), pp2 (1F1B),
-             pp2i (interleaved, 2 chunks a rank), dp2tp2, dp2pp2i, tp2pp2, dp4, dp2tp2pp2, ...; D, if
+             pp2i (interleaved, 2 chunks a rank; pp2i4: 4), dp2tp2, dp2pp2i, tp2pp2, dp4, dp2tp2pp2, ...; D, if
              given, must be what the world leaves (world / (T x P))
 Efficiency = tokens/s per GPU / the baseline's = baseline step / (T x P x step): weak scaling over
 DP, strong over TP and PP. PP rows are measured against `one` (--pp-baseline: the plain one-GPU step
@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import re
 import statistics
 import sys
@@ -57,7 +58,7 @@ from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_ste
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
 
-LAYOUT = re.compile(r"(?:dp(\d+))?(?:tp(\d+)(sp)?)?(?:pp(\d+)(i)?)?")
+LAYOUT = re.compile(r"(?:dp(\d+))?(?:tp(\d+)(sp)?)?(?:pp(\d+)(i(\d*))?)?")  # pp2i4: 4 chunks a rank
 
 
 def layout(name: str, world: int) -> Optional[dict]:
@@ -70,13 +71,13 @@ def layout(name: str, world: int) -> Optional[dict]:
     if not name or m is None:
         raise SystemExit(f"--modes: unknown row {name!r}; use one, one_mb, config or a layout such as "
                          f"dp2, tp2sp, pp2i, dp2tp2, tp2pp2")
-    dp, tp, sp, pp, inter = m.groups()
+    dp, tp, sp, pp, inter, chunks = m.groups()
     tp, pp = int(tp or 1), int(pp or 1)
     if world % (tp * pp) or (dp and int(dp) != world // (tp * pp)):
         raise SystemExit(f"--modes: row {name!r} needs {int(dp or 1) * tp * pp} processes; this run has {world}")
     out = dict(tp=tp, pp=pp, sequence_parallel=bool(sp))
     if inter:
-        out.update(schedule="interleaved", virtual_stages=2)
+        out.update(schedule="interleaved", virtual_stages=int(chunks or 2))
     return out
 
 
@@ -321,6 +322,9 @@ def main(argv=None):
         import faulthandler
         faulthandler.dump_traceback_later(args.stacks_after, exit=False)
     launch = launch_env()
+    if launch is None and os.environ.get("WORLD_SIZE") == "1":  # torchrun --nproc_per_node 1: the one-GPU rows alone
+        from parallel.runtime import LaunchEnv
+        launch = LaunchEnv(0, 1, int(os.environ.get("LOCAL_RANK", 0)))
     if launch is None:
         raise SystemExit("bench_scaling runs under a launcher: torchrun --nproc_per_node N tools/bench_scaling.py ...")
     own_group = not dist.is_initialized()

@@ -3,7 +3,7 @@
 Contract: for every layout below, every rank's stage parameters, loaded from the single-process
 model's state dict, get the same loss (1e-5), the same first-step gradients (1e-5) and, after 3
 AdamW steps, the same weights (1e-5) as the single-process model trained on the same global batch.
-Cases cover 1F1B and interleaved schedules at PP=2 and PP=4, DP2xPP2 with the bucketed gradient
+Cases cover 1F1B and interleaved schedules (2 and 4 chunks a rank) at PP=2 and PP=4, DP2xPP2 with the bucketed gradient
 all-reduce, a DP-only run with many small buckets, tied embeddings across the first and last stage,
 the stateless `allreduce_gradients` averages,
 and a step whose second micro-batch holds no image at all (frozen VLM: some boundary tensors need
@@ -164,6 +164,7 @@ def _world2(rank, world):
     out = [_check_case(pp2, _config(4), "1f1b", 1, 1),
            _check_case(pp2, _config(4), "1f1b", 1, 4),
            _check_case(pp2, _config(4), "interleaved", 2, 4),
+           _check_case(pp2, _config(8), "interleaved", 4, 4),  # 4 chunks a rank, one unit each (bubble 1/(4m+1))
            _check_case(pp2, _config(4, tie=True), "1f1b", 1, 2),
            _check_case(pp2, _config(4, stage="t2i"), "1f1b", 1, 2, no_image_rows=True),
            _check_case(Topology(pp=1), _config(2), "1f1b", 1, 2, bucket_mb=0.005)]

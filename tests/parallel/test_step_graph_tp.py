@@ -1,12 +1,12 @@
-"""train.step_graph=on for multi-process layouts (megaflow/step_graph.py, parallel/engine.py): tensor
-parallelism, data parallelism and both, without pipeline parallelism, are graphed (TP with or without SP,
-async TP without SP, micro-batches, torch-backend FP8; DP with its gradient buckets in place, their
-priority stream or smaller last bucket); pipelines, ZeRO, Transformer Engine, the symmetric-memory routes
+"""train.step_graph=on for multi-process layouts (megaflow/step_graph.py, parallel/engine.py): tensor,
+data and pipeline parallelism and their products are graphed (TP with or without SP, async TP without SP,
+micro-batches, torch-backend FP8; DP with its gradient buckets in place, their priority stream or smaller
+last bucket; PP with 1F1B or the interleaved schedule, each rank's whole schedule); ZeRO, Transformer Engine, the symmetric-memory routes
 of TP, data-parallel buckets that copy gradients (fp32 weights) and PlainEngine's data-parallel path are
 refused with one ValueError naming the setting; 'auto' graphs where 'on' would, so DP2 is graphed;
 ParallelEngine and ZeroEngine check the setting where they are built. On CPU: the contract only; that the
-step functions the graph captures read nothing back to the host is tests/parallel/test_overlap.py's TP=2
-and DP=2 tests, and graphed steps against eager ones are measured on GPUs (tools/device/h200x2_tp.sh graph,
+step functions the graph captures read nothing back to the host is tests/parallel/test_overlap.py's TP=2,
+DP=2 and PP=2 tests, and graphed steps against eager ones are measured on GPUs (tools/device/h200x2_tp.sh graph,
 tools/device/h200x2_dp.sh).
 """
 from __future__ import annotations
@@ -28,8 +28,11 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 GRAPHED = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(tp=2, async_tp=True), dict(tp=2, micro_batches=2),
            dict(tp=2, fp8="current", fp8_backend="torch"),
            # data parallelism (dp = world / (tp x pp) is not a ParallelConfig field: these hold for any world size)
-           dict(), dict(micro_batches=4), dict(overlap=False), dict(dp_comm_priority=True, last_bucket_mb=40.0)]
-REFUSED = [(dict(tp=2, pp=2), r"parallel.pp=2"), (dict(tp=2, zero_stage=1), r"parallel.zero_stage=1"),
+           dict(), dict(micro_batches=4), dict(overlap=False), dict(dp_comm_priority=True, last_bucket_mb=40.0),
+           # pipelines: each rank's whole schedule, its sends and receives included
+           dict(pp=2, micro_batches=8), dict(pp=2, schedule="interleaved", virtual_stages=2, micro_batches=8),
+           dict(tp=2, pp=2, micro_batches=4)]
+REFUSED = [(dict(pp=2, zero_stage=1), r"parallel.zero_stage=1"), (dict(tp=2, zero_stage=1), r"parallel.zero_stage=1"),
            (dict(tp=2, backend="te"), r"parallel.backend='te'"),
            (dict(tp=2, tp_all_reduce="symm"), r"parallel.tp_all_reduce='symm'"),
            (dict(tp=2, sequence_parallel=True, async_tp=True), r"parallel.async_tp=true under sequence_parallel")]
@@ -62,6 +65,7 @@ def test_auto_graphs_where_on_would_and_says_why_not_elsewhere(fields, message, 
     assert check_step_graph("auto", torch.device("cpu")) is False
     assert check_step_graph("auto", torch.device("cuda"), data_parallel=True) is False  # PlainEngine's DP path
     assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig()) is True  # DP2 (ParallelEngine)
+    assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(pp=2, micro_batches=8)) is True
     with pytest.raises(ValueError, match="must be one of"):
         check_step_graph("yes", torch.device("cuda"))
 

@@ -16,6 +16,7 @@ from tools.bench_scaling import efficiencies, layout
     ("dp2tp2", 4, dict(tp=2, pp=1, sequence_parallel=False)),
     ("tp2sp", 2, dict(tp=2, pp=1, sequence_parallel=True)),
     ("dp2pp2i", 4, dict(tp=1, pp=2, sequence_parallel=False, schedule="interleaved", virtual_stages=2)),
+    ("pp2i4", 2, dict(tp=1, pp=2, sequence_parallel=False, schedule="interleaved", virtual_stages=4)),
     ("dp2tp2pp2", 8, dict(tp=2, pp=2, sequence_parallel=False)),
     ("one_mb", 4, {}), ("config", 4, None)])
 def test_layout_names(name, world, want):
