@@ -31,7 +31,8 @@ from tests.parallel.test_pp_dist import _config
 ROWS = 8
 
 
-def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False):
+def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False,
+            tp: int = 1, state=None):
     from parallel.engine import ParallelEngine
     from parallel.runtime import build_stages
     mcfg = _config(4, tie=pp > 1)
@@ -39,9 +40,9 @@ def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, o
                  train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1,
                                    dtype="bf16" if bf16 else "fp32", param_dtype="bf16" if bf16 else "fp32"),
                  parallel=ParallelConfig(pp=pp, schedule=schedule, virtual_stages=v, micro_batches=m,
-                                         overlap=overlap))
-    topo = Topology(pp=pp) if not one_process else Topology(rank=0, world_size=1)
-    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, None, 48)
+                                         overlap=overlap, tp=1 if one_process else tp))
+    topo = Topology(pp=pp, tp=tp) if not one_process else Topology(rank=0, world_size=1)
+    model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, state, 48)
     engine = ParallelEngine(stages, cfg, torch.bfloat16 if bf16 else None, topo, tied, bucket_mb=0.004)
     return engine, topo
 
@@ -119,13 +120,15 @@ def test_dp2_engine_steps_the_flat_adamw_like_torch_adamw():
     assert all(run_distributed(_flat_vs_torch_adamw, 2))
 
 
-def _dp2_as_captured(rank, world):
+def _as_captured(rank, world, tp: int):
     mcfg = _config(4)
     batch = make_batch(mcfg, ROWS, 48)
     noise = make_noise(mcfg, batch)
-    out, alive = {}, []
+    out, alive, state = {}, [], None
     for layout in ("one", "eager", "captured"):
-        engine, topo = _engine(True, 1, "1f1b", 1, 2, True, one_process=layout == "one")
+        engine, topo = _engine(True, 1, "1f1b", 1, 2, True, one_process=layout == "one", tp=tp, state=state)
+        if layout == "one":  # the TP layouts load one process's initial weights (a TP init draws per rank)
+            state = {k: w.clone() for k, w in engine.model_state_dict().items()}
         alive.append(weakref.ref(engine.weights.model_params[0]))  # a bf16 weight the gradient hooks sit on
         for group in engine.optimizer.param_groups:  # as on CUDA: the fused AdamW's skip and clip stay on the device,
             group["fused"] = True                    # and the engine steps the flat kernel (the graph keeps it)
@@ -134,8 +137,8 @@ def _dp2_as_captured(rank, world):
         part = ({k: t[rows] for k, t in batch.items()}, noise[rows], None)
         spy, losses, grads = _HostReads(), [], None
         for step in range(2):
-            if step == 1:
-                grads = [p.grad.clone() for p in engine.params]
+            if step == 1:  # the first step's gradients (left in .grad by the step)
+                grads = _full_grads(engine)
             lr = 1e-3 * (step + 1)
             if layout != "captured":
                 losses.append(engine.train_step(*part, lr)["loss"])
@@ -145,16 +148,22 @@ def _dp2_as_captured(rank, world):
             with spy:  # the step function the graph captures: its lr a 0-d tensor
                 losses.append(engine._step(*part, torch.tensor(lr))["loss"])
         out[layout] = dict(losses=[float(x) for x in losses], weights=engine.model_state_dict(), reads=spy.reads,
-                           grads=grads,
+                           grads=grads, flat=engine.weights._flat is not None,
                            copied=sum(b.copied for b in engine.buckets.buckets), early=engine.buckets.early,
-                           world=engine.buckets.world)
+                           world=engine.buckets.world, bf16=engine.weights.flat_param.clone(),
+                           main=engine.weights.flat_main.clone())
         del engine
         gc.collect()
     # the engines are freed with their weights: the hooks hold them weakly (Python's gc does not look into a
     # tensor's hooks, so a hook that held its engine kept it, and each ParallelEngine of a bench run stayed on the GPU)
     assert [ref() for ref in alive] == [None] * 3
     one, eager, captured = out["one"], out["eager"], out["captured"]
-    assert one["world"] == 1 and captured["world"] == 2 and captured["copied"] == 0 and captured["early"] > 0, out
+    assert all(out[k]["flat"] for k in out)  # every layout stepped the flat one-pass AdamW
+    assert torch.equal(captured["bf16"], captured["main"].to(torch.bfloat16))  # which wrote this rank's bf16 shards
+    if tp > 1:  # no data parallelism: no bucket reduces anything
+        assert captured["world"] == 1 and captured["early"] == 0, out
+    else:
+        assert one["world"] == 1 and captured["world"] == 2 and captured["copied"] == 0 and captured["early"] > 0, out
     assert captured["reads"] == [], captured["reads"]
     assert captured["losses"] == eager["losses"], (captured["losses"], eager["losses"])
     for k, w in eager["weights"].items():
@@ -162,13 +171,23 @@ def _dp2_as_captured(rank, world):
     # against one process on the whole batch: bf16 GEMMs over 4 rows vs 8 round differently, nothing else differs
     # (weights are not compared: AdamW turns a rounding-sized gradient of either sign into a whole +-lr step)
     torch.testing.assert_close(captured["losses"], one["losses"], rtol=1e-4, atol=0)
-    # the step's DP-summed fp32 gradients: the whole and each tensor within 2% and 3% (a reduction that lost or
-    # doubled a rank's share would be off by ~50-100%)
+    # the step's DP-summed (TP: gathered) fp32 gradients: the whole and each tensor within 2% and 3% (a reduction
+    # that lost or doubled a rank's share would be off by ~50-100%)
     diff = [(a - b).norm() for a, b in zip(captured["grads"], one["grads"])]
     norm = [b.norm() for b in one["grads"]]
     assert torch.stack(diff).norm() <= 2e-2 * torch.stack(norm).norm(), (torch.stack(diff).norm(), torch.stack(norm).norm())
     assert all(d <= 3e-2 * n + 1e-7 for d, n in zip(diff, norm)), max(float(d / n) for d, n in zip(diff, norm) if n > 0)
     return True
+
+
+def _full_grads(engine) -> list:
+    """Every parameter's fp32 main gradient, whole (TP shards gathered, parallel/checkpoint_tp.py), in model order."""
+    from parallel.checkpoint_tp import gather_full
+    out = {}
+    for st in engine.stages:
+        out.update(gather_full(st.module, {n: engine.weights.main_of(p).grad.clone()
+                                           for n, p in st.module.named_parameters()}))
+    return list(out.values())
 
 
 def test_dp2_step_as_the_graph_captures_it_reads_nothing_back_and_equals_one_process():
@@ -178,7 +197,15 @@ def test_dp2_step_as_the_graph_captures_it_reads_nothing_back_and_equals_one_pro
     reads no tensor value back to the host (a read there breaks the capture), equals the eager step bitwise
     (losses, weights after 2 steps) and equals one process on the whole batch (to bf16 GEMM rounding). And an
     engine, once dropped, is freed with its weights (its gradient hooks hold it weakly)."""
-    assert all(run_distributed(_dp2_as_captured, 2))
+    assert all(run_distributed(_as_captured, 2, 1))
+
+
+def test_tp2_step_as_the_graph_captures_it_steps_the_flat_adamw_and_equals_one_process():
+    """train.step_graph=on at TP=2 (no data parallelism) steps the flat one-pass AdamW over each rank's own shards,
+    as the graphed one GPU and DP do (TP-only graphs stepped torch's fused AdamW until session 9): the step function
+    the graph captures, over gloo, reads nothing back to the host, equals the eager TP2 step bitwise and one
+    process on the same weights and batch (bf16 GEMM rounding; the sharded gradients gathered)."""
+    assert all(run_distributed(_as_captured, 2, 2))
 
 
 # ----- tensor parallelism: async TP and host read-backs ----------------------------------------------------
