@@ -237,11 +237,15 @@ def _tp2_sp(rank, world, sp: bool):
     mcfg, ref = reference()
     batch = make_batch(mcfg, 2, 48)
     noise = make_noise(mcfg, batch)
+    import parallel.layers as layers
+    launches, start_reduce = [], layers.start_reduce  # parallel.tp_overlap's deferred row-parallel reductions
+    layers.start_reduce = lambda *a: launches.append(a[0].shape[0]) or start_reduce(*a)
     out = {}
-    for async_tp in (False, True):
+    # off; async TP; batch halves (parallel.tp_overlap: with async TP's dX all-reduce without SP, alone under SP)
+    for key, async_tp, halves in ((False, False, False), (True, True, False), ("halves", not sp, True)):
         cfg = Config(model=mcfg, data=DataConfig(image_size=8, channels=1, patch_size=2),
                      train=TrainConfig(lr=1e-3, warmup=0, steps=4, grad_clip=1.0, compile="off"),
-                     parallel=ParallelConfig(tp=2, sequence_parallel=sp, async_tp=async_tp))
+                     parallel=ParallelConfig(tp=2, sequence_parallel=sp, async_tp=async_tp, tp_overlap=halves))
         topo = Topology(tp=2)
         model, stages, tied = build_stages(mcfg, cfg.parallel, topo, "cpu", 0, full_state=ref.state_dict(), seq_len=48)
         engine = build_engine(cfg, model, stages, tied, topo, None)
@@ -255,15 +259,21 @@ def _tp2_sp(rank, world, sp: bool):
         spy = _HostReads()
         with spy:
             second = engine._step(batch, noise, None, torch.tensor(1e-3))
-        out[async_tp] = dict(losses=[float(first["loss"]), float(second["loss"])], grads=grads, reads=spy.reads,
-                             tensors=all(torch.is_tensor(v) for v in second.values()),
-                             comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})
-    off, on = out[False], out[True]
+        out[key] = dict(losses=[float(first["loss"]), float(second["loss"])], grads=grads, reads=spy.reads,
+                        tensors=all(torch.is_tensor(v) for v in second.values()), launches=launches[:],
+                        comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})
+        launches.clear()
+    layers.start_reduce = start_reduce
+    off, on, halves = out[False], out[True], out["halves"]
     comm = "gather" if sp else "copy_async"
     assert comm in on["comms"] and comm not in off["comms"], (on["comms"], off["comms"])
-    for a, b in zip(on["grads"], off["grads"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    return dict(on=on["losses"], off=off["losses"], reads=on["reads"] + off["reads"], tensors=on["tensors"])
+    # halves: each of the 6 blocks' o_proj and down_proj reduced twice a forward, on one row of the two each time
+    assert off["launches"] == on["launches"] == [] and halves["launches"] == [1] * 24 * 2, halves["launches"]
+    for other in (on, halves):
+        for a, b in zip(other["grads"], off["grads"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    return dict(on=on["losses"], halves=halves["losses"], off=off["losses"], tensors=on["tensors"] and halves["tensors"],
+                reads=on["reads"] + off["reads"] + halves["reads"])
 
 
 @pytest.mark.parametrize("sp", [True, False], ids=["tp2sp", "tp2"])
@@ -271,14 +281,16 @@ def test_tp2_sp_async_equals_sync_and_reads_nothing_back(sp):
     """TP=2 (+ SP) through the ParallelEngine: with parallel.async_tp (under SP each all-gather and
     reduce-scatter overlapped with its GEMM; without, each column-parallel layer's input-gradient
     all-reduce with its weight-gradient GEMM: parallel/async_tp.py) the gradients and losses equal the
-    plain collectives'; and a whole training step (forward, backward, clip, fused AdamW) reads no
+    plain collectives'; so do they with parallel.tp_overlap (each block's attention and MLP on batch halves,
+    one half's row-parallel reduction in flight during the other's compute: parallel/tp_overlap.py), which
+    really launches every such reduction once per half; and a whole training step (forward, backward, clip, fused AdamW) reads no
     tensor value back to the host: the engine returns 0-d tensors, read only at log steps (on 2 H200s
     a TP=2 step spent 21 ms of host time in blocking copies, docs/benchmarks.md)."""
     for r in run_distributed(_tp2_sp, 2, sp):
         assert r["tensors"], r
         assert r["reads"] == [], r["reads"]
-        for a, b in zip(r["on"], r["off"]):
-            assert abs(a - b) < 1e-5 * max(1.0, abs(b)), r
+        for a, b, c in zip(r["on"], r["halves"], r["off"]):
+            assert abs(a - c) < 1e-5 * max(1.0, abs(c)) and abs(b - c) < 1e-5 * max(1.0, abs(c)), r
 
 
 # ----- data parallelism: the fp32 accumulation hooks ---------------------------------------------------------
