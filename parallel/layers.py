@@ -135,7 +135,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, sp = self.tp_group, self.sequence_parallel
-        if self.defer_reduce and group_size(g) > 1:  # the caller waits (tp_overlap.apply_batch_halves: no bias)
+        if self.defer_reduce and group_size(g) > 1:  # the caller waits (tp_overlap.apply_batch_chunks: no bias)
             return start_reduce(self.linear(x, self.weight), g, sp)  # (B, T, out); SP (B, T / tp, out), in flight
         if self.async_tp and sp and not torch.compiler.is_compiling():  # sp: off while sampling (sampling.py)
             y = linear_scatter(x, self.weight, g)  # (B, T / tp, out): the reduction overlapped with the GEMM

@@ -51,7 +51,7 @@ from parallel.layers import (ColumnParallelLinear, ParallelRMSNorm, ReplicatedKV
                              SequenceParallelLinear, SequenceSplit, VocabGather, VocabParallelEmbedding,
                              VocabParallelTextLoss)
 from parallel.topology import ParallelConfig, Topology
-from parallel.tp_overlap import apply_batch_halves
+from parallel.tp_overlap import apply_batch_chunks
 
 
 def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: bool = False) -> None:
@@ -88,10 +88,10 @@ def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: boo
                          + ". Choose degrees that divide these sizes.")
 
 
-def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, backend, halves: bool = False) -> None:
+def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, backend, chunks: int = 0) -> None:
     """Megatron's split of one pre-norm block: heads for attention, the inner size for the MLP. The
     fused projections are split part by part; the attention's head counts become the local ones.
-    `halves` (parallel.tp_overlap): attention and MLP on batch halves, their reductions overlapped."""
+    `chunks` >= 2 (parallel.tp_overlap): attention and MLP on row chunks, their reductions overlapped."""
     n, rank = group_size(group), group_rank(group)
     attn, mlp, sp = block.self_attn, block.mlp, sequence_parallel
     n_kv, sizes = attn.n_kv_heads, attn.qkv_sizes()
@@ -108,9 +108,9 @@ def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, b
     block.post_attention_layernorm = backend.entry_norm(block.post_attention_layernorm, group, sp)
     mlp.gate_up = backend.column(mlp.gate_up, group, sp, parts=(mlp.down_proj.in_features,) * 2)
     mlp.down_proj = backend.row(mlp.down_proj, group, sp)
-    if halves:  # each half's reduction in flight while the other half computes (tp_overlap.py)
-        apply_batch_halves(attn, attn.o_proj)
-        apply_batch_halves(mlp, mlp.down_proj)
+    if chunks >= 2:  # each chunk's reduction in flight while the next chunks compute (tp_overlap.py)
+        apply_batch_chunks(attn, attn.o_proj, chunks)
+        apply_batch_chunks(mlp, mlp.down_proj, chunks)
 
 
 def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2:

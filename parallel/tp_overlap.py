@@ -4,14 +4,15 @@ Megatron's / DeepSpeed-Domino's TP overlap; issue 17).
 Plain TP ends every attention and every MLP with an all-reduce (under sequence parallelism a reduce-scatter)
 of the row-parallel layer's partial sums, and the next operation needs it: on 2 H200s the 115 all-reduces of
 an h200_1b TP2 step ran at link speed and none was hidden (12-17 ms of a 68 ms graphed step; docs/benchmarks.md).
-Here a block's attention and its MLP each run on the two halves of the batch (rows 0..B/2 and B/2..B) one
-after the other; the row-parallel layer launches its reduction without waiting (`start_reduce`: a functional
-collective, NCCL's stream on CUDA), and the halves are waited for only after both have been computed
-(`wait_reduce`), so the first half's reduction runs while the second half's GEMMs and attention do. Rows
-are independent in a block, so the result is the whole batch's, row by row (the GEMMs run on B/2 rows: bf16
-rounding may differ from the whole batch's, fp32 not beyond GEMM blocking).
+Here a block's attention and its MLP each run on k row chunks of the batch (`parallel.tp_overlap: k`; 2:
+the halves, rows 0..B/2 and B/2..B) one after the other; the row-parallel layer launches its reduction
+without waiting (`start_reduce`: a functional collective, NCCL's stream on CUDA), and the chunks are waited
+for only after all have been computed (`wait_reduce`), so each chunk's reduction runs while the next
+chunks' GEMMs and attention do (the last one's stays exposed: 1 in k). Rows are independent in a block, so
+the result is the whole batch's, row by row (the GEMMs run on B/k rows: bf16 rounding may differ from the
+whole batch's, fp32 not beyond GEMM blocking).
 
-The wait is an explicit `wait_tensor` where the halves join, so a compiled region keeps launch -> the other
+The wait is an explicit `wait_tensor` where the chunks join, so a compiled region keeps launch -> the other
 half's compute -> wait in its generated code, and a CUDA graph captures the two streams' order (the step
 graph: megaflow/step_graph.py). The backward of a deferred reduction is the plain one's (identity; under SP
 an all-gather along T); the column-parallel layers' backward all-reduces are parallel.async_tp's to overlap
@@ -19,7 +20,7 @@ an all-gather along T); the column-parallel layers' backward all-reduces are par
 
 What is split: the attention's context (RoPE tables (B, 1, T, hd) and a dense (B, 1, T, T) mask by rows; a
 shared one-row mask and None as they are). A FlexAttention BlockMask (document masking on a GPU) or a KV cache
-(generation) run the whole batch at once, as does a batch of one row or an odd number of rows: the same numbers
+(generation) run the whole batch at once, as does a batch whose rows k does not divide: the same numbers
 without the overlap. Not here: which layers defer (tensor_parallel.apply_tp), the plain collectives (comm.py).
 """
 from __future__ import annotations
@@ -71,41 +72,42 @@ def wait_reduce(y: torch.Tensor) -> torch.Tensor:
     return _WaitReduce.apply(y)
 
 
-def _half(t, i: int, rows: int):
-    """Rows of half i of a per-row tensor; a tensor broadcast over rows (or anything else) as it is."""
+def _chunk(t, i: int, k: int, rows: int):
+    """Rows of chunk i of k of a per-row tensor; a tensor broadcast over rows (or anything else) as it is."""
     if torch.is_tensor(t) and t.dim() and t.shape[0] == rows:
-        return t.narrow(0, i * rows // 2, rows // 2)
+        return t.narrow(0, i * rows // k, rows // k)
     return t
 
 
-def split_context(ctx, rows: int):
-    """The attention context of each half, or None where it cannot be split (see the file docstring)."""
+def split_context(ctx, rows: int, k: int):
+    """The attention context of each of k row chunks, or None where it cannot be split (see the file docstring)."""
     if ctx is None:
-        return [None, None]
+        return [None] * k
     mask = ctx.mask
     if ctx.cache is not None or not (mask is None or torch.is_tensor(mask)):
         return None
-    return [dataclasses.replace(ctx, cos=_half(ctx.cos, i, rows), sin=_half(ctx.sin, i, rows),
-                                mask=_half(mask, i, rows)) for i in range(2)]
+    return [dataclasses.replace(ctx, cos=_chunk(ctx.cos, i, k, rows), sin=_chunk(ctx.sin, i, k, rows),
+                                mask=_chunk(mask, i, k, rows)) for i in range(k)]
 
 
-def _halves_forward(self: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
-    """The module's own forward on each half of the batch, both launched before either is waited for."""
-    whole = type(self).forward
+def _chunks_forward(self: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
+    """The module's own forward on each row chunk, all launched before any is waited for."""
+    whole, k = type(self).forward, self.tp_overlap_chunks
     call = (lambda m, h, c: whole(m, h)) if ctx is None else whole
     rows = x.shape[0]
-    contexts = split_context(ctx, rows) if rows >= 2 and rows % 2 == 0 else None
+    contexts = split_context(ctx, rows, k) if rows >= k and rows % k == 0 else None
     if contexts is None:
         return wait_reduce(call(self, x, ctx))
-    halves = [call(self, xi, ci) for xi, ci in zip(x.chunk(2, 0), contexts)]  # each one's reduction in flight
-    return torch.cat([wait_reduce(h) for h in halves], 0)  # (B, T, D); under SP (B, T / n, D)
+    chunks = [call(self, xi, ci) for xi, ci in zip(x.chunk(k, 0), contexts)]  # each one's reduction in flight
+    return torch.cat([wait_reduce(h) for h in chunks], 0)  # (B, T, D); under SP (B, T / n, D)
 
 
-def apply_batch_halves(module: nn.Module, row: nn.Module) -> None:
-    """Run `module` (a block's attention or MLP, ending in the row-parallel layer `row`) on batch halves:
-    `row` launches its reduction without waiting, `module`'s forward waits where the halves join. The
-    forward is replaced on the instance (names, state dicts and checkpoints are unchanged)."""
+def apply_batch_chunks(module: nn.Module, row: nn.Module, k: int) -> None:
+    """Run `module` (a block's attention or MLP, ending in the row-parallel layer `row`) on k row chunks of
+    the batch (k = 2: halves): `row` launches its reduction without waiting, `module`'s forward waits where
+    the chunks join. The forward is replaced on the instance (names, state dicts and checkpoints unchanged)."""
     if row.bias is not None:  # a bias is added after the reduction; the blocks' row layers have none
-        raise ValueError(f"parallel.tp_overlap: {type(row).__name__} has a bias; set parallel.tp_overlap=false")
+        raise ValueError(f"parallel.tp_overlap: {type(row).__name__} has a bias; set parallel.tp_overlap=0")
     row.defer_reduce = True
-    module.forward = types.MethodType(_halves_forward, module)
+    module.tp_overlap_chunks = k
+    module.forward = types.MethodType(_chunks_forward, module)

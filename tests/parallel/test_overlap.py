@@ -227,6 +227,9 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+ROWS_TP = 4
+
+
 def _tp2_sp(rank, world, sp: bool):
     import torch.distributed as dist
     from parallel.comm import symm_all_reduce  # noqa: F401  (registers megaflow::symm_all_reduce)
@@ -235,14 +238,15 @@ def _tp2_sp(rank, world, sp: bool):
     x = torch.arange(6.0) * (rank + 1)  # parallel.tp_all_reduce=symm's op; on CPU its NCCL/gloo fallback
     assert torch.equal(torch.ops.megaflow.symm_all_reduce(x, dist.group.WORLD.group_name), torch.arange(6.0) * 3)
     mcfg, ref = reference()
-    batch = make_batch(mcfg, 2, 48)
+    batch = make_batch(mcfg, ROWS_TP, 48)
     noise = make_noise(mcfg, batch)
     import parallel.layers as layers
     launches, start_reduce = [], layers.start_reduce  # parallel.tp_overlap's deferred row-parallel reductions
     layers.start_reduce = lambda *a: launches.append(a[0].shape[0]) or start_reduce(*a)
     out = {}
-    # off; async TP; batch halves (parallel.tp_overlap: with async TP's dX all-reduce without SP, alone under SP)
-    for key, async_tp, halves in ((False, False, False), (True, True, False), ("halves", not sp, True)):
+    # off; async TP; row chunks (parallel.tp_overlap: 4 with async TP's dX all-reduce without SP, halves alone under SP)
+    chunks = 2 if sp else 4
+    for key, async_tp, halves in ((False, False, 0), (True, True, 0), ("halves", not sp, chunks)):
         cfg = Config(model=mcfg, data=DataConfig(image_size=8, channels=1, patch_size=2),
                      train=TrainConfig(lr=1e-3, warmup=0, steps=4, grad_clip=1.0, compile="off"),
                      parallel=ParallelConfig(tp=2, sequence_parallel=sp, async_tp=async_tp, tp_overlap=halves))
@@ -267,8 +271,9 @@ def _tp2_sp(rank, world, sp: bool):
     off, on, halves = out[False], out[True], out["halves"]
     comm = "gather" if sp else "copy_async"
     assert comm in on["comms"] and comm not in off["comms"], (on["comms"], off["comms"])
-    # halves: each of the 6 blocks' o_proj and down_proj reduced twice a forward, on one row of the two each time
-    assert off["launches"] == on["launches"] == [] and halves["launches"] == [1] * 24 * 2, halves["launches"]
+    # chunks: each of the 6 blocks' o_proj and down_proj reduced once per chunk of 4 / chunks rows, 2 forwards
+    assert off["launches"] == on["launches"] == [], (off["launches"], on["launches"])
+    assert halves["launches"] == [ROWS_TP // chunks] * 12 * chunks * 2, halves["launches"]
     for other in (on, halves):
         for a, b in zip(other["grads"], off["grads"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -281,9 +286,9 @@ def test_tp2_sp_async_equals_sync_and_reads_nothing_back(sp):
     """TP=2 (+ SP) through the ParallelEngine: with parallel.async_tp (under SP each all-gather and
     reduce-scatter overlapped with its GEMM; without, each column-parallel layer's input-gradient
     all-reduce with its weight-gradient GEMM: parallel/async_tp.py) the gradients and losses equal the
-    plain collectives'; so do they with parallel.tp_overlap (each block's attention and MLP on batch halves,
-    one half's row-parallel reduction in flight during the other's compute: parallel/tp_overlap.py), which
-    really launches every such reduction once per half; and a whole training step (forward, backward, clip, fused AdamW) reads no
+    plain collectives'; so do they with parallel.tp_overlap (each block's attention and MLP on row chunks of
+    the batch, one chunk's row-parallel reduction in flight during the next ones' compute: parallel/tp_overlap.py;
+    4 chunks with async TP, halves under SP), which really launches every such reduction once per chunk; and a whole training step (forward, backward, clip, fused AdamW) reads no
     tensor value back to the host: the engine returns 0-d tensors, read only at log steps (on 2 H200s
     a TP=2 step spent 21 ms of host time in blocking copies, docs/benchmarks.md)."""
     for r in run_distributed(_tp2_sp, 2, sp):

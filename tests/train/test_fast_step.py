@@ -319,7 +319,7 @@ def _tp2_compiled(rank, world, halves: bool = False):
     cfg = run_config(activation_checkpointing="selective")
     cfg = dataclasses.replace(cfg, model=mcfg, train=dataclasses.replace(cfg.train, compile="on"),
                               parallel=dataclasses.replace(cfg.parallel, tp=2, sequence_parallel=not halves, async_tp=True,
-                                                           tp_overlap=halves))
+                                                           tp_overlap=2 if halves else 0))
     model, stages, tied = build_stages(mcfg, cfg.parallel, Topology(tp=2), torch.device("cpu"), 0,
                                        full_state=ref.state_dict(), seq_len=48)
     engine = build_engine(cfg, model, stages, tied, Topology(tp=2), None)
