@@ -1,4 +1,4 @@
-"""Tensor parallelism's row-parallel reductions hidden behind compute by batch halves (`parallel.tp_overlap`;
+"""Tensor parallelism's row-parallel reductions hidden behind compute by row chunks of the batch (`parallel.tp_overlap`;
 Megatron's / DeepSpeed-Domino's TP overlap; issue 17).
 
 Plain TP ends every attention and every MLP with an all-reduce (under sequence parallelism a reduce-scatter)
@@ -12,8 +12,8 @@ chunks' GEMMs and attention do (the last one's stays exposed: 1 in k). Rows are 
 the result is the whole batch's, row by row (the GEMMs run on B/k rows: bf16 rounding may differ from the
 whole batch's, fp32 not beyond GEMM blocking).
 
-The wait is an explicit `wait_tensor` where the chunks join, so a compiled region keeps launch -> the other
-half's compute -> wait in its generated code, and a CUDA graph captures the two streams' order (the step
+The wait is an explicit `wait_tensor` where the chunks join, so a compiled region keeps launch -> the next
+chunks' compute -> wait in its generated code, and a CUDA graph captures the two streams' order (the step
 graph: megaflow/step_graph.py). The backward of a deferred reduction is the plain one's (identity; under SP
 an all-gather along T); the column-parallel layers' backward all-reduces are parallel.async_tp's to overlap
 (`copy_linear`: each with its weight gradient's GEMM).
