@@ -19,9 +19,10 @@ an all-gather along T); the column-parallel layers' backward all-reduces are par
 (`copy_linear`: each with its weight gradient's GEMM).
 
 What is split: the attention's context (RoPE tables (B, 1, T, hd) and a dense (B, 1, T, T) mask by rows; a
-shared one-row mask and None as they are). A FlexAttention BlockMask (document masking on a GPU) or a KV cache
-(generation) run the whole batch at once, as does a batch whose rows k does not divide: the same numbers
-without the overlap. Not here: which layers defer (tensor_parallel.apply_tp), the plain collectives (comm.py).
+FlexAttention BlockMask, document masking on a GPU, by its block tables' rows with its rule shifted to them; a
+shared one-row mask and None as they are). A KV cache (generation) runs the whole batch at once, as does a
+batch whose rows k does not divide: the same numbers without the overlap. (Until the BlockMask was split, the
+attention of h200_1b's batches on the H200s ran whole and only the MLPs in chunks: slower, docs/benchmarks.md.) Not here: which layers defer (tensor_parallel.apply_tp), the plain collectives (comm.py).
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ import torch
 import torch.nn as nn
 
 from parallel.comm import SEQ_DIM, all_gather, group_size, seq_to_rows
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # a torch without FlexAttention: no BlockMask to split
+    BlockMask = None
 
 _c10d = torch.ops._c10d_functional
 
@@ -79,15 +85,34 @@ def _chunk(t, i: int, k: int, rows: int):
     return t
 
 
+def _shifted(rule, first: int):
+    """A mask rule over a chunk's rows: the batch's rule at row b + first (the document rule indexes doc_ids[b])."""
+    return lambda b, h, q, k: rule(b + first, h, q, k)
+
+
+def _chunk_block_mask(mask, i: int, k: int, rows: int):
+    """Chunk i of k of a FlexAttention BlockMask over `rows` rows: its block tables' rows (views) and its rule
+    shifted to them; a mask of one broadcast row as it is."""
+    if mask.kv_num_blocks.shape[0] == 1:
+        return mask
+    first, n = i * rows // k, rows // k
+    take = lambda t: None if t is None else t.narrow(0, first, n)  # noqa: E731  (B, H, ...) block tables
+    return BlockMask.from_kv_blocks(take(mask.kv_num_blocks), take(mask.kv_indices), take(mask.full_kv_num_blocks),
+                                    take(mask.full_kv_indices), BLOCK_SIZE=mask.BLOCK_SIZE,
+                                    mask_mod=_shifted(mask.mask_mod, first), seq_lengths=mask.seq_lengths)
+
+
 def split_context(ctx, rows: int, k: int):
     """The attention context of each of k row chunks, or None where it cannot be split (see the file docstring)."""
     if ctx is None:
         return [None] * k
     mask = ctx.mask
-    if ctx.cache is not None or not (mask is None or torch.is_tensor(mask)):
+    block = BlockMask is not None and isinstance(mask, BlockMask) and mask.kv_num_blocks.shape[0] in (1, rows)
+    if ctx.cache is not None or not (mask is None or torch.is_tensor(mask) or block):
         return None
     return [dataclasses.replace(ctx, cos=_chunk(ctx.cos, i, k, rows), sin=_chunk(ctx.sin, i, k, rows),
-                                mask=_chunk(mask, i, k, rows)) for i in range(k)]
+                                mask=_chunk_block_mask(mask, i, k, rows) if block else _chunk(mask, i, k, rows))
+            for i in range(k)]
 
 
 def _chunks_forward(self: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:

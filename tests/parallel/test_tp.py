@@ -48,7 +48,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(tp: int, sp: bool, tarflow: bool = False, tied: bool = False, flow_tp: int = 0,
-             path: str = "meta", steps: int = 3, async_tp: bool = False, tp_overlap: int = 0, **flow) -> dict:
+             path: str = "meta", steps: int = 3, async_tp: bool = False, tp_overlap: int = 0, flex: bool = False,
+             **flow) -> dict:
+    """`flex`: the document mask as a FlexAttention BlockMask, as on a GPU (tiny heads: applied densely from its rule)."""
+    from megaflow.model.masks import use_kernel
+    with use_kernel("flex" if flex else "auto"):
+        return _run_case(tp, sp, tarflow, tied, flow_tp, path, steps, async_tp, tp_overlap, **flow)
+
+
+def _run_case(tp, sp, tarflow, tied, flow_tp, path, steps, async_tp, tp_overlap, **flow) -> dict:
     cfg, ref = reference(tarflow, tied, **flow)
     pcfg = ParallelConfig(tp=tp, flow_tp=flow_tp, sequence_parallel=sp, async_tp=async_tp, tp_overlap=tp_overlap)
     topo = Topology(tp=tp, flow_tp=flow_tp)
@@ -165,6 +173,7 @@ CASES_2 = [
     dict(tp=2, sp=False, async_tp=True, tp_overlap=2),
     dict(tp=2, sp=True, tied=True, tp_overlap=2),
     dict(tp=2, sp=False, tp_overlap=4),  # 4 chunks do not divide the 2 rows: the whole batch, waited at once
+    dict(tp=2, sp=False, tp_overlap=2, flex=True),  # the BlockMask split per chunk (its rule shifted to the rows)
 ]
 CASES_4 = [dict(tp=4, sp=False, shallow_heads=4), dict(tp=4, sp=True, shallow_heads=4),
            dict(tp=4, sp=True, shallow_heads=4, async_tp=True)]  # + k/v heads replicated, chunks over 4 ranks
