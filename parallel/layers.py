@@ -25,6 +25,7 @@ from parallel.async_tp import copy_linear, gather_linear, linear_scatter
 from parallel.comm import (copy_to_tp, gather_hidden, gather_rows, gather_seq, group_rank, group_size, reduce_from_tp,
                            reduce_scatter_seq, rows_to_seq, scatter_rows, seq_to_rows, split_seq)
 from parallel.fused import all_sharded, shard_parts
+from parallel.tp_overlap import start_reduce
 
 
 def shard(t: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -112,6 +113,7 @@ class RowParallelLinear(nn.Module):
     with the GEMM (parallel/async_tp.py; compiled: inductor's fusion)."""
     tp_shards = {"weight": 1}
     linear = staticmethod(F.linear)  # the GEMM; FP8 replaces it per layer (megaflow/fp8.py apply_fp8)
+    defer_reduce = False  # parallel.tp_overlap: the reduction launched, not waited (its caller waits; tp_overlap.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group, sequence_parallel: bool = False,
                  like: Optional[torch.Tensor] = None, async_tp: bool = False):
@@ -133,6 +135,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, sp = self.tp_group, self.sequence_parallel
+        if self.defer_reduce and group_size(g) > 1:  # the caller waits (tp_overlap.apply_batch_chunks: no bias)
+            return start_reduce(self.linear(x, self.weight), g, sp)  # (B, T, out); SP (B, T / tp, out), in flight
         if self.async_tp and sp and not torch.compiler.is_compiling():  # sp: off while sampling (sampling.py)
             y = linear_scatter(x, self.weight, g)  # (B, T / tp, out): the reduction overlapped with the GEMM
         elif self.async_tp and sp:  # compiled: GEMM -> reduce-scatter in rows order, which inductor fuses

@@ -51,6 +51,7 @@ from parallel.layers import (ColumnParallelLinear, ParallelRMSNorm, ReplicatedKV
                              SequenceParallelLinear, SequenceSplit, VocabGather, VocabParallelEmbedding,
                              VocabParallelTextLoss)
 from parallel.topology import ParallelConfig, Topology
+from parallel.tp_overlap import apply_batch_chunks
 
 
 def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: bool = False) -> None:
@@ -87,9 +88,10 @@ def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: boo
                          + ". Choose degrees that divide these sizes.")
 
 
-def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, backend) -> None:
+def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, backend, chunks: int = 0) -> None:
     """Megatron's split of one pre-norm block: heads for attention, the inner size for the MLP. The
-    fused projections are split part by part; the attention's head counts become the local ones."""
+    fused projections are split part by part; the attention's head counts become the local ones.
+    `chunks` >= 2 (parallel.tp_overlap): attention and MLP on row chunks, their reductions overlapped."""
     n, rank = group_size(group), group_rank(group)
     attn, mlp, sp = block.self_attn, block.mlp, sequence_parallel
     n_kv, sizes = attn.n_kv_heads, attn.qkv_sizes()
@@ -106,6 +108,9 @@ def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, b
     block.post_attention_layernorm = backend.entry_norm(block.post_attention_layernorm, group, sp)
     mlp.gate_up = backend.column(mlp.gate_up, group, sp, parts=(mlp.down_proj.in_features,) * 2)
     mlp.down_proj = backend.row(mlp.down_proj, group, sp)
+    if chunks >= 2:  # each chunk's reduction in flight while the next chunks compute (tp_overlap.py)
+        apply_batch_chunks(attn, attn.o_proj, chunks)
+        apply_batch_chunks(mlp, mlp.down_proj, chunks)
 
 
 def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2:
@@ -143,8 +148,8 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
         model.flow_norm = ParallelRMSNorm.from_dense(model.flow_norm, tp_g, "gather_replicated", True)
     for unit in model.units.values():
         for layer in unit.vlm_layers:
-            parallelize_block(layer, tp_g, sp, backend)
-        parallelize_block(unit.flow_layer, flow_g, sp, backend)
+            parallelize_block(layer, tp_g, sp, backend, cfg.tp_overlap)
+        parallelize_block(unit.flow_layer, flow_g, sp, backend, cfg.tp_overlap)
         if sp and unit.w_vlm is not None:  # without SP the skips stay replicated nn.Linear: no collective
             unit.w_vlm = SequenceParallelLinear.from_dense(unit.w_vlm, tp_g)
         if sp and unit.w_d is not None:

@@ -29,6 +29,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel degree (stages)
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
     async_tp: bool = False  # overlap TP collectives with GEMMs (parallel/async_tp.py): with sequence_parallel each all-gather / reduce-scatter with its GEMM; without, each column-parallel layer's input-gradient all-reduce with its weight-gradient GEMM
+    tp_overlap: int = 0  # >= 2: each block's attention and MLP run on this many row chunks of the batch (2: halves), so one chunk's row-parallel all-reduce (SP: reduce-scatter) runs while the next computes (Megatron's / Domino's TP overlap; parallel/tp_overlap.py); 0 = off
     tp_all_reduce: str = "nccl"  # TP's critical-path all-reduces on CUDA: 'nccl', or 'symm' (torch's two-shot symmetric-memory all-reduce over NVLink, parallel/comm.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling
@@ -85,6 +86,15 @@ class ParallelConfig:
             raise ValueError(f"parallel.async_tp=true overlaps the local backend's collectives; with "
                              f"parallel.backend={self.backend!r} set async_tp=false (Transformer Engine's layers "
                              f"communicate themselves)")
+        if self.tp_overlap < 0 or self.tp_overlap == 1:
+            raise ValueError(f"parallel.tp_overlap={self.tp_overlap} must be 0 (off) or the number of row chunks (>= 2)")
+        if self.tp_overlap and self.backend != "local":
+            raise ValueError(f"parallel.tp_overlap={self.tp_overlap} splits the local backend's blocks; with parallel."
+                             f"backend={self.backend!r} set tp_overlap=0 (Transformer Engine's layers communicate themselves)")
+        if self.tp_overlap and self.async_tp and self.sequence_parallel:
+            raise ValueError(f"parallel.tp_overlap={self.tp_overlap} defers the row-parallel reduce-scatters that "
+                             f"parallel.async_tp fuses with their GEMMs under sequence_parallel; set tp_overlap=0 or "
+                             f"async_tp=false")
         if self.tp_all_reduce not in ("nccl", "symm"):
             raise ValueError(f"parallel.tp_all_reduce={self.tp_all_reduce!r} must be 'nccl' or 'symm'")
         if self.schedule not in ("1f1b", "interleaved"):

@@ -34,7 +34,7 @@ ROWS = 8
 
 
 def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False,
-            shard: bool = False, tie=None, full_state=None):
+            shard: bool = False, tie=None, full_state=None, tp: int = 1):
     from parallel.engine import ParallelEngine
     from parallel.runtime import build_stages
     mcfg = _config(4, tie=pp > 1 if tie is None else tie)
@@ -42,8 +42,8 @@ def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, o
                  train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1,
                                    dtype="bf16" if bf16 else "fp32", param_dtype="bf16" if bf16 else "fp32"),
                  parallel=ParallelConfig(pp=pp, schedule=schedule, virtual_stages=v, micro_batches=m,
-                                         overlap=overlap, dp_shard_optimizer=shard))
-    topo = Topology(pp=pp) if not one_process else Topology(rank=0, world_size=1)
+                                         overlap=overlap, dp_shard_optimizer=shard, tp=1 if one_process else tp))
+    topo = Topology(pp=pp, tp=tp) if not one_process else Topology(rank=0, world_size=1)
     model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, full_state, 48)
     engine = ParallelEngine(stages, cfg, torch.bfloat16 if bf16 else None, topo, tied, bucket_mb=0.004)
     return engine, topo
@@ -122,9 +122,9 @@ def test_dp2_engine_steps_the_flat_adamw_like_torch_adamw():
     assert all(run_distributed(_flat_vs_torch_adamw, 2))
 
 
-def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2):
+def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2, tp=1):
     """One process, then this layout eagerly and as the graph captures it (the same initial weights: the
-    one-process model's, loaded into the stages)."""
+    one-process model's, loaded into the stages; a TP init draws per rank)."""
     mcfg = _config(4, tie=pp > 1)
     batch = make_batch(mcfg, ROWS, 48)
     noise = make_noise(mcfg, batch)
@@ -132,7 +132,8 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2):
     for layout in ("one", "eager", "captured"):
         one = layout == "one"
         engine, topo = (_engine(True, 1, "1f1b", 1, m, True, one_process=True, tie=pp > 1) if one else
-                        _engine(True, pp, schedule, v, m, True, full_state=full if pp > 1 else None))
+                        _engine(True, pp, schedule, v, m, True, tp=tp,
+                                full_state=full if pp > 1 or tp > 1 else None))
         if one:  # the one-process model's weights, in full precision, before any step
             full = {k: w.clone() for k, w in engine.model_state_dict().items()}
         alive.append(weakref.ref(engine.weights.model_params[0]))  # a bf16 weight the gradient hooks sit on
@@ -143,9 +144,8 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2):
         part = ({k: t[rows] for k, t in batch.items()}, noise[rows], None)
         spy, losses, grads = _HostReads(), [], None
         for step in range(2):
-            if step == 1:  # by full-model name: a pipeline rank holds some of the one process's parameters
-                grads = {n: engine.weights.main_of(p).grad.clone() for st in engine.stages
-                         for n, p in st.module.named_parameters() if p.requires_grad}
+            if step == 1:  # the first step's gradients (left in .grad by the step), by full-model name
+                grads = _full_grads(engine)
             lr = 1e-3 * (step + 1)
             if layout != "captured":
                 losses.append(engine.train_step(*part, lr)["loss"])
@@ -155,18 +155,23 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2):
             with spy:  # the step function the graph captures: its lr a 0-d tensor
                 losses.append(engine._step(*part, torch.tensor(lr))["loss"])
         out[layout] = dict(losses=[float(x) for x in losses], weights=engine.model_state_dict(), reads=spy.reads,
-                           grads=grads,
+                           grads=grads, flat=engine.weights._flat is not None,
                            copied=sum(b.copied for b in engine.buckets.buckets), early=engine.buckets.early,
-                           world=engine.buckets.world)
+                           world=engine.buckets.world, bf16=engine.weights.flat_param.clone(),
+                           main=engine.weights.flat_main.clone())
         del engine
         gc.collect()
     # the engines are freed with their weights: the hooks hold them weakly (Python's gc does not look into a
     # tensor's hooks, so a hook that held its engine kept it, and each ParallelEngine of a bench run stayed on the GPU)
     assert [ref() for ref in alive] == [None] * 3
     one, eager, captured = out["one"], out["eager"], out["captured"]
-    assert one["world"] == 1 and captured["world"] == world // pp, out
-    if pp == 1:  # data parallelism: in-place buckets, reduced during backward
+    assert all(out[k]["flat"] for k in out)  # every layout stepped the flat one-pass AdamW
+    assert torch.equal(captured["bf16"], captured["main"].to(torch.bfloat16))  # which wrote this rank's bf16 shards
+    assert one["world"] == 1 and captured["world"] == world // (pp * tp), out
+    if pp == 1 and tp == 1:  # data parallelism: in-place buckets, reduced during backward
         assert captured["copied"] == 0 and captured["early"] > 0, out
+    if tp > 1:  # no data parallelism: no bucket reduces anything
+        assert captured["early"] == 0, out
     assert captured["reads"] == [], captured["reads"]
     assert captured["losses"] == eager["losses"], (captured["losses"], eager["losses"])
     for k, w in eager["weights"].items():
@@ -174,8 +179,8 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2):
     # against one process on the whole batch: bf16 GEMMs over 4 rows vs 8 round differently, nothing else differs
     # (weights are not compared: AdamW turns a rounding-sized gradient of either sign into a whole +-lr step)
     torch.testing.assert_close(captured["losses"], one["losses"], rtol=1e-4, atol=0)
-    # the step's DP-summed fp32 gradients: the whole and each tensor within 2% and 3% (a reduction that lost or
-    # doubled a rank's share would be off by ~50-100%)
+    # the step's DP-summed (TP: gathered) fp32 gradients: the whole and each tensor within 2% and 3% (a reduction
+    # that lost or doubled a rank's share would be off by ~50-100%)
     assert set(captured["grads"]) <= set(one["grads"]) | {"lm_head.weight"}, set(captured["grads"]) - set(one["grads"])
     names = [n for n in captured["grads"] if n in one["grads"]]
     assert len(names) >= len(one["grads"]) // (2 * pp), names
@@ -184,6 +189,17 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2):
     assert torch.stack(diff).norm() <= 2e-2 * torch.stack(norm).norm(), (torch.stack(diff).norm(), torch.stack(norm).norm())
     assert all(d <= 3e-2 * n + 1e-7 for d, n in zip(diff, norm)), max(float(d / n) for d, n in zip(diff, norm) if n > 0)
     return True
+
+
+def _full_grads(engine) -> dict:
+    """{full-model name: fp32 main gradient, whole (TP shards gathered, parallel/checkpoint_tp.py)} of this rank's
+    stages (a pipeline rank holds some of the one process's parameters)."""
+    from parallel.checkpoint_tp import gather_full
+    out = {}
+    for st in engine.stages:
+        out.update(gather_full(st.module, {n: engine.weights.main_of(p).grad.clone()
+                                           for n, p in st.module.named_parameters() if p.requires_grad}))
+    return out
 
 
 def test_dp2_step_as_the_graph_captures_it_reads_nothing_back_and_equals_one_process():
@@ -206,6 +222,14 @@ def test_pp2_schedule_as_the_graph_captures_it_reads_nothing_back_and_equals_one
     assert all(run_distributed(_as_captured, 2, 2, schedule, v, 4))
 
 
+def test_tp2_step_as_the_graph_captures_it_steps_the_flat_adamw_and_equals_one_process():
+    """train.step_graph=on at TP=2 (no data parallelism) steps the flat one-pass AdamW over each rank's own shards,
+    as the graphed one GPU and DP do (TP-only graphs stepped torch's fused AdamW until session 9): the step function
+    the graph captures, over gloo, reads nothing back to the host, equals the eager TP2 step bitwise and one
+    process on the same weights and batch (bf16 GEMM rounding; the sharded gradients gathered)."""
+    assert all(run_distributed(_as_captured, 2, 1, "1f1b", 1, 2, 2))
+
+
 # ----- tensor parallelism: async TP and host read-backs ----------------------------------------------------
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
 
@@ -225,6 +249,9 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+ROWS_TP = 4
+
+
 def _tp2_sp(rank, world, sp: bool):
     import torch.distributed as dist
     from parallel.comm import symm_all_reduce  # noqa: F401  (registers megaflow::symm_all_reduce)
@@ -233,13 +260,18 @@ def _tp2_sp(rank, world, sp: bool):
     x = torch.arange(6.0) * (rank + 1)  # parallel.tp_all_reduce=symm's op; on CPU its NCCL/gloo fallback
     assert torch.equal(torch.ops.megaflow.symm_all_reduce(x, dist.group.WORLD.group_name), torch.arange(6.0) * 3)
     mcfg, ref = reference()
-    batch = make_batch(mcfg, 2, 48)
+    batch = make_batch(mcfg, ROWS_TP, 48)
     noise = make_noise(mcfg, batch)
+    import parallel.layers as layers
+    launches, start_reduce = [], layers.start_reduce  # parallel.tp_overlap's deferred row-parallel reductions
+    layers.start_reduce = lambda *a: launches.append(a[0].shape[0]) or start_reduce(*a)
     out = {}
-    for async_tp in (False, True):
+    # off; async TP; row chunks (parallel.tp_overlap: 4 with async TP's dX all-reduce without SP, halves alone under SP)
+    chunks = 2 if sp else 4
+    for key, async_tp, halves in ((False, False, 0), (True, True, 0), ("halves", not sp, chunks)):
         cfg = Config(model=mcfg, data=DataConfig(image_size=8, channels=1, patch_size=2),
                      train=TrainConfig(lr=1e-3, warmup=0, steps=4, grad_clip=1.0, compile="off"),
-                     parallel=ParallelConfig(tp=2, sequence_parallel=sp, async_tp=async_tp))
+                     parallel=ParallelConfig(tp=2, sequence_parallel=sp, async_tp=async_tp, tp_overlap=halves))
         topo = Topology(tp=2)
         model, stages, tied = build_stages(mcfg, cfg.parallel, topo, "cpu", 0, full_state=ref.state_dict(), seq_len=48)
         engine = build_engine(cfg, model, stages, tied, topo, None)
@@ -253,15 +285,22 @@ def _tp2_sp(rank, world, sp: bool):
         spy = _HostReads()
         with spy:
             second = engine._step(batch, noise, None, torch.tensor(1e-3))
-        out[async_tp] = dict(losses=[float(first["loss"]), float(second["loss"])], grads=grads, reads=spy.reads,
-                             tensors=all(torch.is_tensor(v) for v in second.values()),
-                             comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})
-    off, on = out[False], out[True]
+        out[key] = dict(losses=[float(first["loss"]), float(second["loss"])], grads=grads, reads=spy.reads,
+                        tensors=all(torch.is_tensor(v) for v in second.values()), launches=launches[:],
+                        comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})
+        launches.clear()
+    layers.start_reduce = start_reduce
+    off, on, halves = out[False], out[True], out["halves"]
     comm = "gather" if sp else "copy_async"
     assert comm in on["comms"] and comm not in off["comms"], (on["comms"], off["comms"])
-    for a, b in zip(on["grads"], off["grads"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    return dict(on=on["losses"], off=off["losses"], reads=on["reads"] + off["reads"], tensors=on["tensors"])
+    # chunks: each of the 6 blocks' o_proj and down_proj reduced once per chunk of 4 / chunks rows, 2 forwards
+    assert off["launches"] == on["launches"] == [], (off["launches"], on["launches"])
+    assert halves["launches"] == [ROWS_TP // chunks] * 12 * chunks * 2, halves["launches"]
+    for other in (on, halves):
+        for a, b in zip(other["grads"], off["grads"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    return dict(on=on["losses"], halves=halves["losses"], off=off["losses"], tensors=on["tensors"] and halves["tensors"],
+                reads=on["reads"] + off["reads"] + halves["reads"])
 
 
 @pytest.mark.parametrize("sp", [True, False], ids=["tp2sp", "tp2"])
@@ -269,14 +308,16 @@ def test_tp2_sp_async_equals_sync_and_reads_nothing_back(sp):
     """TP=2 (+ SP) through the ParallelEngine: with parallel.async_tp (under SP each all-gather and
     reduce-scatter overlapped with its GEMM; without, each column-parallel layer's input-gradient
     all-reduce with its weight-gradient GEMM: parallel/async_tp.py) the gradients and losses equal the
-    plain collectives'; and a whole training step (forward, backward, clip, fused AdamW) reads no
+    plain collectives'; so do they with parallel.tp_overlap (each block's attention and MLP on row chunks of
+    the batch, one chunk's row-parallel reduction in flight during the next ones' compute: parallel/tp_overlap.py;
+    4 chunks with async TP, halves under SP), which really launches every such reduction once per chunk; and a whole training step (forward, backward, clip, fused AdamW) reads no
     tensor value back to the host: the engine returns 0-d tensors, read only at log steps (on 2 H200s
     a TP=2 step spent 21 ms of host time in blocking copies, docs/benchmarks.md)."""
     for r in run_distributed(_tp2_sp, 2, sp):
         assert r["tensors"], r
         assert r["reads"] == [], r["reads"]
-        for a, b in zip(r["on"], r["off"]):
-            assert abs(a - b) < 1e-5 * max(1.0, abs(b)), r
+        for a, b, c in zip(r["on"], r["halves"], r["off"]):
+            assert abs(a - c) < 1e-5 * max(1.0, abs(c)) and abs(b - c) < 1e-5 * max(1.0, abs(c)), r
 
 
 # ----- data parallelism: the fp32 accumulation hooks ---------------------------------------------------------

@@ -26,6 +26,7 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 GRAPHED = [dict(tp=2), dict(tp=2, sequence_parallel=True), dict(tp=2, async_tp=True), dict(tp=2, micro_batches=2),
+           dict(tp=2, async_tp=True, tp_overlap=2), dict(tp=2, sequence_parallel=True, tp_overlap=2),  # batch chunks
            dict(tp=2, fp8="current", fp8_backend="torch"),
            # data parallelism (dp = world / (tp x pp) is not a ParallelConfig field: these hold for any world size)
            dict(), dict(micro_batches=4), dict(overlap=False), dict(dp_comm_priority=True, last_bucket_mb=40.0),

@@ -48,9 +48,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(tp: int, sp: bool, tarflow: bool = False, tied: bool = False, flow_tp: int = 0,
-             path: str = "meta", steps: int = 3, async_tp: bool = False, **flow) -> dict:
+             path: str = "meta", steps: int = 3, async_tp: bool = False, tp_overlap: int = 0, flex: bool = False,
+             **flow) -> dict:
+    """`flex`: the document mask as a FlexAttention BlockMask, as on a GPU (tiny heads: applied densely from its rule)."""
+    from megaflow.model.masks import use_kernel
+    with use_kernel("flex" if flex else "auto"):
+        return _run_case(tp, sp, tarflow, tied, flow_tp, path, steps, async_tp, tp_overlap, **flow)
+
+
+def _run_case(tp, sp, tarflow, tied, flow_tp, path, steps, async_tp, tp_overlap, **flow) -> dict:
     cfg, ref = reference(tarflow, tied, **flow)
-    pcfg = ParallelConfig(tp=tp, flow_tp=flow_tp, sequence_parallel=sp, async_tp=async_tp)
+    pcfg = ParallelConfig(tp=tp, flow_tp=flow_tp, sequence_parallel=sp, async_tp=async_tp, tp_overlap=tp_overlap)
     topo = Topology(tp=tp, flow_tp=flow_tp)
     if path == "meta":
         model = build_tp_model(cfg, topo, pcfg, state_dict=ref.state_dict())
@@ -65,7 +73,8 @@ def run_case(tp: int, sp: bool, tarflow: bool = False, tied: bool = False, flow_
     # of ~lr. eps=1e-4 keeps the comparison about tensor parallelism, not about that amplification.
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4)
-    out = {"loss": 0.0, "grad": 0.0, "weight": 0.0, "worst": "", "kinds": {k.__name__ for k in kinds}}
+    out = {"loss": 0.0, "grad": 0.0, "weight": 0.0, "worst": "", "kinds": {k.__name__ for k in kinds},
+           "deferred": sum(getattr(m, "defer_reduce", False) for m in model.modules())}
     for step in range(steps):
         loss_ref, _ = ref(batch, noise, cond_keep)
         loss, _ = model(batch, noise, cond_keep)
@@ -140,6 +149,9 @@ def check(results, cases):
         assert ("SequenceSplit" in r["kinds"]) == case["sp"], r["kinds"]
         # the Pretzel skips: replicated, moving no activation (SP: each rank's tokens; without SP plain nn.Linear)
         assert ("SequenceParallelLinear" in r["kinds"]) == (case["sp"] and not case.get("tarflow")), r["kinds"]
+        # parallel.tp_overlap: the o_proj and down_proj of every unit block (tiny: 4 VLM + 2 flow) launch their
+        # reduction for the halves to wait
+        assert r["deferred"] == (12 if case.get("tp_overlap") else 0), (case, r)
         assert r["loss"] < TOL, (case, r)
         assert r["grad"] < TOL, (case, r)
         assert r["weight"] < TOL, (case, r)
@@ -157,6 +169,11 @@ CASES_2 = [
     dict(tp=2, sp=True, tarflow=True),
     dict(tp=2, sp=True, tied=True, async_tp=True),  # collectives overlapped with the GEMMs (parallel/async_tp.py)
     dict(tp=2, sp=False, async_tp=True),  # the input gradient's all-reduce overlapped with dW's GEMM
+    # batch halves: each half's row-parallel all-reduce / reduce-scatter in flight during the other's compute
+    dict(tp=2, sp=False, async_tp=True, tp_overlap=2),
+    dict(tp=2, sp=True, tied=True, tp_overlap=2),
+    dict(tp=2, sp=False, tp_overlap=4),  # 4 chunks do not divide the 2 rows: the whole batch, waited at once
+    dict(tp=2, sp=False, tp_overlap=2, flex=True),  # the BlockMask split per chunk (its rule shifted to the rows)
 ]
 CASES_4 = [dict(tp=4, sp=False, shallow_heads=4), dict(tp=4, sp=True, shallow_heads=4),
            dict(tp=4, sp=True, shallow_heads=4, async_tp=True)]  # + k/v heads replicated, chunks over 4 ranks

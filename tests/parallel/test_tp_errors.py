@@ -90,3 +90,16 @@ def test_tp_all_reduce_route_is_checked():
     assert ParallelConfig(tp=2, tp_all_reduce="symm").tp_all_reduce == "symm"
     with pytest.raises(ValueError, match="parallel.tp_all_reduce='nvls' must be 'nccl' or 'symm'"):
         ParallelConfig(tp=2, tp_all_reduce="nvls")
+
+
+def test_tp_overlap_is_checked():
+    """parallel.tp_overlap is a number of row chunks (0 off, >= 2); with Transformer Engine's layers, or with
+    async TP under SP (which owns the row-parallel reduce-scatter), it is one clear error naming the settings."""
+    assert ParallelConfig(tp=2, tp_overlap=2, async_tp=True).tp_overlap == 2
+    assert ParallelConfig(tp=2, tp_overlap=4, sequence_parallel=True).tp_overlap == 4
+    with pytest.raises(ValueError, match=r"parallel.tp_overlap=1 must be 0 \(off\) or the number of row chunks"):
+        ParallelConfig(tp=2, tp_overlap=1)
+    with pytest.raises(ValueError, match=r"parallel.tp_overlap=2 splits the local backend's blocks.*backend='te'"):
+        ParallelConfig(tp=2, tp_overlap=2, backend="te")
+    with pytest.raises(ValueError, match=r"tp_overlap=2 defers .* set tp_overlap=0 or async_tp=false"):
+        ParallelConfig(tp=2, tp_overlap=2, async_tp=True, sequence_parallel=True)

@@ -9,6 +9,7 @@
 #   NOCACHE=1 bash tools/device/h200x2_tp.sh graphed BASE  # round 5: this tree's graphed TP2 / TP2+SP rows (NCCL and
 #                                   # tp_all_reduce=symm, one graphed step profiled per rank) and the graphed one GPU,
 #                                   # then the tree at BASE's graphed TP2 / TP2+SP (before); SUMMARY lines from the logs
+#   NOCACHE=1 CACHE=DIR bash tools/device/h200x2_tp.sh round6 BASE  # round 6: the flat AdamW and batch chunks (tp_overlap)
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
 # written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
 # $CACHE/inductor.tgz.* (CACHE=.cache unless set; copy the parts there and carry them in the next call): a warm cache turns each
@@ -81,6 +82,12 @@ if eager and graph:
           f"fell by {eager['loss0'] - eager['loss']:.4f} eager and {graph['loss0'] - graph['loss']:.4f} graphed")
 EOF
   ;;
+round6)  # issue 17 round 6 (helper tp4): the graphed rows with the flat AdamW (all TP rows of this tree) and batch chunks
+  # (parallel.tp_overlap, with async TP's backward all-reduces beside dW), the graphed one GPU, the tree at BASE's tp2
+  G="train.step_graph=on"; O="parallel.async_tp=true;parallel.tp_overlap"
+  ROWS=${ROWS:-"a:tp2@$G;$O=2 a:one a:tp2@$G;$O=4 a:tp2@$G b:tp2@$G a:tp2sp@$G;parallel.tp_overlap=2 a:tp2sp@$G"}
+  PROFILED=${PROFILED:-"a:tp2@$G;$O=2"}
+  ;&
 graphed)  # issue 17 round 5 (helper tp3): every row its own torchrun, all started together (tools/bench_turns.py:
   # they compile side by side, then take turns on the GPUs in the order listed); rows of this tree (a:) and of
   # BASE (b:, before; its tools/ needs bench_scaling.py and bench_turns.py of this tree); a SUMMARY line as each
