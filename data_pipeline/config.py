@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PACKINGS = ("fullest", "first_fit")  # DataConfig.packing; a loader state records the run's choice
+PACKINGS = ("fullest", "first_fit")  # how the planner fills rows; a loader state records the run's choice
+FULLEST_MAX_ROWS = 128  # data.packing=auto: `fullest` up to this many global rows (dp x B) a step, `first_fit` above
+
+
+def resolve_packing(packing: str, rows: int) -> str:
+    """DataConfig.packing for a plan of `rows` global rows a step: `auto` is `fullest` while its host cost
+    (linear in the rows, ~34 ms a step at 128 on a slow core: docs/DATA.md) stays hidden behind a step,
+    `first_fit` above; the others as they are."""
+    if packing != "auto":
+        return packing
+    return "fullest" if rows <= FULLEST_MAX_ROWS else "first_fit"
 
 
 @dataclass(frozen=True)
@@ -45,11 +55,13 @@ class DataConfig:
     documents (carried over first, then new ones) until they hold lookahead x dp x B x T tokens.
     What does not fit is carried into a later batch, never dropped. Larger = fuller rows, a little
     more reordering and a larger loader state; 1.5 to 4 is typical (docs/DATA.md)."""
-    packing: str = "fullest"
+    packing: str = "auto"
     """How the planner fills rows: `fullest` (each row the subset of pending documents that fills it
-    most: 0.99 of the slots on h200_1b's Fashion-MNIST documents) or `first_fit` (first-fit
-    decreasing, 0.96 there; what runs before this option packed with). A resumed run keeps the
-    packing its loader state was written with, whatever this says (docs/DATA.md, Resumption)."""
+    most: 0.99 of the slots on h200_1b's Fashion-MNIST documents), `first_fit` (first-fit
+    decreasing, 0.96 there; what runs before this option packed with), or `auto`: `fullest` up to
+    FULLEST_MAX_ROWS global rows (dp x B) a step, `first_fit` above (the plan is global and
+    `fullest`'s host cost grows with the rows). A resumed run keeps the packing its loader state was
+    written with, whatever this says (docs/DATA.md, Resumption)."""
 
     image_size: int = 32
     """Images are brought to image_size x image_size (see image_fit)."""
@@ -111,8 +123,8 @@ class DataConfig:
         for name in ("seq_len", "batch_size", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.packing not in PACKINGS:
-            raise ValueError(f"packing={self.packing!r}; use one of {PACKINGS}")
+        if self.packing not in ("auto",) + PACKINGS:
+            raise ValueError(f"packing={self.packing!r}; use one of {('auto',) + PACKINGS}")
         if not self.lookahead >= 1.0:
             raise ValueError(f"lookahead={self.lookahead} must be >= 1.0 (batches' worth of tokens the packer "
                              "looks at per step); 2.0 is the default")

@@ -40,7 +40,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline import streaming_compat as sc
-from data_pipeline.config import PACKINGS, DataConfig
+from data_pipeline.config import PACKINGS, DataConfig, resolve_packing
 from data_pipeline.packing import PackStats, Planner, TokenizedDoc, build_batch, split_document, tokenize_document
 from data_pipeline.schema import BadSampleError, decode_sample
 from data_pipeline.tokenizer import Tokenizer
@@ -330,7 +330,8 @@ class Loader:
                 validate_hash="xxh64" if (cfg.validate_hashes and cfg.remote) else None)
         self.builder = BatchBuilder(self.dataset, cfg, tokenizer)
         self.epoch, self.next_index, self.carry = 0, 0, []
-        self.packing = cfg.packing  # a resumed run's is its loader state's (load_state_dict)
+        # data.packing resolved for this run's dp x B rows; a resumed run's is its loader state's (load_state_dict)
+        self.packing = resolve_packing(cfg.packing, self.dp_size * cfg.batch_size)
         self._pieces: dict[int, list] = {}  # sample id -> its pieces (lengths only), kept across epochs
         self.stats = {"batches": 0, **asdict(PackStats())}
         self.last_sample_ids: list[int] = []
@@ -431,7 +432,7 @@ class Loader:
         self.packing = state.get("packing", "first_fit")
         if self.packing not in PACKINGS:
             raise ValueError(f"the loader state has packing={self.packing!r}, this megaflow knows {PACKINGS}")
-        if self.packing != cfg.packing:
+        if self.packing != resolve_packing(cfg.packing, self.dp_size * cfg.batch_size):
             log.warning(f"resuming with the loader state's packing={self.packing} (data.packing={cfg.packing} "
                         "applies to runs started fresh): the batches are those of the uninterrupted run")
 

@@ -83,8 +83,9 @@ def test_resume_mid_epoch_is_exact(digits_dir, tok):
 
 def test_a_state_from_before_the_packing_option_resumes_first_fit(digits_dir, tok):
     """A loader state has the run's packing; one without it (written before `data.packing`) was
-    packed first-fit, and resuming it under the new default (`fullest`) still gives the batches of
-    the uninterrupted first-fit run (the run keeps its packing; a fresh run takes the config's)."""
+    packed first-fit, and resuming it under the new default (`auto`: `fullest` at these 4 rows) still
+    gives the batches of the uninterrupted first-fit run (the run keeps its packing; a fresh run takes
+    the config's, resolved for its rows, and records that)."""
     old = _cfg(digits_dir, packing="first_fit")
     full, _, _ = _read(old, tok)
     head, state, _ = _read(old, tok, max_batches=5)
@@ -93,8 +94,9 @@ def test_a_state_from_before_the_packing_option_resumes_first_fit(digits_dir, to
     assert [ids for ids, _ in head + tail] == [ids for ids, _ in full]
     assert all(a["tokens"].equal(b["tokens"]) for (_, a), (_, b) in zip(tail, full[5:]))
     assert after["packing"] == "first_fit"
-    fresh, _, _ = _read(_cfg(digits_dir), tok)
+    fresh, fresh_state, _ = _read(_cfg(digits_dir), tok)
     assert [ids for ids, _ in fresh] != [ids for ids, _ in full]  # the new default packs differently
+    assert fresh_state["packing"] == "fullest"
 
 
 def test_token_budget_packing_fills_rows_and_carries_over(digits_dir, tok):

@@ -7,6 +7,7 @@ import itertools
 import random
 
 import numpy as np
+import pytest
 
 from data_pipeline.config import DataConfig
 from data_pipeline.packing import Planner, build_batch, fullest_subset, split_document, tokenize_document
@@ -168,3 +169,15 @@ def test_fullest_fills_rows_that_first_fit_leaves_short(tok):
         fills[packing] = [sum(e - s for _, s, e in row) for row in steps[0]]
     assert fills["fullest"] == [48, 48, 48]
     assert fills["first_fit"] == [40, 48, 42]
+
+
+def test_auto_packing_is_fullest_up_to_its_row_limit_and_a_bad_name_is_refused():
+    """data.packing=auto: `fullest` while the global plan's rows (dp x B) keep its host cost small, first-fit
+    above; explicit choices stay as they are; an unknown name is refused with the choices."""
+    from data_pipeline.config import FULLEST_MAX_ROWS, resolve_packing
+    assert resolve_packing("auto", 16) == resolve_packing("auto", FULLEST_MAX_ROWS) == "fullest"
+    assert resolve_packing("auto", FULLEST_MAX_ROWS + 1) == "first_fit"
+    assert resolve_packing("fullest", 10 * FULLEST_MAX_ROWS) == "fullest"
+    assert resolve_packing("first_fit", 4) == "first_fit"
+    with pytest.raises(ValueError, match="packing='best'.*auto"):
+        DataConfig(local="x", packing="best")
