@@ -132,7 +132,8 @@ class ParallelEngine:
         # (TP-only graphs stepped torch's fused AdamW until session 9: ~1.5 ms more a TP2 step on h200_1b)
         self.graph = None
         copied = topo.dp > 1 and any(b.copied for b in self.buckets.buckets)
-        if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, parallel=pcfg, copied_buckets=copied):
+        if check_step_graph(tcfg.step_graph, device, tcfg.compile_mode, parallel=pcfg, copied_buckets=copied,
+                            dp=topo.dp):
             self.graph = StepGraph(self._step, self.optimizer, device)
 
     def train_step(self, batch: dict, noise, keep, lr: float) -> dict:

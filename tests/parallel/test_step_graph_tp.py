@@ -67,6 +67,12 @@ def test_auto_graphs_where_on_would_and_says_why_not_elsewhere(fields, message, 
     assert check_step_graph("auto", torch.device("cuda"), data_parallel=True) is False  # PlainEngine's DP path
     assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig()) is True  # DP2 (ParallelEngine)
     assert check_step_graph("auto", torch.device("cuda"), parallel=ParallelConfig(pp=2, micro_batches=8)) is True
+    # a pipeline with TP or DP: graphed by 'on' only (not yet replayed on GPUs), and 'auto' says how to graph it
+    for pcfg, dp in ((ParallelConfig(pp=2, tp=2, micro_batches=8), 1), (ParallelConfig(pp=2, micro_batches=8), 2)):
+        assert check_step_graph("on", torch.device("cuda"), parallel=pcfg, dp=dp) is True
+        caplog.clear()
+        assert check_step_graph("auto", torch.device("cuda"), parallel=pcfg, dp=dp) is False
+        assert "set train.step_graph=on" in caplog.text, caplog.text
     with pytest.raises(ValueError, match="must be one of"):
         check_step_graph("yes", torch.device("cuda"))
 
