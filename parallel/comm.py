@@ -29,9 +29,13 @@ The sequence dimension is dim 1 of (B, T, ...) tensors. Not here: which layer us
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+
+log = logging.getLogger("megaflow")
 
 SEQ_DIM = 1
 
@@ -79,6 +83,23 @@ def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 _SYMM_GROUPS: set = set()  # names of the groups whose all-reduces go through symmetric memory (use_symm_all_reduce)
 _symm_buffers: dict = {}  # (group name, shape, dtype, device) -> this rank's persistent symmetric buffer
+_symm_failed: set = set()  # the keys of _symm_buffers where symmetric memory failed: NCCL from then on
+
+
+def _symm_try(key: tuple, attempt):
+    """attempt() (a symmetric-memory all-reduce) unless it failed before for `key`; a failure is warned
+    once, with its reason, and remembered, so later calls of that shape go to NCCL at once instead of
+    failing again (a rendezvous or a kernel refused each time). None where it did not run."""
+    if key in _symm_failed:
+        return None
+    try:
+        return attempt()
+    except (RuntimeError, AttributeError, NotImplementedError) as e:
+        _symm_failed.add(key)
+        log.warning("parallel.tp_all_reduce=symm: symmetric memory failed for group %s, shape %s, %s (%s: %s); "
+                    "this shape's all-reduces use NCCL from now on", key[0], list(key[1]), key[2],
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
 
 
 def use_symm_all_reduce(group, on: bool = True) -> None:
@@ -94,21 +115,23 @@ def symm_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     reaches it in the same order), all-reduced there by the two-shot kernel (NVLink peer reads, no
     NCCL; on 2 H200s 0.15 ms for 32 MiB against NCCL's 0.48, docs/benchmarks.md), copied out. An
     opaque op to torch.compile. Where symmetric memory fails (no CUDA, an unsupported size): NCCL /
-    gloo on a copy, the same sum."""
+    gloo on a copy, the same sum (a failure warned once and remembered per shape: `_symm_try`)."""
     key = (group_name, tuple(x.shape), x.dtype, x.device)
-    if x.is_cuda:
-        try:
-            buf = _symm_buffers.get(key)
-            if buf is None:
-                import torch.distributed._symmetric_memory as symm_mem
-                buf = symm_mem.empty(x.shape, dtype=x.dtype, device=x.device)
-                symm_mem.rendezvous(buf, group_name)
-                _symm_buffers[key] = buf
-            buf.copy_(x)
-            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group_name)
-            return buf.clone()  # the buffer is reused by the next call of this shape
-        except (RuntimeError, AttributeError, NotImplementedError):
-            pass
+
+    def symm():
+        buf = _symm_buffers.get(key)
+        if buf is None:
+            import torch.distributed._symmetric_memory as symm_mem
+            buf = symm_mem.empty(x.shape, dtype=x.dtype, device=x.device)
+            symm_mem.rendezvous(buf, group_name)
+            _symm_buffers[key] = buf
+        buf.copy_(x)
+        torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group_name)
+        return buf.clone()  # the buffer is reused by the next call of this shape
+
+    out = _symm_try(key, symm) if x.is_cuda else None
+    if out is not None:
+        return out
     from torch.distributed.distributed_c10d import _resolve_process_group
     out = x.clone()
     dist.all_reduce(out, group=_resolve_process_group(group_name))

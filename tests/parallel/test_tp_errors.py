@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 from megaflow.model.config import VLMConfig
 from megaflow.model.starflow import build_model
@@ -103,3 +104,27 @@ def test_tp_overlap_is_checked():
         ParallelConfig(tp=2, tp_overlap=2, backend="te")
     with pytest.raises(ValueError, match=r"tp_overlap=2 defers .* set tp_overlap=0 or async_tp=false"):
         ParallelConfig(tp=2, tp_overlap=2, async_tp=True, sequence_parallel=True)
+
+
+def test_a_symmetric_memory_failure_is_warned_once_and_remembered(caplog):
+    """parallel.tp_all_reduce=symm: where symmetric memory fails for a shape (a rendezvous or kernel refused),
+    the all-reduce falls back to NCCL with one warning naming the shape and the reason, and later calls of that
+    shape go to NCCL at once (before, every call tried again, silently); another shape still tries."""
+    from parallel import comm
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise RuntimeError("symmetric memory is not supported here\nstack ...")
+
+    key, other = ("tp0", (8, 16), torch.bfloat16, "cuda:0"), ("tp0", (8, 32), torch.bfloat16, "cuda:0")
+    comm._symm_failed.discard(key), comm._symm_failed.discard(other)
+    try:
+        with caplog.at_level("WARNING", logger="megaflow"):
+            assert comm._symm_try(key, refused) is None and comm._symm_try(key, refused) is None
+        assert len(calls) == 1 and key in comm._symm_failed
+        warned = [r.getMessage() for r in caplog.records if "symmetric memory failed" in r.getMessage()]
+        assert len(warned) == 1 and "[8, 16]" in warned[0] and "is not supported here" in warned[0], warned
+        assert comm._symm_try(other, lambda: "summed") == "summed" and other not in comm._symm_failed
+    finally:
+        comm._symm_failed.discard(key)
