@@ -32,12 +32,8 @@ import types
 import torch
 import torch.nn as nn
 
+from megaflow.model.masks import BlockMask, block_mask_rows  # BlockMask: None on a torch without FlexAttention
 from parallel.comm import SEQ_DIM, all_gather, group_size, seq_to_rows
-
-try:
-    from torch.nn.attention.flex_attention import BlockMask
-except ImportError:  # a torch without FlexAttention: no BlockMask to split
-    BlockMask = None
 
 _c10d = torch.ops._c10d_functional
 
@@ -95,11 +91,8 @@ def _chunk_block_mask(mask, i: int, k: int, rows: int):
     shifted to them; a mask of one broadcast row as it is."""
     if mask.kv_num_blocks.shape[0] == 1:
         return mask
-    first, n = i * rows // k, rows // k
-    take = lambda t: None if t is None else t.narrow(0, first, n)  # noqa: E731  (B, H, ...) block tables
-    return BlockMask.from_kv_blocks(take(mask.kv_num_blocks), take(mask.kv_indices), take(mask.full_kv_num_blocks),
-                                    take(mask.full_kv_indices), BLOCK_SIZE=mask.BLOCK_SIZE,
-                                    mask_mod=_shifted(mask.mask_mod, first), seq_lengths=mask.seq_lengths)
+    first = i * rows // k
+    return block_mask_rows(mask, first, first + rows // k, _shifted(mask.mask_mod, first))
 
 
 def split_context(ctx, rows: int, k: int):

@@ -83,10 +83,16 @@ def mask_rows(mask: Mask, doc_ids: Optional[torch.Tensor], start: int, stop: int
         return mask
     if isinstance(mask, torch.Tensor):
         return mask[start:stop]
+    return block_mask_rows(mask, start, stop, _same_document_causal(doc_ids[start:stop]))
+
+
+def block_mask_rows(mask: "BlockMask", start: int, stop: int, mask_mod) -> "BlockMask":
+    """Rows start:stop of a BlockMask: its block tables' rows (views, nothing evaluated again) under
+    `mask_mod`, the rule indexed by the row within start:stop."""
     take = lambda t: None if t is None else t[start:stop]  # noqa: E731  (B, H, ...) block tables
     return BlockMask.from_kv_blocks(take(mask.kv_num_blocks), take(mask.kv_indices), take(mask.full_kv_num_blocks),
-                                    take(mask.full_kv_indices), BLOCK_SIZE=mask.BLOCK_SIZE,
-                                    mask_mod=_same_document_causal(doc_ids[start:stop]), seq_lengths=mask.seq_lengths)
+                                    take(mask.full_kv_indices), BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod,
+                                    seq_lengths=mask.seq_lengths)
 
 
 def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device) -> Mask:
