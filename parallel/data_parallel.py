@@ -107,9 +107,9 @@ class GradBuckets:
         self.buckets = [_Bucket(g, self.world) for g in groups]
         self.shard = shard and self.world > 1
         if self.shard and any(b.copied for b in self.buckets):
-            raise ValueError("parallel.dp_shard_optimizer=true reduce-scatters buckets that are slices of the flat fp32 "
+            raise ValueError("parallel.dp_shard_optimizer=on reduce-scatters buckets that are slices of the flat fp32 "
                              "main-gradient buffer (bf16 weights); this run's copy gradients (fp32 weights, "
-                             "train.param_dtype=fp32); set train.param_dtype=bf16 or parallel.dp_shard_optimizer=false")
+                             "train.param_dtype=fp32); set train.param_dtype=bf16 or parallel.dp_shard_optimizer=auto (off here)")
         self.where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}  # param -> its bucket's index
         self.chunks, self.armed, self.counting, self.next = [], set(), False, 0  # overlap state (`attach`)
         self.early = 0  # buckets launched during backward in the last step

@@ -112,7 +112,7 @@ class ParallelEngine:
             tied.weight = self.weights.main_of(tied.weight)  # the tied gradients are summed in fp32
         self.buckets = GradBuckets(self.params, reduction_group(topo, pcfg.dp_comm_ctas, pcfg.dp_comm_priority),
                                    bucket_mb=bucket_mb or pcfg.bucket_mb, last_mb=pcfg.last_bucket_mb,
-                                   shard=pcfg.dp_shard_optimizer)
+                                   shard=pcfg.shard_optimizer(self.weights.mixed))
         # parallel.dp_shard_optimizer: reduce-scatter, AdamW on this rank's shard, all-gather (parallel/dist_optimizer.py)
         self.sharded = DistributedOptimizer(self.weights, self.buckets) if self.buckets.shard else None
         if pcfg.overlap:  # reduce buckets during the last backward (after MainWeights' fp32 hooks)

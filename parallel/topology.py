@@ -50,7 +50,7 @@ class ParallelConfig:
     dp_comm_ctas: int = 0  # NCCL: at most this many CTAs (SMs) run the data-parallel gradient all-reduce, leaving the rest to the backward it overlaps (0 = NCCL's choice; 8 was slower on 2 H200s: the all-reduces stretch past the backward)
     last_bucket_mb: float = 0.0  # > 0: the last data-parallel bucket holds only the model's first parameters, at most this many MiB (their gradients are ready last: its all-reduce is the one backward cannot hide); 0 = every bucket up to bucket_mb (40 gained nothing for h200_1b's graphed DP2 on 2 H200s, docs/benchmarks.md)
     dp_comm_priority: bool = False  # NCCL: the data-parallel gradient all-reduce runs on a high-priority stream (its kernels scheduled ahead of the backward's; kept per kernel inside train.step_graph's CUDA graph; no gain for h200_1b's DP2 on 2 H200s)
-    dp_shard_optimizer: bool = False  # data parallelism without ZeRO (tp = pp = 1, bf16 weights): the distributed optimizer (parallel/dist_optimizer.py): gradient buckets reduce-scattered during backward, AdamW on this rank's shard only, the bf16 weights all-gathered; checkpoints as without it
+    dp_shard_optimizer: str = "auto"  # the distributed optimizer (parallel/dist_optimizer.py): gradient buckets reduce-scattered during backward, AdamW on this rank's shard only, the bf16 weights all-gathered; checkpoints as without it. 'auto': on where it applies (dp > 1 with tp = pp = 1, no ZeRO, bf16 weights: DP2 95.6% vs 94.1% of one GPU on 2 H200s, docs/benchmarks.md), else off; 'on': refused where it does not apply; 'off': the all-reduce path
     timeout_s: float = 600.0  # seconds a collective or the start-up rendezvous waits for the other ranks before the run fails (a dead or hung rank ends the job)
 
     def __post_init__(self):
@@ -109,10 +109,21 @@ class ParallelConfig:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-        if self.dp_shard_optimizer and (self.zero_stage or self.tp > 1 or self.pp > 1):
-            raise ValueError(f"parallel.dp_shard_optimizer=true shards the optimizer over data parallelism alone; this "
+        if isinstance(self.dp_shard_optimizer, bool):  # Python callers (and YAML true/false) may pass a bool
+            object.__setattr__(self, "dp_shard_optimizer", "on" if self.dp_shard_optimizer else "off")  # frozen
+        if self.dp_shard_optimizer not in ("auto", "on", "off"):
+            raise ValueError(f"parallel.dp_shard_optimizer={self.dp_shard_optimizer!r} must be 'auto', 'on' or 'off'")
+        if self.dp_shard_optimizer == "on" and (self.zero_stage or self.tp > 1 or self.pp > 1):
+            raise ValueError(f"parallel.dp_shard_optimizer=on shards the optimizer over data parallelism alone; this "
                              f"run has zero_stage={self.zero_stage}, tp={self.tp}, pp={self.pp}: set "
-                             f"parallel.dp_shard_optimizer=false (or zero_stage=0, tp=1, pp=1)")
+                             f"parallel.dp_shard_optimizer=auto or off (or zero_stage=0, tp=1, pp=1)")
+
+    def shard_optimizer(self, bf16_weights: bool) -> bool:
+        """Whether data parallelism runs the distributed optimizer: 'on', or 'auto' where it applies (no
+        ZeRO, tp = pp = 1, bf16 weights: its buckets are slices of the flat fp32 main-gradient buffer)."""
+        if self.dp_shard_optimizer == "auto":
+            return bf16_weights and not (self.zero_stage or self.tp > 1 or self.pp > 1)
+        return self.dp_shard_optimizer == "on"
 
     @property
     def te_fp8(self) -> str:

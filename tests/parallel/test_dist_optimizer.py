@@ -134,5 +134,16 @@ def test_sharded_checkpoint_resumes_sharded_and_unsharded():
 
 def test_sharded_optimizer_refuses_other_layouts():
     for bad in (dict(tp=2), dict(pp=2), dict(zero_stage=1)):
-        with pytest.raises(ValueError, match="dp_shard_optimizer=true shards the optimizer over data parallelism alone"):
+        with pytest.raises(ValueError, match="dp_shard_optimizer=on shards the optimizer over data parallelism alone"):
             ParallelConfig(dp_shard_optimizer=True, **bad)
+        assert not ParallelConfig(**bad).shard_optimizer(bf16_weights=True)  # 'auto' (the default): off there
+
+
+def test_auto_shards_data_parallelism_with_bf16_weights_only_and_a_bad_value_is_refused():
+    assert ParallelConfig().dp_shard_optimizer == "auto"
+    assert ParallelConfig().shard_optimizer(bf16_weights=True)
+    assert not ParallelConfig().shard_optimizer(bf16_weights=False)  # fp32 weights: copied buckets
+    assert not ParallelConfig(dp_shard_optimizer=False).shard_optimizer(bf16_weights=True)
+    assert ParallelConfig(dp_shard_optimizer="on").shard_optimizer(bf16_weights=True)
+    with pytest.raises(ValueError, match="dp_shard_optimizer='sometimes' must be 'auto', 'on' or 'off'"):
+        ParallelConfig(dp_shard_optimizer="sometimes")

@@ -76,7 +76,7 @@ compare)  # BASE: the tree before (git archive b91a671), run with this tree's be
 shard)  # BASE: the tree before (git archive 5bb1260), run with this tree's bench script and profiler
   cp tools/bench_scaling.py "$2/tools/" && cp parallel/rank_profile.py "$2/parallel/"
   NROWS=${NROWS:-16} PROFILE_ROWS=${PROFILE_ROWS:-dp2@parallel.dp_shard_optimizer=true} bench . after \
-    "${AFTER:-dp2@parallel.dp_shard_optimizer=true,one,dp2}" "${AFTER_S:-80}"
+    "${AFTER:-dp2@parallel.dp_shard_optimizer=true,one,dp2@parallel.dp_shard_optimizer=off}" "${AFTER_S:-80}"
   [ "${BEFORE_S:-35}" -gt 0 ] && NROWS=${NROWS:-16} PROFILE=0 bench "$2" before "${BEFORE:-dp2}" "${BEFORE_S:-35}"
   summary after
   summary before after
