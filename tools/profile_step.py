@@ -198,6 +198,8 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def step(wait: bool = True) -> tuple:
+        """(host s of the step call, batch, outputs, host s preparing its inputs: batch and noise)"""
+        t_prep = time.perf_counter()
         batch = next(source)
         B, M = batch["image_valid"].shape
         noise = host_to_device(torch.randn(B, M, mcfg.fae.n_tokens, mcfg.fae.latent_dim, generator=g), device)
@@ -210,7 +212,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         events.end()
         if wait:
             sync()
-        return time.perf_counter() - t0, batch, out
+        return time.perf_counter() - t0, batch, out, t0 - t_prep
 
     losses = [float(step()[2]["loss"]) for _ in range(args.warmup)]
     warmup_s = time.perf_counter() - t_build
@@ -221,7 +223,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     t_synced = time.perf_counter()
     times, tokens, images, flops = [], [], [], []
     for _ in range(args.steps):
-        dt, batch, out = step()
+        dt, batch, out, _ = step()
         losses.append(float(out["loss"]))
         times.append(dt)
         real = real_tokens(batch)
@@ -230,7 +232,8 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         flops.append(step_flops(model, batch))  # real tokens only (step_flops skips padding itself)
     med = statistics.median(times)
     gpu_synced, t_loop = events.per_step_ms(False), time.perf_counter()
-    loop_s, loop_flops, loop_host = loop_time(step, sync, args.steps, model)
+    loop_s, loop_flops, loop_host, loop_prep = loop_time(step, sync, args.steps, model)
+    gpu_gaps = events.gaps_ms()
     gpu_loop, t_end = events.per_step_ms(True), time.perf_counter()
     clocks.stop()
     per_step = {"tokens": statistics.median(tokens), "images": statistics.median(images),
@@ -251,6 +254,11 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
         "loop_step_time_s": loop_s, "loop_mfu": loop_flops / loop_s / peak if peak else None,
         "loop_host_ms": 1e3 * statistics.median(loop_host),  # the host's time in one step call, back to back
+        "loop_prep_ms": 1e3 * statistics.median(loop_prep),  # and in preparing its batch and noise before the call
+        # back to back, GPU ms between a step's end and the next one's start (the GPU waiting for the host), and
+        # the loop's ms a step not covered by its steps' GPU time: the first step's preparation, paid once a loop
+        "loop_gpu_gap_ms": statistics.median(gpu_gaps) if gpu_gaps else None,
+        "loop_lead_ms": (1e3 * loop_s * args.steps - sum(gpu_loop)) / args.steps if gpu_loop else None,
         "gpu_step_ms": statistics.median(gpu_synced) if gpu_synced else None,  # CUDA events, synced steps
         "loop_gpu_step_ms": statistics.median(gpu_loop) if gpu_loop else None,  # and back to back
         "clocks": {"synced": clocks.summary(t_synced, t_loop), "loop": clocks.summary(t_loop, t_end)}
@@ -264,7 +272,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         from tools.profile_parts import measure_parts as parts
         result["parts"] = parts(model, batch, dtype, device, peak, med)
     if trace_dir:
-        result.update(trace(trace_dir, step, args.trace_steps, device))
+        result.update(trace(trace_dir, step, args.trace_steps, device, args.trace_loop))
     del engine, model, source
     _free(device)
     return result
@@ -273,14 +281,15 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
 def loop_time(step, sync, n: int, model) -> tuple:
     """Seconds per step and FLOPs per step of `n` steps run back to back, as the training loop runs
     them (nothing waits for the GPU inside a step, so the host prepares the next step while the GPU
-    finishes this one), with one wait at the end; and the host's seconds in each step call."""
+    finishes this one), with one wait at the end; the host's seconds in each step call and in preparing
+    each step's inputs before it."""
     from megaflow.monitor import step_flops
     sync()
     t0 = time.perf_counter()
-    host, batches = zip(*[step(wait=False)[:2] for _ in range(n)])
+    host, batches, _, prep = zip(*[step(wait=False) for _ in range(n)])
     sync()
     dt = (time.perf_counter() - t0) / n
-    return dt, sum(step_flops(model, b) for b in batches) / n, host
+    return dt, sum(step_flops(model, b) for b in batches) / n, host, prep
 
 
 def real_tokens(batch: dict) -> int:
@@ -311,9 +320,11 @@ def baseline_for(cfg, device, args) -> dict:
         return {"error": f"{type(e).__name__}: {str(e)[:300]}", **shape}
 
 
-def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
-    """torch.profiler over `n_steps` steps: chrome trace, the top-30 ops by self time, and the GPU
-    time by kernel category (GEMM, attention, compiled/Triton fusions, copies/casts, ...)."""
+def trace(directory: str, step, n_steps: int, device: torch.device, back_to_back: bool = False) -> dict:
+    """torch.profiler over `n_steps` steps: chrome trace, the top-30 ops by self time, the top host
+    ops by self CPU time (where the host waits: a synchronising CUDA call shows here), and the GPU
+    time by kernel category (GEMM, attention, compiled/Triton fusions, copies/casts, ...).
+    `back_to_back`: the steps run as the training loop runs them, one wait at the end."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -321,13 +332,18 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     with torch_profile(activities=activities, record_shapes=False) as prof:
         t0 = time.perf_counter()
         for _ in range(n_steps):
-            step()
+            step(wait=not back_to_back)
+        if back_to_back and device.type == "cuda":
+            torch.cuda.synchronize(device)
         wall_us = (time.perf_counter() - t0) * 1e6
     prof.export_chrome_trace(str(d / "trace.json"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
     (d / "top_ops.txt").write_text(table + "\n")
-    out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table}
+    host_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    (d / "top_host_ops.txt").write_text(host_table + "\n")
+    out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table,
+           "top_host_ops_table": host_table, "trace_back_to_back": back_to_back}
     if device.type == "cuda":
         out["kernel_categories"] = kernel_categories(prof)
         busy, idle, gaps = kernel_timeline(prof)
@@ -438,6 +454,10 @@ def render_extras(r: dict) -> list:
                          for k, v in c.items() if v.get("samples")) or f"no clock samples ({c.get('synced', {}).get('error')})"
         lines.append(f"  GPU ms a step (CUDA events): synced {r['gpu_step_ms']:.1f}, back to back {r['loop_gpu_step_ms']:.1f}; "
                      f"host ms a step call back to back {r['loop_host_ms']:.1f}; {clock}")
+        if r.get("loop_gpu_gap_ms") is not None:
+            lines.append(f"  back to back: GPU idle between steps {r['loop_gpu_gap_ms']:.2f} ms (median); host ms "
+                         f"preparing a step's inputs {r['loop_prep_ms']:.1f}; loop ms a step outside the steps' GPU "
+                         f"time {r['loop_lead_ms']:.1f} (the first step's preparation, once a loop)")
     if "parts" in r:
         from tools.profile_parts import render_parts
         lines.append(render_parts(r["parts"]))
@@ -451,6 +471,8 @@ def render_extras(r: dict) -> list:
         lines += [f"    {ms:8.3f} {n:5d}  {cat:26s} {name[:100]}" for name, ms, n, cat in r["top_kernels"][:25]]
     if "trace" in r:
         lines += [f"  trace          {r['trace']}", r["top_ops_table"]]
+        lines += [f"  host ops by self CPU time ({'back to back' if r.get('trace_back_to_back') else 'synced'} steps):",
+                  r.get("top_host_ops_table", "")]
     return lines
 
 
@@ -511,6 +533,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (default: known GPUs)")
     ap.add_argument("--trace", default="", metavar="DIR", help="write a torch.profiler trace and op table here")
     ap.add_argument("--trace-steps", type=int, default=2, help="steps recorded by --trace")
+    ap.add_argument("--trace-loop", action="store_true",
+                    help="--trace records the steps back to back, as the training loop runs them (default: synced)")
     ap.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=K=V;K=V",
                     help="profile this variant too, in this process (repeatable): its overrides on top of --set")
