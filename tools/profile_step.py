@@ -104,7 +104,7 @@ def build(cfg, device, real_data: bool):
     prepare_data(cfg)
     tok = load_run_tokenizer(cfg)
     model = build_model(with_tokenizer(cfg.model, tok), device, seed=cfg.train.seed)
-    batches = _forever(build_loader(cfg.data, tok, 0, 1))
+    batches = _forever(build_loader(cfg.data, tok, 0, 1, pin_memory=device.type == "cuda"))
     return apply_fp8_layers(model, cfg.parallel), (to_device(b, device) for b in batches)
 
 
