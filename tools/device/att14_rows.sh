@@ -8,7 +8,8 @@
 #   tests     the CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py)
 #   anchor    this tree's synthetic batch + the plain-PyTorch Llama anchor (--baseline)
 #   before    `git archive 5625c63` unpacked in before/, its default, the same data
-# Usage on the device: PARTS="after attn tests" bash tools/device/att14_rows.sh   (A_S K_S T_S N_S B_S: per-part
+#   probe     attn and tests side by side
+# Usage on the device: PARTS="after probe" bash tools/device/att14_rows.sh   (A_S K_S T_S N_S B_S: per-part
 # limits in s; STEPS; KERNELS; SAVE_CACHE=1: the inductor cache back in $OUT as inductor.tgz.* for the next call)
 # Carries: .whl (mosaicml-streaming), .fm1b, before/ (for "before"), .inductor/ (unpacked when present).
 . tools/device/setup.sh
@@ -45,7 +46,8 @@ before() {
     --json $OUT/before.json 2>&1 | quiet > $L/before.txt)
   since "before (5625c63), real data"; grep "MFU\|step time" $L/before.txt | cut -c1-260
 }
-for part in ${PARTS:-after attn tests}; do $part; done
+probe() { attn & tests; wait; }  # the kernels alone and the CUDA tests side by side (short: the limit of the call)
+for part in ${PARTS:-after probe}; do $part; done
 echo "=== rows"; python3 tools/device/real_rows.py "$OUT" after before anchor 2>&1 | cut -c1-700
 for f in after before anchor; do [ -f $L/$f.txt ] && { echo "=== $f (errors)"; grep -i "error\|Traceback\|failed" $L/$f.txt | head -4 | cut -c1-300; }; done
 tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $L
