@@ -136,6 +136,8 @@ def profile(args) -> dict:
             _free(device)
         r["variant"], r["sets"] = name, sets
         rows.append(r)
+        if args.variant and args.json:  # the rows so far, so a run cut short (a time limit) keeps them
+            Path(args.json).write_text(json.dumps({"config": args.config, "variants": rows}, indent=1, default=str))
         if args.variant:  # progress, so a run cut short still shows its rows
             print(f"[{name}] " + (r["error"] if "error" in r else
                   f"{r['step_time_s'] * 1e3:.1f} ms, {r['images_per_s']:.1f} img/s, MFU "

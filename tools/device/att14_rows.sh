@@ -3,7 +3,8 @@
 # and its own limit, the most important first. Real data = packed Fashion-MNIST of h200_1b's mix (.fm1b, 8,000 docs).
 #   after     this tree: `--variant after=` (data.prefetch 2: the loader plans, builds and pins ahead in a thread)
 #             and `--variant noprefetch=data.prefetch=0` (all of it between two steps, as before), the second
-#             with a torch.profiler trace of 3 steps back to back (top host ops: where the host waits)
+#             with TRACE=1 a torch.profiler trace of 3 steps back to back (top host ops: where the host waits);
+#             with ANCHOR=1 the plain-PyTorch Llama anchor after them, in the same process (--baseline)
 #   attn      the kernels alone (real13_attn.py: flex128, grouped heads, 64-token blocks with max-autotune tiles)
 #   tests     the CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py)
 #   anchor    this tree's synthetic batch + the plain-PyTorch Llama anchor (--baseline)
@@ -23,8 +24,9 @@ REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokeniz
 quiet() { grep --line-buffered -v "Warning\|^W1[12]\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
 after() {
   timeout ${A_S:-80} python3 tools/profile_step.py $PROF $REAL --variant after= --variant noprefetch=data.prefetch=0 \
-    --trace /tmp/trace --trace-loop --trace-steps 3 --json $OUT/after.json 2>&1 | quiet > $L/after.txt
-  since "after, real data (prefetch, noprefetch)"; grep "^\[\|back to back:\|GPU ms a step" $L/after.txt | cut -c1-260
+    ${TRACE:+--trace /tmp/trace --trace-loop --trace-steps 3} ${ANCHOR:+--baseline} --json $OUT/after.json 2>&1 \
+    | quiet > $L/after.txt
+  since "after, real data (prefetch, noprefetch)"; grep "^\[\|back to back:\|GPU ms a step\|baseline" $L/after.txt | cut -c1-260
   cp /tmp/trace/top_host_ops.txt $L/ 2>/dev/null; head -25 /tmp/trace/top_host_ops.txt 2>/dev/null | cut -c1-200
 }
 attn() {

@@ -53,6 +53,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     for name, r in rows_of(pathlib.Path(args.out), args.names):
         print(line(name, r, name.split(":")[0] in args.fill_fix))
+    for name in args.names:  # an anchor run beside variants (--baseline with --variant): its own line
+        p = pathlib.Path(args.out) / f"{name}.json"
+        b = json.loads(p.read_text()).get("baseline", {}) if p.exists() else {}
+        if b.get("mfu"):
+            print(f"{name}:anchor: {b['name']}, {1e3 * b['step_time_s']:.1f} ms, MFU {100 * b['mfu']:.1f}% synced; back "
+                  f"to back {1e3 * b['loop_step_time_s']:.1f} ms, {100 * b['loop_mfu']:.1f}%; peak "
+                  f"{b.get('peak_memory_gib') or 0:.1f} GiB")
 
 
 if __name__ == "__main__":
