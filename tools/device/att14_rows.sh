@@ -14,14 +14,9 @@
 # limits in s; STEPS; KERNELS; SAVE_CACHE=1: the inductor cache back in $OUT as inductor.tgz.* for the next call)
 # Carries: .whl (mosaicml-streaming), .fm1b, before/ (for "before"), .inductor/ (unpacked when present).
 . tools/device/setup.sh
-OUT=${OUT:-/tmp/att14_out}; mkdir -p "$OUT/logs"; T0=$(date +%s); L=$OUT/logs
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor CUDA_VISIBLE_DEVICES=0
-ls .inductor/inductor.tgz.* >/dev/null 2>&1 && cat .inductor/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache restored"
-since() { echo "== $1 done after $(( $(date +%s) - T0 )) s"; }
-D=$PWD/.fm1b
-PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps ${STEPS:-10}"
-REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokenizer.model --set train.dataset_limit=8000"
-quiet() { grep --line-buffered -v "Warning\|^W1[12]\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
+OUT=${OUT:-/tmp/att14_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
+export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
+. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet; the carried inductor cache
 after() {
   timeout ${A_S:-80} python3 tools/profile_step.py $PROF $REAL --variant after= --variant noprefetch=data.prefetch=0 \
     ${TRACE:+--trace /tmp/trace --trace-loop --trace-steps 3} ${ANCHOR:+--baseline} --json $OUT/after.json 2>&1 \
