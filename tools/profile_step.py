@@ -23,7 +23,11 @@ while the GPU finishes this one); the synced median above waits before and after
 both timings are also read from the GPU's side (tools/gpu_timing.py): each step's time between CUDA
 events, the SM clock and power draw sampled through NVML, and the host's time per step call in the
 loop, so a back-to-back figure slower than the synced one can be told apart: the GPU waiting for the
-host, or the GPU itself running slower.
+host, or the GPU itself running slower. Back to back it also reports the GPU's idle time between
+steps (events), the host's time preparing each step's inputs, and the loop's time outside its steps'
+GPU time (the first step's preparation, paid once a loop as after every host sync in training);
+synced, the GPU's rest before each step: on a power-capped card (the H200 at 700 W) a longer rest buys
+the next step a higher clock, so synced rows compare only at equal rests (docs/benchmarks.md, round 8).
 
 `--trace DIR` profiles --trace-steps more steps with torch.profiler and writes DIR/trace.json
 (chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 30 ops with the most self time.
@@ -223,9 +227,13 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     events.per_step_ms(False)  # the warm-up's dropped
     clocks = ClockSampler(device)
     t_synced = time.perf_counter()
-    times, tokens, images, flops = [], [], [], []
+    times, tokens, images, flops, rests, last_end = [], [], [], [], [], None
     for _ in range(args.steps):
         dt, batch, out, _ = step()
+        end = time.perf_counter()
+        if last_end is not None:  # the GPU idles from one synced step's end to the next one's start
+            rests.append(end - dt - last_end)
+        last_end = end
         losses.append(float(out["loss"]))
         times.append(dt)
         real = real_tokens(batch)
@@ -256,6 +264,9 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
         "loop_step_time_s": loop_s, "loop_mfu": loop_flops / loop_s / peak if peak else None,
         "loop_host_ms": 1e3 * statistics.median(loop_host),  # the host's time in one step call, back to back
+        # the GPU's rest before each synced step (this loop's reads + the next step's preparation): on a power-capped
+        # card a longer rest gives the next step a higher clock, so synced rows with different rests do not compare
+        "synced_rest_ms": 1e3 * statistics.median(rests) if rests else None,
         "loop_prep_ms": 1e3 * statistics.median(loop_prep),  # and in preparing its batch and noise before the call
         # back to back, GPU ms between a step's end and the next one's start (the GPU waiting for the host), and
         # the loop's ms a step not covered by its steps' GPU time: the first step's preparation, paid once a loop
@@ -454,7 +465,8 @@ def render_extras(r: dict) -> list:
         c = r.get("clocks") or {}
         clock = " ".join(f"{k}: {v['sm_mhz']} MHz, {v['power_w']} W{', limits ' + str(v['limits']) if v['limits'] else ''};"
                          for k, v in c.items() if v.get("samples")) or f"no clock samples ({c.get('synced', {}).get('error')})"
-        lines.append(f"  GPU ms a step (CUDA events): synced {r['gpu_step_ms']:.1f}, back to back {r['loop_gpu_step_ms']:.1f}; "
+        rest = f" (rest before each: {r['synced_rest_ms']:.1f} ms)" if r.get("synced_rest_ms") is not None else ""
+        lines.append(f"  GPU ms a step (CUDA events): synced {r['gpu_step_ms']:.1f}{rest}, back to back {r['loop_gpu_step_ms']:.1f}; "
                      f"host ms a step call back to back {r['loop_host_ms']:.1f}; {clock}")
         if r.get("loop_gpu_gap_ms") is not None:
             lines.append(f"  back to back: GPU idle between steps {r['loop_gpu_gap_ms']:.2f} ms (median); host ms "

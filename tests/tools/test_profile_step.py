@@ -41,6 +41,7 @@ def test_profile_tiny_on_cpu_with_trace(tmp_path, capsys):
     assert "aten::mm" in (tmp_path / "trace" / "top_ops.txt").read_text()
     assert r["trace_back_to_back"] and "Self CPU" in (tmp_path / "trace" / "top_host_ops.txt").read_text()
     assert r["loop_prep_ms"] > 0  # the host's time preparing each back-to-back step's inputs
+    assert r["synced_rest_ms"] > 0  # and between two synced steps (the GPU's rest)
 
 
 def test_no_peak_on_cpu_means_no_mfu_and_bad_images_exit_2(tmp_path, capsys):

@@ -40,6 +40,7 @@ def line(name: str, r: dict, fix_fill: bool) -> str:
             f"{r.get('gpu_step_ms')} b2b {r.get('loop_gpu_step_ms')}; host ms b2b {r.get('loop_host_ms'):.1f}; "
             f"SM {clk.get('sm_mhz')} MHz {clk.get('power_w')} W; warm-up {r.get('warmup_s', 0):.0f} s; losses "
             + " ".join(f"{x:.4f}" for x in r.get("losses", [])[:4])
+            + (f"; synced rest {r['synced_rest_ms']:.1f} ms" if r.get("synced_rest_ms") is not None else "")
             + (f"; b2b GPU idle between steps {r['loop_gpu_gap_ms']:.2f} ms, host prep {r['loop_prep_ms']:.1f} ms, "
                f"loop ms outside the steps {r['loop_lead_ms']:.1f}" if r.get("loop_gpu_gap_ms") is not None else "")
             + (f"; anchor {100 * b['mfu']:.1f}% / b2b {100 * b['loop_mfu']:.1f}%" if b.get("mfu") else ""))
