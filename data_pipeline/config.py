@@ -91,8 +91,8 @@ class DataConfig:
     """Batches planned, built (or received from the workers) and pinned ahead by a background thread
     of the training process, so that none of it runs between two training steps; 0 = none (all of
     it when the loop asks for the batch); -1 = auto: 2 on a CUDA run (its loader pins), 0 on CPU,
-    where the step itself needs the cores and the interpreter (tiny config on 2 cores: a 2.7x slower
-    step beside the thread). The batches and the loader state are the same either way."""
+    where the step itself needs the cores and the interpreter and the thread would compete with it.
+    The batches and the loader state are the same either way (docs/DATA.md)."""
     timeout_s: float = 120.0
     """Seconds to wait for a batch from a worker (and for a remote shard) before failing."""
     skip_bad_samples: bool = False

@@ -19,9 +19,10 @@ Workers. The planner runs in the training process (the DataLoader's sampler, len
 tokenized, images are not decoded); DataLoader workers decode and build the planned rows
 (`BatchBuilder`, stateless), and the state after each step travels with its batch, so prefetching
 and any worker count give the same batches and states. With `data.prefetch` (by default on a CUDA
-run, where the loader pins) the DataLoader is iterated by a background thread of the training process (data_pipeline/prefetch.py)
-that many batches ahead: the planner and, with `pin_memory`, the copy into pinned memory run there,
-not between two training steps; `state_dict()` is still the state after the last batch yielded.
+run, where the loader pins) a background thread of the training process iterates the DataLoader that
+many batches ahead (data_pipeline/prefetch.py): the planner and, with `pin_memory`, the copy into
+pinned memory run there, not between two training steps; `state_dict()` is still the state after the
+last batch yielded.
 
 This file does not know the model; the batch layout is documented in docs/DATA.md.
 """
