@@ -87,6 +87,12 @@ class DataConfig:
     every run that resumes this one must divide it or be a multiple of it."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 = decode in the training process)."""
+    prefetch: int = -1
+    """Batches planned, built (or received from the workers) and pinned ahead by a background thread
+    of the training process, so that none of it runs between two training steps; 0 = none (all of
+    it when the loop asks for the batch); -1 = auto: 2 on a CUDA run (its loader pins), 0 on CPU,
+    where the step itself needs the cores and the interpreter and the thread would compete with it.
+    The batches and the loader state are the same either way (docs/DATA.md)."""
     timeout_s: float = 120.0
     """Seconds to wait for a batch from a worker (and for a remote shard) before failing."""
     skip_bad_samples: bool = False
@@ -120,6 +126,9 @@ class DataConfig:
                 f"an image takes image_tokens+2={self.image_tokens + 2} slots (boi, latents, eoi) "
                 f"but seq_len={self.seq_len}; raise seq_len or patch_size"
             )
+        if self.prefetch < -1:
+            raise ValueError(f"prefetch={self.prefetch} must be >= 0 (batches made ahead in a thread; 0 = none) "
+                             "or -1 (auto: 2 on a CUDA run, 0 on CPU)")
         for name in ("seq_len", "batch_size", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

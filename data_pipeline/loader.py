@@ -18,7 +18,11 @@ start of the next epoch, so a checkpoint taken there resumes.
 Workers. The planner runs in the training process (the DataLoader's sampler, lengths only: text is
 tokenized, images are not decoded); DataLoader workers decode and build the planned rows
 (`BatchBuilder`, stateless), and the state after each step travels with its batch, so prefetching
-and any worker count give the same batches and states.
+and any worker count give the same batches and states. With `data.prefetch` (by default on a CUDA
+run, where the loader pins) a background thread of the training process iterates the DataLoader that
+many batches ahead (data_pipeline/prefetch.py): the planner and, with `pin_memory`, the copy into
+pinned memory run there, not between two training steps; `state_dict()` is still the state after the
+last batch yielded.
 
 This file does not know the model; the batch layout is documented in docs/DATA.md.
 """
@@ -42,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_pipeline import streaming_compat as sc
 from data_pipeline.config import PACKINGS, DataConfig, resolve_packing
 from data_pipeline.packing import PackStats, Planner, TokenizedDoc, build_batch, split_document, tokenize_document
+from data_pipeline.prefetch import Prefetcher
 from data_pipeline.schema import BadSampleError, decode_sample
 from data_pipeline.tokenizer import Tokenizer
 
@@ -300,6 +305,13 @@ def _as_is(item):
     return item
 
 
+def _pinned(item: tuple) -> tuple:
+    """(batch, info) with the batch's tensors in pinned memory: its host-to-device copies then neither
+    stage it nor wait (megaflow.train.host_to_device leaves a pinned tensor as it is)."""
+    batch, info = item
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}, info
+
+
 class Loader:
     """Iterable over the rest of the current epoch's batches, with an exact, elastic state_dict.
 
@@ -308,12 +320,14 @@ class Loader:
     saved under any dp size and batch size (the plan is global; see docs/DATA.md, Resumption).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> None:
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int,
+                 pin_memory: bool = False) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if not cfg.local:
             raise ValueError("DataConfig.local is empty: set it to the MDS directory (or the cache dir with remote)")
         self.cfg, self.tokenizer, self.dp_rank, self.dp_size = cfg, tokenizer, dp_rank, dp_size
+        self.pin_memory, self._prefetcher = pin_memory, None
         local = cfg.local
         if cfg.remote is None:
             check_shards(os.path.join(local, cfg.split or ""), cfg.validate_hashes)
@@ -392,13 +406,26 @@ class Loader:
         loader = DataLoader(self.builder, batch_size=None, collate_fn=_as_is,
                             sampler=_Plans(planner, self.epoch, self.dp_rank, cfg.batch_size),
                             num_workers=cfg.num_workers, timeout=cfg.timeout_s if cfg.num_workers else 0)
-        for batch, info in loader:
-            self.epoch, self.next_index, self.carry = info["state"]
-            self.last_sample_ids = info["sample_ids"]
-            self.stats["batches"] += 1
-            for key, value in info["stats"].items():
-                self.stats[key] += value
-            yield batch
+        items, depth = loader, cfg.prefetch if cfg.prefetch >= 0 else 2 * self.pin_memory  # -1: auto
+        if depth:  # plan, build (or receive from the workers) and pin ahead, in a thread
+            self._close_prefetch()
+            items = self._prefetcher = Prefetcher(loader, depth, _pinned if self.pin_memory else None)
+        try:
+            for batch, info in items:
+                self.epoch, self.next_index, self.carry = info["state"]
+                self.last_sample_ids = info["sample_ids"]
+                self.stats["batches"] += 1
+                for key, value in info["stats"].items():
+                    self.stats[key] += value
+                yield batch
+        finally:
+            if items is self._prefetcher:
+                self._close_prefetch()
+
+    def _close_prefetch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def state_dict(self) -> dict:
         """Where the data stands (identical on every rank): the epoch, how far into its global
@@ -438,6 +465,7 @@ class Loader:
 
     def close(self) -> None:
         """Release this loader's shared memory and lock files now (also done at process exit)."""
+        self._close_prefetch()
         dataset = getattr(self, "dataset", None)
         if dataset is None:
             return
@@ -464,9 +492,11 @@ class Loader:
         self.close()
 
 
-def build_loader(cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1) -> Loader:
-    """The training data of data-parallel rank `dp_rank` of `dp_size` (see Loader)."""
-    return Loader(cfg, tokenizer, dp_rank, dp_size)
+def build_loader(cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1,
+                 pin_memory: bool = False) -> Loader:
+    """The training data of data-parallel rank `dp_rank` of `dp_size` (see Loader); `pin_memory`: the
+    batches' tensors come in pinned memory (for a CUDA run; done ahead by the prefetch thread, data.prefetch)."""
+    return Loader(cfg, tokenizer, dp_rank, dp_size, pin_memory)
 
 
 def describe_batch(batch: dict) -> dict:

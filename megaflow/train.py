@@ -583,7 +583,7 @@ def _run(cfg: Config, resume: bool, out: Path, device, topo, overwrite: bool = F
     tok = load_run_tokenizer(cfg)
     dp_rank, dp = (topo.dp_rank, topo.dp) if topo is not None else (0, 1)
     from data_pipeline.loader import build_loader
-    loader = build_loader(cfg.data, tok, dp_rank, dp)
+    loader = build_loader(cfg.data, tok, dp_rank, dp, pin_memory=device.type == "cuda")  # pinned by data.prefetch's thread
 
     ckpt = broadcast_value(find_latest(out / "checkpoints") if resume and main_rank else None, topo)
     if resume and ckpt is None and main_rank:

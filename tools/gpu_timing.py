@@ -38,6 +38,11 @@ class StepEvents:
         if self.on:
             self.pairs[-1][1].record()
 
+    def gaps_ms(self) -> list:
+        """After a sync, before per_step_ms: the GPU ms between each step's end and the next step's start
+        (back to back: where the GPU waited for the host to launch the next step)."""
+        return [a[1].elapsed_time(b[0]) for a, b in zip(self.pairs, self.pairs[1:])] if self.on else []
+
     def per_step_ms(self, back_to_back: bool) -> list:
         """After a sync: each step's GPU ms (see the module docstring); the events are then dropped."""
         p, self.pairs = self.pairs, []

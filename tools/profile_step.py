@@ -23,7 +23,11 @@ while the GPU finishes this one); the synced median above waits before and after
 both timings are also read from the GPU's side (tools/gpu_timing.py): each step's time between CUDA
 events, the SM clock and power draw sampled through NVML, and the host's time per step call in the
 loop, so a back-to-back figure slower than the synced one can be told apart: the GPU waiting for the
-host, or the GPU itself running slower.
+host, or the GPU itself running slower. Back to back it also reports the GPU's idle time between
+steps (events), the host's time preparing each step's inputs, and the loop's time outside its steps'
+GPU time (the first step's preparation, paid once a loop as after every host sync in training);
+synced, the GPU's rest before each step: on a power-capped card (the H200 at 700 W) a longer rest buys
+the next step a higher clock, so synced rows compare only at equal rests (docs/benchmarks.md, round 8).
 
 `--trace DIR` profiles --trace-steps more steps with torch.profiler and writes DIR/trace.json
 (chrome://tracing or ui.perfetto.dev) and DIR/top_ops.txt, the 30 ops with the most self time.
@@ -104,7 +108,7 @@ def build(cfg, device, real_data: bool):
     prepare_data(cfg)
     tok = load_run_tokenizer(cfg)
     model = build_model(with_tokenizer(cfg.model, tok), device, seed=cfg.train.seed)
-    batches = _forever(build_loader(cfg.data, tok, 0, 1))
+    batches = _forever(build_loader(cfg.data, tok, 0, 1, pin_memory=device.type == "cuda"))
     return apply_fp8_layers(model, cfg.parallel), (to_device(b, device) for b in batches)
 
 
@@ -136,6 +140,8 @@ def profile(args) -> dict:
             _free(device)
         r["variant"], r["sets"] = name, sets
         rows.append(r)
+        if args.variant and args.json:  # the rows so far, so a run cut short (a time limit) keeps them
+            Path(args.json).write_text(json.dumps({"config": args.config, "variants": rows}, indent=1, default=str))
         if args.variant:  # progress, so a run cut short still shows its rows
             print(f"[{name}] " + (r["error"] if "error" in r else
                   f"{r['step_time_s'] * 1e3:.1f} ms, {r['images_per_s']:.1f} img/s, MFU "
@@ -198,6 +204,8 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def step(wait: bool = True) -> tuple:
+        """(host s of the step call, batch, outputs, host s preparing its inputs: batch and noise)"""
+        t_prep = time.perf_counter()
         batch = next(source)
         B, M = batch["image_valid"].shape
         noise = host_to_device(torch.randn(B, M, mcfg.fae.n_tokens, mcfg.fae.latent_dim, generator=g), device)
@@ -210,7 +218,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         events.end()
         if wait:
             sync()
-        return time.perf_counter() - t0, batch, out
+        return time.perf_counter() - t0, batch, out, t0 - t_prep
 
     losses = [float(step()[2]["loss"]) for _ in range(args.warmup)]
     warmup_s = time.perf_counter() - t_build
@@ -219,9 +227,13 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
     events.per_step_ms(False)  # the warm-up's dropped
     clocks = ClockSampler(device)
     t_synced = time.perf_counter()
-    times, tokens, images, flops = [], [], [], []
+    times, tokens, images, flops, rests, last_end = [], [], [], [], [], None
     for _ in range(args.steps):
-        dt, batch, out = step()
+        dt, batch, out, _ = step()
+        end = time.perf_counter()
+        if last_end is not None:  # the GPU idles from one synced step's end to the next one's start
+            rests.append(end - dt - last_end)
+        last_end = end
         losses.append(float(out["loss"]))
         times.append(dt)
         real = real_tokens(batch)
@@ -230,7 +242,8 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         flops.append(step_flops(model, batch))  # real tokens only (step_flops skips padding itself)
     med = statistics.median(times)
     gpu_synced, t_loop = events.per_step_ms(False), time.perf_counter()
-    loop_s, loop_flops, loop_host = loop_time(step, sync, args.steps, model)
+    loop_s, loop_flops, loop_host, loop_prep = loop_time(step, sync, args.steps, model)
+    gpu_gaps = events.gaps_ms()
     gpu_loop, t_end = events.per_step_ms(True), time.perf_counter()
     clocks.stop()
     per_step = {"tokens": statistics.median(tokens), "images": statistics.median(images),
@@ -251,6 +264,14 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         "peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
         "loop_step_time_s": loop_s, "loop_mfu": loop_flops / loop_s / peak if peak else None,
         "loop_host_ms": 1e3 * statistics.median(loop_host),  # the host's time in one step call, back to back
+        # the GPU's rest before each synced step (this loop's reads + the next step's preparation): on a power-capped
+        # card a longer rest gives the next step a higher clock, so synced rows with different rests do not compare
+        "synced_rest_ms": 1e3 * statistics.median(rests) if rests else None,
+        "loop_prep_ms": 1e3 * statistics.median(loop_prep),  # and in preparing its batch and noise before the call
+        # back to back, GPU ms between a step's end and the next one's start (the GPU waiting for the host), and
+        # the loop's ms a step not covered by its steps' GPU time: the first step's preparation, paid once a loop
+        "loop_gpu_gap_ms": statistics.median(gpu_gaps) if gpu_gaps else None,
+        "loop_lead_ms": (1e3 * loop_s * args.steps - sum(gpu_loop)) / args.steps if gpu_loop else None,
         "gpu_step_ms": statistics.median(gpu_synced) if gpu_synced else None,  # CUDA events, synced steps
         "loop_gpu_step_ms": statistics.median(gpu_loop) if gpu_loop else None,  # and back to back
         "clocks": {"synced": clocks.summary(t_synced, t_loop), "loop": clocks.summary(t_loop, t_end)}
@@ -264,7 +285,7 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
         from tools.profile_parts import measure_parts as parts
         result["parts"] = parts(model, batch, dtype, device, peak, med)
     if trace_dir:
-        result.update(trace(trace_dir, step, args.trace_steps, device))
+        result.update(trace(trace_dir, step, args.trace_steps, device, args.trace_loop))
     del engine, model, source
     _free(device)
     return result
@@ -273,14 +294,15 @@ def profile_one(args, overrides: list, device, measure_parts: bool = False, trac
 def loop_time(step, sync, n: int, model) -> tuple:
     """Seconds per step and FLOPs per step of `n` steps run back to back, as the training loop runs
     them (nothing waits for the GPU inside a step, so the host prepares the next step while the GPU
-    finishes this one), with one wait at the end; and the host's seconds in each step call."""
+    finishes this one), with one wait at the end; the host's seconds in each step call and in preparing
+    each step's inputs before it."""
     from megaflow.monitor import step_flops
     sync()
     t0 = time.perf_counter()
-    host, batches = zip(*[step(wait=False)[:2] for _ in range(n)])
+    host, batches, _, prep = zip(*[step(wait=False) for _ in range(n)])
     sync()
     dt = (time.perf_counter() - t0) / n
-    return dt, sum(step_flops(model, b) for b in batches) / n, host
+    return dt, sum(step_flops(model, b) for b in batches) / n, host, prep
 
 
 def real_tokens(batch: dict) -> int:
@@ -311,9 +333,11 @@ def baseline_for(cfg, device, args) -> dict:
         return {"error": f"{type(e).__name__}: {str(e)[:300]}", **shape}
 
 
-def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
-    """torch.profiler over `n_steps` steps: chrome trace, the top-30 ops by self time, and the GPU
-    time by kernel category (GEMM, attention, compiled/Triton fusions, copies/casts, ...)."""
+def trace(directory: str, step, n_steps: int, device: torch.device, back_to_back: bool = False) -> dict:
+    """torch.profiler over `n_steps` steps: chrome trace, the top-30 ops by self time, the top host
+    ops by self CPU time (where the host waits: a synchronising CUDA call shows here), and the GPU
+    time by kernel category (GEMM, attention, compiled/Triton fusions, copies/casts, ...).
+    `back_to_back`: the steps run as the training loop runs them, one wait at the end."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -321,13 +345,18 @@ def trace(directory: str, step, n_steps: int, device: torch.device) -> dict:
     with torch_profile(activities=activities, record_shapes=False) as prof:
         t0 = time.perf_counter()
         for _ in range(n_steps):
-            step()
+            step(wait=not back_to_back)
+        if back_to_back and device.type == "cuda":
+            torch.cuda.synchronize(device)
         wall_us = (time.perf_counter() - t0) * 1e6
     prof.export_chrome_trace(str(d / "trace.json"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
     (d / "top_ops.txt").write_text(table + "\n")
-    out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table}
+    host_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    (d / "top_host_ops.txt").write_text(host_table + "\n")
+    out = {"trace": str(d / "trace.json"), "top_ops": str(d / "top_ops.txt"), "top_ops_table": table,
+           "top_host_ops_table": host_table, "trace_back_to_back": back_to_back}
     if device.type == "cuda":
         out["kernel_categories"] = kernel_categories(prof)
         busy, idle, gaps = kernel_timeline(prof)
@@ -436,8 +465,13 @@ def render_extras(r: dict) -> list:
         c = r.get("clocks") or {}
         clock = " ".join(f"{k}: {v['sm_mhz']} MHz, {v['power_w']} W{', limits ' + str(v['limits']) if v['limits'] else ''};"
                          for k, v in c.items() if v.get("samples")) or f"no clock samples ({c.get('synced', {}).get('error')})"
-        lines.append(f"  GPU ms a step (CUDA events): synced {r['gpu_step_ms']:.1f}, back to back {r['loop_gpu_step_ms']:.1f}; "
+        rest = f" (rest before each: {r['synced_rest_ms']:.1f} ms)" if r.get("synced_rest_ms") is not None else ""
+        lines.append(f"  GPU ms a step (CUDA events): synced {r['gpu_step_ms']:.1f}{rest}, back to back {r['loop_gpu_step_ms']:.1f}; "
                      f"host ms a step call back to back {r['loop_host_ms']:.1f}; {clock}")
+        if r.get("loop_gpu_gap_ms") is not None:
+            lines.append(f"  back to back: GPU idle between steps {r['loop_gpu_gap_ms']:.2f} ms (median); host ms "
+                         f"preparing a step's inputs {r['loop_prep_ms']:.1f}; loop ms a step outside the steps' GPU "
+                         f"time {r['loop_lead_ms']:.1f} (the first step's preparation, once a loop)")
     if "parts" in r:
         from tools.profile_parts import render_parts
         lines.append(render_parts(r["parts"]))
@@ -451,6 +485,8 @@ def render_extras(r: dict) -> list:
         lines += [f"    {ms:8.3f} {n:5d}  {cat:26s} {name[:100]}" for name, ms, n, cat in r["top_kernels"][:25]]
     if "trace" in r:
         lines += [f"  trace          {r['trace']}", r["top_ops_table"]]
+        lines += [f"  host ops by self CPU time ({'back to back' if r.get('trace_back_to_back') else 'synced'} steps):",
+                  r.get("top_host_ops_table", "")]
     return lines
 
 
@@ -511,6 +547,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (default: known GPUs)")
     ap.add_argument("--trace", default="", metavar="DIR", help="write a torch.profiler trace and op table here")
     ap.add_argument("--trace-steps", type=int, default=2, help="steps recorded by --trace")
+    ap.add_argument("--trace-loop", action="store_true",
+                    help="--trace records the steps back to back, as the training loop runs them (default: synced)")
     ap.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=K=V;K=V",
                     help="profile this variant too, in this process (repeatable): its overrides on top of --set")

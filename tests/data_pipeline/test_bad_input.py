@@ -142,10 +142,12 @@ def test_empty_document(tmp_path, tok):
         make_sample([], {"doc": 7})
 
 
-def test_errors_from_worker_processes_name_the_sample(tmp_path, tok):
+def test_errors_from_worker_processes_and_the_prefetch_thread_name_the_sample(tmp_path, tok):
+    """The error reaches the loop as it is, from a worker, from the prefetch thread (data.prefetch), or both."""
     data = _write(tmp_path / "mds", [_good(0), make_sample(["x", np.zeros((9, 9), np.uint8)], {})])
-    with pytest.raises(BadSampleError, match=r"shard\.00000\.mds \(shard 0\) sample 1"):
-        _epoch(_cfg(data, num_workers=1), tok)
+    for kw in (dict(num_workers=1), dict(prefetch=2), dict(num_workers=1, prefetch=1)):
+        with pytest.raises(BadSampleError, match=r"shard\.00000\.mds \(shard 0\) sample 1"):
+            _epoch(_cfg(data, **kw), tok)
 
 
 def test_stale_shared_memory_is_removed_live_is_kept(tmp_path, tok):

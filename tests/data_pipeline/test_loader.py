@@ -51,15 +51,21 @@ def test_one_process_epoch_is_complete_valid_and_deterministic(digits_dir, tok):
     assert other_seed[0][0] != batches[0][0]
 
 
-def test_workers_give_the_same_batches_and_states_in_the_same_order(digits_dir, tok):
+def test_workers_and_prefetch_give_the_same_batches_and_states_in_the_same_order(digits_dir, tok):
     """The plan (and its carry-over) lives in the training process and each state travels with its
-    batch, so prefetching workers change neither the batches nor the state saved after batch k."""
-    cfg = _cfg(digits_dir)
+    batch, so prefetching workers and the prefetch thread (data.prefetch: the planner runs batches
+    ahead) change neither the batches nor the state saved after batch k (the resume point), and the
+    thread is gone once the loader's pass ends early."""
+    import threading
+    cfg = _cfg(digits_dir, prefetch=0)
     serial, serial_state, _ = _read(cfg, tok, max_batches=4)
-    parallel, parallel_state, _ = _read(replace(cfg, num_workers=2), tok, max_batches=4)
-    assert [ids for ids, _ in parallel] == [ids for ids, _ in serial]
-    assert all(a["tokens"].equal(b["tokens"]) for (_, a), (_, b) in zip(serial, parallel))
-    assert parallel_state == serial_state and serial_state["carry"]
+    for kw in (dict(num_workers=2), dict(prefetch=2), dict(prefetch=1, num_workers=2)):
+        other, other_state, _ = _read(replace(cfg, **kw), tok, max_batches=4)
+        assert [ids for ids, _ in other] == [ids for ids, _ in serial], kw
+        assert all(a["tokens"].equal(b["tokens"]) and a["doc_ids"].equal(b["doc_ids"])
+                   for (_, a), (_, b) in zip(serial, other)), kw
+        assert other_state == serial_state and serial_state["carry"], kw
+    assert not [t for t in threading.enumerate() if t.name == "megaflow-data-prefetch"]
 
 
 def test_second_epoch_reshuffles(digits_dir, tok):

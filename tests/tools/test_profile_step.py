@@ -23,7 +23,7 @@ from tools.profile_step import main, synthetic_batch
 def test_profile_tiny_on_cpu_with_trace(tmp_path, capsys):
     out = tmp_path / "p.json"
     argv = ["--config", "configs/tiny.yaml", "--device", "cpu", "--warmup", "2", "--steps", "3",
-            "--peak-tflops", "1", "--trace", str(tmp_path / "trace"), "--json", str(out)]
+            "--peak-tflops", "1", "--trace", str(tmp_path / "trace"), "--trace-loop", "--json", str(out)]
     assert cli_main(["profile", *argv]) == 0
     text = capsys.readouterr().out
     for want in ("step time", "tokens/s", "images/s", "model TFLOP/s", "MFU", "peak memory", "Self CPU"):
@@ -39,6 +39,9 @@ def test_profile_tiny_on_cpu_with_trace(tmp_path, capsys):
     trace = json.loads((tmp_path / "trace" / "trace.json").read_text())
     assert len(trace["traceEvents"]) > 100
     assert "aten::mm" in (tmp_path / "trace" / "top_ops.txt").read_text()
+    assert r["trace_back_to_back"] and "Self CPU" in (tmp_path / "trace" / "top_host_ops.txt").read_text()
+    assert r["loop_prep_ms"] > 0  # the host's time preparing each back-to-back step's inputs
+    assert r["synced_rest_ms"] > 0  # and between two synced steps (the GPU's rest)
 
 
 def test_no_peak_on_cpu_means_no_mfu_and_bad_images_exit_2(tmp_path, capsys):
@@ -114,8 +117,8 @@ def test_back_to_back_flops_of_padded_batches_count_each_real_token_once():
         model = STARFlow2(cfg)
     batch = make_batch(cfg, batch_size=2, seq_len=48)
     assert (batch["doc_ids"] < 0).any()  # padding in row 1
-    _, flops, host = loop_time(lambda wait: (0.0, batch, None), lambda: None, 3, model)
-    assert flops == step_flops(model, batch) and len(host) == 3
+    _, flops, host, prep = loop_time(lambda wait: (0.0, batch, None, 0.0), lambda: None, 3, model)
+    assert flops == step_flops(model, batch) and len(host) == 3 and len(prep) == 3
 
 
 def test_parts_count_real_tokens_and_document_attention_of_packed_batches():

@@ -36,16 +36,19 @@ def _load(ckpt: Path, name: str):
 def test_resume_matches_uninterrupted_run_bit_for_bit(tiny_sets, tmp_path):
     """Contract: 12 steps in one go, and 6 steps + a hard crash + `--resume` to 12, give the same loss
     at EVERY step (== on floats, no tolerance), the same final weights and the same optimizer state:
-    model, optimizer, LR schedule, per-step noise and the data loader's position are all restored."""
+    model, optimizer, LR schedule, per-step noise and the data loader's position are all restored. The
+    split run reads its data through the prefetch thread (data.prefetch=2: batches planned ahead of the
+    step, the crash with batches in flight), the whole run without it: the same batches and resume point."""
     sets = ["train.steps=12", "train.save_every=6", "train.keep_last=5"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    megaflow(*train_args(tiny_sets, whole, *sets))
+    megaflow(*train_args(tiny_sets, whole, *sets, "data.prefetch=0"))
 
-    args = train_args(tiny_sets, split, *sets)[1:]  # without the "train" command word
+    split_sets = [*sets, "data.prefetch=2"]
+    args = train_args(tiny_sets, split, *split_sets)[1:]  # without the "train" command word
     crashed = run_python(["-c", CRASH_AFTER_SAVE, *args], REPO, run_env(CRASH_STEP="6"))
     assert crashed.returncode == 9, crashed.stderr[-2000:]
     assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_000006"]
-    resumed = megaflow(*train_args(tiny_sets, split, *sets), "--resume")
+    resumed = megaflow(*train_args(tiny_sets, split, *split_sets), "--resume")
     assert "resumed from" in resumed.stderr and "step_000006 at step 6" in resumed.stderr
 
     a, b = whole / "checkpoints" / "step_000012", split / "checkpoints" / "step_000012"

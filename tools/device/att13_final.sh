@@ -12,14 +12,8 @@
 # Usage on the device: bash tools/device/att13_final.sh   (B_S N_S A_S T_S: per-part limits in s; END_S; STEPS;
 # GPUS=1: one GPU, the parts in turn: after, before, anchor, tests)
 . tools/device/setup.sh
-OUT=${OUT:-/tmp/att13_out}; mkdir -p "$OUT"; T0=$(date +%s)
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-ls .inductor/inductor.tgz.* >/dev/null 2>&1 && cat .inductor/inductor.tgz.* | tar xz -C /tmp && echo "inductor cache restored"
-since() { echo "$1 done after $(( $(date +%s) - T0 )) s"; }
-D=$PWD/.fm1b
-PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps ${STEPS:-6}"
-REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokenizer.model --set train.dataset_limit=8000"
-quiet() { grep --line-buffered -v "Warning\|^W1130\|^W1201\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
+OUT=${OUT:-/tmp/att13_out}; mkdir -p "$OUT"
+. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet; the carried inductor cache
 after() {
   timeout ${A_S:-80} python3 tools/profile_step.py $PROF $REAL --variant after= \
     --variant first_fit=data.packing=first_fit --json $OUT/after.json 2>&1 | quiet > $OUT/after.txt

@@ -40,6 +40,9 @@ def line(name: str, r: dict, fix_fill: bool) -> str:
             f"{r.get('gpu_step_ms')} b2b {r.get('loop_gpu_step_ms')}; host ms b2b {r.get('loop_host_ms'):.1f}; "
             f"SM {clk.get('sm_mhz')} MHz {clk.get('power_w')} W; warm-up {r.get('warmup_s', 0):.0f} s; losses "
             + " ".join(f"{x:.4f}" for x in r.get("losses", [])[:4])
+            + (f"; synced rest {r['synced_rest_ms']:.1f} ms" if r.get("synced_rest_ms") is not None else "")
+            + (f"; b2b GPU idle between steps {r['loop_gpu_gap_ms']:.2f} ms, host prep {r['loop_prep_ms']:.1f} ms, "
+               f"loop ms outside the steps {r['loop_lead_ms']:.1f}" if r.get("loop_gpu_gap_ms") is not None else "")
             + (f"; anchor {100 * b['mfu']:.1f}% / b2b {100 * b['loop_mfu']:.1f}%" if b.get("mfu") else ""))
 
 
@@ -51,6 +54,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     for name, r in rows_of(pathlib.Path(args.out), args.names):
         print(line(name, r, name.split(":")[0] in args.fill_fix))
+    for name in args.names:  # an anchor run beside variants (--baseline with --variant): its own line
+        p = pathlib.Path(args.out) / f"{name}.json"
+        b = json.loads(p.read_text()).get("baseline", {}) if p.exists() else {}
+        if b.get("mfu"):
+            print(f"{name}:anchor: {b['name']}, {1e3 * b['step_time_s']:.1f} ms, MFU {100 * b['mfu']:.1f}% synced; back "
+                  f"to back {1e3 * b['loop_step_time_s']:.1f} ms, {100 * b['loop_mfu']:.1f}%; peak "
+                  f"{b.get('peak_memory_gib') or 0:.1f} GiB")
 
 
 if __name__ == "__main__":
