@@ -117,10 +117,11 @@ def test_compiled_fp8_block_equals_eager():
         assert rel(a, b) < 1e-2, rel(a, b)
 
 
-def test_split_transpose_same_numbers_saved_from_the_forward():
+def _graph_backend(graphs: dict):
+    """A torch.compile backend with the partitioner inductor uses, keeping the forward and backward
+    graphs in graphs['fw'] / graphs['bw'] for inspection."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._functorch.aot_autograd import aot_module_simplified
-    graphs = {}
 
     def capture(kind):
         def compiler(gm, example_inputs):
@@ -128,10 +129,19 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
             return make_boxed_func(gm.forward)
         return compiler
 
-    def backend(gm, example_inputs):  # the partitioner inductor uses, the graphs kept for inspection
+    def backend(gm, example_inputs):
         return aot_module_simplified(gm, example_inputs, fw_compiler=capture("fw"), bw_compiler=capture("bw"),
                                      partition_fn=min_cut_rematerialization_partition)
+    return backend
 
+
+def _calls(gm, op) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+
+
+def test_split_transpose_same_numbers_saved_from_the_forward():
+    graphs = {}
+    backend = _graph_backend(graphs)
     torch.manual_seed(0)
     block = TransformerBlock(64, 4, 2, 16, 128)
     cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
@@ -150,9 +160,7 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
     for ref, got in zip(outs[0], outs[2]):  # compiled: the same math (aot_eager-level graphs)
         assert rel(got, ref) < 1e-5, rel(got, ref)
     (fw,), (bw,) = graphs["fw"], graphs["bw"]
-
-    def calls(gm, op):
-        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+    calls = _calls
     t_nodes = calls(fw, torch.ops.megaflow.fp8_transpose.default)
     assert n_fp8 == 4 and len(t_nodes) == n_fp8
 
@@ -164,6 +172,43 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
     # the forward writes no transposed FP8 copy of its own (the only clones left are the backward's:
     # W^T and dy^T)
     assert not [n for n in calls(fw, torch.ops.aten.clone.default) if n.meta["val"].dtype == torch.float8_e4m3fn]
+
+
+def test_one_read_cast_same_bytes_both_layouts_from_the_forward():
+    """parallel.fp8_one_read: x, W and dy cast in both layouts by megaflow::fp8_cast_t give the block's
+    outputs and gradients bit for bit (eager; compiled within float rounding of eager); compiled, the
+    forward graph casts x and W by it (2 per FP8 linear), the backward dy (1 per linear) and makes no
+    transposed FP8 copy of its own (W's comes from the forward)."""
+    from megaflow.fp8_kernels import E5M2, fp8_cast, fp8_cast_t
+    t, scale = torch.randn(48, 80).bfloat16(), torch.tensor(7.5)
+    q, qt = fp8_cast_t(t, scale, True)
+    assert q.dtype == E5M2 and torch.equal(q, fp8_cast(t, scale, E5M2)) and torch.equal(qt, q.t())
+    graphs = {}
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 4, 2, 16, 128)
+    cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
+    ctx, x = AttnContext(cos=cos, sin=sin), torch.randn(2, 32, 64)
+    outs = []
+    for one_read, compiled in (((), False), (("w", "dy"), False), (("x", "w", "dy"), False),
+                               (("x", "w", "dy"), True)):
+        blk = copy.deepcopy(block)
+        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, split_t=True, one_read=one_read)) == 4
+        fn = torch.compile(blk, backend=_graph_backend(graphs)) if compiled else blk
+        xi = x.clone().requires_grad_()
+        y = fn(xi, ctx)
+        y.square().mean().backward()
+        outs.append([y.detach(), xi.grad, *(p.grad for p in blk.parameters())])
+    for got in outs[1:3]:
+        for ref, g in zip(outs[0], got):
+            assert torch.equal(ref, g)
+    for ref, g in zip(outs[0], outs[3]):
+        assert rel(g, ref) < 1e-5, rel(g, ref)
+    (fw,), (bw,) = graphs["fw"], graphs["bw"]
+    op = torch.ops.megaflow.fp8_cast_t.default
+    assert len(_calls(fw, op)) == 8 and len(_calls(bw, op)) == 4
+    assert not _calls(fw, torch.ops.megaflow.fp8_transpose.default)
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    assert not [n for g in (fw, bw) for n in _calls(g, torch.ops.aten.clone.default) if n.meta["val"].dtype in fp8]
 
 
 def _block_steps(block, xs, ctx, compile_backend=None, micro: bool = False) -> list:
@@ -291,6 +336,9 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="current", fp8_backend="torch"))
     with pytest.raises(ConfigError, match="CUDA GPU"):
         run(cfg)
+    with pytest.raises(ValueError, match=r"\['wt'\] not among 'x', 'w', 'dy'"):
+        ParallelConfig(fp8="current", fp8_backend="torch", fp8_one_read="x,wt")
+    assert ParallelConfig(fp8="current", fp8_backend="torch", fp8_one_read=" w+dy").fp8_one_read_operands == ("w", "dy")
     with pytest.raises(ValueError, match="fp8_start_step=-1 must be >= 0"):
         ParallelConfig(fp8="current", fp8_backend="torch", fp8_start_step=-1)
     late = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="delayed", fp8_backend="torch", fp8_start_step=20),
