@@ -277,6 +277,19 @@ def to_float8(lin: nn.Linear) -> Float8Linear:
     return lin
 
 
+OUT_PROJECTIONS = ("o_proj", "down_proj")  # block linears whose input no norm makes: one_read 'xo'
+
+
+def layer_one_read(name: str, one_read: tuple) -> tuple:
+    """The operands layer `name` casts by one read: `one_read`'s, its 'xo' ('x' for the output
+    projections only: their inputs, attention's and SwiGLU's outputs, are bf16 tensors already, whereas
+    the other linears' x comes out of the norm + cast kernel without a bf16 copy) resolved."""
+    ops = tuple(o for o in one_read if o != "xo")
+    if "xo" in one_read and "x" not in ops and name.rsplit(".", 1)[-1] in OUT_PROJECTIONS:
+        ops += ("x",)
+    return ops
+
+
 def _gemm_hook(mod: nn.Module) -> bool:
     """Whether `mod` runs its GEMM through a `linear` attribute that is F.linear until FP8 replaces it
     (parallel/layers.py's ColumnParallelLinear and RowParallelLinear)."""
@@ -290,8 +303,8 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
     default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear;
     every tensor-parallel layer with a GEMM hook that passes them runs `fp8_linear` as its GEMM.
     `delayed`: each gets an amax history (`add_history`: delayed scaling); `exclude`: name prefixes
-    that stay bf16 (parallel.fp8_bf16_ends); `one_read`: the operands ('x', 'w', 'dy') cast in both
-    layouts by one kernel (parallel.fp8_one_read). Returns the names swapped. Call before regional
+    that stay bf16 (parallel.fp8_bf16_ends); `one_read`: the operands ('x', 'xo', 'w', 'dy':
+    `layer_one_read`) cast in both layouts by one kernel (parallel.fp8_one_read). Returns the names swapped. Call before regional
     torch.compile, so the graphs include the casts."""
     from megaflow.model.layers import TransformerBlock
     if where is None:
@@ -303,14 +316,15 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
         if not (plain or _gemm_hook(mod)) or not fp8_capable(mod, min_dim) or not where(name, mod) \
                 or (exclude and name.startswith(exclude)):
             continue
+        ops = layer_one_read(name, tuple(one_read))
         if delayed:
             add_history(mod)
         if plain:
             lin = to_float8(mod)
-            lin.fast_accum, lin.split_t, lin.split_dy, lin.one_read = fast_accum, split_t, split_dy, tuple(one_read)
+            lin.fast_accum, lin.split_t, lin.split_dy, lin.one_read = fast_accum, split_t, split_dy, ops
         else:
             mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum, split_t=split_t, state=mod,
-                                           split_dy=split_dy, one_read=tuple(one_read))
+                                           split_dy=split_dy, one_read=ops)
         names.append(name)
     return names
 

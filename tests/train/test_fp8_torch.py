@@ -188,25 +188,29 @@ def test_one_read_cast_same_bytes_both_layouts_from_the_forward():
     block = TransformerBlock(64, 4, 2, 16, 128)
     cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
     ctx, x = AttnContext(cos=cos, sin=sin), torch.randn(2, 32, 64)
-    outs = []
-    for one_read, compiled in (((), False), (("w", "dy"), False), (("x", "w", "dy"), False),
-                               (("x", "w", "dy"), True)):
+    outs, blks = [], []
+    for one_read, compiled in (((), False), (("w", "dy"), False), (("xo", "w", "dy"), False),
+                               (("x", "w", "dy"), False), (("x", "w", "dy"), True)):
         blk = copy.deepcopy(block)
         assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, split_t=True, one_read=one_read)) == 4
+        blks.append(blk)
         fn = torch.compile(blk, backend=_graph_backend(graphs)) if compiled else blk
         xi = x.clone().requires_grad_()
         y = fn(xi, ctx)
         y.square().mean().backward()
         outs.append([y.detach(), xi.grad, *(p.grad for p in blk.parameters())])
-    for got in outs[1:3]:
+    for got in outs[1:4]:
         for ref, g in zip(outs[0], got):
             assert torch.equal(ref, g)
-    for ref, g in zip(outs[0], outs[3]):
+    for ref, g in zip(outs[0], outs[4]):
         assert rel(g, ref) < 1e-5, rel(g, ref)
     (fw,), (bw,) = graphs["fw"], graphs["bw"]
     op = torch.ops.megaflow.fp8_cast_t.default
     assert len(_calls(fw, op)) == 8 and len(_calls(bw, op)) == 4
     assert not _calls(fw, torch.ops.megaflow.fp8_transpose.default)
+    xo = blks[2]  # 'xo': x by one read in the output projections only
+    assert xo.self_attn.o_proj.one_read == ("w", "dy", "x") == xo.mlp.down_proj.one_read
+    assert xo.self_attn.qkv.one_read == ("w", "dy") == xo.mlp.gate_up.one_read
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
     assert not [n for g in (fw, bw) for n in _calls(g, torch.ops.aten.clone.default) if n.meta["val"].dtype in fp8]
 
@@ -336,7 +340,7 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="current", fp8_backend="torch"))
     with pytest.raises(ConfigError, match="CUDA GPU"):
         run(cfg)
-    with pytest.raises(ValueError, match=r"\['wt'\] not among 'x', 'w', 'dy'"):
+    with pytest.raises(ValueError, match=r"\['wt'\] not among 'x', 'xo', 'w', 'dy'"):
         ParallelConfig(fp8="current", fp8_backend="torch", fp8_one_read="x,wt")
     assert ParallelConfig(fp8="current", fp8_backend="torch", fp8_one_read=" w+dy").fp8_one_read_operands == ("w", "dy")
     with pytest.raises(ValueError, match="fp8_start_step=-1 must be >= 0"):
