@@ -85,6 +85,7 @@ def _kernel():
             q = y.to(tl.float8e4nv)
         tl.store(q_ptr + r64[:, None] * K + c64[None, :], q, mask=inside)
         # (BK, BM): the transposed tile, stored along its rows (Triton moves it through shared memory)
-        tl.store(qt_ptr + c64[:, None] * M + r64[None, :], tl.trans(q), mask=tl.trans(inside))
+        inside_t = (cols[:, None] < K) & (rows[None, :] < M)  # (BK, BM)
+        tl.store(qt_ptr + c64[:, None] * M + r64[None, :], tl.trans(q), mask=inside_t)
 
     return cast_t_kernel
