@@ -26,7 +26,11 @@ the partitioner may instead recompute x's cast from the norm before it: cheaper 
 With `split_t` (parallel.fp8_split_transpose) it makes and saves x's transposed copy itself, by the
 opaque `fp8_transpose`, so that copy is neither fused into the norm + cast kernel (slow one-byte
 transposed stores) nor recomputed: the ~3B step 398 -> 390 ms, 1.37x BF16 synchronised with the flow
-in bf16 (round 3 of that section).
+in bf16 (round 3 of that section). With `one_read` (parallel.fp8_one_read) the operands it names are
+cast in both layouts by one Triton kernel from one read (megaflow/fp8_kernels.fp8_cast_t, ~3.6 TB/s on
+the H200 against inductor's ~2.6): W (its transposed copy for dx made in the forward and saved), dy,
+and x ('xo': of the output projections only): the ~3B step 391 -> 381 ms, 1.39x synchronised and
+1.36-1.37x back to back (round 5).
 
 FP8 runs only when a gradient is being recorded (training); evaluation and generation run the bf16
 forward of the same weights. Rows of a call not divisible by 16 (what FP8 GEMMs need) fall back to
