@@ -15,13 +15,18 @@ Contract:
   eager and compiled; compiled, its forward graph makes x's transposed FP8 copy by the opaque
   `megaflow::fp8_transpose` (one per FP8 linear: no transposed store for inductor to fuse into the
   norm + cast kernel) and saves it, and its backward graph never remakes it;
+- with `one_read` (parallel.fp8_one_read: x, W, dy cast in both layouts by `megaflow::fp8_cast_t`, whose
+  CPU body is the reference cast) the block gives bit-identical outputs and gradients eager, and compiled
+  its graphs cast x and W (forward) and dy (backward) by it and write no transposed FP8 copy of their own;
+  'xo' resolves to x for the output projections only; an unknown operand is refused;
 - the pipeline engine built by `build_stages` with fp8_backend='torch' (and fp8_split_transpose)
   swaps the layers and trains to the bf16 losses within FP8 tolerance (no TE context is entered);
 - under tensor parallelism (2 gloo ranks, with and without sequence parallelism, built by
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
   GEMMs in FP8 (each rank scaling its own shard): loss and gathered gradients within FP8 rounding of
   the fp32 single-process model and of the single-process FP8 model, and visibly not bf16-exact
-  (with sequence parallelism under delayed scaling, whose histories each layer fills);
+  (with sequence parallelism under delayed scaling, whose histories each layer fills; without it with
+  parallel.fp8_one_read, which reaches the parallel layers);
 - delayed scaling (parallel.fp8=delayed): a layer's first FP8 call is current scaling's exactly and
   fills the (x, W, dy) amax history; later calls scale by the history's maxima, within FP8 rounding of
   current scaling and not equal to it; compiled (aot_eager and inductor's graph, one graph for the filling
@@ -376,15 +381,18 @@ def _tp_fp8_worker(rank, world):
     out = {}
     for sp in (False, True):
         pcfg = ParallelConfig(tp=2, sequence_parallel=sp, fp8="delayed" if sp else "current", fp8_backend="torch",
-                              fp8_min_dim=32)  # delayed scaling's first step is current scaling's
+                              fp8_min_dim=32,  # delayed scaling's first step is current scaling's
+                              fp8_one_read="" if sp else "xo+w+dy")  # the one-read casts: the same bytes
         model, _, _ = build_stages(cfg, pcfg, Topology(tp=2), torch.device("cpu"), 0, full_state=ref.state_dict(),
                                    seq_len=48)
         n_fp8 = sum(isinstance(getattr(m, "linear", None), functools.partial) for m in model.modules())
+        one_read = {tuple(sorted(m.linear.keywords["one_read"])) for m in model.modules()
+                    if isinstance(getattr(m, "linear", None), functools.partial)}
         loss = model(batch, noise)[0]
         loss.backward()
         grads = gather_full_grads(model)
         hists = [m.fp8_amax_history for m in model.modules() if hasattr(m, "fp8_amax_history")]
-        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), n_hist=len(hists),
+        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), n_hist=len(hists), one_read=one_read,
                        filled=all(bool((h[:, -1] > 0).all()) for h in hists), **{
             f"{k}_{name}": rel(v, ref_v) for name, (ref_loss, ref_grad) in singles.items()
             for k, v, ref_v in (("loss", loss, ref_loss), ("grad", flat(grads), ref_grad))})
@@ -398,6 +406,8 @@ def test_tp2_with_torch_fp8():
         assert r["n_fp8"] == 24, r  # 4 VLM + 2 flow blocks x 4 linears; not the width-16 shallow flows
         assert r["n_hist"] == (24 if sp else 0) and r["filled"], r  # delayed (with SP): x, W, dy amaxes recorded
         assert r["names_match"], r
+        # parallel.fp8_one_read reaches the parallel layers ('xo': x by one read in o_proj / down_proj only)
+        assert r["one_read"] == ({()} if sp else {("dy", "w"), ("dy", "w", "x")}), r
         assert 1e-4 < r["loss_fp32"] < 0.02 and r["loss_fp8"] < 0.02, (sp, r)  # FP8 rounding, not bf16-exact
         assert 1e-3 < r["grad_fp32"] < 0.12 and r["grad_fp8"] < 0.15, (sp, r)  # e5m2 gradients: ~7-9%
 
