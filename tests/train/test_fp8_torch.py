@@ -244,10 +244,14 @@ def test_delayed_scaling_tracks_current_compiles_and_resumes():
     xs = [torch.randn(2, 32, 64) * (1 + i / 4) for i in range(4)]  # growing amaxes: delayed scales lag
     runs, blocks = {}, {}
     for name, delayed, backend, micro in (("current", False, None, False), ("delayed", True, None, False),
-                                          ("aot_eager", True, "aot_eager", False), ("micro", True, None, True)):
+                                          ("aot_eager", True, "aot_eager", False), ("micro", True, None, True),
+                                          ("one_read", True, None, False)):
         blocks[name] = blk = copy.deepcopy(block)
-        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, delayed=delayed, split_t=True)) == 4
+        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, delayed=delayed, split_t=True,
+                             one_read=("x", "w", "dy") if name == "one_read" else ())) == 4
         runs[name] = _block_steps(blk, xs, ctx, backend, micro)
+    for got, ref in zip(runs["one_read"], runs["delayed"]):  # the one-read casts scale by the history too
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     for got, ref in zip(runs["delayed"][0], runs["current"][0]):  # the first call: current scaling exactly
         assert torch.equal(got, ref)
     for (y, dx), (yr, dxr) in zip(runs["delayed"][1:], runs["current"][1:]):
