@@ -19,7 +19,7 @@ Contract:
   CPU body is the reference cast) the block gives bit-identical outputs and gradients eager, and compiled
   its graphs cast x and W (forward) and dy (backward) by it and write no transposed FP8 copy of their own;
   'xo' resolves to x for the output projections only; an unknown operand is refused;
-- the pipeline engine built by `build_stages` with fp8_backend='torch' (and fp8_split_transpose)
+- the pipeline engine built by `build_stages` with fp8_backend='torch' (and fp8_split_transpose, fp8_one_read)
   swaps the layers and trains to the bf16 losses within FP8 tolerance (no TE context is entered);
 - under tensor parallelism (2 gloo ranks, with and without sequence parallelism, built by
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
@@ -301,7 +301,7 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     for fp8, (n, msg) in expect.items():
         run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
             fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True,
-            fp8_bf16_ends=1 if fp8 == "delayed" else 0))
+            fp8_bf16_ends=1 if fp8 == "delayed" else 0, fp8_one_read="xo+w+dy" if fp8 == "current" else ""))
         model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
                                            full_state=ref.state_dict(), seq_len=48)
         fp8_names = [n for st in stages for n, m in st.module.named_modules() if isinstance(m, Float8Linear)]
@@ -309,6 +309,8 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
         assert fp8 != "delayed" or not any(n.startswith(("units.0.vlm_layers.0.", "units.1.vlm_layers.1."))
                                            for n in fp8_names)
         assert all(m.split_t for st in stages for m in st.module.modules() if isinstance(m, Float8Linear))
+        assert all(("w" in m.one_read) == (fp8 == "current") for st in stages for m in st.module.modules()
+                   if isinstance(m, Float8Linear))  # parallel.fp8_one_read reaches the stages' layers
         said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm" in r.getMessage()]
         assert said == ([msg] if msg else []), said
         caplog.clear()
