@@ -308,8 +308,8 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
     every tensor-parallel layer with a GEMM hook that passes them runs `fp8_linear` as its GEMM.
     `delayed`: each gets an amax history (`add_history`: delayed scaling); `exclude`: name prefixes
     that stay bf16 (parallel.fp8_bf16_ends); `one_read`: the operands ('x', 'xo', 'w', 'dy':
-    `layer_one_read`) cast in both layouts by one kernel (parallel.fp8_one_read). Returns the names swapped. Call before regional
-    torch.compile, so the graphs include the casts."""
+    `layer_one_read`) cast in both layouts by one kernel (parallel.fp8_one_read). Returns the names
+    swapped. Call before regional torch.compile, so the graphs include the casts."""
     from megaflow.model.layers import TransformerBlock
     if where is None:
         inside = {id(m) for b in model.modules() if isinstance(b, TransformerBlock) for m in b.modules()}
