@@ -26,7 +26,11 @@ the partitioner may instead recompute x's cast from the norm before it: cheaper 
 With `split_t` (parallel.fp8_split_transpose) it makes and saves x's transposed copy itself, by the
 opaque `fp8_transpose`, so that copy is neither fused into the norm + cast kernel (slow one-byte
 transposed stores) nor recomputed: the ~3B step 398 -> 390 ms, 1.37x BF16 synchronised with the flow
-in bf16 (round 3 of that section).
+in bf16 (round 3 of that section). With `one_read` (parallel.fp8_one_read) the operands it names are
+cast in both layouts by one Triton kernel from one read (megaflow/fp8_kernels.fp8_cast_t, ~3.6 TB/s on
+the H200 against inductor's ~2.6): W (its transposed copy for dx made in the forward and saved), dy,
+and x ('xo': of the output projections only): the ~3B step 391 -> 381 ms, 1.39x synchronised and
+1.36-1.37x back to back (round 5).
 
 FP8 runs only when a gradient is being recorded (training); evaluation and generation run the bf16
 forward of the same weights. Rows of a call not divisible by 16 (what FP8 GEMMs need) fall back to
@@ -47,13 +51,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+from megaflow.fp8_kernels import E4M3, E5M2, fp8_cast, fp8_cast_t
+
 AMAX_HISTORY = 16  # delayed scaling: calls whose amaxes scale the next one (torchao's default; TE's is 1024)
 HISTORY_BUFFER = "fp8_amax_history"
 
 
-def to_fp8(t: torch.Tensor, dtype: torch.dtype, amax: Optional[torch.Tensor] = None) -> tuple:
-    """(t scaled into `dtype`'s range and cast, row-major; the inverse scale, a 0-d fp32 tensor).
+def fp8_scale(t: torch.Tensor, dtype: torch.dtype, amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What t is multiplied by before its cast to `dtype` (a 0-d fp32 tensor: largest finite FP8 / amax).
     `amax`: what to scale by (delayed scaling: the largest amax of the earlier calls; values beyond it
     saturate at the largest FP8 value; 0: scale 1); None: t's own amax (current scaling)."""
     fmax = torch.finfo(dtype).max
@@ -61,9 +66,22 @@ def to_fp8(t: torch.Tensor, dtype: torch.dtype, amax: Optional[torch.Tensor] = N
         amax = t.detach().abs().amax().float().clamp(min=1e-12)  # an all-zero tensor stays zero, not NaN
     else:  # a history of zeros only (a zero-initialised layer's first gradients): scale 1, as TE starts
         amax = torch.where(amax > 0, amax, fmax)
-    scale = fmax / amax
-    q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
-    return q.contiguous(), scale.reciprocal()
+    return fmax / amax
+
+
+def to_fp8(t: torch.Tensor, dtype: torch.dtype, amax: Optional[torch.Tensor] = None) -> tuple:
+    """(t scaled into `dtype`'s range and cast, row-major; the inverse scale, a 0-d fp32 tensor);
+    `amax` as in `fp8_scale`."""
+    scale = fp8_scale(t, dtype, amax)
+    return fp8_cast(t, scale, dtype).contiguous(), scale.reciprocal()
+
+
+def to_fp8_t(t: torch.Tensor, dtype: torch.dtype, amax: Optional[torch.Tensor] = None) -> tuple:
+    """(q, q^T, inverse scale): `to_fp8`'s cast of t (M, K) in both layouts, (M, K) and (K, M), from one
+    read of t (megaflow/fp8_kernels.fp8_cast_t: one Triton kernel on a GPU)."""
+    scale = fp8_scale(t, dtype, amax)
+    q, qt = fp8_cast_t(t, scale, dtype == E5M2)
+    return q, qt, scale.reciprocal()
 
 
 def record_amax(row: torch.Tensor, t: torch.Tensor) -> None:
@@ -106,21 +124,36 @@ class _Fp8Matmul(torch.autograd.Function):
     `hist`: delayed scaling's (3, H) amax history of x, W and dy (updated in place: the forward
     records x's and W's, the backward dy's); `use_hist`: scale by its maxima (else by the current
     amaxes, as on the first call, which fills it). `split_dy`: dy's transposed FP8 copy for dW made
-    by `fp8_transpose` too (else fused by inductor into dy's cast)."""
+    by `fp8_transpose` too (else fused by inductor into dy's cast).
+    `one_read`: the operands among 'x', 'w', 'dy' cast in both layouts from one read
+    (megaflow/fp8_kernels.fp8_cast_t; the same bytes as the other paths): W's transposed copy for
+    dx = dy W then comes from the forward (saved instead of the row-major one), x's and dy's for dW
+    replace `split_t`'s / `split_dy`'s."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, fast_accum: bool,
                 split_t: bool, hist: Optional[torch.Tensor] = None, use_hist: bool = False,
-                split_dy: bool = False) -> torch.Tensor:
+                split_dy: bool = False, one_read: tuple = ()) -> torch.Tensor:
         prev = hist[:2].amax(dim=1) if use_hist else (None, None)  # (2,): read before this call records
-        xq, x_inv = to_fp8(x, E4M3, prev[0])  # (M, K)
-        wq, w_inv = to_fp8(w, E4M3, prev[1])  # (N, K)
+        if "x" in one_read:
+            xq, xq_t, x_inv = to_fp8_t(x, E4M3, prev[0])  # (M, K), (K, M)
+        else:
+            xq, x_inv = to_fp8(x, E4M3, prev[0])  # (M, K)
+            xq_t = fp8_transpose(xq) if split_t else None
+        if "w" in one_read:
+            wq, wq_t, w_inv = to_fp8_t(w, E4M3, prev[1])  # (N, K), (K, N)
+        else:
+            wq, w_inv = to_fp8(w, E4M3, prev[1])  # (N, K)
+            wq_t = None
         if hist is not None:
             record_amax(hist[0], x)
             record_amax(hist[1], w)
-        # the backward's dW GEMM reads x column-major: its (M, K) view of a row-major (K, M) copy
-        x_col = fp8_transpose(xq).t() if split_t else xq
-        ctx.save_for_backward(x_col, wq, x_inv, w_inv)
+        # the backward's dW GEMM reads x column-major: its (M, K) view of a row-major (K, M) copy; its dx
+        # GEMM reads W column-major likewise
+        x_col = xq_t.t() if xq_t is not None else xq
+        w_col = wq_t.t() if wq_t is not None else wq
+        ctx.save_for_backward(x_col, w_col, x_inv, w_inv)
+        ctx.one_read_dy = "dy" in one_read
         ctx.dtypes = (x.dtype, w.dtype)
         # hist: not saved_tensors (the next micro-batch's forward updates it before this backward); dy's
         # row is read when the backward runs: every backward but the first call's finds it filled, also
@@ -136,29 +169,34 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_col, wq, x_inv, w_inv = ctx.saved_tensors
+        x_col, w_col, x_inv, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        dyq, dy_inv = to_fp8(dy, E5M2, ctx.hist[2].amax() if ctx.use_hist else None)  # (M, N)
+        dy_amax = ctx.hist[2].amax() if ctx.use_hist else None
+        if ctx.one_read_dy:
+            dyq, dy_t, dy_inv = to_fp8_t(dy, E5M2, dy_amax)  # (M, N), (N, M)
+        else:
+            dyq, dy_inv = to_fp8(dy, E5M2, dy_amax)  # (M, N)
+            dy_t = fp8_transpose(dyq) if ctx.split_dy else dyq.t().contiguous()  # (N, M)
         if ctx.hist is not None:
             record_amax(ctx.hist[2], dy)
-        dx = torch._scaled_mm(dyq, wq.t().contiguous().t(), scale_a=dy_inv, scale_b=w_inv,
+        # x_col / w_col: (M, K) / (N, K); no copy when column-major (split or one-read), else a transposed copy
+        dx = torch._scaled_mm(dyq, w_col.t().contiguous().t(), scale_a=dy_inv, scale_b=w_inv,
                               out_dtype=x_dtype)  # (M, N) @ (N, K) -> (M, K)
-        dy_t = fp8_transpose(dyq) if ctx.split_dy else dyq.t().contiguous()  # (N, M)
         dw = torch._scaled_mm(dy_t, x_col.t().contiguous().t(), scale_a=dy_inv, scale_b=x_inv,
-                              out_dtype=w_dtype)  # (N, M) @ (M, K) -> (N, K); no copy when x_col is column-major
-        return dx, dw, None, None, None, None, None, None
+                              out_dtype=w_dtype)  # (N, M) @ (M, K) -> (N, K)
+        return dx, dw, None, None, None, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                fast_accum: bool = False, split_t: bool = False, state: Optional[nn.Module] = None,
-               split_dy: bool = False) -> torch.Tensor:
+               split_dy: bool = False, one_read: tuple = ()) -> torch.Tensor:
     """F.linear(x, weight, bias) with its three GEMMs in FP8 while a gradient is recorded (x: (..., K),
     weight: (N, K) -> (..., N)); otherwise, or for a row count not divisible by 16, F.linear itself.
     Also the GEMM of the tensor-parallel layers under FP8 (parallel/backend.apply_fp8_layers): each
     rank scales its own shard by its own amax, so no amax crosses ranks.
     `state`: the layer; under delayed scaling it holds the amax history (`add_history`): its first
     FP8 call scales by the current amaxes and fills the history, later calls scale by it; its
-    `fp8_on` False (`set_fp8_on`): the bf16 GEMM."""
+    `fp8_on` False (`set_fp8_on`): the bf16 GEMM. `one_read`: _Fp8Matmul's."""
     rows = x.numel() // x.shape[-1]
     if not torch.is_grad_enabled() or rows % 16 or not getattr(state, "fp8_on", True):
         return F.linear(x, weight, bias)
@@ -167,7 +205,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     hist = getattr(state, HISTORY_BUFFER, None)
     use_hist = hist is not None and state.fp8_calibrated  # a host flag: one more graph, no host read a step
     y = _Fp8Matmul.apply(x.reshape(rows, x.shape[-1]), weight, out_dtype, fast_accum, split_t,
-                         hist, use_hist, split_dy)  # (M, N)
+                         hist, use_hist, split_dy, one_read)  # (M, N)
     if hist is not None and not use_hist:
         state.fp8_calibrated = True
     y = y.view(*x.shape[:-1], weight.shape[0])  # (..., N)
@@ -216,11 +254,13 @@ class Float8Linear(nn.Linear):
     fast_accum = False
     split_t = False
     split_dy = False
+    one_read = ()
     fp8_calibrated = False
     fp8_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.fast_accum, self.split_t, self, self.split_dy)
+        return fp8_linear(x, self.weight, self.bias, self.fast_accum, self.split_t, self, self.split_dy,
+                          self.one_read)
 
 
 def fp8_capable(lin: nn.Module, min_dim: int) -> bool:
@@ -241,6 +281,19 @@ def to_float8(lin: nn.Linear) -> Float8Linear:
     return lin
 
 
+OUT_PROJECTIONS = ("o_proj", "down_proj")  # block linears whose input no norm makes: one_read 'xo'
+
+
+def layer_one_read(name: str, one_read: tuple) -> tuple:
+    """The operands layer `name` casts by one read: `one_read`'s, its 'xo' ('x' for the output
+    projections only: their inputs, attention's and SwiGLU's outputs, are bf16 tensors already, whereas
+    the other linears' x comes out of the norm + cast kernel without a bf16 copy) resolved."""
+    ops = tuple(o for o in one_read if o != "xo")
+    if "xo" in one_read and "x" not in ops and name.rsplit(".", 1)[-1] in OUT_PROJECTIONS:
+        ops += ("x",)
+    return ops
+
+
 def _gemm_hook(mod: nn.Module) -> bool:
     """Whether `mod` runs its GEMM through a `linear` attribute that is F.linear until FP8 replaces it
     (parallel/layers.py's ColumnParallelLinear and RowParallelLinear)."""
@@ -249,13 +302,14 @@ def _gemm_hook(mod: nn.Module) -> bool:
 
 def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[str, nn.Module], bool]] = None,
               fast_accum: bool = False, split_t: bool = False, delayed: bool = False, exclude: tuple = (),
-              split_dy: bool = False) -> list:
+              split_dy: bool = False, one_read: tuple = ()) -> list:
     """Every plain nn.Linear of `model` that passes the size rule (and `where(name, module)`, by
     default: inside a transformer block, so embeddings and heads stay bf16) becomes a Float8Linear;
     every tensor-parallel layer with a GEMM hook that passes them runs `fp8_linear` as its GEMM.
     `delayed`: each gets an amax history (`add_history`: delayed scaling); `exclude`: name prefixes
-    that stay bf16 (parallel.fp8_bf16_ends). Returns the names swapped. Call before regional
-    torch.compile, so the graphs include the casts."""
+    that stay bf16 (parallel.fp8_bf16_ends); `one_read`: the operands ('x', 'xo', 'w', 'dy':
+    `layer_one_read`) cast in both layouts by one kernel (parallel.fp8_one_read). Returns the names
+    swapped. Call before regional torch.compile, so the graphs include the casts."""
     from megaflow.model.layers import TransformerBlock
     if where is None:
         inside = {id(m) for b in model.modules() if isinstance(b, TransformerBlock) for m in b.modules()}
@@ -266,14 +320,15 @@ def apply_fp8(model: nn.Module, min_dim: int = 2048, where: Optional[Callable[[s
         if not (plain or _gemm_hook(mod)) or not fp8_capable(mod, min_dim) or not where(name, mod) \
                 or (exclude and name.startswith(exclude)):
             continue
+        ops = layer_one_read(name, tuple(one_read))
         if delayed:
             add_history(mod)
         if plain:
             lin = to_float8(mod)
-            lin.fast_accum, lin.split_t, lin.split_dy = fast_accum, split_t, split_dy
+            lin.fast_accum, lin.split_t, lin.split_dy, lin.one_read = fast_accum, split_t, split_dy, ops
         else:
             mod.linear = functools.partial(fp8_linear, fast_accum=fast_accum, split_t=split_t, state=mod,
-                                           split_dy=split_dy)
+                                           split_dy=split_dy, one_read=ops)
         names.append(name)
     return names
 

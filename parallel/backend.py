@@ -181,7 +181,8 @@ def apply_fp8_layers(model: nn.Module, pcfg, device=None, mcfg=None) -> nn.Modul
         check_fp8_device(device if device is not None else next(model.parameters()).device)
         ends = vlm_end_blocks(mcfg if mcfg is not None else model.cfg, pcfg.fp8_bf16_ends)
         names = apply_fp8(model, pcfg.fp8_min_dim, fast_accum=pcfg.fp8_fast_accum, split_t=pcfg.fp8_split_transpose,
-                          delayed=pcfg.fp8 == "delayed", exclude=ends, split_dy=pcfg.fp8_split_dy)
+                          delayed=pcfg.fp8 == "delayed", exclude=ends, split_dy=pcfg.fp8_split_dy,
+                          one_read=pcfg.fp8_one_read_operands)
         log.info("FP8 (torch._scaled_mm, %s scaling): %d block linears of both dimensions >= %d%s%s", pcfg.fp8,
                  len(names), pcfg.fp8_min_dim, f", the first and last {pcfg.fp8_bf16_ends} VLM blocks in bf16"
                  if ends else "", "" if names else "; none is that large: set parallel.fp8_min_dim lower or fp8=off")

@@ -39,6 +39,7 @@ class ParallelConfig:
     fp8_split_dy: bool = False  # fp8_backend 'torch': the backward's transposed FP8 copy of each FP8 linear's output gradient dy (for dW) made by its own kernel (megaflow/fp8.fp8_transpose), not fused by inductor into dy's cast
     fp8_start_step: int = 0  # fp8_backend 'torch': the steps before this one run the FP8 layers' GEMMs in bf16 (e.g. the LR warm-up, where FP8's curve left BF16's on the ~3B config); needs train.step_graph=off
     fp8_bf16_ends: int = 0  # fp8_backend 'torch': the first and the last this many VLM blocks keep bf16 GEMMs (the accuracy lever of NVIDIA's FP8 recipes)
+    fp8_one_read: str = ""  # fp8_backend 'torch': the operands ('x', 'w', 'dy', joined by '+', e.g. 'w+dy') whose FP8 copies in both layouts (row-major and the transposed one a backward GEMM needs) one Triton kernel writes from one read of the bf16 tensor (megaflow/fp8_kernels.py; the same bytes as without; 'x' replaces fp8_split_transpose, 'dy' fp8_split_dy; 'xo': x of the output projections only, whose input no norm makes)
     fp8_split_transpose: bool = False  # fp8_backend 'torch': the backward's transposed FP8 copy of each FP8 linear's input is made in the forward by its own kernel (megaflow/fp8.fp8_transpose) and saved (1 byte an element), not fused by inductor into the norm + cast kernel that makes the input (~3B config: 398 -> 390 ms a step for 4.9 GiB, docs/benchmarks.md)
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
@@ -77,6 +78,10 @@ class ParallelConfig:
             if self.fp8_bf16_ends < 0:
                 raise ValueError(f"parallel.fp8_bf16_ends={self.fp8_bf16_ends} must be >= 0 (VLM blocks kept in bf16 "
                                  "at each end)")
+            bad = set(self.fp8_one_read_operands) - {"x", "xo", "w", "dy"}
+            if bad:
+                raise ValueError(f"parallel.fp8_one_read={self.fp8_one_read!r}: {sorted(bad)} not among 'x', 'xo', 'w', 'dy' "
+                                 "(joined by '+', e.g. 'w+dy'; '' for none)")
             if self.fp8_min_dim < 16:
                 raise ValueError(f"parallel.fp8_min_dim={self.fp8_min_dim} must be >= 16 (FP8 GEMM dimensions)")
             if self.async_tp:
@@ -129,6 +134,11 @@ class ParallelConfig:
     def te_fp8(self) -> str:
         """The FP8 recipe Transformer Engine runs ('off' when FP8 is off or runs on torch's own linears)."""
         return self.fp8 if self.fp8_backend == "te" else "off"
+
+    @property
+    def fp8_one_read_operands(self) -> tuple:
+        """parallel.fp8_one_read as a tuple ('w+dy' -> ('w', 'dy'))."""
+        return tuple(o.strip() for o in self.fp8_one_read.replace(",", "+").split("+") if o.strip())
 
     @property
     def torch_fp8(self) -> bool:

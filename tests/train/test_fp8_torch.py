@@ -15,13 +15,18 @@ Contract:
   eager and compiled; compiled, its forward graph makes x's transposed FP8 copy by the opaque
   `megaflow::fp8_transpose` (one per FP8 linear: no transposed store for inductor to fuse into the
   norm + cast kernel) and saves it, and its backward graph never remakes it;
-- the pipeline engine built by `build_stages` with fp8_backend='torch' (and fp8_split_transpose)
+- with `one_read` (parallel.fp8_one_read: x, W, dy cast in both layouts by `megaflow::fp8_cast_t`, whose
+  CPU body is the reference cast) the block gives bit-identical outputs and gradients eager, and compiled
+  its graphs cast x and W (forward) and dy (backward) by it and write no transposed FP8 copy of their own;
+  'xo' resolves to x for the output projections only; an unknown operand is refused;
+- the pipeline engine built by `build_stages` with fp8_backend='torch' (and fp8_split_transpose, fp8_one_read)
   swaps the layers and trains to the bf16 losses within FP8 tolerance (no TE context is entered);
 - under tensor parallelism (2 gloo ranks, with and without sequence parallelism, built by
   `build_stages` as `megaflow train` builds it) the column- and row-parallel block layers run their
   GEMMs in FP8 (each rank scaling its own shard): loss and gathered gradients within FP8 rounding of
   the fp32 single-process model and of the single-process FP8 model, and visibly not bf16-exact
-  (with sequence parallelism under delayed scaling, whose histories each layer fills);
+  (with sequence parallelism under delayed scaling, whose histories each layer fills; without it with
+  parallel.fp8_one_read, which reaches the parallel layers);
 - delayed scaling (parallel.fp8=delayed): a layer's first FP8 call is current scaling's exactly and
   fills the (x, W, dy) amax history; later calls scale by the history's maxima, within FP8 rounding of
   current scaling and not equal to it; compiled (aot_eager and inductor's graph, one graph for the filling
@@ -117,10 +122,11 @@ def test_compiled_fp8_block_equals_eager():
         assert rel(a, b) < 1e-2, rel(a, b)
 
 
-def test_split_transpose_same_numbers_saved_from_the_forward():
+def _graph_backend(graphs: dict):
+    """A torch.compile backend with the partitioner inductor uses, keeping the forward and backward
+    graphs in graphs['fw'] / graphs['bw'] for inspection."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._functorch.aot_autograd import aot_module_simplified
-    graphs = {}
 
     def capture(kind):
         def compiler(gm, example_inputs):
@@ -128,10 +134,19 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
             return make_boxed_func(gm.forward)
         return compiler
 
-    def backend(gm, example_inputs):  # the partitioner inductor uses, the graphs kept for inspection
+    def backend(gm, example_inputs):
         return aot_module_simplified(gm, example_inputs, fw_compiler=capture("fw"), bw_compiler=capture("bw"),
                                      partition_fn=min_cut_rematerialization_partition)
+    return backend
 
+
+def _calls(gm, op) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+
+
+def test_split_transpose_same_numbers_saved_from_the_forward():
+    graphs = {}
+    backend = _graph_backend(graphs)
     torch.manual_seed(0)
     block = TransformerBlock(64, 4, 2, 16, 128)
     cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
@@ -150,9 +165,7 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
     for ref, got in zip(outs[0], outs[2]):  # compiled: the same math (aot_eager-level graphs)
         assert rel(got, ref) < 1e-5, rel(got, ref)
     (fw,), (bw,) = graphs["fw"], graphs["bw"]
-
-    def calls(gm, op):
-        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+    calls = _calls
     t_nodes = calls(fw, torch.ops.megaflow.fp8_transpose.default)
     assert n_fp8 == 4 and len(t_nodes) == n_fp8
 
@@ -164,6 +177,47 @@ def test_split_transpose_same_numbers_saved_from_the_forward():
     # the forward writes no transposed FP8 copy of its own (the only clones left are the backward's:
     # W^T and dy^T)
     assert not [n for n in calls(fw, torch.ops.aten.clone.default) if n.meta["val"].dtype == torch.float8_e4m3fn]
+
+
+def test_one_read_cast_same_bytes_both_layouts_from_the_forward():
+    """parallel.fp8_one_read: x, W and dy cast in both layouts by megaflow::fp8_cast_t give the block's
+    outputs and gradients bit for bit (eager; compiled within float rounding of eager); compiled, the
+    forward graph casts x and W by it (2 per FP8 linear), the backward dy (1 per linear) and makes no
+    transposed FP8 copy of its own (W's comes from the forward)."""
+    from megaflow.fp8_kernels import E5M2, fp8_cast, fp8_cast_t
+    t, scale = torch.randn(48, 80).bfloat16(), torch.tensor(7.5)
+    q, qt = fp8_cast_t(t, scale, True)
+    assert q.dtype == E5M2 and torch.equal(q, fp8_cast(t, scale, E5M2)) and torch.equal(qt, q.t())
+    graphs = {}
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 4, 2, 16, 128)
+    cos, sin = rope_tables(torch.arange(32)[None], 16, 10000.0)
+    ctx, x = AttnContext(cos=cos, sin=sin), torch.randn(2, 32, 64)
+    outs, blks = [], []
+    for one_read, compiled in (((), False), (("w", "dy"), False), (("xo", "w", "dy"), False),
+                               (("x", "w", "dy"), False), (("x", "w", "dy"), True)):
+        blk = copy.deepcopy(block)
+        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, split_t=True, one_read=one_read)) == 4
+        blks.append(blk)
+        fn = torch.compile(blk, backend=_graph_backend(graphs)) if compiled else blk
+        xi = x.clone().requires_grad_()
+        y = fn(xi, ctx)
+        y.square().mean().backward()
+        outs.append([y.detach(), xi.grad, *(p.grad for p in blk.parameters())])
+    for got in outs[1:4]:
+        for ref, g in zip(outs[0], got):
+            assert torch.equal(ref, g)
+    for ref, g in zip(outs[0], outs[4]):
+        assert rel(g, ref) < 1e-5, rel(g, ref)
+    (fw,), (bw,) = graphs["fw"], graphs["bw"]
+    op = torch.ops.megaflow.fp8_cast_t.default
+    assert len(_calls(fw, op)) == 8 and len(_calls(bw, op)) == 4
+    assert not _calls(fw, torch.ops.megaflow.fp8_transpose.default)
+    xo = blks[2]  # 'xo': x by one read in the output projections only
+    assert xo.self_attn.o_proj.one_read == ("w", "dy", "x") == xo.mlp.down_proj.one_read
+    assert xo.self_attn.qkv.one_read == ("w", "dy") == xo.mlp.gate_up.one_read
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    assert not [n for g in (fw, bw) for n in _calls(g, torch.ops.aten.clone.default) if n.meta["val"].dtype in fp8]
 
 
 def _block_steps(block, xs, ctx, compile_backend=None, micro: bool = False) -> list:
@@ -190,10 +244,14 @@ def test_delayed_scaling_tracks_current_compiles_and_resumes():
     xs = [torch.randn(2, 32, 64) * (1 + i / 4) for i in range(4)]  # growing amaxes: delayed scales lag
     runs, blocks = {}, {}
     for name, delayed, backend, micro in (("current", False, None, False), ("delayed", True, None, False),
-                                          ("aot_eager", True, "aot_eager", False), ("micro", True, None, True)):
+                                          ("aot_eager", True, "aot_eager", False), ("micro", True, None, True),
+                                          ("one_read", True, None, False)):
         blocks[name] = blk = copy.deepcopy(block)
-        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, delayed=delayed, split_t=True)) == 4
+        assert len(apply_fp8(blk, min_dim=64, where=lambda n, m: True, delayed=delayed, split_t=True,
+                             one_read=("x", "w", "dy") if name == "one_read" else ())) == 4
         runs[name] = _block_steps(blk, xs, ctx, backend, micro)
+    for got, ref in zip(runs["one_read"], runs["delayed"]):  # the one-read casts scale by the history too
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     for got, ref in zip(runs["delayed"][0], runs["current"][0]):  # the first call: current scaling exactly
         assert torch.equal(got, ref)
     for (y, dx), (yr, dxr) in zip(runs["delayed"][1:], runs["current"][1:]):
@@ -243,7 +301,7 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
     for fp8, (n, msg) in expect.items():
         run = dataclasses.replace(run_config(), model=cfg, parallel=ParallelConfig(
             fp8=fp8, fp8_backend="torch", fp8_min_dim=32, micro_batches=2, fp8_split_transpose=True,
-            fp8_bf16_ends=1 if fp8 == "delayed" else 0))
+            fp8_bf16_ends=1 if fp8 == "delayed" else 0, fp8_one_read="xo+w+dy" if fp8 == "current" else ""))
         model, stages, tied = build_stages(cfg, run.parallel, Topology(), torch.device("cpu"), 0,
                                            full_state=ref.state_dict(), seq_len=48)
         fp8_names = [n for st in stages for n, m in st.module.named_modules() if isinstance(m, Float8Linear)]
@@ -251,6 +309,8 @@ def test_pipeline_engine_with_torch_fp8(monkeypatch, caplog):
         assert fp8 != "delayed" or not any(n.startswith(("units.0.vlm_layers.0.", "units.1.vlm_layers.1."))
                                            for n in fp8_names)
         assert all(m.split_t for st in stages for m in st.module.modules() if isinstance(m, Float8Linear))
+        assert all(("w" in m.one_read) == (fp8 == "current") for st in stages for m in st.module.modules()
+                   if isinstance(m, Float8Linear))  # parallel.fp8_one_read reaches the stages' layers
         said = [r.getMessage() for r in caplog.records if "FP8 (torch._scaled_mm" in r.getMessage()]
         assert said == ([msg] if msg else []), said
         caplog.clear()
@@ -291,6 +351,9 @@ def test_bad_fp8_configs_are_refused(tmp_path):
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="current", fp8_backend="torch"))
     with pytest.raises(ConfigError, match="CUDA GPU"):
         run(cfg)
+    with pytest.raises(ValueError, match=r"\['wt'\] not among 'x', 'xo', 'w', 'dy'"):
+        ParallelConfig(fp8="current", fp8_backend="torch", fp8_one_read="x,wt")
+    assert ParallelConfig(fp8="current", fp8_backend="torch", fp8_one_read=" w+dy").fp8_one_read_operands == ("w", "dy")
     with pytest.raises(ValueError, match="fp8_start_step=-1 must be >= 0"):
         ParallelConfig(fp8="current", fp8_backend="torch", fp8_start_step=-1)
     late = dataclasses.replace(cfg, parallel=ParallelConfig(fp8="delayed", fp8_backend="torch", fp8_start_step=20),
@@ -324,15 +387,18 @@ def _tp_fp8_worker(rank, world):
     out = {}
     for sp in (False, True):
         pcfg = ParallelConfig(tp=2, sequence_parallel=sp, fp8="delayed" if sp else "current", fp8_backend="torch",
-                              fp8_min_dim=32)  # delayed scaling's first step is current scaling's
+                              fp8_min_dim=32,  # delayed scaling's first step is current scaling's
+                              fp8_one_read="" if sp else "xo+w+dy")  # the one-read casts: the same bytes
         model, _, _ = build_stages(cfg, pcfg, Topology(tp=2), torch.device("cpu"), 0, full_state=ref.state_dict(),
                                    seq_len=48)
         n_fp8 = sum(isinstance(getattr(m, "linear", None), functools.partial) for m in model.modules())
+        one_read = {tuple(sorted(m.linear.keywords["one_read"])) for m in model.modules()
+                    if isinstance(getattr(m, "linear", None), functools.partial)}
         loss = model(batch, noise)[0]
         loss.backward()
         grads = gather_full_grads(model)
         hists = [m.fp8_amax_history for m in model.modules() if hasattr(m, "fp8_amax_history")]
-        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), n_hist=len(hists),
+        out[sp] = dict(n_fp8=n_fp8, names_match=set(grads) >= set(names), n_hist=len(hists), one_read=one_read,
                        filled=all(bool((h[:, -1] > 0).all()) for h in hists), **{
             f"{k}_{name}": rel(v, ref_v) for name, (ref_loss, ref_grad) in singles.items()
             for k, v, ref_v in (("loss", loss, ref_loss), ("grad", flat(grads), ref_grad))})
@@ -346,6 +412,8 @@ def test_tp2_with_torch_fp8():
         assert r["n_fp8"] == 24, r  # 4 VLM + 2 flow blocks x 4 linears; not the width-16 shallow flows
         assert r["n_hist"] == (24 if sp else 0) and r["filled"], r  # delayed (with SP): x, W, dy amaxes recorded
         assert r["names_match"], r
+        # parallel.fp8_one_read reaches the parallel layers ('xo': x by one read in o_proj / down_proj only)
+        assert r["one_read"] == ({()} if sp else {("dy", "w"), ("dy", "w", "x")}), r
         assert 1e-4 < r["loss_fp32"] < 0.02 and r["loss_fp8"] < 0.02, (sp, r)  # FP8 rounding, not bf16-exact
         assert 1e-3 < r["grad_fp32"] < 0.12 and r["grad_fp8"] < 0.15, (sp, r)  # e5m2 gradients: ~7-9%
 

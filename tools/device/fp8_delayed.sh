@@ -9,6 +9,9 @@
 #  curves  300-step runs of real Fashion-MNIST (the command and seed of rounds 1-3), all at once, up to two
 #          on a GPU (~60 GiB each): CURVE_RUNS="NAME:GPU:SCALING[:a.b=v,c.d=w] ...", the first the
 #          reference; then tools/device/fp8_curves.py of each against it                      CURVE_S=170
+#  check   (first) megaflow/fp8_kernels.py's one-read cast + cast-transpose: its bytes against torch's cast, eager
+#          and compiled, then its GB/s (tools/device/fp8_kernel_check.py); a mismatch ends the call     CHECK_S=90
+#  TRACE=I,J  speed also profiles one step of its variants I and J (the top kernels into the logs)
 # Carry .whl (mosaicml-streaming) and .fmnist (raw Fashion-MNIST) for `curves`.
 # Usage on the device: PARTS="speed" bash tools/device/fp8_delayed.sh   (logs: $OUT/fp8d_logs.tgz)
 . tools/device/setup.sh
@@ -20,9 +23,17 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 quiet() { tr '\r' '\n' | grep --line-buffered -v "Warning\|warn\|overflow\|^ *$\|^W1\|^DEBUG"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader
 S="parallel.fp8_split_transpose=true"; DY="parallel.fp8_split_dy=true"; ENDS="parallel.fp8_bf16_ends=1"
+if has check; then
+  timeout ${CHECK_S:-90} python3 tools/device/fp8_kernel_check.py 2>&1 | quiet | tee $L/check.log
+  [ "${PIPESTATUS[0]}" = 0 ] || { el "check failed: stop"; tar czf $OUT/fp8d_logs.tgz -C $OUT logs; exit 1; }
+  el "check done"
+fi
 speed() {  # speed GPU NAME VARIANTS
+  local tr=(); [ -n "$TRACE" ] && tr=(--trace /tmp/trace_$2 --trace-variants $TRACE)
   CUDA_VISIBLE_DEVICES=$1 timeout ${SPEED_S:-150} python3 tools/bench_fp8.py --config $C --set data.batch_size=16 \
-    --steps 5 --warmup 2 --set train.param_dtype=bf16 --json $OUT/speed_$2.json --variants "$3" 2>&1 | quiet > $L/speed_$2.log
+    --steps 5 --warmup 2 --set train.param_dtype=bf16 --json $OUT/speed_$2.json "${tr[@]}" --variants "$3" 2>&1 | quiet | tee $L/speed_$2.log \
+    | grep --line-buffered -E "^== variant|step time|back to back|failed"
+  for f in /tmp/trace_$2/*/top_kernels.txt; do [ -f $f ] && cp $f $L/top_kernels_$2_$(basename $(dirname $f)).txt; done
   el "speed $2 done"
 }
 if has speed; then
@@ -35,7 +46,7 @@ if has speed; then
   fi
   wait
   for g in gpu0 gpu1; do [ -f $L/speed_$g.log ] || continue; echo "== speed $g"
-    grep -E "^== variant|step time|peak memory|failed|Error" $L/speed_$g.log | head -16; grep -A6 "^variant " $L/speed_$g.log; done
+    grep -E "^== variant|step time|peak memory|failed|Error" $L/speed_$g.log | head -16; grep -A14 "^variant " $L/speed_$g.log; done
 fi
 curve() {  # curve GPU NAME FP8 EXTRA...: one 300-step run
   local gpu=$1 name=$2 fp8=$3; shift 3
