@@ -183,6 +183,7 @@ class MainWeights:
         # then() (if not None) after each (parallel/dist_optimizer.py: this rank's shard, each chunk's all-gather)
         self.ranges: Optional[list] = None
         self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
+        self.fused = set()  # ids of weights whose GEMMs add to their main gradient (parallel/wgrad_fusion.py)
         self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
 
@@ -215,7 +216,7 @@ class MainWeights:
 
     @torch.no_grad()
     def _to_main(self, p: torch.Tensor) -> None:
-        if self.defer:
+        if self.defer or p.grad is None:  # None: a fused GEMM added it already (parallel/wgrad_fusion.py)
             return
         if id(p) in self._unwritten:  # the step's first gradient: written over last step's (no zero pass)
             self._unwritten.discard(id(p))
@@ -243,7 +244,10 @@ class MainWeights:
         if not self.mixed:
             self.optimizer.zero_grad(set_to_none=True)
             return
-        if not self.flat_grads:  # the hooks write each main gradient once, then add; `settle_grads` zeros the rest
+        if self.fused:  # fused weight-gradient GEMMs add from the first micro-batch on: every hook adds too
+            self.flat_main_grad.zero_()
+            self._unwritten = set()
+        elif not self.flat_grads:  # the hooks write each main gradient once, then add; `settle_grads` zeros the rest
             self._unwritten = {id(p) for p in self.model_params}
         for p in self.model_params:
             p.grad = None
