@@ -109,7 +109,8 @@ class ParallelEngine:
         self.weights.flat_step = self.weights.mixed and bool(self.optimizer.defaults.get("fused"))
         # parallel.grad_accum_fusion: each linear's weight-gradient GEMM adds into its fp32 main gradient
         # (parallel/wgrad_fusion.py): no bf16 .grad and no flush after each micro-batch's backward
-        if fusion_wanted(pcfg.grad_accum_fusion, self.weights.mixed, pcfg.micro_batches, device, topo.dp, pcfg.overlap):
+        if fusion_wanted(pcfg.grad_accum_fusion, self.weights.mixed, pcfg.micro_batches, device, topo.dp, pcfg.overlap,
+                         topo.tp):
             fused = apply_wgrad_fusion([modules], lambda w: self.weights.main_of(w).grad)
             self.weights.fused = {id(w) for w in fused}
         self.params = [self.weights.main_of(p) for p in params]  # what gradient code works on

@@ -18,6 +18,8 @@ capture its launch). The main gradients of a fused weight are zeroed at the star
 fp32 products (the unfused path rounds each micro-batch's product to bf16 first); the CPU runs the same
 sum as an fp32 GEMM of the bf16 inputs (torch's `out_dtype` GEMMs are CUDA only).
 
+A backward that only asks for input gradients (torch.autograd.grad, e.g. a score-based denoise through the
+stages) still adds into the main gradients: the next step's zeroing clears it, as it clears everything.
 Not with data-parallel buckets reduced during backward (parallel.overlap at dp > 1): those wait for each
 parameter's post-accumulate-grad hook, which a fused weight never fires (parallel/engine.py says so).
 Not here: TP's column/row-parallel layers and FP8 linears (their own GEMMs), the one-backward PlainEngine.
@@ -107,9 +109,11 @@ def apply_wgrad_fusion(modules: list, main_grad_of) -> list:
     return fused
 
 
-def fusion_wanted(mode: str, mixed: bool, micro_batches: int, device: torch.device, dp: int, overlap: bool) -> bool:
-    """parallel.grad_accum_fusion: 'auto' fuses on CUDA with bf16 weights, several micro-batches and no data
-    parallelism; 'on' wherever it works (the CPU too); 'off' never. An error where 'on' cannot work."""
+def fusion_wanted(mode: str, mixed: bool, micro_batches: int, device: torch.device, dp: int, overlap: bool,
+                  tp: int = 1) -> bool:
+    """parallel.grad_accum_fusion: 'auto' fuses on CUDA with bf16 weights, several micro-batches and neither data
+    nor tensor parallelism (TP keeps its measured path: the plain linears it leaves are few); 'on' wherever it works
+    (the CPU too); 'off' never. An error where 'on' cannot work."""
     if mode == "off":
         return False
     if mode == "on":
@@ -121,4 +125,4 @@ def fusion_wanted(mode: str, mixed: bool, micro_batches: int, device: torch.devi
                              f"buckets reduced during backward (parallel.overlap at dp={dp}) never see them ready: "
                              f"set parallel.overlap=false or grad_accum_fusion=off")
         return True
-    return mixed and device.type == "cuda" and micro_batches > 1 and dp == 1
+    return mixed and device.type == "cuda" and micro_batches > 1 and dp == 1 and tp == 1

@@ -106,6 +106,7 @@ def test_fusion_mode_rules():
     assert not fusion_wanted("auto", True, 8, cpu, 1, True)  # the CPU keeps the unfused path unless asked
     assert not fusion_wanted("auto", True, 1, cuda, 1, True)  # one micro-batch: nothing to accumulate
     assert not fusion_wanted("auto", True, 8, cuda, 2, True)  # DP buckets wait for .grad hooks
+    assert not fusion_wanted("auto", True, 8, cuda, 1, True, tp=2) and fusion_wanted("on", True, 8, cuda, 1, True, tp=2)
     assert not fusion_wanted("auto", False, 8, cuda, 1, True) and not fusion_wanted("off", True, 8, cuda, 1, True)
     assert fusion_wanted("on", True, 8, cpu, 2, False)
     with pytest.raises(ValueError, match=r"grad_accum_fusion=on .* set train.param_dtype=bf16"):
