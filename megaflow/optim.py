@@ -184,6 +184,7 @@ class MainWeights:
         self.ranges: Optional[list] = None
         self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
         self.fused = set()  # ids of weights whose GEMMs add to their main gradient (parallel/wgrad_fusion.py)
+        self._scratches = {}  # `_scratch`: (ids of a flush's parameters) -> fp32 views of one buffer
         self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
 
@@ -236,9 +237,26 @@ class MainWeights:
             torch._foreach_copy_([self.main[id(p)].grad for p in first], [p.grad for p in first])
             self._unwritten.difference_update(id(p) for p in first)
         if later:
-            torch._foreach_add_([self.main[id(p)].grad for p in later], [p.grad for p in later])
+            grads = [p.grad for p in later]
+            if self.fused:  # the few unfused gradients (norms, biases, embeddings) through an fp32 scratch: a bf16 +
+                grads = self._scratch(later)  # fp32 `_foreach_add_` runs one kernel a tensor, these two a few in all
+                torch._foreach_copy_(grads, [p.grad for p in later])
+            torch._foreach_add_([self.main[id(p)].grad for p in later], grads)
         for p in ready:
             p.grad = None
+
+    def _scratch(self, params: list) -> list:
+        """fp32 tensors shaped as `params`, views of one buffer made the first time this list of parameters comes
+        (a flush's list is the same every micro-batch; used only beside fused GEMMs, where it is small)."""
+        key = tuple(id(p) for p in params)
+        if key not in self._scratches:
+            flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+            views, off = [], 0
+            for p in params:
+                views.append(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+            self._scratches[key] = views
+        return self._scratches[key]
 
     def zero_grad(self) -> None:
         if not self.mixed:
