@@ -126,6 +126,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ----- mixed precision: bf16 model parameters, fp32 main weights ------------------------------------
+SCRATCH_NUMEL = 2 ** 22  # MainWeights.flush_grads beside fused GEMMs: gradients up to this size go through an fp32 scratch
 def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the model's floating parameters and buffers to `dtype` in place (tied parameters stay
     tied: the Parameter objects are kept). The FAE keeps its dtype: its encoder turns pixels into the
@@ -236,12 +237,15 @@ class MainWeights:
         if first:
             torch._foreach_copy_([self.main[id(p)].grad for p in first], [p.grad for p in first])
             self._unwritten.difference_update(id(p) for p in first)
+        if self.fused:  # the many small unfused gradients (norms, biases) through an fp32 scratch: a bf16 + fp32
+            small = [p for p in later if p.numel() <= SCRATCH_NUMEL]  # `_foreach_add_` runs one kernel a tensor,
+            later = [p for p in later if p.numel() > SCRATCH_NUMEL]   # a cast and an add a few in all
+            if small:
+                scratch = self._scratch(small)
+                torch._foreach_copy_(scratch, [p.grad for p in small])
+                torch._foreach_add_([self.main[id(p)].grad for p in small], scratch)
         if later:
-            grads = [p.grad for p in later]
-            if self.fused:  # the few unfused gradients (norms, biases, embeddings) through an fp32 scratch: a bf16 +
-                grads = self._scratch(later)  # fp32 `_foreach_add_` runs one kernel a tensor, these two a few in all
-                torch._foreach_copy_(grads, [p.grad for p in later])
-            torch._foreach_add_([self.main[id(p)].grad for p in later], grads)
+            torch._foreach_add_([self.main[id(p)].grad for p in later], [p.grad for p in later])
         for p in ready:
             p.grad = None
 
