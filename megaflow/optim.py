@@ -127,6 +127,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # ----- mixed precision: bf16 model parameters, fp32 main weights ------------------------------------
 SCRATCH_NUMEL = 2 ** 22  # MainWeights.flush_grads beside fused GEMMs: gradients up to this size go through an fp32 scratch
+
+
 def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the model's floating parameters and buffers to `dtype` in place (tied parameters stay
     tied: the Parameter objects are kept). The FAE keeps its dtype: its encoder turns pixels into the
@@ -157,6 +159,9 @@ class MainWeights:
                         `defer` set the hooks leave the gradients be and `flush_grads()`, after the
                         backward, does the same copies and adds in two foreach calls (the same
                         numbers, without a Python hook and a kernel launch per parameter).
+                        With `fused` (parallel/wgrad_fusion.py: those weights' GEMMs add their gradients
+                        into the main ones themselves) the buffer is zeroed at `zero_grad` and every
+                        gradient is added.
     With param_dtype fp32 it is a plain AdamW over the parameters themselves (nothing copied).
 
     `params` are what gradient code works on: the main tensors (`.grad` is the fp32 gradient);
