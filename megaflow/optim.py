@@ -159,7 +159,7 @@ class MainWeights:
                         `defer` set the hooks leave the gradients be and `flush_grads()`, after the
                         backward, does the same copies and adds in two foreach calls (the same
                         numbers, without a Python hook and a kernel launch per parameter).
-                        With `fused` (parallel/wgrad_fusion.py: those weights' GEMMs add their gradients
+                        With `wgrad_fused` (parallel/wgrad_fusion.py: those weights' GEMMs add their gradients
                         into the main ones themselves) the buffer is zeroed at `zero_grad` and every
                         gradient is added.
     With param_dtype fp32 it is a plain AdamW over the parameters themselves (nothing copied).
@@ -189,7 +189,7 @@ class MainWeights:
         # then() (if not None) after each (parallel/dist_optimizer.py: this rank's shard, each chunk's all-gather)
         self.ranges: Optional[list] = None
         self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
-        self.fused = set()  # ids of weights whose GEMMs add to their main gradient (parallel/wgrad_fusion.py)
+        self.wgrad_fused = set()  # ids of weights whose GEMMs add to their main gradient (parallel/wgrad_fusion.py)
         self._scratches = {}  # `_scratch`: (ids of a flush's parameters) -> fp32 views of one buffer
         self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
@@ -242,7 +242,7 @@ class MainWeights:
         if first:
             torch._foreach_copy_([self.main[id(p)].grad for p in first], [p.grad for p in first])
             self._unwritten.difference_update(id(p) for p in first)
-        if self.fused:  # the many small unfused gradients (norms, biases) through an fp32 scratch: a bf16 + fp32
+        if self.wgrad_fused:  # the many small unfused gradients (norms, biases) through an fp32 scratch: a bf16 + fp32
             small = [p for p in later if p.numel() <= SCRATCH_NUMEL]  # `_foreach_add_` runs one kernel a tensor,
             later = [p for p in later if p.numel() > SCRATCH_NUMEL]   # a cast and an add a few in all
             if small:
@@ -271,7 +271,7 @@ class MainWeights:
         if not self.mixed:
             self.optimizer.zero_grad(set_to_none=True)
             return
-        if self.fused:  # fused weight-gradient GEMMs add from the first micro-batch on: every hook adds too
+        if self.wgrad_fused:  # fused weight-gradient GEMMs add from the first micro-batch on: every hook adds too
             self.flat_main_grad.zero_()
             self._unwritten = set()
         elif not self.flat_grads:  # the hooks write each main gradient once, then add; `settle_grads` zeros the rest

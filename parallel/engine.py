@@ -112,7 +112,7 @@ class ParallelEngine:
         if fusion_wanted(pcfg.grad_accum_fusion, self.weights.mixed, pcfg.micro_batches, device, topo.dp, pcfg.overlap,
                          topo.tp):
             fused = apply_wgrad_fusion([modules], lambda w: self.weights.main_of(w).grad)
-            self.weights.fused = {id(w) for w in fused}
+            self.weights.wgrad_fused = {id(w) for w in fused}
         self.params = [self.weights.main_of(p) for p in params]  # what gradient code works on
         self.counted = {id(self.weights.main_of(p)): counted[id(p)] for p in params}
         if tied is not None and tied.group is not None and self.weights.mixed:

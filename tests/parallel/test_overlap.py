@@ -157,7 +157,7 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2, tp=1, fusion="aut
             with spy:  # the step function the graph captures: its lr a 0-d tensor
                 losses.append(engine._step(*part, torch.tensor(lr))["loss"])
         out[layout] = dict(losses=[float(x) for x in losses], weights=engine.model_state_dict(), reads=spy.reads,
-                           fused=len(engine.weights.fused),
+                           fused=len(engine.weights.wgrad_fused),
                            grads=grads, flat=engine.weights._flat is not None,
                            copied=sum(b.copied for b in engine.buckets.buckets), early=engine.buckets.early,
                            world=engine.buckets.world, bf16=engine.weights.flat_param.clone(),

@@ -92,7 +92,7 @@ def test_engine_with_fusion_equals_it_without():
                           for n, p in st.module.named_parameters()})
             assert all(p.grad is None for p in engine.weights.model_params), step  # no bf16 gradient left behind
         out[fusion] = dict(losses=losses, grads=grads, fused={n for st in engine.stages for n, p in st.module.named_parameters()
-                                                             if id(p) in engine.weights.fused},
+                                                             if id(p) in engine.weights.wgrad_fused},
                            linears=sum(isinstance(m, nn.Linear) for st in engine.stages for m in st.module.modules()))
     off, on = out["off"], out["on"]
     assert not off["fused"] and len(on["fused"]) >= on["linears"] - 2, on  # every bf16 linear but the FAE's (fp32)
@@ -112,7 +112,7 @@ def test_engine_with_fusion_equals_it_without():
 
 
 def test_flush_beside_fused_gradients_is_zero_plus_every_gradient():
-    """With fused weights (MainWeights.fused) the step starts from zeroed fp32 gradients, and each deferred flush
+    """With fused weights (MainWeights.wgrad_fused) the step starts from zeroed fp32 gradients, and each deferred flush
     adds the other parameters' bf16 gradients through an fp32 scratch (one multi-tensor cast and one add instead of a
     mixed-dtype add a tensor): bitwise 0 + g1 + g2 in fp32; the fused weight's is the fp32 sum of fp32 products."""
     from megaflow.optim import MainWeights, param_groups
@@ -120,7 +120,7 @@ def test_flush_beside_fused_gradients_is_zero_plus_every_gradient():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
     weights = MainWeights(model, param_groups(model, 0.0), TrainConfig(), torch.bfloat16, flat_grads=False)
     ref = copy.deepcopy(model)  # plain bf16 linears: the expected gradients (an autograd.grad through a fused
-    weights.fused = {id(w) for w in apply_wgrad_fusion([model[1]], lambda w: weights.main_of(w).grad)}  # layer adds too)
+    weights.wgrad_fused = {id(w) for w in apply_wgrad_fusion([model[1]], lambda w: weights.main_of(w).grad)}  # layer adds too)
     weights.flat_main_grad.fill_(7.0)  # last step's values: zero_grad must clear them
     weights.zero_grad()
     weights.defer = True
