@@ -126,7 +126,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ----- mixed precision: bf16 model parameters, fp32 main weights ------------------------------------
-SCRATCH_NUMEL = 2 ** 22  # MainWeights.flush_grads beside fused GEMMs: gradients up to this size go through an fp32 scratch
+SCRATCH_NUMEL = 2 ** 22  # MainWeights.flush_grads beside fused GEMMs: gradients up to this size via an fp32 scratch
 
 
 def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -91,8 +91,9 @@ def test_engine_with_fusion_equals_it_without():
             grads.append({n: engine.weights.main_of(p).grad.clone() for st in engine.stages
                           for n, p in st.module.named_parameters()})
             assert all(p.grad is None for p in engine.weights.model_params), step  # no bf16 gradient left behind
-        out[fusion] = dict(losses=losses, grads=grads, fused={n for st in engine.stages for n, p in st.module.named_parameters()
-                                                             if id(p) in engine.weights.wgrad_fused},
+        named = [(n, p) for st in engine.stages for n, p in st.module.named_parameters()]
+        fused = {n for n, p in named if id(p) in engine.weights.wgrad_fused}
+        out[fusion] = dict(losses=losses, grads=grads, fused=fused,
                            linears=sum(isinstance(m, nn.Linear) for st in engine.stages for m in st.module.modules()))
     off, on = out["off"], out["on"]
     assert not off["fused"] and len(on["fused"]) >= on["linears"] - 2, on  # every bf16 linear but the FAE's (fp32)
@@ -119,8 +120,8 @@ def test_flush_beside_fused_gradients_is_zero_plus_every_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
     weights = MainWeights(model, param_groups(model, 0.0), TrainConfig(), torch.bfloat16, flat_grads=False)
-    ref = copy.deepcopy(model)  # plain bf16 linears: the expected gradients (an autograd.grad through a fused
-    weights.wgrad_fused = {id(w) for w in apply_wgrad_fusion([model[1]], lambda w: weights.main_of(w).grad)}  # layer adds too)
+    ref = copy.deepcopy(model)  # plain bf16 linears give the expected gradients (autograd.grad through a fused one adds)
+    weights.wgrad_fused = {id(w) for w in apply_wgrad_fusion([model[1]], lambda w: weights.main_of(w).grad)}
     weights.flat_main_grad.fill_(7.0)  # last step's values: zero_grad must clear them
     weights.zero_grad()
     weights.defer = True

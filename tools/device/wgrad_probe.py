@@ -31,10 +31,10 @@ def main() -> None:
         err = float((main_grad - 2 * (dy.float().t() @ x.float())).abs().max())
         fused = timed(lambda: wgrad_accumulate(main_grad, dy, x))
         unfused = timed(lambda: main_grad.add_(dy.t() @ x))  # the bf16 .grad, then the flush's add
-        print(f"dW ({n} x {k}) over {rows} rows: fused {fused:.3f} ms, unfused (bf16 GEMM + fp32 add) {unfused:.3f} ms, "
-              f"max |error| of two sums {err:.2e}", flush=True)
-    print(f"PROBE wgrad_accumulate: {'addmm out_dtype=fp32 into fp32 C' if _ADDMM_DTYPE[0] else 'FALLBACK (bf16 GEMM + add)'}"
-          f" (torch {torch.__version__})", flush=True)
+        print(f"dW ({n} x {k}) over {rows} rows: fused {fused:.3f} ms, unfused (bf16 GEMM + fp32 add) "
+              f"{unfused:.3f} ms, max |error| of two sums {err:.2e}", flush=True)
+    how = "addmm out_dtype=fp32 into fp32 C" if _ADDMM_DTYPE[0] else "FALLBACK (bf16 GEMM + add)"
+    print(f"PROBE wgrad_accumulate: {how} (torch {torch.__version__})", flush=True)
 
 
 if __name__ == "__main__":
