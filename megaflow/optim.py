@@ -126,6 +126,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ----- mixed precision: bf16 model parameters, fp32 main weights ------------------------------------
+SCRATCH_NUMEL = 2 ** 22  # MainWeights.flush_grads beside fused GEMMs: gradients up to this size via an fp32 scratch
+
+
 def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the model's floating parameters and buffers to `dtype` in place (tied parameters stay
     tied: the Parameter objects are kept). The FAE keeps its dtype: its encoder turns pixels into the
@@ -156,6 +159,9 @@ class MainWeights:
                         `defer` set the hooks leave the gradients be and `flush_grads()`, after the
                         backward, does the same copies and adds in two foreach calls (the same
                         numbers, without a Python hook and a kernel launch per parameter).
+                        With `wgrad_fused` (parallel/wgrad_fusion.py: those weights' GEMMs add their gradients
+                        into the main ones themselves) the buffer is zeroed at `zero_grad` and every
+                        gradient is added.
     With param_dtype fp32 it is a plain AdamW over the parameters themselves (nothing copied).
 
     `params` are what gradient code works on: the main tensors (`.grad` is the fp32 gradient);
@@ -183,6 +189,8 @@ class MainWeights:
         # then() (if not None) after each (parallel/dist_optimizer.py: this rank's shard, each chunk's all-gather)
         self.ranges: Optional[list] = None
         self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
+        self.wgrad_fused = set()  # ids of weights whose GEMMs add to their main gradient (parallel/wgrad_fusion.py)
+        self._scratches = {}  # `_scratch`: (ids of a flush's parameters) -> fp32 views of one buffer
         self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
 
@@ -215,7 +223,7 @@ class MainWeights:
 
     @torch.no_grad()
     def _to_main(self, p: torch.Tensor) -> None:
-        if self.defer:
+        if self.defer or p.grad is None:  # None: a fused GEMM added it already (parallel/wgrad_fusion.py)
             return
         if id(p) in self._unwritten:  # the step's first gradient: written over last step's (no zero pass)
             self._unwritten.discard(id(p))
@@ -234,16 +242,39 @@ class MainWeights:
         if first:
             torch._foreach_copy_([self.main[id(p)].grad for p in first], [p.grad for p in first])
             self._unwritten.difference_update(id(p) for p in first)
+        if self.wgrad_fused:  # the many small unfused gradients (norms, biases) through an fp32 scratch: a bf16 + fp32
+            small = [p for p in later if p.numel() <= SCRATCH_NUMEL]  # `_foreach_add_` runs one kernel a tensor,
+            later = [p for p in later if p.numel() > SCRATCH_NUMEL]   # a cast and an add a few in all
+            if small:
+                scratch = self._scratch(small)
+                torch._foreach_copy_(scratch, [p.grad for p in small])
+                torch._foreach_add_([self.main[id(p)].grad for p in small], scratch)
         if later:
             torch._foreach_add_([self.main[id(p)].grad for p in later], [p.grad for p in later])
         for p in ready:
             p.grad = None
 
+    def _scratch(self, params: list) -> list:
+        """fp32 tensors shaped as `params`, views of one buffer made the first time this list of parameters comes
+        (a flush's list is the same every micro-batch; used only beside fused GEMMs, where it is small)."""
+        key = tuple(id(p) for p in params)
+        if key not in self._scratches:
+            flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+            views, off = [], 0
+            for p in params:
+                views.append(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+            self._scratches[key] = views
+        return self._scratches[key]
+
     def zero_grad(self) -> None:
         if not self.mixed:
             self.optimizer.zero_grad(set_to_none=True)
             return
-        if not self.flat_grads:  # the hooks write each main gradient once, then add; `settle_grads` zeros the rest
+        if self.wgrad_fused:  # fused weight-gradient GEMMs add from the first micro-batch on: every hook adds too
+            self.flat_main_grad.zero_()
+            self._unwritten = set()
+        elif not self.flat_grads:  # the hooks write each main gradient once, then add; `settle_grads` zeros the rest
             self._unwritten = {id(p) for p in self.model_params}
         for p in self.model_params:
             p.grad = None

@@ -36,6 +36,7 @@ from parallel.dist_optimizer import DistributedOptimizer
 from parallel.fused import parts_layout, pieces
 from parallel.pipeline import stage_parameters
 from parallel.pipeline_step import PipelineSchedule
+from parallel.wgrad_fusion import apply_wgrad_fusion, fusion_wanted
 
 
 def norm_counted(stages: list, topo, tied=None) -> dict:
@@ -106,6 +107,12 @@ class ParallelEngine:
         # bf16 copy in one kernel instead of torch's fused AdamW + a refresh copy. Every main gradient is
         # written each step (the hooks, then settle_grads), so every weight steps, as the kernel assumes
         self.weights.flat_step = self.weights.mixed and bool(self.optimizer.defaults.get("fused"))
+        # parallel.grad_accum_fusion: each linear's weight-gradient GEMM adds into its fp32 main gradient
+        # (parallel/wgrad_fusion.py): no bf16 .grad and no flush after each micro-batch's backward
+        if fusion_wanted(pcfg.grad_accum_fusion, self.weights.mixed, pcfg.micro_batches, device, topo.dp, pcfg.overlap,
+                         topo.tp):
+            fused = apply_wgrad_fusion([modules], lambda w: self.weights.main_of(w).grad)
+            self.weights.wgrad_fused = {id(w) for w in fused}
         self.params = [self.weights.main_of(p) for p in params]  # what gradient code works on
         self.counted = {id(self.weights.main_of(p)): counted[id(p)] for p in params}
         if tied is not None and tied.group is not None and self.weights.mixed:

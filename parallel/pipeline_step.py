@@ -137,7 +137,8 @@ class PipelineSchedule:
                 ctx = self._ctxs.pop(i) if a.chunk == len(self.stages) - 1 else self._ctxs[i]
                 self._forward(a, self._posted.pop(k), mbs[i], ctx, noises[i], counts, totals, forward_only)
             elif not forward_only:
-                armed = self.grad_sync is not None and self.last_backward[a.chunk] == k
+                # (at dp=1 nothing is bucketed: the backward's gradients are flushed together, as the others')
+                armed = self.grad_sync is not None and self.grad_sync.world > 1 and self.last_backward[a.chunk] == k
                 if armed:
                     self.grad_sync.arm(a.chunk)  # this chunk's gradients are final after this backward
                 self._backward(a, self._posted.pop(k), per_parameter=armed)

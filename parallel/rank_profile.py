@@ -80,6 +80,43 @@ def work_intervals(events, cuda: bool) -> list:
     return [(e.time_range.start, e.time_range.end, classify(e.name)) for e in work]
 
 
+# device kernels by what they do (`kernel_groups`): the first group whose pattern is in the kernel's name
+# (lower case). Inductor's templates (triton_tem_*) are FlexAttention's under the default compile mode, where
+# GEMMs are cuBLAS's (nvjet_*, *gemm*); our own Triton kernels by their function names
+KERNEL_GROUPS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+                 ("attention", ("triton_tem", "flex", "attention", "fmha", "flash")),
+                 ("nccl", ("nccl",)),
+                 ("flat adamw", ("adamw",)),
+                 ("foreach (grad flush / zero / norm)", ("multi_tensor_apply", "foreach")),
+                 ("our triton (swiglu / add_norm / rope)", ("swiglu", "backward_kernel", "forward_kernel")),
+                 ("inductor fused", ("triton_",)),
+                 ("reductions", ("reduce",)),
+                 ("copies / fills", ("copy", "memcpy", "memset", "fill", "cat")),
+                 ("other elementwise", ("elementwise",)))
+
+
+def kernel_groups(events, steps: int) -> dict:
+    """{group: (device ms per step, kernels per step)} of the CUDA kernels in a profile's events, grouped by
+    `KERNEL_GROUPS` ('other' for the rest): where a step's device time goes, e.g. one micro-batch against 8."""
+    from torch.autograd import DeviceType
+    out = {}
+    for e in events:
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False) or e.name == STEP:
+            continue
+        n = e.name.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in n for k in keys)), "other")
+        ms, count = out.get(group, (0.0, 0))
+        out[group] = (ms + (e.time_range.end - e.time_range.start) / 1e3, count + 1)
+    return {g: (ms / steps, c / steps) for g, (ms, c) in sorted(out.items(), key=lambda kv: -kv[1][0])}
+
+
+def format_kernels(groups: dict) -> str:
+    """One line: each group's device ms per step and kernel count, and their total."""
+    total = sum(ms for ms, _ in groups.values())
+    return f"device kernels per step: {total:.1f} ms in all; " + ", ".join(
+        f"{g} {ms:.1f} ms ({c:.0f})" for g, (ms, c) in groups.items())
+
+
 def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
                   trace: Optional[str] = None, top: int = 0) -> dict:
     """Run `step` `steps` times under torch.profiler; returns this rank's per-step seconds of each
@@ -87,7 +124,8 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     tables of the operators and kernels that took the most device time, then host time (on CPU host
     time only), 'syncs', how many times per step the host may have waited for the device
     (synchronize calls and copies between host and device: on pageable memory those block too;
-    device-to-device copies left out), and 'sync_sources' (`sync_sources`)."""
+    device-to-device copies left out), and 'sync_sources' (`sync_sources`). On CUDA also 'kernels', the device
+    time by kind of kernel (`kernel_groups`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = device.type == "cuda"
@@ -108,6 +146,8 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device,
     n = max(len(windows), 1)
     res = {k: v / 1e6 / n for k, v in out.items()}  # microseconds -> seconds per step
     res["step"] = sum(w1 - w0 for w0, w1 in windows) / 1e6 / n
+    if cuda:
+        res["kernels"] = kernel_groups(events, n)
     if top:  # on CUDA what the device spent its time on, then what the host did
         ops = prof.key_averages()
         keys = ("self_device_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",)

@@ -44,6 +44,7 @@ class ParallelConfig:
     schedule: str = "1f1b"  # pipeline schedule: '1f1b' or 'interleaved'
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     micro_batches: int = 1  # micro-batches per step (gradient accumulation / pipeline fill)
+    grad_accum_fusion: str = "auto"  # each linear's weight-gradient GEMM adds straight into its fp32 main gradient (no bf16 .grad, no flush after each micro-batch; parallel/wgrad_fusion.py): 'auto' (CUDA, bf16 weights, micro_batches > 1, no data or tensor parallelism: every graphed pipeline of h200_1b; one H200, 8 x 4-row micro-batches: 369.6 -> 355.9 ms a step, docs/benchmarks.md), 'on' or 'off'
     stage_layout: str = ""  # manual split: units per stage, e.g. '3,5' ('' = balanced by cost)
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0 = no ZeRO)
     overlap: bool = True  # overlap communication with compute: DP buckets reduced during backward, PP receives posted ahead
@@ -102,6 +103,8 @@ class ParallelConfig:
                              f"async_tp=false")
         if self.tp_all_reduce not in ("nccl", "symm"):
             raise ValueError(f"parallel.tp_all_reduce={self.tp_all_reduce!r} must be 'nccl' or 'symm'")
+        if self.grad_accum_fusion not in ("auto", "on", "off"):
+            raise ValueError(f"parallel.grad_accum_fusion={self.grad_accum_fusion!r} must be 'auto', 'on' or 'off'")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.bucket_mb <= 0:

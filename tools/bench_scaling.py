@@ -54,7 +54,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_args import bench_args  # noqa: E402
 from tools.bench_turns import Turns  # noqa: E402
-from parallel.rank_profile import clock, format_ranks, gather_ranks, profile_steps, sync_points  # noqa: E402
+from parallel.rank_profile import clock, format_kernels, format_ranks, gather_ranks, profile_steps, sync_points  # noqa: E402
 from parallel.topology import ParallelConfig, Topology  # noqa: E402
 from tests.helpers import make_batch, make_noise  # noqa: E402  (the synthetic interleaved batch)
 
@@ -357,6 +357,9 @@ def main(argv=None):
             prof = r["ranks"][0]["profile"]
             if prof:
                 print(format_ranks([x["profile"] for x in r["ranks"]]), flush=True)
+                for rank, x in enumerate(r["ranks"]):
+                    if "kernels" in x["profile"]:
+                        print(f"{mode} rank {rank}: {format_kernels(x['profile']['kernels'])}", flush=True)
             for rank, x in enumerate(r["ranks"]):
                 if x["profile"] and "top" in x["profile"]:
                     print(f"rank {rank}: {x['profile']['syncs']:.0f} synchronising calls or host<->device "

@@ -34,7 +34,7 @@ ROWS = 8
 
 
 def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False,
-            shard: bool = False, tie=None, full_state=None, tp: int = 1):
+            shard: bool = False, tie=None, full_state=None, tp: int = 1, fusion: str = "auto"):
     from parallel.engine import ParallelEngine
     from parallel.runtime import build_stages
     mcfg = _config(4, tie=pp > 1 if tie is None else tie)
@@ -42,7 +42,8 @@ def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, o
                  train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1,
                                    dtype="bf16" if bf16 else "fp32", param_dtype="bf16" if bf16 else "fp32"),
                  parallel=ParallelConfig(pp=pp, schedule=schedule, virtual_stages=v, micro_batches=m,
-                                         overlap=overlap, dp_shard_optimizer=shard, tp=1 if one_process else tp))
+                                         overlap=overlap, dp_shard_optimizer=shard, tp=1 if one_process else tp,
+                                         grad_accum_fusion=fusion))
     topo = Topology(pp=pp, tp=tp) if not one_process else Topology(rank=0, world_size=1)
     model, stages, tied = build_stages(cfg.model, cfg.parallel, topo, "cpu", 0, full_state, 48)
     engine = ParallelEngine(stages, cfg, torch.bfloat16 if bf16 else None, topo, tied, bucket_mb=0.004)
@@ -122,9 +123,10 @@ def test_dp2_engine_steps_the_flat_adamw_like_torch_adamw():
     assert all(run_distributed(_flat_vs_torch_adamw, 2))
 
 
-def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2, tp=1):
+def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2, tp=1, fusion="auto"):
     """One process, then this layout eagerly and as the graph captures it (the same initial weights: the
-    one-process model's, loaded into the stages; a TP init draws per rank)."""
+    one-process model's, loaded into the stages; a TP init draws per rank); `fusion`: the layout's
+    parallel.grad_accum_fusion (the one process's stays unfused)."""
     mcfg = _config(4, tie=pp > 1)
     batch = make_batch(mcfg, ROWS, 48)
     noise = make_noise(mcfg, batch)
@@ -133,7 +135,7 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2, tp=1):
         one = layout == "one"
         engine, topo = (_engine(True, 1, "1f1b", 1, m, True, one_process=True, tie=pp > 1) if one else
                         _engine(True, pp, schedule, v, m, True, tp=tp,
-                                full_state=full if pp > 1 or tp > 1 else None))
+                                full_state=full if pp > 1 or tp > 1 else None, fusion=fusion))
         if one:  # the one-process model's weights, in full precision, before any step
             full = {k: w.clone() for k, w in engine.model_state_dict().items()}
         alive.append(weakref.ref(engine.weights.model_params[0]))  # a bf16 weight the gradient hooks sit on
@@ -155,6 +157,7 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2, tp=1):
             with spy:  # the step function the graph captures: its lr a 0-d tensor
                 losses.append(engine._step(*part, torch.tensor(lr))["loss"])
         out[layout] = dict(losses=[float(x) for x in losses], weights=engine.model_state_dict(), reads=spy.reads,
+                           fused=len(engine.weights.wgrad_fused),
                            grads=grads, flat=engine.weights._flat is not None,
                            copied=sum(b.copied for b in engine.buckets.buckets), early=engine.buckets.early,
                            world=engine.buckets.world, bf16=engine.weights.flat_param.clone(),
@@ -173,6 +176,7 @@ def _as_captured(rank, world, pp=1, schedule="1f1b", v=1, m=2, tp=1):
     if tp > 1:  # no data parallelism: no bucket reduces anything
         assert captured["early"] == 0, out
     assert captured["reads"] == [], captured["reads"]
+    assert (captured["fused"] > 0) == (fusion == "on") and one["fused"] == 0, out
     assert captured["losses"] == eager["losses"], (captured["losses"], eager["losses"])
     for k, w in eager["weights"].items():
         assert torch.equal(captured["weights"][k], w), k
@@ -212,14 +216,16 @@ def test_dp2_step_as_the_graph_captures_it_reads_nothing_back_and_equals_one_pro
     assert all(run_distributed(_as_captured, 2))
 
 
-@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("interleaved", 2)])
-def test_pp2_schedule_as_the_graph_captures_it_reads_nothing_back_and_equals_one_process(schedule, v):
+@pytest.mark.parametrize("schedule,v,fusion", [("1f1b", 1, "off"), ("interleaved", 2, "on")])
+def test_pp2_schedule_as_the_graph_captures_it_reads_nothing_back_and_equals_one_process(schedule, v, fusion):
     """train.step_graph=on graphs pipelines (megaflow/step_graph.py): each rank's whole schedule as one graph. The
     step function it captures, run eagerly at PP=2 over gloo (4 micro-batches, receives posted ahead, bf16 weights
     with fp32 main gradients flushed after each backward, embeddings tied across the stages, the flat AdamW with
     the lr a 0-d tensor and capturable groups), reads no tensor value back to the host, equals the eager step
-    bitwise and one process on the same weights and batch (to bf16 GEMM rounding)."""
-    assert all(run_distributed(_as_captured, 2, 2, schedule, v, 4))
+    bitwise and one process on the same weights and batch (to bf16 GEMM rounding). The interleaved case runs
+    with gradient-accumulation fusion (parallel/wgrad_fusion.py: each linear's weight gradient added into its fp32
+    main gradient by its GEMM, no flush), against the unfused one process."""
+    assert all(run_distributed(_as_captured, 2, 2, schedule, v, 4, 1, fusion))
 
 
 def test_tp2_step_as_the_graph_captures_it_steps_the_flat_adamw_and_equals_one_process():

@@ -10,6 +10,9 @@
 #   bash tools/device/h200x2_pp.sh probe          # rows pp2 (1F1B), one, pp2i (interleaved, v=2) of this tree
 #   bash tools/device/h200x2_pp.sh mb1            # one GPU: one vs one_mb (8 micro-batches accumulated), graphed
 #                                                 # and not: PP's ceiling without a bubble, one_mb's top kernels
+#   bash tools/device/h200x2_pp.sh fusion         # one GPU: one_mb without / with gradient-accumulation fusion
+#                                                 # (parallel.grad_accum_fusion), then one; each row's device
+#                                                 # time by kind of kernel (NPROC=2 ROWS=pp2i4@...: the PP rows)
 #   bash tools/device/h200x2_pp.sh compare BASE   # this tree's pp2, one, pp2i (after), then BASE's pp2 (before:
 #                                                 # git archive 5bb1260 into BASE, run with this tree's bench script)
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s), RB (rows), TOP (N costliest host
@@ -27,7 +30,7 @@ bench() {  # tree, name, rows, time limit (s)
      --profile 1 --profile-rows "${PROFILE_ROWS-pp2,pp2i}" --top "${TOP:-0}" --json "$OUT/$2.json" --modes "$3" \
      --stacks-after "$(( $4 - 8 ))" \
      > "$OUT/$2.log" 2>&1 &
-   tail -F --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b\|^\[..:..:..\] " \
+   tail -F --pid=$! "$OUT/$2.log" 2>/dev/null | grep --line-buffered -a "step .* ms, first loss\|failed:\|Error\|^| \|x , \|MiB\b\|^\[..:..:..\] \|device kernels per step" \
      | sed -u "s/^\([^ []*: step .* ms, first loss\)/SUMMARY $2 \1/")
   pkill -9 -f "tools/[b]ench_scaling.py" && sleep 3  # workers a time limit left behind hold GPU memory (the [b]: not this line)
   echo "== $2 ($3) done at $(( $(date +%s) - T0 )) s; recompiles: $(grep -c 'Recompiling' "$OUT/$2.log")"
@@ -80,6 +83,23 @@ for row in [r for r in steps if r.startswith("one_mb")]:
     if "one" in steps:
         print(f"SUMMARY mb1 {row}: {float(steps[row]):.1f} ms vs one {float(steps['one']):.1f} ms: the micro-batches' GPU work "
               f"caps PP2 at {float(steps['one']) / float(steps[row]):.1%} of one GPU with no bubble", flush=True)
+PYEOF
+  ;;
+fusion)  # gradient-accumulation fusion (parallel/wgrad_fusion.py) off, on, and the plain step on the same rows;
+  # every row profiled: its device time by kind of kernel, where the micro-batches' extra GPU work goes
+  NPROC=${NPROC:-1} PROFILE_ROWS=${PROFILE_ROWS-one,one_mb,pp2,pp2i4} TOP=${TOP:-0} bench . fusion \
+    "${ROWS:-one_mb@parallel.grad_accum_fusion=off,one_mb,one}" "${S:-120}"
+  python3 - "$OUT/fusion.log" <<'PYEOF'
+import re, sys
+steps = dict(re.findall(r"^([^ \[]+): step ([0-9.]+) ms, first loss", open(sys.argv[1], errors="replace").read(), re.M))
+for row, ms in steps.items():
+    ref = "one" if row.startswith("one_mb") else None
+    if row.startswith("pp") and "one" in steps:
+        print(f"SUMMARY fusion {row}: {float(ms):.1f} ms vs one GPU {float(steps['one']):.1f}: efficiency "
+              f"{float(steps['one']) / (2 * float(ms)):.1%} (target 85%)", flush=True)
+    elif ref in steps:
+        print(f"SUMMARY fusion {row}: {float(ms):.1f} ms vs one {float(steps['one']):.1f} ms: PP2's ceiling with no "
+              f"bubble {float(steps['one']) / float(ms):.1%}", flush=True)
 PYEOF
   ;;
 compare)  # BASE: the tree before, run with this tree's bench script and profiler; after first (the rows that
