@@ -97,29 +97,28 @@ def _divisible_bwd_tile() -> None:
     """Let inductor's flex backward lower over blocks smaller than its default tile: its lowering keeps
     only the configurations whose tiles divide the mask's blocks, *then* applies `kernel_options`; the
     default sm90 configuration for 128-dim heads, (64, 128, 128, 64), divides no 64-token block, so the
-    lowering had no choice and failed. The thread's inductor choices handler (a torch extension point)
-    gets one more backward configuration of 16-token tiles, which divides every block; `FLEX_TILES`'s
-    bwd_ options then replace its tiles. Installed once, on the first small-block mask of a CUDA run;
-    128-token masks compiled after it autotune between the default and that candidate (the default wins)."""
-    from torch._inductor.virtualized import V
-    handler = V.choices
-    if getattr(handler, "_megaflow_divisible_bwd", False):
+    lowering had no choice and failed. Inductor's choices (`InductorChoices`, its heuristics' extension
+    point) get one more backward configuration of 16-token tiles, which divides every block;
+    `FLEX_TILES`'s bwd_ options then replace its tiles. Set on the class, not as the thread's handler:
+    a compiled backward is lowered in autograd's device thread, whose handler a thread-local setting
+    does not reach (the first H200 probe failed so: NoValidChoicesError). Installed once, on the first
+    small-block mask of a CUDA run; 128-token masks compiled after it autotune between the default
+    and that candidate (the default wins)."""
+    from torch._inductor.choices import InductorChoices
+    original = InductorChoices.get_flex_attention_bwd_configs
+    if getattr(original, "_megaflow_divisible_bwd", False):
         return
     try:
         from torch._inductor.template_heuristics.triton import FlexBwDConfig
     except ImportError:  # torch releases where template_heuristics is one module
         from torch._inductor.template_heuristics import FlexBwDConfig
     ticket = FlexBwDConfig(16, 16, 16, 16, 1, 4)
-    base = type(handler)
 
-    class DivisibleBwdChoices(base):
-        _megaflow_divisible_bwd = True
-
-        def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
-            confs = list(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type))
-            return confs if ticket in confs else confs + [ticket]
-
-    V.set_choices_handler(DivisibleBwdChoices())
+    def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+        confs = list(original(self, head_dim, dtype, device_type))
+        return confs if ticket in confs else confs + [ticket]
+    get_flex_attention_bwd_configs._megaflow_divisible_bwd = True
+    InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
 
 
 def mask_rows(mask: Mask, doc_ids: Optional[torch.Tensor], start: int, stop: int) -> Mask:
