@@ -29,7 +29,7 @@ after() {
 attn() {
   timeout ${K_S:-40} python3 tools/device/real13_attn.py --batches 1 --iters 5 --no-shallow --no-build \
     --kernels ${KERNELS:-flex128,flexgqa,flex64at} 2>&1 | quiet > $L/attn.txt
-  since "attention kernels"; grep "^{\|AUTOTUNE\|triton_flex" $L/attn.txt | head -40 | cut -c1-300
+  since "attention kernels"; grep "^{\|AUTOTUNE\|triton_flex" $L/attn.txt | head -40 | cut -c1-900
 }
 tests() {
   timeout ${T_S:-35} python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py -k "gradients or groups" 2>&1 \

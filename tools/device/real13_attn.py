@@ -172,7 +172,7 @@ def main(argv=None) -> None:
                               "ms_per_step": round(layers * statistics.median(per_batch), 2),
                               "max_diff_vs_flex128_real_rows": max(diffs) if diffs else 0.0}
             except Exception as e:  # noqa: BLE001 - one kernel failing must not hide the others
-                row[kname] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                row[kname] = {"error": f"{type(e).__name__}: {str(e)[:700]}"}  # long enough to name the lowering (fwd or bwd)
             print(json.dumps({name: {kname: row[kname]}}), flush=True)
         results[name] = row
     total = {k: round(sum(results[s][k].get("ms_per_step", float("nan")) for s in results), 2)
