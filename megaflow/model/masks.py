@@ -105,7 +105,11 @@ def _divisible_bwd_tile() -> None:
     small-block mask of a CUDA run; 128-token masks compiled after it autotune between the default
     and that candidate (the default wins)."""
     from torch._inductor.choices import InductorChoices
-    original = InductorChoices.get_flex_attention_bwd_configs
+    original = getattr(InductorChoices, "get_flex_attention_bwd_configs", None)
+    if original is None:
+        raise RuntimeError(f"model.mask_block below 128 needs inductor's flex configuration hook "
+                           f"(InductorChoices.get_flex_attention_bwd_configs), not in torch {torch.__version__}; "
+                           "set model.mask_block=128")
     if getattr(original, "_megaflow_divisible_bwd", False):
         return
     try:
