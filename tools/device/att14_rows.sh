@@ -7,7 +7,8 @@
 #             with TRACE=1 a torch.profiler trace of 3 steps back to back (top host ops: where the host waits);
 #             with ANCHOR=1 the plain-PyTorch Llama anchor after them, in the same process (--baseline)
 #   attn      the kernels alone (real13_attn.py: flex128, grouped heads, 64-token blocks with max-autotune tiles)
-#   tests     the CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py)
+#   tests     the CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py;
+#             TESTS="files" TEST_K="expr" pick others)
 #   anchor    this tree's synthetic batch + the plain-PyTorch Llama anchor (--baseline)
 #   before    `git archive 5625c63` unpacked in before/, its default, the same data
 #   probe     attn and tests side by side
@@ -32,7 +33,7 @@ attn() {
   since "attention kernels"; grep "^{\|AUTOTUNE\|triton_flex" $L/attn.txt | head -40 | cut -c1-900
 }
 tests() {
-  timeout ${T_S:-35} python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py -k "gradients or groups" 2>&1 \
+  timeout ${T_S:-35} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py} -k "${TEST_K:-gradients or groups}" 2>&1 \
     | grep -v "^DEBUG" > $L/tests.txt
   since "CUDA tests"; tail -3 $L/tests.txt
 }
