@@ -19,6 +19,8 @@ work across documents (~112-token documents: a 128-token block is often half ano
 need kernel tiles that divide them: `FLEX_TILES` gives the forward and backward tiles as flex's
 `kernel_options`, and `_divisible_bwd_tile` lets the backward lowering keep a configuration it would
 otherwise drop (it drops every default tile that does not divide the blocks before the options apply).
+On h200_1b's real rows 64 computes 37% fewer (q, k) pairs but gave no clear win on the H200 (0-1 ms a
+step: the smaller tiles run less efficiently; docs/benchmarks.md round 9), so 128 stays the default.
 
 No rank logic here; sequence-parallel layouts see the full T inside attention.
 """
