@@ -201,7 +201,10 @@ class StepGraph:
         torch.cuda.empty_cache()  # the eager steps' cached blocks go back, so the graph's pool has room
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            # thread_local: a CUDA call of another thread of this process (data.prefetch's thread pins the
+            # next batch, and its host allocator queries events) must not invalidate the capture; in the
+            # default global mode it did, on the H200 with real data (docs/benchmarks.md, round 9)
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self.step(*self.inputs, self.lr)
         except Exception as e:  # nothing ran: a capture records the step, it does not execute it
             raise RuntimeError(f"train.step_graph=on: this step could not be captured as a CUDA graph "

@@ -245,7 +245,9 @@ class StepGraphs:
         static_in = tuple(x.clone() for x in inputs)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records, does not run: the state is not advanced twice
+        # records, does not run: the state is not advanced twice; thread-local, as megaflow/step_graph.py's
+        # capture: another thread's CUDA calls (data.prefetch pinning a batch during training) must not break it
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = fn(*static_in)
         self.graphs[key] = (graph, static_in, static_out)
 

@@ -14,6 +14,14 @@ runs `explicit_attention` (matmuls and an fp32 softmax) instead of SDPA's slower
 Both streams and all their layers receive the same object through `AttnContext.mask`
 (starflow.py `context`).
 
+Mask blocks (`model.mask_block`): 128 tokens (torch's default) or 64. Smaller blocks skip more of the
+work across documents (~112-token documents: a 128-token block is often half another document's) but
+need kernel tiles that divide them: `FLEX_TILES` gives the forward and backward tiles as flex's
+`kernel_options`, and `_divisible_bwd_tile` lets the backward lowering keep a configuration it would
+otherwise drop (it drops every default tile that does not divide the blocks before the options apply).
+On h200_1b's real rows 64 computes 37% fewer (q, k) pairs but gave no clear win on the H200 (0-1 ms a
+step: the smaller tiles run less efficiently; docs/benchmarks.md round 9), so 128 stays the default.
+
 No rank logic here; sequence-parallel layouts see the full T inside attention.
 """
 from __future__ import annotations
@@ -67,10 +75,56 @@ def _same_document_causal(doc_ids: torch.Tensor):
     return same_document_causal
 
 
-def document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
-    """FlexAttention BlockMask of causal AND same-document for doc_ids (B, T)."""
+MASK_BLOCKS = (128, 64)  # tokens a side of a BlockMask block
+# kernel_options of flex_attention for a mask block (None: inductor's defaults, whose sm90 tiles are
+# 128 wide). 64: 64 x 64 tiles forward and backward (BLOCK_M1 x BLOCK_N1 for dk/dv, BLOCK_M2 x BLOCK_N2
+# for dq; inductor's autotune list pairs them as (M, N) and (N, M)).
+FLEX_TILES = {128: None,
+              64: {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+                   "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                   "bwd_num_warps": 4, "bwd_num_stages": 3}}
+
+
+def document_block_mask(doc_ids: torch.Tensor, block: int = 128) -> "BlockMask":
+    """FlexAttention BlockMask of causal AND same-document for doc_ids (B, T), blocks of `block` tokens."""
+    if block not in MASK_BLOCKS:
+        raise ValueError(f"mask block {block} is not one of {MASK_BLOCKS}; set model.mask_block to one of them")
     B, T = doc_ids.shape
-    return create_block_mask(_same_document_causal(doc_ids), B, None, T, T, device=doc_ids.device)
+    if FLEX_TILES[block] is not None and doc_ids.device.type == "cuda":
+        _divisible_bwd_tile()
+    return create_block_mask(_same_document_causal(doc_ids), B, None, T, T, device=doc_ids.device, BLOCK_SIZE=block)
+
+
+def _divisible_bwd_tile() -> None:
+    """Let inductor's flex backward lower over blocks smaller than its default tile: its lowering keeps
+    only the configurations whose tiles divide the mask's blocks, *then* applies `kernel_options`; the
+    default sm90 configuration for 128-dim heads, (64, 128, 128, 64), divides no 64-token block, so the
+    lowering had no choice and failed. Inductor's choices (`InductorChoices`, its heuristics' extension
+    point) get one more backward configuration of 16-token tiles, which divides every block;
+    `FLEX_TILES`'s bwd_ options then replace its tiles. Set on the class, not as the thread's handler:
+    a compiled backward is lowered in autograd's device thread, whose handler a thread-local setting
+    does not reach (the first H200 probe failed so: NoValidChoicesError). Installed once, on the first
+    small-block mask of a CUDA run; 128-token masks compiled after it autotune between the default
+    and that candidate (the default wins)."""
+    from torch._inductor.choices import InductorChoices
+    original = getattr(InductorChoices, "get_flex_attention_bwd_configs", None)
+    if original is None:
+        raise RuntimeError(f"model.mask_block below 128 needs inductor's flex configuration hook "
+                           f"(InductorChoices.get_flex_attention_bwd_configs), not in torch {torch.__version__}; "
+                           "set model.mask_block=128")
+    if getattr(original, "_megaflow_divisible_bwd", False):
+        return
+    try:
+        from torch._inductor.template_heuristics.triton import FlexBwDConfig
+    except ImportError:  # torch releases where template_heuristics is one module
+        from torch._inductor.template_heuristics import FlexBwDConfig
+    ticket = FlexBwDConfig(16, 16, 16, 16, 1, 4)
+
+    def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+        confs = list(original(self, head_dim, dtype, device_type))
+        return confs if ticket in confs else confs + [ticket]
+    get_flex_attention_bwd_configs._megaflow_divisible_bwd = True
+    InductorChoices.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
 
 
 def mask_rows(mask: Mask, doc_ids: Optional[torch.Tensor], start: int, stop: int) -> Mask:
@@ -95,12 +149,13 @@ def block_mask_rows(mask: "BlockMask", start: int, stop: int, mask_mod) -> "Bloc
                                     seq_lengths=mask.seq_lengths)
 
 
-def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device) -> Mask:
-    """The mask of one forward: a BlockMask (flex), a dense (B|1, 1, q_len, k_len) bool tensor, or
-    None (plain causal). Flex only covers the training/eval shape (q_len == k_len, with doc_ids)."""
+def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device, block: int = 128) -> Mask:
+    """The mask of one forward: a BlockMask (flex) of `block`-token blocks, a dense (B|1, 1, q_len,
+    k_len) bool tensor, or None (plain causal). Flex only covers the training/eval shape (q_len ==
+    k_len, with doc_ids)."""
     device = torch.device(device)
     if doc_ids is not None and q_len == k_len and _KERNEL != "dense" and (_KERNEL == "flex" or flex_available(device)):
-        return document_block_mask(doc_ids)
+        return document_block_mask(doc_ids, block)
     from megaflow.model.layers import attention_mask  # here: layers.py imports `attend` from this file
     return attention_mask(doc_ids, q_len, k_len, device)
 
@@ -111,7 +166,8 @@ def _flex(q, k, v, block_mask):
     gqa = q.shape[1] != k.shape[1]
     if q.device.type != "cuda":  # eager on CPU (forward only in torch 2.13): the tests' reference
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)  # inside a compiled region: inlined
+    tiles = FLEX_TILES.get(block_mask.BLOCK_SIZE[0])  # the mask's (Q, KV) block sizes are equal here
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=tiles)  # inlined when compiled
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: Optional[torch.Tensor]) -> torch.Tensor:

@@ -74,9 +74,11 @@ def wide_config(tarflow_only: bool = False):
     return cfg
 
 
-def test_attend_flex_equals_dense_with_documents_padding_and_groups():
+@pytest.mark.parametrize("block", [128, 64])
+def test_attend_flex_equals_dense_with_documents_padding_and_groups(block):
     """One kernel call: 3 documents + padding per row, fp32, 4 query heads over 2 shared k/v heads
-    handed over unrepeated (flex reads them in place, the dense path repeats them), and over 4."""
+    handed over unrepeated (flex reads them in place, the dense path repeats them), and over 4; mask
+    blocks of 128 and of 64 tokens (model.mask_block)."""
     g = torch.Generator().manual_seed(0)
     B, H, T, hd = 2, 4, 160, 16
     doc_ids = torch.full((B, T), -1)
@@ -85,10 +87,11 @@ def test_attend_flex_equals_dense_with_documents_padding_and_groups():
     q = torch.randn(B, H, T, hd, generator=g)
     k, v = (torch.randn(B, H // 2, T, hd, generator=g) for _ in range(2))  # (B, Hkv, T, hd)
     with use_kernel("flex"):
-        flex_mask = document_mask(doc_ids, T, T, "cpu")
+        flex_mask = document_mask(doc_ids, T, T, "cpu", block)
     with use_kernel("dense"):
-        dense_mask = document_mask(doc_ids, T, T, "cpu")
+        dense_mask = document_mask(doc_ids, T, T, "cpu", block)
     assert isinstance(flex_mask, BlockMask) and dense_mask.dtype == torch.bool
+    assert flex_mask.BLOCK_SIZE == (block, block)
     repeated = [x.repeat_interleave(2, dim=1) for x in (k, v)]  # (B, H, T, hd)
     reference = attend(q, *repeated, dense_mask)
     torch.testing.assert_close(attend(q, k, v, flex_mask), reference, rtol=1e-5, atol=1e-5)
@@ -96,10 +99,10 @@ def test_attend_flex_equals_dense_with_documents_padding_and_groups():
     torch.testing.assert_close(attend(q, *repeated, flex_mask), reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tarflow_only", [False, True])
-def test_model_flex_path_equals_dense_path_forward(tarflow_only):
+@pytest.mark.parametrize("tarflow_only,block", [(False, 128), (True, 128), (False, 64)])
+def test_model_flex_path_equals_dense_path_forward(tarflow_only, block):
     """Both streams, every unit: the same BlockMask object serves every layer of the batch."""
-    cfg = wide_config(tarflow_only=tarflow_only)
+    cfg = dataclasses.replace(wide_config(tarflow_only=tarflow_only), mask_block=block)
     model = randomized_model(cfg, scale=0.2).eval()
     batch = packed_batch(cfg)
     noise = make_noise(cfg, batch)
@@ -109,6 +112,7 @@ def test_model_flex_path_equals_dense_path_forward(tarflow_only):
         with use_kernel("flex"):
             flex, flex_ctx = _trace(model, batch, noise)
     assert isinstance(flex_ctx.flow.mask, BlockMask) and not isinstance(dense_ctx.flow.mask, BlockMask)
+    assert flex_ctx.flow.mask.BLOCK_SIZE == (block, block)
     if not tarflow_only:
         assert flex_ctx.vlm.mask is flex_ctx.flow.mask  # built once per batch, shared by both streams
     for a, b in zip(flex, dense):
@@ -118,8 +122,10 @@ def test_model_flex_path_equals_dense_path_forward(tarflow_only):
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="FlexAttention has no backward on CPU in torch 2.13; tools/bench_attention.py checks "
                            "flex == dense gradients on the GPU")
-def test_model_flex_path_equals_dense_path_gradients():
-    cfg = wide_config()
+@pytest.mark.parametrize("block", [128, 64])
+def test_model_flex_path_equals_dense_path_gradients(block):
+    """64-token blocks run FlexAttention's compiled backward with masks.FLEX_TILES's tiles."""
+    cfg = dataclasses.replace(wide_config(), mask_block=block)
     model = randomized_model(cfg, scale=0.2).cuda()
     batch = {k: v.cuda() for k, v in packed_batch(cfg).items()}
     noise = make_noise(cfg, batch).cuda()
@@ -133,6 +139,13 @@ def test_model_flex_path_equals_dense_path_gradients():
     worst = max(((grads["flex"][n] - g).abs().max().item() / max(1.0, g.abs().max().item()), n)
                 for n, g in grads["dense"].items())
     assert worst[0] <= 1e-5, f"flex and dense gradients differ by {worst[0]:.2e} (relative to scale) in {worst[1]}"
+
+
+def test_mask_block_must_be_128_or_64():
+    with pytest.raises(ValueError, match="mask_block=96"):
+        dataclasses.replace(wide_config(), mask_block=96)
+    with use_kernel("flex"), pytest.raises(ValueError, match="mask block 32"):
+        document_mask(torch.zeros(1, 64, dtype=torch.long), 64, 64, "cpu", 32)
 
 
 def test_heads_too_small_for_flex_fall_back_to_the_same_rule():

@@ -93,3 +93,25 @@ def test_graphed_steps_equal_eager_steps(doc_ids, flat_step):
     assert len({o["loss"] for o in graphed_out}) == len(graphed_out)  # each step's own value
     for p, q in zip(eager.weights.params, graphed.weights.params):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_capture_survives_another_thread_pinning_host_memory():
+    """data.prefetch's thread pins the next batch while the loop's thread captures the step; the
+    pinned allocator's cudaHostAlloc / event queries from that thread invalidated a global-mode
+    capture (h200_1b on real data, round 9). The capture is thread-local now."""
+    import threading
+    stop = threading.Event()
+
+    def pin_forever():
+        while not stop.is_set():
+            torch.empty(1 << 18).pin_memory()  # a new pinned block each time, the last one freed
+    pinner = threading.Thread(target=pin_forever, daemon=True)
+    pinner.start()
+    try:
+        graphed, _ = train("on", True, steps=4)
+    finally:
+        stop.set()
+        pinner.join()
+    assert graphed.graph.graph is not None
+

@@ -2,11 +2,13 @@
 # Issue 13, h200_1b's real-data row (helper att14), one H200, the parts one after the other, each its own process
 # and its own limit, the most important first. Real data = packed Fashion-MNIST of h200_1b's mix (.fm1b, 8,000 docs).
 #   after     this tree: `--variant after=` (data.prefetch 2: the loader plans, builds and pins ahead in a thread)
-#             and `--variant noprefetch=data.prefetch=0` (all of it between two steps, as before), the second
+#             and `--variant noprefetch=data.prefetch=0` (all of it between two steps, as before; VARIANTS="..."
+#             replaces the second: e.g. VARIANTS="b64=model.mask_block=64", att15's 64-token mask blocks), the last
 #             with TRACE=1 a torch.profiler trace of 3 steps back to back (top host ops: where the host waits);
 #             with ANCHOR=1 the plain-PyTorch Llama anchor after them, in the same process (--baseline)
 #   attn      the kernels alone (real13_attn.py: flex128, grouped heads, 64-token blocks with max-autotune tiles)
-#   tests     the CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py)
+#   tests     the CUDA gradient test of the document kernels (flex == dense, grouped heads; tests/model/test_masks.py;
+#             TESTS="files" TEST_K="expr" pick others)
 #   anchor    this tree's synthetic batch + the plain-PyTorch Llama anchor (--baseline)
 #   before    `git archive 5625c63` unpacked in before/, its default, the same data
 #   probe     attn and tests side by side
@@ -18,19 +20,20 @@ OUT=${OUT:-/tmp/att14_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
 export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
 . tools/device/real_common.sh  # T0, since, PROF, REAL, quiet; the carried inductor cache
 after() {
-  timeout ${A_S:-80} python3 tools/profile_step.py $PROF $REAL --variant after= --variant noprefetch=data.prefetch=0 \
+  local v vs="--variant after="; for v in ${VARIANTS:-noprefetch=data.prefetch=0}; do vs="$vs --variant $v"; done
+  timeout ${A_S:-80} python3 tools/profile_step.py $PROF $REAL $vs \
     ${TRACE:+--trace /tmp/trace --trace-loop --trace-steps 3} ${ANCHOR:+--baseline} --json $OUT/after.json 2>&1 \
     | quiet > $L/after.txt
-  since "after, real data (prefetch, noprefetch)"; grep "^\[\|back to back:\|GPU ms a step\|baseline" $L/after.txt | cut -c1-260
+  since "after, real data (after, ${VARIANTS:-noprefetch})"; grep "^\[\|back to back:\|GPU ms a step\|baseline" $L/after.txt | cut -c1-260
   cp /tmp/trace/top_host_ops.txt $L/ 2>/dev/null; head -25 /tmp/trace/top_host_ops.txt 2>/dev/null | cut -c1-200
 }
 attn() {
   timeout ${K_S:-40} python3 tools/device/real13_attn.py --batches 1 --iters 5 --no-shallow --no-build \
     --kernels ${KERNELS:-flex128,flexgqa,flex64at} 2>&1 | quiet > $L/attn.txt
-  since "attention kernels"; grep "^{\|AUTOTUNE\|triton_flex" $L/attn.txt | head -40 | cut -c1-300
+  since "attention kernels"; grep "^{\|AUTOTUNE\|triton_flex" $L/attn.txt | head -40 | cut -c1-900
 }
 tests() {
-  timeout ${T_S:-35} python3 -m pytest -q -p no:cacheprovider tests/model/test_masks.py -k "gradients or groups" 2>&1 \
+  timeout ${T_S:-35} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py} -k "${TEST_K:-gradients or groups}" 2>&1 \
     | grep -v "^DEBUG" > $L/tests.txt
   since "CUDA tests"; tail -3 $L/tests.txt
 }

@@ -17,6 +17,10 @@ attention GPU ms per step:
               mode="max-autotune-no-cudagraphs": its backward's tile choices include 32/64-wide ones
               that divide 64-token blocks (the default sm90 backward tile, 64 x 128 / 128 x 64, does
               not, and kernel_options cannot replace a tile that the divisibility check removed)
+  flex64t     64-token blocks, grouped heads in place, as the model runs them with model.mask_block: 64:
+              megaflow.model.masks's fixed tiles (FLEX_TILES[64]) through its compiled flex, no autotuning
+  t64_M_N_S_W the same with the backward tiles (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2) = (M, N, N, M),
+              S stages, W warps (the forward's tiles as FLEX_TILES[64]): which fixed tile to keep
   varlen      torch.nn.attention.varlen.varlen_attn (flash varlen) over the flattened rows, one
               sequence per document piece and one per row's padding tail (cu_seqlens), max_q = T
   varlenS     the same with cu_seqlens padded to a fixed S = B x 32 + 1 entries (empty sequences at
@@ -86,7 +90,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention
-    from megaflow.model.masks import _compiled_flex, document_block_mask
+    from megaflow.model.masks import FLEX_TILES, _compiled_flex, document_block_mask
+    torch._dynamo.config.cache_size_limit = 64  # one recompile of the flex call per tile and shape
     _autotuned_flex = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
     dev = torch.device("cuda")
     T = 1024
@@ -133,6 +138,14 @@ def main(argv=None) -> None:
                     elif kname == "flexgqa":
                         m = mask_of(d, 128)
                         fn = (lambda m=m: _compiled_flex(q, kg, vg, block_mask=m, enable_gqa=kv_heads != H))
+                    elif kname == "flex64t" or kname.startswith("t64_"):
+                        m, tiles = document_block_mask(d, 64), dict(FLEX_TILES[64])
+                        if kname.startswith("t64_"):
+                            bm, bn, st, wa = (int(x) for x in kname.split("_")[1:])
+                            tiles.update(bwd_BLOCK_M1=bm, bwd_BLOCK_N1=bn, bwd_BLOCK_M2=bn, bwd_BLOCK_N2=bm,
+                                         bwd_num_stages=st, bwd_num_warps=wa)
+                        fn = (lambda m=m, t=tiles: _compiled_flex(q, kg, vg, block_mask=m, enable_gqa=kv_heads != H,
+                                                                   kernel_options=t))
                     elif kname == "flex64at":
                         m = mask_of(d, 64)
                         fn = (lambda m=m: _autotuned_flex(q, kg, vg, block_mask=m, enable_gqa=kv_heads != H))
@@ -151,7 +164,7 @@ def main(argv=None) -> None:
                     per_batch.append(timed(lambda: fn().backward(go), args.iters))
                     if kname != "flex128":  # the reference: flex128 over the grouped heads repeated
                         kr, vr = (x.repeat_interleave(H // kv_heads, 1) for x in (kg, vg)) if "gqa" in kname \
-                            or kname == "flex64at" else (k, v)
+                            or kname.startswith(("flex64at", "flex64t", "t64_")) else (k, v)
                         ref = _compiled_flex(q, kr, vr, block_mask=mask_of(d, 128))
                         real = (d >= 0)[:, None, :, None]
                         diffs.append(float(((fn() - ref).abs() * real).max()))
@@ -159,7 +172,7 @@ def main(argv=None) -> None:
                               "ms_per_step": round(layers * statistics.median(per_batch), 2),
                               "max_diff_vs_flex128_real_rows": max(diffs) if diffs else 0.0}
             except Exception as e:  # noqa: BLE001 - one kernel failing must not hide the others
-                row[kname] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                row[kname] = {"error": f"{type(e).__name__}: {str(e)[:700]}"}  # long enough to name the lowering (fwd or bwd)
             print(json.dumps({name: {kname: row[kname]}}), flush=True)
         results[name] = row
     total = {k: round(sum(results[s][k].get("ms_per_step", float("nan")) for s in results), 2)
