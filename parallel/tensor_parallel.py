@@ -109,8 +109,8 @@ def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, b
     mlp.gate_up = backend.column(mlp.gate_up, group, sp, parts=(mlp.down_proj.in_features,) * 2)
     mlp.down_proj = backend.row(mlp.down_proj, group, sp)
     if chunks >= 2:  # each chunk's reduction in flight while the next chunks compute (tp_overlap.py)
-        apply_batch_chunks(attn, attn.o_proj, chunks)
-        apply_batch_chunks(mlp, mlp.down_proj, chunks)
+        apply_batch_chunks(attn, attn.o_proj, chunks, block.input_layernorm, attn.qkv)
+        apply_batch_chunks(mlp, mlp.down_proj, chunks, block.post_attention_layernorm, mlp.gate_up)
 
 
 def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2:

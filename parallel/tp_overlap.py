@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from megaflow.model.masks import BlockMask, block_mask_rows  # BlockMask: None on a torch without FlexAttention
-from parallel.comm import SEQ_DIM, all_gather, group_size, seq_to_rows
+from parallel.comm import SEQ_DIM, all_gather, copy_to_tp, group_size, seq_to_rows
 
 _c10d = torch.ops._c10d_functional
 
@@ -63,6 +63,39 @@ class _WaitReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+class _EnterStart(torch.autograd.Function):
+    """copy_to_tp of one chunk's input whose backward launches the all-reduce of the chunk's input gradient
+    and does not wait (the chunk's `_EnterWait` does, after the earlier chunks' backward)."""
+
+    @staticmethod
+    def forward(ctx, x, group_name: str):
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _c10d.all_reduce(g.contiguous(), "sum", ctx.group_name), None
+
+
+class _EnterWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _c10d.wait_tensor(g)
+
+
+def enter_chunks(chunks: list, group) -> list:
+    """copy_to_tp of each row chunk of a replicated input, the backward's all-reduces overlapped across chunks:
+    chunk j's input-gradient all-reduce runs while chunks j-1.. compute their backward. Autograd runs the ready
+    node made last first, so the waits, made here before any chunk's compute, run after every chunk's
+    backward (read in the graph that torch.compile traces from the same order)."""
+    waited = [_EnterWait.apply(c) for c in chunks]
+    return [_EnterStart.apply(c, group.group_name) for c in waited]
 
 
 def start_reduce(y: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -115,17 +148,30 @@ def _chunks_forward(self: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
     rows = x.shape[0]
     contexts = split_context(ctx, rows, k) if rows >= k and rows % k == 0 else None
     if contexts is None:
+        if self.tp_enter_group is not None:
+            x = copy_to_tp(x, self.tp_enter_group)
         return wait_reduce(call(self, x, ctx))
-    chunks = [call(self, xi, ci) for xi, ci in zip(x.chunk(k, 0), contexts)]  # each one's reduction in flight
+    xs = x.chunk(k, 0)
+    if self.tp_enter_group is not None:  # the chunks enter the TP region themselves (no SP): deferred backward
+        xs = enter_chunks(xs, self.tp_enter_group)
+    chunks = [call(self, xi, ci) for xi, ci in zip(xs, contexts)]  # each one's reduction in flight
     return torch.cat([wait_reduce(h) for h in chunks], 0)  # (B, T, D); under SP (B, T / n, D)
 
 
-def apply_batch_chunks(module: nn.Module, row: nn.Module, k: int) -> None:
+def apply_batch_chunks(module: nn.Module, row: nn.Module, k: int, entry: nn.Module = None,
+                       column: nn.Module = None) -> None:
     """Run `module` (a block's attention or MLP, ending in the row-parallel layer `row`) on k row chunks of
     the batch (k = 2: halves): `row` launches its reduction without waiting, `module`'s forward waits where
-    the chunks join. The forward is replaced on the instance (names, state dicts and checkpoints unchanged)."""
+    the chunks join. Without sequence parallelism the chunks also enter the TP region themselves
+    (`enter_chunks`: the copy that the norm in front, `entry`, or the first column-parallel layer, `column`,
+    made for the whole batch), so the backward's input-gradient all-reduces overlap too. The forward is
+    replaced on the instance (names, state dicts and checkpoints unchanged)."""
     if row.bias is not None:  # a bias is added after the reduction; the blocks' row layers have none
         raise ValueError(f"parallel.tp_overlap: {type(row).__name__} has a bias; set parallel.tp_overlap=0")
     row.defer_reduce = True
-    module.tp_overlap_chunks = k
+    module.tp_overlap_chunks, module.tp_enter_group = k, None
+    if not row.sequence_parallel and entry is not None:
+        entry.entry = None  # the norm's output stays as it is: the chunks copy it into the region
+        column.input_comm = "none"  # not 'copy' / 'copy_async': that wait would come before the other chunks
+        module.tp_enter_group = row.tp_group
     module.forward = types.MethodType(_chunks_forward, module)

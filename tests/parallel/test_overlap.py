@@ -249,6 +249,26 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _BackwardInFlight(TorchDispatchMode):
+    """The most all-reduces the backward has launched and not yet waited for at once (functional collectives:
+    all_reduce's output is what wait_tensor takes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.open, self.most = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch._C._current_graph_task_id() != -1:  # inside a backward
+            name = func.overloadpacket.__name__
+            if name == "all_reduce":
+                self.open.append(out)
+                self.most = max(self.most, len(self.open))
+            elif name == "wait_tensor":
+                self.open = [t for t in self.open if t is not args[0]]
+        return out
+
+
 ROWS_TP = 4
 
 
@@ -278,7 +298,9 @@ def _tp2_sp(rank, world, sp: bool):
         for group in engine.optimizer.param_groups:  # the fused AdamW, as on CUDA: its skip and clip stay on the device
             group["fused"] = True
         engine.optimizer.defaults["fused"] = True
-        first = engine.train_step(batch, noise, None, 1e-3)
+        in_flight = _BackwardInFlight()
+        with in_flight:
+            first = engine.train_step(batch, noise, None, 1e-3)
         grads = [p.grad.clone() for p in engine.params]
         for group in engine.optimizer.param_groups:  # the second step as train.step_graph=on captures it
             group["capturable"] = True               # (megaflow/step_graph.py): lr a 0-d tensor, nothing read
@@ -287,6 +309,7 @@ def _tp2_sp(rank, world, sp: bool):
             second = engine._step(batch, noise, None, torch.tensor(1e-3))
         out[key] = dict(losses=[float(first["loss"]), float(second["loss"])], grads=grads, reads=spy.reads,
                         tensors=all(torch.is_tensor(v) for v in second.values()), launches=launches[:],
+                        in_flight=in_flight.most,
                         comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})
         launches.clear()
     layers.start_reduce = start_reduce
@@ -296,6 +319,10 @@ def _tp2_sp(rank, world, sp: bool):
     # chunks: each of the 6 blocks' o_proj and down_proj reduced once per chunk of 4 / chunks rows, 2 forwards
     assert off["launches"] == on["launches"] == [], (off["launches"], on["launches"])
     assert halves["launches"] == [ROWS_TP // chunks] * 12 * chunks * 2, halves["launches"]
+    # backward: without SP the chunks' input-gradient all-reduces are all in flight before the first is waited
+    # for (parallel.tp_overlap.enter_chunks); the plain and async TP backward wait for each before the next
+    assert (off["in_flight"], on["in_flight"], halves["in_flight"]) == (1, 1, 1 if sp else chunks), \
+        (off["in_flight"], on["in_flight"], halves["in_flight"])
     for other in (on, halves):
         for a, b in zip(other["grads"], off["grads"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
