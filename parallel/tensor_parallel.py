@@ -51,7 +51,7 @@ from parallel.layers import (ColumnParallelLinear, ParallelRMSNorm, ReplicatedKV
                              SequenceParallelLinear, SequenceSplit, VocabGather, VocabParallelEmbedding,
                              VocabParallelTextLoss)
 from parallel.topology import ParallelConfig, Topology
-from parallel.tp_overlap import apply_batch_chunks
+from parallel.tp_overlap import apply_batch_chunks, raise_collectives
 
 
 def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: bool = False) -> None:
@@ -130,6 +130,8 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
     backend = get_backend(cfg.backend, cfg.async_tp)
     if cfg.async_tp and sp:
         enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the SP collectives with their GEMMs
+    if cfg.tp_overlap >= 2:
+        raise_collectives()  # compiled: each chunk's reduction launched before the next chunk's compute
     if cfg.tp_all_reduce == "symm":
         enable_symm_all_reduce(tp_g)  # on NCCL: critical-path all-reduces by two-shot NVLink peer reads (comm.py)
 

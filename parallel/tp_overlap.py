@@ -158,6 +158,18 @@ def _chunks_forward(self: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
     return torch.cat([wait_reduce(h) for h in chunks], 0)  # (B, T, D); under SP (B, T / n, D)
 
 
+def raise_collectives() -> None:
+    """Compiled graphs launch each collective as soon as its input is ready (inductor's `raise_comms` pass; set
+    for the process, as async_tp.enable_async_tp sets its pass). AOTAutograd orders a backward graph by its
+    own walk, not by autograd's: read on CPU (torch 2.13), a chunked MLP's backward computed every chunk's
+    GEMMs and then launched both input-gradient all-reduces and waited; raised, chunk j's all-reduce
+    launches before chunk j-1's GEMMs (tests/parallel/test_overlap.py). Raising reorders nothing else."""
+    import torch._inductor.config as inductor_config
+    inductor_config.reorder_for_compute_comm_overlap = True
+    passes = list(inductor_config.reorder_for_compute_comm_overlap_passes)
+    inductor_config.reorder_for_compute_comm_overlap_passes = passes + ["raise_comms"] * ("raise_comms" not in passes)
+
+
 def apply_batch_chunks(module: nn.Module, row: nn.Module, k: int, entry: nn.Module = None,
                        column: nn.Module = None) -> None:
     """Run `module` (a block's attention or MLP, ending in the row-parallel layer `row`) on k row chunks of

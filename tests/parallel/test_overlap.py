@@ -417,3 +417,35 @@ def test_last_bucket_holds_only_the_first_parameters():
     assert layout(last_mb=1.0) == [[4, 5], [3], [0, 1, 2]]  # the first 1 MiB of the model (0.25 + 0.25 + 0.5) last
     assert layout(last_mb=0.3) == [[4, 5], [1, 2, 3], [0]]
     assert layout(last_mb=0.1) == layout()  # the first parameter alone is larger: no smaller bucket
+
+
+def _compiled_chunk_order(rank, world):
+    import re
+    import torch.distributed as dist
+    from torch._inductor.utils import run_and_get_code
+    from megaflow.model.layers import AttnContext, TransformerBlock
+    from parallel.backend import get_backend
+    from parallel.tensor_parallel import parallelize_block
+    from parallel.tp_overlap import raise_collectives
+    torch.manual_seed(0)
+    block = TransformerBlock(64, 4, 4, 16, 128)
+    parallelize_block(block, dist.group.WORLD, False, get_backend("local"), 2)  # parallel.tp_overlap: 2
+    raise_collectives()  # what apply_tp does with tp_overlap
+    x = torch.randn(4, 16, 64, requires_grad=True)  # (B, T, D)
+    ctx = AttnContext(torch.ones(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
+    torch._dynamo.reset()
+    _, (forward, backward) = run_and_get_code(torch.compile(lambda x: block(x, ctx).sum().backward()), x)
+    return [[m.group(1) for m in re.finditer(r"\b(all_reduce_|wait_tensor|extern_kernels\.mm)\b", code)]
+            for code in (forward, backward)]
+
+
+def test_compiled_row_chunks_launch_each_reduction_before_the_next_chunks_gemms():
+    """parallel.tp_overlap=2 (no SP) compiled by inductor (CPU, gloo): in the forward each half's row-parallel
+    all-reduce is launched before the other half's GEMMs, and in the backward each half's input-gradient
+    all-reduce before the other half's GEMMs (tp_overlap.raise_collectives; without it AOTAutograd's backward
+    order computed both halves' GEMMs, then launched both all-reduces: nothing to overlap)."""
+    for forward, backward in run_distributed(_compiled_chunk_order, 2):
+        for ops in (forward, backward):
+            first = ops.index("all_reduce_")
+            assert "extern_kernels.mm" in ops[first:ops.index("wait_tensor", first)], ops
+        assert backward.count("all_reduce_") == 4 and forward.count("all_reduce_") == 4, (forward, backward)
