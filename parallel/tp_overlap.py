@@ -15,8 +15,10 @@ whole batch's, fp32 not beyond GEMM blocking).
 The wait is an explicit `wait_tensor` where the chunks join, so a compiled region keeps launch -> the next
 chunks' compute -> wait in its generated code, and a CUDA graph captures the two streams' order (the step
 graph: megaflow/step_graph.py). The backward of a deferred reduction is the plain one's (identity; under SP
-an all-gather along T); the column-parallel layers' backward all-reduces are parallel.async_tp's to overlap
-(`copy_linear`: each with its weight gradient's GEMM).
+an all-gather along T). Without SP the chunks enter the TP region themselves (`enter_chunks`), so the
+backward's input-gradient all-reduces overlap the same way: chunk j's flies while the chunks before it run
+their backward; compiled, `raise_collectives` keeps that order. (Under SP the norm in front gathers and its
+backward reduce-scatters the whole batch: not overlapped.)
 
 What is split: the attention's context (RoPE tables (B, 1, T, hd) and a dense (B, 1, T, T) mask by rows; a
 FlexAttention BlockMask, document masking on a GPU, by its block tables' rows with its rule shifted to them; a
