@@ -160,16 +160,23 @@ def _chunks_forward(self: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
     return torch.cat([wait_reduce(h) for h in chunks], 0)  # (B, T, D); under SP (B, T / n, D)
 
 
+PASSES = ("sink_waits", "raise_comms")
+
+
 def raise_collectives() -> None:
-    """Compiled graphs launch each collective as soon as its input is ready (inductor's `raise_comms` pass; set
-    for the process, as async_tp.enable_async_tp sets its pass). AOTAutograd orders a backward graph by its
-    own walk, not by autograd's: read on CPU (torch 2.13), a chunked MLP's backward computed every chunk's
-    GEMMs and then launched both input-gradient all-reduces and waited; raised, chunk j's all-reduce
-    launches before chunk j-1's GEMMs (tests/parallel/test_overlap.py). Raising reorders nothing else."""
+    """Compiled graphs launch each collective as soon as its input is ready and wait for it only where its
+    result is first used (inductor's `raise_comms` and `sink_waits` passes; set for the process, as
+    async_tp.enable_async_tp sets its pass; apply_tp sets them for every TP run). AOTAutograd orders a backward
+    graph by its own walk, not by autograd's: read on CPU (torch 2.13), a chunked MLP's backward computed every
+    chunk's GEMMs and then launched both input-gradient all-reduces and waited; raised, chunk j's all-reduce
+    launches before chunk j-1's GEMMs (tests/parallel/test_overlap.py). Without chunks the same passes put a
+    block's weight-gradient GEMMs beside its input-gradient all-reduce (what parallel.async_tp's copy_linear
+    does by hand) and, under SP, the norms' and skips' weight-gradient all-reduces beside the rest of the
+    region's backward. Only collectives and their waits move."""
     import torch._inductor.config as inductor_config
     inductor_config.reorder_for_compute_comm_overlap = True
     passes = list(inductor_config.reorder_for_compute_comm_overlap_passes)
-    inductor_config.reorder_for_compute_comm_overlap_passes = passes + ["raise_comms"] * ("raise_comms" not in passes)
+    inductor_config.reorder_for_compute_comm_overlap_passes = passes + [p for p in PASSES if p not in passes]
 
 
 def apply_batch_chunks(module: nn.Module, row: nn.Module, k: int, entry: nn.Module = None,

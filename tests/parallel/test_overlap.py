@@ -427,25 +427,35 @@ def _compiled_chunk_order(rank, world):
     from parallel.backend import get_backend
     from parallel.tensor_parallel import parallelize_block
     from parallel.tp_overlap import raise_collectives
-    torch.manual_seed(0)
-    block = TransformerBlock(64, 4, 4, 16, 128)
-    parallelize_block(block, dist.group.WORLD, False, get_backend("local"), 2)  # parallel.tp_overlap: 2
-    raise_collectives()  # what apply_tp does with tp_overlap
-    x = torch.randn(4, 16, 64, requires_grad=True)  # (B, T, D)
-    ctx = AttnContext(torch.ones(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
-    torch._dynamo.reset()
-    _, (forward, backward) = run_and_get_code(torch.compile(lambda x: block(x, ctx).sum().backward()), x)
-    return [[m.group(1) for m in re.finditer(r"\b(all_reduce_|wait_tensor|extern_kernels\.mm)\b", code)]
-            for code in (forward, backward)]
+    raise_collectives()  # what apply_tp does
+    out = []
+    for chunks in (2, 0):  # parallel.tp_overlap: 2, and off
+        torch.manual_seed(0)
+        block = TransformerBlock(64, 4, 4, 16, 128)
+        parallelize_block(block, dist.group.WORLD, False, get_backend("local"), chunks)
+        x = torch.randn(4, 16, 64, requires_grad=True)  # (B, T, D)
+        ctx = AttnContext(torch.ones(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(torch.compile(lambda x: block(x, ctx).sum().backward()), x)
+        out.append([[m.group(1) for m in re.finditer(r"\b(all_reduce_|wait_tensor|extern_kernels\.mm)\b", code)]
+                    for code in codes])  # forward, backward
+    return out
 
 
-def test_compiled_row_chunks_launch_each_reduction_before_the_next_chunks_gemms():
-    """parallel.tp_overlap=2 (no SP) compiled by inductor (CPU, gloo): in the forward each half's row-parallel
-    all-reduce is launched before the other half's GEMMs, and in the backward each half's input-gradient
-    all-reduce before the other half's GEMMs (tp_overlap.raise_collectives; without it AOTAutograd's backward
-    order computed both halves' GEMMs, then launched both all-reduces: nothing to overlap)."""
-    for forward, backward in run_distributed(_compiled_chunk_order, 2):
-        for ops in (forward, backward):
-            first = ops.index("all_reduce_")
-            assert "extern_kernels.mm" in ops[first:ops.index("wait_tensor", first)], ops
+def _overlapped(ops: list) -> int:
+    """How many all-reduces of a generated graph have a GEMM between their launch and their wait."""
+    starts = [i for i, op in enumerate(ops) if op == "all_reduce_"]
+    return sum("extern_kernels.mm" in ops[i:ops.index("wait_tensor", i)] for i in starts)
+
+
+def test_compiled_tp_launches_each_reduction_before_other_gemms():
+    """TP=2 blocks compiled by inductor (CPU, gloo) with tp_overlap.raise_collectives (apply_tp sets it).
+    parallel.tp_overlap=2: in the forward each half's row-parallel all-reduce is launched before the other
+    half's GEMMs, and in the backward each half's input-gradient all-reduce before the other half's GEMMs
+    (without the passes AOTAutograd's backward computed both halves' GEMMs, then launched both all-reduces:
+    nothing to overlap). Plain TP2: the backward's input-gradient all-reduce of the attention runs beside the
+    weight-gradient GEMMs (without: launched after them and waited at once)."""
+    for (forward, backward), (_, plain_backward) in run_distributed(_compiled_chunk_order, 2):
         assert backward.count("all_reduce_") == 4 and forward.count("all_reduce_") == 4, (forward, backward)
+        assert _overlapped(forward) >= 2 and _overlapped(backward) >= 2, (forward, backward)
+        assert plain_backward.count("all_reduce_") == 2 and _overlapped(plain_backward) >= 1, plain_backward
