@@ -166,7 +166,7 @@ PASSES = ("sink_waits", "raise_comms")
 def raise_collectives() -> None:
     """Compiled graphs launch each collective as soon as its input is ready and wait for it only where its
     result is first used (inductor's `raise_comms` and `sink_waits` passes; set for the process, as
-    async_tp.enable_async_tp sets its pass; apply_tp sets them for every TP run). AOTAutograd orders a backward
+    async_tp.enable_async_tp sets its pass; apply_tp sets them for every TP run unless parallel.tp_comm_reorder=false). AOTAutograd orders a backward
     graph by its own walk, not by autograd's: read on CPU (torch 2.13), a chunked MLP's backward computed every
     chunk's GEMMs and then launched both input-gradient all-reduces and waited; raised, chunk j's all-reduce
     launches before chunk j-1's GEMMs (tests/parallel/test_overlap.py). Without chunks the same passes put a
