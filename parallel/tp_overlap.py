@@ -95,7 +95,7 @@ def enter_chunks(chunks: list, group) -> list:
     """copy_to_tp of each row chunk of a replicated input, the backward's all-reduces overlapped across chunks:
     chunk j's input-gradient all-reduce runs while chunks j-1.. compute their backward. Autograd runs the ready
     node made last first, so the waits, made here before any chunk's compute, run after every chunk's
-    backward (read in the graph that torch.compile traces from the same order)."""
+    backward. (A compiled backward is ordered by AOTAutograd's own walk instead: `raise_collectives`.)"""
     waited = [_EnterWait.apply(c) for c in chunks]
     return [_EnterStart.apply(c, group.group_name) for c in waited]
 
@@ -166,13 +166,14 @@ PASSES = ("sink_waits", "raise_comms")
 def raise_collectives() -> None:
     """Compiled graphs launch each collective as soon as its input is ready and wait for it only where its
     result is first used (inductor's `raise_comms` and `sink_waits` passes; set for the process, as
-    async_tp.enable_async_tp sets its pass; apply_tp sets them for every TP run unless parallel.tp_comm_reorder=false). AOTAutograd orders a backward
-    graph by its own walk, not by autograd's: read on CPU (torch 2.13), a chunked MLP's backward computed every
-    chunk's GEMMs and then launched both input-gradient all-reduces and waited; raised, chunk j's all-reduce
-    launches before chunk j-1's GEMMs (tests/parallel/test_overlap.py). Without chunks the same passes put a
-    block's weight-gradient GEMMs beside its input-gradient all-reduce (what parallel.async_tp's copy_linear
-    does by hand) and, under SP, the norms' and skips' weight-gradient all-reduces beside the rest of the
-    region's backward. Only collectives and their waits move."""
+    async_tp.enable_async_tp sets its pass; apply_tp sets them for every TP run unless
+    parallel.tp_comm_reorder=false). AOTAutograd orders a backward graph by its own walk, not by autograd's:
+    read on CPU (torch 2.13), a chunked MLP's backward computed every chunk's GEMMs and then launched both
+    input-gradient all-reduces and waited; raised, chunk j's all-reduce launches before chunk j-1's GEMMs
+    (tests/parallel/test_overlap.py). Without chunks the same passes put the attention's weight-gradient GEMMs
+    beside its input-gradient all-reduce (what parallel.async_tp's copy_linear does by hand), and under SP
+    with chunks each forward reduce-scatter beside the other chunk's compute (waited at once without them).
+    Only collectives and their waits move."""
     import torch._inductor.config as inductor_config
     inductor_config.reorder_for_compute_comm_overlap = True
     passes = list(inductor_config.reorder_for_compute_comm_overlap_passes)
