@@ -51,7 +51,7 @@ from parallel.layers import (ColumnParallelLinear, ParallelRMSNorm, ReplicatedKV
                              SequenceParallelLinear, SequenceSplit, VocabGather, VocabParallelEmbedding,
                              VocabParallelTextLoss)
 from parallel.topology import ParallelConfig, Topology
-from parallel.tp_overlap import apply_batch_chunks
+from parallel.tp_overlap import apply_batch_chunks, raise_collectives
 
 
 def check_tp(cfg: ModelConfig, tp: int, flow_tp: int = 0, sequence_parallel: bool = False) -> None:
@@ -109,8 +109,8 @@ def parallelize_block(block: TransformerBlock, group, sequence_parallel: bool, b
     mlp.gate_up = backend.column(mlp.gate_up, group, sp, parts=(mlp.down_proj.in_features,) * 2)
     mlp.down_proj = backend.row(mlp.down_proj, group, sp)
     if chunks >= 2:  # each chunk's reduction in flight while the next chunks compute (tp_overlap.py)
-        apply_batch_chunks(attn, attn.o_proj, chunks)
-        apply_batch_chunks(mlp, mlp.down_proj, chunks)
+        apply_batch_chunks(attn, attn.o_proj, chunks, block.input_layernorm, attn.qkv)
+        apply_batch_chunks(mlp, mlp.down_proj, chunks, block.post_attention_layernorm, mlp.gate_up)
 
 
 def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2:
@@ -130,6 +130,8 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
     backend = get_backend(cfg.backend, cfg.async_tp)
     if cfg.async_tp and sp:
         enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the SP collectives with their GEMMs
+    if cfg.tp_comm_reorder:
+        raise_collectives()  # compiled: each collective launched when its input is ready, waited where first used
     if cfg.tp_all_reduce == "symm":
         enable_symm_all_reduce(tp_g)  # on NCCL: critical-path all-reduces by two-shot NVLink peer reads (comm.py)
 

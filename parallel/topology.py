@@ -30,6 +30,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
     async_tp: bool = False  # overlap TP collectives with GEMMs (parallel/async_tp.py): with sequence_parallel each all-gather / reduce-scatter with its GEMM; without, each column-parallel layer's input-gradient all-reduce with its weight-gradient GEMM
     tp_overlap: int = 0  # >= 2: each block's attention and MLP run on this many row chunks of the batch (2: halves), so one chunk's row-parallel all-reduce (SP: reduce-scatter) runs while the next computes (Megatron's / Domino's TP overlap; parallel/tp_overlap.py); 0 = off
+    tp_comm_reorder: bool = True  # compiled TP graphs launch each collective when its input is ready and wait where its result is first used (inductor's raise_comms / sink_waits; parallel/tp_overlap.py raise_collectives); false = inductor's default order
     tp_all_reduce: str = "nccl"  # TP's critical-path all-reduces on CUDA: 'nccl', or 'symm' (torch's two-shot symmetric-memory all-reduce over NVLink, parallel/comm.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling

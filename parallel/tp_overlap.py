@@ -15,8 +15,10 @@ whole batch's, fp32 not beyond GEMM blocking).
 The wait is an explicit `wait_tensor` where the chunks join, so a compiled region keeps launch -> the next
 chunks' compute -> wait in its generated code, and a CUDA graph captures the two streams' order (the step
 graph: megaflow/step_graph.py). The backward of a deferred reduction is the plain one's (identity; under SP
-an all-gather along T); the column-parallel layers' backward all-reduces are parallel.async_tp's to overlap
-(`copy_linear`: each with its weight gradient's GEMM).
+an all-gather along T). Without SP the chunks enter the TP region themselves (`enter_chunks`), so the
+backward's input-gradient all-reduces overlap the same way: chunk j's flies while the chunks before it run
+their backward; compiled, `raise_collectives` keeps that order. (Under SP the norm in front gathers and its
+backward reduce-scatters the whole batch: not overlapped.)
 
 What is split: the attention's context (RoPE tables (B, 1, T, hd) and a dense (B, 1, T, T) mask by rows; a
 FlexAttention BlockMask, document masking on a GPU, by its block tables' rows with its rule shifted to them; a
@@ -33,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from megaflow.model.masks import BlockMask, block_mask_rows  # BlockMask: None on a torch without FlexAttention
-from parallel.comm import SEQ_DIM, all_gather, group_size, seq_to_rows
+from parallel.comm import SEQ_DIM, all_gather, copy_to_tp, group_size, seq_to_rows
 
 _c10d = torch.ops._c10d_functional
 
@@ -63,6 +65,39 @@ class _WaitReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+class _EnterStart(torch.autograd.Function):
+    """copy_to_tp of one chunk's input whose backward launches the all-reduce of the chunk's input gradient
+    and does not wait (the chunk's `_EnterWait` does, after the earlier chunks' backward)."""
+
+    @staticmethod
+    def forward(ctx, x, group_name: str):
+        ctx.group_name = group_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _c10d.all_reduce(g.contiguous(), "sum", ctx.group_name), None
+
+
+class _EnterWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _c10d.wait_tensor(g)
+
+
+def enter_chunks(chunks: list, group) -> list:
+    """copy_to_tp of each row chunk of a replicated input, the backward's all-reduces overlapped across chunks:
+    chunk j's input-gradient all-reduce runs while chunks j-1.. compute their backward. Autograd runs the ready
+    node made last first, so the waits, made here before any chunk's compute, run after every chunk's
+    backward. (A compiled backward is ordered by AOTAutograd's own walk instead: `raise_collectives`.)"""
+    waited = [_EnterWait.apply(c) for c in chunks]
+    return [_EnterStart.apply(c, group.group_name) for c in waited]
 
 
 def start_reduce(y: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -115,17 +150,50 @@ def _chunks_forward(self: nn.Module, x: torch.Tensor, ctx=None) -> torch.Tensor:
     rows = x.shape[0]
     contexts = split_context(ctx, rows, k) if rows >= k and rows % k == 0 else None
     if contexts is None:
+        if self.tp_enter_group is not None:
+            x = copy_to_tp(x, self.tp_enter_group)
         return wait_reduce(call(self, x, ctx))
-    chunks = [call(self, xi, ci) for xi, ci in zip(x.chunk(k, 0), contexts)]  # each one's reduction in flight
+    xs = x.chunk(k, 0)
+    if self.tp_enter_group is not None:  # the chunks enter the TP region themselves (no SP): deferred backward
+        xs = enter_chunks(xs, self.tp_enter_group)
+    chunks = [call(self, xi, ci) for xi, ci in zip(xs, contexts)]  # each one's reduction in flight
     return torch.cat([wait_reduce(h) for h in chunks], 0)  # (B, T, D); under SP (B, T / n, D)
 
 
-def apply_batch_chunks(module: nn.Module, row: nn.Module, k: int) -> None:
+PASSES = ("sink_waits", "raise_comms")
+
+
+def raise_collectives() -> None:
+    """Compiled graphs launch each collective as soon as its input is ready and wait for it only where its
+    result is first used (inductor's `raise_comms` and `sink_waits` passes; set for the process, as
+    async_tp.enable_async_tp sets its pass; apply_tp sets them for every TP run unless
+    parallel.tp_comm_reorder=false). AOTAutograd orders a backward graph by its own walk, not by autograd's:
+    read on CPU (torch 2.13), a chunked MLP's backward computed every chunk's GEMMs and then launched both
+    input-gradient all-reduces and waited; raised, chunk j's all-reduce launches before chunk j-1's GEMMs
+    (tests/parallel/test_overlap.py). Without chunks the same passes put the attention's weight-gradient GEMMs
+    beside its input-gradient all-reduce (what parallel.async_tp's copy_linear does by hand), and under SP
+    with chunks each forward reduce-scatter beside the other chunk's compute (waited at once without them).
+    Only collectives and their waits move."""
+    import torch._inductor.config as inductor_config
+    inductor_config.reorder_for_compute_comm_overlap = True
+    passes = list(inductor_config.reorder_for_compute_comm_overlap_passes)
+    inductor_config.reorder_for_compute_comm_overlap_passes = passes + [p for p in PASSES if p not in passes]
+
+
+def apply_batch_chunks(module: nn.Module, row: nn.Module, k: int, entry: nn.Module = None,
+                       column: nn.Module = None) -> None:
     """Run `module` (a block's attention or MLP, ending in the row-parallel layer `row`) on k row chunks of
     the batch (k = 2: halves): `row` launches its reduction without waiting, `module`'s forward waits where
-    the chunks join. The forward is replaced on the instance (names, state dicts and checkpoints unchanged)."""
+    the chunks join. Without sequence parallelism the chunks also enter the TP region themselves
+    (`enter_chunks`: the copy that the norm in front, `entry`, or the first column-parallel layer, `column`,
+    made for the whole batch), so the backward's input-gradient all-reduces overlap too. The forward is
+    replaced on the instance (names, state dicts and checkpoints unchanged)."""
     if row.bias is not None:  # a bias is added after the reduction; the blocks' row layers have none
         raise ValueError(f"parallel.tp_overlap: {type(row).__name__} has a bias; set parallel.tp_overlap=0")
     row.defer_reduce = True
-    module.tp_overlap_chunks = k
+    module.tp_overlap_chunks, module.tp_enter_group = k, None
+    if not row.sequence_parallel and entry is not None:
+        entry.entry = None  # the norm's output stays as it is: the chunks copy it into the region
+        column.input_comm = "none"  # not 'copy' / 'copy_async': that wait would come before the other chunks
+        module.tp_enter_group = row.tp_group
     module.forward = types.MethodType(_chunks_forward, module)

@@ -255,6 +255,26 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _BackwardInFlight(TorchDispatchMode):
+    """The most all-reduces the backward has launched and not yet waited for at once (functional collectives:
+    all_reduce's output is what wait_tensor takes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.open, self.most = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch._C._current_graph_task_id() != -1:  # inside a backward
+            name = func.overloadpacket.__name__
+            if name == "all_reduce":
+                self.open.append(out)
+                self.most = max(self.most, len(self.open))
+            elif name == "wait_tensor":
+                self.open = [t for t in self.open if t is not args[0]]
+        return out
+
+
 ROWS_TP = 4
 
 
@@ -284,7 +304,9 @@ def _tp2_sp(rank, world, sp: bool):
         for group in engine.optimizer.param_groups:  # the fused AdamW, as on CUDA: its skip and clip stay on the device
             group["fused"] = True
         engine.optimizer.defaults["fused"] = True
-        first = engine.train_step(batch, noise, None, 1e-3)
+        in_flight = _BackwardInFlight()
+        with in_flight:
+            first = engine.train_step(batch, noise, None, 1e-3)
         grads = [p.grad.clone() for p in engine.params]
         for group in engine.optimizer.param_groups:  # the second step as train.step_graph=on captures it
             group["capturable"] = True               # (megaflow/step_graph.py): lr a 0-d tensor, nothing read
@@ -293,6 +315,7 @@ def _tp2_sp(rank, world, sp: bool):
             second = engine._step(batch, noise, None, torch.tensor(1e-3))
         out[key] = dict(losses=[float(first["loss"]), float(second["loss"])], grads=grads, reads=spy.reads,
                         tensors=all(torch.is_tensor(v) for v in second.values()), launches=launches[:],
+                        in_flight=in_flight.most,
                         comms={m.input_comm for m in model.modules() if type(m).__name__ == "ColumnParallelLinear"})
         launches.clear()
     layers.start_reduce = start_reduce
@@ -302,6 +325,10 @@ def _tp2_sp(rank, world, sp: bool):
     # chunks: each of the 6 blocks' o_proj and down_proj reduced once per chunk of 4 / chunks rows, 2 forwards
     assert off["launches"] == on["launches"] == [], (off["launches"], on["launches"])
     assert halves["launches"] == [ROWS_TP // chunks] * 12 * chunks * 2, halves["launches"]
+    # backward: without SP the chunks' input-gradient all-reduces are all in flight before the first is waited
+    # for (parallel.tp_overlap.enter_chunks); the plain and async TP backward wait for each before the next
+    assert (off["in_flight"], on["in_flight"], halves["in_flight"]) == (1, 1, 1 if sp else chunks), \
+        (off["in_flight"], on["in_flight"], halves["in_flight"])
     for other in (on, halves):
         for a, b in zip(other["grads"], off["grads"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -396,3 +423,45 @@ def test_last_bucket_holds_only_the_first_parameters():
     assert layout(last_mb=1.0) == [[4, 5], [3], [0, 1, 2]]  # the first 1 MiB of the model (0.25 + 0.25 + 0.5) last
     assert layout(last_mb=0.3) == [[4, 5], [1, 2, 3], [0]]
     assert layout(last_mb=0.1) == layout()  # the first parameter alone is larger: no smaller bucket
+
+
+def _compiled_chunk_order(rank, world):
+    import re
+    import torch.distributed as dist
+    from torch._inductor.utils import run_and_get_code
+    from megaflow.model.layers import AttnContext, TransformerBlock
+    from parallel.backend import get_backend
+    from parallel.tensor_parallel import parallelize_block
+    from parallel.tp_overlap import raise_collectives
+    raise_collectives()  # what apply_tp does
+    out = []
+    for chunks in (2, 0):  # parallel.tp_overlap: 2, and off
+        torch.manual_seed(0)
+        block = TransformerBlock(64, 4, 4, 16, 128)
+        parallelize_block(block, dist.group.WORLD, False, get_backend("local"), chunks)
+        x = torch.randn(4, 16, 64, requires_grad=True)  # (B, T, D)
+        ctx = AttnContext(torch.ones(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(torch.compile(lambda x: block(x, ctx).sum().backward()), x)
+        out.append([[m.group(1) for m in re.finditer(r"\b(all_reduce_|wait_tensor|extern_kernels\.mm)\b", code)]
+                    for code in codes])  # forward, backward
+    return out
+
+
+def _overlapped(ops: list) -> int:
+    """How many all-reduces of a generated graph have a GEMM between their launch and their wait."""
+    starts = [i for i, op in enumerate(ops) if op == "all_reduce_"]
+    return sum("extern_kernels.mm" in ops[i:ops.index("wait_tensor", i)] for i in starts)
+
+
+def test_compiled_tp_launches_each_reduction_before_other_gemms():
+    """TP=2 blocks compiled by inductor (CPU, gloo) with tp_overlap.raise_collectives (apply_tp sets it).
+    parallel.tp_overlap=2: in the forward each half's row-parallel all-reduce is launched before the other
+    half's GEMMs, and in the backward each half's input-gradient all-reduce before the other half's GEMMs
+    (without the passes AOTAutograd's backward computed both halves' GEMMs, then launched both all-reduces:
+    nothing to overlap). Plain TP2: the backward's input-gradient all-reduce of the attention runs beside the
+    weight-gradient GEMMs (without: launched after them and waited at once)."""
+    for (forward, backward), (_, plain_backward) in run_distributed(_compiled_chunk_order, 2):
+        assert backward.count("all_reduce_") == 4 and forward.count("all_reduce_") == 4, (forward, backward)
+        assert _overlapped(forward) >= 2 and _overlapped(backward) >= 2, (forward, backward)
+        assert plain_backward.count("all_reduce_") == 2 and _overlapped(plain_backward) >= 1, plain_backward

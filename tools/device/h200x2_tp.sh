@@ -10,6 +10,7 @@
 #                                   # tp_all_reduce=symm, one graphed step profiled per rank) and the graphed one GPU,
 #                                   # then the tree at BASE's graphed TP2 / TP2+SP (before); SUMMARY lines from the logs
 #   NOCACHE=1 CACHE=DIR bash tools/device/h200x2_tp.sh round6 BASE  # round 6: the flat AdamW and batch chunks (tp_overlap)
+#   NOCACHE=1 LIMIT=100 WAIT=62 bash tools/device/h200x2_tp.sh round7 BASE  # round 7: tp_overlap both ways, tp_comm_reorder
 # Env: ROWS / BEFORE / AFTER (rows), S / BEFORE_S / AFTER_S (time limits, s). The inductor cache is
 # written to $OUT/inductor.tgz.aa, .ab, ... (15 MB parts, 45 MB at most) and read back from
 # $CACHE/inductor.tgz.* (CACHE=.cache unless set; copy the parts there and carry them in the next call): a warm cache turns each
@@ -82,6 +83,12 @@ if eager and graph:
           f"fell by {eager['loss0'] - eager['loss']:.4f} eager and {graph['loss0'] - graph['loss']:.4f} graphed")
 EOF
   ;;
+round7)  # issue 17 round 7 (helper tp5): tp_overlap's chunks in both directions and the inductor collective passes
+  # (parallel.tp_comm_reorder) against BASE (5625c63: attention split, forward only, inductor's default order)
+  G="train.step_graph=on"; O="parallel.tp_overlap"
+  ROWS=${ROWS:-"a:tp2@$G;$O=2 a:one b:tp2@$G;$O=2 a:tp2@$G b:tp2@$G a:tp2sp@$G b:tp2sp@$G a:tp2@$G;$O=4"}
+  PROFILED=${PROFILED:-"a:tp2@$G;$O=2 a:tp2@$G"}
+  ;&
 round6)  # issue 17 round 6 (helper tp4): the graphed rows with the flat AdamW (all TP rows of this tree) and batch chunks
   # (parallel.tp_overlap, with async TP's backward all-reduces beside dW), the graphed one GPU, the tree at BASE's tp2
   G="train.step_graph=on"; O="parallel.async_tp=true;parallel.tp_overlap"
