@@ -130,7 +130,7 @@ def apply_tp(model: STARFlow2, topo: Topology, cfg: ParallelConfig) -> STARFlow2
     backend = get_backend(cfg.backend, cfg.async_tp)
     if cfg.async_tp and sp:
         enable_async_tp(tp_g)  # compiled graphs on NCCL: inductor fuses the SP collectives with their GEMMs
-    if cfg.tp_comm_reorder:
+    if cfg.comm_reorder:
         raise_collectives()  # compiled: each collective launched when its input is ready, waited where first used
     if cfg.tp_all_reduce == "symm":
         enable_symm_all_reduce(tp_g)  # on NCCL: critical-path all-reduces by two-shot NVLink peer reads (comm.py)

@@ -30,7 +30,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # shard activations along the sequence in norm regions (needs tp > 1)
     async_tp: bool = False  # overlap TP collectives with GEMMs (parallel/async_tp.py): with sequence_parallel each all-gather / reduce-scatter with its GEMM; without, each column-parallel layer's input-gradient all-reduce with its weight-gradient GEMM
     tp_overlap: int = 0  # >= 2: each block's attention and MLP run on this many row chunks of the batch (2: halves), so one chunk's row-parallel all-reduce (SP: reduce-scatter) runs while the next computes (Megatron's / Domino's TP overlap; parallel/tp_overlap.py); 0 = off
-    tp_comm_reorder: bool = True  # compiled TP graphs launch each collective when its input is ready and wait where its result is first used (inductor's raise_comms / sink_waits; parallel/tp_overlap.py raise_collectives); false = inductor's default order
+    tp_comm_reorder: str = "auto"  # compiled TP graphs launch each collective when its input is ready and wait where its result is first used (inductor's raise_comms / sink_waits; parallel/tp_overlap.py raise_collectives). 'auto': on with tp_overlap (without it the chunks' collectives overlap nothing once compiled), off otherwise (plain TP's order with it on is not yet measured on GPUs); 'on' / 'off'
     tp_all_reduce: str = "nccl"  # TP's critical-path all-reduces on CUDA: 'nccl', or 'symm' (torch's two-shot symmetric-memory all-reduce over NVLink, parallel/comm.py)
     backend: str = "local"  # layer backend: 'local' (torch.distributed) or 'te' (Transformer Engine)
     fp8: str = "off"  # FP8 GEMMs of the transformer blocks (on a GPU with FP8): 'off', 'delayed' or 'current' scaling
@@ -93,6 +93,10 @@ class ParallelConfig:
             raise ValueError(f"parallel.async_tp=true overlaps the local backend's collectives; with "
                              f"parallel.backend={self.backend!r} set async_tp=false (Transformer Engine's layers "
                              f"communicate themselves)")
+        if isinstance(self.tp_comm_reorder, bool):  # Python callers (and YAML true/false) may pass a bool
+            object.__setattr__(self, "tp_comm_reorder", "on" if self.tp_comm_reorder else "off")  # frozen
+        if self.tp_comm_reorder not in ("auto", "on", "off"):
+            raise ValueError(f"parallel.tp_comm_reorder={self.tp_comm_reorder!r} must be 'auto', 'on' or 'off'")
         if self.tp_overlap < 0 or self.tp_overlap == 1:
             raise ValueError(f"parallel.tp_overlap={self.tp_overlap} must be 0 (off) or the number of row chunks (>= 2)")
         if self.tp_overlap and self.backend != "local":
@@ -126,6 +130,11 @@ class ParallelConfig:
             raise ValueError(f"parallel.dp_shard_optimizer=on shards the optimizer over data parallelism alone; this "
                              f"run has zero_stage={self.zero_stage}, tp={self.tp}, pp={self.pp}: set "
                              f"parallel.dp_shard_optimizer=auto or off (or zero_stage=0, tp=1, pp=1)")
+
+    @property
+    def comm_reorder(self) -> bool:
+        """Whether compiled TP graphs reorder their collectives (parallel.tp_comm_reorder; 'auto': with tp_overlap)."""
+        return self.tp_comm_reorder == "on" or (self.tp_comm_reorder == "auto" and self.tp_overlap >= 2)
 
     def shard_optimizer(self, bf16_weights: bool) -> bool:
         """Whether data parallelism runs the distributed optimizer: 'on', or 'auto' where it applies (no

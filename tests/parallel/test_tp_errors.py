@@ -106,6 +106,17 @@ def test_tp_overlap_is_checked():
         ParallelConfig(tp=2, tp_overlap=2, async_tp=True, sequence_parallel=True)
 
 
+def test_tp_comm_reorder_is_on_with_tp_overlap_unless_asked():
+    """parallel.tp_comm_reorder 'auto' (the default) reorders compiled TP graphs' collectives only with tp_overlap
+    (its chunks overlap nothing compiled without it); 'on'/'off' (or true/false) decide; anything else is refused."""
+    assert not ParallelConfig(tp=2).comm_reorder
+    assert ParallelConfig(tp=2, tp_overlap=2).comm_reorder
+    assert ParallelConfig(tp=2, tp_comm_reorder=True).comm_reorder
+    assert not ParallelConfig(tp=2, tp_overlap=2, tp_comm_reorder="off").comm_reorder
+    with pytest.raises(ValueError, match=r"parallel.tp_comm_reorder='always' must be 'auto', 'on' or 'off'"):
+        ParallelConfig(tp=2, tp_comm_reorder="always")
+
+
 def test_a_symmetric_memory_failure_is_warned_once_and_remembered(caplog):
     """parallel.tp_all_reduce=symm: where symmetric memory fails for a shape (a rendezvous or kernel refused),
     the all-reduce falls back to NCCL with one warning naming the shape and the reason, and later calls of that

@@ -86,8 +86,9 @@ EOF
 round7)  # issue 17 round 7 (helper tp5): tp_overlap's chunks in both directions and the inductor collective passes
   # (parallel.tp_comm_reorder) against BASE (5625c63: attention split, forward only, inductor's default order)
   G="train.step_graph=on"; O="parallel.tp_overlap"
-  ROWS=${ROWS:-"a:tp2@$G;$O=2 a:one b:tp2@$G;$O=2 a:tp2@$G b:tp2@$G a:tp2sp@$G b:tp2sp@$G a:tp2@$G;$O=4"}
-  PROFILED=${PROFILED:-"a:tp2@$G;$O=2 a:tp2@$G"}
+  R="parallel.tp_comm_reorder=on"  # plain TP reorders only when asked (auto: with tp_overlap)
+  ROWS=${ROWS:-"a:tp2@$G;$O=2 a:one b:tp2@$G;$O=2 a:tp2@$G;$R b:tp2@$G a:tp2sp@$G;$R b:tp2sp@$G a:tp2@$G;$O=4"}
+  PROFILED=${PROFILED:-"a:tp2@$G;$O=2 a:tp2@$G;$R"}
   ;&
 round6)  # issue 17 round 6 (helper tp4): the graphed rows with the flat AdamW (all TP rows of this tree) and batch chunks
   # (parallel.tp_overlap, with async TP's backward all-reduces beside dW), the graphed one GPU, the tree at BASE's tp2
