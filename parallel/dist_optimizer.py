@@ -1,5 +1,6 @@
-"""The distributed optimizer (`parallel.dp_shard_optimizer: true`): Megatron's "distributed optimizer", ZeRO-1
-in our own gradient buckets, for ParallelEngine's data parallelism (bf16 weights, fp32 main weights).
+"""The distributed optimizer (`parallel.dp_shard_optimizer`; its default, `auto`, turns it on where it applies):
+Megatron's "distributed optimizer", ZeRO-1 in our own gradient buckets, for ParallelEngine's data parallelism
+(bf16 weights, fp32 main weights).
 
 A step, on every data-parallel rank:
   1. backward: each bucket of fp32 main gradients (parallel/data_parallel.py GradBuckets, `shard=True`) is

@@ -93,10 +93,7 @@ class ParallelConfig:
             raise ValueError(f"parallel.async_tp=true overlaps the local backend's collectives; with "
                              f"parallel.backend={self.backend!r} set async_tp=false (Transformer Engine's layers "
                              f"communicate themselves)")
-        if isinstance(self.tp_comm_reorder, bool):  # Python callers (and YAML true/false) may pass a bool
-            object.__setattr__(self, "tp_comm_reorder", "on" if self.tp_comm_reorder else "off")  # frozen
-        if self.tp_comm_reorder not in ("auto", "on", "off"):
-            raise ValueError(f"parallel.tp_comm_reorder={self.tp_comm_reorder!r} must be 'auto', 'on' or 'off'")
+        self._auto_on_off("tp_comm_reorder", bools=True)
         if self.tp_overlap < 0 or self.tp_overlap == 1:
             raise ValueError(f"parallel.tp_overlap={self.tp_overlap} must be 0 (off) or the number of row chunks (>= 2)")
         if self.tp_overlap and self.backend != "local":
@@ -108,8 +105,7 @@ class ParallelConfig:
                              f"async_tp=false")
         if self.tp_all_reduce not in ("nccl", "symm"):
             raise ValueError(f"parallel.tp_all_reduce={self.tp_all_reduce!r} must be 'nccl' or 'symm'")
-        if self.grad_accum_fusion not in ("auto", "on", "off"):
-            raise ValueError(f"parallel.grad_accum_fusion={self.grad_accum_fusion!r} must be 'auto', 'on' or 'off'")
+        self._auto_on_off("grad_accum_fusion")
         if self.schedule not in ("1f1b", "interleaved"):
             raise ValueError(f"parallel.schedule={self.schedule!r} must be '1f1b' or 'interleaved'")
         if self.bucket_mb <= 0:
@@ -122,14 +118,21 @@ class ParallelConfig:
             raise ValueError(f"parallel.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
-        if isinstance(self.dp_shard_optimizer, bool):  # Python callers (and YAML true/false) may pass a bool
-            object.__setattr__(self, "dp_shard_optimizer", "on" if self.dp_shard_optimizer else "off")  # frozen
-        if self.dp_shard_optimizer not in ("auto", "on", "off"):
-            raise ValueError(f"parallel.dp_shard_optimizer={self.dp_shard_optimizer!r} must be 'auto', 'on' or 'off'")
+        self._auto_on_off("dp_shard_optimizer", bools=True)
         if self.dp_shard_optimizer == "on" and (self.zero_stage or self.tp > 1 or self.pp > 1):
             raise ValueError(f"parallel.dp_shard_optimizer=on shards the optimizer over data parallelism alone; this "
                              f"run has zero_stage={self.zero_stage}, tp={self.tp}, pp={self.pp}: set "
                              f"parallel.dp_shard_optimizer=auto or off (or zero_stage=0, tp=1, pp=1)")
+
+    def _auto_on_off(self, name: str, bools: bool = False) -> None:
+        """Check a field that is 'auto', 'on' or 'off'; `bools`: a bool (from Python callers that passed
+        one before the field had 'auto') stands for 'on' / 'off'."""
+        value = getattr(self, name)
+        if bools and isinstance(value, bool):
+            value = "on" if value else "off"
+            object.__setattr__(self, name, value)  # frozen
+        if value not in ("auto", "on", "off"):
+            raise ValueError(f"parallel.{name}={value!r} must be 'auto', 'on' or 'off'")
 
     @property
     def comm_reorder(self) -> bool:

@@ -166,8 +166,8 @@ PASSES = ("sink_waits", "raise_comms")
 def raise_collectives() -> None:
     """Compiled graphs launch each collective as soon as its input is ready and wait for it only where its
     result is first used (inductor's `raise_comms` and `sink_waits` passes; set for the process, as
-    async_tp.enable_async_tp sets its pass; apply_tp sets them for every TP run unless
-    parallel.tp_comm_reorder=false). AOTAutograd orders a backward graph by its own walk, not by autograd's:
+    async_tp.enable_async_tp sets its pass; apply_tp sets them under parallel.tp_comm_reorder:
+    'auto' with tp_overlap, 'on' for every TP run). AOTAutograd orders a backward graph by its own walk, not by autograd's:
     read on CPU (torch 2.13), a chunked MLP's backward computed every chunk's GEMMs and then launched both
     input-gradient all-reduces and waited; raised, chunk j's all-reduce launches before chunk j-1's GEMMs
     (tests/parallel/test_overlap.py). Without chunks the same passes put the attention's weight-gradient GEMMs
