@@ -141,6 +141,118 @@ def test_model_flex_path_equals_dense_path_gradients(block):
     assert worst[0] <= 1e-5, f"flex and dense gradients differ by {worst[0]:.2e} (relative to scale) in {worst[1]}"
 
 
+def test_doc_seqs_are_the_document_rule_of_packed_rows_and_slice_by_rows():
+    """DocSeqs (flash varlen's sequences) cover exactly the dense rule's pairs, also for rows sliced as
+    micro-batches take them; doc_bounds rounds a batch's sequences a row and its longest sequence up to
+    powers of two (at least 8 and 128)."""
+    from data_pipeline.packing import doc_bounds
+    from megaflow.model.layers import attention_mask
+    from megaflow.model.masks import DocSeqs, mask_rows
+    doc_ids = torch.full((3, 160), -1)
+    doc_ids[0, :50], doc_ids[0, 50:120], doc_ids[0, 120:150] = 0, 1, 2  # 3 documents + padding: 4 sequences
+    doc_ids[1, :100], doc_ids[1, 100:] = 0, 1  # no padding
+    doc_ids[2, :] = 0  # one document filling the row: 160 tokens
+    assert doc_bounds(doc_ids.numpy()) == (8, 256)
+    assert doc_bounds(torch.arange(20).repeat(2, 1).numpy()) == (32, 128)  # 20 one-token documents a row
+    seqs = DocSeqs.of(doc_ids, *doc_bounds(doc_ids.numpy()))
+    assert seqs.cu.tolist() == [0, 50, 120, 150, 160, 260, 320] + [480] * 18  # 3 rows x 8 slots + 1
+    dense = attention_mask(doc_ids, 160, 160, "cpu")
+    assert torch.equal(seqs.dense(), dense)
+    rows = mask_rows(seqs, doc_ids, 1, 3)
+    assert isinstance(rows, DocSeqs) and torch.equal(rows.dense(), dense[1:3])
+
+
+@pytest.mark.parametrize("tarflow_only", [False, True])
+def test_model_varlen_path_equals_dense_path_forward(tarflow_only):
+    """model.doc_attention=varlen on a batch with the loader's doc_bounds: one DocSeqs for both streams,
+    every unit's output equal to the dense path's (on CPU DocSeqs runs its rule through SDPA: this checks
+    the sequences the CUDA kernel gets; tests below run the kernel)."""
+    from data_pipeline.packing import doc_bounds
+    from megaflow.model.masks import DocSeqs
+    cfg = dataclasses.replace(wide_config(tarflow_only=tarflow_only), doc_attention="varlen")
+    model = randomized_model(cfg, scale=0.2).eval()
+    batch = packed_batch(cfg)
+    noise = make_noise(cfg, batch)
+    with torch.no_grad():
+        with use_kernel("dense"):
+            dense, _ = _trace(model, batch, noise)
+        varlen, ctx = _trace(model, {**batch, "doc_bounds": doc_bounds(batch["doc_ids"].numpy())}, noise)
+        flex_cfg, _ = _trace(model, batch, noise)  # no doc_bounds (not a loader batch): not varlen
+    assert isinstance(ctx.flow.mask, DocSeqs) and (tarflow_only or ctx.vlm.mask is ctx.flow.mask)
+    for a, b, c in zip(varlen, dense, flex_cfg):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
+
+
+def test_doc_attention_must_be_known():
+    with pytest.raises(ValueError, match="doc_attention='flash'"):
+        dataclasses.replace(tiny_config(), doc_attention="flash")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FA2's variable-length kernels are CUDA only")
+def test_varlen_kernel_equals_dense_forward_and_gradients_compiled_and_graphed():
+    """The CUDA kernel (bf16, 16 query heads over 8 k/v heads read in place, q/k/v in the (B, T, H, hd)
+    memory order qkv_rope gives, v a strided view of the QKV output) against SDPA under the dense rule in
+    fp32 from the same bf16 inputs: output and the three gradients, eager, compiled, and the compiled
+    call captured in a CUDA graph and replayed on new data."""
+    from data_pipeline.packing import doc_bounds
+    from megaflow.model.layers import attention_mask
+    from megaflow.model.masks import DocSeqs
+    g = torch.Generator().manual_seed(0)
+    B, T, Hq, Hkv, hd = 4, 512, 16, 8, 128
+    doc_ids = torch.full((B, T), -1)
+    for r in range(B):  # documents of 30-200 tokens, a padding tail in some rows
+        start, d = 0, 0
+        while start < T - 40 * (r % 2):
+            n = int(torch.randint(30, 200, (1,), generator=g))
+            doc_ids[r, start:start + n], start, d = d, start + n, d + 1
+    seqs = DocSeqs.of(doc_ids.cuda(), *doc_bounds(doc_ids.numpy()))
+    allow = attention_mask(doc_ids, T, T, "cpu").cuda()
+
+    def inputs(seed):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        qkv = torch.randn(B, T, Hq + 2 * Hkv, hd, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k = qkv[:, :, :Hq].contiguous(), qkv[:, :, Hq:Hq + Hkv].contiguous()
+        return [x.transpose(1, 2).requires_grad_() for x in (q, k)] + [qkv[:, :, Hq + Hkv:].transpose(1, 2)]
+
+    def reference(q, k, v, dy):
+        q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allow)
+        y.backward(dy.float())
+        return y, q.grad, k.grad, v.grad
+
+    def check(fn, seed):
+        q, k, v = inputs(seed)
+        v = v.detach().requires_grad_()  # a leaf with the strided layout of the QKV output's v
+        dy = torch.randn(B, Hq, T, hd, device="cuda", dtype=torch.bfloat16)
+        y = fn(q, k, v)
+        y.backward(dy)
+        real = (doc_ids >= 0).cuda()[:, None, :, None]
+        for got, want in zip((y, q.grad, k.grad, v.grad), reference(q, k, v, dy)):
+            err = ((got.float() - want) * real).abs().max().item()
+            assert err <= 2e-2 * max(1.0, want.abs().max().item()), err
+
+    check(lambda q, k, v: attend(q, k, v, seqs), 1)
+    compiled = torch.compile(lambda q, k, v: attend(q, k, v, seqs))
+    check(compiled, 2)
+    static = inputs(3)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        compiled(*static).sum().backward()  # warm-up off the graph
+    torch.cuda.current_stream().wait_stream(side)
+    for x in static:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(*static)
+    fresh = inputs(4)
+    for dst, src in zip(static, fresh):
+        dst.detach().copy_(src.detach())
+    graph.replay()
+    torch.testing.assert_close(out, compiled(*fresh), rtol=0, atol=0)
+
+
 def test_mask_block_must_be_128_or_64():
     with pytest.raises(ValueError, match="mask_block=96"):
         dataclasses.replace(wide_config(), mask_block=96)
