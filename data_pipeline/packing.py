@@ -228,25 +228,6 @@ class Planner:
         return self.next_index, [list(p) for p in self.pending]
 
 
-def pow2_at_least(n: int, floor: int) -> int:
-    """The smallest power of two >= max(n, floor)."""
-    return max(floor, 1 << max(int(n) - 1, 0).bit_length())
-
-
-def doc_bounds(doc_ids) -> tuple:
-    """(sequences a row, tokens a sequence), each rounded up to a power of two (at least 8 and 128): the
-    bounds `DocSeqs` sizes its kernels by, from a host (B, T) array of doc ids (numpy or CPU tensor). A
-    sequence is a run of equal ids: a document piece, or a row's padding tail. Coarse on purpose: a CUDA
-    graph of the step is specific to them (megaflow/step_graph.py keys on the batch's non-tensor values)."""
-    d = np.asarray(doc_ids)
-    starts = np.ones(d.shape, dtype=bool)
-    starts[:, 1:] = d[:, 1:] != d[:, :-1]
-    per_row = int(starts.sum(1).max())
-    idx = np.flatnonzero(starts.reshape(-1))
-    longest = int(np.diff(np.append(idx, d.size)).max())
-    return pow2_at_least(per_row, 8), pow2_at_least(longest, 128)
-
-
 def build_batch(rows: list[list[tuple[TokenizedDoc, int, int]]], cfg: DataConfig, tokenizer: Tokenizer) -> tuple[dict, PackStats]:
     """The batch dict (see docs/DATA.md) of B rows, each a list of (document, start, end) pieces
     placed in order, padded at the end; and what it holds. Filled as numpy arrays and handed over
@@ -294,6 +275,5 @@ def build_batch(rows: list[list[tuple[TokenizedDoc, int, int]]], cfg: DataConfig
         "image_mask": torch.from_numpy(image_mask),  # (B, T)
         "images": torch.from_numpy(images),  # (B, max_images, C, H, W)
         "image_valid": torch.from_numpy(image_valid),  # (B, max_images)
-        "doc_bounds": doc_bounds(doc_ids),  # (sequences a row, tokens a sequence), powers of two: ints, not tensors
     }
     return batch, stats

@@ -117,15 +117,10 @@ class ModelConfig:
     adapter_input: str = "latent"  # what the VLM reads at image slots: latent (the FAE latent; the deep flow then takes no VLM skip at image slots) or flow (the shallow flows' output)
     max_seq_len: int = 4096  # longest sequence for generation checks
     mask_block: int = 128  # tokens a side of FlexAttention's document-mask blocks: 128 or 64 (megaflow.model.masks)
-    # packed documents' attention (megaflow.model.masks): 'auto' = flash varlen on CUDA for the loader's batches
-    # (their doc_bounds), FlexAttention for other CUDA batches, a dense mask on CPU; 'flex'; 'varlen' (also on CPU)
-    doc_attention: str = "auto"
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"model.stage={self.stage!r} is not one of {STAGES}")
         _check(self.mask_block in (128, 64), f"model.mask_block={self.mask_block} is not 128 or 64")
-        _check(self.doc_attention in ("auto", "flex", "varlen"),
-               f"model.doc_attention={self.doc_attention!r} is not 'auto', 'flex' or 'varlen'")
         _check(self.adapter_input in ADAPTER_INPUTS,
                f"model.adapter_input={self.adapter_input!r} is not one of {ADAPTER_INPUTS}")
         if self.vlm is not None:

@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - older torch: the dense path only
 
 FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels refuse smaller heads (seen on the H200)
 
-Mask = Union[None, torch.Tensor, "BlockMask", "DocSeqs"]
+Mask = Union[None, torch.Tensor, "BlockMask"]
 
 _KERNEL = "auto"  # "auto": flex on CUDA, dense elsewhere; "flex" / "dense" force one (tests, benchmarks)
 # Made once here (compiling happens at the first call), never inside a function: a `torch.compile(...)`
@@ -137,8 +137,6 @@ def mask_rows(mask: Mask, doc_ids: Optional[torch.Tensor], start: int, stop: int
         return mask
     if isinstance(mask, torch.Tensor):
         return mask[start:stop]
-    if isinstance(mask, DocSeqs):
-        return DocSeqs.of(doc_ids[start:stop], mask.per_row, mask.max_len)
     return block_mask_rows(mask, start, stop, _same_document_causal(doc_ids[start:stop]))
 
 
@@ -151,16 +149,11 @@ def block_mask_rows(mask: "BlockMask", start: int, stop: int, mask_mod) -> "Bloc
                                     seq_lengths=mask.seq_lengths)
 
 
-def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device, block: int = 128,
-                  bounds: Optional[tuple] = None, kernel: str = "auto") -> Mask:
-    """The mask of one forward: `DocSeqs` (flash varlen), a BlockMask (flex) of `block`-token blocks, a
-    dense (B|1, 1, q_len, k_len) bool tensor, or None (plain causal). Varlen and flex only cover the
-    training/eval shape (q_len == k_len, with doc_ids); varlen needs the batch's `doc_bounds` (the data
-    pipeline's, data_pipeline/packing.py) and `kernel` (model.doc_attention) 'auto' on CUDA or 'varlen'."""
+def document_mask(doc_ids: Optional[torch.Tensor], q_len: int, k_len: int, device, block: int = 128) -> Mask:
+    """The mask of one forward: a BlockMask (flex) of `block`-token blocks, a dense (B|1, 1, q_len,
+    k_len) bool tensor, or None (plain causal). Flex only covers the training/eval shape (q_len ==
+    k_len, with doc_ids)."""
     device = torch.device(device)
-    if doc_ids is not None and q_len == k_len and bounds is not None and _KERNEL == "auto" and (
-            kernel == "varlen" or (kernel == "auto" and device.type == "cuda")):
-        return DocSeqs.of(doc_ids, *bounds)
     if doc_ids is not None and q_len == k_len and _KERNEL != "dense" and (_KERNEL == "flex" or flex_available(device)):
         return document_block_mask(doc_ids, block)
     from megaflow.model.layers import attention_mask  # here: layers.py imports `attend` from this file
@@ -190,89 +183,11 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow:
     return probs.to(v.dtype) @ v  # (B, H, Tq, hd)
 
 
-DOC_ATTENTION = ("auto", "flex", "varlen")  # model.doc_attention
-
-
-class DocSeqs:
-    """The document mask as flash attention's variable-length sequences: the batch's rows flattened to
-    B*T tokens, one causal sequence per run of equal doc ids (a document piece, a row's padding tail:
-    the same pairs as `_same_document_causal` for the packer's rows, whose pieces are runs). `cu` (S+1,)
-    int32 holds the sequences' starts for S = B * per_row slots, the slots past the batch's sequences
-    empty (start = B*T), built on the device with static shapes (cumsum + searchsorted: a CUDA graph
-    captures it). `max_len` bounds every sequence. Both come from the host; a batch beyond
-    them would be computed wrong, so `of` is only called with the batch's own bounds
-    (`doc_bounds` in data_pipeline/packing.py, which build_batch gives every packed batch).
-
-    Why (issue 13, h200_1b's real-data row): ~112-token documents in 1,024-token rows; flex's 128-token
-    mask blocks visit 45.6% of the causal area for 13.7% of its pairs, every block partial; flash varlen
-    runs each document on its own tiles (tools/device/varlen_probe.py, docs/benchmarks.md)."""
-
-    def __init__(self, cu: torch.Tensor, per_row: int, max_len: int, rows: int, T: int):
-        self.cu, self.per_row, self.max_len, self.rows, self.T = cu, per_row, max_len, rows, T
-
-    @classmethod
-    def of(cls, doc_ids: torch.Tensor, per_row: int, max_len: int) -> "DocSeqs":
-        B, T = doc_ids.shape
-        starts = torch.ones_like(doc_ids, dtype=torch.bool)
-        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        seq = torch.cumsum(starts.reshape(-1).to(torch.int32), 0) - 1  # (B*T,) each token's sequence
-        slots = torch.arange(B * per_row + 1, device=doc_ids.device, dtype=torch.int32)
-        return cls(torch.searchsorted(seq, slots, out_int32=True), per_row, max_len, B, T)
-
-    def dense(self) -> torch.Tensor:
-        """(B, 1, T, T) bool: the same pairs as a dense mask (the CPU path, tests)."""
-        n = self.rows * self.T
-        pos = torch.arange(n, device=self.cu.device)
-        seq = torch.searchsorted(self.cu, pos, right=True) - 1  # (B*T,) sequence of each flattened token
-        seq = seq.view(self.rows, self.T)
-        causal = torch.ones(self.T, self.T, dtype=torch.bool, device=self.cu.device).tril()
-        return (causal & (seq[:, :, None] == seq[:, None, :]))[:, None]
-
-
-class _FlashVarlen(torch.autograd.Function):
-    """FA2's variable-length kernels (aten's, CUDA), causal within each sequence; grouped k/v heads read
-    in place. q (N, Hq, hd), k, v (N, Hkv, hd) with N = B*T flattened tokens."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_len):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0,
-                                                                           True, False)
-        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-        ctx.max_len = max_len
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(dout.contiguous(), q, k, v, out, lse, cu, cu,
-                                                              ctx.max_len, ctx.max_len, 0.0, True, rng, unused)
-        return dq, dk, dv, None, None
-
-
-def _varlen(q, k, v, seqs: DocSeqs) -> torch.Tensor:
-    """q (B, Hq, T, hd), k, v (B, Hkv, T, hd) -> (B, Hq, T, hd) under `seqs`. The flattened (B*T, H, hd)
-    views are free where the tensors keep the (B, T, H, hd) memory order (qkv_rope's outputs do)."""
-    B, Hq, T, hd = q.shape
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or hd % 8 or hd > 256:
-        # the same pairs through SDPA where FA2 does not run (CPU; fp32; heads it has no kernel for)
-        groups = Hq // k.shape[1]
-        k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v)) if groups > 1 else (k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=seqs.dense())
-    flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], hd) for x in (q, k, v)]  # (B*T, H, hd)
-    out = _FlashVarlen.apply(*flat, seqs.cu, seqs.max_len)  # (B*T, Hq, hd)
-    return out.view(B, T, Hq, hd).transpose(1, 2)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
     """Scaled dot-product attention of q (B, Hq, Tq, hd) over k, v (B, Hkv, Tk, hd) under `mask`,
     Hq a multiple of Hkv (grouped-query). FlexAttention reads each shared k/v head in place
     (`enable_gqa`); the other kernels get k and v repeated to Hq heads (for SDPA's cuDNN kernel, which
     takes no groups)."""
-    if isinstance(mask, DocSeqs):
-        if torch.is_autocast_enabled(q.device.type):  # as for flex below: the kernel is not autocast
-            dtype = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        return _varlen(q, k, v, mask)
     if BlockMask is not None and isinstance(mask, BlockMask) and q.shape[-1] >= FLEX_MIN_HEAD_DIM:
         kind = q.device.type
         if torch.is_autocast_enabled(kind):  # SDPA is autocast to bf16; flex_attention is not: cast as SDPA would

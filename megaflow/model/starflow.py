@@ -185,8 +185,7 @@ class STARFlow2(nn.Module):
         pos, tokens = batch["position_ids"], batch["tokens"]
         T = tokens.shape[1]
         q_len = q_len or T
-        mask = document_mask(batch.get("doc_ids"), q_len, T, tokens.device, self.cfg.mask_block,  # one per batch
-                             batch.get("doc_bounds"), self.cfg.doc_attention)
+        mask = document_mask(batch.get("doc_ids"), q_len, T, tokens.device, self.cfg.mask_block)  # one per batch
         pos_q = pos[:, T - q_len:]
         v, f = self.cfg.vlm, self.cfg.flow
         dtype = self.flow_in.weight.dtype

@@ -12,6 +12,8 @@ the layout the QKV GEMM gives; flex gets the same storage as (B, H, T, hd) views
   fa_S{P}_{M} the same over a fixed cu_seqlens of B*P+1 entries (empty sequences at the end, as a CUDA graph
              needs) and max_len M: the grid is ceil(M/128) x B*P x heads whatever the batch holds
 Each FA row's largest output / gradient difference from flex on real tokens (bf16) is printed.
+Standalone figures only: in the graphed h200_1b step flash varlen (S16, max_len 256) measured 2.7 ms a step
+SLOWER than flex (docs/benchmarks.md, "The fast step, round 10"), so the model keeps FlexAttention.
 """
 from __future__ import annotations
 
@@ -67,8 +69,8 @@ def main(argv=None) -> None:
     dev, B, T, D = torch.device("cuda"), 16, 1024, 128
     layouts = json.loads(LAYOUTS.read_text())["after"][: args.batches]
     docs = [doc_ids_of(rows, T).to(dev) for rows in layouts]
-    print(json.dumps({"torch": torch.__version__, "pieces_a_batch": [int(cu_static(d, B * T)[-1].ne(B * T).sum())
-                                                                      for d in docs]}), flush=True)
+    print(json.dumps({"torch": torch.__version__, "sequences_a_batch": [int(cu_static(d, B * T).ne(B * T).sum())
+                                                                         for d in docs]}), flush=True)
     results = {}
     for name, H, Hkv, layers in (("vlm", 16, 8, 16), ("flow", 8, 8, 8)):
         g = torch.Generator(device=dev).manual_seed(0)
