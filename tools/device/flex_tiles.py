@@ -1,0 +1,116 @@
+"""FlexAttention's tiles and options at h200_1b's real-data layouts, each row timed as a CUDA graph replay.
+
+    python3 tools/device/flex_tiles.py [--batches 2] [--rows default,safe,tma,...] [--shapes vlm,flow]
+
+One layer's forward + backward under the document BlockMask of 128-token blocks (megaflow.model.masks), q and
+k in the (B, T, H, hd) memory order qkv_rope gives, v a strided view of the QKV output (as in the step), the
+VLM's 8 k/v heads read in place. Each row replays the layer as one CUDA graph (no launch gaps: the kernels'
+own time, as in the graphed step) on the real Fashion-MNIST layouts (tools/device/layouts_h200_1b.json),
+the median of the batches' medians, x the layer count (16 VLM, 8 flow) = ms a step. Rows:
+  default     today's call: inductor's sm90 tiles for hd 128 (fwd 128 x 64, 3 stages, 8 warps; bwd
+              (64, 128, 128, 64), 3 stages, 8 warps)
+  safe        kernel_options ROWS_GUARANTEED_SAFE (every query attends at least itself: no empty-row guard)
+  tma         USE_TMA (Hopper's tensor-memory loads in flex's kernels) + safe
+  f{M}x{N}s{S}w{W}          forward tile M x N, S stages, W warps (backward default) + safe
+  b{M1}x{N1}s{S}w{W}        backward tiles (M1, N1, N1, M1), S stages, W warps (forward default) + safe
+  autotune    flex compiled with mode="max-autotune-no-cudagraphs" (inductor's own search; the AUTOTUNE lines
+              it prints name the winner)
+and each row's largest difference from `default` (output and q/k/v gradients, real tokens, bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.device.real13_attn import LAYOUTS, doc_ids_of  # noqa: E402
+from tools.device.tarflow_block import graphed_ms  # noqa: E402
+
+ROWS = ("default,safe,tma,f128x128s2w8,f64x128s3w4,f128x64s2w8,b64x64s3w4,b32x128s3w4,b64x128s2w8,b64x128s4w8,"
+        "b32x64s3w4,autotune")
+
+
+def options(row: str):
+    """kernel_options of a row (None: flex's defaults)."""
+    if row == "default" or row == "autotune":
+        return None
+    opts = {"ROWS_GUARANTEED_SAFE": True}
+    if row == "tma":
+        opts["USE_TMA"] = True
+    elif row[0] in "fb" and "x" in row:
+        m, rest = row[1:].split("x")
+        n, rest = rest.split("s")
+        s, w = rest.split("w")
+        m, n, s, w = int(m), int(n), int(s), int(w)
+        if row[0] == "f":
+            opts.update(fwd_BLOCK_M=m, fwd_BLOCK_N=n, fwd_num_stages=s, fwd_num_warps=w)
+        else:
+            opts.update(bwd_BLOCK_M1=m, bwd_BLOCK_N1=n, bwd_BLOCK_M2=n, bwd_BLOCK_N2=m, bwd_num_stages=s,
+                        bwd_num_warps=w)
+    elif row != "safe":
+        raise ValueError(f"unknown row {row!r}")
+    return opts
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=2)
+    ap.add_argument("--rows", default=ROWS)
+    ap.add_argument("--shapes", default="vlm,flow")
+    args = ap.parse_args(argv)
+    from torch.nn.attention.flex_attention import flex_attention
+    from megaflow.model.masks import _compiled_flex, document_block_mask
+    torch._dynamo.config.cache_size_limit = 128  # one recompile per row's options
+    autotuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+    dev, B, T, D = torch.device("cuda"), 16, 1024, 128
+    layouts = json.loads(LAYOUTS.read_text())["after"][: args.batches]
+    masks = [document_block_mask(doc_ids_of(rows, T).to(dev)) for rows in layouts]
+    reals = [(doc_ids_of(rows, T) >= 0).to(dev)[:, None, :, None] for rows in layouts]
+    totals = {}
+    for shape in args.shapes.split(","):
+        H, Hkv, layers = {"vlm": (16, 8, 16), "flow": (8, 8, 8)}[shape]
+        g = torch.Generator(device=dev).manual_seed(0)
+        qkv = torch.randn(B, T, H + 2 * Hkv, D, device=dev, dtype=torch.bfloat16, generator=g)
+        q = qkv[:, :, :H].contiguous().transpose(1, 2).requires_grad_()  # (B, H, T, D) in (B, T, H, D) order
+        k = qkv[:, :, H:H + Hkv].contiguous().transpose(1, 2).requires_grad_()
+        v = qkv[:, :, H + Hkv:].transpose(1, 2).detach().requires_grad_()  # a strided view's layout
+        dy = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+        ref = {}
+        for row in args.rows.split(","):
+            try:
+                call = autotuned if row == "autotune" else _compiled_flex
+                opts = options(row)
+                per, diffs = [], []
+                for i, (m, real) in enumerate(zip(masks, reals)):
+                    def fn(m=m):
+                        q.grad = k.grad = v.grad = None
+                        call(q, k, v, block_mask=m, enable_gqa=H != Hkv, kernel_options=opts).backward(dy)
+                    per.append(graphed_ms(fn))
+                    q.grad = k.grad = v.grad = None
+                    y = call(q, k, v, block_mask=m, enable_gqa=H != Hkv, kernel_options=opts)
+                    y.backward(dy)
+                    got = [y.detach(), q.grad, k.grad, v.grad]
+                    if row == "default":
+                        ref[i] = got
+                    elif i in ref:
+                        diffs.append(max(float(((a.float() - b.float()).abs() * (real if a.shape[1] == H else 1)).max())
+                                         for a, b in zip(got, ref[i])))
+                ms = statistics.median(per)
+                out = {"ms_per_layer": round(ms, 4), "ms_per_step": round(layers * ms, 2),
+                       "max_diff_vs_default": max(diffs) if diffs else None}
+                totals.setdefault(row, 0.0)
+                totals[row] += layers * ms
+            except Exception as e:  # noqa: BLE001 - a row failing must not hide the others
+                out = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            print(json.dumps({shape: {row: out}}), flush=True)
+    print(json.dumps({"ms_per_step (fwd + bwd, the shapes above)": {r: round(t, 2) for r, t in totals.items()}}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
