@@ -81,7 +81,7 @@ MASK_BLOCKS = (128, 64)  # tokens a side of a BlockMask block
 # for dq; inductor's autotune list pairs them as (M, N) and (N, M)).
 FLEX_TILES = {128: None,
               64: {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
-                   "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                   "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
                    "bwd_num_warps": 4, "bwd_num_stages": 3}}
 
 

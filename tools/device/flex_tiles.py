@@ -7,15 +7,15 @@ k in the (B, T, H, hd) memory order qkv_rope gives, v a strided view of the QKV 
 VLM's 8 k/v heads read in place. Each row replays the layer as one CUDA graph (no launch gaps: the kernels'
 own time, as in the graphed step) on the real Fashion-MNIST layouts (tools/device/layouts_h200_1b.json),
 the median of the batches' medians, x the layer count (16 VLM, 8 flow) = ms a step. Rows:
-  default     today's call: inductor's sm90 tiles for hd 128 (fwd 128 x 64, 3 stages, 8 warps; bwd
-              (64, 128, 128, 64), 3 stages, 8 warps)
-  safe        kernel_options ROWS_GUARANTEED_SAFE (every query attends at least itself: no empty-row guard)
-  tma         USE_TMA (Hopper's tensor-memory loads in flex's kernels) + safe
-  f{M}x{N}s{S}w{W}          forward tile M x N, S stages, W warps (backward default) + safe
-  b{M1}x{N1}s{S}w{W}        backward tiles (M1, N1, N1, M1), S stages, W warps (forward default) + safe
-  autotune    flex compiled with mode="max-autotune-no-cudagraphs" (inductor's own search; the AUTOTUNE lines
-              it prints name the winner)
-and each row's largest difference from `default` (output and q/k/v gradients, real tokens, bf16).
+  m128        today's default: 128-token mask blocks, inductor's sm90 tiles for hd 128 (fwd 128 x 64, 3 stages,
+              8 warps; bwd (64, 128, 128, 64), 3 stages, 8 warps)
+  m64         model.mask_block=64 as the model runs it (megaflow.model.masks.FLEX_TILES[64])
+  _f{M}x{N}s{S}w{W}   forward tile M x N, S stages, W warps
+  _b{M1}x{N1}s{S}w{W} backward tiles (M1, N1, N1, M1), S stages, W warps
+  _at         flex compiled with mode="max-autotune-no-cudagraphs" (inductor's search; its AUTOTUNE lines on
+              stderr name the winner)
+and each row's largest difference from m128 (output and q/k/v gradients, bf16; the q-shaped ones on real tokens).
+(ROWS_GUARANTEED_SAFE gave NaN differences and USE_TMA was 27% slower on the flow shape: not rows any more.)
 """
 from __future__ import annotations
 
@@ -31,30 +31,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tools.device.real13_attn import LAYOUTS, doc_ids_of  # noqa: E402
 from tools.device.tarflow_block import graphed_ms  # noqa: E402
 
-ROWS = ("default,safe,tma,f128x128s2w8,f64x128s3w4,f128x64s2w8,b64x64s3w4,b32x128s3w4,b64x128s2w8,b64x128s4w8,"
-        "b32x64s3w4,autotune")
+ROWS = "m128,m128_f64x64s3w4,m64,m64_b64x64s3w4,m64_b32x64s2w4,m64_b32x32s3w4,m64_b64x64s2w8,m64_at"
 
 
-def options(row: str):
-    """kernel_options of a row (None: flex's defaults)."""
-    if row == "default" or row == "autotune":
-        return None
-    opts = {"ROWS_GUARANTEED_SAFE": True}
-    if row == "tma":
-        opts["USE_TMA"] = True
-    elif row[0] in "fb" and "x" in row:
-        m, rest = row[1:].split("x")
+def parse(row: str):
+    """(mask block, kernel_options or None, autotune?) of a row: m{block} [_f{M}x{N}s{S}w{W}] [_b{M1}x{N1}s{S}w{W}]
+    [_at]; 64-token blocks start from megaflow.model.masks.FLEX_TILES[64] (what model.mask_block=64 runs)."""
+    from megaflow.model.masks import FLEX_TILES
+    parts = row.split("_")
+    if not parts[0].startswith("m"):
+        raise ValueError(f"row {row!r} does not start with m128 or m64")
+    block = int(parts[0][1:])
+    opts = dict(FLEX_TILES[block] or {})
+    for part in parts[1:]:
+        if part == "at":
+            continue
+        m, rest = part[1:].split("x")
         n, rest = rest.split("s")
-        s, w = rest.split("w")
-        m, n, s, w = int(m), int(n), int(s), int(w)
-        if row[0] == "f":
-            opts.update(fwd_BLOCK_M=m, fwd_BLOCK_N=n, fwd_num_stages=s, fwd_num_warps=w)
-        else:
-            opts.update(bwd_BLOCK_M1=m, bwd_BLOCK_N1=n, bwd_BLOCK_M2=n, bwd_BLOCK_N2=m, bwd_num_stages=s,
+        st, w = (int(x) for x in rest.split("w"))
+        m, n = int(m), int(n)
+        if part[0] == "f":
+            opts.update(fwd_BLOCK_M=m, fwd_BLOCK_N=n, fwd_num_stages=st, fwd_num_warps=w)
+        elif part[0] == "b":
+            opts.update(bwd_BLOCK_M1=m, bwd_BLOCK_N1=n, bwd_BLOCK_M2=n, bwd_BLOCK_N2=m, bwd_num_stages=st,
                         bwd_num_warps=w)
-    elif row != "safe":
-        raise ValueError(f"unknown row {row!r}")
-    return opts
+        else:
+            raise ValueError(f"row {row!r}: part {part!r} is not f..., b... or at")
+    tune = parts[-1] == "at"
+    return block, (None if tune else opts or None), tune  # autotuned: inductor's own tiles
 
 
 def main(argv=None) -> None:
@@ -69,7 +73,7 @@ def main(argv=None) -> None:
     autotuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
     dev, B, T, D = torch.device("cuda"), 16, 1024, 128
     layouts = json.loads(LAYOUTS.read_text())["after"][: args.batches]
-    masks = [document_block_mask(doc_ids_of(rows, T).to(dev)) for rows in layouts]
+    masks = {b: [document_block_mask(doc_ids_of(rows, T).to(dev), b) for rows in layouts] for b in (128, 64)}
     reals = [(doc_ids_of(rows, T) >= 0).to(dev)[:, None, :, None] for rows in layouts]
     totals = {}
     for shape in args.shapes.split(","):
@@ -83,10 +87,10 @@ def main(argv=None) -> None:
         ref = {}
         for row in args.rows.split(","):
             try:
-                call = autotuned if row == "autotune" else _compiled_flex
-                opts = options(row)
+                block, opts, tune = parse(row)
+                call = autotuned if tune else _compiled_flex
                 per, diffs = [], []
-                for i, (m, real) in enumerate(zip(masks, reals)):
+                for i, (m, real) in enumerate(zip(masks[block], reals)):
                     def fn(m=m):
                         q.grad = k.grad = v.grad = None
                         call(q, k, v, block_mask=m, enable_gqa=H != Hkv, kernel_options=opts).backward(dy)
@@ -95,13 +99,13 @@ def main(argv=None) -> None:
                     y = call(q, k, v, block_mask=m, enable_gqa=H != Hkv, kernel_options=opts)
                     y.backward(dy)
                     got = [y.detach(), q.grad, k.grad, v.grad]
-                    if row == "default":
+                    if row == "m128":
                         ref[i] = got
                     elif i in ref:
                         diffs.append(max(float(((a.float() - b.float()).abs() * (real if a.shape[1] == H else 1)).max())
                                          for a, b in zip(got, ref[i])))
                 ms = statistics.median(per)
-                out = {"ms_per_layer": round(ms, 4), "ms_per_step": round(layers * ms, 2),
+                out = {"block": block, "ms_per_layer": round(ms, 4), "ms_per_step": round(layers * ms, 2),
                        "max_diff_vs_default": max(diffs) if diffs else None}
                 totals.setdefault(row, 0.0)
                 totals[row] += layers * ms
