@@ -116,7 +116,7 @@ class ModelConfig:
     stage: str = "joint"  # curriculum stage: t2i (flows train), i2t (adapter trains), joint, all (everything)
     adapter_input: str = "latent"  # what the VLM reads at image slots: latent (the FAE latent; the deep flow then takes no VLM skip at image slots) or flow (the shallow flows' output)
     max_seq_len: int = 4096  # longest sequence for generation checks
-    mask_block: int = 128  # tokens a side of FlexAttention's document-mask blocks: 128 or 64 (megaflow.model.masks)
+    mask_block: int = 64  # tokens a side of FlexAttention's document-mask blocks: 64 or 128 (megaflow.model.masks; 64: h200_1b's real-data step 169.9 -> 166.7 ms)
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"model.stage={self.stage!r} is not one of {STAGES}")

@@ -14,13 +14,15 @@ runs `explicit_attention` (matmuls and an fp32 softmax) instead of SDPA's slower
 Both streams and all their layers receive the same object through `AttnContext.mask`
 (starflow.py `context`).
 
-Mask blocks (`model.mask_block`): 128 tokens (torch's default) or 64. Smaller blocks skip more of the
-work across documents (~112-token documents: a 128-token block is often half another document's) but
-need kernel tiles that divide them: `FLEX_TILES` gives the forward and backward tiles as flex's
-`kernel_options`, and `_divisible_bwd_tile` lets the backward lowering keep a configuration it would
-otherwise drop (it drops every default tile that does not divide the blocks before the options apply).
-On h200_1b's real rows 64 computes 37% fewer (q, k) pairs but gave no clear win on the H200 (0-1 ms a
-step: the smaller tiles run less efficiently; docs/benchmarks.md round 9), so 128 stays the default.
+Mask blocks (`model.mask_block`): 64 tokens (the default) or 128 (torch's). Smaller blocks skip more of
+the work across documents (~112-token documents: a 128-token block is often half another document's; on
+h200_1b's real rows 64 computes 37% fewer (q, k) pairs) but need kernel tiles that divide them:
+`FLEX_TILES` gives the forward and backward tiles as flex's `kernel_options`, and `_divisible_bwd_tile`
+lets the backward lowering keep a configuration it would otherwise drop (it drops every default tile that
+does not divide the blocks before the options apply). The tiles decide it: with 64 x 64 backward tiles
+(22% slower a block than the default's) 64-token blocks gained ~1 ms a step; with (32, 64, 64, 32), the
+tile inductor's own autotuning picks and as fast a block as the default's, the h200_1b real-data step
+went 169.9 -> 166.7 ms back to back (docs/benchmarks.md, "The fast step, round 10").
 
 No rank logic here; sequence-parallel layouts see the full T inside attention.
 """
@@ -77,8 +79,9 @@ def _same_document_causal(doc_ids: torch.Tensor):
 
 MASK_BLOCKS = (128, 64)  # tokens a side of a BlockMask block
 # kernel_options of flex_attention for a mask block (None: inductor's defaults, whose sm90 tiles are
-# 128 wide). 64: 64 x 64 tiles forward and backward (BLOCK_M1 x BLOCK_N1 for dk/dv, BLOCK_M2 x BLOCK_N2
-# for dq; inductor's autotune list pairs them as (M, N) and (N, M)).
+# 128 wide). 64: forward 64 x 64 tiles; backward BLOCK_M1 x BLOCK_N1 = 32 x 64 for dk/dv and BLOCK_M2 x
+# BLOCK_N2 = 64 x 32 for dq (inductor's autotune list pairs them as (M, N) and (N, M); its search picks
+# this one at 64-token blocks, tools/device/flex_tiles.py), 4 warps, 3 stages.
 FLEX_TILES = {128: None,
               64: {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
                    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
