@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Session 11's closing measurement of issue 13's real-data row (one H200), the parts one after the other, each its
+# own process and limit, the most important first:
+#   rows    this tree, one process: `--variant b128=model.mask_block=128` (the 128-token blocks of before round
+#           10), then `--variant after=` (the defaults), traced back to back (--trace-loop, the last variant), then the
+#           plain-PyTorch anchor (--baseline)
+#   tests   the CUDA tests of this session's kernels (TESTS, TEST_K)
+#   before  `git archive 48a1fd0` (the session's start) in before/, its defaults, its own process
+#   tiles   FlexAttention tiles at the VLM shape (tools/device/flex_tiles.py; TILE_ROWS)
+# Usage on the device: PARTS="rows tests before" bash tools/device/lead11_final.sh  (R_S T_S B_S: limits in s; STEPS)
+# Carries: .whl, .fm1b (real data), before/, .inductor/ (unpacked when present).
+. tools/device/setup.sh
+OUT=${OUT:-/tmp/lead11_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
+export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
+. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet; the carried inductor cache
+rows() {
+  timeout ${R_S:-240} python3 tools/profile_step.py $PROF $REAL --variant b128=model.mask_block=128 --variant after= \
+    --trace /tmp/trace --trace-loop --trace-steps 3 --baseline --json $OUT/after.json 2>&1 | quiet > $L/after.txt
+  since "rows (b128, after traced, anchor)"; grep "^\[\|back to back:\|GPU ms a step\|baseline\|GPU kernel time\|GPU busy" $L/after.txt | cut -c1-300
+  sed -n '/top kernels/,/trace /p' $L/after.txt | head -32 | cut -c1-160
+}
+tests() {
+  timeout ${T_S:-90} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py tests/train/test_step_graph.py} \
+    -k "${TEST_K:-gradients or pinning}" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
+  since "CUDA tests"; tail -3 $L/tests.txt
+}
+before() {
+  (cd before && PYTHONPATH=$PWD:/tmp/site timeout ${B_S:-90} python3 tools/profile_step.py $PROF $REAL \
+    --json $OUT/before.json 2>&1 | quiet > $L/before.txt)
+  since "before (48a1fd0), real data"; grep "^\[\|back to back:\|GPU ms a step" $L/before.txt | cut -c1-260
+}
+tiles() {
+  timeout ${K_S:-150} python3 tools/device/flex_tiles.py --batches 2 --shapes vlm \
+    --rows ${TILE_ROWS:-m128,m64,m64_b64x64s3w4,m64_b32x64s2w4,m64_f64x64s2w4,m64_at} > $OUT/tiles.txt 2> $L/tiles_err.txt
+  since "VLM tiles"; cut -c1-300 $OUT/tiles.txt; grep -A2 "^AUTOTUNE" $L/tiles_err.txt | cut -c1-200
+}
+for part in ${PARTS:-rows tests before}; do $part; done
+echo "=== rows"; python3 tools/device/real_rows.py "$OUT" after before 2>&1 | cut -c1-700
+tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $L
+echo "all done after $(( $(date +%s) - T0 )) s"
