@@ -4,7 +4,7 @@
 # copied into fp32 main gradients), each part its own process and limit, the most important first:
 #   real   real packed data (.fm1b, as att14_rows.sh): rows on, off, on again (A/B/A, back to back figures), the last
 #          traced (--trace-loop, 3 steps): its kernel list shows the gradient copy and the fp32 norm gone
-#   synth  the synthetic batch: rows off, on, off again, the last traced: the old path's kernel list beside it
+#   synth  the synthetic batch: rows on, off, the last traced: the old path's kernel list beside it
 # Usage on the device: PARTS="real synth" bash tools/device/grad16_rows.sh   (R_S S_S: per-part limits in s; STEPS)
 # Carries: .whl (mosaicml-streaming), .fm1b, .inductor/ (unpacked when present).
 . tools/device/setup.sh
@@ -21,9 +21,9 @@ real() {
   kernels $L/top_kernels_real_on.txt
 }
 synth() {
-  timeout ${S_S:-80} python3 tools/profile_step.py $PROF --variant off=$OFF --variant on=$ON --variant off2=$OFF \
+  timeout ${S_S:-80} python3 tools/profile_step.py $PROF --variant on=$ON --variant off=$OFF \
     --trace /tmp/trace_synth --trace-loop --trace-steps 3 --json $OUT/synth.json 2>&1 | quiet > $L/synth.txt
-  since "synthetic (off, on, off2 traced)"; grep "^\[\|back to back:\|GPU ms a step" $L/synth.txt | cut -c1-260
+  since "synthetic (on, off traced)"; grep "^\[\|back to back:\|GPU ms a step" $L/synth.txt | cut -c1-260
   cp /tmp/trace_synth/top_ops.txt $L/top_ops_synth_off.txt; cp /tmp/trace_synth/top_kernels.txt $L/top_kernels_synth_off.txt
   kernels $L/top_kernels_synth_off.txt
 }
