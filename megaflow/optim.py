@@ -344,20 +344,23 @@ class MainWeights:
     @torch.no_grad()
     def _grads_to_flat(self) -> None:
         """bf16_grads: the bf16 gradients backward handed the parameters copied into the flat bf16 buffer (one
-        foreach copy, bf16 to bf16) and freed; a fused weight's GEMM wrote its view already; a view nothing
-        wrote this step is zeroed (a parameter this backward did not reach)."""
+        foreach copy, bf16 to bf16) and freed; a fused weight's GEMM wrote its view already (a weight that also
+        got a gradient from autograd, an LM head tied to the token embedding, has that one added, as autograd
+        would add them); a view nothing wrote this step is zeroed (a parameter this backward did not reach)."""
         written = self.grads_written if self.grads_written is not None else ()
-        have, missing = [], []
+        copy, add, missing = [], [], []
         for p, view in zip(self.model_params, self.grads):
+            fused = self.wgrad_keys.get(id(p)) in written
             if p.grad is not None:
-                have.append((view, p.grad))
-            elif self.wgrad_keys.get(id(p)) not in written:
+                (add if fused else copy).append((view, p.grad))
+            elif not fused:
                 missing.append(view)
             p.grad = None
         if missing:
             torch._foreach_zero_(missing)
-        if have:
-            torch._foreach_copy_([v for v, _ in have], [g for _, g in have])
+        for pairs, op in ((copy, torch._foreach_copy_), (add, torch._foreach_add_)):
+            if pairs:
+                op([v for v, _ in pairs], [g for _, g in pairs])
 
     @torch.no_grad()
     def _grads_to_fp32(self) -> None:

@@ -7,10 +7,12 @@ flat AdamW read it gives the update of the fp32 main-gradient path: over 4 steps
 step and a shared layer, the bf16 weights are bitwise those of the old path and the fp32 main weights and moments
 agree to 1e-6 relative (the only difference is the order of the norm's fp32 sum, which enters the update through
 the clipping factor: a relative change of ~1e-7 of a step of size lr). A weight used twice in one forward gets the
-sum of its two products (the second added, not written over), also through torch.compile's AOTAutograd, and each
-step's first product is written over the last step's. No fp32 gradient buffer exists on this path. PlainEngine
-turns it on by config ('on' on the CPU here) and trains as with 'off'; bad values are refused by name.
+sum of its two products (the second added, not written over), also through torch.compile's AOTAutograd; a head
+tied to an embedding gets both gradients (its GEMM's and autograd's); each step's first product is written over the
+last step's. No fp32 gradient buffer exists on this path. PlainEngine turns it on by config ('on' on the CPU here),
+trains as with 'off' and resumes from its state bitwise; bad values are refused by name.
 """
+import copy
 import dataclasses
 
 import pytest
@@ -64,14 +66,19 @@ def test_bf16_grads_step_equals_the_fp32_gradient_path():
 
 
 class Shared(nn.Module):
-    """One linear applied twice in a forward (a shared layer), another once."""
+    """One linear applied twice in a forward (a shared layer), another once; a head tied to an embedding (the
+    head's GEMM writes the gradient, autograd hands over the embedding's: the two must be summed)."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(16, 16, bias=False), nn.Linear(16, 8)
+        self.embed, self.head = nn.Embedding(8, 16), nn.Linear(16, 8, bias=False)
+        self.head.weight = self.embed.weight
 
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+    def forward(self, x):  # x (B, 16)
+        h = self.a(torch.tanh(self.a(x)))  # (B, 16)
+        tokens = self.b(torch.tanh(h)).argmax(-1)  # (B,)
+        return self.b(torch.tanh(h)) + self.head(self.embed(tokens) + h)  # (B, 8)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
@@ -82,7 +89,7 @@ def test_write_mode_adds_a_second_use_and_writes_over_the_last_step(compiled):
     model.load_state_dict(ref.state_dict())
     w = MainWeights(model, param_groups(model, 0.0), TrainConfig(), torch.bfloat16, bf16_grads=True)
     apply_grad_writes([model], w)
-    assert w.wgrad_fused == {id(model.a.weight), id(model.b.weight)}
+    assert w.wgrad_fused == {id(model.a.weight), id(model.b.weight), id(model.embed.weight)}
     run = torch.compile(model, backend="aot_eager") if compiled else model
     for step in range(2):
         x = torch.randn(4, 16, dtype=torch.bfloat16)
@@ -91,17 +98,21 @@ def test_write_mode_adds_a_second_use_and_writes_over_the_last_step(compiled):
         run(x).float().pow(2).sum().backward()
         ref(x).float().pow(2).sum().backward()
         w.grads_to_main()
-        for name in ("a.weight", "b.weight", "b.bias"):
+        for name in ("a.weight", "b.weight", "b.bias", "embed.weight"):
             got, want = w.grad_of(dict(model.named_parameters())[name]), dict(ref.named_parameters())[name].grad
-            # a.weight: autograd adds the two bf16 products, the write mode adds the second onto the first (bf16)
-            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, msg=f"{name} at step {step}")
+            # autograd rounds each use's bf16 product and their bf16 sum, the write mode adds in place: bf16 rounding
+            # apart (a product lost or written over: off by a whole term, tens of percent here)
+            err = float((got.float() - want.float()).norm() / want.float().norm())
+            assert err < 1e-2, (name, step, err)
         assert model.a.weight.grad is None and model.b.weight.grad is None
     assert torch.equal(w.grad_of(model.b.weight), ref.b.weight.grad)  # one use: autograd's GEMM, written in place
 
 
 def test_plain_engine_bf16_grads_trains_like_fp32_grads():
     """PlainEngine with train.bf16_grads=on (CPU, bf16 weights and compute) follows =off: the same first loss and
-    gradient norm, the next losses to bf16 rounding (off's CPU AdamW is torch's, not the flat step)."""
+    gradient norm, the next losses to bf16 rounding (off's CPU AdamW is torch's, not the flat step). Resumed from
+    its model and optimizer state (as a checkpoint holds them), an 'on' engine takes the next step bitwise as the
+    one that goes on."""
     out = {}
     for mode in ("off", "on"):
         cfg = run_config(dtype="bf16", param_dtype="bf16", bf16_grads=mode, grad_clip=1.0, lr=1e-3)
@@ -113,8 +124,15 @@ def test_plain_engine_bf16_grads_trains_like_fp32_grads():
             batch = make_batch(cfg.model, batch_size=2, seed=s)
             res.append(engine.train_step(batch, make_noise(cfg.model, batch, seed=s), None, 1e-3))
         out[mode] = [(float(r["loss"]), float(r["grad_norm"])) for r in res]
-        if mode == "on":
-            assert engine.weights.wgrad_fused and engine.weights.flat_main_grad is None
+    assert engine.weights.wgrad_fused and engine.weights.flat_main_grad is None  # 'on'
+    model = build_model(cfg.model, seed=1)
+    model.load_state_dict(engine.model_state_dict())
+    resumed = PlainEngine(model, cfg, torch.bfloat16)
+    resumed.load_state_dict(copy.deepcopy(engine.state_dict()))
+    batch = make_batch(cfg.model, batch_size=2, seed=3)
+    for e in (engine, resumed):
+        e.train_step(batch, make_noise(cfg.model, batch, seed=3), None, 1e-3)
+    assert torch.equal(resumed.weights.flat_main, engine.weights.flat_main)
     assert out["on"][0][0] == out["off"][0][0]
     torch.testing.assert_close(out["on"][0][1], out["off"][0][1], rtol=1e-5, atol=0)
     for (a, _), (b, _) in zip(out["on"][1:], out["off"][1:]):
