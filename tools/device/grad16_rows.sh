@@ -5,7 +5,8 @@
 #   real   real packed data (.fm1b, as att14_rows.sh): rows on, off, on again (A/B/A, back to back figures), the last
 #          traced (--trace-loop, 3 steps): its kernel list shows the gradient copy and the fp32 norm gone
 #   synth  the synthetic batch: rows on, off, the last traced: the old path's kernel list beside it
-# Usage on the device: PARTS="real synth" bash tools/device/grad16_rows.sh   (R_S S_S: per-part limits in s; STEPS)
+# Usage on the device: PARTS="real synth" bash tools/device/grad16_rows.sh   (R_S S_S: per-part limits in s; STEPS;
+# the first call: real 150 s with a cold compile of the "on" regions; synth needs ~130 s for its two rows)
 # Carries: .whl (mosaicml-streaming), .fm1b, .inductor/ (unpacked when present).
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/grad16_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
@@ -14,14 +15,14 @@ export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
 ON=train.bf16_grads=on; OFF=train.bf16_grads=off
 kernels() { grep -i "optimizer\|copy/cast\|reductions\|elementwise" "$1" | head -14 | cut -c1-170; }  # top_kernels.txt
 real() {
-  timeout ${R_S:-150} python3 tools/profile_step.py $PROF $REAL --variant on=$ON --variant off=$OFF --variant on2=$ON \
+  timeout ${R_S:-160} python3 tools/profile_step.py $PROF $REAL --variant on=$ON --variant off=$OFF --variant on2=$ON \
     --trace /tmp/trace_real --trace-loop --trace-steps 3 --json $OUT/real.json 2>&1 | quiet > $L/real.txt
   since "real data (on, off, on2 traced)"; grep "^\[\|back to back:\|GPU ms a step" $L/real.txt | cut -c1-260
   cp /tmp/trace_real/top_ops.txt $L/top_ops_real_on.txt; cp /tmp/trace_real/top_kernels.txt $L/top_kernels_real_on.txt
   kernels $L/top_kernels_real_on.txt
 }
 synth() {
-  timeout ${S_S:-80} python3 tools/profile_step.py $PROF --variant on=$ON --variant off=$OFF \
+  timeout ${S_S:-140} python3 tools/profile_step.py $PROF --variant on=$ON --variant off=$OFF \
     --trace /tmp/trace_synth --trace-loop --trace-steps 3 --json $OUT/synth.json 2>&1 | quiet > $L/synth.txt
   since "synthetic (on, off traced)"; grep "^\[\|back to back:\|GPU ms a step" $L/synth.txt | cut -c1-260
   cp /tmp/trace_synth/top_ops.txt $L/top_ops_synth_off.txt; cp /tmp/trace_synth/top_kernels.txt $L/top_kernels_synth_off.txt
