@@ -65,6 +65,31 @@ def test_bf16_grads_step_equals_the_fp32_gradient_path():
     assert all(float(new.optimizer.state[p]["step"]) == 3.0 for p in new.params)
 
 
+def test_bf16_grads_fall_back_to_torch_adamw_with_fp32_gradients():
+    """Where the flat step does not apply after all (here: turned off after construction, as MainWeights does when
+    its kernel cannot run), torch's AdamW steps fp32 gradients made from the bf16 buffer, the clipping divided in
+    (torch's unfused AdamW takes no grad_scale): the fp32 path's update, to the clipping factor's rounding."""
+    cfg = run_config()
+    batch = make_batch(cfg.model)
+    runs = []
+    for bf16 in (False, True):
+        model = build_model(cfg.model, seed=0)
+        w = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.bfloat16, fused=False, flat_step=bf16 or None,
+                        bf16_grads=bf16)
+        w.flat_step = False
+        start = w.flat_main.clone()
+        for s in range(2):
+            w.zero_grad()
+            model(batch, make_noise(cfg.model, batch, seed=s))[0].float().backward()
+            w.grads_to_main()
+            w.clip_and_step(1e-2)
+        runs.append(w)
+    old, new = runs
+    assert new.flat_main_grad is not None and not hasattr(new.optimizer, "grad_scale")
+    torch.testing.assert_close(new.flat_main, old.flat_main, rtol=1e-5, atol=1e-7)
+    assert (new.flat_main - start).abs().max() > 1e-4  # it stepped
+
+
 class Shared(nn.Module):
     """One linear applied twice in a forward (a shared layer), another once; a head tied to an embedding (the
     head's GEMM writes the gradient, autograd hands over the embedding's: the two must be summed)."""
