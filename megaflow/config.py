@@ -46,6 +46,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda if available, else cpu), 'cpu' or 'cuda'
     dtype: str = "auto"  # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'
     param_dtype: str = "auto"  # model weights: 'auto' (bf16 with fp32 main weights in the optimizer when dtype is bf16 on GPU, else fp32), 'fp32' or 'bf16'
+    bf16_grads: str = "auto"  # bf16 weights with one backward per step (one process, no data parallelism): keep the gradients in one flat bf16 buffer that each linear's weight-gradient GEMM writes into, read by the norm and the flat AdamW with fp32 arithmetic, instead of copying them into fp32 ones (the same update, 3.6 GB less memory at 0.9B parameters; megaflow/optim.py MainWeights): 'auto' (on there, on CUDA; h200_1b on real data back to back: 169.1 -> 167.2 / 166.7 GPU ms a step, docs/benchmarks.md round 10), 'on' (the CPU too) or 'off'
     compile: str = "auto"  # regional torch.compile (train.compile_scope): 'auto' (on with CUDA, but not with ZeRO-3), 'on' or 'off'
     compile_scope: str = "unit"  # one compiled region: 'block' (each transformer block, each shallow flow block's affine map, the heads + losses) or 'unit' (each Pretzel unit with its skips, each shallow flow block's coupling, the heads + losses)
     compile_mode: str = "default"  # torch.compile mode: 'default', 'max-autotune-no-cudagraphs' or 'reduce-overhead' (CUDA graphs)
@@ -91,6 +92,7 @@ class TrainConfig:
             ("keep_last", self.keep_last >= 0, ">= 0 (0 = keep all)"),
             ("max_skipped_steps", self.max_skipped_steps >= 0, ">= 0"),
         ]
+        checks.append(("bf16_grads", self.bf16_grads in ("auto", "on", "off"), "'auto', 'on' or 'off'"))
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be {what}; "

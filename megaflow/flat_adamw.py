@@ -4,6 +4,9 @@ weight, the moments and the bf16 model weight once. torch's fused AdamW plus the
 refresh copy read and write the main weights twice and run a multi-tensor kernel over ~200 tensors;
 on h200_1b (0.9B parameters) they took ~10 ms of a ~180 ms step.
 
+The gradient may be fp32 (the main gradients) or bf16 (MainWeights' bf16_grads: one backward per step, so
+the bf16 GEMM outputs themselves): it is upcast to fp32 as it is read, the rest of the arithmetic unchanged.
+
 `adamw_reference` is the definition (torch ops, any device): torch's fused AdamW arithmetic
 (aten/src/ATen/native/cuda/fused_adam_utils.cuh, ADAMW mode), with its `grad_scale` (the gradients
 are divided by it: MainWeights' clipping) and `found_inf` (nothing is written when it is nonzero).
@@ -43,11 +46,12 @@ def step_coefficients(step: torch.Tensor, lr: LR, beta1: float, beta2: float, we
 def adamw_reference(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                     eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                     found_inf: Optional[torch.Tensor] = None) -> None:
-    """In place on 1-D buffers of n elements: main, grad, exp_avg, exp_avg_sq fp32, param (bf16) gets
+    """In place on 1-D buffers of n elements: main, exp_avg, exp_avg_sq fp32, grad fp32 or bf16, param (bf16) gets
     the new main weight, decay (bool) says where weight decay applies; step: the step count already
     incremented (0-d tensor); lr a float or a 0-d tensor."""
     size, bc2_sqrt, decay_factor = step_coefficients(step, lr, beta1, beta2, weight_decay)
-    g = grad / grad_scale if grad_scale is not None else grad
+    g = grad.float()
+    g = g / grad_scale if grad_scale is not None else g
     p = main - decay_factor * decay.float() * main
     m = beta1 * exp_avg + (1 - beta1) * g
     v = beta2 * exp_avg_sq + (1 - beta2) * g * g
@@ -75,7 +79,7 @@ def _build_kernel():
         size = tl.load(coef_ptr)  # step_coefficients, computed on the device (the lr may be a device tensor)
         bc2_sqrt = tl.load(coef_ptr + 1)
         decay_factor = tl.load(coef_ptr + 2)
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0) / tl.load(scale_ptr)
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) / tl.load(scale_ptr)
         p = tl.load(main_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)

@@ -152,6 +152,13 @@ class MainWeights:
                         bf16 gradient (nothing zeroed or accumulated into beforehand); one foreach
                         cast copies them into the fp32 main gradients, which are views of one flat
                         buffer, and frees them. Almost no host work per step.
+      flat_grads=True, bf16_grads=True  (train.bf16_grads) the same, kept in the model's dtype: one flat
+                        bf16 gradient buffer (`flat_grad`), which the gradient norm (fp32 accumulation) and
+                        the flat AdamW (upcast as it reads) read; no fp32 gradient exists. With one backward
+                        nothing is accumulated, so each gradient is the bf16 GEMM output either way and the
+                        fp32 copy adds no precision: the same update, 9 GB a step less memory traffic on
+                        h200_1b. `wgrad_fused` weights (parallel/wgrad_fusion.py, write mode) have their GEMM
+                        write into their view of the buffer; the rest are copied in (`grads_to_main`).
       flat_grads=False  (micro-batches: the pipeline engine) a post-accumulate-grad hook writes
                         each bf16 gradient into its fp32 main gradient as soon as it is ready (the
                         step's first one copied, later ones added) and frees it, so micro-batches
@@ -169,9 +176,17 @@ class MainWeights:
     keys match an fp32 run's, so optimizer files load across param dtypes."""
 
     def __init__(self, model: torch.nn.Module, groups: list, tcfg, param_dtype: torch.dtype = torch.float32,
-                 flat_grads: bool = True, fused: Optional[bool] = None, flat_step: Optional[bool] = None):
+                 flat_grads: bool = True, fused: Optional[bool] = None, flat_step: Optional[bool] = None,
+                 bf16_grads: bool = False):
         self.model_params = [p for g in groups for p in g["params"]]
         self.mixed, self.flat_grads = param_dtype != torch.float32, flat_grads
+        if bf16_grads and not (self.mixed and flat_grads and flat_step is not False):
+            raise ValueError(f"bf16 gradients (train.bf16_grads=on) need bf16 weights, one backward per step and the "
+                             f"flat AdamW step; here param_dtype={param_dtype}, flat_grads={flat_grads}, "
+                             f"flat_step={flat_step}: set train.bf16_grads=off (or train.param_dtype=bf16)")
+        self.bf16_grads = bf16_grads
+        self.flat_grad: Optional[torch.Tensor] = None  # bf16_grads: the model-dtype gradients, one flat buffer
+        self.flat_main_grad: Optional[torch.Tensor] = None  # fp32 main gradients (bf16_grads: only after a fallback)
         if self.mixed:
             self._build_buffers(model, param_dtype)
             groups = [{**g, "params": [self.main[id(p)] for p in g["params"]]} for g in groups]
@@ -184,12 +199,16 @@ class MainWeights:
         # bf16 refresh copy: by default with mixed precision, flat gradients and the fused kernel (CUDA)
         cuda = self.params[0].device.type == "cuda"
         self.flat_step = bool(self.mixed and flat_grads and (flat_step if flat_step is not None
-                                                             else cuda and kwargs.get("fused", False)))
+                                                             else bf16_grads or cuda and kwargs.get("fused", False)))
         # [(start, end, then)] or None (all): the flat step updates only these ranges of the flat buffers, calling
         # then() (if not None) after each (parallel/dist_optimizer.py: this rank's shard, each chunk's all-gather)
         self.ranges: Optional[list] = None
         self._unwritten = set()  # flat_grads=False: ids of parameters whose main gradient this step has not written
         self.wgrad_fused = set()  # ids of weights whose GEMMs add to their main gradient (parallel/wgrad_fusion.py)
+        # bf16_grads with wgrad_fused: {id(weight): key} and the keys those GEMMs wrote this step, a set that
+        # parallel/wgrad_fusion.py fills (WRITTEN) and zero_grad empties
+        self.wgrad_keys: dict = {}
+        self.grads_written: Optional[set] = None
         self._scratches = {}  # `_scratch`: (ids of a flush's parameters) -> fp32 views of one buffer
         self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
@@ -203,14 +222,20 @@ class MainWeights:
         n, device = sum(p.numel() for p in ps), ps[0].device
         self.flat_main = torch.empty(n, dtype=torch.float32, device=device)
         self.flat_param = torch.empty(n, dtype=param_dtype, device=device)
-        self.flat_main_grad = torch.zeros(n, dtype=torch.float32, device=device)
-        self.main, off = {}, 0
+        if self.bf16_grads:
+            self.flat_grad = torch.zeros(n, dtype=param_dtype, device=device)
+        else:
+            self.flat_main_grad = torch.zeros(n, dtype=torch.float32, device=device)
+        self.main, self.grads, off = {}, [], 0
         for p in ps:
             k = p.numel()
             main = self.flat_main[off:off + k].view_as(p)
             main.copy_(p.detach())
             main.requires_grad_(True)
-            main.grad = self.flat_main_grad[off:off + k].view_as(p)
+            if self.bf16_grads:
+                self.grads.append(self.flat_grad[off:off + k].view_as(p))
+            else:
+                main.grad = self.flat_main_grad[off:off + k].view_as(p)
             self.main[id(p)] = main
             self.flat_param[off:off + k].copy_(p.detach().reshape(-1))
             p.data = self.flat_param[off:off + k].view_as(p)
@@ -218,8 +243,14 @@ class MainWeights:
             if not self.flat_grads:
                 p.register_post_accumulate_grad_hook(weak_hook(self, MainWeights._to_main))
             off += k
-        self.main_grads = [self.main[id(p)].grad for p in ps]
+        self.main_grads = [self.main[id(p)].grad for p in ps]  # (bf16_grads: None each)
         cast_params(model, param_dtype)  # the rest (frozen weights, buffers) follows
+
+    def grad_of(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """bf16_grads: model parameter `p`'s view of the flat bf16 gradient buffer (None for any other tensor)."""
+        if self.flat_grad is None:
+            return None
+        return next((view for q, view in zip(self.model_params, self.grads) if q is p), None)
 
     @torch.no_grad()
     def _to_main(self, p: torch.Tensor) -> None:
@@ -271,7 +302,10 @@ class MainWeights:
         if not self.mixed:
             self.optimizer.zero_grad(set_to_none=True)
             return
-        if self.wgrad_fused:  # fused weight-gradient GEMMs add from the first micro-batch on: every hook adds too
+        if self.bf16_grads:  # one backward: its fused GEMMs write (not add) again, `_grads_to_flat` does the rest
+            if self.grads_written is not None:
+                self.grads_written.clear()
+        elif self.wgrad_fused:  # fused weight-gradient GEMMs add from the first micro-batch on: every hook adds too
             self.flat_main_grad.zero_()
             self._unwritten = set()
         elif not self.flat_grads:  # the hooks write each main gradient once, then add; `settle_grads` zeros the rest
@@ -294,6 +328,8 @@ class MainWeights:
         """After backward: the fp32 main gradients from the bf16 ones (flat mode; hooks did it otherwise)."""
         if not (self.mixed and self.flat_grads):
             return
+        if self.bf16_grads:
+            return self._grads_to_flat()
         have = [(main, p.grad) for main, p in zip(self.main_grads, self.model_params) if p.grad is not None]
         if len(have) < len(self.model_params):  # parameters this backward did not reach: zero gradient
             torch._foreach_zero_([main for main, p in zip(self.main_grads, self.model_params) if p.grad is None])
@@ -306,11 +342,52 @@ class MainWeights:
                 main.grad = view
 
     @torch.no_grad()
+    def _grads_to_flat(self) -> None:
+        """bf16_grads: the bf16 gradients backward handed the parameters copied into the flat bf16 buffer (one
+        foreach copy, bf16 to bf16) and freed; a fused weight's GEMM wrote its view already (a weight that also
+        got a gradient from autograd, an LM head tied to the token embedding, has that one added, as autograd
+        would add them); a view nothing wrote this step is zeroed (a parameter this backward did not reach)."""
+        written = self.grads_written if self.grads_written is not None else ()
+        copy, add, missing = [], [], []
+        for p, view in zip(self.model_params, self.grads):
+            fused = self.wgrad_keys.get(id(p)) in written
+            if p.grad is not None:
+                (add if fused else copy).append((view, p.grad))
+            elif not fused:
+                missing.append(view)
+            p.grad = None
+        if missing:
+            torch._foreach_zero_(missing)
+        for pairs, op in ((copy, torch._foreach_copy_), (add, torch._foreach_add_)):
+            if pairs:
+                op([v for v, _ in pairs], [g for _, g in pairs])
+
+    @torch.no_grad()
+    def _grads_to_fp32(self) -> None:
+        """bf16_grads, when the flat step does not apply after all (torch's AdamW steps instead): the fp32 main
+        gradients made from the bf16 ones (the buffer allocated the first time), divided by the clipping's
+        grad_scale where torch's (unfused) AdamW would not read it."""
+        if self.flat_main_grad is None:
+            self.flat_main_grad = torch.empty(self.flat_grad.numel(), dtype=torch.float32, device=self.flat_grad.device)
+            off = 0
+            for p in self.model_params:
+                self.main[id(p)].grad = self.flat_main_grad[off:off + p.numel()].view_as(p)
+                off += p.numel()
+            self.main_grads = [self.main[id(p)].grad for p in self.model_params]
+        self.flat_main_grad.copy_(self.flat_grad)
+        scale = getattr(self.optimizer, "grad_scale", None)
+        if scale is not None and not self.optimizer.defaults.get("fused"):
+            self.flat_main_grad.div_(scale)
+            self.optimizer.grad_scale = None  # divided already (clip_and_step removes the attribute)
+
+    @torch.no_grad()
     def step(self) -> None:
         """One AdamW step (with the optimizer's `grad_scale` / `found_inf` when set, as torch's fused
         kernel reads them), then the bf16 weights from the main ones."""
         if self._flat_ready():
             return self._flat_adamw()
+        if self.bf16_grads:
+            self._grads_to_fp32()
         self.optimizer.step()
         if self.mixed:
             self.flat_param.copy_(self.flat_main)
@@ -329,7 +406,8 @@ class MainWeights:
         if any(g[k] is not g0[k] and _differ(g[k], g0[k]) for g in groups for k in ("lr", "betas", "eps")) or \
                 len({g["weight_decay"] for g in groups} - {0.0}) > 1 or \
                 any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable") for g in groups) or \
-                any(self.main[id(p)].grad is not v for p, v in zip(self.model_params, self.main_grads)):
+                not self.bf16_grads and any(self.main[id(p)].grad is not v
+                                            for p, v in zip(self.model_params, self.main_grads)):
             return False
         self._flat_moments()
         return True
@@ -382,8 +460,9 @@ class MainWeights:
         ranges = self.ranges or [(0, self.flat_main.numel(), None)]
         several = len(ranges) > 1 and self.flat_main.is_cuda  # the step's coefficients made once for every range
         coef = step_coefficients(steps[0], g["lr"], g["betas"][0], g["betas"][1], wd) if several else None
+        grad = self.flat_grad if self.bf16_grads else self.flat_main_grad
         for a, b, then in ranges:
-            args = (self.flat_main[a:b], self.flat_main_grad[a:b], moments[0, a:b], moments[1, a:b],
+            args = (self.flat_main[a:b], grad[a:b], moments[0, a:b], moments[1, a:b],
                     self.flat_param[a:b], decay[a:b], *rest)
             if not self.flat_main.is_cuda:
                 adamw_reference(*args)
@@ -398,7 +477,9 @@ class MainWeights:
 
     def grad_norm(self) -> torch.Tensor:
         """The 2-norm of all main gradients (0-d, on the device): one reduction over the flat buffer
-        under mixed precision."""
+        under mixed precision (bf16_grads: over the bf16 one, accumulated in fp32)."""
+        if self.bf16_grads:
+            return torch.linalg.vector_norm(self.flat_grad, dtype=torch.float32)
         if self.mixed:
             return torch.linalg.vector_norm(self.flat_main_grad)
         return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
@@ -412,7 +493,7 @@ class MainWeights:
         norm = self.grad_norm() if norm is None else norm
         if max_norm <= 0:
             return norm, self.step_if_finite(norm)
-        if not self.optimizer.defaults.get("fused"):
+        if not self.optimizer.defaults.get("fused") and not self.bf16_grads:  # (bf16_grads: the flat step's grad_scale)
             torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
             return norm, self.step_if_finite(norm)
         # clip_grad_norm_ multiplies by min(max_norm / (norm + 1e-6), 1); the kernel divides by its inverse
@@ -476,3 +557,22 @@ def resolve_param_dtype(name: str, autocast_dtype, device: torch.device) -> torc
                              "or param_dtype=fp32")
         return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
     raise ValueError(f"train.param_dtype={name!r} must be 'auto', 'fp32' or 'bf16'")
+
+
+def resolve_bf16_grads(mode: str, param_dtype: torch.dtype, device: torch.device, data_parallel: bool) -> bool:
+    """train.bf16_grads for a one-backward engine (PlainEngine): 'auto' is on with bf16 weights on CUDA without
+    data parallelism (where it is exact and measured faster), 'on' there and on the CPU (its reference ops),
+    'off' never. 'on' where it cannot work is an error naming what to change."""
+    if mode == "off":
+        return False
+    if mode == "on":
+        if param_dtype == torch.float32:
+            raise ValueError("train.bf16_grads=on keeps bf16 gradients beside fp32 main weights: set "
+                             "train.param_dtype=bf16 (with train.dtype=bf16), or train.bf16_grads=off")
+        if data_parallel:
+            raise ValueError("train.bf16_grads=on is for one process: data parallelism sums the fp32 main gradients; "
+                             "set train.bf16_grads=off (or auto)")
+        return True
+    if mode == "auto":
+        return param_dtype != torch.float32 and device.type == "cuda" and not data_parallel
+    raise ValueError(f"train.bf16_grads={mode!r} must be 'auto', 'on' or 'off'")

@@ -186,7 +186,7 @@ class PlainEngine:
     the loop reads back at log steps (`read_metrics`)."""
 
     def __init__(self, model, cfg: Config, dtype, dp_group=None):
-        from megaflow.optim import MainWeights, param_groups, resolve_param_dtype
+        from megaflow.optim import MainWeights, param_groups, resolve_bf16_grads, resolve_param_dtype
         from megaflow.speed import apply_speedups
         from megaflow.step_graph import StepGraph, check_step_graph
         self.model, self.cfg, self.dtype, self.dp_group = model, cfg, dtype, dp_group
@@ -197,13 +197,17 @@ class PlainEngine:
                                        compile="off" if tcfg.compile == "auto" else tcfg.compile)
         try:
             self.param_dtype = resolve_param_dtype(tcfg.param_dtype, dtype, device)
+            bf16_grads = resolve_bf16_grads(tcfg.bf16_grads, self.param_dtype, device, dp_group is not None)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         groups = param_groups(model, cfg.train.weight_decay)
         if not groups:
             raise ValueError("no trainable parameters in this curriculum stage; check model.stage")
-        self.weights = MainWeights(model, groups, tcfg, self.param_dtype)
+        self.weights = MainWeights(model, groups, tcfg, self.param_dtype, bf16_grads=bf16_grads)
         self.optimizer = self.weights.optimizer
+        if bf16_grads:  # each plain linear's weight-gradient GEMM writes into the flat bf16 buffer (before compile)
+            from parallel.wgrad_fusion import apply_grad_writes
+            apply_grad_writes([model], self.weights)
         self.params = self.weights.params  # fp32 main weights (the parameters themselves in fp32 runs)
         self.speedups = apply_speedups(model, tcfg, device)
         self.graph = None
