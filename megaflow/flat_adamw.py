@@ -65,16 +65,20 @@ def adamw_reference(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR,
     param.copy_(main)
 
 
+BLOCK = 4096  # elements a program of the flat AdamW kernel
+
+
 def _build_kernel():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def adamw_kernel(main_ptr, grad_ptr, m_ptr, v_ptr, param_ptr, decay_ptr, coef_ptr, scale_ptr, inf_ptr, n,
-                     beta1, beta2, eps, BLOCK: tl.constexpr):
+    def adamw_kernel(main_ptr, grad_ptr, m_ptr, v_ptr, param_ptr, decay_ptr, kind_ptr, coef_ptr, scale_ptr, inf_ptr,
+                     n, beta1, beta2, eps, BLOCK: tl.constexpr):
         if tl.load(inf_ptr) != 0:  # a skipped step writes nothing
             return
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         size = tl.load(coef_ptr)  # step_coefficients, computed on the device (the lr may be a device tensor)
         bc2_sqrt = tl.load(coef_ptr + 1)
@@ -83,7 +87,9 @@ def _build_kernel():
         p = tl.load(main_ptr + offs, mask=mask, other=0.0)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        d = tl.load(decay_ptr + offs, mask=mask, other=0).to(tl.float32)
+        kind = tl.load(kind_ptr + pid)  # the block's decay: 0 none, 1 all, 2 mixed (only then is the mask read)
+        d = tl.load(decay_ptr + offs, mask=mask & (kind == 2), other=0).to(tl.float32)
+        d = tl.where(kind == 2, d, kind.to(tl.float32))
         p = p - decay_factor * d * p
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
@@ -102,16 +108,35 @@ KERNEL = TritonKernel("flat AdamW kernel", _build_kernel)
 @torch.no_grad()
 def adamw_triton(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                  eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
-                 found_inf: Optional[torch.Tensor] = None, block: int = 4096,
-                 coef: Optional[torch.Tensor] = None) -> None:
+                 found_inf: Optional[torch.Tensor] = None, block: int = BLOCK,
+                 coef: Optional[torch.Tensor] = None, kinds: Optional[torch.Tensor] = None) -> None:
     """adamw_reference as one Triton kernel (CUDA tensors, contiguous). `coef`: step_coefficients when the caller
-    made them already (one step over several ranges of the buffers: parallel/dist_optimizer.py)."""
+    made them already (one step over several ranges of the buffers: parallel/dist_optimizer.py); `kinds`:
+    decay_kinds(decay, block), made once by the caller (else here, a pass over the mask each call)."""
     scale = grad_scale.float() if grad_scale is not None else torch.ones((), device=main.device)
     skip = found_inf.float() if found_inf is not None else torch.zeros((), device=main.device)
     coef = step_coefficients(step, lr, beta1, beta2, weight_decay) if coef is None else coef
     n = main.numel()
     KERNEL.get()[(triton_cdiv(n, block),)](main, grad, exp_avg, exp_avg_sq, param, decay.view(torch.uint8),
-                                         coef, scale, skip, n, beta1, beta2, eps, BLOCK=block, num_warps=8)
+                                         decay_kinds(decay, block) if kinds is None else kinds, coef, scale, skip,
+                                         n, beta1, beta2, eps,
+                                         BLOCK=block, num_warps=8)
+
+
+def decay_kinds(decay: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """(cdiv(n, block),) uint8 of a 1-D bool decay mask: each block of `block` elements 0 (no decay), 1 (all decay)
+    or 2 (mixed: the kernel reads the mask there). Weights are thousands of blocks long, so only a block that
+    straddles two of them is mixed and the kernel reads ~none of the mask's n bytes (0.9 GB a step at 0.9B
+    parameters). A mask is fixed for a run, so callers make this once per mask (slice) and pass it as `kinds`."""
+    n = decay.numel()
+    padded = torch.zeros(triton_cdiv(n, block) * block, dtype=torch.uint8, device=decay.device)
+    padded[:n] = decay.view(torch.uint8)
+    blocks = padded.view(-1, block)
+    any_, all_ = blocks.amax(1), blocks.amin(1)
+    tail = n % block  # the last block's padding is not decay: judge it by its real elements
+    if tail:
+        all_[-1] = decay[n - tail:].all()
+    return torch.where(any_ == 0, 0, torch.where(all_ == 1, 1, 2)).to(torch.uint8)
 
 
 def triton_cdiv(a: int, b: int) -> int:

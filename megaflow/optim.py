@@ -212,6 +212,7 @@ class MainWeights:
         self._scratches = {}  # `_scratch`: (ids of a flush's parameters) -> fp32 views of one buffer
         self.defer = False  # flat_grads=False: the hooks keep the bf16 gradients for `flush_grads`
         self._flat = None  # (moments, decay mask, [(state, exp_avg view, exp_avg_sq view)], steps), built at the first step
+        self._kinds = {}  # (a, b) -> flat_adamw.decay_kinds of the decay mask's [a:b]
 
     @torch.no_grad()
     def _build_buffers(self, model, param_dtype) -> None:
@@ -443,6 +444,15 @@ class MainWeights:
             off += k
         self._flat = (moments, decay, views, [st["step"] for st, _, _ in views])
 
+    def _decay_kinds(self, decay: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """flat_adamw.decay_kinds of decay[a:b], made at its first step and kept (the mask is fixed for the run; the
+        eager steps before a CUDA graph capture make it)."""
+        from megaflow.flat_adamw import decay_kinds
+        key = (a, b)
+        if key not in self._kinds:
+            self._kinds[key] = decay_kinds(decay[a:b])
+        return self._kinds[key]
+
     def _flat_adamw(self) -> None:
         from megaflow.flat_adamw import KERNEL, adamw_reference, adamw_triton, step_coefficients
         moments, decay, _, steps = self._flat
@@ -466,7 +476,8 @@ class MainWeights:
                     self.flat_param[a:b], decay[a:b], *rest)
             if not self.flat_main.is_cuda:
                 adamw_reference(*args)
-            elif not KERNEL.call(True, lambda: adamw_triton(*args, coef=coef) or True, lambda: False):
+            elif not KERNEL.call(True, lambda: adamw_triton(*args, coef=coef, kinds=self._decay_kinds(decay, a, b))
+                                 or True, lambda: False):
                 # the kernel did not run (nothing written; it is built, and so fails, at the first range):
                 # torch's fused AdamW from now on
                 torch._foreach_sub_(steps, increment)

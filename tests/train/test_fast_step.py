@@ -455,3 +455,45 @@ def test_flat_adamw_step_equals_torch_adamw(fused, lr_tensor):
         assert float(w2.optimizer.state[p]["step"]) == 4.0
         assert torch.equal(w2.optimizer.state[p]["exp_avg"], fw.optimizer.state[q]["exp_avg"])
         assert torch.equal(p, q)
+
+
+def test_decay_kinds_mark_each_block_none_all_or_mixed():
+    """flat_adamw.decay_kinds: 0 where a block has no decayed element, 1 where all are, 2 where the flat AdamW
+    kernel must read the mask; a short last block is judged by its real elements only."""
+    from megaflow.flat_adamw import decay_kinds
+    decay = torch.zeros(10 * 8 + 3, dtype=torch.bool)
+    decay[8:16] = True  # block 1: all
+    decay[20:23] = True  # block 2: mixed
+    decay[80:83] = True  # the last (3-element) block: all of its real elements
+    assert decay_kinds(decay, 8).tolist() == [0, 1, 2] + [0] * 7 + [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_flat_adamw_kernel_equals_its_reference(grad_dtype):
+    """adamw_triton (one Triton kernel, decay read only in mixed blocks) == adamw_reference: weight decay on
+    ranges that start and end inside blocks, clipping as grad_scale, a device lr, then a skipped step
+    (found_inf) that writes nothing; fp32 and bf16 gradients (train.bf16_grads)."""
+    from megaflow.flat_adamw import adamw_reference, adamw_triton, decay_kinds
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n = 3 * 4096 + 1000
+    decay = torch.zeros(n, dtype=torch.bool, device="cuda")
+    decay[100:5000] = True
+    decay[9000:] = True
+    runs = []
+    for kernel in (adamw_reference, adamw_triton):
+        main = torch.randn(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        m, v = torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
+        param = main.to(torch.bfloat16)
+        for step in (1, 2, 3):
+            grad = torch.randn(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(step)).to(grad_dtype)
+            skip = torch.tensor(float(step == 3), device="cuda")  # the third step is skipped
+            kwargs = dict(grad_scale=torch.tensor(1.7, device="cuda"), found_inf=skip)
+            if kernel is adamw_triton:
+                kwargs["kinds"] = decay_kinds(decay)
+            kernel(main, grad, m, v, param, decay, torch.tensor(float(step), device="cuda"),
+                   torch.tensor(1e-2, device="cuda"), 0.9, 0.95, 1e-8, 0.1, **kwargs)
+        runs.append((main, m, v, param))
+    assert decay_kinds(decay).tolist() == [2, 2, 2, 1]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

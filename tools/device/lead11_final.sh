@@ -2,8 +2,8 @@
 # Session 11's closing measurement of issue 13's real-data row (one H200), the parts one after the other, each its
 # own process and limit, the most important first:
 #   rows    this tree, one process: `--variant b128=model.mask_block=128` (the 128-token blocks of before round
-#           10), then `--variant after=` (the defaults), traced back to back (--trace-loop, the last variant), then the
-#           plain-PyTorch anchor (--baseline)
+#           10), `--variant nobf16=train.bf16_grads=off` (the fp32 gradient copy), then `--variant after=` (the
+#           defaults), traced back to back (--trace-loop, the last variant), then the plain-PyTorch anchor (--baseline)
 #   tests   the CUDA tests of this session's kernels (TESTS, TEST_K)
 #   before  `git archive 48a1fd0` (the session's start) in before/, its defaults, its own process
 #   tiles   FlexAttention tiles at the VLM shape (tools/device/flex_tiles.py; TILE_ROWS)
@@ -14,14 +14,14 @@ OUT=${OUT:-/tmp/lead11_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
 export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
 . tools/device/real_common.sh  # T0, since, PROF, REAL, quiet; the carried inductor cache
 rows() {
-  timeout ${R_S:-240} python3 tools/profile_step.py $PROF $REAL --variant b128=model.mask_block=128 --variant after= \
+  timeout ${R_S:-300} python3 tools/profile_step.py $PROF $REAL --variant b128=model.mask_block=128 --variant nobf16=train.bf16_grads=off --variant after= \
     --trace /tmp/trace --trace-loop --trace-steps 3 --baseline --json $OUT/after.json 2>&1 | quiet > $L/after.txt
   since "rows (b128, after traced, anchor)"; grep "^\[\|back to back:\|GPU ms a step\|baseline\|GPU kernel time\|GPU busy" $L/after.txt | cut -c1-300
   sed -n '/top kernels/,/trace /p' $L/after.txt | head -32 | cut -c1-160
 }
 tests() {
-  timeout ${T_S:-90} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py tests/train/test_step_graph.py} \
-    -k "${TEST_K:-gradients or pinning}" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
+  timeout ${T_S:-90} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py tests/train/test_step_graph.py tests/train/test_fast_step.py} \
+    -k "${TEST_K:-gradients or pinning or kernel_equals}" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
   since "CUDA tests"; tail -3 $L/tests.txt
 }
 before() {
