@@ -4,6 +4,7 @@
 #   rows    this tree, one process: `--variant b128=model.mask_block=128` (the 128-token blocks of before round
 #           10), `--variant nobf16=train.bf16_grads=off` (the fp32 gradient copy), then `--variant after=` (the
 #           defaults), traced back to back (--trace-loop, the last variant), then the plain-PyTorch anchor (--baseline)
+#   synth   this tree's defaults on the synthetic batch (16 one-document rows), its own process
 #   tests   the CUDA tests of this session's kernels (TESTS, TEST_K)
 #   before  `git archive 48a1fd0` (the session's start) in before/, its defaults, its own process
 #   tiles   FlexAttention tiles at the VLM shape (tools/device/flex_tiles.py; TILE_ROWS)
@@ -18,6 +19,10 @@ rows() {
     --trace /tmp/trace --trace-loop --trace-steps 3 --baseline --json $OUT/after.json 2>&1 | quiet > $L/after.txt
   since "rows (b128, after traced, anchor)"; grep "^\[\|back to back:\|GPU ms a step\|baseline\|GPU kernel time\|GPU busy" $L/after.txt | cut -c1-300
   sed -n '/top kernels/,/trace /p' $L/after.txt | head -32 | cut -c1-160
+}
+synth() {
+  timeout ${S_S:-120} python3 tools/profile_step.py $PROF --variant synth= --json $OUT/synth.json 2>&1 | quiet > $L/synth.txt
+  since "synthetic (defaults)"; grep "^\[\|back to back:\|GPU ms a step" $L/synth.txt | cut -c1-260
 }
 tests() {
   timeout ${T_S:-90} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py tests/train/test_step_graph.py tests/train/test_fast_step.py} \
@@ -34,7 +39,7 @@ tiles() {
     --rows ${TILE_ROWS:-m128,m64,m64_b64x64s3w4,m64_b32x64s2w4,m64_f64x64s2w4,m64_at} > $OUT/tiles.txt 2> $L/tiles_err.txt
   since "VLM tiles"; cut -c1-300 $OUT/tiles.txt; grep -A2 "^AUTOTUNE" $L/tiles_err.txt | cut -c1-200
 }
-for part in ${PARTS:-rows tests before}; do $part; done
+for part in ${PARTS:-rows synth tests before}; do $part; done
 echo "=== rows"; python3 tools/device/real_rows.py "$OUT" after before 2>&1 | cut -c1-700
 tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $L
 echo "all done after $(( $(date +%s) - T0 )) s"
