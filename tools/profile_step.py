@@ -152,6 +152,8 @@ def profile(args) -> dict:
     result = rows[0] if not args.variant else {"config": args.config, "variants": rows}
     if args.baseline:
         result["baseline"] = baseline_for(base, device, args)
+        if args.real_data:  # the same Llama over the packed rows: what a user's own code gets on this data
+            result["baseline_packed"] = baseline_for(base, device, args, packed=True)
     return result
 
 
@@ -310,9 +312,20 @@ def real_tokens(batch: dict) -> int:
     return int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else batch["tokens"].numel()
 
 
-def baseline_for(cfg, device, args) -> dict:
+def packed_layouts(cfg, n: int) -> list:
+    """The (rows, seq_len) doc ids of the first n batches the data pipeline packs for this config (CPU)."""
+    from data_pipeline.loader import build_loader
+    from megaflow.train import _forever, load_run_tokenizer, prepare_data
+    prepare_data(cfg)
+    with build_loader(cfg.data, load_run_tokenizer(cfg), 0, 1, pin_memory=False) as loader:
+        batches = _forever(loader)
+        return [next(batches)["doc_ids"].clone() for _ in range(n)]
+
+
+def baseline_for(cfg, device, args, packed: bool = False) -> dict:
     """The plain-PyTorch Llama of the VLM stream's width and depth (the flow stream's for a
-    TarFlow-only model) on the config's rows x seq_len tokens (tools/baseline_llama.py)."""
+    TarFlow-only model) on the config's rows x seq_len tokens (tools/baseline_llama.py); `packed`: over the
+    layouts of the config's real packed batches (document masks, per-document positions and FLOPs)."""
     from megaflow.monitor import peak_flops
     from tools.baseline_llama import run_baseline
     m = cfg.model
@@ -327,8 +340,10 @@ def baseline_for(cfg, device, args) -> dict:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
     _free(device)
     try:
+        layouts = packed_layouts(cfg, args.warmup + args.steps) if packed else None
         return run_baseline(**shape, rows=cfg.data.batch_size, seq_len=cfg.data.seq_len, device=device,
-                            steps=args.steps, warmup=args.warmup, compile=device.type == "cuda", peak_flops=peak)
+                            steps=args.steps, warmup=args.warmup, compile=device.type == "cuda", peak_flops=peak,
+                            doc_ids=layouts)
     except Exception as e:  # noqa: BLE001 - the profile itself still reports
         return {"error": f"{type(e).__name__}: {str(e)[:300]}", **shape}
 
@@ -454,8 +469,7 @@ def render(r: dict) -> str:
              f"  MFU                   n/a (no known peak for {r['device']}; pass --peak-tflops)",
              f"  peak memory    {r['peak_memory_gib']:10.3f} GiB ({r['peak_memory_kind']})"]
     lines += render_extras(r)
-    if base:
-        lines.append(render_baseline(base))
+    lines += [render_baseline(b) for b in (base, r.get("baseline_packed")) if b]
     return "\n".join(lines)
 
 
@@ -525,8 +539,7 @@ def render_variants(r: dict) -> str:
         extras = render_extras(v) if "error" not in v else []
         if extras:
             lines += [f"  -- {v['variant']}:"] + extras
-    if base:
-        lines.append(render_baseline(base))
+    lines += [render_baseline(b) for b in (base, r.get("baseline_packed")) if b]
     return "\n".join(lines)
 
 
@@ -553,7 +566,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=K=V;K=V",
                     help="profile this variant too, in this process (repeatable): its overrides on top of --set")
     ap.add_argument("--baseline", action="store_true",
-                    help="also train the plain-PyTorch Llama of the same width and depth (tools/baseline_llama.py)")
+                    help="also train the plain-PyTorch Llama of the same width and depth (tools/baseline_llama.py); "
+                         "with --real-data also over the packed rows' document layouts")
     ap.add_argument("--parts", default="", metavar="VARIANT",
                     help="time each part (VLM stream, deep flow, shallow flows, heads+losses, skips) of this "
                          "variant ('all': every one; '' with no --variant: none)")

@@ -137,3 +137,16 @@ def test_parts_count_real_tokens_and_document_attention_of_packed_batches():
     embed = 6.0 * sum(p.numel() for n, p in model.named_parameters()
                       if p.dim() == 2 and n.startswith(("adapter.", "flow_in."))) * real
     assert math.isclose(sum(p["flops"] for p in parts.values()) + embed, step_flops(model, batch), rel_tol=1e-9)
+
+
+def test_real_data_baseline_adds_the_llama_over_the_packed_rows(tmp_path, capsys):
+    """--real-data --baseline: beside the Llama on unpacked rows, the same Llama over the layouts of the
+    config's own packed batches (document masks; MFU over their real tokens and documents), printed and in --json."""
+    out = tmp_path / "r.json"
+    assert main(["--config", "configs/tiny.yaml", "--device", "cpu", "--warmup", "1", "--steps", "1", "--real-data",
+                 "--baseline", "--peak-tflops", "1", "--json", str(out)]) == 0
+    assert "on the packed rows" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    packed, plain = r["baseline_packed"], r["baseline"]
+    assert packed["packed"] and not plain["packed"] and packed["mfu"] > 0
+    assert packed["tokens_per_s"] * packed["step_time_s"] <= packed["rows"] * packed["seq_len"]  # real tokens only
