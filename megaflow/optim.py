@@ -129,6 +129,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 SCRATCH_NUMEL = 2 ** 22  # MainWeights.flush_grads beside fused GEMMs: gradients up to this size via an fp32 scratch
 
 
+def flat_views(flat: torch.Tensor, tensors: list) -> list:
+    """Consecutive slices of the 1-D `flat`, shaped as each of `tensors` in turn."""
+    views, off = [], 0
+    for t in tensors:
+        views.append(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
+    return views
+
+
 def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the model's floating parameters and buffers to `dtype` in place (tied parameters stay
     tied: the Parameter objects are kept). The FAE keeps its dtype: its encoder turns pixels into the
@@ -227,16 +236,15 @@ class MainWeights:
             self.flat_grad = torch.zeros(n, dtype=param_dtype, device=device)
         else:
             self.flat_main_grad = torch.zeros(n, dtype=torch.float32, device=device)
-        self.main, self.grads, off = {}, [], 0
-        for p in ps:
+        self.grads = flat_views(self.flat_grad, ps) if self.bf16_grads else []  # bf16_grads: each parameter's view
+        grads = flat_views(self.flat_main_grad, ps) if self.flat_main_grad is not None else [None] * len(ps)
+        self.main, off = {}, 0
+        for p, grad in zip(ps, grads):
             k = p.numel()
             main = self.flat_main[off:off + k].view_as(p)
             main.copy_(p.detach())
             main.requires_grad_(True)
-            if self.bf16_grads:
-                self.grads.append(self.flat_grad[off:off + k].view_as(p))
-            else:
-                main.grad = self.flat_main_grad[off:off + k].view_as(p)
+            main.grad = grad
             self.main[id(p)] = main
             self.flat_param[off:off + k].copy_(p.detach().reshape(-1))
             p.data = self.flat_param[off:off + k].view_as(p)
@@ -292,11 +300,7 @@ class MainWeights:
         key = tuple(id(p) for p in params)
         if key not in self._scratches:
             flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
-            views, off = [], 0
-            for p in params:
-                views.append(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
-            self._scratches[key] = views
+            self._scratches[key] = flat_views(flat, params)
         return self._scratches[key]
 
     def zero_grad(self) -> None:
@@ -370,11 +374,9 @@ class MainWeights:
         grad_scale where torch's (unfused) AdamW would not read it."""
         if self.flat_main_grad is None:
             self.flat_main_grad = torch.empty(self.flat_grad.numel(), dtype=torch.float32, device=self.flat_grad.device)
-            off = 0
-            for p in self.model_params:
-                self.main[id(p)].grad = self.flat_main_grad[off:off + p.numel()].view_as(p)
-                off += p.numel()
-            self.main_grads = [self.main[id(p)].grad for p in self.model_params]
+            self.main_grads = flat_views(self.flat_main_grad, self.model_params)
+            for p, grad in zip(self.model_params, self.main_grads):
+                self.main[id(p)].grad = grad
         self.flat_main_grad.copy_(self.flat_grad)
         scale = getattr(self.optimizer, "grad_scale", None)
         if scale is not None and not self.optimizer.defaults.get("fused"):

@@ -100,8 +100,9 @@ class Llama(nn.Module):
         b = self.blocks[0]
         if doc_ids is None:
             return 6.0 * matmul * B * T + 6.0 * 2 * T * len(self.blocks) * b.nh * b.hd * B * T
+        from megaflow.monitor import piece_lengths  # the documents' lengths as megaflow's own rule counts them
         real = int((doc_ids >= 0).sum())
-        squares = float(sum(n * n for n in document_lengths(doc_ids)))
+        squares = float((piece_lengths(doc_ids).double() ** 2).sum())
         return 6.0 * matmul * real + 6.0 * 2 * len(self.blocks) * b.nh * b.hd * squares
 
 
@@ -112,19 +113,6 @@ def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
-
-
-def document_lengths(doc_ids: torch.Tensor) -> list:
-    """Lengths of the real documents' runs (padding, doc id < 0, excluded), all rows."""
-    out = []
-    for row in doc_ids.tolist():
-        start = 0
-        for t in range(1, len(row) + 1):
-            if t == len(row) or row[t] != row[start]:
-                if row[start] >= 0:
-                    out.append(t - start)
-                start = t
-    return out
 
 
 def document_mask(doc_ids: torch.Tensor):

@@ -103,13 +103,19 @@ def build(cfg, device, real_data: bool):
     if not real_data:
         model = build_model(cfg.model, device, seed=cfg.train.seed)
         return apply_fp8_layers(model, cfg.parallel), None
+    from megaflow.train import _forever, with_tokenizer
+    tok, loader = real_loader(cfg, pin_memory=device.type == "cuda")
+    model = build_model(with_tokenizer(cfg.model, tok), device, seed=cfg.train.seed)
+    return apply_fp8_layers(model, cfg.parallel), (to_device(b, device) for b in _forever(loader))
+
+
+def real_loader(cfg, pin_memory: bool) -> tuple:
+    """(tokenizer, loader) of the config's real data, prepared as `megaflow train` prepares it (one rank)."""
     from data_pipeline.loader import build_loader
-    from megaflow.train import _forever, load_run_tokenizer, prepare_data, with_tokenizer
+    from megaflow.train import load_run_tokenizer, prepare_data
     prepare_data(cfg)
     tok = load_run_tokenizer(cfg)
-    model = build_model(with_tokenizer(cfg.model, tok), device, seed=cfg.train.seed)
-    batches = _forever(build_loader(cfg.data, tok, 0, 1, pin_memory=device.type == "cuda"))
-    return apply_fp8_layers(model, cfg.parallel), (to_device(b, device) for b in batches)
+    return tok, build_loader(cfg.data, tok, 0, 1, pin_memory=pin_memory)
 
 
 def default_images(mcfg: ModelConfig, seq_len: int, max_images: int) -> int:
@@ -314,10 +320,8 @@ def real_tokens(batch: dict) -> int:
 
 def packed_layouts(cfg, n: int) -> list:
     """The (rows, seq_len) doc ids of the first n batches the data pipeline packs for this config (CPU)."""
-    from data_pipeline.loader import build_loader
-    from megaflow.train import _forever, load_run_tokenizer, prepare_data
-    prepare_data(cfg)
-    with build_loader(cfg.data, load_run_tokenizer(cfg), 0, 1, pin_memory=False) as loader:
+    from megaflow.train import _forever
+    with real_loader(cfg, pin_memory=False)[1] as loader:
         batches = _forever(loader)
         return [next(batches)["doc_ids"].clone() for _ in range(n)]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from tools.baseline_llama import Llama, document_lengths, run_baseline
+from megaflow.monitor import piece_lengths
+from tools.baseline_llama import Llama, run_baseline
 
 
 def test_packed_rows_equal_their_documents_alone_and_count_their_own_flops():
@@ -20,7 +21,7 @@ def test_packed_rows_equal_their_documents_alone_and_count_their_own_flops():
             alone = model.hidden(tokens[row:row + 1, start:stop])  # plain causal, positions 0..L-1
             torch.testing.assert_close(packed[row:row + 1, start:stop], alone, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(packed[0:1, 5:11], model.hidden(tokens[0:1, :11])[:, 5:11], atol=1e-3)
-    assert document_lengths(doc_ids) == [5, 6, 14]
+    assert piece_lengths(doc_ids).tolist() == [5, 6, 14]  # the documents the FLOPs below count
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed"))
     want = 6.0 * matmul * (11 + 14) + 12.0 * 2 * 4 * 8 * (5 ** 2 + 6 ** 2 + 14 ** 2)  # layers x heads x head_dim
     assert model.flops_per_step(2, 14, doc_ids) == want
