@@ -6,6 +6,9 @@ on h200_1b (0.9B parameters) they took ~10 ms of a ~180 ms step.
 
 The gradient may be fp32 (the main gradients) or bf16 (MainWeights' bf16_grads: one backward per step, so
 the bf16 GEMM outputs themselves): it is upcast to fp32 as it is read, the rest of the arithmetic unchanged.
+The moments may be fp32 or bf16 (train.moments_dtype, as Megatron's precision-aware optimizer and
+DeepSeek-V3 keep them): read as fp32, updated in fp32, rounded to nearest once as they are stored; the
+main weights stay fp32. Per parameter a step then moves 20 bytes instead of 28.
 
 `adamw_reference` is the definition (torch ops, any device): torch's fused AdamW arithmetic
 (aten/src/ATen/native/cuda/fused_adam_utils.cuh, ADAMW mode), with its `grad_scale` (the gradients
@@ -46,19 +49,21 @@ def step_coefficients(step: torch.Tensor, lr: LR, beta1: float, beta2: float, we
 def adamw_reference(main, grad, exp_avg, exp_avg_sq, param, decay, step, lr: LR, beta1: float, beta2: float,
                     eps: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                     found_inf: Optional[torch.Tensor] = None) -> None:
-    """In place on 1-D buffers of n elements: main, exp_avg, exp_avg_sq fp32, grad fp32 or bf16, param (bf16) gets
-    the new main weight, decay (bool) says where weight decay applies; step: the step count already
-    incremented (0-d tensor); lr a float or a 0-d tensor."""
+    """In place on 1-D buffers of n elements: main fp32, exp_avg and exp_avg_sq fp32 or bf16 (train.moments_dtype:
+    read as fp32, the arithmetic in fp32, rounded once as stored), grad fp32 or bf16, param (bf16) gets the new
+    main weight, decay (bool) says where weight decay applies; step: the step count already incremented (0-d
+    tensor); lr a float or a 0-d tensor."""
     size, bc2_sqrt, decay_factor = step_coefficients(step, lr, beta1, beta2, weight_decay)
     g = grad.float()
     g = g / grad_scale if grad_scale is not None else g
     p = main - decay_factor * decay.float() * main
-    m = beta1 * exp_avg + (1 - beta1) * g
-    v = beta2 * exp_avg_sq + (1 - beta2) * g * g
+    m0, v0 = exp_avg.float(), exp_avg_sq.float()  # no-ops for fp32 moments
+    m = beta1 * m0 + (1 - beta1) * g
+    v = beta2 * v0 + (1 - beta2) * g * g
     p = p - size * m / (v.sqrt() / bc2_sqrt + eps)
     if found_inf is not None:
         skip = found_inf.to(torch.bool)
-        p, m, v = torch.where(skip, main, p), torch.where(skip, exp_avg, m), torch.where(skip, exp_avg_sq, v)
+        p, m, v = torch.where(skip, main, p), torch.where(skip, m0, m), torch.where(skip, v0, v)
     main.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
@@ -85,8 +90,8 @@ def _build_kernel():
         decay_factor = tl.load(coef_ptr + 2)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) / tl.load(scale_ptr)
         p = tl.load(main_ptr + offs, mask=mask, other=0.0)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # fp32 or bf16 moments (train.moments_dtype)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         kind = tl.load(kind_ptr + pid)  # the block's decay: 0 none, 1 all, 2 mixed (only then is the mask read)
         d = tl.load(decay_ptr + offs, mask=mask & (kind == 2), other=0).to(tl.float32)
         d = tl.where(kind == 2, d, kind.to(tl.float32))
@@ -95,8 +100,8 @@ def _build_kernel():
         v = beta2 * v + (1 - beta2) * g * g
         p = p - size * m / (tl.sqrt(v) / bc2_sqrt + eps)
         tl.store(main_ptr + offs, p, mask=mask)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
         tl.store(param_ptr + offs, p.to(param_ptr.dtype.element_ty), mask=mask)
 
     return adamw_kernel

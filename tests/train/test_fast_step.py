@@ -56,11 +56,11 @@ def heldout_bpd(model, batches) -> float:
     return bits_per_dim(flow / dims, True)
 
 
-def train_tiny(param_dtype: str, steps: int = 40, lr: float = 1e-3):
+def train_tiny(param_dtype: str, steps: int = 40, lr: float = 1e-3, **train):
     """A tiny model trained on smooth images (warm-up + cosine); returns (engine, the last step's
     output, held-out bits/dim of an fp32 model loaded from what a checkpoint would save)."""
     cfg = run_config(lr=lr, grad_clip=1.0, dtype="bf16" if param_dtype == "bf16" else "fp32",
-                     param_dtype=param_dtype)
+                     param_dtype=param_dtype, **train)
     model = build_model(cfg.model, seed=0)
     engine = PlainEngine(model, cfg, torch.bfloat16 if param_dtype == "bf16" else None)
     for s in range(steps):
@@ -469,11 +469,13 @@ def test_decay_kinds_mark_each_block_none_all_or_mixed():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
-@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-def test_flat_adamw_kernel_equals_its_reference(grad_dtype):
+@pytest.mark.parametrize("grad_dtype,moments", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+def test_flat_adamw_kernel_equals_its_reference(grad_dtype, moments):
     """adamw_triton (one Triton kernel, decay read only in mixed blocks) == adamw_reference: weight decay on
     ranges that start and end inside blocks, clipping as grad_scale, a device lr, then a skipped step
-    (found_inf) that writes nothing; fp32 and bf16 gradients (train.bf16_grads)."""
+    (found_inf) that writes nothing; fp32 and bf16 gradients (train.bf16_grads), fp32 and bf16 moments
+    (train.moments_dtype: the same fp32 arithmetic, rounded as stored; one bf16 ulp apart at most)."""
     from megaflow.flat_adamw import adamw_reference, adamw_triton, decay_kinds
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 3 * 4096 + 1000
@@ -483,7 +485,7 @@ def test_flat_adamw_kernel_equals_its_reference(grad_dtype):
     runs = []
     for kernel in (adamw_reference, adamw_triton):
         main = torch.randn(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-        m, v = torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
+        m, v = torch.zeros(n, device="cuda", dtype=moments), torch.zeros(n, device="cuda", dtype=moments)
         param = main.to(torch.bfloat16)
         for step in (1, 2, 3):
             grad = torch.randn(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(step)).to(grad_dtype)
@@ -495,5 +497,9 @@ def test_flat_adamw_kernel_equals_its_reference(grad_dtype):
                    torch.tensor(1e-2, device="cuda"), 0.9, 0.95, 1e-8, 0.1, **kwargs)
         runs.append((main, m, v, param))
     assert decay_kinds(decay).tolist() == [2, 2, 2, 1]
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for i, (a, b) in enumerate(zip(*runs)):  # main, m, v, param
+        # bf16 moments: fp32 arithmetic that differs in its last bit (FMA) can round a stored moment one bf16 ulp
+        # (0.4%) the other way, and that element's later updates by as much (a wrong store: wrong by far more)
+        loose = moments == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=8e-3 if loose else 1e-6, atol=1e-4 if loose else 1e-7)
+    assert runs[1][1].dtype == runs[1][2].dtype == moments
