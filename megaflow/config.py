@@ -47,7 +47,7 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'
     param_dtype: str = "auto"  # model weights: 'auto' (bf16 with fp32 main weights in the optimizer when dtype is bf16 on GPU, else fp32), 'fp32' or 'bf16'
     bf16_grads: str = "auto"  # bf16 weights with one backward per step (one process, no data parallelism): keep the gradients in one flat bf16 buffer that each linear's weight-gradient GEMM writes into, read by the norm and the flat AdamW with fp32 arithmetic, instead of copying them into fp32 ones (the same update, 3.6 GB less memory at 0.9B parameters; megaflow/optim.py MainWeights): 'auto' (on there, on CUDA; h200_1b on real data back to back: 169.1 -> 167.2 / 166.7 GPU ms a step, docs/benchmarks.md round 10), 'on' (the CPU too) or 'off'
-    moments_dtype: str = "fp32"  # AdamW's two moments: 'fp32' or 'bf16' (with bf16 weights and fp32 main weights, the flat AdamW step: one process or tensor/data parallelism without ZeRO or micro-batches; half the moments' memory and 7.4 GB a step less optimizer traffic at 0.9B parameters, as Megatron's precision-aware optimizer and DeepSeek-V3 keep them; megaflow/flat_adamw.py)
+    moments_dtype: str = "fp32"  # AdamW's two moments: 'fp32', 'bf16' or 'auto' (bf16 wherever the flat AdamW step runs: bf16 weights with fp32 main weights, no ZeRO; else fp32). bf16 halves the moments' memory and moves 20 bytes a parameter a step instead of 28 (h200_1b: 164.5 -> 161.6 ms synced, docs/benchmarks.md round 11), as Megatron's precision-aware optimizer and DeepSeek-V3 keep them; the main weights stay fp32 (megaflow/flat_adamw.py)
     compile: str = "auto"  # regional torch.compile (train.compile_scope): 'auto' (on with CUDA, but not with ZeRO-3), 'on' or 'off'
     compile_scope: str = "unit"  # one compiled region: 'block' (each transformer block, each shallow flow block's affine map, the heads + losses) or 'unit' (each Pretzel unit with its skips, each shallow flow block's coupling, the heads + losses)
     compile_mode: str = "default"  # torch.compile mode: 'default', 'max-autotune-no-cudagraphs' or 'reduce-overhead' (CUDA graphs)
@@ -94,7 +94,7 @@ class TrainConfig:
             ("max_skipped_steps", self.max_skipped_steps >= 0, ">= 0"),
         ]
         checks.append(("bf16_grads", self.bf16_grads in ("auto", "on", "off"), "'auto', 'on' or 'off'"))
-        checks.append(("moments_dtype", self.moments_dtype in ("fp32", "bf16"), "'fp32' or 'bf16'"))
+        checks.append(("moments_dtype", self.moments_dtype in ("fp32", "bf16", "auto"), "'fp32', 'bf16' or 'auto'"))
         for key, ok, what in checks:
             if not ok:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be {what}; "
@@ -115,10 +115,10 @@ class Config:
             if getattr(f, name) != getattr(d, name):
                 raise ConfigError(f"model.fae.{name}={getattr(f, name)} and data.{name}={getattr(d, name)} "
                                   f"must agree; set both (e.g. --set data.{name}={getattr(f, name)})")
-        if self.train.moments_dtype != "fp32" and self.parallel.zero_stage > 0:
+        if self.train.moments_dtype == "bf16" and self.parallel.zero_stage > 0:
             raise ConfigError(f"train.moments_dtype={self.train.moments_dtype!r} is megaflow's flat AdamW step; ZeRO "
                               f"(parallel.zero_stage={self.parallel.zero_stage}) steps with DeepSpeed's AdamW and its "
-                              f"fp32 moments: set train.moments_dtype=fp32")
+                              f"fp32 moments: set train.moments_dtype=fp32 (or auto)")
 
 
 # ----- building dataclasses from plain dicts, with type checks ----------------------------------------

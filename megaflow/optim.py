@@ -209,10 +209,10 @@ class MainWeights:
         cuda = self.params[0].device.type == "cuda"
         self.flat_step = bool(self.mixed and flat_grads and (flat_step if flat_step is not None
                                                              else bf16_grads or cuda and kwargs.get("fused", False)))
-        # train.moments_dtype: the flat step's two AdamW moments in fp32 or bf16 (torch's AdamW keeps them in the
-        # main weights' fp32, so bf16 ones exist only in the flat step)
-        self.moments_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(tcfg, "moments_dtype", "fp32")]
-        if self.moments_dtype != torch.float32 and not self.mixed:
+        # train.moments_dtype: the flat step's two AdamW moments in fp32 or bf16 ('auto': bf16 wherever the flat step
+        # runs); torch's AdamW keeps them in the main weights' fp32, so bf16 ones exist only in the flat step
+        self.moments_mode = getattr(tcfg, "moments_dtype", "fp32")
+        if self.moments_mode == "bf16" and not self.mixed:
             raise ValueError(f"train.moments_dtype=bf16 needs bf16 weights with fp32 main weights (the flat AdamW step); "
                              f"here param_dtype={param_dtype}: set train.param_dtype=bf16 or train.moments_dtype=fp32")
         # [(start, end, then)] or None (all): the flat step updates only these ranges of the flat buffers, calling
@@ -409,7 +409,7 @@ class MainWeights:
         weight decay 0 or one value, plain AdamW (no amsgrad, maximize, differentiable), the main
         gradients still the flat buffer's views; the moments are (re)pointed into flat buffers here."""
         if not self.flat_step:
-            if self.moments_dtype != torch.float32:
+            if self.moments_mode == "bf16":
                 raise ValueError("train.moments_dtype=bf16 needs the flat AdamW step, which this run does not take (it "
                                  "needs CUDA's fused AdamW or train.bf16_grads=on): set train.moments_dtype=fp32")
             return False
@@ -420,7 +420,7 @@ class MainWeights:
                 any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable") for g in groups) or \
                 not self.bf16_grads and any(self.main[id(p)].grad is not v
                                             for p, v in zip(self.model_params, self.main_grads)):
-            if self.moments_dtype != torch.float32:
+            if self.moments_mode == "bf16":
                 raise ValueError("train.moments_dtype=bf16 needs the flat AdamW step, which needs one lr, betas and eps "
                                  "for every parameter group and plain AdamW; this optimizer has other settings: set "
                                  "train.moments_dtype=fp32")
@@ -438,7 +438,8 @@ class MainWeights:
                                           for m, (st, a, b) in zip(mains, self._flat[2])):
             return
         n, device = self.flat_main.numel(), self.flat_main.device
-        moments = self._flat[0] if self._flat is not None else torch.zeros(2, n, dtype=self.moments_dtype, device=device)
+        dtype = torch.float32 if self.moments_mode == "fp32" else torch.bfloat16  # 'bf16' or 'auto' (the flat step runs)
+        moments = self._flat[0] if self._flat is not None else torch.zeros(2, n, dtype=dtype, device=device)
         decay = torch.zeros(n, dtype=torch.bool, device=device)
         wd = {id(p): g["weight_decay"] for g in self.optimizer.param_groups for p in g["params"]}
         views, off = [], 0
@@ -493,7 +494,7 @@ class MainWeights:
                 adamw_reference(*args)
             elif not KERNEL.call(True, lambda: adamw_triton(*args, coef=coef, kinds=self._decay_kinds(decay, a, b))
                                  or True, lambda: False):
-                if self.moments_dtype != torch.float32:  # torch's AdamW has no bf16 moments: the definition, in torch ops
+                if moments.dtype != torch.float32:  # torch's AdamW has no bf16 moments: the definition, in torch ops
                     adamw_reference(*args)
                     if then is not None:
                         then()

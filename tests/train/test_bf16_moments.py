@@ -6,7 +6,8 @@ weights bitwise as the fp32-moment step does and stores exactly its moments roun
 the fp32 path to bf16 rounding; a tiny model trains to the same held-out bits/dim as with fp32 moments (within
 0.01, the bar of the bf16-weights precision test); the optimizer state (checkpoints) holds bf16 moments, a resume
 takes the next step bitwise, and an fp32-moment state loads into a bf16-moment run (and back). Where no flat step
-runs (fp32 weights, ZeRO) the setting is refused by name, as is a bad value.
+runs (fp32 weights, ZeRO) an explicit bf16 is refused by name, as is a bad value; 'auto' is bf16 in the flat step
+and fp32 elsewhere.
 """
 import copy
 import dataclasses
@@ -102,3 +103,18 @@ def test_bf16_moments_are_refused_where_no_flat_step_runs():
     w = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.bfloat16, fused=False, flat_step=False)
     with pytest.raises(ValueError, match="set train.moments_dtype=fp32"):
         w.step()
+
+
+def test_auto_is_bf16_where_the_flat_step_runs_and_fp32_elsewhere():
+    """'auto' (configs/h200_1b.yaml): bf16 moments in the flat step, torch's fp32 ones where it does not run (fp32
+    weights: a CPU run of the same config), and no refusal with ZeRO (DeepSpeed keeps its own)."""
+    w16, _ = _steps("auto", 1)
+    assert w16._flat[0].dtype == torch.bfloat16
+    cfg = run_config(moments_dtype="auto")
+    model = build_model(cfg.model, seed=0)
+    w = MainWeights(model, param_groups(model, 0.05), cfg.train, torch.float32)
+    batch = make_batch(cfg.model)
+    model(batch, make_noise(cfg.model, batch))[0].float().backward()
+    w.clip_and_step(1.0)
+    assert w._flat is None and {s["exp_avg"].dtype for s in w.optimizer.state.values()} == {torch.float32}
+    dataclasses.replace(cfg, parallel=ParallelConfig(zero_stage=2))  # accepted
