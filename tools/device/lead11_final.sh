@@ -13,17 +13,8 @@
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/lead11_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
 export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
-. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet; the carried inductor cache
-rows() {
-  timeout ${R_S:-300} python3 tools/profile_step.py $PROF $REAL --variant b128=model.mask_block=128 --variant nobf16=train.bf16_grads=off --variant after= \
-    --trace /tmp/trace --trace-loop --trace-steps 3 --baseline --json $OUT/after.json 2>&1 | quiet > $L/after.txt
-  since "rows (b128, after traced, anchor)"; grep "^\[\|back to back:\|GPU ms a step\|baseline\|GPU kernel time\|GPU busy" $L/after.txt | cut -c1-300
-  sed -n '/top kernels/,/trace /p' $L/after.txt | head -32 | cut -c1-160
-}
-synth() {
-  timeout ${S_S:-120} python3 tools/profile_step.py $PROF --variant synth= --json $OUT/synth.json 2>&1 | quiet > $L/synth.txt
-  since "synthetic (defaults)"; grep "^\[\|back to back:\|GPU ms a step" $L/synth.txt | cut -c1-260
-}
+VARIANTS=${VARIANTS:---variant b128=model.mask_block=128 --variant nobf16=train.bf16_grads=off}
+. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet, rows, synth; the carried inductor cache
 tests() {
   timeout ${T_S:-90} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py tests/train/test_step_graph.py tests/train/test_fast_step.py} \
     -k "${TEST_K:-gradients or pinning or kernel_equals}" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
