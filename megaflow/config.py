@@ -50,7 +50,7 @@ class TrainConfig:
     moments_dtype: str = "fp32"  # AdamW's two moments: 'fp32', 'bf16' or 'auto' (bf16 wherever the flat AdamW step runs: bf16 weights with fp32 main weights, no ZeRO; else fp32). bf16 halves the moments' memory and moves 20 bytes a parameter a step instead of 28 (h200_1b: 164.5 -> 161.6 ms synced, docs/benchmarks.md round 11), as Megatron's precision-aware optimizer and DeepSeek-V3 keep them; the main weights stay fp32 (megaflow/flat_adamw.py)
     compile: str = "auto"  # regional torch.compile (train.compile_scope): 'auto' (on with CUDA, but not with ZeRO-3), 'on' or 'off'
     compile_scope: str = "unit"  # one compiled region: 'block' (each transformer block, each shallow flow block's affine map, the heads + losses) or 'unit' (each Pretzel unit with its skips, each shallow flow block's coupling, the heads + losses)
-    compile_mode: str = "default"  # torch.compile mode: 'default', 'max-autotune-no-cudagraphs' or 'reduce-overhead' (CUDA graphs)
+    compile_mode: str = "default"  # torch.compile mode: 'default', 'tuned' (default + inductor's coordinate-descent tuning of its kernels' block sizes), 'max-autotune-no-cudagraphs' or 'reduce-overhead' (CUDA graphs)
     step_graph: str = "off"  # 'auto': graphed where 'on' would work, else not (the reason logged); 'on': the whole training step (forward, backward, AdamW) as one CUDA graph after 2 eager steps (CUDA; one process, or tensor, data and/or pipeline parallelism without ZeRO, DP with bf16 weights; batches of one shape; megaflow/step_graph.py)
     activation_checkpointing: str = "none"  # recompute activations in backward: 'none', 'selective' (keep matmul and attention outputs) or 'full' (keep block inputs)
     threads: int = 0  # torch CPU threads (0 = all cores)

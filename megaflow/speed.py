@@ -24,7 +24,9 @@ generation run the plain eager forward, so decoding never recompiles per length.
              ones): the skips', couplings' and losses' small ops fuse into the graphs and the host
              launches a few graphs instead of hundreds of small kernels (the shallow flows at width
              256 are launch-bound); a block inside a unit keeps its own checkpointing
-  train.compile_mode  torch.compile's mode: default | max-autotune-no-cudagraphs | reduce-overhead
+  train.compile_mode  torch.compile's mode: default | tuned | max-autotune-no-cudagraphs | reduce-overhead;
+             `tuned` is default plus inductor's coordinate-descent tuning of its own kernels' launch
+             parameters (block sizes, warps), benchmarked once at compile time (no GEMM autotuning)
 
 Not here: mixed precision (megaflow/optim.py MainWeights), the engines that call these.
 """
@@ -45,7 +47,8 @@ AC_MODES = ("none", "selective", "full")
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_SCOPES = ("block", "unit")
 BACKEND = "inductor"  # what apply_speedups compiles with (CPU tests set "aot_eager": inductor's C++ build is slow there)
-TORCH_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+TORCH_COMPILE_MODES = ("default", "tuned", "max-autotune-no-cudagraphs", "reduce-overhead")
+MODE_OPTIONS = {"tuned": {"coordinate_descent_tuning": True}}  # modes that are inductor options, not torch modes
 
 _aten = torch.ops.aten
 _SAVE = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.linear.default,
@@ -115,7 +118,9 @@ def _compiled_fn(fn, backend: str, mode: str):
         # static shapes: a run's shapes are fixed (rows x seq_len, images x tokens), so each region shape
         # gets its own specialised graph; a dynamic-T graph (shared by TarFlow's 1,024-token shallow and
         # 1,040-token deep blocks) failed an output-stride assertion on the H200 with the fused QKV
-        _compiled[key] = torch.compile(fn, backend=backend, mode=None if mode == "default" else mode, dynamic=False)
+        how = {"options": MODE_OPTIONS[mode]} if mode in MODE_OPTIONS and backend == "inductor" else \
+            {"mode": None if mode in ("default", *MODE_OPTIONS) else mode}
+        _compiled[key] = torch.compile(fn, backend=backend, dynamic=False, **how)
     return _compiled[key]
 
 

@@ -12,6 +12,7 @@ the median of the batches' medians, x the layer count (16 VLM, 8 flow) = ms a st
   m64         model.mask_block=64 as the model runs it (megaflow.model.masks.FLEX_TILES[64])
   _f{M}x{N}s{S}w{W}   forward tile M x N, S stages, W warps
   _b{M1}x{N1}s{S}w{W} backward tiles (M1, N1, N1, M1), S stages, W warps
+  _nof        no forward options: inductor's own forward for the blocks, the backward tiles as set
   _at         flex compiled with mode="max-autotune-no-cudagraphs" (inductor's search; its AUTOTUNE lines on
               stderr name the winner)
 and each row's largest difference from m128 (output and q/k/v gradients, bf16; the q-shaped ones on real tokens).
@@ -45,6 +46,9 @@ def parse(row: str):
     opts = dict(FLEX_TILES[block] or {})
     for part in parts[1:]:
         if part == "at":
+            continue
+        if part == "nof":  # the forward left to inductor (its choice for these blocks), the backward as set
+            opts = {k: v for k, v in opts.items() if not k.startswith("fwd_")}
             continue
         m, rest = part[1:].split("x")
         n, rest = rest.split("s")

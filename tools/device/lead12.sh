@@ -5,7 +5,8 @@
 #   rows    this tree, one process: VARIANTS (default: `m32=train.moments_dtype=fp32`) then `after=` (the defaults),
 #           traced back to back (--trace-loop), then the plain-PyTorch anchors (--baseline: unpacked and packed)
 #   synth   this tree's defaults on the synthetic batch (16 one-document rows), its own process
-# Usage on the device: PARTS="tests rows synth" bash tools/device/lead12.sh  (D_S T_S R_S S_S: limits in s; STEPS)
+#   tiles   FlexAttention alone at the real layouts with inductor's coordinate-descent tuning (TILES_CDT, TILE_ROWS)
+# Usage on the device: PARTS="tests rows synth" bash tools/device/lead12.sh  (D_S T_S R_S S_S K_S: limits in s; STEPS)
 # Carries: .whl, .fm1b (real data), .inductor/ (unpacked when present).
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/lead12_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
@@ -20,6 +21,11 @@ tests() {
   timeout ${T_S:-120} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/train/test_fast_step.py tests/train/test_bf16_moments.py} \
     -k "${TEST_K:-kernel_equals or moments}" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
   since "CUDA tests"; tail -4 $L/tests.txt; grep -m3 -B2 -A12 "^E " $L/tests.txt | cut -c1-250 | head -40
+}
+tiles() {  # FlexAttention at the real layouts (tools/device/flex_tiles.py), inductor's coordinate descent on (TILES_CDT=1)
+  TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=${TILES_CDT:-1} timeout ${K_S:-120} python3 tools/device/flex_tiles.py --batches 2 \
+    --shapes vlm,flow --rows ${TILE_ROWS:-m64} > $OUT/tiles.txt 2> $L/tiles_err.txt
+  since "flex tiles (coordinate descent ${TILES_CDT:-1})"; cut -c1-300 $OUT/tiles.txt
 }
 for part in ${PARTS:-tests rows synth}; do $part; done
 echo "=== rows"; python3 tools/device/real_rows.py "$OUT" after synth 2>&1 | cut -c1-700
