@@ -503,3 +503,25 @@ def test_flat_adamw_kernel_equals_its_reference(grad_dtype, moments):
         loose = moments == torch.bfloat16
         torch.testing.assert_close(a, b, rtol=8e-3 if loose else 1e-6, atol=1e-4 if loose else 1e-7)
     assert runs[1][1].dtype == runs[1][2].dtype == moments
+
+
+def test_compile_mode_tuned_is_inductor_with_coordinate_descent(monkeypatch):
+    """train.compile_mode=tuned compiles with inductor's coordinate-descent tuning as an option (torch.compile takes
+    a mode or options, not both), computes what eager does, and is one region per (function, backend, mode);
+    other backends get no inductor options; an unknown mode is refused by name."""
+    from megaflow import speed
+
+    def g(x):
+        return torch.sin(x) * 2 + x
+
+    x = torch.linspace(-2, 2, 64)
+    torch.testing.assert_close(speed._compiled_fn(g, "inductor", "tuned")(x), g(x))
+    seen = []
+    monkeypatch.setattr(speed, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    for backend, mode in (("inductor", "tuned"), ("inductor", "default"), ("aot_eager", "tuned"), ("inductor", "tuned")):
+        speed._compiled_fn(g, backend, mode)
+    assert seen == [dict(backend="inductor", dynamic=False, options={"coordinate_descent_tuning": True}),
+                    dict(backend="inductor", dynamic=False, mode=None), dict(backend="aot_eager", dynamic=False, mode=None)]
+    with pytest.raises(ValueError, match="compile_mode='fast'"):
+        speed.check_compile_settings("unit", "fast")
