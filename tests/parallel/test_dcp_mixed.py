@@ -18,9 +18,9 @@ from tests.parallel.test_dcp_reshard import config, data
 LR = 2e-3
 
 
-def bf16_engine(seed: int) -> PlainEngine:
+def bf16_engine(seed: int, **train) -> PlainEngine:
     cfg = config()
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, param_dtype="bf16", compile="off"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, param_dtype="bf16", compile="off", **train))
     return PlainEngine(build_model(cfg.model, seed=seed), cfg, torch.bfloat16)
 
 
@@ -45,6 +45,25 @@ def test_bf16_engine_saves_main_weights_and_resumes_exactly(tmp_path):
             assert torch.equal(sa[k], sb[k]), (n, k)
         assert float(sa["step"]) == float(sb["step"]) == 2
     assert step(a) == step(b)
+
+
+def test_bf16_moments_survive_a_sharded_checkpoint(tmp_path):
+    """train.moments_dtype=bf16 (the flat step; on the CPU through train.bf16_grads=on): the checkpoint holds the
+    bf16 moments, a fresh engine loads their values exactly (held in the main weights' dtype until its first step
+    copies them into its bf16 buffers) and continues exactly as the one that saved."""
+    a = bf16_engine(seed=0, bf16_grads="on", moments_dtype="bf16")
+    step(a), step(a)
+    assert a.weights._flat[0].dtype == torch.bfloat16
+    save_engine(a, tmp_path / "state")
+    b = bf16_engine(seed=1, bf16_grads="on", moments_dtype="bf16")
+    assert load_engine(b, tmp_path / "state") == 2
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        sa, sb = a.optimizer.state[a.weights.main_of(p)], b.optimizer.state[b.weights.main_of(q)]
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[k].float(), sb[k].float()), k
+    assert step(a) == step(b)
+    assert torch.equal(a.weights.flat_main, b.weights.flat_main) and torch.equal(a.weights._flat[0], b.weights._flat[0])
+    assert b.weights._flat[0].dtype == torch.bfloat16
 
 
 def test_finite_check_reads_the_main_weights_in_place(tmp_path, monkeypatch):

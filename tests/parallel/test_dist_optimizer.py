@@ -105,20 +105,21 @@ def test_sharded_optimizer_equals_all_reduce_path_and_one_process(world):
     assert all(run_distributed(_sharded, world))
 
 
-def _resume(rank, world, root):
+def _resume(rank, world, root, moments):
     from parallel.checkpoint import load_engine_state, save_distributed, save_engine_state
     mcfg = _config(4)
     batch = make_batch(mcfg, ROWS, 48)
     noise = make_noise(mcfg, batch)
-    engine, topo = _engine(True, 1, "1f1b", 1, 2, True, shard=True)
+    engine, topo = _engine(True, 1, "1f1b", 1, 2, True, shard=True, moments=moments)
     part = _part(batch, noise, topo)
     for step in range(2):
         _fused(engine).train_step(*part, 1e-3)
+    assert engine.weights._flat[0].dtype == (torch.bfloat16 if moments == "bf16" else torch.float32)
     path = save_distributed(root, 2, lambda d: save_engine_state(engine, d, topo), 1, topo)
     third = float(engine.train_step(*part, 1e-3)["loss"])
     after = engine.model_state_dict()
     for shard in (True, False):
-        resumed, _ = _engine(True, 1, "1f1b", 1, 2, True, shard=shard)
+        resumed, _ = _engine(True, 1, "1f1b", 1, 2, True, shard=shard, moments=moments)
         assert load_engine_state(_fused(resumed), Path(path), topo) == 2
         assert float(resumed.train_step(*part, 1e-3)["loss"]) == third, shard
         if shard:
@@ -127,9 +128,12 @@ def _resume(rank, world, root):
     return True
 
 
-def test_sharded_checkpoint_resumes_sharded_and_unsharded():
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_sharded_checkpoint_resumes_sharded_and_unsharded(moments):
+    """DP=2 with the sharded optimizer saves (its moments all-gathered first) and resumes bitwise, sharded or not;
+    with train.moments_dtype=bf16 the sharded checkpoint holds bf16 moments and resumes the same way."""
     with tempfile.TemporaryDirectory() as root:
-        assert all(run_distributed(_resume, 2, root))
+        assert all(run_distributed(_resume, 2, root, moments))
 
 
 def test_sharded_optimizer_refuses_other_layouts():

@@ -34,13 +34,14 @@ ROWS = 8
 
 
 def _engine(overlap: bool, pp: int, schedule: str, v: int, m: int, bf16: bool, one_process: bool = False,
-            shard: bool = False, tie=None, full_state=None, tp: int = 1, fusion: str = "auto"):
+            shard: bool = False, tie=None, full_state=None, tp: int = 1, fusion: str = "auto", moments: str = "fp32"):
     from parallel.engine import ParallelEngine
     from parallel.runtime import build_stages
     mcfg = _config(4, tie=pp > 1 if tie is None else tie)
     cfg = Config(model=mcfg, data=DataConfig(image_size=8, channels=1, patch_size=2),
                  train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup=0, steps=4, grad_clip=1.0, weight_decay=0.1,
-                                   dtype="bf16" if bf16 else "fp32", param_dtype="bf16" if bf16 else "fp32"),
+                                   dtype="bf16" if bf16 else "fp32", param_dtype="bf16" if bf16 else "fp32",
+                                   moments_dtype=moments),
                  parallel=ParallelConfig(pp=pp, schedule=schedule, virtual_stages=v, micro_batches=m,
                                          overlap=overlap, dp_shard_optimizer=shard, tp=1 if one_process else tp,
                                          grad_accum_fusion=fusion))
