@@ -6,6 +6,7 @@
 #           traced back to back (--trace-loop), then the plain-PyTorch anchors (--baseline: unpacked and packed)
 #   synth   this tree's defaults on the synthetic batch (16 one-document rows), its own process
 #   tiles   FlexAttention alone at the real layouts with inductor's coordinate-descent tuning (TILES_CDT, TILE_ROWS)
+#   keep_cache  the inductor cache of this call into $OUT/inductor/ (split in 40 MB parts), to carry into the next
 # Usage on the device: PARTS="tests rows synth" bash tools/device/lead12.sh  (D_S T_S R_S S_S K_S: limits in s; STEPS)
 # Carries: .whl, .fm1b (real data), .inductor/ (unpacked when present).
 . tools/device/setup.sh
@@ -26,6 +27,10 @@ tiles() {  # FlexAttention at the real layouts (tools/device/flex_tiles.py), ind
   TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=${TILES_CDT:-1} timeout ${K_S:-120} python3 tools/device/flex_tiles.py --batches 2 \
     --shapes vlm,flow --rows ${TILE_ROWS:-m64} > $OUT/tiles.txt 2> $L/tiles_err.txt
   since "flex tiles (coordinate descent ${TILES_CDT:-1})"; cut -c1-300 $OUT/tiles.txt
+}
+keep_cache() {  # the inductor cache this call filled (e.g. train.compile_mode=tuned's tuning), for the next call to carry
+  mkdir -p $OUT/inductor && tar cz -C /tmp inductor | split -b 40m - $OUT/inductor/inductor.tgz.
+  since "inductor cache kept: $(du -sh $OUT/inductor | cut -f1) (carry it as .inductor/)"
 }
 for part in ${PARTS:-tests rows synth}; do $part; done
 echo "=== rows"; python3 tools/device/real_rows.py "$OUT" after synth 2>&1 | cut -c1-700
