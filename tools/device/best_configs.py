@@ -7,8 +7,8 @@ train.compile_mode=tuned), with the Triton kernel it belongs to.
 CACHE_DIR: TORCHINDUCTOR_CACHE_DIR (default: $TORCHINDUCTOR_CACHE_DIR, else /tmp/inductor, lead12.sh's). One JSON
 line a kernel: its name(s), the configuration (block sizes, num_warps, num_stages) and whether coordinate descent
 found it. Why: session 12 saw coordinate descent make FlexAttention's kernels 10% faster at h200_1b's real layouts
-(docs/benchmarks.md round 11); the configurations it picks can be pinned (masks.FLEX_TILES) without minutes of
-tuning at every first compile.
+(docs/benchmarks.md round 11); which kernels it changed says whether a cheaper way than tuning every kernel at
+the first compile exists (torch exempts the flex templates themselves from coordinate descent).
 """
 from __future__ import annotations
 
