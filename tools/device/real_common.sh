@@ -10,12 +10,13 @@ PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps ${STEPS:-6}
 REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokenizer.model --set train.dataset_limit=8000"
 quiet() { grep --line-buffered -v "Warning\|^W1[12]\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
 # The two row parts of the closing scripts (lead11_final.sh, lead12.sh), each one process: `rows` runs VARIANTS, then
-# `after=` (the defaults) traced back to back, then the plain-PyTorch anchors (--baseline: unpacked and packed) ->
+# `after=` (the defaults) traced back to back (TRACE=0: not traced), then the plain-PyTorch anchors (--baseline: unpacked and packed) ->
 # $OUT/after.json; `synth` the defaults on the synthetic batch -> $OUT/synth.json. Need OUT and L (the log folder).
 rows() {
   eval "set -- ${VARIANTS:-}"
+  [ "${TRACE:-1}" = 1 ] && set -- "$@" --trace /tmp/trace --trace-loop --trace-steps 3  # TRACE=0: no trace (a shorter part)
   timeout ${R_S:-300} python3 tools/profile_step.py $PROF $REAL "$@" --variant after= \
-    --trace /tmp/trace --trace-loop --trace-steps 3 --baseline --json $OUT/after.json 2>&1 | quiet > $L/after.txt
+    --baseline --json $OUT/after.json 2>&1 | quiet > $L/after.txt
   since "rows (variants, after traced, anchors)"; grep "^\[\|back to back:\|GPU ms a step\|baseline\|GPU kernel time\|GPU busy\|Error\|error" $L/after.txt | cut -c1-300
   sed -n '/top kernels/,/trace /p' $L/after.txt | head -32 | cut -c1-160
 }
