@@ -15,7 +15,7 @@
 . tools/device/setup.sh
 OUT=${OUT:-/tmp/lead12_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
 export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
-VARIANTS=${VARIANTS:---variant m32=train.moments_dtype=fp32}
+VARIANTS=${VARIANTS---variant m32=train.moments_dtype=fp32}  # VARIANTS= (empty): the defaults only
 . tools/device/real_common.sh  # T0, since, PROF, REAL, quiet, rows, synth; the carried inductor cache
 diag() {
   timeout ${D_S:-200} python3 tools/device/cudnn_varlen_diag.py all > $OUT/diag.txt 2> $L/diag_err.txt
