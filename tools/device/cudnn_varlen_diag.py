@@ -41,9 +41,8 @@ CASES = ["gqa=0,kv_view=0,empty=0,max=0,bwd=0", "gqa=0,kv_view=0,empty=0,max=0",
 
 def layout(real: bool, g: torch.Generator) -> torch.Tensor:
     if real:
-        import json as _j
         from tools.device.real13_attn import LAYOUTS, doc_ids_of
-        return doc_ids_of(_j.loads(LAYOUTS.read_text())["after"][0], 1024)
+        return doc_ids_of(json.loads(LAYOUTS.read_text())["after"][0], 1024)
     B, T = 4, 512
     doc_ids = torch.full((B, T), -1)
     for r in range(B):
