@@ -244,20 +244,17 @@ class MainWeights:
             self.flat_main_grad = torch.zeros(n, dtype=torch.float32, device=device)
         self.grads = flat_views(self.flat_grad, ps) if self.bf16_grads else []  # bf16_grads: each parameter's view
         grads = flat_views(self.flat_main_grad, ps) if self.flat_main_grad is not None else [None] * len(ps)
-        self.main, off = {}, 0
-        for p, grad in zip(ps, grads):
-            k = p.numel()
-            main = self.flat_main[off:off + k].view_as(p)
+        self.main = {}
+        for p, main, param, grad in zip(ps, flat_views(self.flat_main, ps), flat_views(self.flat_param, ps), grads):
             main.copy_(p.detach())
             main.requires_grad_(True)
             main.grad = grad
             self.main[id(p)] = main
-            self.flat_param[off:off + k].copy_(p.detach().reshape(-1))
-            p.data = self.flat_param[off:off + k].view_as(p)
+            param.copy_(p.detach())
+            p.data = param
             p.grad = None
             if not self.flat_grads:
                 p.register_post_accumulate_grad_hook(weak_hook(self, MainWeights._to_main))
-            off += k
         self.main_grads = [self.main[id(p)].grad for p in ps]  # (bf16_grads: None each)
         cast_params(model, param_dtype)  # the rest (frozen weights, buffers) follows
 
@@ -408,22 +405,18 @@ class MainWeights:
         """Whether the flat one-pass step applies now: flat_step, one lr / betas / eps for every group,
         weight decay 0 or one value, plain AdamW (no amsgrad, maximize, differentiable), the main
         gradients still the flat buffer's views; the moments are (re)pointed into flat buffers here."""
-        if not self.flat_step:
-            if self.moments_mode == "bf16":
-                raise ValueError("train.moments_dtype=bf16 needs the flat AdamW step, which this run does not take (it "
-                                 "needs CUDA's fused AdamW or train.bf16_grads=on): set train.moments_dtype=fp32")
-            return False
         groups = self.optimizer.param_groups
         g0 = groups[0]
-        if any(g[k] is not g0[k] and _differ(g[k], g0[k]) for g in groups for k in ("lr", "betas", "eps")) or \
+        if not self.flat_step or \
+                any(g[k] is not g0[k] and _differ(g[k], g0[k]) for g in groups for k in ("lr", "betas", "eps")) or \
                 len({g["weight_decay"] for g in groups} - {0.0}) > 1 or \
                 any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable") for g in groups) or \
                 not self.bf16_grads and any(self.main[id(p)].grad is not v
                                             for p, v in zip(self.model_params, self.main_grads)):
             if self.moments_mode == "bf16":
-                raise ValueError("train.moments_dtype=bf16 needs the flat AdamW step, which needs one lr, betas and eps "
-                                 "for every parameter group and plain AdamW; this optimizer has other settings: set "
-                                 "train.moments_dtype=fp32")
+                raise ValueError("train.moments_dtype=bf16 needs the flat AdamW step, which this run does not take (it "
+                                 "needs CUDA's fused AdamW or train.bf16_grads=on, one lr, betas and eps for every "
+                                 "parameter group and plain AdamW): set train.moments_dtype=fp32")
             return False
         self._flat_moments()
         return True
@@ -442,22 +435,18 @@ class MainWeights:
         moments = self._flat[0] if self._flat is not None else torch.zeros(2, n, dtype=dtype, device=device)
         decay = torch.zeros(n, dtype=torch.bool, device=device)
         wd = {id(p): g["weight_decay"] for g in self.optimizer.param_groups for p in g["params"]}
-        views, off = [], 0
-        for m in mains:
-            k = m.numel()
+        views = []
+        for m, d, *pair in zip(mains, flat_views(decay, mains), flat_views(moments[0], mains),
+                               flat_views(moments[1], mains)):
             st = state[m]  # a defaultdict: {} for a parameter not stepped yet
             if wd[id(m)] != 0.0:
-                decay[off:off + k] = True
-            pair = []
-            for j, key in enumerate(("exp_avg", "exp_avg_sq")):
-                view = moments[j, off:off + k].view_as(m)
+                d.fill_(True)
+            for key, view in zip(("exp_avg", "exp_avg_sq"), pair):
                 view.copy_(st[key]) if key in st else view.zero_()
                 st[key] = view
-                pair.append(view)
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=device)  # torch's fused layout
             views.append((st, *pair))
-            off += k
         self._flat = (moments, decay, views, [st["step"] for st, _, _ in views])
 
     def _decay_kinds(self, decay: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -494,16 +483,13 @@ class MainWeights:
                 adamw_reference(*args)
             elif not KERNEL.call(True, lambda: adamw_triton(*args, coef=coef, kinds=self._decay_kinds(decay, a, b))
                                  or True, lambda: False):
-                if moments.dtype != torch.float32:  # torch's AdamW has no bf16 moments: the definition, in torch ops
-                    adamw_reference(*args)
-                    if then is not None:
-                        then()
-                    continue
-                # the kernel did not run (nothing written; it is built, and so fails, at the first range):
-                # torch's fused AdamW from now on
-                torch._foreach_sub_(steps, increment)
-                self.flat_step = False
-                return self.step()
+                if moments.dtype == torch.float32:
+                    # the kernel did not run (nothing written; it is built, and so fails, at the first range):
+                    # torch's fused AdamW from now on
+                    torch._foreach_sub_(steps, increment)
+                    self.flat_step = False
+                    return self.step()
+                adamw_reference(*args)  # torch's AdamW has no bf16 moments: the definition, in torch ops
             if then is not None:
                 then()
 
