@@ -14,12 +14,8 @@
 OUT=${OUT:-/tmp/lead11_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
 export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
 VARIANTS=${VARIANTS:---variant b128=model.mask_block=128 --variant nobf16=train.bf16_grads=off}
-. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet, rows, synth; the carried inductor cache
-tests() {
-  timeout ${T_S:-90} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/model/test_masks.py tests/train/test_step_graph.py tests/train/test_fast_step.py} \
-    -k "${TEST_K:-gradients or pinning or kernel_equals}" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
-  since "CUDA tests"; tail -3 $L/tests.txt
-}
+TESTS=${TESTS:-tests/model/test_masks.py tests/train/test_step_graph.py tests/train/test_fast_step.py}; TEST_K=${TEST_K:-gradients or pinning or kernel_equals}; T_S=${T_S:-90}
+. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet, rows, synth, tests; the carried inductor cache
 before() {
   (cd before && PYTHONPATH=$PWD:/tmp/site timeout ${B_S:-90} python3 tools/profile_step.py $PROF $REAL \
     --json $OUT/before.json 2>&1 | quiet > $L/before.txt)

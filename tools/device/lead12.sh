@@ -16,15 +16,11 @@
 OUT=${OUT:-/tmp/lead12_out}; mkdir -p "$OUT/logs"; L=$OUT/logs
 export CUDA_VISIBLE_DEVICES=0 STEPS=${STEPS:-10}
 VARIANTS=${VARIANTS---variant m32=train.moments_dtype=fp32}  # VARIANTS= (empty): the defaults only
-. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet, rows, synth; the carried inductor cache
+TESTS=${TESTS:-tests/train/test_fast_step.py tests/train/test_bf16_moments.py}; TEST_K=${TEST_K:-kernel_equals or moments}
+. tools/device/real_common.sh  # T0, since, PROF, REAL, quiet, rows, synth, tests; the carried inductor cache
 diag() {
   timeout ${D_S:-200} python3 tools/device/cudnn_varlen_diag.py all > $OUT/diag.txt 2> $L/diag_err.txt
   since "cuDNN varlen diagnosis"; cut -c1-400 $OUT/diag.txt
-}
-tests() {
-  timeout ${T_S:-120} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/train/test_fast_step.py tests/train/test_bf16_moments.py} \
-    -k "${TEST_K:-kernel_equals or moments}" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
-  since "CUDA tests"; tail -4 $L/tests.txt; grep -m3 -B2 -A12 "^E " $L/tests.txt | cut -c1-250 | head -40
 }
 tiles() {  # FlexAttention at the real layouts (tools/device/flex_tiles.py), inductor's coordinate descent on (TILES_CDT=1)
   TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=${TILES_CDT:-1} timeout ${K_S:-120} python3 tools/device/flex_tiles.py --batches 2 \

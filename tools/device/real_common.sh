@@ -9,9 +9,10 @@ D=$PWD/.fm1b
 PROF="--config configs/h200_1b.yaml --device cuda --warmup 3 --steps ${STEPS:-6}"
 REAL="--real-data --set data.local=$D/train --set data.tokenizer.path=$D/tokenizer.model --set train.dataset_limit=8000"
 quiet() { grep --line-buffered -v "Warning\|^W1[12]\|warnings.warn\|^ *$\|_warn_once\|checkpointed region\|^DEBUG"; }
-# The two row parts of the closing scripts (lead11_final.sh, lead12.sh), each one process: `rows` runs VARIANTS, then
+# The parts the closing scripts (lead11_final.sh, lead12.sh) share, each one process: `rows` runs VARIANTS, then
 # `after=` (the defaults) traced back to back (TRACE=0: not traced), then the plain-PyTorch anchors (--baseline: unpacked and packed) ->
-# $OUT/after.json; `synth` the defaults on the synthetic batch -> $OUT/synth.json. Need OUT and L (the log folder).
+# $OUT/after.json; `synth` the defaults on the synthetic batch -> $OUT/synth.json; `tests` the CUDA tests TESTS
+# selected by TEST_K (each script sets its own). Need OUT and L (the log folder).
 rows() {
   eval "set -- ${VARIANTS:-}"
   [ "${TRACE:-1}" = 1 ] && set -- "$@" --trace /tmp/trace --trace-loop --trace-steps 3  # TRACE=0: no trace (a shorter part)
@@ -23,4 +24,8 @@ rows() {
 synth() {
   timeout ${S_S:-120} python3 tools/profile_step.py $PROF --variant synth= --json $OUT/synth.json 2>&1 | quiet > $L/synth.txt
   since "synthetic (defaults)"; grep "^\[\|back to back:\|GPU ms a step" $L/synth.txt | cut -c1-260
+}
+tests() {
+  timeout ${T_S:-120} python3 -m pytest -q -p no:cacheprovider $TESTS -k "$TEST_K" 2>&1 | grep -v "^DEBUG" > $L/tests.txt
+  since "CUDA tests"; tail -4 $L/tests.txt; grep -m3 -B2 -A12 "^E " $L/tests.txt | cut -c1-250 | head -40
 }
