@@ -134,6 +134,7 @@ def profile(args) -> dict:
     base = load_config(args.config, args.overrides)
     device = pick_device_for(args, base)
     variants = [parse_variant(v) for v in args.variant] or [("", [])]
+    warn_mixed_compile_modes(args, variants)
     rows = []
     for name, sets in variants:
         try:  # --trace records the last variant only
@@ -176,6 +177,27 @@ def parse_variant(text: str) -> tuple:
     if not name:
         raise ValueError(f"--variant {text!r} must be NAME=key=value;key=value (or NAME= for none)")
     return name, [s for s in rest.split(";") if s]
+
+
+def warn_mixed_compile_modes(args, variants) -> list:
+    """The compile modes of the variants (a variant whose overrides do not load is left to its own row's
+    error); a note when they differ. On the H200 (docs/benchmarks.md, round 12) a `train.compile_mode=tuned`
+    TarFlow variant after a default one in the same process ran 308 ms a step, against 245 ms run first in
+    its own process: rows of different compile modes are compared across processes."""
+    from megaflow.speed import TORCH_COMPILE_MODES
+    modes = []
+    for _, sets in variants:
+        try:
+            mode = load_config(args.config, args.overrides + sets).train.compile_mode
+        except (ConfigError, ValueError):
+            continue
+        if mode in TORCH_COMPILE_MODES:  # a bad mode is its row's error
+            modes.append(mode)
+    if len(set(modes)) > 1:
+        print(f"note: the variants differ in train.compile_mode ({', '.join(sorted(set(modes)))}); in one process a later "
+              "mode's row can run slower than the same mode alone (seen on the H200: docs/benchmarks.md, round 12): "
+              "compare compile modes with one process each", flush=True)
+    return modes
 
 
 def _free(device):

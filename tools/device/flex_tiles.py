@@ -15,6 +15,8 @@ the median of the batches' medians, x the layer count (16 VLM, 8 flow) = ms a st
   _nof        no forward options: inductor's own forward for the blocks, the backward tiles as set
   _at         flex compiled with mode="max-autotune-no-cudagraphs" (inductor's search; its AUTOTUNE lines on
               stderr name the winner)
+  _flash      kernel_options={"BACKEND": "FLASH"}: FlashAttention-4's CuTe DSL kernels (flash_attn.cute, installed
+              by tools/device/fa4_setup.sh) run the same BlockMask and mask_mod in place of the Triton templates
 and each row's largest difference from m128 (output and q/k/v gradients, bf16; the q-shaped ones on real tokens).
 (ROWS_GUARANTEED_SAFE gave NaN differences and USE_TMA was 27% slower on the flow shape: not rows any more.)
 """
@@ -46,6 +48,9 @@ def parse(row: str):
     opts = dict(FLEX_TILES[block] or {})
     for part in parts[1:]:
         if part == "at":
+            continue
+        if part == "flash":  # FA4's kernels through inductor's CuTe DSL template: no Triton tiles
+            opts = {"BACKEND": "FLASH"}
             continue
         if part == "nof":  # the forward left to inductor (its choice for these blocks), the backward as set
             opts = {k: v for k, v in opts.items() if not k.startswith("fwd_")}

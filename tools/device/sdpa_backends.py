@@ -50,6 +50,7 @@ def main() -> None:
     for name, default in (("rows", 32), ("heads", 12), ("seq-len", 1024), ("head-dim", 64), ("iters", 10)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes ~10-20 s)")
+    ap.add_argument("--fa4", action="store_true", help="add FlashAttention-4's rows (flash_attn.cute, flex FLASH)")
     a = ap.parse_args()
     shape = (a.rows, a.heads, a.seq_len, a.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -69,15 +70,36 @@ def main() -> None:
         report("sdpa CUDNN, model's layout", shape, flops, Timed(lambda: sdpa(qm, km, vm), a.iters),
                Timed(lambda: sdpa(qm, km, vm).backward(g), a.iters))
         want = sdpa(q, k, v)
-    if a.no_flex:
-        return
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, a.seq_len, a.seq_len, device="cuda")
-    flex = torch.compile(flex_attention, dynamic=False)
-    got = flex(q, k, v, block_mask=mask)
-    diff = (got.float() - want.float()).abs().max().item()
-    report(f"flex (max |diff| {diff:.1e})", shape, flops, Timed(lambda: flex(q, k, v, block_mask=mask), a.iters),
-           Timed(lambda: flex(q, k, v, block_mask=mask).backward(g), a.iters))
+        want_grads = torch.autograd.grad(sdpa(q, k, v), (q, k, v), g)
+    if not a.no_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, a.seq_len, a.seq_len, device="cuda")
+        flex = torch.compile(flex_attention, dynamic=False)
+        rows = [("flex", lambda q, k, v: flex(q, k, v, block_mask=mask))]
+        if a.fa4:
+            flash = {"BACKEND": "FLASH"}
+            rows.append(("flex FLASH (FA4)", lambda q, k, v: flex(q, k, v, block_mask=mask, kernel_options=flash)))
+        for name, fn in rows:
+            checked(name, fn, (q, k, v), g, want, want_grads, shape, flops, a.iters)
+    if a.fa4:
+        from flash_attn.cute import flash_attn_func
+
+        def fa4(q, k, v):  # FA4 takes (B, T, H, hd): the transposed views of the same tensors
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+        checked("flash_attn.cute (FA4)", fa4, (q, k, v), g, want, want_grads, shape, flops, a.iters)
+
+
+def checked(name, fn, qkv, g, want, want_grads, shape, flops, iters) -> None:
+    """One row, its output and gradients first compared with cuDNN's (a failing kernel prints its error)."""
+    try:
+        got = fn(*qkv)
+        grads = torch.autograd.grad(got, qkv, g)
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip((got, *grads), (want, *want_grads)))
+        report(f"{name} (max |diff| {diff:.1e})", shape, flops, Timed(lambda: fn(*qkv), iters),
+               Timed(lambda: fn(*qkv).backward(g), iters))
+    except Exception as e:  # noqa: BLE001 - one kernel failing must not hide the others
+        print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})", flush=True)
 
 
 if __name__ == "__main__":
