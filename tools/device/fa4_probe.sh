@@ -5,13 +5,12 @@
 #           Triton flex (m128, m64: the model's) vs FLASH (FA4 through flex's BACKEND="FLASH") at both block sizes
 #   causal  TarFlow's causal 32 x 12 heads x 1,024 x 64 (sdpa_backends.py --fa4): cuDNN (the model's) vs FA4
 #   dense   the VLM's 16 x 16 heads x 1,024 x 128, causal, the same rows
-# Usage on the device: . tools/device/setup.sh; PARTS="tiles causal dense" bash tools/device/fa4_probe.sh
+# Usage on the device: PARTS="tiles causal dense" bash tools/device/fa4_probe.sh  (K_S C_S E_S: limits in s)
 . tools/device/setup.sh
 . tools/device/fa4_setup.sh
 [ "$FA4_OK" = 1 ] || { echo "FA4 not importable: stop"; exit 3; }
-OUT=${OUT:-/tmp/fa4_out}; mkdir -p "$OUT"; T0=$(date +%s)
-since() { echo "== $1 done after $(( $(date +%s) - T0 )) s"; }
-quiet() { grep --line-buffered -v "Warning\|warnings.warn\|^ *$\|_warn_once\|^DEBUG"; }
+OUT=${OUT:-/tmp/fa4_out}; mkdir -p "$OUT"
+. tools/device/real_common.sh  # T0, since, quiet; the carried inductor cache
 python3 -c "import torch, flash_attn.cute as f; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())"
 nvidia-smi --query-gpu=name,clocks.sm,power.limit --format=csv,noheader
 tiles() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Source on a lent H200 (after tools/device/setup.sh): FlashAttention-4 (PyPI flash-attn-4, CuTe DSL; the kernels
-# behind FlexAttention's BACKEND="FLASH" and flash_attn.cute) and quack-kernels into /tmp/fa4site/site-packages. Its CUDA 13 library wheel
+# behind FlexAttention's BACKEND="FLASH" and flash_attn.cute) and quack-kernels into /tmp/fa4site/site-packages. CuTe DSL's CUDA 13 library wheel
 # (nvidia-cutlass-dsl-libs-cu13, 88 MiB) is over one call's 64 MiB, so it travels in two parts over two calls
 # on one warm machine: call 1 carries .gpu/fa4a (part 00) and runs `mkdir -p ~/fa4 && cp .gpu/fa4a/* ~/fa4/`;
 # call 2 carries .gpu/fa4b (part 01 and the small wheels) and sources this file. Built here with

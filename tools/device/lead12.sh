@@ -8,7 +8,8 @@
 #   tiles   FlexAttention alone at the real layouts with inductor's coordinate-descent tuning (TILES_CDT, TILE_ROWS)
 #   ac      h200_1b's activation-checkpointing rows (selective, full) on the synthetic batch, its own process
 #   tarflow the TarFlow-only row (configs/tarflow_imagenet64.yaml, batch 32) and its anchor, its own process
-#   keep_cache  the inductor cache of this call into $OUT/inductor/ (split in 40 MB parts), to carry into the next,
+#   keep_cache  the inductor cache of this call into $OUT/inductor/ (15 MB parts: a call returns files of at most
+#           16 MiB, 8 files and 64 MiB in all, logs and json included), to carry into the next,
 #           and the launch configurations tuning chose for FlexAttention's kernels (tools/device/best_configs.py)
 # Usage on the device: PARTS="tests rows synth" bash tools/device/lead12.sh  (D_S T_S R_S S_S K_S AC_S TF_S: limits in s; STEPS)
 # Carries: .whl, .fm1b (real data), .inductor/ (unpacked when present).
@@ -38,7 +39,7 @@ tarflow() {  # TarFlow-only at ml-tarflow's ImageNet-64 shape, batch 32, beside 
   since "TarFlow, batch 32"; grep "^\[\|back to back:\|baseline" $L/tarflow.txt | cut -c1-300
 }
 keep_cache() {  # the inductor cache this call filled (e.g. train.compile_mode=tuned's tuning), for the next call to carry
-  mkdir -p $OUT/inductor && tar cz -C /tmp inductor | split -b 40m - $OUT/inductor/inductor.tgz.
+  mkdir -p $OUT/inductor && tar cz -C /tmp inductor | split -b 15m - $OUT/inductor/inductor.tgz.
   since "inductor cache kept: $(du -sh $OUT/inductor | cut -f1) (carry it as .inductor/)"
   python3 tools/device/best_configs.py /tmp/inductor --match flex > $OUT/flex_best_configs.txt  # what tuning chose for flex
   tail -1 $OUT/flex_best_configs.txt; head -8 $OUT/flex_best_configs.txt | cut -c1-300
